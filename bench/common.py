@@ -1,0 +1,125 @@
+"""Timing and reporting helpers shared by the bench/ scripts.
+
+Every script compares against its baseline in the same run and reports ratios; on GPU
+it also measures the card's copy bandwidth in the same run, so a kernel's fraction of
+memory bandwidth is against what this card actually does, not a datasheet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/x.py` from a checkout
+
+from ssn_runtime.io import atomic_write_text  # noqa: E402
+
+# Vendor datasheet HBM bandwidth (bytes/s), for context next to the measured copy rate.
+DATASHEET_BW = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} x{torch.get_num_threads()} threads"
+
+
+def timeit(fn, device: str, *, warmup: int = 3, reps: int = 10, min_seconds: float = 0.2) -> float:
+    """Median seconds per call of `fn`."""
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+    times = []
+    t_end = time.perf_counter() + min_seconds
+    while len(times) < reps or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def compare(fns: dict, device: str, *, rounds: int = 15, warmup: int = 2, min_round_seconds: float = 0.05) -> dict:
+    """Median seconds per call of each function, timed in interleaved rounds.
+
+    Alternating the contenders round by round (order rotated each round) spreads
+    clock, cache and neighbour noise evenly over them; on a shared 2-core machine
+    back-to-back blocks of one then the other can differ by 10% for no reason.
+    """
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    calls = {name: max(1, int(min_round_seconds / max(timeit(fns[name], device, warmup=0, reps=1,
+                                                             min_seconds=0), 1e-6))) for name in names}
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            n = calls[name]
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fns[name]()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            samples[name].append((time.perf_counter() - t0) / n)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy rate in bytes/s (read + write counted)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timeit(lambda: dst.copy_(src), device, reps=20)
+
+
+def peak_bandwidth(device: str) -> dict:
+    if device != "cuda":
+        return {}
+    name = torch.cuda.get_device_name(0)
+    sheet = next((bw for key, bw in DATASHEET_BW.items() if key in name), None)
+    return {"copy_bytes_per_s": copy_bandwidth(device), "datasheet_bytes_per_s": sheet}
+
+
+def write_results(name: str, payload: dict, out: str | None) -> Path:
+    """Write JSON to `out` (a file or folder), default bench/results/<name>-<device>.json."""
+    device = payload.get("device_name", "unknown").replace(" ", "_").replace("/", "_")
+    if out is None:
+        path = Path(__file__).parent / "results" / f"{name}-{device}.json"
+    else:
+        path = Path(out)
+        if path.suffix != ".json":
+            path = path / f"{name}-{device}.json"
+    payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "torch": torch.__version__, "env": {k: v for k, v in os.environ.items() if k.startswith("SSN_")},
+               **payload}
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
+    return path

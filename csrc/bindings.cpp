@@ -1,0 +1,47 @@
+// Thin pybind11 binding: tensors arrive as raw pointers and strides from
+// ssn_runtime/cpp_ops.py, which checks devices, dtypes and layouts first. No torch
+// headers, so the extension builds with plain pybind11 and never pins a torch ABI.
+#include <pybind11/pybind11.h>
+
+#include <omp.h>
+
+#include <stdexcept>
+
+#include "fused_act.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void check_codes(int dtype, int act) {
+  if (dtype != ssn::kFloat32 && dtype != ssn::kBFloat16) throw std::invalid_argument("unsupported dtype code");
+  if (act < ssn::kSilu || act > ssn::kQuickGelu) throw std::invalid_argument("unsupported activation code");
+}
+
+void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu_kernels, m) {
+  m.doc() = "ssn-runtime C++ CPU kernels (OpenMP; float32 and bfloat16)";
+  m.def(
+      "fused_act_forward",
+      [](int dtype, int act, bool gated, uintptr_t x, int64_t sx, uintptr_t up, int64_t su, uintptr_t out,
+         int64_t so, int64_t rows, int64_t cols, int threads) {
+        check_codes(dtype, act);
+        ssn::fused_act_forward(dtype, act, gated, {ptr(x), sx}, {ptr(up), su}, ptr(out), so, rows, cols,
+                               threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "fused_act_backward",
+      [](int dtype, int act, bool gated, uintptr_t d, int64_t sd, uintptr_t x, int64_t sx, uintptr_t up,
+         int64_t su, uintptr_t dx, int64_t sdx, uintptr_t dup, int64_t sdup, int64_t rows, int64_t cols,
+         int threads) {
+        check_codes(dtype, act);
+        ssn::fused_act_backward(dtype, act, gated, {ptr(d), sd}, {ptr(x), sx}, {ptr(up), su}, ptr(dx), sdx,
+                                ptr(dup), sdup, rows, cols, threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
+}

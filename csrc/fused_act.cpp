@@ -1,0 +1,233 @@
+#include "fused_act.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace ssn {
+namespace {
+
+#define SSN_INLINE inline __attribute__((always_inline))
+// One build for every x86-64 machine, with AVX2/AVX-512 code picked at load time.
+#if defined(__x86_64__) && !defined(SSN_NO_CLONES)
+#define SSN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SSN_CLONES
+#endif
+
+SSN_INLINE float bf16_to_float(uint16_t v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
+
+// Round to nearest even, as torch does; NaN stays a quiet NaN.
+SSN_INLINE uint16_t float_to_bf16(float f) {
+  uint32_t bits = __builtin_bit_cast(uint32_t, f);
+  uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+}
+
+template <typename T> SSN_INLINE float load(const T* p, int64_t i);
+template <> SSN_INLINE float load<float>(const float* p, int64_t i) { return p[i]; }
+template <> SSN_INLINE float load<uint16_t>(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+template <typename T> SSN_INLINE void store(T* p, int64_t i, float v);
+template <> SSN_INLINE void store<float>(float* p, int64_t i, float v) { p[i] = v; }
+template <> SSN_INLINE void store<uint16_t>(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+
+// exp without a libm call so that the loops vectorise: Cephes expf polynomial, about
+// 1 ulp. Overflow gives inf and deep underflow 0, so sigmoid saturates to exactly 0 or 1.
+// Written branch-free (selects, magic-number rounding, bit casts): GCC only
+// if-converts and vectorises it in that form (with -fno-trapping-math).
+SSN_INLINE float exp_approx(float x_in) {
+  float x = x_in < -87.0f ? -87.0f : x_in;
+  x = x > 88.3f ? 88.3f : x;
+  const float fn = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const int32_t n = static_cast<int32_t>(fn);
+  float r = x - fn * 0.693359375f;
+  r = r + fn * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  float y = p * __builtin_bit_cast(float, static_cast<uint32_t>(n + 127) << 23);
+  y = x_in > 88.72f ? __builtin_inff() : y;
+  return x_in < -87.0f ? 0.0f : y;
+}
+
+SSN_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+SSN_INLINE float tanh_approx(float x) { return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f); }
+
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kInvSqrt2 = 0.7071067811865476f;
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;
+
+template <int ACT> SSN_INLINE float act(float x) {
+  if constexpr (ACT == kSilu) {
+    return x * sigmoid(x);
+  } else if constexpr (ACT == kGelu) {
+    return 0.5f * x * (1.0f + std::erf(x * kInvSqrt2));
+  } else if constexpr (ACT == kGeluTanh) {
+    return 0.5f * x * (1.0f + tanh_approx(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
+  } else if constexpr (ACT == kRelu) {
+    return x > 0.0f ? x : 0.0f;
+  } else {
+    return x * sigmoid(1.702f * x);
+  }
+}
+
+// act(x) and act'(x) together, sharing the transcendental.
+template <int ACT> SSN_INLINE void act_grad(float x, float& y, float& dy) {
+  if constexpr (ACT == kSilu) {
+    float s = sigmoid(x);
+    y = x * s;
+    dy = s * (1.0f + x * (1.0f - s));
+  } else if constexpr (ACT == kGelu) {
+    float cdf = 0.5f * (1.0f + std::erf(x * kInvSqrt2));
+    y = x * cdf;
+    dy = cdf + x * kInvSqrt2Pi * std::exp(-0.5f * x * x);
+  } else if constexpr (ACT == kGeluTanh) {
+    float x2 = x * x;
+    float t = tanh_approx(kSqrt2OverPi * (x + 0.044715f * x2 * x));
+    y = 0.5f * x * (1.0f + t);
+    dy = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * 0.044715f * x2);
+  } else if constexpr (ACT == kRelu) {
+    y = x > 0.0f ? x : 0.0f;
+    dy = x > 0.0f ? 1.0f : 0.0f;
+  } else {
+    float s = sigmoid(1.702f * x);
+    y = x * s;
+    dy = s + 1.702f * x * s * (1.0f - s);
+  }
+}
+
+template <int ACT, bool GATED, typename T>
+SSN_INLINE void forward_span(const T* __restrict x, const T* __restrict u, T* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float h = act<ACT>(load(x, j));
+    if constexpr (GATED) h *= load(u, j);
+    store(out, j, h);
+  }
+}
+
+template <int ACT, bool GATED, typename T>
+SSN_INLINE void backward_span(const T* __restrict d, const T* __restrict x, const T* __restrict u,
+                               T* __restrict dx, T* __restrict du, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float g = load(d, j);
+    float y, dy;
+    act_grad<ACT>(load(x, j), y, dy);
+    if constexpr (GATED) {
+      store(du, j, g * y);
+      store(dx, j, g * load(u, j) * dy);
+    } else {
+      store(dx, j, g * dy);
+    }
+  }
+}
+
+template <typename T>
+SSN_INLINE void forward_dispatch(int a, bool gated, const T* x, const T* u, T* out, int64_t n) {
+#define SSN_FWD(A)                                            \
+  case A:                                                     \
+    gated ? forward_span<A, true, T>(x, u, out, n)            \
+          : forward_span<A, false, T>(x, u, out, n);          \
+    break;
+  switch (a) { SSN_FWD(kSilu) SSN_FWD(kGelu) SSN_FWD(kGeluTanh) SSN_FWD(kRelu) SSN_FWD(kQuickGelu) }
+#undef SSN_FWD
+}
+
+template <typename T>
+SSN_INLINE void backward_dispatch(int a, bool gated, const T* d, const T* x, const T* u, T* dx, T* du,
+                                  int64_t n) {
+#define SSN_BWD(A)                                                  \
+  case A:                                                           \
+    gated ? backward_span<A, true, T>(d, x, u, dx, du, n)           \
+          : backward_span<A, false, T>(d, x, u, dx, du, n);         \
+    break;
+  switch (a) { SSN_BWD(kSilu) SSN_BWD(kGelu) SSN_BWD(kGeluTanh) SSN_BWD(kRelu) SSN_BWD(kQuickGelu) }
+#undef SSN_BWD
+}
+
+// The per-span entry points carry the ISA clones; the OpenMP loops below call them.
+SSN_CLONES void forward_f32(int a, bool g, const float* x, const float* u, float* o, int64_t n) {
+  forward_dispatch<float>(a, g, x, u, o, n);
+}
+SSN_CLONES void forward_bf16(int a, bool g, const uint16_t* x, const uint16_t* u, uint16_t* o, int64_t n) {
+  forward_dispatch<uint16_t>(a, g, x, u, o, n);
+}
+SSN_CLONES void backward_f32(int a, bool g, const float* d, const float* x, const float* u, float* dx,
+                             float* du, int64_t n) {
+  backward_dispatch<float>(a, g, d, x, u, dx, du, n);
+}
+SSN_CLONES void backward_bf16(int a, bool g, const uint16_t* d, const uint16_t* x, const uint16_t* u,
+                              uint16_t* dx, uint16_t* du, int64_t n) {
+  backward_dispatch<uint16_t>(a, g, d, x, u, dx, du, n);
+}
+
+// Work is split into (row, column-span) pieces so that one decode row of 14k neurons
+// still spreads over every thread.
+constexpr int64_t kSpan = 2048;
+constexpr int64_t kSerialBelow = 1 << 15;  // elements; below this threads cost more than they save
+
+template <typename Fn>
+void parallel_spans(int64_t rows, int64_t cols, int num_threads, Fn fn) {
+  const int64_t spans = (cols + kSpan - 1) / kSpan;
+  const int64_t pieces = rows * spans;
+  const bool parallel = rows * cols >= kSerialBelow && num_threads > 1;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
+  for (int64_t p = 0; p < pieces; ++p) {
+    const int64_t m = p / spans;
+    const int64_t c0 = (p % spans) * kSpan;
+    fn(m, c0, std::min(kSpan, cols - c0));
+  }
+}
+
+}  // namespace
+
+void fused_act_forward(int dtype, int a, bool gated, RowView x, RowView up, void* out, int64_t out_stride,
+                       int64_t rows, int64_t cols, int num_threads) {
+  if (dtype == kFloat32) {
+    auto xp = static_cast<const float*>(x.ptr), up_ = static_cast<const float*>(up.ptr);
+    auto op = static_cast<float*>(out);
+    parallel_spans(rows, cols, num_threads, [&](int64_t m, int64_t c0, int64_t n) {
+      forward_f32(a, gated, xp + m * x.stride + c0, gated ? up_ + m * up.stride + c0 : nullptr,
+                  op + m * out_stride + c0, n);
+    });
+  } else {
+    auto xp = static_cast<const uint16_t*>(x.ptr), up_ = static_cast<const uint16_t*>(up.ptr);
+    auto op = static_cast<uint16_t*>(out);
+    parallel_spans(rows, cols, num_threads, [&](int64_t m, int64_t c0, int64_t n) {
+      forward_bf16(a, gated, xp + m * x.stride + c0, gated ? up_ + m * up.stride + c0 : nullptr,
+                   op + m * out_stride + c0, n);
+    });
+  }
+}
+
+void fused_act_backward(int dtype, int a, bool gated, RowView dout, RowView x, RowView up, void* dx,
+                        int64_t dx_stride, void* dup, int64_t dup_stride, int64_t rows, int64_t cols,
+                        int num_threads) {
+  if (dtype == kFloat32) {
+    auto dp = static_cast<const float*>(dout.ptr), xp = static_cast<const float*>(x.ptr);
+    auto up_ = static_cast<const float*>(up.ptr);
+    auto dxp = static_cast<float*>(dx), dup_ = static_cast<float*>(dup);
+    parallel_spans(rows, cols, num_threads, [&](int64_t m, int64_t c0, int64_t n) {
+      backward_f32(a, gated, dp + m * dout.stride + c0, xp + m * x.stride + c0,
+                   gated ? up_ + m * up.stride + c0 : nullptr, dxp + m * dx_stride + c0,
+                   gated ? dup_ + m * dup_stride + c0 : nullptr, n);
+    });
+  } else {
+    auto dp = static_cast<const uint16_t*>(dout.ptr), xp = static_cast<const uint16_t*>(x.ptr);
+    auto up_ = static_cast<const uint16_t*>(up.ptr);
+    auto dxp = static_cast<uint16_t*>(dx), dup_ = static_cast<uint16_t*>(dup);
+    parallel_spans(rows, cols, num_threads, [&](int64_t m, int64_t c0, int64_t n) {
+      backward_bf16(a, gated, dp + m * dout.stride + c0, xp + m * x.stride + c0,
+                    gated ? up_ + m * up.stride + c0 : nullptr, dxp + m * dx_stride + c0,
+                    gated ? dup_ + m * dup_stride + c0 : nullptr, n);
+    });
+  }
+}
+
+}  // namespace ssn

@@ -1,0 +1,29 @@
+// Fused MLP activation on CPU: h = act(x) * up, or h = act(x) for plain MLPs.
+// Storage is float32 or bfloat16; arithmetic is float32. Rows are strided (row stride
+// in elements), columns contiguous. The Triton kernels in kernels/fused_act.py compute
+// the same thing on CUDA; kernels/reference.py holds the float64 ground truth.
+#pragma once
+
+#include <cstdint>
+
+namespace ssn {
+
+enum DType : int { kFloat32 = 0, kBFloat16 = 1 };
+// Must match kernels/activations.py ACT_CODES.
+enum Act : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kQuickGelu = 4 };
+
+struct RowView {
+  const void* ptr;
+  int64_t stride;  // elements between consecutive rows
+};
+
+// out[m, n] = act(x[m, n]) * (gated ? up[m, n] : 1)
+void fused_act_forward(int dtype, int act, bool gated, RowView x, RowView up, void* out,
+                       int64_t out_stride, int64_t rows, int64_t cols, int num_threads);
+
+// dx = dout * up * act'(x) (or dout * act'(x)); dup = dout * act(x) when gated.
+void fused_act_backward(int dtype, int act, bool gated, RowView dout, RowView x, RowView up,
+                        void* dx, int64_t dx_stride, void* dup, int64_t dup_stride, int64_t rows,
+                        int64_t cols, int num_threads);
+
+}  // namespace ssn

@@ -1,0 +1,7 @@
+"""ssn_kernels: the Triton kernels of ssn-runtime (source folder `kernels/`).
+
+Installed under the import name `ssn_kernels`, never `kernels`: a PyPI package of that
+name exists and transformers probes for it. Each kernel module holds the kernels and
+their launchers; `reference` holds the float64 torch formulas they are tested against.
+Importing a kernel module needs triton; importing `ssn_kernels.reference` does not.
+"""

@@ -1,0 +1,18 @@
+"""Pieces shared by the Triton launchers and the C++ binding; importable without triton."""
+
+import torch
+
+# Activation codes, the same in kernels/activations.py (Triton) and csrc/fused_act.h (C++).
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "quick_gelu": 4}
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """View `t` as [rows, last_dim] with unit column stride, copying only when its layout forces it.
+
+    Row-strided views are kept: Phi-3's `gate_up_proj` output split in two halves reaches
+    the kernels without a copy.
+    """
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    if t2.shape[-1] > 1 and t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2

@@ -1,0 +1,153 @@
+"""Fused MLP activation: h = act(gate) * up (gated MLPs) or h = act(fc) (plain MLPs).
+
+One pass over the projection outputs instead of HF's two (act, then mul), computed in
+float32 whatever the storage dtype. Inputs may be row-strided views (Phi-3's fused
+`gate_up_proj` output is split without a copy). The backward kernel recomputes act
+from the saved pre-activation, so no activation tensor is kept for autograd.
+
+Reference: `ssn_kernels.reference.fused_act_reference` (float64 torch).
+Test: tests/test_kernels_triton.py. Benchmark: bench/mlp.py.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .activations import act_and_grad, act_fn
+from .common import ACT_CODES, as_rows
+
+# (BLOCK_M, BLOCK_N, num_warps). A fixed table, not autotune: the compile test builds
+# every entry for sm_80/sm_90, and the choice below is deterministic. At most 8
+# elements a thread keeps the backward kernel under ~64 registers (full occupancy).
+CONFIGS = (
+    (1, 256, 2),
+    (1, 1024, 4),
+    (2, 1024, 8),
+    (4, 1024, 16),
+    (8, 512, 16),
+    (16, 256, 16),
+)
+
+# Enough programs to fill 132 SMs twice; smaller tiles only when the problem is small.
+_TARGET_PROGRAMS = 264
+
+
+def pick_config(M: int, N: int):
+    best = CONFIGS[0]
+    for cfg in sorted(CONFIGS, key=lambda c: c[0] * c[1], reverse=True):
+        bm, bn, _ = cfg
+        if bn > max(256, triton.next_power_of_2(N)):
+            continue
+        if triton.cdiv(M, bm) * triton.cdiv(N, bn) >= _TARGET_PROGRAMS:
+            return cfg
+        best = cfg
+    return best
+
+
+@triton.jit
+def fused_act_fwd_kernel(
+    x_ptr, up_ptr, out_ptr,
+    M, N,
+    stride_xm, stride_um, stride_om,
+    GATED: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = act_fn(x, ACT)
+    if GATED:
+        u = tl.load(up_ptr + rows[:, None] * stride_um + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = h * u
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def fused_act_bwd_kernel(
+    dout_ptr, x_ptr, up_ptr, dx_ptr, dup_ptr,
+    M, N,
+    stride_dom, stride_xm, stride_um, stride_dxm, stride_dum,
+    GATED: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    dout = tl.load(dout_ptr + rows[:, None] * stride_dom + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    a, da = act_and_grad(x, ACT)
+    if GATED:
+        u = tl.load(up_ptr + rows[:, None] * stride_um + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dup_ptr + rows[:, None] * stride_dum + cols[None, :],
+                 (dout * a).to(dup_ptr.dtype.element_ty), mask=mask)
+        dx = dout * u * da
+    else:
+        dx = dout * da
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def fused_act_forward(x: torch.Tensor, up, act: str) -> torch.Tensor:
+    """h = act(x) * up (or act(x) when `up` is None), same shape and dtype as `x`."""
+    code = ACT_CODES[act]
+    x2 = as_rows(x)
+    M, N = x2.shape
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    u2 = as_rows(up) if up is not None else x2
+    if M and N:
+        bm, bn, warps = pick_config(M, N)
+        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+        fused_act_fwd_kernel[grid](
+            x2, u2, out, M, N, x2.stride(0), u2.stride(0), out.stride(0),
+            GATED=up is not None, ACT=code, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+        )
+    return out.view(x.shape)
+
+
+def fused_act_backward(dout: torch.Tensor, x: torch.Tensor, up, act: str):
+    """(d x, d up) for h = act(x) * up; d up is None for plain MLPs."""
+    code = ACT_CODES[act]
+    x2 = as_rows(x)
+    d2 = as_rows(dout)
+    M, N = x2.shape
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if up is not None:
+        u2 = as_rows(up)
+        dup = torch.empty((M, N), dtype=up.dtype, device=up.device)
+    else:
+        u2, dup = x2, dx
+    if M and N:
+        bm, bn, warps = pick_config(M, N)
+        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+        fused_act_bwd_kernel[grid](
+            d2, x2, u2, dx, dup, M, N,
+            d2.stride(0), x2.stride(0), u2.stride(0), dx.stride(0), dup.stride(0),
+            GATED=up is not None, ACT=code, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+        )
+    return dx.view(x.shape), (dup.view(up.shape) if up is not None else None)
+
+
+def aot_variants():
+    """Every block-size configuration for the main case (bf16, SiLU, gated), plus every
+    activation and the plain-MLP path once, for ahead-of-time compile checks."""
+    ptrs = {"fwd": ("x_ptr", "up_ptr", "out_ptr"), "bwd": ("dout_ptr", "x_ptr", "up_ptr", "dx_ptr", "dup_ptr")}
+    ints = {"fwd": ("M", "N", "stride_xm", "stride_um", "stride_om"),
+            "bwd": ("M", "N", "stride_dom", "stride_xm", "stride_um", "stride_dxm", "stride_dum")}
+    kernels = {"fwd": fused_act_fwd_kernel, "bwd": fused_act_bwd_kernel}
+
+    def sig(which, dtype):
+        return {**{p: f"*{dtype}" for p in ptrs[which]}, **{i: "i32" for i in ints[which]}}
+
+    for which, fn in kernels.items():
+        for bm, bn, warps in CONFIGS:
+            yield fn, sig(which, "bf16"), dict(GATED=True, ACT=ACT_CODES["silu"], BLOCK_M=bm, BLOCK_N=bn), warps
+        bm, bn, warps = CONFIGS[2]
+        for act, code in ACT_CODES.items():
+            for gated in (True, False):
+                if act == "silu" and gated:
+                    continue
+                yield fn, sig(which, "fp32"), dict(GATED=gated, ACT=code, BLOCK_M=bm, BLOCK_N=bn), warps

@@ -1,0 +1,65 @@
+"""Python side of the C++ CPU kernels (csrc/, built by `pip install` as ssn_runtime._cpu_kernels).
+
+Checks every tensor before its pointer crosses into C++; the binding itself trusts
+what it is given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ssn_kernels.common import ACT_CODES, as_rows
+
+try:
+    from . import _cpu_kernels as _ext
+
+    IMPORT_ERROR = None
+except ImportError as exc:  # the build is optional: fall back to torch
+    _ext = None
+    IMPORT_ERROR = str(exc)
+
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def available() -> bool:
+    return _ext is not None
+
+
+def _check(*tensors: torch.Tensor) -> None:
+    dtype = tensors[0].dtype
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise ValueError(f"cpp backend got a {t.device} tensor; it runs on CPU tensors only")
+        if t.dtype != dtype or t.dtype not in DTYPES:
+            raise ValueError(f"cpp backend supports float32 and bfloat16 of one dtype, got {t.dtype}")
+
+
+def fused_act_forward(x: torch.Tensor, up: torch.Tensor | None, act: str) -> torch.Tensor:
+    _check(x, *([up] if up is not None else []))
+    x2 = as_rows(x)
+    u2 = as_rows(up) if up is not None else x2
+    out = torch.empty(x2.shape, dtype=x.dtype)
+    M, N = x2.shape
+    if x2.numel():
+        _ext.fused_act_forward(
+            DTYPES[x.dtype], ACT_CODES[act], up is not None,
+            x2.data_ptr(), x2.stride(0), u2.data_ptr(), u2.stride(0), out.data_ptr(), out.stride(0),
+            M, N, torch.get_num_threads(),
+        )
+    return out.view(x.shape)
+
+
+def fused_act_backward(dout: torch.Tensor, x: torch.Tensor, up: torch.Tensor | None, act: str):
+    _check(dout, x, *([up] if up is not None else []))
+    d2, x2 = as_rows(dout), as_rows(x)
+    u2 = as_rows(up) if up is not None else x2
+    dx = torch.empty(x2.shape, dtype=x.dtype)
+    dup = torch.empty(x2.shape, dtype=x.dtype) if up is not None else dx
+    M, N = x2.shape
+    if x2.numel():
+        _ext.fused_act_backward(
+            DTYPES[x.dtype], ACT_CODES[act], up is not None,
+            d2.data_ptr(), d2.stride(0), x2.data_ptr(), x2.stride(0), u2.data_ptr(), u2.stride(0),
+            dx.data_ptr(), dx.stride(0), dup.data_ptr(), dup.stride(0), M, N, torch.get_num_threads(),
+        )
+    return dx.view(x.shape), (dup.view(up.shape) if up is not None else None)

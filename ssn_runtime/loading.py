@@ -1,0 +1,106 @@
+"""Load local Hugging Face checkpoints (safetensors only) with clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .adapters import _MOE_TYPES, _REGISTRY, registered_model_types
+from .errors import SSNError
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def parse_dtype(dtype) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise SSNError(f"dtype {dtype!r} is not supported; use one of auto, {', '.join(sorted(set(_DTYPES)))}")
+
+
+def check_checkpoint(path: str | Path) -> dict:
+    """Validate a checkpoint folder before any weight is read; returns its config dict."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise SSNError(f"model folder not found: {folder} (give the path of a local Hugging Face checkpoint folder)")
+    if not folder.is_dir():
+        raise SSNError(f"{folder} is a file; give the checkpoint folder that holds config.json and *.safetensors")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise SSNError(f"{folder} has no config.json; it is not a Hugging Face checkpoint folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise SSNError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    has_safetensors = any(folder.glob("*.safetensors"))
+    if not has_safetensors:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise SSNError(
+                f"{folder} holds only pickle weights ({', '.join(pickles[:3])}); ssn-runtime loads safetensors only, "
+                "because unpickling can run arbitrary code: convert the checkpoint to safetensors first"
+            )
+        raise SSNError(f"{folder} has no *.safetensors weight files")
+    model_type = config.get("model_type", "")
+    if model_type in _MOE_TYPES:
+        raise SSNError(f"{folder}: mixture-of-experts model_type {model_type!r} is not supported yet")
+    if model_type not in _REGISTRY:
+        archs = ",".join(config.get("architectures") or ["?"])
+        raise SSNError(
+            f"{folder}: architecture {archs} (model_type {model_type!r}) has no neuron-site adapter; supported: "
+            f"{', '.join(registered_model_types())}; or register one (README, 'Adding an architecture')"
+        )
+    return config
+
+
+def load_model(path: str | Path, dtype="auto", device: str | torch.device | None = None, device_map=None):
+    """Load a local checkpoint folder as an AutoModelForCausalLM in eval mode.
+
+    `dtype`: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
+    `device`: one device ("cpu", "cuda", "cuda:1"); `device_map`: transformers'
+    device map ("auto" splits layers across GPUs; needs accelerate). Not both.
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_checkpoint(path)
+    torch_dtype = parse_dtype(dtype)
+    if device is not None and device_map is not None:
+        raise SSNError("give device or device_map, not both")
+    kwargs = {"dtype": torch_dtype, "use_safetensors": True, "local_files_only": True}
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise SSNError("device_map needs the accelerate package: pip install accelerate") from None
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(Path(path).expanduser()), **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SSNError(f"could not load {path}: {first}") from None
+    if device is not None:
+        try:
+            model = model.to(device)
+        except (RuntimeError, AssertionError) as exc:
+            raise SSNError(f"cannot move the model to {device!r}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    check_checkpoint(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(path).expanduser()), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SSNError(f"could not load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
