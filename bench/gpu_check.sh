@@ -28,6 +28,9 @@ timeout 300 $PY -m pytest -q -x -p no:cacheprovider --junitxml="$OUT/tests.xml" 
 timeout 180 $PY bench/mlp.py --out "$OUT/mlp.json" 2>&1 | tee "$OUT/bench_mlp.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+timeout 240 $PY bench/profile.py --out "$OUT/profile.json" 2>&1 | tee "$OUT/bench_profile.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 rm -rf "$shim"
 echo "gpu_check: status $status; results in $OUT"
 exit $status

@@ -43,5 +43,25 @@ PYBIND11_MODULE(_cpu_kernels, m) {
                                 ptr(dup), sdup, rows, cols, threads);
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "fused_act_stats_forward",
+      [](int dtype, int act, bool gated, uintptr_t x, int64_t sx, uintptr_t up, int64_t su, uintptr_t out,
+         int64_t so, int64_t rows, int64_t cols, uintptr_t group_ids, uintptr_t sum, uintptr_t sumsq,
+         uintptr_t abs_sum, uintptr_t active, uintptr_t gate_active, uintptr_t seq_ids, uintptr_t seq_abs,
+         float threshold, int threads) {
+        check_codes(dtype, act);
+        ssn::StatsTarget st{static_cast<const int32_t*>(ptr(group_ids)),
+                            static_cast<double*>(ptr(sum)),
+                            static_cast<double*>(ptr(sumsq)),
+                            static_cast<double*>(ptr(abs_sum)),
+                            static_cast<double*>(ptr(active)),
+                            static_cast<double*>(ptr(gate_active)),
+                            static_cast<const int32_t*>(ptr(seq_ids)),
+                            static_cast<float*>(ptr(seq_abs)),
+                            threshold};
+        ssn::fused_act_stats_forward(dtype, act, gated, {ptr(x), sx}, {ptr(up), su}, ptr(out), so, rows, cols, st,
+                                     threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
 }

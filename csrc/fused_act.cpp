@@ -151,6 +151,48 @@ SSN_INLINE void backward_dispatch(int a, bool gated, const T* d, const T* x, con
 #undef SSN_BWD
 }
 
+// One row's span with statistics: h goes to `out`, the sums into float64 table rows.
+template <int ACT, bool GATED, typename T>
+SSN_INLINE void stats_span(const T* __restrict x, const T* __restrict u, T* __restrict out, int64_t n,
+                           int64_t g_off, int64_t s_off, const StatsTarget& st) {
+  double* __restrict sum = st.sum + g_off;
+  double* __restrict sumsq = st.sumsq + g_off;
+  double* __restrict abs_sum = st.abs_sum + g_off;
+  double* __restrict active = st.active + g_off;
+  double* __restrict gate_active = st.gate_active ? st.gate_active + g_off : nullptr;
+  float* __restrict seq_abs = st.seq_abs && s_off >= 0 ? st.seq_abs + s_off : nullptr;
+  const float thr = st.threshold;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float a = act<ACT>(load(x, j));
+    float h = a;
+    if constexpr (GATED) h *= load(u, j);
+    store(out, j, h);
+    h = load(out, j);  // statistics of what the down projection receives (after rounding)
+    if (g_off >= 0) {
+      const double hd = h;
+      sum[j] += hd;
+      sumsq[j] += hd * hd;
+      abs_sum[j] += hd < 0 ? -hd : hd;
+      active[j] += h > thr ? 1.0 : 0.0;
+      if (gate_active) gate_active[j] += a > thr ? 1.0 : 0.0;
+    }
+    if (seq_abs) seq_abs[j] += h < 0 ? -h : h;
+  }
+}
+
+template <typename T>
+SSN_INLINE void stats_dispatch(int a, bool gated, const T* x, const T* u, T* out, int64_t n, int64_t g_off,
+                               int64_t s_off, const StatsTarget& st) {
+#define SSN_STATS(A)                                                      \
+  case A:                                                                 \
+    gated ? stats_span<A, true, T>(x, u, out, n, g_off, s_off, st)        \
+          : stats_span<A, false, T>(x, u, out, n, g_off, s_off, st);      \
+    break;
+  switch (a) { SSN_STATS(kSilu) SSN_STATS(kGelu) SSN_STATS(kGeluTanh) SSN_STATS(kRelu) SSN_STATS(kQuickGelu) }
+#undef SSN_STATS
+}
+
 // The per-span entry points carry the ISA clones; the OpenMP loops below call them.
 SSN_CLONES void forward_f32(int a, bool g, const float* x, const float* u, float* o, int64_t n) {
   forward_dispatch<float>(a, g, x, u, o, n);
@@ -165,6 +207,15 @@ SSN_CLONES void backward_f32(int a, bool g, const float* d, const float* x, cons
 SSN_CLONES void backward_bf16(int a, bool g, const uint16_t* d, const uint16_t* x, const uint16_t* u,
                               uint16_t* dx, uint16_t* du, int64_t n) {
   backward_dispatch<uint16_t>(a, g, d, x, u, dx, du, n);
+}
+
+SSN_CLONES void stats_f32(int a, bool g, const float* x, const float* u, float* o, int64_t n, int64_t g_off,
+                          int64_t s_off, const StatsTarget& st) {
+  stats_dispatch<float>(a, g, x, u, o, n, g_off, s_off, st);
+}
+SSN_CLONES void stats_bf16(int a, bool g, const uint16_t* x, const uint16_t* u, uint16_t* o, int64_t n,
+                           int64_t g_off, int64_t s_off, const StatsTarget& st) {
+  stats_dispatch<uint16_t>(a, g, x, u, o, n, g_off, s_off, st);
 }
 
 // Work is split into (row, column-span) pieces so that one decode row of 14k neurons
@@ -185,7 +236,52 @@ void parallel_spans(int64_t rows, int64_t cols, int num_threads, Fn fn) {
   }
 }
 
+// With statistics, each thread owns whole column spans and walks every row, so no two
+// threads ever add into the same table cell: deterministic, no atomics.
+constexpr int64_t kStatsSpan = 256;
+
+template <typename T, typename Fn>
+void stats_columns(int64_t rows, int64_t cols, int num_threads, Fn fn) {
+  const int64_t spans = (cols + kStatsSpan - 1) / kStatsSpan;
+  const bool parallel = rows * cols >= kSerialBelow && num_threads > 1;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
+  for (int64_t sp = 0; sp < spans; ++sp) {
+    const int64_t c0 = sp * kStatsSpan;
+    const int64_t n = std::min(kStatsSpan, cols - c0);
+    for (int64_t m = 0; m < rows; ++m) fn(m, c0, n);
+  }
+}
+
 }  // namespace
+
+void fused_act_stats_forward(int dtype, int a, bool gated, RowView x, RowView up, void* out, int64_t out_stride,
+                             int64_t rows, int64_t cols, const StatsTarget& st, int num_threads) {
+  auto offsets = [&](int64_t m, int64_t c0, int64_t& g_off, int64_t& s_off) {
+    const int32_t g = st.group_ids[m];
+    g_off = g >= 0 ? static_cast<int64_t>(g) * cols + c0 : -1;
+    const int32_t q = st.seq_abs ? st.seq_ids[m] : -1;
+    s_off = q >= 0 ? static_cast<int64_t>(q) * cols + c0 : -1;
+  };
+  if (dtype == kFloat32) {
+    auto xp = static_cast<const float*>(x.ptr), up_ = static_cast<const float*>(up.ptr);
+    auto op = static_cast<float*>(out);
+    stats_columns<float>(rows, cols, num_threads, [&](int64_t m, int64_t c0, int64_t n) {
+      int64_t g_off, s_off;
+      offsets(m, c0, g_off, s_off);
+      stats_f32(a, gated, xp + m * x.stride + c0, gated ? up_ + m * up.stride + c0 : nullptr,
+                op + m * out_stride + c0, n, g_off, s_off, st);
+    });
+  } else {
+    auto xp = static_cast<const uint16_t*>(x.ptr), up_ = static_cast<const uint16_t*>(up.ptr);
+    auto op = static_cast<uint16_t*>(out);
+    stats_columns<uint16_t>(rows, cols, num_threads, [&](int64_t m, int64_t c0, int64_t n) {
+      int64_t g_off, s_off;
+      offsets(m, c0, g_off, s_off);
+      stats_bf16(a, gated, xp + m * x.stride + c0, gated ? up_ + m * up.stride + c0 : nullptr,
+                 op + m * out_stride + c0, n, g_off, s_off, st);
+    });
+  }
+}
 
 void fused_act_forward(int dtype, int a, bool gated, RowView x, RowView up, void* out, int64_t out_stride,
                        int64_t rows, int64_t cols, int num_threads) {

@@ -26,4 +26,22 @@ void fused_act_backward(int dtype, int act, bool gated, RowView dout, RowView x,
                         void* dx, int64_t dx_stride, void* dup, int64_t dup_stride, int64_t rows,
                         int64_t cols, int num_threads);
 
+// Statistics gathered in the same pass as the forward, per (group, neuron), over the
+// rows whose group id is >= 0. Tables are [groups, cols] float64 (seq_abs: [seqs, cols]
+// float32); gate_active and seq_abs may be null. Added to, never cleared.
+struct StatsTarget {
+  const int32_t* group_ids;  // [rows]
+  double* sum;
+  double* sumsq;
+  double* abs_sum;
+  double* active;       // count of h > threshold
+  double* gate_active;  // count of act(x) > threshold (gated MLPs)
+  const int32_t* seq_ids;  // [rows]
+  float* seq_abs;          // sum of |h| per sequence
+  float threshold;
+};
+
+void fused_act_stats_forward(int dtype, int act, bool gated, RowView x, RowView up, void* out, int64_t out_stride,
+                             int64_t rows, int64_t cols, const StatsTarget& st, int num_threads);
+
 }  // namespace ssn

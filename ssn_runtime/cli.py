@@ -81,6 +81,67 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _csv_list(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _init_distributed(device: str | None) -> str | None:
+    """torchrun sets WORLD_SIZE/RANK: join the group (gloo on CPU, nccl on CUDA); returns the device."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        device = "cpu"
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    return device
+
+
+def cmd_profile(args) -> int:
+    import torch
+
+    from .data import filter_records, load_records
+    from .loading import load_model, load_tokenizer
+    from .profiler import ProfileConfig, profile
+
+    group_by = _csv_list(args.group_by)
+    config = ProfileConfig(
+        group_by=group_by, positions=args.positions, threshold=args.threshold, gate_stats=args.gate_stats,
+        topk=args.topk, max_tokens_per_batch=args.max_tokens_per_batch, max_batch_size=args.max_batch_size,
+        max_new_tokens=args.max_new_tokens, chat_template=not args.no_chat_template, max_length=args.max_length,
+        checkpoint_every=args.checkpoint_every,
+    )
+    records = [r for path in args.data for r in load_records(path)]
+    where = {"language": _csv_list(args.languages)} if args.languages else None
+    records = filter_records(records, where, args.limit, group_by)
+    if not records:
+        raise SSNError("no records left after --languages/--limit")
+    device = _init_distributed(args.device)
+    model = load_model(args.model, dtype=args.dtype, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = load_tokenizer(args.model)
+    try:
+        stats = profile(model, tokenizer, records, config, out=args.out, progress=not args.quiet)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"wrote {args.out}: {stats.num_layers} layers x {stats.num_neurons} neurons, "
+              f"{len(stats.groups)} groups, {stats.tokens_seen} tokens ({config.positions})")
+        for i, g in enumerate(stats.groups):
+            print(f"  {g:<24} {int(stats.count[0, i]):>10} tokens")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -95,6 +156,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a local checkpoint folder: list its neuron sites (no weights are loaded)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("profile", help="per-neuron activation statistics over prompt sets, per group",
+                       description="Profile every MLP neuron over prompt files; statistics are computed inside "
+                       "the fused kernels. Resumable (re-run the same command after an interruption) and "
+                       "distributable (torchrun --nproc-per-node N -m ssn_runtime profile ...).")
+    p.add_argument("--model", required=True, help="local checkpoint folder")
+    p.add_argument("--data", required=True, action="append", help="JSONL/JSON/CSV or MultiJail CSV (repeatable)")
+    p.add_argument("--group-by", default="language", help="comma-separated record fields (default: language)")
+    p.add_argument("--positions", choices=["prompt", "last", "generated"], default="prompt",
+                   help="tokens counted: every prompt token, the last prompt token, or generated tokens")
+    p.add_argument("--out", required=True, help="output stats file (.safetensors)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    p.add_argument("--threshold", type=float, default=0.0, help="activation threshold for frequencies (LAPE: 0)")
+    p.add_argument("--gate-stats", action="store_true", help="also count act(gate) > threshold (gated MLPs)")
+    p.add_argument("--topk", type=int, help="count per-sequence layer top-k membership (PLND/SN-Tune)")
+    p.add_argument("--max-tokens-per-batch", type=int, default=8192)
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="with --positions generated")
+    p.add_argument("--max-length", type=int, help="truncate prompts to their last N tokens")
+    p.add_argument("--no-chat-template", action="store_true", help="encode raw text even if the model has a template")
+    p.add_argument("--languages", help="keep only these languages (comma-separated)")
+    p.add_argument("--limit", type=int, help="at most N records per group")
+    p.add_argument("--checkpoint-every", type=int, default=20, help="batches between checkpoints (default 20)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("demo", help="run the main job on the built-in model")
     p.add_argument("--out", default="out/demo", help="report folder (default: out/demo)")

@@ -63,3 +63,30 @@ def fused_act_backward(dout: torch.Tensor, x: torch.Tensor, up: torch.Tensor | N
             dx.data_ptr(), dx.stride(0), dup.data_ptr(), dup.stride(0), M, N, torch.get_num_threads(),
         )
     return dx.view(x.shape), (dup.view(up.shape) if up is not None else None)
+
+
+def fused_act_stats_forward(x: torch.Tensor, up: torch.Tensor | None, act: str, target) -> torch.Tensor:
+    """Forward plus statistics into `target` (a collector.LayerTarget on CPU)."""
+    _check(x, *([up] if up is not None else []))
+    x2 = as_rows(x)
+    u2 = as_rows(up) if up is not None else x2
+    out = torch.empty(x2.shape, dtype=x.dtype)
+    M, N = x2.shape
+    tables = [target.sum, target.sumsq, target.abs_sum, target.active]
+    for t in tables + [target.gate_active]:
+        if t is not None and (t.dtype != torch.float64 or not t.is_contiguous() or t.shape[-1] != N):
+            raise ValueError("statistics tables must be contiguous float64 [groups, neurons]")
+    if target.group_ids.numel() != M or target.group_ids.dtype != torch.int32:
+        raise ValueError("group_ids must be int32 with one entry per row")
+    seq_abs = target.seq_abs
+    if x2.numel():
+        _ext.fused_act_stats_forward(
+            DTYPES[x.dtype], ACT_CODES[act], up is not None,
+            x2.data_ptr(), x2.stride(0), u2.data_ptr(), u2.stride(0), out.data_ptr(), out.stride(0), M, N,
+            target.group_ids.data_ptr(), *(t.data_ptr() for t in tables),
+            target.gate_active.data_ptr() if target.gate_active is not None else 0,
+            target.seq_ids.data_ptr() if seq_abs is not None else 0,
+            seq_abs.data_ptr() if seq_abs is not None else 0,
+            float(target.threshold), torch.get_num_threads(),
+        )
+    return out.view(x.shape)

@@ -24,3 +24,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_safetensors(path: str | Path, what: str = "file") -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file, or an SSNError naming the file."""
+    from safetensors import safe_open
+
+    from .errors import SSNError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SSNError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise SSNError(f"{path} is not a readable safetensors file ({exc})") from None

@@ -32,6 +32,7 @@ class RuntimeHandle:
         self.backend = backend  # None: chosen per tensor device/dtype
         self._saved_forwards: list[object] = []
         self.attached = False
+        self.collector = None  # a StatsCollector while profiling
 
     @property
     def num_layers(self) -> int:
@@ -100,7 +101,8 @@ def _site_forward(site: NeuronSite, handle: RuntimeHandle):
 
     def forward(self, hidden_states):
         x, up = project(hidden_states)
-        h = fused_act(x, up, act, act_mod, handle.backend_for(x, site))
+        stats = handle.collector.target(site, x) if handle.collector is not None else None
+        h = fused_act(x, up, act, act_mod, handle.backend_for(x, site), stats)
         out = down(h)
         return dropout(out) if dropout is not None else out
 

@@ -22,3 +22,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory):
+    """{"llama": path, "gpt2": path}: tiny checkpoint folders with a chat-template tokenizer."""
+    from tiny_ckpt import make_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpts")
+    return {arch: make_checkpoint(root / arch, arch) for arch in ("llama", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def prompts_jsonl(tmp_path_factory):
+    from tiny_ckpt import write_prompts
+
+    return write_prompts(tmp_path_factory.mktemp("data") / "prompts.jsonl")

@@ -12,7 +12,10 @@ import sys
 
 import pytest
 
-from ssn_kernels import fused_act
+from ssn_kernels import fused_act, fused_act_stats
+
+KERNELS = {"fused_act_fwd_kernel": fused_act.CONFIGS, "fused_act_bwd_kernel": fused_act.CONFIGS,
+           "fused_act_stats_kernel": fused_act_stats.CONFIGS}
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +30,22 @@ def variants(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("kernel", ["fused_act_fwd_kernel", "fused_act_bwd_kernel"])
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 def test_every_config_builds(variants, arch, kernel):
     built = {(v["config"]["BLOCK_M"], v["config"]["BLOCK_N"], v["config"]["num_warps"])
              for v in variants if v["arch"] == arch and v["kernel"] == kernel}
-    assert set(fused_act.CONFIGS) <= built
+    assert set(KERNELS[kernel]) <= built
+
+
+# Register budgets: <= 64 a thread keeps 32 warps resident per SM (full occupancy on
+# sm_80/90) for the plain kernels; the statistics kernel holds float64 partials and is
+# allowed 128 (16 warps, 25% occupancy), enough to stream at a good share of bandwidth.
+MAX_REGS = {"fused_act_fwd_kernel": 64, "fused_act_bwd_kernel": 64, "fused_act_stats_kernel": 128}
 
 
 def test_resources(variants):
     for v in variants:
         assert v["spill_bytes"] <= 0, v  # -1: cuobjdump missing, 0: no spills
         if v["registers"] >= 0:
-            # <= 64 registers a thread keeps 32 warps resident per SM (full occupancy on sm_80/90).
-            assert 0 < v["registers"] <= 64, v
+            assert 0 < v["registers"] <= MAX_REGS[v["kernel"]], v
         assert v["shared_bytes"] <= 48 * 1024, v

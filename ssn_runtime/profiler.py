@@ -1,0 +1,297 @@
+"""The streaming neuron profiler: per-neuron statistics over a prompt set, per group.
+
+    stats = profile(model, tokenizer, records, ProfileConfig(group_by=["language", "label"]))
+
+Statistics are gathered inside the fused MLP kernels during ordinary forward passes (or
+`generate` for `positions="generated"`): nothing per token is stored. The run is split
+into deterministic batches; every `checkpoint_every` batches the totals and the number
+of batches done are written atomically as one file, so a killed run restarted with the
+same inputs resumes where it stopped and ends with exactly the statistics of an
+uninterrupted run. Under torchrun the batches are sharded across ranks and the
+per-rank statistics merged at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .collector import StatsCollector
+from .data import Record, encode_prompt, ids_digest, plan_batches
+from .errors import SSNError
+from .fingerprint import model_fingerprint
+from .runtime import attach, attached_handle
+from .stats import NeuronStats, stamp
+
+POSITIONS = ("prompt", "last", "generated")
+
+
+@dataclass
+class ProfileConfig:
+    group_by: list[str] = field(default_factory=lambda: ["language"])
+    positions: str = "prompt"
+    threshold: float = 0.0
+    gate_stats: bool = False
+    topk: int | None = None
+    max_tokens_per_batch: int = 8192
+    max_batch_size: int = 64
+    max_new_tokens: int = 32
+    chat_template: bool = True
+    max_length: int | None = None
+    checkpoint_every: int = 20
+
+    def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise SSNError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        if self.max_new_tokens < 1:
+            raise SSNError("max_new_tokens must be at least 1")
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def _dist() -> _Dist:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return _Dist(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    return _Dist()
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer, model) -> int:
+    for cand in (getattr(tokenizer, "pad_token_id", None), getattr(model.config, "pad_token_id", None),
+                 getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(cand, int):
+            return cand
+    return 0
+
+
+def _eos_ids(tokenizer, model) -> set[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, list | tuple):
+            ids.update(int(x) for x in e)
+    return ids
+
+
+class _Progress:
+    """tqdm when available and stderr is a terminal or forced; else a line every few seconds."""
+
+    def __init__(self, total_tokens: int, enabled: bool, desc: str):
+        self.enabled = enabled
+        self.total, self.done, self.t0, self.last = total_tokens, 0, time.perf_counter(), 0.0
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=desc, smoothing=0.1,
+                                dynamic_ncols=True)
+            except ImportError:
+                self.bar = None
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _checkpoint_path(out: Path | None, dist: _Dist) -> Path | None:
+    if out is None:
+        return None
+    return Path(str(out) + ".ckpt") / f"rank{dist.rank}-of-{dist.world}.safetensors"
+
+
+def profile(model, tokenizer, records: list[Record], config: ProfileConfig, out: str | Path | None = None,
+            progress: bool = True) -> NeuronStats:
+    """Profile `model` over `records`; writes `out` (safetensors) when given and returns the stats."""
+    groups = sorted({r.key(config.group_by) for r in records})
+    group_of = {g: i for i, g in enumerate(groups)}
+    ids = [encode_prompt(r, tokenizer, config.chat_template) for r in records]
+    if config.max_length:
+        ids = [s[-config.max_length:] for s in ids]  # keep the end: the question and the generation prompt
+    if any(len(s) == 0 for s in ids):
+        bad = next(r for r, s in zip(records, ids, strict=True) if not s)
+        raise SSNError(f"{bad.where}: the prompt encodes to no tokens")
+    rec_group = [group_of[r.key(config.group_by)] for r in records]
+    sources = sorted({r.where.split(":")[0] for r in records})
+    return profile_ids(model, ids, rec_group, groups, config, out=out, progress=progress,
+                       pad_id=_pad_id(tokenizer, model), eos_ids=_eos_ids(tokenizer, model), sources=sources)
+
+
+def profile_ids(model, ids: list[list[int]], seq_groups: list[int], groups: list[str], config: ProfileConfig,
+                out: str | Path | None = None, progress: bool = True, pad_id: int | None = None,
+                eos_ids: set[int] | None = None, sources: list[str] | None = None) -> NeuronStats:
+    """`profile` over already-encoded prompts: `ids[i]` belongs to group `groups[seq_groups[i]]`."""
+    dist = _dist()
+    out = Path(out) if out is not None else None
+    rec_group = list(seq_groups)
+    batches = plan_batches([len(s) for s in ids], config.max_tokens_per_batch, config.max_batch_size)
+    mine = [b for i, b in enumerate(batches) if i % dist.world == dist.rank]
+
+    fp = model_fingerprint(model)
+    run_key = ids_digest(ids, extra=repr((fp, groups, rec_group, asdict(config), dist.world)))
+    meta = {**fp, "groups_by": config.group_by, "positions": config.positions, "threshold": config.threshold,
+            "topk": config.topk, "gate_stats": config.gate_stats, "chat_template": config.chat_template,
+            "max_new_tokens": config.max_new_tokens if config.positions == "generated" else None,
+            "sources": sources or [], "created": stamp(), "sequences": len(ids)}
+
+    handle = attached_handle(model)
+    own_handle = handle is None
+    if own_handle:
+        handle = attach(model)
+    collector = StatsCollector(handle.sites, groups, config.threshold, config.gate_stats, config.topk, meta=meta)
+
+    ckpt = _checkpoint_path(out, dist)
+    done = 0
+    if ckpt is not None and ckpt.exists():
+        saved = NeuronStats.load(ckpt)
+        if saved.meta.get("run_key") == run_key:
+            collector.totals = saved
+            done = int(saved.meta["batches_done"])
+        else:
+            ckpt.unlink()  # a different run's leftovers
+    collector.totals.meta.update(meta)
+
+    total_tokens = sum(len(ids[i]) for b in mine for i in b)
+    tokens_done = sum(len(ids[i]) for b in mine[:done] for i in b)
+    bar = _Progress(total_tokens, progress and dist.rank == 0, f"profile ({config.positions})")
+    bar.update(tokens_done)
+    fault_after = int(os.environ.get("SSN_FAULT_AFTER_BATCHES", "0") or 0)  # tests: SIGKILL mid-run
+    device = _device_of(model)
+    pad = pad_id if pad_id is not None else _pad_id(None, model)
+    eos = eos_ids if eos_ids is not None else _eos_ids(None, model)
+    handle.collector = collector
+    try:
+        for k, batch in enumerate(mine[done:], start=done):
+            seqs = [ids[i] for i in batch]
+            seq_groups = torch.tensor([rec_group[i] for i in batch])
+            collector.begin_batch(seq_groups)
+            with torch.no_grad():
+                if config.positions == "generated":
+                    _run_generate(model, collector, seqs, seq_groups, pad, eos, config, device)
+                else:
+                    _run_forward(model, collector, seqs, seq_groups, pad, config.positions, device)
+            collector.end_batch()
+            bar.update(sum(len(s) for s in seqs))
+            if ckpt is not None and ((k + 1) % config.checkpoint_every == 0) and k + 1 < len(mine):
+                collector.totals.meta.update(run_key=run_key, batches_done=k + 1)
+                collector.totals.save(ckpt)
+            if fault_after and k + 1 - done >= fault_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        handle.collector = None
+        bar.close()
+        if own_handle:
+            handle.detach()
+
+    stats = collector.totals
+    for key in ("run_key", "batches_done"):
+        stats.meta.pop(key, None)
+    if dist.active:
+        stats = _all_merge(stats, dist)
+    if out is not None and dist.rank == 0:
+        stats.save(out)
+    if ckpt is not None and ckpt.exists():
+        ckpt.unlink()
+        try:
+            ckpt.parent.rmdir()
+        except OSError:
+            pass
+    return stats
+
+
+def _run_forward(model, collector, seqs, seq_groups, pad, positions, device):
+    """Right-padded forward through the decoder only (no LM head: nothing reads logits)."""
+    B, T = len(seqs), max(len(s) for s in seqs)
+    input_ids = torch.full((B, T), pad, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    gid = torch.full((B, T), -1, dtype=torch.int32)
+    for b, s in enumerate(seqs):
+        input_ids[b, : len(s)] = torch.tensor(s)
+        mask[b, : len(s)] = 1
+        if positions == "prompt":
+            gid[b, : len(s)] = int(seq_groups[b])
+        else:
+            gid[b, len(s) - 1] = int(seq_groups[b])
+    collector.plan_rows(gid)
+    body = getattr(model, "base_model", model)
+    body(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+
+
+def _run_generate(model, collector, seqs, seq_groups, pad, eos, config, device):
+    """Greedy generation; counts the positions that produce generated tokens: the last
+    prompt token, then each decode step until the sequence has produced EOS."""
+    B, T = len(seqs), max(len(s) for s in seqs)
+    input_ids = torch.full((B, T), pad, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for b, s in enumerate(seqs):  # left padding, as generation needs
+        input_ids[b, T - len(s):] = torch.tensor(s)
+        mask[b, T - len(s):] = 1
+    finished = torch.zeros(B, dtype=torch.bool)
+    eos_t = torch.tensor(sorted(eos)) if eos else torch.empty(0, dtype=torch.long)
+    state = {"first": True}
+
+    def plan(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise SSNError("generated-position profiling needs input_ids")
+        b, t = ids.shape
+        gid = torch.full((b, t), -1, dtype=torch.int32)
+        if state["first"]:
+            gid[:, -1] = seq_groups.to(torch.int32)
+            state["first"] = False
+        else:
+            fed = ids[:, -1].cpu()
+            finished.logical_or_(torch.isin(fed, eos_t))
+            gid[:, -1] = torch.where(finished, -1, seq_groups).to(torch.int32)
+        collector.plan_rows(gid)
+
+    hook = model.register_forward_pre_hook(plan, with_kwargs=True)
+    try:
+        model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                       max_new_tokens=config.max_new_tokens, pad_token_id=pad,
+                       eos_token_id=sorted(eos) or None)
+    finally:
+        hook.remove()
+
+
+def _all_merge(stats: NeuronStats, dist: _Dist) -> NeuronStats:
+    """All-gather every rank's statistics and merge them in rank order (on every rank)."""
+    names = [k for k, v in stats.tensors().items()]
+    flat = torch.cat([stats.tensors()[k].reshape(-1).to(torch.float64) for k in names])
+    gathered = [torch.empty_like(flat) for _ in range(dist.world)]
+    torch.distributed.all_gather(gathered, flat)
+    merged = None
+    for buf in gathered:
+        parts, off = {}, 0
+        for k in names:
+            t = stats.tensors()[k]
+            parts[k] = buf[off: off + t.numel()].view(t.shape).to(t.dtype)
+            off += t.numel()
+        s = NeuronStats(stats.groups, **parts, meta=stats.meta)
+        merged = s if merged is None else NeuronStats.merge(merged, s)
+    merged.meta.update(stats.meta)
+    merged.meta["world_size"] = dist.world
+    return merged

@@ -1,0 +1,232 @@
+"""NeuronStats: per-layer, per-group, per-neuron activation statistics.
+
+Tensors (L layers, G groups, N neurons per layer):
+
+    count        [L, G]     int64    tokens counted
+    sum          [L, G, N]  float64  sum of h (the activation feeding the down projection)
+    m2           [L, G, N]  float64  sum of squared deviations from the mean (Welford/Chan)
+    abs_sum      [L, G, N]  float64  sum of |h|
+    active       [L, G, N]  int64    tokens with h > threshold (LAPE: threshold 0)
+    gate_active  [L, G, N]  int64    tokens with act(gate) > threshold (gated MLPs; optional)
+    topk_count   [L, G, N]  int64    sequences whose layer top-k holds the neuron (optional)
+    seq_count    [L, G]     int64    sequences counted for topk_count
+
+Stored as one safetensors file whose metadata carries the JSON description (model
+fingerprint, group names, token selection, threshold, tokens seen). Merging is exact:
+counts and sums add, m2 combines by Chan's formula, so two halves of a data set merge
+into the statistics of the whole (up to float64 rounding).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import SSNError
+from .io import atomic_write_bytes, read_safetensors
+
+FORMAT = "ssn-neuron-stats"
+VERSION = 1
+_TENSORS = ("count", "sum", "m2", "abs_sum", "active", "gate_active", "topk_count", "seq_count")
+_OPTIONAL = ("gate_active", "topk_count", "seq_count")
+_INT = ("count", "active", "gate_active", "topk_count", "seq_count")
+# Keys two stats must share to be merged: same model, same measurement.
+_COMPAT = ("config_hash", "num_layers", "num_neurons", "positions", "threshold", "topk")
+
+
+class NeuronStats:
+    def __init__(self, groups: list[str], count, sum, m2, abs_sum, active, gate_active=None, topk_count=None,
+                 seq_count=None, meta: dict | None = None):
+        self.groups = list(groups)
+        self.count, self.sum, self.m2, self.abs_sum, self.active = count, sum, m2, abs_sum, active
+        self.gate_active, self.topk_count, self.seq_count = gate_active, topk_count, seq_count
+        self.meta = dict(meta or {})
+        L, G, N = sum.shape
+        if len(self.groups) != G or count.shape != (L, G):
+            raise SSNError(f"inconsistent NeuronStats: {len(self.groups)} group names, sum {tuple(sum.shape)}, "
+                           f"count {tuple(count.shape)}")
+
+    # ----- shape -----
+    @property
+    def num_layers(self) -> int:
+        return self.sum.shape[0]
+
+    @property
+    def num_groups(self) -> int:
+        return self.sum.shape[1]
+
+    @property
+    def num_neurons(self) -> int:
+        return self.sum.shape[2]
+
+    def group_index(self, name: str) -> int:
+        try:
+            return self.groups.index(name)
+        except ValueError:
+            raise SSNError(f"no group {name!r} in these stats; groups: {', '.join(self.groups)}") from None
+
+    @classmethod
+    def empty(cls, groups, num_layers: int, num_neurons: int, gate_stats=False, topk=False, meta=None):
+        L, G, N = num_layers, len(groups), num_neurons
+        f = lambda: torch.zeros(L, G, N, dtype=torch.float64)
+        i = lambda: torch.zeros(L, G, N, dtype=torch.int64)
+        return cls(groups, torch.zeros(L, G, dtype=torch.int64), f(), f(), f(), i(),
+                   gate_active=i() if gate_stats else None, topk_count=i() if topk else None,
+                   seq_count=torch.zeros(L, G, dtype=torch.int64) if topk else None, meta=meta)
+
+    # ----- derived statistics (NaN where a group saw no tokens) -----
+    def _per_token(self, t: torch.Tensor) -> torch.Tensor:
+        n = self.count.to(torch.float64).unsqueeze(-1)
+        return torch.where(n > 0, t.to(torch.float64) / n.clamp_min(1), torch.nan)
+
+    def mean(self) -> torch.Tensor:
+        return self._per_token(self.sum)
+
+    def var(self, unbiased: bool = False) -> torch.Tensor:
+        n = self.count.to(torch.float64).unsqueeze(-1) - (1 if unbiased else 0)
+        return torch.where(n > 0, self.m2 / n.clamp_min(1), torch.nan)
+
+    def std(self, unbiased: bool = False) -> torch.Tensor:
+        return self.var(unbiased).clamp_min(0).sqrt()
+
+    def freq(self) -> torch.Tensor:
+        """Activation probability: share of tokens with h > threshold."""
+        return self._per_token(self.active)
+
+    def gate_freq(self) -> torch.Tensor:
+        if self.gate_active is None:
+            raise SSNError("these stats have no gate statistics; profile with --gate-stats")
+        return self._per_token(self.gate_active)
+
+    def abs_mean(self) -> torch.Tensor:
+        return self._per_token(self.abs_sum)
+
+    def topk_freq(self) -> torch.Tensor:
+        """Share of sequences whose layer top-k held the neuron."""
+        if self.topk_count is None:
+            raise SSNError("these stats have no top-k counts; profile with --topk K")
+        n = self.seq_count.to(torch.float64).unsqueeze(-1)
+        return torch.where(n > 0, self.topk_count / n.clamp_min(1), torch.nan)
+
+    @property
+    def tokens_seen(self) -> int:
+        return int(self.count[0].sum()) if self.num_layers else 0
+
+    # ----- persistence -----
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k).contiguous() for k in _TENSORS if getattr(self, k) is not None}
+
+    def describe(self) -> dict:
+        return {**self.meta, "format": FORMAT, "version": VERSION, "groups": self.groups,
+                "num_layers": self.num_layers, "num_neurons": self.num_neurons, "tokens_seen": self.tokens_seen,
+                "group_tokens": {g: int(self.count[0, i]) for i, g in enumerate(self.groups)}}
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save
+
+        path = Path(path)
+        blob = save(self.tensors(), metadata={"ssn_stats": json.dumps(self.describe())})
+        atomic_write_bytes(path, blob)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model=None) -> NeuronStats:
+        path = Path(path)
+        tensors, raw = read_safetensors(path, "stats file")
+        try:
+            meta = json.loads(raw.get("ssn_stats", "null") or "null")
+        except json.JSONDecodeError:
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise SSNError(f"{path} is not an ssn-runtime stats file (no '{FORMAT}' metadata)")
+        missing = [k for k in _TENSORS if k not in _OPTIONAL and k not in tensors]
+        if missing:
+            raise SSNError(f"{path} lacks tensors {missing}")
+        groups = meta.get("groups")
+        if not isinstance(groups, list):
+            raise SSNError(f"{path}: stats metadata has no group list")
+        meta = {k: v for k, v in meta.items() if k not in ("format", "version", "groups", "tokens_seen",
+                                                             "group_tokens", "num_layers", "num_neurons")}
+        stats = cls(groups, **{k: tensors.get(k) for k in _TENSORS}, meta=meta)
+        if model is not None:
+            stats.check_model(model)
+        return stats
+
+    def check_model(self, model) -> None:
+        from .fingerprint import model_fingerprint
+
+        fp = model_fingerprint(model)
+        if (fp["num_layers"], fp["num_neurons"]) != (self.num_layers, self.num_neurons):
+            raise SSNError(
+                f"stats are for {self.num_layers} layers x {self.num_neurons} neurons but the model has "
+                f"{fp['num_layers']} x {fp['num_neurons']}: these stats come from another model"
+            )
+        if self.meta.get("config_hash") and self.meta["config_hash"] != fp["config_hash"]:
+            raise SSNError(
+                f"stats were computed on model {self.meta.get('model_name')!r} (config {self.meta['config_hash']}), "
+                f"not on this one (config {fp['config_hash']})"
+            )
+
+    # ----- merging -----
+    def check_compatible(self, other: NeuronStats) -> None:
+        if (self.num_layers, self.num_neurons) != (other.num_layers, other.num_neurons):
+            raise SSNError(f"cannot merge stats of shape {self.num_layers}x{self.num_neurons} with "
+                           f"{other.num_layers}x{other.num_neurons}: different models")
+        for key in _COMPAT:
+            a, b = self.meta.get(key), other.meta.get(key)
+            if a is not None and b is not None and a != b:
+                raise SSNError(f"cannot merge stats with different {key}: {a!r} vs {b!r}")
+        for opt in _OPTIONAL:
+            if (getattr(self, opt) is None) != (getattr(other, opt) is None):
+                raise SSNError(f"cannot merge stats where only one has {opt}")
+
+    def _aligned(self, groups: list[str]) -> NeuronStats:
+        """The same stats over a superset of groups (zeros for the new ones)."""
+        if groups == self.groups:
+            return self
+        index = torch.tensor([self.groups.index(g) if g in self.groups else -1 for g in groups])
+        have = index >= 0
+
+        def expand(t):
+            if t is None:
+                return None
+            out = torch.zeros((t.shape[0], len(groups), *t.shape[2:]), dtype=t.dtype)
+            out[:, have] = t[:, index[have]]
+            return out
+
+        return NeuronStats(groups, **{k: expand(getattr(self, k)) for k in _TENSORS}, meta=self.meta)
+
+    @staticmethod
+    def merge(a: NeuronStats, b: NeuronStats) -> NeuronStats:
+        """Statistics of the union of both token sets; groups are matched by name."""
+        a.check_compatible(b)
+        groups = a.groups + [g for g in b.groups if g not in a.groups]
+        a, b = a._aligned(groups), b._aligned(groups)
+        na = a.count.to(torch.float64).unsqueeze(-1)
+        nb = b.count.to(torch.float64).unsqueeze(-1)
+        n = (na + nb).clamp_min(1)
+        delta = b.mean().nan_to_num() - a.mean().nan_to_num()
+        m2 = a.m2 + b.m2 + delta * delta * na * nb / n
+        add = lambda k: None if getattr(a, k) is None else getattr(a, k) + getattr(b, k)
+        meta = dict(a.meta)
+        meta["sources"] = list(a.meta.get("sources", [])) + [s for s in b.meta.get("sources", [])
+                                                             if s not in a.meta.get("sources", [])]
+        return NeuronStats(groups, count=a.count + b.count, sum=a.sum + b.sum, m2=m2, abs_sum=a.abs_sum + b.abs_sum,
+                           active=a.active + b.active, gate_active=add("gate_active"), topk_count=add("topk_count"),
+                           seq_count=add("seq_count"), meta=meta)
+
+    def select(self, groups: list[str]) -> NeuronStats:
+        idx = [self.group_index(g) for g in groups]
+        pick = lambda t: None if t is None else t[:, idx].clone()
+        return NeuronStats(groups, **{k: pick(getattr(self, k)) for k in _TENSORS}, meta=self.meta)
+
+    def __repr__(self) -> str:
+        return (f"NeuronStats({self.num_layers} layers x {self.num_neurons} neurons, groups={self.groups}, "
+                f"tokens={self.tokens_seen}, positions={self.meta.get('positions')})")
+
+
+def stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
