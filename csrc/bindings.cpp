@@ -27,9 +27,13 @@ PYBIND11_MODULE(_cpu_kernels, m) {
   m.def(
       "fused_act_forward",
       [](int dtype, int act, bool gated, uintptr_t x, int64_t sx, uintptr_t up, int64_t su, uintptr_t out,
-         int64_t so, int64_t rows, int64_t cols, int threads) {
+         int64_t so, int64_t rows, int64_t cols, int mask_mode, uintptr_t scale, uintptr_t bias,
+         uintptr_t row_profile, int threads) {
         check_codes(dtype, act);
-        ssn::fused_act_forward(dtype, act, gated, {ptr(x), sx}, {ptr(up), su}, ptr(out), so, rows, cols,
+        if (mask_mode < 0 || mask_mode > 2) throw std::invalid_argument("unsupported mask mode");
+        ssn::MaskView mask{mask_mode, static_cast<const float*>(ptr(scale)), static_cast<const float*>(ptr(bias)),
+                           static_cast<const int32_t*>(ptr(row_profile))};
+        ssn::fused_act_forward(dtype, act, gated, {ptr(x), sx}, {ptr(up), su}, ptr(out), so, rows, cols, mask,
                                threads);
       },
       py::call_guard<py::gil_scoped_release>());

@@ -101,12 +101,14 @@ template <int ACT> SSN_INLINE void act_grad(float x, float& y, float& dy) {
   }
 }
 
-template <int ACT, bool GATED, typename T>
-SSN_INLINE void forward_span(const T* __restrict x, const T* __restrict u, T* __restrict out, int64_t n) {
+template <int ACT, bool GATED, bool MASKED, typename T>
+SSN_INLINE void forward_span(const T* __restrict x, const T* __restrict u, T* __restrict out, int64_t n,
+                             const float* __restrict sc, const float* __restrict bi) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float h = act<ACT>(load(x, j));
     if constexpr (GATED) h *= load(u, j);
+    if constexpr (MASKED) h = h * sc[j] + bi[j];
     store(out, j, h);
   }
 }
@@ -129,11 +131,17 @@ SSN_INLINE void backward_span(const T* __restrict d, const T* __restrict x, cons
 }
 
 template <typename T>
-SSN_INLINE void forward_dispatch(int a, bool gated, const T* x, const T* u, T* out, int64_t n) {
-#define SSN_FWD(A)                                            \
-  case A:                                                     \
-    gated ? forward_span<A, true, T>(x, u, out, n)            \
-          : forward_span<A, false, T>(x, u, out, n);          \
+SSN_INLINE void forward_dispatch(int a, bool gated, const T* x, const T* u, T* out, int64_t n, const float* sc,
+                                 const float* bi) {
+#define SSN_FWD(A)                                                                      \
+  case A:                                                                               \
+    if (sc) {                                                                           \
+      gated ? forward_span<A, true, true, T>(x, u, out, n, sc, bi)                      \
+            : forward_span<A, false, true, T>(x, u, out, n, sc, bi);                    \
+    } else {                                                                            \
+      gated ? forward_span<A, true, false, T>(x, u, out, n, sc, bi)                     \
+            : forward_span<A, false, false, T>(x, u, out, n, sc, bi);                   \
+    }                                                                                   \
     break;
   switch (a) { SSN_FWD(kSilu) SSN_FWD(kGelu) SSN_FWD(kGeluTanh) SSN_FWD(kRelu) SSN_FWD(kQuickGelu) }
 #undef SSN_FWD
@@ -194,11 +202,13 @@ SSN_INLINE void stats_dispatch(int a, bool gated, const T* x, const T* u, T* out
 }
 
 // The per-span entry points carry the ISA clones; the OpenMP loops below call them.
-SSN_CLONES void forward_f32(int a, bool g, const float* x, const float* u, float* o, int64_t n) {
-  forward_dispatch<float>(a, g, x, u, o, n);
+SSN_CLONES void forward_f32(int a, bool g, const float* x, const float* u, float* o, int64_t n, const float* sc,
+                           const float* bi) {
+  forward_dispatch<float>(a, g, x, u, o, n, sc, bi);
 }
-SSN_CLONES void forward_bf16(int a, bool g, const uint16_t* x, const uint16_t* u, uint16_t* o, int64_t n) {
-  forward_dispatch<uint16_t>(a, g, x, u, o, n);
+SSN_CLONES void forward_bf16(int a, bool g, const uint16_t* x, const uint16_t* u, uint16_t* o, int64_t n,
+                            const float* sc, const float* bi) {
+  forward_dispatch<uint16_t>(a, g, x, u, o, n, sc, bi);
 }
 SSN_CLONES void backward_f32(int a, bool g, const float* d, const float* x, const float* u, float* dx,
                              float* du, int64_t n) {
@@ -284,20 +294,26 @@ void fused_act_stats_forward(int dtype, int a, bool gated, RowView x, RowView up
 }
 
 void fused_act_forward(int dtype, int a, bool gated, RowView x, RowView up, void* out, int64_t out_stride,
-                       int64_t rows, int64_t cols, int num_threads) {
+                       int64_t rows, int64_t cols, const MaskView& mask, int num_threads) {
+  // The mask's scale/bias for row m, columns from c0 (null: no mask).
+  auto mask_at = [&](int64_t m, int64_t c0, const float* table) -> const float* {
+    if (mask.mode == 0) return nullptr;
+    const int64_t row = mask.mode == 2 ? static_cast<int64_t>(mask.row_profile[m]) * cols : 0;
+    return table + row + c0;
+  };
   if (dtype == kFloat32) {
     auto xp = static_cast<const float*>(x.ptr), up_ = static_cast<const float*>(up.ptr);
     auto op = static_cast<float*>(out);
     parallel_spans(rows, cols, num_threads, [&](int64_t m, int64_t c0, int64_t n) {
       forward_f32(a, gated, xp + m * x.stride + c0, gated ? up_ + m * up.stride + c0 : nullptr,
-                  op + m * out_stride + c0, n);
+                  op + m * out_stride + c0, n, mask_at(m, c0, mask.scale), mask_at(m, c0, mask.bias));
     });
   } else {
     auto xp = static_cast<const uint16_t*>(x.ptr), up_ = static_cast<const uint16_t*>(up.ptr);
     auto op = static_cast<uint16_t*>(out);
     parallel_spans(rows, cols, num_threads, [&](int64_t m, int64_t c0, int64_t n) {
       forward_bf16(a, gated, xp + m * x.stride + c0, gated ? up_ + m * up.stride + c0 : nullptr,
-                   op + m * out_stride + c0, n);
+                   op + m * out_stride + c0, n, mask_at(m, c0, mask.scale), mask_at(m, c0, mask.bias));
     });
   }
 }

@@ -17,9 +17,18 @@ struct RowView {
   int64_t stride;  // elements between consecutive rows
 };
 
-// out[m, n] = act(x[m, n]) * (gated ? up[m, n] : 1)
+// A neuron mask applied in the forward: h = h * scale + bias. Mode 0: none; 1: one
+// [cols] scale/bias for every row; 2: [profiles, cols] tables, row m using row_profile[m].
+struct MaskView {
+  int mode;
+  const float* scale;
+  const float* bias;
+  const int32_t* row_profile;
+};
+
+// out[m, n] = act(x[m, n]) * (gated ? up[m, n] : 1), then the mask
 void fused_act_forward(int dtype, int act, bool gated, RowView x, RowView up, void* out,
-                       int64_t out_stride, int64_t rows, int64_t cols, int num_threads);
+                       int64_t out_stride, int64_t rows, int64_t cols, const MaskView& mask, int num_threads);
 
 // dx = dout * up * act'(x) (or dout * act'(x)); dup = dout * act(x) when gated.
 void fused_act_backward(int dtype, int act, bool gated, RowView dout, RowView x, RowView up,

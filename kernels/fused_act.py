@@ -46,22 +46,33 @@ def pick_config(M: int, N: int):
 
 @triton.jit
 def fused_act_fwd_kernel(
-    x_ptr, up_ptr, out_ptr,
+    x_ptr, up_ptr, out_ptr, scale_ptr, bias_ptr, profile_ptr,
     M, N,
     stride_xm, stride_um, stride_om,
-    GATED: tl.constexpr, ACT: tl.constexpr,
+    GATED: tl.constexpr, ACT: tl.constexpr, MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """MASK 0: none; 1: h = h*scale[n] + bias[n]; 2: per-row profile p = profile[m],
+    h = h*scale[p, n] + bias[p, n] (several neuron masks in one batch)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    cmask = cols < N
+    mask = (rows[:, None] < M) & cmask[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     h = act_fn(x, ACT)
     if GATED:
         u = tl.load(up_ptr + rows[:, None] * stride_um + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h = h * u
+    if MASK == 1:
+        sc = tl.load(scale_ptr + cols, mask=cmask, other=1.0)
+        bi = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
+        h = h * sc[None, :] + bi[None, :]
+    elif MASK == 2:
+        prof = tl.load(profile_ptr + rows, mask=rows < M, other=0).to(tl.int64)
+        off = prof[:, None] * N + cols[None, :]
+        h = h * tl.load(scale_ptr + off, mask=mask, other=1.0) + tl.load(bias_ptr + off, mask=mask, other=0.0)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -91,19 +102,28 @@ def fused_act_bwd_kernel(
     tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def fused_act_forward(x: torch.Tensor, up, act: str) -> torch.Tensor:
-    """h = act(x) * up (or act(x) when `up` is None), same shape and dtype as `x`."""
+def fused_act_forward(x: torch.Tensor, up, act: str, mask=None) -> torch.Tensor:
+    """h = act(x) * up (or act(x) when `up` is None), same shape and dtype as `x`.
+
+    `mask`: an object with float32 `scale`/`bias` ([N], or [P, N] with int32 `row_profile`
+    [M]) applied as h * scale + bias before the store (see ssn_runtime.masks).
+    """
     code = ACT_CODES[act]
     x2 = as_rows(x)
     M, N = x2.shape
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     u2 = as_rows(up) if up is not None else x2
+    mode, scale, bias, prof = 0, x2, x2, x2
+    if mask is not None:
+        mode = 2 if mask.row_profile is not None else 1
+        scale, bias = mask.scale, mask.bias
+        prof = mask.row_profile if mode == 2 else x2
     if M and N:
         bm, bn, warps = pick_config(M, N)
         grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
         fused_act_fwd_kernel[grid](
-            x2, u2, out, M, N, x2.stride(0), u2.stride(0), out.stride(0),
-            GATED=up is not None, ACT=code, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+            x2, u2, out, scale, bias, prof, M, N, x2.stride(0), u2.stride(0), out.stride(0),
+            GATED=up is not None, ACT=code, MASK=mode, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
         )
     return out.view(x.shape)
 
@@ -135,19 +155,29 @@ def aot_variants():
     """Every block-size configuration for the main case (bf16, SiLU, gated), plus every
     activation and the plain-MLP path once, for ahead-of-time compile checks."""
     ptrs = {"fwd": ("x_ptr", "up_ptr", "out_ptr"), "bwd": ("dout_ptr", "x_ptr", "up_ptr", "dx_ptr", "dup_ptr")}
+    mask_ptrs = {"scale_ptr": "*fp32", "bias_ptr": "*fp32", "profile_ptr": "*i32"}
     ints = {"fwd": ("M", "N", "stride_xm", "stride_um", "stride_om"),
             "bwd": ("M", "N", "stride_dom", "stride_xm", "stride_um", "stride_dxm", "stride_dum")}
     kernels = {"fwd": fused_act_fwd_kernel, "bwd": fused_act_bwd_kernel}
 
     def sig(which, dtype):
-        return {**{p: f"*{dtype}" for p in ptrs[which]}, **{i: "i32" for i in ints[which]}}
+        s = {**{p: f"*{dtype}" for p in ptrs[which]}, **{i: "i32" for i in ints[which]}}
+        if which == "fwd":  # keep the kernel's argument order: mask pointers follow out_ptr
+            s = {**{p: s[p] for p in ptrs[which]}, **mask_ptrs, **{i: "i32" for i in ints[which]}}
+        return s
+
+    def extra(which, mode):
+        return {"MASK": mode} if which == "fwd" else {}
 
     for which, fn in kernels.items():
         for bm, bn, warps in CONFIGS:
-            yield fn, sig(which, "bf16"), dict(GATED=True, ACT=ACT_CODES["silu"], BLOCK_M=bm, BLOCK_N=bn), warps
+            for mode in ((0, 1, 2) if which == "fwd" else (0,)):
+                yield fn, sig(which, "bf16"), dict(GATED=True, ACT=ACT_CODES["silu"], **extra(which, mode),
+                                                  BLOCK_M=bm, BLOCK_N=bn), warps
         bm, bn, warps = CONFIGS[2]
         for act, code in ACT_CODES.items():
             for gated in (True, False):
                 if act == "silu" and gated:
                     continue
-                yield fn, sig(which, "fp32"), dict(GATED=gated, ACT=code, BLOCK_M=bm, BLOCK_N=bn), warps
+                yield fn, sig(which, "fp32"), dict(GATED=gated, ACT=code, **extra(which, 0), BLOCK_M=bm,
+                                                  BLOCK_N=bn), warps

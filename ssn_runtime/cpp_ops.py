@@ -34,17 +34,34 @@ def _check(*tensors: torch.Tensor) -> None:
             raise ValueError(f"cpp backend supports float32 and bfloat16 of one dtype, got {t.dtype}")
 
 
-def fused_act_forward(x: torch.Tensor, up: torch.Tensor | None, act: str) -> torch.Tensor:
+def _mask_args(mask, M: int, N: int) -> tuple[int, int, int, int]:
+    if mask is None:
+        return 0, 0, 0, 0
+    for t in (mask.scale, mask.bias):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.shape[-1] != N or t.device.type != "cpu":
+            raise ValueError("mask scale/bias must be contiguous float32 CPU tensors ending in the neuron dim")
+    if mask.row_profile is None:
+        return 1, mask.scale.data_ptr(), mask.bias.data_ptr(), 0
+    rp = mask.row_profile
+    if rp.dtype != torch.int32 or rp.numel() != M or not rp.is_contiguous():
+        raise ValueError("row_profile must be contiguous int32 with one entry per row")
+    if rp.numel() and (int(rp.min()) < 0 or int(rp.max()) >= mask.scale.shape[0]):
+        raise ValueError("row_profile holds a profile id outside the mask table")
+    return 2, mask.scale.data_ptr(), mask.bias.data_ptr(), rp.data_ptr()
+
+
+def fused_act_forward(x: torch.Tensor, up: torch.Tensor | None, act: str, mask=None) -> torch.Tensor:
     _check(x, *([up] if up is not None else []))
     x2 = as_rows(x)
     u2 = as_rows(up) if up is not None else x2
     out = torch.empty(x2.shape, dtype=x.dtype)
     M, N = x2.shape
+    mode, sc, bi, rp = _mask_args(mask, M, N)
     if x2.numel():
         _ext.fused_act_forward(
             DTYPES[x.dtype], ACT_CODES[act], up is not None,
             x2.data_ptr(), x2.stride(0), u2.data_ptr(), u2.stride(0), out.data_ptr(), out.stride(0),
-            M, N, torch.get_num_threads(),
+            M, N, mode, sc, bi, rp, torch.get_num_threads(),
         )
     return out.view(x.shape)
 

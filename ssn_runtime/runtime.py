@@ -33,6 +33,11 @@ class RuntimeHandle:
         self._saved_forwards: list[object] = []
         self.attached = False
         self.collector = None  # a StatsCollector while profiling
+        self._mask = None  # one NeuronMask for every row
+        self._profiles: list[str] = []  # per-row masks: names, index 0 = "base" (no mask)
+        self._profile_masks: list = []
+        self._row_profiles: torch.Tensor | None = None
+        self._mask_cache: dict = {}
 
     @property
     def num_layers(self) -> int:
@@ -44,6 +49,88 @@ class RuntimeHandle:
 
     def backend_for(self, x: torch.Tensor, site: NeuronSite) -> str:
         return _select(x.device.type, x.dtype, site.act is not None, self.backend)[0]
+
+    # ----- neuron masks -----
+    def set_mask(self, mask) -> None:
+        """Apply one NeuronMask to every row, inside the fused kernels (None: no mask)."""
+        from .neuron_sets import check_model_match
+
+        if mask is not None:
+            check_model_match(mask.model, self.model, f"mask {mask.name!r}")
+        self.clear_masks()
+        self._mask = mask
+
+    def set_masks(self, masks: dict) -> list[str]:
+        """Register several masks at once for per-row use; returns the profile names, where
+        profile 0 is "base" (no mask). Pick each row's mask with `set_row_profiles`."""
+        from .neuron_sets import check_model_match
+
+        for name, m in masks.items():
+            if name == "base":
+                raise SSNError("'base' names the unmasked profile; give the mask another name")
+            check_model_match(m.model, self.model, f"mask {name!r}")
+        self.clear_masks()
+        self._profiles = ["base", *masks]
+        self._profile_masks = [None, *masks.values()]
+        return list(self._profiles)
+
+    def set_row_profiles(self, profiles) -> None:
+        """The mask profile of each batch row (names or indices from `set_masks`), for
+        every following forward until changed; None turns per-row masks off."""
+        if profiles is None:
+            self._row_profiles = None
+        else:
+            ids = []
+            for p in profiles:
+                if isinstance(p, str):
+                    if p not in self._profiles:
+                        raise SSNError(f"unknown mask profile {p!r}; registered: {', '.join(self._profiles)}")
+                    p = self._profiles.index(p)
+                if not 0 <= int(p) < max(1, len(self._profiles)):
+                    raise SSNError(f"mask profile index {p} out of range")
+                ids.append(int(p))
+            self._row_profiles = torch.tensor(ids, dtype=torch.int32)
+        self._mask_cache = {k: v for k, v in self._mask_cache.items() if k[0] != "rows"}
+
+    def clear_masks(self) -> None:
+        self._mask, self._profiles, self._profile_masks, self._row_profiles = None, [], [], None
+        self._mask_cache = {}
+
+    def mask_args(self, site: NeuronSite, x: torch.Tensor):
+        """The kernel's view of the active masks for this layer and input, or None."""
+        if self._mask is None and self._row_profiles is None:
+            return None
+        from .masks import MaskArgs
+
+        dev = x.device
+        if self._mask is not None:
+            key = ("one", site.layer, dev)
+            if key not in self._mask_cache:
+                d = self._mask.dense(site.layer, dev)
+                self._mask_cache[key] = MaskArgs(*d) if d is not None else None
+            return self._mask_cache[key]
+        key = ("table", site.layer, dev)
+        if key not in self._mask_cache:
+            dense = [m.dense(site.layer) if m is not None else None for m in self._profile_masks]
+            if all(d is None for d in dense):
+                self._mask_cache[key] = None
+            else:
+                N = site.num_neurons
+                scale = torch.stack([d[0] if d else torch.ones(N) for d in dense]).to(dev)
+                bias = torch.stack([d[1] if d else torch.zeros(N) for d in dense]).to(dev)
+                self._mask_cache[key] = (scale, bias)
+        table = self._mask_cache[key]
+        if table is None:
+            return None
+        rows = x.numel() // x.shape[-1]
+        B = self._row_profiles.numel()
+        rkey = ("rows", rows, dev)
+        if rkey not in self._mask_cache:
+            if B == 0 or rows % B:
+                raise SSNError(f"per-row mask profiles were set for {B} rows, but the batch has {rows} token rows; "
+                               "call set_row_profiles with one profile per batch row")
+            self._mask_cache[rkey] = self._row_profiles.repeat_interleave(rows // B).to(dev)
+        return MaskArgs(table[0], table[1], self._mask_cache[rkey])
 
     def _install(self) -> None:
         for site in self.sites:
@@ -102,7 +189,8 @@ def _site_forward(site: NeuronSite, handle: RuntimeHandle):
     def forward(self, hidden_states):
         x, up = project(hidden_states)
         stats = handle.collector.target(site, x) if handle.collector is not None else None
-        h = fused_act(x, up, act, act_mod, handle.backend_for(x, site), stats)
+        mask = handle.mask_args(site, x)
+        h = fused_act(x, up, act, act_mod, handle.backend_for(x, site), stats, mask)
         out = down(h)
         return dropout(out) if dropout is not None else out
 
