@@ -65,23 +65,35 @@ def timeit(fn, device: str, *, warmup: int = 3, reps: int = 10, min_seconds: flo
     return statistics.median(times)
 
 
-def compare(fns: dict, device: str, *, rounds: int = 15, warmup: int = 2, min_round_seconds: float = 0.05) -> dict:
+def compare(fns: dict, device: str, *, rounds: int = 15, warmup: int = 2, min_round_seconds: float = 0.05,
+            setup: dict | None = None, teardown: dict | None = None) -> dict:
     """Median seconds per call of each function, timed in interleaved rounds.
 
     Alternating the contenders round by round (order rotated each round) spreads
     clock, cache and neighbour noise evenly over them; on a shared 2-core machine
     back-to-back blocks of one then the other can differ by 10% for no reason.
+    `setup[name]` / `teardown[name]` run untimed around each of that contender's blocks
+    (e.g. fold a mask into the weights, then unfold it).
     """
     names = list(fns)
+    setup, teardown = setup or {}, teardown or {}
+    nop = lambda: None
     for name in names:
+        setup.get(name, nop)()
         for _ in range(warmup):
             fns[name]()
-    calls = {name: max(1, int(min_round_seconds / max(timeit(fns[name], device, warmup=0, reps=1,
-                                                             min_seconds=0), 1e-6))) for name in names}
+        teardown.get(name, nop)()
+    calls = {}
+    for name in names:
+        setup.get(name, nop)()
+        calls[name] = max(1, int(min_round_seconds / max(timeit(fns[name], device, warmup=0, reps=1, min_seconds=0),
+                                                         1e-6)))
+        teardown.get(name, nop)()
     samples = {name: [] for name in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            setup.get(name, nop)()
             n = calls[name]
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -91,6 +103,7 @@ def compare(fns: dict, device: str, *, rounds: int = 15, warmup: int = 2, min_ro
             if device == "cuda":
                 torch.cuda.synchronize()
             samples[name].append((time.perf_counter() - t0) / n)
+            teardown.get(name, nop)()
     return {name: statistics.median(v) for name, v in samples.items()}
 
 

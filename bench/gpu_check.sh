@@ -31,6 +31,9 @@ timeout 180 $PY bench/mlp.py --out "$OUT/mlp.json" 2>&1 | tee "$OUT/bench_mlp.lo
 timeout 240 $PY bench/profile.py --out "$OUT/profile.json" 2>&1 | tee "$OUT/bench_profile.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+timeout 150 $PY bench/intervene.py --out "$OUT/intervene.json" 2>&1 | tee "$OUT/bench_intervene.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 rm -rf "$shim"
 echo "gpu_check: status $status; results in $OUT"
 exit $status

@@ -71,10 +71,11 @@ def build(fn, signature: dict, constexprs: dict, num_warps: int, arch: int) -> V
 
 def variants():
     """(fn, signature, constexprs, num_warps) for every kernel variant worth building."""
-    from . import fused_act, fused_act_stats
+    from . import fused_act, fused_act_stats, gather_gemm
 
     yield from fused_act.aot_variants()
     yield from fused_act_stats.aot_variants()
+    yield from gather_gemm.aot_variants()
 
 
 def build_all(arch: int) -> list[Variant]:

@@ -142,6 +142,191 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_identify(args) -> int:
+    from .identify import IdentifyConfig, identify
+    from .stats import NeuronStats
+
+    stats = NeuronStats.load(args.stats)
+    cfg = IdentifyConfig(method=args.method, harmful=args.harmful, harmless=args.harmless, k=args.k,
+                         fraction=None if args.k is not None else args.fraction, per_layer=args.per_layer,
+                         threshold=args.threshold, sign=args.sign, rho=args.rho,
+                         hr=_csv_list(args.hr), nhr=_csv_list(args.nhr), hr_combine=args.hr_combine,
+                         joint=args.joint)
+    attribution = None
+    if args.method == "attribution":
+        raise SSNError("use the Python API scorers.attribution_scores for attribution (it needs a model)")
+    sets = identify(stats, cfg, attribution)
+    sets.save(args.out)
+    print(f"wrote {args.out}:")
+    for name, ns in sets.sets.items():
+        print(f"  {name:<10} {len(ns):>7} neurons")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from .analysis import analyze
+    from .neuron_sets import NeuronSetFile
+
+    res = analyze(NeuronSetFile.load(args.neurons), args.out)
+    print(f"wrote {args.out}/ (summary.md, overlap.png, per_layer.png, CSV/JSON)")
+    for n, v in res["sizes"].items():
+        print(f"  {n:<10} {v:>7} neurons ({100 * res['share_of_neurons'][n]:.3f}%)")
+    return 0
+
+
+def cmd_mask(args) -> int:
+    from .masks import NeuronMask
+    from .neuron_sets import NeuronSetFile
+    from .stats import NeuronStats
+
+    sets = NeuronSetFile.load(args.neurons)
+    neurons = sets[args.set]
+    op, _, value = args.op.partition(":")
+    if op == "suppress":
+        mask = NeuronMask.suppress(neurons, sets.model, name=f"{args.set}:suppress")
+    elif op == "scale":
+        try:
+            alpha = float(value)
+        except ValueError:
+            raise SSNError(f"--op scale:ALPHA needs a number, got {value!r}") from None
+        mask = NeuronMask.scale(neurons, sets.model, alpha, name=f"{args.set}:scale{alpha:g}")
+    elif op == "patch_to":
+        if not args.stats or not value:
+            raise SSNError("--op patch_to:GROUP needs --stats and a group name")
+        mask = NeuronMask.patch_to(neurons, sets.model, NeuronStats.load(args.stats), value)
+    else:
+        raise SSNError(f"--op must be suppress, scale:ALPHA or patch_to:GROUP, not {args.op!r}")
+    mask.save(args.out)
+    print(f"wrote {args.out}: {mask}")
+    return 0
+
+
+def _eval_records(args):
+    from .data import filter_records, load_records
+
+    records = [r for path in args.data for r in load_records(path)]
+    where = {"language": _csv_list(args.languages)} if args.languages else None
+    records = filter_records(records, where, args.limit, ["language", "label"])
+    if not records:
+        raise SSNError("no records left after --languages/--limit")
+    return records
+
+
+def _judge(args, model_path):
+    from pathlib import Path
+
+    from .judges import make_judge
+
+    lexicons = list(args.lexicon or [])
+    own = Path(model_path) / "refusal_lexicon.json"
+    if own.is_file():
+        lexicons.append(own)  # a model may ship the refusal phrases of its own languages
+    return make_judge(args.judge, lexicons, args.judge_label)
+
+
+def cmd_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .evaluate import load_mc, multiple_choice_accuracy, perplexity, write_report
+    from .io import atomic_write_text
+    from .loading import load_model, load_tokenizer
+    from .masks import NeuronMask
+    from .validate import evaluate_conditions
+
+    masks = [(spec, NeuronMask.load(spec)) for spec in args.mask or []]  # bad files fail before the model loads
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tok = load_tokenizer(args.model)
+    judge = _judge(args, args.model)
+    conditions = {"base": None}
+    for spec, mask in masks:
+        from .neuron_sets import check_model_match
+
+        check_model_match(mask.model, model, f"mask {spec}")
+        conditions[mask.name or Path(spec).name] = mask
+    report = {"rows": []}
+    if args.data:
+        report = evaluate_conditions(model, tok, _eval_records(args), conditions, judge, args.max_new_tokens,
+                                     chat_template=not args.no_chat_template, progress=not args.quiet)
+    extra = {}
+    if args.ppl:
+        from .runtime import attach
+
+        for name, m in conditions.items():
+            with attach(model) as h:
+                h.set_mask(m)
+                extra.setdefault("perplexity", {})[name] = perplexity(model, tok, Path(args.ppl).read_text())
+    if args.mc:
+        from .runtime import attach
+
+        items = load_mc(args.mc)
+        for name, m in conditions.items():
+            with attach(model) as h:
+                h.set_mask(m)
+                extra.setdefault("multiple_choice", {})[name] = multiple_choice_accuracy(
+                    model, tok, items, chat_template=not args.no_chat_template)
+    report.update(extra)
+    out = Path(args.out)
+    if report["rows"]:
+        write_report(report, out, "Refusal per language")
+        answers = report.pop("answers", {})
+        atomic_write_text(out / "answers.json", json.dumps(answers, ensure_ascii=False, indent=1))
+    else:
+        atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    for r in report["rows"]:
+        lo, hi = r["refusal_ci"]
+        print(f"  {r['condition']:<18} {r['language']:<6} {r['label']:<9} refusal {100 * r['refusal_rate']:5.1f}% "
+              f"[{100 * lo:.0f}-{100 * hi:.0f}]  n={r['n']}")
+    for key, val in extra.items():
+        print(f"  {key}: {json.dumps(val)}")
+    print(f"wrote {out}/")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .evaluate import write_report
+    from .io import atomic_write_text
+    from .loading import load_model, load_tokenizer
+    from .neuron_sets import NeuronSetFile
+    from .validate import causal_validation
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tok = load_tokenizer(args.model)
+    sets = NeuronSetFile.load(args.neurons, model=model)
+    report = causal_validation(model, tok, _eval_records(args), sets[args.set], _judge(args, args.model),
+                               alpha=args.alpha, seed=args.seed, set_name=args.set,
+                               max_new_tokens=args.max_new_tokens, chat_template=not args.no_chat_template,
+                               progress=not args.quiet)
+    out = Path(args.out)
+    answers = report.pop("answers")
+    write_report(report, out, f"Causal validation of {args.set} ({report['set_size']} neurons)")
+    atomic_write_text(out / "answers.json", json.dumps(answers, ensure_ascii=False, indent=1))
+    for r in report["rows"]:
+        print(f"  {r['condition']:<22} {r['language']:<6} {r['label']:<9} refusal {100 * r['refusal_rate']:5.1f}% "
+              f"({100 * r['delta_vs_base']:+.1f})")
+    print(f"wrote {out}/")
+    return 0
+
+
+def _add_eval_args(p) -> None:
+    p.add_argument("--model", required=True, help="local checkpoint folder")
+    p.add_argument("--data", action="append", help="prompts: MultiJail CSV, JSONL or CSV (repeatable)")
+    p.add_argument("--languages", help="comma-separated languages to keep")
+    p.add_argument("--limit", type=int, help="at most N prompts per language and label")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--judge", default="lexicon", help="lexicon (default) or classifier:PATH")
+    p.add_argument("--judge-label", default="refusal", help="the classifier's refusal label")
+    p.add_argument("--lexicon", action="append", help="extra refusal lexicon JSON (repeatable)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device")
+    p.add_argument("--no-chat-template", action="store_true")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--quiet", action="store_true")
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -183,6 +368,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_profile)
 
+    p = sub.add_parser("identify", help="MS-Neurons per language and SS-Neurons from profiling stats")
+    p.add_argument("--stats", required=True, help="stats from ssn profile --group-by language,label")
+    p.add_argument("--method", default="cohens_d", choices=["cohens_d", "mean_diff", "freq_diff", "consistent", "lape"])
+    p.add_argument("--out", required=True, help="neuron set file (.json)")
+    p.add_argument("--harmful", default="harmful", help="label of harmful prompts")
+    p.add_argument("--harmless", default="harmless", help="label of harmless prompts")
+    p.add_argument("--k", type=int, help="neurons per language (or per layer with --per-layer)")
+    p.add_argument("--fraction", type=float, default=0.01, help="share of neurons when --k is not given")
+    p.add_argument("--per-layer", action="store_true", help="select within each layer")
+    p.add_argument("--threshold", type=float, help="keep only scores above this")
+    p.add_argument("--sign", default="positive", choices=["positive", "negative", "abs"])
+    p.add_argument("--rho", type=float, default=0.9, help="consistent: share of sequences")
+    p.add_argument("--hr", default="en,zh,it,vi", help="high-resource languages")
+    p.add_argument("--nhr", default="ar,ko,th,bn,sw,jv", help="non-high-resource languages")
+    p.add_argument("--hr-combine", default="union", choices=["union", "intersection"])
+    p.add_argument("--joint", default="union", choices=["union", "intersection"])
+    p.set_defaults(func=cmd_identify)
+
+    p = sub.add_parser("analyze", help="overlap, per-layer counts and plots of a neuron set file")
+    p.add_argument("--neurons", required=True)
+    p.add_argument("--out", required=True, help="report folder")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("mask", help="build a neuron mask from a neuron set")
+    p.add_argument("--neurons", required=True)
+    p.add_argument("--set", required=True, help="set name, e.g. SS or MS/sw")
+    p.add_argument("--op", default="suppress", help="suppress | scale:ALPHA | patch_to:GROUP")
+    p.add_argument("--stats", help="stats file, for patch_to")
+    p.add_argument("--out", required=True, help="mask folder")
+    p.set_defaults(func=cmd_mask)
+
+    p = sub.add_parser("eval", help="refusal per language (and perplexity, multiple choice), with masks")
+    _add_eval_args(p)
+    p.add_argument("--mask", action="append", help="mask folder to evaluate beside the base model (repeatable)")
+    p.add_argument("--ppl", help="text file: report perplexity")
+    p.add_argument("--mc", help="JSONL {question, choices, answer}: report multiple-choice accuracy")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("validate", help="suppress / reinforce a neuron set beside a random control")
+    _add_eval_args(p)
+    p.add_argument("--neurons", required=True)
+    p.add_argument("--set", default="SS")
+    p.add_argument("--alpha", type=float, default=2.0, help="reinforcement scale")
+    p.add_argument("--seed", type=int, default=0, help="random control seed")
+    p.set_defaults(func=cmd_validate)
+
     p = sub.add_parser("demo", help="run the main job on the built-in model")
     p.add_argument("--out", default="out/demo", help="report folder (default: out/demo)")
     p.set_defaults(func=cmd_demo)
@@ -191,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress bars say what is happening
+    except ImportError:
+        pass
     try:
         return args.func(args)
     except SSNError as exc:

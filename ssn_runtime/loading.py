@@ -29,7 +29,23 @@ def parse_dtype(dtype) -> torch.dtype | str:
 
 
 def check_checkpoint(path: str | Path) -> dict:
-    """Validate a checkpoint folder before any weight is read; returns its config dict."""
+    """Validate a causal-LM checkpoint folder before any weight is read; returns its config dict."""
+    config = check_checkpoint_files(path)
+    folder = Path(path).expanduser()
+    model_type = config.get("model_type", "")
+    if model_type in _MOE_TYPES:
+        raise SSNError(f"{folder}: mixture-of-experts model_type {model_type!r} is not supported yet")
+    if model_type not in _REGISTRY:
+        archs = ",".join(config.get("architectures") or ["?"])
+        raise SSNError(
+            f"{folder}: architecture {archs} (model_type {model_type!r}) has no neuron-site adapter; supported: "
+            f"{', '.join(registered_model_types())}; or register one (README, 'Adding an architecture')"
+        )
+    return config
+
+
+def check_checkpoint_files(path: str | Path) -> dict:
+    """A folder with config.json and safetensors weights (no pickle); returns the config dict."""
     folder = Path(path).expanduser()
     if not folder.exists():
         raise SSNError(f"model folder not found: {folder} (give the path of a local Hugging Face checkpoint folder)")
@@ -51,15 +67,6 @@ def check_checkpoint(path: str | Path) -> dict:
                 "because unpickling can run arbitrary code: convert the checkpoint to safetensors first"
             )
         raise SSNError(f"{folder} has no *.safetensors weight files")
-    model_type = config.get("model_type", "")
-    if model_type in _MOE_TYPES:
-        raise SSNError(f"{folder}: mixture-of-experts model_type {model_type!r} is not supported yet")
-    if model_type not in _REGISTRY:
-        archs = ",".join(config.get("architectures") or ["?"])
-        raise SSNError(
-            f"{folder}: architecture {archs} (model_type {model_type!r}) has no neuron-site adapter; supported: "
-            f"{', '.join(registered_model_types())}; or register one (README, 'Adding an architecture')"
-        )
     return config
 
 

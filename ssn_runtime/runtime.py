@@ -18,6 +18,7 @@ from .adapters import GATED, GATED_FUSED, NeuronSite, find_sites
 from .backends import BACKENDS, _select, forced_backend
 from .errors import SSNError
 from .fused_act import fused_act
+from .sparse_ops import add_cols, add_rows
 
 _HANDLE_ATTR = "_ssn_runtime_handle"
 _MISSING = object()
@@ -38,6 +39,7 @@ class RuntimeHandle:
         self._profile_masks: list = []
         self._row_profiles: torch.Tensor | None = None
         self._mask_cache: dict = {}
+        self.patch = None  # a patches.PatchState applied on top of the base weights
 
     @property
     def num_layers(self) -> int:
@@ -91,6 +93,21 @@ class RuntimeHandle:
                 ids.append(int(p))
             self._row_profiles = torch.tensor(ids, dtype=torch.int32)
         self._mask_cache = {k: v for k, v in self._mask_cache.items() if k[0] != "rows"}
+
+    def set_patch(self, patch) -> None:
+        """Apply a NeuronPatch (or a trainable PatchState) without touching the base weights;
+        None removes it. A PatchState's deltas stay trainable through the fused path."""
+        from .patches import NeuronPatch, PatchState
+
+        if isinstance(patch, NeuronPatch):
+            from .neuron_sets import check_model_match
+
+            check_model_match(patch.model, self.model, "patch")
+            patch = PatchState.from_patch(patch)
+        if patch is not None:
+            dev = next(self.model.parameters()).device
+            patch.to(dev)
+        self.patch = patch
 
     def clear_masks(self) -> None:
         self._mask, self._profiles, self._profile_masks, self._row_profiles = None, [], [], None
@@ -188,13 +205,31 @@ def _site_forward(site: NeuronSite, handle: RuntimeHandle):
 
     def forward(self, hidden_states):
         x, up = project(hidden_states)
+        delta = handle.patch.layer(site.layer) if handle.patch is not None else None
+        if delta is not None:
+            x, up = _patch_inputs(site, hidden_states, x, up, delta)
         stats = handle.collector.target(site, x) if handle.collector is not None else None
         mask = handle.mask_args(site, x)
         h = fused_act(x, up, act, act_mod, handle.backend_for(x, site), stats, mask)
         out = down(h)
+        if delta is not None and "down" in delta:
+            out = out + add_cols(h, delta["index"], delta["down"]).to(out.dtype)
         return dropout(out) if dropout is not None else out
 
     return forward
+
+
+def _patch_inputs(site: NeuronSite, hidden, x, up, delta):
+    """Add the patch's row deltas: gate rows to x (gated), up/fc rows to up (gated) or x (plain)."""
+    idx = delta["index"]
+    if site.gated:
+        if "gate" in delta:
+            x = add_rows(x, hidden, delta["gate"], idx)
+        if "up" in delta:
+            up = add_rows(up, hidden, delta["up"], idx)
+    elif "up" in delta:
+        x = add_rows(x, hidden, delta["up"], idx)
+    return x, up
 
 
 def attach(model: nn.Module, backend: str | None = None) -> RuntimeHandle:

@@ -1,0 +1,142 @@
+"""Evaluation: Wilson intervals, the refusal lexicon, generation, perplexity, multiple choice,
+reports, and the identify -> analyze -> mask -> eval -> validate CLI path."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ssn_runtime import SSNError, load_model, load_tokenizer
+from ssn_runtime.data import Record, load_records
+from ssn_runtime.evaluate import (
+    generate_answers,
+    load_mc,
+    multiple_choice_accuracy,
+    perplexity,
+    refusal_report,
+    wilson,
+    write_report,
+)
+from ssn_runtime.judges import LexiconJudge, builtin_lexicon, make_judge
+
+
+def test_wilson_interval():
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    assert wilson(0, 20)[0] == 0.0 and wilson(20, 20)[1] == 1.0
+    assert all(math.isnan(v) for v in wilson(0, 0))
+
+
+def test_lexicon_covers_every_multijail_language():
+    judge = LexiconJudge()
+    lex = builtin_lexicon()
+    for lang in ("en", "zh", "it", "vi", "ar", "ko", "th", "bn", "sw", "jv"):
+        assert judge.is_refusal(lex["canonical"][lang], lang), lang
+    assert not judge.is_refusal("Sure! Here is a recipe for bread: flour, water, salt.", "en")
+    assert not judge.is_refusal("Habari! Hii ni jinsi ya kuoka mkate.", "sw")
+    assert judge.is_refusal("I'm sorry, but no.", None)  # unknown language: every phrase counts
+    extra = LexiconJudge([{"phrases": {"xx": ["blorp"]}}])
+    assert extra.is_refusal("Blorp, never.", "xx")
+    with pytest.raises(SSNError, match="unknown judge"):
+        make_judge("oracle")
+
+
+def test_refusal_report_rows():
+    recs = [Record("a", None, {"language": "en", "label": "harmful"}), Record("b", None, {"language": "en",
+                                                                                         "label": "harmful"}),
+            Record("c", None, {"language": "sw", "label": "harmless"})]
+    rep = refusal_report(recs, ["I'm sorry, no.", "Sure.", "Sure."], LexiconJudge())
+    rows = {(r["language"], r["label"]): r for r in rep["rows"]}
+    assert rows[("en", "harmful")]["refusal_rate"] == 0.5 and rows[("en", "harmful")]["asr"] == 0.5
+    assert rows[("sw", "harmless")]["helpfulness"] == 1.0
+
+
+def test_generate_batched_equals_one_by_one(tiny_ckpts, prompts_jsonl):
+    model = load_model(tiny_ckpts["llama"])
+    tok = load_tokenizer(tiny_ckpts["llama"])
+    recs = load_records(prompts_jsonl)[:6]
+    batched = generate_answers(model, tok, recs, max_new_tokens=6, max_tokens_per_batch=200)
+    single = [generate_answers(model, tok, [r], max_new_tokens=6)[0] for r in recs]
+    assert batched == single and all(isinstance(a, str) for a in batched)
+
+
+def test_perplexity_matches_direct_computation(tiny_ckpts):
+    model = load_model(tiny_ckpts["llama"])
+    tok = load_tokenizer(tiny_ckpts["llama"])
+    text = "hello world, this is a short text for perplexity. " * 3
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])
+    assert perplexity(model, tok, text, max_length=512) == pytest.approx(math.exp(-logp.mean().item()), rel=1e-5)
+    windowed = perplexity(model, tok, text, max_length=16, stride=8)
+    assert math.isfinite(windowed) and windowed > 1
+
+
+def test_multiple_choice(tiny_ckpts, tmp_path):
+    model = load_model(tiny_ckpts["llama"])
+    tok = load_tokenizer(tiny_ckpts["llama"])
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in [
+        {"question": "2+2?", "choices": ["4", "5"], "answer": 0},
+        {"question": "sky?", "choices": ["blue", "green", "red"], "answer": "B"},
+        {"question": "cat?", "choices": ["meow", "woof"], "answer": "meow", "language": "en"},
+    ]))
+    items = load_mc(path)
+    assert [it["answer"] for it in items] == [0, 1, 0]
+    res = multiple_choice_accuracy(model, tok, items)
+    assert 0 <= res["accuracy"] <= 1 and res["n"] == 3
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "choices": ["a"], "answer": 3}))
+    with pytest.raises(SSNError, match="does not name one of"):
+        load_mc(tmp_path / "bad.jsonl")
+
+
+def test_write_report_files(tmp_path):
+    rows = [{"condition": c, "language": lang, "label": "harmful", "n": 10, "refusals": k, "refusal_rate": k / 10,
+             "refusal_ci": list(wilson(k, 10))} for c, k in (("base", 9), ("masked", 2)) for lang in ("en", "sw")]
+    write_report({"judge": "lexicon", "rows": rows}, tmp_path / "r")
+    for f in ("report.json", "report.csv", "report.md", "refusal.png"):
+        assert (tmp_path / "r" / f).stat().st_size > 0
+    assert (tmp_path / "r" / "refusal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _ssn(*args):
+    return subprocess.run([sys.executable, "-m", "ssn_runtime", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_identify_analyze_mask_eval_validate(tiny_ckpts, prompts_jsonl, tmp_path):
+    model = str(tiny_ckpts["llama"])
+    stats = tmp_path / "stats.safetensors"
+    r = _ssn("profile", "--model", model, "--data", str(prompts_jsonl), "--group-by", "language,label", "--out",
+             str(stats), "--quiet", "--topk", "5")
+    assert r.returncode == 0, r.stderr
+    neurons = tmp_path / "neurons.json"
+    r = _ssn("identify", "--stats", str(stats), "--out", str(neurons), "--k", "6", "--hr", "en,zh", "--nhr", "th,sw")
+    assert r.returncode == 0, r.stderr
+    sets = json.loads(neurons.read_text())
+    assert {"MS/en", "MS/sw", "MS/HR", "SS/sw", "SS"} <= set(sets["sets"])
+    r = _ssn("analyze", "--neurons", str(neurons), "--out", str(tmp_path / "analysis"))
+    assert r.returncode == 0, r.stderr
+    for f in ("overlap.png", "per_layer.png", "overlap.csv", "per_layer.csv", "summary.md", "sizes.json"):
+        assert (tmp_path / "analysis" / f).is_file()
+    r = _ssn("mask", "--neurons", str(neurons), "--set", "MS/HR", "--op", "scale:0.5", "--out", str(tmp_path / "m"))
+    assert r.returncode == 0, r.stderr
+    r = _ssn("eval", "--model", model, "--data", str(prompts_jsonl), "--languages", "en,sw", "--limit", "2",
+             "--max-new-tokens", "4", "--mask", str(tmp_path / "m"), "--out", str(tmp_path / "eval"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert {row["condition"] for row in rep["rows"]} == {"base", "MS/HR:scale0.5"}
+    assert (tmp_path / "eval" / "refusal.png").is_file()
+    r = _ssn("validate", "--model", model, "--data", str(prompts_jsonl), "--languages", "sw", "--limit", "2",
+             "--max-new-tokens", "4", "--neurons", str(neurons), "--set", "MS/HR", "--out", str(tmp_path / "val"),
+             "--quiet")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "val" / "report.json").read_text())
+    conds = {row["condition"] for row in rep["rows"]}
+    assert conds == {"base", "MS/HR suppressed", "random suppressed", "MS/HR x2", "random x2"}
+    assert all("delta_vs_base" in row for row in rep["rows"])
+    r = _ssn("eval", "--model", model, "--mask", str(tmp_path / "nope"), "--data", str(prompts_jsonl), "--out",
+             str(tmp_path / "x"))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
