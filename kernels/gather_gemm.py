@@ -19,7 +19,7 @@ import triton.language as tl
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for both kernels' output tiles and reduction steps.
 CONFIGS = (
     (32, 32, 32, 4),
-    (64, 64, 32, 4),
+    (64, 64, 32, 8),
     (128, 64, 32, 8),
 )
 

@@ -311,6 +311,91 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _kv_floats(value: str | None) -> dict[str, float] | None:
+    if not value:
+        return None
+    out = {}
+    for part in _csv_list(value):
+        k, _, v = part.partition("=")
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise SSNError(f"expected LANG=WEIGHT pairs, got {part!r}") from None
+    return out
+
+
+def cmd_train(args) -> int:
+    from .data import load_records
+    from .loading import load_model, load_tokenizer
+    from .neuron_sets import NeuronSetFile
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      schedule=args.schedule, warmup=args.warmup, clip=args.clip, weight_decay=args.weight_decay,
+                      seed=args.seed, save_every=args.save_every, eval_every=args.eval_every,
+                      modules=_csv_list(args.modules), hr=_csv_list(args.hr), nhr_weight=args.nhr_weight,
+                      language_weights=_kv_floats(args.language_weights), retain_weight=args.retain_weight,
+                      max_length=args.max_length, chat_template=not args.no_chat_template)
+    records = [r for path in args.data for r in load_records(path)]
+    retain = [r for path in args.retain or [] for r in load_records(path)]
+    evals = [r for path in args.eval_data or [] for r in load_records(path)]
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tok = load_tokenizer(args.model)
+    neurons = NeuronSetFile.load(args.neurons, model=model)[args.set]
+    res = train(model, tok, neurons, records, cfg, args.out, retain=retain, eval_records=evals,
+                progress=not args.quiet)
+    last = res["log"][-1] if res["log"] else {}
+    print(f"wrote {args.out}: {len(neurons)} neurons, {res['trainable_params']} trainable parameters, "
+          f"final loss {last.get('loss', float('nan')):.4f}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .loading import load_model, load_tokenizer
+    from .patches import NeuronPatch, merge_patch, unmerge_patch
+
+    patch = NeuronPatch.load(args.patch)
+    model = load_model(args.model, dtype=args.dtype)
+    (unmerge_patch if args.unmerge else merge_patch)(model, NeuronPatch.load(args.patch, model=model))
+    model.save_pretrained(args.out, safe_serialization=True)
+    load_tokenizer(args.model).save_pretrained(args.out)
+    print(f"wrote {args.out}: {'base (patch removed)' if args.unmerge else 'merged'} checkpoint "
+          f"({len(patch.neurons())} neurons changed)")
+    return 0
+
+
+def cmd_make_data(args) -> int:
+    import json
+    import random
+
+    from .data import filter_records, load_records
+    from .io import atomic_write_text
+    from .judges import builtin_lexicon, load_lexicon
+    from .train import refusal_pairs
+
+    canonical = dict(builtin_lexicon()["canonical"])
+    for path in args.lexicon or []:
+        canonical.update(load_lexicon(path).get("canonical", {}))
+    records = [r for path in args.data for r in load_records(path)]
+    where = {"language": _csv_list(args.languages)} if args.languages else None
+    records = filter_records(records, where)
+    pairs = refusal_pairs(records, canonical)
+    random.Random(args.seed).shuffle(pairs)
+    n_hold = int(len(pairs) * args.holdout)
+    held, train_set = pairs[:n_hold], pairs[n_hold:]
+
+    def dump(rs):
+        return "".join(json.dumps({"prompt": r.text, "response": r.response, **r.fields}, ensure_ascii=False) + "\n"
+                       for r in rs)
+
+    atomic_write_text(args.out, dump(train_set))
+    if args.holdout_out:
+        atomic_write_text(args.holdout_out, dump(held))
+    print(f"wrote {len(train_set)} prompt/refusal pairs to {args.out}"
+          + (f" and {len(held)} held out to {args.holdout_out}" if args.holdout_out else ""))
+    return 0
+
+
 def _add_eval_args(p) -> None:
     p.add_argument("--model", required=True, help="local checkpoint folder")
     p.add_argument("--data", action="append", help="prompts: MultiJail CSV, JSONL or CSV (repeatable)")
@@ -413,6 +498,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=2.0, help="reinforcement scale")
     p.add_argument("--seed", type=int, default=0, help="random control seed")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("train", help="fine-tune only chosen neurons; writes a neuron patch")
+    p.add_argument("--model", required=True)
+    p.add_argument("--neurons", required=True, help="neuron set file (ssn identify)")
+    p.add_argument("--set", default="SS", help="set name in the file (default SS)")
+    p.add_argument("--data", required=True, action="append", help="JSONL prompt/response or messages (repeatable)")
+    p.add_argument("--retain", action="append", help="retention (benign) data mixed in (repeatable)")
+    p.add_argument("--eval-data", action="append", help="held-out examples for eval loss")
+    p.add_argument("--out", required=True, help="patch folder")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: none)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--save-every", type=int, default=25, help="steps between checkpoints")
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--modules", default="gate,up,down", help="which neuron slices to train")
+    p.add_argument("--hr", default="en,zh,it,vi", help="high-resource languages")
+    p.add_argument("--nhr-weight", type=float, default=3.0, help="sampling weight of other languages' examples")
+    p.add_argument("--language-weights", help="explicit LANG=WEIGHT pairs, e.g. sw=4,th=2")
+    p.add_argument("--retain-weight", type=float, default=1.0)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device")
+    p.add_argument("--no-chat-template", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", help="merge a neuron patch into a full checkpoint (or remove it: --unmerge)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--patch", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--unmerge", action="store_true", help="subtract the patch from a merged checkpoint")
+    p.add_argument("--dtype", default="auto")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("make-data", help="pair prompts (e.g. MultiJail) with refusals in their language")
+    p.add_argument("--data", required=True, action="append")
+    p.add_argument("--languages")
+    p.add_argument("--lexicon", action="append", help="extra lexicon JSON with 'canonical' refusals")
+    p.add_argument("--holdout", type=float, default=0.0, help="share of pairs held out")
+    p.add_argument("--holdout-out", help="where the held-out pairs go")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("demo", help="run the main job on the built-in model")
     p.add_argument("--out", default="out/demo", help="report folder (default: out/demo)")

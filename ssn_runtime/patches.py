@@ -185,3 +185,21 @@ def merge_patch(model, patch: NeuronPatch | PatchState) -> MergedPatch:
                 w[i] = (original.float() + delta.float()).to(w.dtype)
                 saved.append((view_fn, i, original))
     return MergedPatch(saved)
+
+
+def unmerge_patch(model, patch: NeuronPatch) -> None:
+    """Subtract a patch merged earlier (e.g. into a saved checkpoint). Exact in float32;
+    in bfloat16 the base comes back up to one rounding per touched weight."""
+    from .adapters import find_sites
+
+    check_model_match(patch.model, model, "patch")
+    sites = find_sites(model)
+    with torch.no_grad():
+        for layer, idx in patch.neurons().layers.items():
+            views = _slices(sites[layer])
+            for m in patch.modules:
+                w = views[m]()
+                i = idx.to(w.device)
+                delta = patch.tensors[f"layers.{layer}.{m}"].to(w.device)
+                delta = delta.t() if m == "down" else delta
+                w[i] = (w[i].float() - delta.float()).to(w.dtype)

@@ -12,10 +12,11 @@ import sys
 
 import pytest
 
-from ssn_kernels import fused_act, fused_act_stats
+from ssn_kernels import fused_act, fused_act_stats, gather_gemm
 
 KERNELS = {"fused_act_fwd_kernel": fused_act.CONFIGS, "fused_act_bwd_kernel": fused_act.CONFIGS,
-           "fused_act_stats_kernel": fused_act_stats.CONFIGS}
+           "fused_act_stats_kernel": fused_act_stats.CONFIGS,
+           "gather_cols_matmul_kernel": gather_gemm.CONFIGS, "gather_cols_tmatmul_kernel": gather_gemm.CONFIGS}
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +33,17 @@ def variants(tmp_path_factory):
 @pytest.mark.parametrize("arch", [90, 80])
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 def test_every_config_builds(variants, arch, kernel):
-    built = {(v["config"]["BLOCK_M"], v["config"]["BLOCK_N"], v["config"]["num_warps"])
-             for v in variants if v["arch"] == arch and v["kernel"] == kernel}
+    built = {tuple(v["config"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in v["config"])
+             + (v["config"]["num_warps"],) for v in variants if v["arch"] == arch and v["kernel"] == kernel}
     assert set(KERNELS[kernel]) <= built
 
 
 # Register budgets: <= 64 a thread keeps 32 warps resident per SM (full occupancy on
 # sm_80/90) for the plain kernels; the statistics kernel holds float64 partials and is
 # allowed 128 (16 warps, 25% occupancy), enough to stream at a good share of bandwidth.
-MAX_REGS = {"fused_act_fwd_kernel": 64, "fused_act_bwd_kernel": 64, "fused_act_stats_kernel": 128}
+# The gather-GEMMs keep their accumulator tiles in registers, as GEMMs do: no spills is what counts.
+MAX_REGS = {"fused_act_fwd_kernel": 64, "fused_act_bwd_kernel": 64, "fused_act_stats_kernel": 128,
+            "gather_cols_matmul_kernel": 255, "gather_cols_tmatmul_kernel": 255}
 
 
 def test_resources(variants):

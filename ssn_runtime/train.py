@@ -1,0 +1,276 @@
+"""Neuron-oriented fine-tuning: train only chosen neurons, save a NeuronPatch.
+
+The base model stays frozen (it may be bf16); the trainable parameters are float32
+deltas for the chosen neurons' rows of gate/up (fc) and columns of down (proj), and
+the optimizer holds state for those alone. Gradients are exact and sparse
+(ssn_runtime.sparse_ops); nothing below the lowest patched layer enters the graph.
+
+Examples are prompt/response pairs (loss on response tokens only), sampled with
+per-language weights (non-high-resource languages weighted up by default). Step s draws
+its batch from a generator seeded with (seed, s), so a resumed run sees exactly the
+batches an uninterrupted one would. Checkpoints (patch, optimizer state, step) are
+written atomically every `save_every` steps; re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import Record, encode_prompt
+from .errors import SSNError
+from .identify import DEFAULT_HR
+from .io import atomic_write_bytes, atomic_write_text, read_safetensors
+from .neuron_sets import NeuronSet
+from .patches import NeuronPatch, PatchState
+from .runtime import attach, attached_handle
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup: int = 0
+    clip: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    save_every: int = 25
+    eval_every: int = 0
+    modules: list[str] = field(default_factory=lambda: ["gate", "up", "down"])
+    hr: list[str] = field(default_factory=lambda: list(DEFAULT_HR))
+    nhr_weight: float = 3.0  # sampling weight of non-HR examples relative to HR ones
+    language_weights: dict[str, float] | None = None  # overrides hr/nhr_weight per language
+    retain_weight: float = 1.0  # weight of retention (benign) examples
+    max_length: int = 256
+    chat_template: bool = True
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise SSNError(f"schedule must be cosine, linear or constant, not {self.schedule!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise SSNError("steps, batch size and gradient accumulation must be positive")
+
+
+def example_ids(record: Record, tokenizer, chat_template: bool, max_length: int) -> tuple[list[int], int]:
+    """(prompt + response + eos, number of prompt tokens). The response is `response`, or the
+    last assistant message of `messages`."""
+    if record.response is not None:
+        prompt_rec, response = record, record.response
+    elif record.messages and record.messages[-1].get("role") == "assistant":
+        prompt_rec = Record(None, record.messages[:-1], record.fields, record.where)
+        response = record.messages[-1]["content"]
+    else:
+        raise SSNError(f"{record.where}: a training example needs a 'response' (or a final assistant message)")
+    p = encode_prompt(prompt_rec, tokenizer, chat_template)
+    r = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token_id
+    ids = (p + r + ([eos] if eos is not None else []))[-max_length:]
+    return ids, max(0, len(ids) - len(r) - (1 if eos is not None else 0))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if cfg.schedule == "linear":
+        return cfg.lr * max(0.0, 1 - t)
+    return cfg.lr
+
+
+def sample_weights(records: list[Record], cfg: TrainConfig, retain: list[bool]) -> torch.Tensor:
+    w = []
+    for r, is_retain in zip(records, retain, strict=True):
+        lang = r.fields.get("language")
+        if cfg.language_weights and lang in cfg.language_weights:
+            x = cfg.language_weights[lang]
+        else:
+            x = 1.0 if (lang is None or lang in cfg.hr) else cfg.nhr_weight
+        w.append(x * (cfg.retain_weight if is_retain else 1.0))
+    t = torch.tensor(w, dtype=torch.float64)
+    if not bool((t > 0).any()):
+        raise SSNError("every training example has weight 0")
+    return t
+
+
+def _batch(examples, idx, pad, device):
+    T = max(len(examples[i][0]) for i in idx)
+    ids = torch.full((len(idx), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(idx), T), dtype=torch.long)
+    labels = torch.full((len(idx), T), -100, dtype=torch.long)
+    for b, i in enumerate(idx):
+        seq, n_prompt = examples[i]
+        ids[b, : len(seq)] = torch.tensor(seq)
+        mask[b, : len(seq)] = 1
+        labels[b, n_prompt: len(seq)] = torch.tensor(seq[n_prompt:])
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _loss(model, ids, mask, labels):
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    tgt = labels[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                             ignore_index=-100)
+
+
+# ----- checkpoints (safetensors + JSON; no pickle) -----
+def _save_checkpoint(folder: Path, state: PatchState, opt: torch.optim.Optimizer, meta: dict) -> None:
+    from safetensors.torch import save
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    state.to_patch().save(tmp / "patch")
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"state.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    atomic_write_bytes(tmp / "optimizer.safetensors", save(tensors))
+    atomic_write_text(tmp / "trainer_state.json", json.dumps({**meta, "param_groups": sd["param_groups"]}))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)  # the new checkpoint is complete before it takes the name
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, state: PatchState, opt: torch.optim.Optimizer, run_key: str) -> dict | None:
+    for cand in (folder, folder.with_name(folder.name + ".old")):
+        meta_path = cand / "trainer_state.json"
+        if not meta_path.is_file():
+            continue
+        meta = json.loads(meta_path.read_text())
+        if meta.get("run_key") != run_key:
+            return None
+        patch = NeuronPatch.load(cand / "patch")
+        with torch.no_grad():
+            for layer in state.layers:
+                for m in state.modules_:
+                    getattr(state, f"{m}{layer}").copy_(patch.tensors[f"layers.{layer}.{m}"])
+        tensors, _ = read_safetensors(cand / "optimizer.safetensors", "optimizer state")
+        states: dict[int, dict] = {}
+        for key, v in tensors.items():
+            _, pid, name = key.split(".", 2)
+            states.setdefault(int(pid), {})[name] = v
+        opt.load_state_dict({"state": states, "param_groups": meta["param_groups"]})
+        return meta
+    return None
+
+
+def train(model, tokenizer, neurons: NeuronSet, records: list[Record], cfg: TrainConfig, out: str | Path,
+          retain: list[Record] | None = None, eval_records: list[Record] | None = None,
+          progress: bool = True) -> dict:
+    """Train a NeuronPatch for `neurons` on `records` (+ `retain`); writes it to `out`."""
+    from .fingerprint import model_fingerprint
+
+    out = Path(out)
+    fp = model_fingerprint(model)
+    if (neurons.num_layers, neurons.num_neurons) != (fp["num_layers"], fp["num_neurons"]):
+        raise SSNError("the neuron set is for another model (different layers or neurons)")
+    if len(neurons) == 0:
+        raise SSNError("the neuron set is empty: nothing to train")
+    all_records = list(records) + list(retain or [])
+    is_retain = [False] * len(records) + [True] * len(retain or [])
+    examples = [example_ids(r, tokenizer, cfg.chat_template, cfg.max_length) for r in all_records]
+    weights = sample_weights(all_records, cfg, is_retain)
+    device = next(model.parameters()).device
+    handle = attached_handle(model) or attach(model)
+    site = handle.sites[0]
+    torch.manual_seed(cfg.seed)
+    state = PatchState(neurons, site.hidden_size, cfg.modules, site.gated, fp).to(device)
+    opt = torch.optim.AdamW(state.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run_key = json.dumps([fp, asdict(cfg), neurons.to_json(), len(examples), sum(len(e[0]) for e in examples)],
+                         sort_keys=True)
+    ckpt = out / "checkpoint"
+    meta = _load_checkpoint(ckpt, state, opt, run_key) or {"step": 0, "log": []}
+    start = int(meta["step"])
+    was_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()  # no dropout: the gradient is that of the deterministic model
+    handle.set_patch(state)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eval_ex = [example_ids(r, tokenizer, cfg.chat_template, cfg.max_length) for r in eval_records or []]
+    fault_after = int(os.environ.get("SSN_FAULT_AFTER_STEPS", "0") or 0)  # tests: SIGKILL mid-run
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train", dynamic_ncols=True)
+    log = list(meta["log"])
+    t0, tokens = time.perf_counter(), 0
+    try:
+        for step in range(start, cfg.steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 131 + micro)
+                idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=gen).tolist()
+                ids, mask, labels = _batch(examples, idx, pad, device)
+                loss = _loss(model, ids, mask, labels) / cfg.grad_accum
+                loss.backward()
+                total += float(loss.detach())
+                tokens += int(mask.sum())
+            gnorm = float(torch.nn.utils.clip_grad_norm_(state.parameters(), cfg.clip if cfg.clip > 0 else 1e30))
+            opt.step()
+            entry = {"step": step + 1, "loss": total, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}
+            if cfg.eval_every and eval_ex and (step + 1) % cfg.eval_every == 0:
+                entry["eval_loss"] = evaluate_loss(model, eval_ex, pad, device)
+            log.append(entry)
+            if bar is not None:
+                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tokens / max(1e-9, time.perf_counter() - t0):.0f}")
+                bar.update(1)
+            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                _save_checkpoint(ckpt, state, opt, {"run_key": run_key, "step": step + 1, "log": log})
+            if fault_after and step + 1 - start >= fault_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        if bar is not None:
+            bar.close()
+        handle.set_patch(None)
+        for n, p in model.named_parameters():
+            p.requires_grad_(was_grad[n])
+    patch = state.to_patch({"train": {**asdict(cfg), "examples": len(records), "retain": len(retain or [])},
+                            "final_loss": log[-1]["loss"] if log else None})
+    patch.save(out)
+    atomic_write_text(out / "training_log.json", json.dumps(log, indent=1))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return {"patch": patch, "log": log, "trainable_params": state.num_trainable()}
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples, pad, device, batch_size: int = 16) -> float:
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        idx = list(range(i, min(len(examples), i + batch_size)))
+        ids, mask, labels = _batch(examples, idx, pad, device)
+        n = int((labels[:, 1:] != -100).sum())
+        total += float(_loss(model, ids, mask, labels)) * n
+        count += n
+    return total / max(1, count)
+
+
+def refusal_pairs(records: list[Record], canonical: dict[str, str]) -> list[Record]:
+    """Pair prompts (e.g. MultiJail) with a refusal in their own language."""
+    out = []
+    for r in records:
+        lang = r.fields.get("language")
+        if lang not in canonical:
+            raise SSNError(f"{r.where}: no refusal text for language {lang!r}")
+        out.append(Record(r.text, r.messages, {**r.fields, "label": "harmful"}, r.where, canonical[lang]))
+    return out

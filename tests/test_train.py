@@ -1,0 +1,121 @@
+"""Neuron training: loss goes down, only the chosen slices change, resume after SIGKILL equals
+an uninterrupted run, and the CLI train -> merge -> unmerge path."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ssn_runtime import SSNError, load_model, load_tokenizer
+from ssn_runtime.data import Record, load_records
+from ssn_runtime.fingerprint import model_fingerprint
+from ssn_runtime.neuron_sets import NeuronSet, NeuronSetFile
+from ssn_runtime.patches import NeuronPatch
+from ssn_runtime.train import TrainConfig, example_ids, lr_at, sample_weights, train
+
+
+def neurons_for(model, k=6):
+    fp = model_fingerprint(model)
+    g = torch.Generator().manual_seed(0)
+    return NeuronSet({layer: torch.randperm(fp["num_neurons"], generator=g)[:k] for layer in range(fp["num_layers"])},
+                     fp["num_layers"], fp["num_neurons"])
+
+
+@pytest.fixture(scope="module")
+def train_jsonl(tmp_path_factory, prompts_jsonl):
+    from ssn_runtime.judges import builtin_lexicon
+    from ssn_runtime.train import refusal_pairs
+
+    recs = [r for r in load_records(prompts_jsonl) if r.fields["label"] == "harmful"]
+    pairs = refusal_pairs(recs, builtin_lexicon()["canonical"])
+    path = tmp_path_factory.mktemp("train") / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r.text, "response": r.response, **r.fields}, ensure_ascii=False)
+                            + "\n" for r in pairs))
+    return path
+
+
+def test_training_lowers_the_loss_and_touches_only_the_patch(tiny_ckpts, train_jsonl, tmp_path):
+    model = load_model(tiny_ckpts["llama"])
+    tok = load_tokenizer(tiny_ckpts["llama"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    records = load_records(train_jsonl)
+    res = train(model, tok, neurons_for(model), records, TrainConfig(lr=1e-1, steps=30, batch_size=8, save_every=10,
+                                                                     eval_every=10),
+                tmp_path / "patch", eval_records=records[:6], progress=False)
+    log = res["log"]
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"], (log[0], log[-1])
+    assert "eval_loss" in log[9]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # base untouched
+    patch = NeuronPatch.load(tmp_path / "patch", model=model)
+    assert patch.num_params() == res["trainable_params"] == 2 * 6 * 48 * 3
+    assert not (tmp_path / "patch" / "checkpoint").exists()
+    assert json.loads((tmp_path / "patch" / "training_log.json").read_text())[-1]["step"] == 30
+
+
+def test_language_weights_and_schedule():
+    recs = [Record("a", None, {"language": "en"}), Record("b", None, {"language": "sw"}),
+            Record("c", None, {"language": "sw"})]
+    w = sample_weights(recs, TrainConfig(nhr_weight=3.0), [False, False, True])
+    assert w.tolist() == [1.0, 3.0, 3.0]
+    w = sample_weights(recs, TrainConfig(language_weights={"en": 0.5}, retain_weight=0.1), [False, False, True])
+    assert w.tolist() == pytest.approx([0.5, 3.0, 0.3])
+    cfg = TrainConfig(lr=1.0, steps=10, warmup=2)
+    assert lr_at(0, cfg) == 0.5 and lr_at(1, cfg) == 1.0 and lr_at(10, cfg) == pytest.approx(0.0)
+    with pytest.raises(SSNError):
+        TrainConfig(schedule="step")
+
+
+def test_loss_only_on_response_tokens(tiny_ckpts):
+    tok = load_tokenizer(tiny_ckpts["llama"])
+    ids, n_prompt = example_ids(Record(None, [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "no"}], {}), tok, True, 256)
+    assert tok.decode(ids[n_prompt:]).startswith("no") and ids[-1] == tok.eos_token_id
+    with pytest.raises(SSNError, match="needs a 'response'"):
+        example_ids(Record("hi", None, {}, "x:1"), tok, True, 256)
+
+
+def _ssn(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "ssn_runtime", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_resume_after_sigkill_merge_unmerge(tiny_ckpts, train_jsonl, tmp_path):
+    model_dir = str(tiny_ckpts["llama"])
+    model = load_model(model_dir)
+    sets = NeuronSetFile({"SS": neurons_for(model)}, model_fingerprint(model))
+    sets.save(tmp_path / "neurons.json")
+    base = ["train", "--model", model_dir, "--neurons", str(tmp_path / "neurons.json"), "--data", str(train_jsonl),
+            "--steps", "12", "--batch-size", "4", "--save-every", "3", "--lr", "0.01", "--quiet"]
+    full = _ssn(*base, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    killed = _ssn(*base, "--out", str(tmp_path / "resumed"), env={"SSN_FAULT_AFTER_STEPS": "7"})
+    assert killed.returncode == -signal.SIGKILL
+    meta = json.loads((tmp_path / "resumed" / "checkpoint" / "trainer_state.json").read_text())
+    assert meta["step"] == 6
+    done = _ssn(*base, "--out", str(tmp_path / "resumed"))
+    assert done.returncode == 0, done.stderr
+    a, b = NeuronPatch.load(tmp_path / "full"), NeuronPatch.load(tmp_path / "resumed")
+    for k, v in a.tensors.items():
+        assert torch.equal(b.tensors[k], v), k
+
+    r = _ssn("merge", "--model", model_dir, "--patch", str(tmp_path / "full"), "--out", str(tmp_path / "merged"))
+    assert r.returncode == 0, r.stderr
+    import ssn_runtime
+
+    ids = torch.randint(3, 300, (2, 9))
+    merged = load_model(tmp_path / "merged")
+    with torch.no_grad(), ssn_runtime.attach(model) as h:
+        h.set_patch(a)
+        applied = model(ids).logits
+    torch.testing.assert_close(merged(ids).logits, applied, rtol=1e-4, atol=1e-5)
+    r = _ssn("merge", "--unmerge", "--model", str(tmp_path / "merged"), "--patch", str(tmp_path / "full"), "--out",
+             str(tmp_path / "back"))
+    assert r.returncode == 0, r.stderr
+    back = load_model(tmp_path / "back")
+    ref = model.state_dict()
+    for k, v in back.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6, msg=k)
