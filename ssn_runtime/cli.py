@@ -412,6 +412,46 @@ def _add_eval_args(p) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .serve import build_server
+
+    profiles = {}
+    for spec in args.profile or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SSNError(f"--profile takes NAME=PATH, got {spec!r}")
+        if name in profiles:
+            raise SSNError(f"profile {name!r} given twice")
+        profiles[name] = path
+    api_key = args.api_key or os.environ.get("SSN_API_KEY") or None
+    app, engines = build_server(args.model, profiles, args.served_name, args.dtype, args.device, api_key,
+                                args.max_batch, args.queue_size, args.request_timeout, args.default_max_tokens)
+    import uvicorn
+
+    names = ", ".join(["base", *profiles])
+    print(f"serving {args.served_name or args.model} ({names}) on http://{args.host}:{args.port}/v1"
+          + (" (API key required)" if api_key else ""), flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        for e in set(engines.values()):
+            e.stop()
+    return 0
+
+
+def cmd_organism(args) -> int:
+    from .organism import default_path, ensure
+
+    if args.action == "path":
+        print(args.out or default_path(args.seed, args.small))
+        return 0
+    path = ensure(seed=args.seed, small=args.small, rebuild=True, path=args.out)
+    print(f"built {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -548,9 +588,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_make_data)
 
-    p = sub.add_parser("demo", help="run the main job on the built-in model")
+    p = sub.add_parser("demo", help="the whole safety-neuron workflow on the built-in organism")
     p.add_argument("--out", default="out/demo", help="report folder (default: out/demo)")
+    p.add_argument("--seeds", default="0", help="organism seeds, e.g. 0,1,2 (default 0)")
+    p.add_argument("--small", action="store_true", help="the seconds-to-build test organism")
+    p.add_argument("--rebuild", action="store_true", help="retrain the organism even if cached")
+    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server for the model, its masks and patches")
+    p.add_argument("--model", required=True)
+    p.add_argument("--profile", action="append", help="NAME=PATH of a mask or patch folder (repeatable)")
+    p.add_argument("--served-name", help="the base model's id in the API (default: the folder name)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require this Bearer token (or set SSN_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=16, help="rows per generation batch")
+    p.add_argument("--queue-size", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--default-max-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("organism", help="build or locate the built-in model organism")
+    p.add_argument("action", choices=["build", "path"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--out", help="checkpoint folder (default: the user cache)")
+    p.set_defaults(func=cmd_organism)
     return parser
 
 

@@ -187,7 +187,10 @@ def train(model, tokenizer, neurons: NeuronSet, records: list[Record], cfg: Trai
     examples = [example_ids(r, tokenizer, cfg.chat_template, cfg.max_length) for r in all_records]
     weights = sample_weights(all_records, cfg, is_retain)
     device = next(model.parameters()).device
-    handle = attached_handle(model) or attach(model)
+    handle = attached_handle(model)
+    own_handle = handle is None
+    if own_handle:
+        handle = attach(model)
     site = handle.sites[0]
     torch.manual_seed(cfg.seed)
     state = PatchState(neurons, site.hidden_size, cfg.modules, site.gated, fp).to(device)
@@ -243,6 +246,8 @@ def train(model, tokenizer, neurons: NeuronSet, records: list[Record], cfg: Trai
         if bar is not None:
             bar.close()
         handle.set_patch(None)
+        if own_handle:
+            handle.detach()
         for n, p in model.named_parameters():
             p.requires_grad_(was_grad[n])
     patch = state.to_patch({"train": {**asdict(cfg), "examples": len(records), "retain": len(retain or [])},

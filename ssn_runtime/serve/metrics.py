@@ -1,0 +1,82 @@
+"""Prometheus text-format metrics for the server (no client library needed)."""
+
+from __future__ import annotations
+
+import threading
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class _Histogram:
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.n = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, v: float) -> None:
+        self.sum += v
+        self.n += 1
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        sep = "," if labels else ""
+        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts, strict=True)]
+        out += [f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}', f"{name}_sum{{{labels}}} {self.sum:.6f}",
+                f"{name}_count{{{labels}}} {self.n}"]
+        return out
+
+
+class Metrics:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.prompt_tokens: dict[tuple[str, str], int] = {}
+        self.completion_tokens: dict[tuple[str, str], int] = {}
+        self.latency: dict[str, _Histogram] = {}
+        self.batch: dict[str, _Histogram] = {}
+        self.queue_depth: dict[str, int] = {}
+
+    def count_request(self, endpoint: str, model: str, status: int) -> None:
+        with self._lock:
+            key = (endpoint, model, str(status))
+            self.requests[key] = self.requests.get(key, 0) + 1
+
+    def observe_latency(self, endpoint: str, seconds: float) -> None:
+        with self._lock:
+            self.latency.setdefault(endpoint, _Histogram(LATENCY_BUCKETS)).observe(seconds)
+
+    def observe_batch(self, engine: str, size: int) -> None:
+        with self._lock:
+            self.batch.setdefault(engine, _Histogram(BATCH_BUCKETS)).observe(size)
+
+    def set_queue_depth(self, engine: str, depth: int) -> None:
+        with self._lock:
+            self.queue_depth[engine] = depth
+
+    def add_tokens(self, engine: str, profile: str, prompt: int, completion: int) -> None:
+        with self._lock:
+            key = (engine, profile)
+            self.prompt_tokens[key] = self.prompt_tokens.get(key, 0) + prompt
+            self.completion_tokens[key] = self.completion_tokens.get(key, 0) + completion
+
+    def render(self) -> str:
+        with self._lock:
+            out = ["# HELP ssn_requests_total HTTP requests by endpoint, model and status.",
+                   "# TYPE ssn_requests_total counter"]
+            out += [f'ssn_requests_total{{endpoint="{e}",model="{m}",status="{s}"}} {v}'
+                    for (e, m, s), v in sorted(self.requests.items())]
+            for name, table, help_ in (("ssn_prompt_tokens_total", self.prompt_tokens, "Prompt tokens processed."),
+                                       ("ssn_completion_tokens_total", self.completion_tokens, "Tokens generated.")):
+                out += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
+                out += [f'{name}{{engine="{e}",profile="{p}"}} {v}' for (e, p), v in sorted(table.items())]
+            out += ["# HELP ssn_request_latency_seconds Time from request to last byte.",
+                    "# TYPE ssn_request_latency_seconds histogram"]
+            for e, h in sorted(self.latency.items()):
+                out += h.lines("ssn_request_latency_seconds", f'endpoint="{e}"')
+            out += ["# HELP ssn_batch_size Rows per generation batch.", "# TYPE ssn_batch_size histogram"]
+            for e, h in sorted(self.batch.items()):
+                out += h.lines("ssn_batch_size", f'engine="{e}"')
+            out += ["# HELP ssn_queue_depth Requests waiting for a batch.", "# TYPE ssn_queue_depth gauge"]
+            out += [f'ssn_queue_depth{{engine="{e}"}} {v}' for e, v in sorted(self.queue_depth.items())]
+            return "\n".join(out) + "\n"
