@@ -170,7 +170,10 @@ def _out_features(mod: nn.Module, conv1d: bool) -> int:
 
 
 def find_sites(model: nn.Module) -> list[NeuronSite]:
-    """The neuron sites of every decoder layer, in layer order."""
+    """The neuron sites of every decoder layer, in layer order. A PEFT-wrapped model is
+    looked into: its (LoRA-wrapped) projections are still called as modules."""
+    if hasattr(model, "get_base_model") and callable(model.get_base_model):
+        model = model.get_base_model()
     model_type = _model_type(model)
     cls = type(model).__name__
     if model_type in _MOE_TYPES:

@@ -164,3 +164,19 @@ def test_mlp_style_validation():
         ssn_runtime.MLPStyle("gated", down="down_proj", act="act_fn", gate="gate_proj")
     with pytest.raises(ValueError, match="kind must be one of"):
         ssn_runtime.MLPStyle("moe", down="d", act="a")
+
+
+def test_peft_wrapped_model_attaches():
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in wrapped.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # LoRA starts as a no-op; make it do something
+        ids, mask = batch("right")
+        ref = wrapped(input_ids=ids, attention_mask=mask).logits
+        with attach(wrapped) as h:
+            assert h.num_layers == 2
+            out = wrapped(input_ids=ids, attention_mask=mask).logits
+    assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5

@@ -1,0 +1,251 @@
+"""Neuron training vs full fine-tuning, LoRA and masked-dense gradients.
+
+    python bench/train.py             # the built-in organism: SS-Neurons, NHR safety data
+
+Same model, data, batch and step count for every method, each in its own process (so
+peak memory is that method's alone):
+  full     every weight trainable (AdamW)
+  lora     PEFT LoRA, r=8, on the MLP projections
+  masked   dense gradients of the MLP weights, zeroed outside the chosen neurons' slices
+  ours     ssn_runtime neuron patch: deltas for the chosen slices only, sparse gradients
+Reports trainable parameters, peak memory (GPU: max allocated; CPU: peak RSS growth over
+the loaded model), median step time, and the refusal gain on held-out NHR prompts.
+Targets: ours <= LoRA and <= 0.5x full in peak memory; ours <= LoRA in step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import device_name, write_results
+
+METHODS = ("full", "lora", "masked", "ours")
+LR = {"full": 3e-4, "lora": 3e-3, "masked": 3e-3, "ours": 3e-3}
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+SHAPES = {  # a larger model, random weights and tokens: memory and speed only
+    "cpu": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                num_key_value_heads=4, vocab_size=32000),
+    "cuda": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+                 num_key_value_heads=8, vocab_size=32000),
+}
+
+
+def synthetic_setup(device: str, batch_size: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ssn_runtime.neuron_sets import NeuronSet
+
+    cfg = AutoConfig.for_model("llama", **SHAPES["cuda" if device == "cuda" else "cpu"])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg)
+    g = torch.Generator().manual_seed(0)
+    ss = NeuronSet.from_mask(torch.rand(cfg.num_hidden_layers, cfg.intermediate_size, generator=g) < 0.01)
+    ids = torch.randint(3, cfg.vocab_size, (64, 128), generator=g)
+    return model, ss, ids
+
+
+def worker(method: str, steps: int, batch_size: int, device: str, synthetic: bool = False) -> dict:
+    if synthetic:
+        return synthetic_worker(method, steps, batch_size, device)
+    from ssn_runtime import attach, load_model, load_tokenizer
+    from ssn_runtime.data import load_records
+    from ssn_runtime.demo import FRACTION, causal_ms, shared_sets
+    from ssn_runtime.identify import select_top
+    from ssn_runtime.judges import LexiconJudge, load_lexicon
+    from ssn_runtime.organism import ensure
+    from ssn_runtime.train import _batch, _loss, example_ids
+    from ssn_runtime.validate import evaluate_conditions
+
+    path = ensure(seed=0, progress=False)
+    info = json.loads((path / "organism.json").read_text())
+    model = load_model(path, dtype="float32", device=device)
+    tok = load_tokenizer(path)
+    lex = load_lexicon(path / "refusal_lexicon.json")
+    prompts = load_records(path / "data" / "profile_prompts.jsonl")
+    langs = info["hr"] + info["nhr"]
+    ms = {lang: select_top(-s, fraction=FRACTION) for lang, s in causal_ms(model, tok, prompts, langs,
+                                                                           lex["canonical"], FRACTION).items()}
+    ss = shared_sets(ms, info["hr"], info["nhr"])["SS"]
+    evals = [r for r in load_records(path / "data" / "eval_prompts.jsonl") if r.fields["language"] in info["nhr"]]
+    judge = LexiconJudge([lex])
+
+    def nhr_refusal(m):
+        rows = evaluate_conditions(m, tok, evals, {"x": None}, judge, max_new_tokens=12)["rows"]
+        harm = [r for r in rows if r["label"] == "harmful"]
+        return sum(r["refusal_rate"] for r in harm) / len(harm)
+
+    base_refusal = nhr_refusal(model)
+    data = load_records(path / "data" / "nhr_safety_train.jsonl") + load_records(path / "data" / "retain_en.jsonl")
+    examples = [example_ids(r, tok, True, 128) for r in data]
+    model, params, keep, handle = trainable_setup(method, model, ss, device, attach)
+    trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=LR[method])
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    mem0 = torch.cuda.memory_allocated() if device == "cuda" else rss_mb()
+    times = []
+    pad = tok.pad_token_id
+    model.eval()
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        idx = torch.randint(0, len(examples), (batch_size,), generator=g).tolist()
+        ids, mask, labels = _batch(examples, idx, pad, device)
+        t0 = time.perf_counter()
+        loss = _loss(model, ids, mask, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if method == "masked":
+            for w, m in keep.items():
+                w.grad.mul_(m)
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() - mem0) / 2**20 if device == "cuda" else rss_mb() - mem0
+    refusal = nhr_refusal(model)
+    if handle is not None:
+        handle.detach()
+    return {"method": method, "trainable_params": trainable, "peak_memory_mb": peak,
+            "step_time_s": statistics.median(times[3:] or times), "final_loss": float(loss.detach()),
+            "nhr_refusal_before": base_refusal, "nhr_refusal_after": refusal, "refusal_gain": refusal - base_refusal,
+            "neurons": len(ss), "steps": steps, "batch_size": batch_size, "lr": LR[method]}
+
+
+def trainable_setup(method, model, ss, device, attach_fn):
+    """(params, masks for masked-dense, runtime handle) for one method on `model`."""
+    from ssn_runtime.adapters import find_sites
+    from ssn_runtime.patches import PatchState
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    keep, handle = {}, None
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        params = list(model.parameters())
+    elif method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules=["gate_proj", "up_proj", "down_proj"]))
+        params = [p for p in model.parameters() if p.requires_grad]
+    elif method == "masked":
+        for site in find_sites(model):
+            idx = ss.layers.get(site.layer)
+            for mod, rows in ((site.style.gate, True), (site.style.up, True), (site.style.down, False)):
+                w = site.sub(mod).weight
+                w.requires_grad_(True)
+                m = torch.zeros_like(w, dtype=torch.bool)
+                if idx is not None:
+                    if rows:
+                        m[idx.to(w.device)] = True
+                    else:
+                        m[:, idx.to(w.device)] = True
+                keep[w] = m
+        params = list(keep)
+    else:
+        handle = attach_fn(model)
+        state = PatchState(ss, handle.sites[0].hidden_size, gated=True).to(device)
+        handle.set_patch(state)
+        params = list(state.parameters())
+    return model, params, keep, handle
+
+
+def synthetic_worker(method: str, steps: int, batch_size: int, device: str) -> dict:
+    from ssn_runtime import attach
+
+    model, ss, data = synthetic_setup(device, batch_size)
+    model, params, keep, handle = trainable_setup(method, model, ss, device, attach)
+    opt = torch.optim.AdamW(params, lr=LR[method])
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    mem0 = torch.cuda.memory_allocated() if device == "cuda" else rss_mb()
+    times = []
+    for step in range(steps):
+        ids = data[(step * batch_size) % 64: (step * batch_size) % 64 + batch_size].to(device)
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for w, m in keep.items():
+            w.grad.mul_(m)
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() - mem0) / 2**20 if device == "cuda" else rss_mb() - mem0
+    if handle is not None:
+        handle.detach()
+    return {"method": method, "trainable_params": sum(p.numel() for p in params), "peak_memory_mb": peak,
+            "step_time_s": statistics.median(times[2:] or times), "neurons": len(ss), "steps": steps,
+            "batch_size": batch_size, "params_total": sum(p.numel() for p in model.parameters())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--large-only", action="store_true", help="skip the organism case (GPU check)")
+    ap.add_argument("--out", help="JSON file or folder (default bench/results/)")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps, args.batch_size, args.device, args.synthetic)))
+        return 0
+    res = {"device": args.device, "device_name": device_name(args.device)}
+    cases = [("organism", "organism seed 0 (0.6M parameters), SS-Neurons, NHR safety data", [], args.steps,
+              args.batch_size),
+             ("large", f"random Llama ({'1.1B' if args.device == 'cuda' else '125M'} parameters), 1% random neurons, "
+              "random tokens", ["--synthetic"], 10, 8)]
+    if args.large_only:
+        cases = cases[1:]
+    for key, title, extra, steps, bs in cases:
+        print(title)
+        rows = []
+        for method in METHODS:
+            out = subprocess.run([sys.executable, __file__, "--worker", method, "--steps", str(steps), "--batch-size",
+                                  str(bs), "--device", args.device, *extra], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"  {method}: failed\n{out.stderr[-2000:]}")
+                rows.append({"method": method, "error": out.stderr[-500:]})
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(r)
+            gain = (f"  NHR refusal {100 * r['nhr_refusal_before']:.0f}% -> {100 * r['nhr_refusal_after']:.0f}%"
+                    if "nhr_refusal_after" in r else "")
+            print(f"  {method:<7} trainable {r['trainable_params']:>10}  peak +{r['peak_memory_mb']:8.1f} MB  step "
+                  f"{1e3 * r['step_time_s']:8.2f} ms{gain}")
+        ok = {r["method"]: r for r in rows if "error" not in r}
+        case = {"title": title, "rows": rows}
+        if {"ours", "lora", "full"} <= set(ok):
+            case["ours_memory_over_lora"] = ok["ours"]["peak_memory_mb"] / max(ok["lora"]["peak_memory_mb"], 1e-9)
+            case["ours_memory_over_full"] = ok["ours"]["peak_memory_mb"] / max(ok["full"]["peak_memory_mb"], 1e-9)
+            case["ours_step_over_lora"] = ok["ours"]["step_time_s"] / ok["lora"]["step_time_s"]
+            print(f"  ours/LoRA memory {case['ours_memory_over_lora']:.2f}, ours/full memory "
+                  f"{case['ours_memory_over_full']:.2f}, ours/LoRA step time {case['ours_step_over_lora']:.2f}")
+        res[key] = case
+    path = write_results("train", res, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
