@@ -21,6 +21,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 
 from ssn_runtime.io import atomic_write_text  # noqa: E402
 
+# Model shapes the benchmarks share: ~125M parameters on CPU, Llama-3-8B on GPU.
+LLAMA_SHAPES = {
+    "cpu": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                num_key_value_heads=4, vocab_size=32000),
+    "cuda": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def random_llama(device: str, shape: dict | None = None):
+    """A Llama-architecture model with random weights, built on `device` (bf16 on GPU, fp32 on CPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", **(shape or LLAMA_SHAPES["cuda" if device == "cuda" else "cpu"]))
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
+
+
 # Vendor datasheet HBM bandwidth (bytes/s), for context next to the measured copy rate.
 DATASHEET_BW = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 

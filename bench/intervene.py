@@ -16,21 +16,13 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 import ssn_runtime
 from ssn_runtime.fingerprint import model_fingerprint
 from ssn_runtime.masks import NeuronMask, fold_mask
 from ssn_runtime.neuron_sets import NeuronSet
 
-from common import compare, device_name, write_results
-
-SHAPES = {
-    "cpu": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                num_key_value_heads=4, vocab_size=32000),
-    "cuda": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256),
-}
+from common import compare, device_name, random_llama, write_results
 
 
 def random_mask(model, seed: int, share: float = 0.01) -> NeuronMask:
@@ -53,10 +45,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dev = args.device
     gpu = dev == "cuda"
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model("llama", **SHAPES["cuda" if gpu else "cpu"])
-    with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if gpu else torch.float32).eval()
+    model = random_llama(dev)
+    cfg = model.config
     B, T = args.batch, args.seq or (512 if gpu else 128)
     new = args.new_tokens or (64 if gpu else 16)
     ids = torch.randint(3, cfg.vocab_size, (B, T), device=dev)

@@ -36,21 +36,12 @@ else:
     import time
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from ssn_runtime.adapters import find_sites
     from ssn_runtime.data import plan_batches
     from ssn_runtime.profiler import ProfileConfig, profile_ids
 
-    from common import device_name, write_results
-
-SHAPES = {
-    "cpu": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                num_key_value_heads=4, vocab_size=32000),
-    "cuda": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256),
-}
-
+    from common import device_name, random_llama, write_results
 
 def make_data(n_seqs: int, vocab: int, groups: int, seed: int = 0):
     rng = random.Random(seed)
@@ -145,10 +136,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dev = args.device
     gpu = dev == "cuda"
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model("llama", **SHAPES["cuda" if gpu else "cpu"])
-    with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if gpu else torch.float32).eval()
+    model = random_llama(dev)
+    cfg = model.config
     params = sum(p.numel() for p in model.parameters())
     groups = [f"{lang}/{label}" for lang in ("en", "zh", "it", "vi", "ar", "ko", "th", "bn", "sw", "jv")
               for label in ("harmful", "harmless")]

@@ -40,3 +40,24 @@ def read_safetensors(path: str | Path, what: str = "file") -> tuple[dict, dict]:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise SSNError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def read_format_json(path: str | Path, fmt: str, what: str, missing: str | None = None) -> dict:
+    """A JSON object whose "format" is `fmt` (an ssn-runtime file), or an SSNError naming the file.
+
+    `missing`: the message when the file does not exist (default: "<what> not found: <path>").
+    """
+    import json
+
+    from .errors import SSNError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SSNError(missing or f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SSNError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise SSNError(f"{path} is not an ssn-runtime {what} (expected format {fmt!r})")
+    return data

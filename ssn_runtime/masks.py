@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .errors import SSNError
-from .io import atomic_write_bytes, atomic_write_text, read_safetensors
+from .io import atomic_write_bytes, atomic_write_text, read_format_json, read_safetensors
 from .neuron_sets import NeuronSet, check_model_match
 
 FORMAT = "ssn-neuron-mask"
@@ -175,15 +175,8 @@ class NeuronMask:
         folder = Path(folder)
         if folder.is_file() and folder.name == CONFIG_NAME:
             folder = folder.parent
-        cfg_path = folder / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise SSNError(f"{folder} is not a neuron mask folder (no {CONFIG_NAME})")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SSNError(f"{cfg_path} is not valid JSON ({exc.msg})") from None
-        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-            raise SSNError(f"{cfg_path} is not an ssn-runtime neuron mask (expected format {FORMAT!r})")
+        cfg = read_format_json(folder / CONFIG_NAME, FORMAT, "neuron mask",
+                               missing=f"{folder} is not a neuron mask folder (no {CONFIG_NAME})")
         tensors, _ = read_safetensors(folder / WEIGHTS_NAME, "mask weights")
         layers = {}
         for key in tensors:

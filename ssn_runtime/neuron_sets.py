@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import SSNError
-from .io import atomic_write_text
+from .io import atomic_write_text, read_format_json
 
 FORMAT = "ssn-neuron-sets"
 
@@ -135,14 +135,7 @@ class NeuronSetFile:
     @classmethod
     def load(cls, path: str | Path, model=None) -> NeuronSetFile:
         path = Path(path)
-        if not path.is_file():
-            raise SSNError(f"neuron set file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SSNError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise SSNError(f"{path} is not an ssn-runtime neuron set file (expected format {FORMAT!r})")
+        data = read_format_json(path, FORMAT, "neuron set file")
         info = data.get("model") or {}
         try:
             L, N = int(info["num_layers"]), int(info["num_neurons"])

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .errors import SSNError
-from .io import atomic_write_bytes, atomic_write_text, read_safetensors
+from .io import atomic_write_bytes, atomic_write_text, read_format_json, read_safetensors
 from .neuron_sets import NeuronSet, check_model_match
 
 FORMAT = "ssn-neuron-patch"
@@ -110,15 +110,8 @@ class NeuronPatch:
     @classmethod
     def load(cls, folder: str | Path, model=None) -> NeuronPatch:
         folder = Path(folder)
-        cfg_path = folder / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise SSNError(f"{folder} is not a neuron patch folder (no {CONFIG_NAME})")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SSNError(f"{cfg_path} is not valid JSON ({exc.msg})") from None
-        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-            raise SSNError(f"{cfg_path} is not an ssn-runtime neuron patch (expected format {FORMAT!r})")
+        cfg = read_format_json(folder / CONFIG_NAME, FORMAT, "neuron patch",
+                               missing=f"{folder} is not a neuron patch folder (no {CONFIG_NAME})")
         tensors, _ = read_safetensors(folder / WEIGHTS_NAME, "patch weights")
         meta = {k: v for k, v in cfg.items() if k not in ("format", "version", "model", "modules", "hidden_size",
                                                          "gated", "num_neurons_patched", "num_params")}

@@ -12,7 +12,7 @@ from tiny_ckpt import MULTIJAIL
 
 def test_multijail_layout():
     records = load_records(MULTIJAIL)
-    assert len(records) == 315 * 10
+    assert len(records) == (315 if MULTIJAIL.name == "MultiJail.csv" else 40) * 10
     langs = {r.fields["language"] for r in records}
     assert langs == {"en", "zh", "it", "vi", "ar", "ko", "th", "bn", "sw", "jv"}
     assert all(r.fields["label"] == "harmful" for r in records)

@@ -8,12 +8,14 @@ import sys
 
 import pytest
 import torch
-from profile_reference import reference_stats
 
 from ssn_runtime import SSNError, load_model, load_tokenizer
 from ssn_runtime.data import load_records
 from ssn_runtime.profiler import ProfileConfig, profile
 from ssn_runtime.stats import NeuronStats
+
+from profile_reference import reference_stats
+from test_scorers import stats_from_rows
 
 
 def _compare(stats, ref, gated):
@@ -91,30 +93,15 @@ def test_stats_roundtrip_merge_and_errors(tiny_ckpts, prompts_jsonl, tmp_path):
         NeuronStats.load(tmp_path / "junk.safetensors")
 
 
-def _stats_of(rows_by_group: dict[str, torch.Tensor]) -> NeuronStats:
-    """NeuronStats of float64 rows, one layer, computed directly."""
-    groups = sorted(rows_by_group)
-    N = next(iter(rows_by_group.values())).shape[1]
-    s = NeuronStats.empty(groups, 1, N)
-    for i, g in enumerate(groups):
-        x = rows_by_group[g]
-        s.count[0, i] = x.shape[0]
-        s.sum[0, i] = x.sum(0)
-        s.m2[0, i] = ((x - x.mean(0)) ** 2).sum(0)
-        s.abs_sum[0, i] = x.abs().sum(0)
-        s.active[0, i] = (x > 0).sum(0)
-    return s
-
-
 def test_merge_is_exact_and_aligns_groups():
     gen = torch.Generator().manual_seed(0)
     a = {"en": torch.randn(50, 6, generator=gen, dtype=torch.float64) + 3,
          "zh": torch.randn(7, 6, generator=gen, dtype=torch.float64)}
     b = {"zh": torch.randn(30, 6, generator=gen, dtype=torch.float64) * 5, "sw": torch.randn(9, 6, generator=gen,
                                                                                              dtype=torch.float64)}
-    merged = NeuronStats.merge(_stats_of(a), _stats_of(b))
+    merged = NeuronStats.merge(stats_from_rows(a), stats_from_rows(b))
     assert merged.groups == ["en", "zh", "sw"]
-    whole = _stats_of({"en": a["en"], "zh": torch.cat([a["zh"], b["zh"]]), "sw": b["sw"]}).select(merged.groups)
+    whole = stats_from_rows({"en": a["en"], "zh": torch.cat([a["zh"], b["zh"]]), "sw": b["sw"]}).select(merged.groups)
     assert torch.equal(merged.count, whole.count) and torch.equal(merged.active, whole.active)
     for key in ("sum", "m2", "abs_sum"):
         torch.testing.assert_close(getattr(merged, key), getattr(whole, key), rtol=1e-12, atol=1e-12)

@@ -17,7 +17,7 @@ def stats_from_rows(rows: dict[str, list[list[float]]], groups_by=("language", "
     N = len(next(iter(rows.values()))[0])
     s = NeuronStats.empty(groups, 1, N, meta={"groups_by": list(groups_by)})
     for i, g in enumerate(groups):
-        x = torch.tensor(rows[g], dtype=torch.float64)
+        x = torch.as_tensor(rows[g], dtype=torch.float64)
         s.count[0, i] = x.shape[0]
         s.sum[0, i] = x.sum(0)
         s.m2[0, i] = ((x - x.mean(0)) ** 2).sum(0)

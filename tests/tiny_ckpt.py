@@ -10,7 +10,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ssn_runtime.tokenizer_builder import byte_bpe_tokenizer
 
-MULTIJAIL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "MultiJail.csv"
+_FULL = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "MultiJail.csv"
+SAMPLE = Path(__file__).resolve().parent / "data" / "MultiJail.sample.csv"  # 40 rows, in the repository
+MULTIJAIL = _FULL if _FULL.is_file() else SAMPLE
 LANGS = ("en", "zh", "th", "sw")
 
 
