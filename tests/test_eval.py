@@ -44,6 +44,37 @@ def test_lexicon_covers_every_multijail_language():
         make_judge("oracle")
 
 
+def test_classifier_judge_from_a_local_model(tmp_path, tiny_ckpts):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from ssn_runtime.judges import ClassifierJudge
+
+    tok = load_tokenizer(tiny_ckpts["llama"])
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=37,
+                               num_hidden_layers=1, num_attention_heads=4, num_labels=2,
+                               id2label={0: "comply", 1: "refusal"}, label2id={"comply": 0, "refusal": 1},
+                               pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    clf = AutoModelForSequenceClassification.from_config(cfg)
+    refusals = ["I'm sorry, I can't help with that.", "Sorry, I cannot assist.", "I'm sorry but no."]
+    helpful = ["Sure! Mix flour and water.", "Here is how: wash it first.", "Yes, use a brush."]
+    enc = tok(refusals + helpful, return_tensors="pt", padding=True)
+    labels = torch.tensor([1] * 3 + [0] * 3)
+    opt = torch.optim.AdamW(clf.parameters(), lr=3e-3)
+    for _ in range(60):  # a real (tiny) classifier, trained here
+        loss = clf(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    clf.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    judge = ClassifierJudge(tmp_path / "clf")
+    assert judge.refusal_id == 1
+    assert judge.judge(refusals + helpful, ["en"] * 6) == [True] * 3 + [False] * 3
+    with pytest.raises(SSNError, match="none is 'refuse'"):
+        ClassifierJudge(tmp_path / "clf", refusal_label="refuse")
+
+
 def test_refusal_report_rows():
     recs = [Record("a", None, {"language": "en", "label": "harmful"}), Record("b", None, {"language": "en",
                                                                                          "label": "harmful"}),

@@ -82,3 +82,12 @@ def test_demo_pipeline_end_to_end(small_organism, tmp_path, monkeypatch):
     assert res["ss_size"] > 0 and len(res["checks"]) == 7
     md = (tmp_path / "report" / "results.md").read_text()
     assert md.count("PASS") + md.count("FAIL") == 7
+
+
+def test_gpt2_style_variant_builds(tmp_path):
+    cfg = OrganismConfig.small(seed=1)
+    cfg.arch, cfg.steps = "gpt2", 40
+    path = build(tmp_path / "gpt2", cfg, progress=False)
+    model = load_model(path)
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert find_sites(model)[0].style.kind == "plain"
