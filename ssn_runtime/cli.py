@@ -342,8 +342,21 @@ def cmd_train(args) -> int:
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     tok = load_tokenizer(args.model)
     neurons = NeuronSetFile.load(args.neurons, model=model)[args.set]
+    attention = None
+    if args.attention_neurons:
+        import json
+        from pathlib import Path
+
+        try:
+            data = json.loads(Path(args.attention_neurons).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SSNError(f"cannot read --attention-neurons {args.attention_neurons}: {exc}") from None
+        data = data.get("layers", data) if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            raise SSNError("--attention-neurons takes JSON {layer: [channel, ...]} (or {\"layers\": {...}})")
+        attention = data
     res = train(model, tok, neurons, records, cfg, args.out, retain=retain, eval_records=evals,
-                progress=not args.quiet)
+                progress=not args.quiet, attention=attention)
     last = res["log"][-1] if res["log"] else {}
     print(f"wrote {args.out}: {len(neurons)} neurons, {res['trainable_params']} trainable parameters, "
           f"final loss {last.get('loss', float('nan')):.4f}")
@@ -558,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=25, help="steps between checkpoints")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--modules", default="gate,up,down", help="which neuron slices to train")
+    p.add_argument("--attention-neurons", help="JSON {layer: [o_proj input channel, ...]}: also train these "
+                   "attention neurons (o_proj columns, v_proj rows via the grouped-query mapping)")
     p.add_argument("--hr", default="en,zh,it,vi", help="high-resource languages")
     p.add_argument("--nhr-weight", type=float, default=3.0, help="sampling weight of other languages' examples")
     p.add_argument("--language-weights", help="explicit LANG=WEIGHT pairs, e.g. sw=4,th=2")

@@ -32,7 +32,10 @@ class PatchState(nn.Module):
     """Trainable deltas (float32 Parameters) for the chosen neurons of each layer."""
 
     def __init__(self, neurons: NeuronSet, hidden_size: int, modules=MODULES, gated: bool = True,
-                 model_info: dict | None = None):
+                 model_info: dict | None = None, attention: dict | None = None, attention_sites=None):
+        """`attention`: layer -> o_proj input channels to train as attention neurons (their
+        o_proj columns and, through the grouped-query mapping, v_proj rows); needs
+        `attention_sites` (attention_neurons.attention_sites(model))."""
         super().__init__()
         bad = set(modules) - set(MODULES)
         if bad or not modules:
@@ -48,6 +51,14 @@ class PatchState(nn.Module):
             for m in self.modules_:
                 shape = (hidden_size, k) if m == "down" else (k, hidden_size)
                 self.register_parameter(f"{m}{layer}", nn.Parameter(torch.zeros(shape)))
+        self.attention_layers = sorted(attention or {})
+        for layer in self.attention_layers:
+            ch = torch.as_tensor(attention[layer], dtype=torch.int64)
+            v_rows = attention_sites[layer].v_rows(ch)
+            self.register_buffer(f"aidx{layer}", ch.clone(), persistent=False)
+            self.register_buffer(f"avidx{layer}", v_rows, persistent=False)
+            self.register_parameter(f"av{layer}", nn.Parameter(torch.zeros(v_rows.numel(), hidden_size)))
+            self.register_parameter(f"ao{layer}", nn.Parameter(torch.zeros(hidden_size, ch.numel())))
 
     def layer(self, layer: int) -> dict | None:
         """{"index": idx, "gate": D, "up": D, "down": D} for one layer (missing modules absent)."""
@@ -57,6 +68,13 @@ class PatchState(nn.Module):
         for m in self.modules_:
             out[m] = getattr(self, f"{m}{layer}")
         return out
+
+    def attention_layer(self, layer: int) -> dict | None:
+        """{"index": channels, "v_index": v rows, "v": D [v rows, H], "o": D [H, channels]} or None."""
+        if layer not in self.attention_layers:
+            return None
+        return {"index": getattr(self, f"aidx{layer}"), "v_index": getattr(self, f"avidx{layer}"),
+                "v": getattr(self, f"av{layer}"), "o": getattr(self, f"ao{layer}")}
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -71,15 +89,32 @@ class PatchState(nn.Module):
             tensors[f"layers.{layer}.index"] = getattr(self, f"idx{layer}").detach().cpu()
             for m in self.modules_:
                 tensors[f"layers.{layer}.{m}"] = getattr(self, f"{m}{layer}").detach().float().cpu().contiguous()
+        for layer in self.attention_layers:
+            a = self.attention_layer(layer)
+            for k, v in a.items():
+                tensors[f"attn.{layer}.{k}"] = v.detach().cpu().contiguous() if k.endswith("index") else \
+                    v.detach().float().cpu().contiguous()
         return NeuronPatch(tensors, self.model_info, list(self.modules_), self.hidden_size, self.gated, meta)
 
     @classmethod
-    def from_patch(cls, patch: NeuronPatch) -> PatchState:
-        state = cls(patch.neurons(), patch.hidden_size, patch.modules, patch.gated, patch.model)
+    def from_patch(cls, patch: NeuronPatch, model=None) -> PatchState:
+        attention = patch.attention()
+        sites = None
+        if attention:
+            if model is None:
+                raise SSNError("a patch with attention neurons needs the model to map its channels")
+            from .attention_neurons import attention_sites
+
+            sites = attention_sites(model)
+        state = cls(patch.neurons(), patch.hidden_size, patch.modules, patch.gated, patch.model,
+                    attention=attention or None, attention_sites=sites)
         with torch.no_grad():
             for layer in state.layers:
                 for m in state.modules_:
                     getattr(state, f"{m}{layer}").copy_(patch.tensors[f"layers.{layer}.{m}"])
+            for layer in state.attention_layers:
+                getattr(state, f"av{layer}").copy_(patch.tensors[f"attn.{layer}.v"])
+                getattr(state, f"ao{layer}").copy_(patch.tensors[f"attn.{layer}.o"])
         return state
 
 
@@ -90,11 +125,17 @@ class NeuronPatch:
         self.hidden_size, self.gated, self.meta = int(hidden_size), bool(gated), dict(meta or {})
 
     def neurons(self) -> NeuronSet:
-        layers = {int(k.split(".")[1]): v for k, v in self.tensors.items() if k.endswith(".index")}
+        layers = {int(k.split(".")[1]): v for k, v in self.tensors.items()
+                  if k.startswith("layers.") and k.endswith(".index")}
         return NeuronSet(layers, int(self.model["num_layers"]), int(self.model["num_neurons"]))
 
+    def attention(self) -> dict[int, torch.Tensor]:
+        """Attention neurons: layer -> o_proj input channels."""
+        return {int(k.split(".")[1]): v for k, v in self.tensors.items() if k.startswith("attn.")
+                and k.endswith(".index") and not k.endswith(".v_index")}
+
     def num_params(self) -> int:
-        return sum(v.numel() for k, v in self.tensors.items() if not k.endswith(".index"))
+        return sum(v.numel() for k, v in self.tensors.items() if not k.endswith("index"))
 
     def save(self, folder: str | Path) -> Path:
         from safetensors.torch import save
@@ -102,6 +143,7 @@ class NeuronPatch:
         folder = Path(folder)
         atomic_write_bytes(folder / WEIGHTS_NAME, save({k: v.contiguous() for k, v in self.tensors.items()}))
         cfg = {"format": FORMAT, "version": 1, "model": self.model, "modules": self.modules,
+               "attention_neurons": sum(v.numel() for v in self.attention().values()),
                "hidden_size": self.hidden_size, "gated": self.gated, "num_neurons_patched": len(self.neurons()),
                "num_params": self.num_params(), **self.meta}
         atomic_write_text(folder / CONFIG_NAME, json.dumps(cfg, indent=1))
@@ -114,7 +156,8 @@ class NeuronPatch:
                                missing=f"{folder} is not a neuron patch folder (no {CONFIG_NAME})")
         tensors, _ = read_safetensors(folder / WEIGHTS_NAME, "patch weights")
         meta = {k: v for k, v in cfg.items() if k not in ("format", "version", "model", "modules", "hidden_size",
-                                                         "gated", "num_neurons_patched", "num_params")}
+                                                         "gated", "num_neurons_patched", "num_params",
+                                                         "attention_neurons")}
         patch = cls(tensors, cfg.get("model") or {}, cfg.get("modules") or [], cfg.get("hidden_size", 0),
                     cfg.get("gated", True), meta)
         patch._check_shapes(str(folder))
@@ -133,6 +176,12 @@ class NeuronPatch:
                 if t is None or tuple(t.shape) != want:
                     raise SSNError(f"{where}: layers.{layer}.{m} should be {want}, got "
                                    f"{None if t is None else tuple(t.shape)}")
+        for layer, idx in self.attention().items():
+            v_idx = self.tensors.get(f"attn.{layer}.v_index")
+            v, o = self.tensors.get(f"attn.{layer}.v"), self.tensors.get(f"attn.{layer}.o")
+            if v_idx is None or v is None or o is None or tuple(o.shape) != (H, idx.numel()) \
+                    or tuple(v.shape) != (v_idx.numel(), H):
+                raise SSNError(f"{where}: attention layer {layer} has inconsistent tensors")
 
 
 class MergedPatch:
@@ -177,7 +226,30 @@ def merge_patch(model, patch: NeuronPatch | PatchState) -> MergedPatch:
                 delta = delta.t() if m == "down" else delta
                 w[i] = (original.float() + delta.float()).to(w.dtype)
                 saved.append((view_fn, i, original))
+        for view_fn, i, delta in _attention_edits(model, patch):
+            w = view_fn()
+            i = i.to(w.device)
+            original = w[i].clone()
+            w[i] = (original.float() + delta.to(w.device).float()).to(w.dtype)
+            saved.append((view_fn, i, original))
     return MergedPatch(saved)
+
+
+def _attention_edits(model, patch: NeuronPatch):
+    """(row-view function, rows, delta) for the attention part: v_proj rows, o_proj columns."""
+    attention = patch.attention()
+    if not attention:
+        return []
+    from .attention_neurons import attention_sites
+
+    sites = attention_sites(model)
+    edits = []
+    for layer, idx in attention.items():
+        s = sites[layer]
+        edits.append((lambda s=s: s.v_proj.weight, patch.tensors[f"attn.{layer}.v_index"],
+                      patch.tensors[f"attn.{layer}.v"]))
+        edits.append((lambda s=s: s.o_proj.weight.t(), idx, patch.tensors[f"attn.{layer}.o"].t()))
+    return edits
 
 
 def unmerge_patch(model, patch: NeuronPatch) -> None:
@@ -196,3 +268,7 @@ def unmerge_patch(model, patch: NeuronPatch) -> None:
                 delta = patch.tensors[f"layers.{layer}.{m}"].to(w.device)
                 delta = delta.t() if m == "down" else delta
                 w[i] = (w[i].float() - delta.float()).to(w.dtype)
+        for view_fn, i, delta in _attention_edits(model, patch):
+            w = view_fn()
+            i = i.to(w.device)
+            w[i] = (w[i].float() - delta.to(w.device).float()).to(w.dtype)

@@ -40,6 +40,7 @@ class RuntimeHandle:
         self._row_profiles: torch.Tensor | None = None
         self._mask_cache: dict = {}
         self.patch = None  # a patches.PatchState applied on top of the base weights
+        self._patch_hooks: list = []  # forward hooks of a patch's attention neurons
 
     @property
     def num_layers(self) -> int:
@@ -103,10 +104,15 @@ class RuntimeHandle:
             from .neuron_sets import check_model_match
 
             check_model_match(patch.model, self.model, "patch")
-            patch = PatchState.from_patch(patch)
+            patch = PatchState.from_patch(patch, self.model)
+        for h in self._patch_hooks:
+            h.remove()
+        self._patch_hooks = []
         if patch is not None:
             dev = next(self.model.parameters()).device
             patch.to(dev)
+            if patch.attention_layers:
+                self._patch_hooks = _attention_hooks(self.model, patch)
         self.patch = patch
 
     def clear_masks(self) -> None:
@@ -160,6 +166,9 @@ class RuntimeHandle:
         """Restore every MLP's original forward; returns the model."""
         if not self.attached:
             return self.model
+        for h in self._patch_hooks:
+            h.remove()
+        self._patch_hooks, self.patch = [], None
         for site, saved in zip(self.sites, self._saved_forwards, strict=True):
             if saved is _MISSING:
                 site.module.__dict__.pop("forward", None)
@@ -217,6 +226,21 @@ def _site_forward(site: NeuronSite, handle: RuntimeHandle):
         return dropout(out) if dropout is not None else out
 
     return forward
+
+
+def _attention_hooks(model, patch) -> list:
+    """Forward hooks adding a patch's attention-neuron deltas: v_proj rows, o_proj columns."""
+    from .attention_neurons import attention_sites
+
+    sites = attention_sites(model)
+    hooks = []
+    for layer in patch.attention_layers:
+        a = patch.attention_layer(layer)
+        hooks.append(sites[layer].v_proj.register_forward_hook(
+            lambda m, args, out, a=a: add_rows(out, args[0], a["v"], a["v_index"])))
+        hooks.append(sites[layer].o_proj.register_forward_hook(
+            lambda m, args, out, a=a: out + add_cols(args[0], a["index"], a["o"]).to(out.dtype)))
+    return hooks
 
 
 def _patch_inputs(site: NeuronSite, hidden, x, up, delta):

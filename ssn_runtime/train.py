@@ -160,6 +160,9 @@ def _load_checkpoint(folder: Path, state: PatchState, opt: torch.optim.Optimizer
             for layer in state.layers:
                 for m in state.modules_:
                     getattr(state, f"{m}{layer}").copy_(patch.tensors[f"layers.{layer}.{m}"])
+            for layer in state.attention_layers:
+                getattr(state, f"av{layer}").copy_(patch.tensors[f"attn.{layer}.v"])
+                getattr(state, f"ao{layer}").copy_(patch.tensors[f"attn.{layer}.o"])
         tensors, _ = read_safetensors(cand / "optimizer.safetensors", "optimizer state")
         states: dict[int, dict] = {}
         for key, v in tensors.items():
@@ -172,15 +175,22 @@ def _load_checkpoint(folder: Path, state: PatchState, opt: torch.optim.Optimizer
 
 def train(model, tokenizer, neurons: NeuronSet, records: list[Record], cfg: TrainConfig, out: str | Path,
           retain: list[Record] | None = None, eval_records: list[Record] | None = None,
-          progress: bool = True) -> dict:
-    """Train a NeuronPatch for `neurons` on `records` (+ `retain`); writes it to `out`."""
+          progress: bool = True, attention: dict | None = None) -> dict:
+    """Train a NeuronPatch for `neurons` on `records` (+ `retain`); writes it to `out`.
+    `attention`: layer -> attention-output channels also trained (attention_neurons.py)."""
     from .fingerprint import model_fingerprint
 
     out = Path(out)
     fp = model_fingerprint(model)
     if (neurons.num_layers, neurons.num_neurons) != (fp["num_layers"], fp["num_neurons"]):
         raise SSNError("the neuron set is for another model (different layers or neurons)")
-    if len(neurons) == 0:
+    sites_attn = None
+    if attention:
+        from .attention_neurons import attention_sites, validate_channels
+
+        sites_attn = attention_sites(model)
+        attention = validate_channels(sites_attn, attention)
+    if len(neurons) == 0 and not attention:
         raise SSNError("the neuron set is empty: nothing to train")
     all_records = list(records) + list(retain or [])
     is_retain = [False] * len(records) + [True] * len(retain or [])
@@ -193,10 +203,11 @@ def train(model, tokenizer, neurons: NeuronSet, records: list[Record], cfg: Trai
         handle = attach(model)
     site = handle.sites[0]
     torch.manual_seed(cfg.seed)
-    state = PatchState(neurons, site.hidden_size, cfg.modules, site.gated, fp).to(device)
+    state = PatchState(neurons, site.hidden_size, cfg.modules, site.gated, fp, attention or None,
+                       sites_attn).to(device)
     opt = torch.optim.AdamW(state.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run_key = json.dumps([fp, asdict(cfg), neurons.to_json(), len(examples), sum(len(e[0]) for e in examples)],
-                         sort_keys=True)
+    run_key = json.dumps([fp, asdict(cfg), neurons.to_json(), {k: v.tolist() for k, v in (attention or {}).items()},
+                          len(examples), sum(len(e[0]) for e in examples)], sort_keys=True)
     ckpt = out / "checkpoint"
     meta = _load_checkpoint(ckpt, state, opt, run_key) or {"step": 0, "log": []}
     start = int(meta["step"])

@@ -138,3 +138,58 @@ def test_patch_validation(tmp_path):
         NeuronPatch.load(tmp_path)
     with pytest.raises(SSNError, match="patch modules"):
         PatchState(NeuronSet({0: [1]}, 2, 37), 48, modules=("q_proj",))
+
+
+def test_attention_neurons_grouped_query_mapping_and_exact_gradients(tmp_path):
+    from ssn_runtime.attention_neurons import attention_sites
+
+    model = tiny_model("llama")  # 4 query heads, 2 KV heads, head_dim 12
+    sites = attention_sites(model)
+    assert (sites[0].heads, sites[0].kv_heads, sites[0].head_dim) == (4, 2, 12)
+    # channel 13 = head 1, dim 1 -> KV head 0 -> v row 1; channel 30 = head 2, dim 6 -> KV head 1 -> v row 18
+    assert sites[0].v_rows(torch.tensor([13, 30, 1])).tolist() == [1, 18]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fp = model_fingerprint(model)
+    mlp = NeuronSet({1: [3, 4]}, fp["num_layers"], fp["num_neurons"])
+    attention = {0: torch.tensor([1, 13, 30]), 1: torch.tensor([47])}
+    state = PatchState(mlp, 48, gated=True, model_info=fp, attention=attention, attention_sites=sites)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in state.parameters():
+            p.normal_(0, 0.05, generator=g)
+    ids, mask = batch("right")
+    with ssn_runtime.attach(model) as h:
+        h.set_patch(state)
+        loss = loss_of(model, ids, mask)
+        loss.backward()
+        applied = loss.item()
+    dense = copy.deepcopy(model)
+    merge_patch(dense, state)
+    for p in dense.parameters():
+        p.requires_grad_(True)
+    ref = loss_of(dense, ids, mask)
+    ref.backward()
+    assert abs(applied - ref.item()) <= 1e-5 * abs(ref.item())
+    dsites = attention_sites(dense)
+    for layer in (0, 1):
+        a = state.attention_layer(layer)
+        assert rel_err(a["v"].grad, dsites[layer].v_proj.weight.grad[a["v_index"]]) <= 1e-5
+        assert rel_err(a["o"].grad, dsites[layer].o_proj.weight.grad[:, a["index"]]) <= 1e-5
+    # persistence round trip, and the runtime path equals merged weights
+    path = state.to_patch().save(tmp_path / "p")
+    back = NeuronPatch.load(path, model=model)
+    assert {k: v.tolist() for k, v in back.attention().items()} == {0: [1, 13, 30], 1: [47]}
+    with torch.no_grad():
+        with ssn_runtime.attach(model) as h:
+            h.set_patch(back)
+            a = model(input_ids=ids, attention_mask=mask).logits
+        assert rel_err(a, dense(input_ids=ids, attention_mask=mask).logits, mask) <= 1e-5
+        assert not any(m._forward_hooks for m in model.modules())  # detach removed the hooks
+
+
+def test_attention_neurons_refused_for_fused_attention():
+    from ssn_runtime.attention_neurons import attention_sites
+
+    with pytest.raises(SSNError, match="separate v_proj and o_proj"):
+        attention_sites(tiny_model("gpt2"))

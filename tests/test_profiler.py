@@ -165,9 +165,10 @@ def test_torchrun_two_processes_equal_single(tiny_ckpts, prompts_jsonl, tmp_path
             "--max-tokens-per-batch", "96", "--quiet", "--topk", "3"]
     single = _cli(*args, "--out", str(tmp_path / "one.safetensors"))
     assert single.returncode == 0, single.stderr
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "0" if False else str(29500 + os.getpid() % 1000), "-m", "ssn_runtime", *args, "--out",
-                          str(tmp_path / "two.safetensors")], capture_output=True, text=True, timeout=600)
+    # --standalone: torchrun picks a free rendezvous port itself
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "ssn_runtime", *args, "--out", str(tmp_path / "two.safetensors")],
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = NeuronStats.load(tmp_path / "one.safetensors"), NeuronStats.load(tmp_path / "two.safetensors")
     assert b.meta["world_size"] == 2

@@ -210,13 +210,13 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, bod
 
 def test_api_key_queue_limit_and_timeout(tiny_ckpts):
     server = Server(["--model", str(tiny_ckpts["llama"]), "--served-name", "tiny", "--queue-size", "1",
-                     "--max-batch", "1", "--request-timeout", "1.5"], env={"SSN_API_KEY": "s3cret"})
+                     "--max-batch", "1", "--request-timeout", "0.25"], env={"SSN_API_KEY": "s3cret"})
     try:
         with pytest.raises(openai.AuthenticationError):
             client(server, "wrong").models.list()
         c = client(server, "s3cret")
         assert c.models.list().data[0].id == "tiny"
-        body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 400,
+        body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 480,
                 "temperature": 1.0, "seed": 1}
         headers = {"authorization": "Bearer s3cret"}
 
@@ -227,8 +227,8 @@ def test_api_key_queue_limit_and_timeout(tiny_ckpts):
             codes = list(pool.map(post, range(8)))
         assert 429 in codes  # a bounded queue refuses what it cannot hold
         assert set(codes) <= {200, 408, 429}
-        # 450 tokens with EOS ignored take longer than the 1.5 s timeout: the request gets 408
-        r = httpx.post(server.url + "/v1/chat/completions", json={**body, "max_tokens": 450, "ignore_eos": True},
+        # 480 decode steps (EOS ignored) take longer than the 0.25 s timeout: the request gets 408
+        r = httpx.post(server.url + "/v1/chat/completions", json={**body, "max_tokens": 480, "ignore_eos": True},
                        headers=headers, timeout=30)
         assert r.status_code == 408 and r.json()["error"]["code"] == "timeout", r.text
         ok = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2)

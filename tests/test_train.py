@@ -119,3 +119,21 @@ def test_cli_resume_after_sigkill_merge_unmerge(tiny_ckpts, train_jsonl, tmp_pat
     ref = model.state_dict()
     for k, v in back.state_dict().items():
         torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_training_attention_neurons_via_cli(tiny_ckpts, train_jsonl, tmp_path):
+    model_dir = str(tiny_ckpts["llama"])
+    model = load_model(model_dir)
+    NeuronSetFile({"SS": neurons_for(model, 2)}, model_fingerprint(model)).save(tmp_path / "neurons.json")
+    (tmp_path / "attn.json").write_text(json.dumps({"layers": {"0": [1, 13], "1": [40]}}))
+    r = _ssn("train", "--model", model_dir, "--neurons", str(tmp_path / "neurons.json"), "--data", str(train_jsonl),
+             "--steps", "3", "--batch-size", "4", "--attention-neurons", str(tmp_path / "attn.json"), "--out",
+             str(tmp_path / "p"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    patch = NeuronPatch.load(tmp_path / "p", model=model)
+    assert {k: v.tolist() for k, v in patch.attention().items()} == {0: [1, 13], 1: [40]}
+    assert float(patch.tensors["attn.0.o"].abs().sum()) > 0  # it trained
+    (tmp_path / "bad.json").write_text(json.dumps({"0": [999]}))
+    r = _ssn("train", "--model", model_dir, "--neurons", str(tmp_path / "neurons.json"), "--data", str(train_jsonl),
+             "--steps", "1", "--attention-neurons", str(tmp_path / "bad.json"), "--out", str(tmp_path / "q"))
+    assert r.returncode == 2 and "out of range" in r.stderr
