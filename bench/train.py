@@ -93,35 +93,20 @@ def worker(method: str, steps: int, batch_size: int, device: str, synthetic: boo
     examples = [example_ids(r, tok, True, 128) for r in data]
     model, params, keep, handle = trainable_setup(method, model, ss, device, attach)
     trainable = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=LR[method])
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    mem0 = torch.cuda.memory_allocated() if device == "cuda" else rss_mb()
-    times = []
     pad = tok.pad_token_id
     model.eval()
-    for step in range(steps):
+
+    def step_loss(step):
         g = torch.Generator().manual_seed(step)
         idx = torch.randint(0, len(examples), (batch_size,), generator=g).tolist()
-        ids, mask, labels = _batch(examples, idx, pad, device)
-        t0 = time.perf_counter()
-        loss = _loss(model, ids, mask, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if method == "masked":
-            for w, m in keep.items():
-                w.grad.mul_(m)
-        opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() - mem0) / 2**20 if device == "cuda" else rss_mb() - mem0
+        return _loss(model, *_batch(examples, idx, pad, device))
+
+    times, peak, final_loss = timed_steps(step_loss, params, keep, LR[method], steps, device)
     refusal = nhr_refusal(model)
     if handle is not None:
         handle.detach()
     return {"method": method, "trainable_params": trainable, "peak_memory_mb": peak,
-            "step_time_s": statistics.median(times[3:] or times), "final_loss": float(loss.detach()),
+            "step_time_s": statistics.median(times[3:] or times), "final_loss": final_loss,
             "nhr_refusal_before": base_refusal, "nhr_refusal_after": refusal, "refusal_gain": refusal - base_refusal,
             "neurons": len(ss), "steps": steps, "batch_size": batch_size, "lr": LR[method]}
 
@@ -166,30 +151,40 @@ def trainable_setup(method, model, ss, device, attach_fn):
     return model, params, keep, handle
 
 
-def synthetic_worker(method: str, steps: int, batch_size: int, device: str) -> dict:
-    from ssn_runtime import attach
-
-    model, ss, data = synthetic_setup(device, batch_size)
-    model, params, keep, handle = trainable_setup(method, model, ss, device, attach)
-    opt = torch.optim.AdamW(params, lr=LR[method])
+def timed_steps(loss_of_step, params, keep: dict, lr: float, steps: int, device: str):
+    """Run `steps` optimizer steps; returns (step times, peak memory growth in MB, last loss)."""
+    opt = torch.optim.AdamW(params, lr=lr)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     mem0 = torch.cuda.memory_allocated() if device == "cuda" else rss_mb()
-    times = []
+    times, loss = [], None
     for step in range(steps):
-        ids = data[(step * batch_size) % 64: (step * batch_size) % 64 + batch_size].to(device)
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = loss_of_step(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for w, m in keep.items():
+        for w, m in keep.items():  # masked-dense: drop the gradient outside the chosen slices
             w.grad.mul_(m)
         opt.step()
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() - mem0) / 2**20 if device == "cuda" else rss_mb() - mem0
+    return times, peak, float(loss.detach())
+
+
+def synthetic_worker(method: str, steps: int, batch_size: int, device: str) -> dict:
+    from ssn_runtime import attach
+
+    model, ss, data = synthetic_setup(device, batch_size)
+    model, params, keep, handle = trainable_setup(method, model, ss, device, attach)
+
+    def step_loss(step):
+        ids = data[(step * batch_size) % 64: (step * batch_size) % 64 + batch_size].to(device)
+        return model(input_ids=ids, labels=ids).loss
+
+    times, peak, _ = timed_steps(step_loss, params, keep, LR[method], steps, device)
     if handle is not None:
         handle.detach()
     return {"method": method, "trainable_params": sum(p.numel() for p in params), "peak_memory_mb": peak,

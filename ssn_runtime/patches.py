@@ -108,14 +108,18 @@ class PatchState(nn.Module):
             sites = attention_sites(model)
         state = cls(patch.neurons(), patch.hidden_size, patch.modules, patch.gated, patch.model,
                     attention=attention or None, attention_sites=sites)
-        with torch.no_grad():
-            for layer in state.layers:
-                for m in state.modules_:
-                    getattr(state, f"{m}{layer}").copy_(patch.tensors[f"layers.{layer}.{m}"])
-            for layer in state.attention_layers:
-                getattr(state, f"av{layer}").copy_(patch.tensors[f"attn.{layer}.v"])
-                getattr(state, f"ao{layer}").copy_(patch.tensors[f"attn.{layer}.o"])
+        state.load_values(patch)
         return state
+
+    def load_values(self, patch: NeuronPatch) -> None:
+        """Copy a patch's deltas into these (same neurons) parameters."""
+        with torch.no_grad():
+            for layer in self.layers:
+                for m in self.modules_:
+                    getattr(self, f"{m}{layer}").copy_(patch.tensors[f"layers.{layer}.{m}"])
+            for layer in self.attention_layers:
+                getattr(self, f"av{layer}").copy_(patch.tensors[f"attn.{layer}.v"])
+                getattr(self, f"ao{layer}").copy_(patch.tensors[f"attn.{layer}.o"])
 
 
 class NeuronPatch:

@@ -155,14 +155,7 @@ def _load_checkpoint(folder: Path, state: PatchState, opt: torch.optim.Optimizer
         meta = json.loads(meta_path.read_text())
         if meta.get("run_key") != run_key:
             return None
-        patch = NeuronPatch.load(cand / "patch")
-        with torch.no_grad():
-            for layer in state.layers:
-                for m in state.modules_:
-                    getattr(state, f"{m}{layer}").copy_(patch.tensors[f"layers.{layer}.{m}"])
-            for layer in state.attention_layers:
-                getattr(state, f"av{layer}").copy_(patch.tensors[f"attn.{layer}.v"])
-                getattr(state, f"ao{layer}").copy_(patch.tensors[f"attn.{layer}.o"])
+        state.load_values(NeuronPatch.load(cand / "patch"))
         tensors, _ = read_safetensors(cand / "optimizer.safetensors", "optimizer state")
         states: dict[int, dict] = {}
         for key, v in tensors.items():
