@@ -146,21 +146,52 @@ def cmd_identify(args) -> int:
     from .identify import IdentifyConfig, identify
     from .stats import NeuronStats
 
-    stats = NeuronStats.load(args.stats)
+    if args.method == "attribution" and not (args.model and args.data):
+        raise SSNError("--method attribution needs --model and --data (harmful prompts with a language field)")
+    if args.method != "attribution" and not args.stats:
+        raise SSNError(f"--method {args.method} needs --stats (from ssn profile)")
+    stats = NeuronStats.load(args.stats) if args.stats else None
     cfg = IdentifyConfig(method=args.method, harmful=args.harmful, harmless=args.harmless, k=args.k,
                          fraction=None if args.k is not None else args.fraction, per_layer=args.per_layer,
                          threshold=args.threshold, sign=args.sign, rho=args.rho,
                          hr=_csv_list(args.hr), nhr=_csv_list(args.nhr), hr_combine=args.hr_combine,
                          joint=args.joint)
-    attribution = None
+    attribution, info = None, None
     if args.method == "attribution":
-        raise SSNError("use the Python API scorers.attribution_scores for attribution (it needs a model)")
-    sets = identify(stats, cfg, attribution)
+        attribution, info = _attribution_scores(args)
+    sets = identify(stats, cfg, attribution, info)
     sets.save(args.out)
     print(f"wrote {args.out}:")
     for name, ns in sets.sets.items():
         print(f"  {name:<10} {len(ns):>7} neurons")
     return 0
+
+
+def _attribution_scores(args):
+    """Per language: activation x gradient of the refusal's log-probability on its harmful prompts."""
+    from .data import load_records
+    from .fingerprint import model_fingerprint
+    from .judges import LexiconJudge, load_lexicon
+    from .loading import load_model, load_tokenizer
+    from .scorers import attribution_scores
+
+    model = load_model(args.model, dtype="float32")
+    tok = load_tokenizer(args.model)
+    judge = _judge(args, args.model) if args.judge == "lexicon" else LexiconJudge()
+    extra = [load_lexicon(p) for p in args.lexicon or []]
+    refusals = {**judge.canonical, **{k: v for lex in extra for k, v in lex.get("canonical", {}).items()}}
+    records = [r for path in args.data for r in load_records(path) if r.fields.get("label", "harmful") == args.harmful]
+    by_lang: dict[str, list] = {}
+    for r in records:
+        by_lang.setdefault(r.fields.get("language"), []).append(r)
+    scores = {}
+    for lang, rs in sorted(by_lang.items(), key=lambda kv: str(kv[0])):
+        if lang not in refusals:
+            raise SSNError(f"no refusal text for language {lang!r}: add it to a --lexicon 'canonical' entry")
+        scores[lang] = attribution_scores(model, tok, [(r, refusals[lang]) for r in rs[: args.attribution_prompts]],
+                                          chat_template=not args.no_chat_template)
+        print(f"  attribution for {lang}: {min(len(rs), args.attribution_prompts)} prompts")
+    return scores, model_fingerprint(model)
 
 
 def cmd_analyze(args) -> int:
@@ -507,8 +538,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("identify", help="MS-Neurons per language and SS-Neurons from profiling stats")
-    p.add_argument("--stats", required=True, help="stats from ssn profile --group-by language,label")
-    p.add_argument("--method", default="cohens_d", choices=["cohens_d", "mean_diff", "freq_diff", "consistent", "lape"])
+    p.add_argument("--stats", help="stats from ssn profile --group-by language,label (all methods but attribution)")
+    p.add_argument("--method", default="cohens_d",
+                   choices=["cohens_d", "mean_diff", "freq_diff", "consistent", "lape", "attribution"],
+                   help="attribution: activation x gradient of a refusal's log-probability (needs --model, --data)")
+    p.add_argument("--model", help="checkpoint folder, for --method attribution")
+    p.add_argument("--data", action="append", help="harmful prompts with a language field, for attribution")
+    p.add_argument("--attribution-prompts", type=int, default=24, help="prompts per language for attribution")
+    p.add_argument("--judge", default="lexicon", help=argparse.SUPPRESS)
+    p.add_argument("--judge-label", default="refusal", help=argparse.SUPPRESS)
+    p.add_argument("--lexicon", action="append", help="lexicon JSON whose 'canonical' gives refusal texts")
+    p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--out", required=True, help="neuron set file (.json)")
     p.add_argument("--harmful", default="harmful", help="label of harmful prompts")
     p.add_argument("--harmless", default="harmless", help="label of harmless prompts")

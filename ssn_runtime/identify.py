@@ -24,7 +24,7 @@ from .stats import NeuronStats
 
 DEFAULT_HR = ("en", "zh", "it", "vi")
 DEFAULT_NHR = ("ar", "ko", "th", "bn", "sw", "jv")
-METHODS = (*CONTRASTS, "consistent", "lape")
+METHODS = (*CONTRASTS, "consistent", "lape", "attribution")
 
 
 def select_top(scores: torch.Tensor, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
@@ -109,14 +109,20 @@ def _combine(sets: list[NeuronSet], how: str) -> NeuronSet | None:
     return acc
 
 
-def identify(stats: NeuronStats, config: IdentifyConfig, attribution: dict[str, torch.Tensor] | None = None
-             ) -> NeuronSetFile:
+def identify(stats: NeuronStats | None, config: IdentifyConfig, attribution: dict[str, torch.Tensor] | None = None,
+             model_info: dict | None = None) -> NeuronSetFile:
     """Named neuron sets: MS/<lang> for every language with both labels, MS/HR, SS/<nhr>, SS.
 
-    `attribution`: per-language [layers, neurons] scores (from scorers.attribution) used
-    instead of the stats when given.
+    `attribution`: per-language [layers, neurons] scores (scorers.attribution: negative =
+    supports refusal) used instead of the stats; then `stats` may be None and `model_info`
+    (a fingerprint) names the model.
     """
-    groups, langs = _layout(stats)
+    if stats is None:
+        if not attribution:
+            raise SSNError("identify needs stats, or attribution scores")
+        groups, langs = {}, sorted(attribution)
+    else:
+        groups, langs = _layout(stats)
     sets: dict[str, NeuronSet] = {}
     sel = dict(k=config.k, fraction=config.fraction, per_layer=config.per_layer, threshold=config.threshold,
                sign=config.sign)
@@ -138,7 +144,7 @@ def identify(stats: NeuronStats, config: IdentifyConfig, attribution: dict[str, 
             sets[f"MS/{lang}"] = select_top(CONTRASTS[config.method](stats, a, b), **sel)
     if not sets:
         raise SSNError(f"no language has both {config.harmful!r} and {config.harmless!r} groups; groups: "
-                       f"{', '.join(stats.groups)}")
+                       f"{', '.join(stats.groups) if stats is not None else 'none'}")
     hr = _combine([sets[f"MS/{h}"] for h in config.hr if f"MS/{h}" in sets], config.hr_combine)
     if hr is not None:
         sets["MS/HR"] = hr
@@ -150,9 +156,9 @@ def identify(stats: NeuronStats, config: IdentifyConfig, attribution: dict[str, 
         joint = _combine(per_nhr, config.joint)
         if joint is not None:
             sets["SS"] = joint
-    method = {"name": config.method if attribution is None else "attribution", **asdict(config)}
-    return NeuronSetFile(sets, _model_info(stats), method,
-                         extra={"languages": langs, "stats_tokens": stats.tokens_seen})
+    method = {**asdict(config), "name": config.method if attribution is None else "attribution"}
+    return NeuronSetFile(sets, model_info or _model_info(stats), method,
+                         extra={"languages": langs, "stats_tokens": stats.tokens_seen if stats is not None else 0})
 
 
 def _model_info(stats: NeuronStats) -> dict:

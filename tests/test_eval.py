@@ -148,6 +148,13 @@ def test_cli_identify_analyze_mask_eval_validate(tiny_ckpts, prompts_jsonl, tmp_
     assert r.returncode == 0, r.stderr
     sets = json.loads(neurons.read_text())
     assert {"MS/en", "MS/sw", "MS/HR", "SS/sw", "SS"} <= set(sets["sets"])
+    r = _ssn("identify", "--method", "attribution", "--model", model, "--data", str(prompts_jsonl), "--k", "6",
+             "--hr", "en,zh", "--nhr", "th,sw", "--attribution-prompts", "3", "--out", str(tmp_path / "attr.json"))
+    assert r.returncode == 0, r.stderr
+    attr = json.loads((tmp_path / "attr.json").read_text())
+    assert attr["method"]["name"] == "attribution" and len(attr["sets"]["MS/sw"]) > 0
+    r = _ssn("identify", "--method", "attribution", "--out", str(tmp_path / "x.json"))
+    assert r.returncode == 2 and "needs --model and --data" in r.stderr
     r = _ssn("analyze", "--neurons", str(neurons), "--out", str(tmp_path / "analysis"))
     assert r.returncode == 0, r.stderr
     for f in ("overlap.png", "per_layer.png", "overlap.csv", "per_layer.csv", "summary.md", "sizes.json"):
