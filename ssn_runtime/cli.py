@@ -171,15 +171,12 @@ def _attribution_scores(args):
     """Per language: activation x gradient of the refusal's log-probability on its harmful prompts."""
     from .data import load_records
     from .fingerprint import model_fingerprint
-    from .judges import LexiconJudge, load_lexicon
     from .loading import load_model, load_tokenizer
     from .scorers import attribution_scores
 
     model = load_model(args.model, dtype="float32")
     tok = load_tokenizer(args.model)
-    judge = _judge(args, args.model) if args.judge == "lexicon" else LexiconJudge()
-    extra = [load_lexicon(p) for p in args.lexicon or []]
-    refusals = {**judge.canonical, **{k: v for lex in extra for k, v in lex.get("canonical", {}).items()}}
+    refusals = _judge(args, args.model).canonical  # built-in + the model's + --lexicon "canonical" texts
     records = [r for path in args.data for r in load_records(path) if r.fields.get("label", "harmful") == args.harmful]
     by_lang: dict[str, list] = {}
     for r in records:
@@ -252,7 +249,7 @@ def _judge(args, model_path):
     own = Path(model_path) / "refusal_lexicon.json"
     if own.is_file():
         lexicons.append(own)  # a model may ship the refusal phrases of its own languages
-    return make_judge(args.judge, lexicons, args.judge_label)
+    return make_judge(getattr(args, "judge", "lexicon"), lexicons, getattr(args, "judge_label", "refusal"))
 
 
 def cmd_eval(args) -> int:
@@ -545,8 +542,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint folder, for --method attribution")
     p.add_argument("--data", action="append", help="harmful prompts with a language field, for attribution")
     p.add_argument("--attribution-prompts", type=int, default=24, help="prompts per language for attribution")
-    p.add_argument("--judge", default="lexicon", help=argparse.SUPPRESS)
-    p.add_argument("--judge-label", default="refusal", help=argparse.SUPPRESS)
     p.add_argument("--lexicon", action="append", help="lexicon JSON whose 'canonical' gives refusal texts")
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--out", required=True, help="neuron set file (.json)")
