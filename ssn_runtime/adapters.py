@@ -88,6 +88,21 @@ def registered_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def adapter_for(model_type: str) -> ArchAdapter | None:
+    """The registered adapter of a `config.model_type`, or None."""
+    return _REGISTRY.get(model_type)
+
+
+def unregister_adapter(model_type: str) -> None:
+    """Forget an adapter registered with `register_adapter` (no error if there is none)."""
+    _REGISTRY.pop(model_type, None)
+
+
+def is_moe_type(model_type: str) -> bool:
+    """A mixture-of-experts family (no dense adapter)."""
+    return model_type in _MOE_TYPES
+
+
 for _mt in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2"):
     register_adapter(_mt, ArchAdapter(_LLAMA_LAYERS, LLAMA_STYLE))
 register_adapter("phi3", ArchAdapter(_LLAMA_LAYERS, PHI3_STYLE))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import _MOE_TYPES, _REGISTRY, registered_model_types
+from .adapters import adapter_for, is_moe_type, registered_model_types
 from .errors import SSNError
 
 _DTYPES = {
@@ -33,14 +33,16 @@ def check_checkpoint(path: str | Path) -> dict:
     config = check_checkpoint_files(path)
     folder = Path(path).expanduser()
     model_type = config.get("model_type", "")
-    if model_type in _MOE_TYPES:
+    if is_moe_type(model_type):
         raise SSNError(f"{folder}: mixture-of-experts model_type {model_type!r} is not supported yet")
-    if model_type not in _REGISTRY:
+    if adapter_for(model_type) is None:
         archs = ",".join(config.get("architectures") or ["?"])
         raise SSNError(
             f"{folder}: architecture {archs} (model_type {model_type!r}) has no neuron-site adapter; supported: "
             f"{', '.join(registered_model_types())}; or register one (README, 'Adding an architecture')"
         )
+    for weights in sorted(folder.glob("model*.safetensors")):
+        _check_safetensors_header(weights)
     return config
 
 
@@ -58,6 +60,8 @@ def check_checkpoint_files(path: str | Path) -> dict:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise SSNError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise SSNError(f"{config_file} must hold a JSON object")
     has_safetensors = any(folder.glob("*.safetensors"))
     if not has_safetensors:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -70,15 +74,47 @@ def check_checkpoint_files(path: str | Path) -> dict:
     return config
 
 
+def _check_safetensors_header(path: Path) -> None:
+    """Refuse a weight file that is not safetensors (e.g. a pickle renamed .safetensors)
+    before transformers reads it: the header is an 8-byte little-endian length, then JSON."""
+    import struct
+
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            size = path.stat().st_size
+            ok = 2 <= n <= min(size - 8, 100_000_000)
+            if ok:
+                header = json.loads(f.read(n))
+                ok = isinstance(header, dict)
+    except (OSError, ValueError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise SSNError(f"{path} is not a safetensors file (bad header); if it is a renamed pickle, convert the "
+                       "checkpoint to safetensors: ssn-runtime never unpickles")
+
+
+def resolve_gguf(path: str | Path) -> str | Path:
+    """A `.gguf` file's converted checkpoint folder (converted into the cache on first use); other paths as given."""
+    if Path(path).suffix.lower() == ".gguf" and not Path(path).expanduser().is_dir():
+        from .convert import gguf_checkpoint
+
+        return gguf_checkpoint(path)
+    return path
+
+
 def load_model(path: str | Path, dtype="auto", device: str | torch.device | None = None, device_map=None):
     """Load a local checkpoint folder as an AutoModelForCausalLM in eval mode.
 
+    `path` may also be a `.gguf` file: it is converted once into the cache (convert.py).
     `dtype`: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
     `device`: one device ("cpu", "cuda", "cuda:1"); `device_map`: transformers'
     device map ("auto" splits layers across GPUs; needs accelerate). Not both.
     """
     from transformers import AutoModelForCausalLM
 
+    path = resolve_gguf(path)
     check_checkpoint(path)
     torch_dtype = parse_dtype(dtype)
     if device is not None and device_map is not None:
@@ -92,9 +128,9 @@ def load_model(path: str | Path, dtype="auto", device: str | torch.device | None
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(str(Path(path).expanduser()), **kwargs)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SSNError(f"could not load {path}: {first}") from None
+    except Exception as exc:  # noqa: BLE001 - any loader failure (safetensors, config, shapes) is one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise SSNError(f"could not load {path}: {type(exc).__name__}: {first}"[:400]) from None
     if device is not None:
         try:
             model = model.to(device)
@@ -106,6 +142,7 @@ def load_model(path: str | Path, dtype="auto", device: str | torch.device | None
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
+    path = resolve_gguf(path)
     check_checkpoint(path)
     try:
         return AutoTokenizer.from_pretrained(str(Path(path).expanduser()), local_files_only=True)

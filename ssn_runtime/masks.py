@@ -1,32 +1,53 @@
 """NeuronMask: a sparse intervention on MLP neurons, h -> h * scale + bias for chosen neurons.
 
-Stored like a PEFT adapter, as a folder:
-    mask_config.json     {"format": "ssn-neuron-mask", "model": {fingerprint}, "name", "description", ...}
-    mask.safetensors     layers.<l>.index (int64), layers.<l>.scale (float32), layers.<l>.bias (float32)
+Stored like a PEFT adapter, as a folder written atomically as a whole:
+    mask_config.json     {"format": "ssn-neuron-mask", "version": 2, "model": {fingerprint}, "name",
+                          "description", "tensors_sha256", ...}
+    mask.safetensors     layers.<l>.index (integer), layers.<l>.scale (float), layers.<l>.bias (float)
 
 Built from a neuron set: `suppress` (scale 0), `scale(alpha)`, `patch_to(stats, group)`
 (replace with the group's mean activation), `shift(values)`; masks compose with `combine`.
 Applied by the runtime three ways (all equal up to float rounding, see tests/test_masks.py):
-folded into the down projection (`fold_mask`), dynamically inside the fused kernels
-(`handle.set_mask`), or several masks in one batch, one per row (`handle.set_masks`).
+folded into the down projection (`fold_mask`), inside the fused kernels for every row
+(`handle.intervene(mask=...)`), or one mask per batch row (`handle.intervene(variants=...)`).
+
+Every mask, built in code or loaded, is validated: indices unique, integer and in range;
+scale and bias finite (a NaN scale would silently turn the neuron's output into NaN and
+the answers into nothing, which an evaluation would then score as a successful attack).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+# MaskArgs (what a kernel consumes: dense float32 scale/bias, optionally a table row per
+# input row) is a kernel-argument contract and lives beside the kernels; re-exported here.
+from ssn_kernels.args import MaskArgs  # noqa: F401
+
 from .errors import SSNError
-from .io import atomic_write_bytes, atomic_write_text, read_format_json, read_safetensors
-from .neuron_sets import NeuronSet, check_model_match
+from .fingerprint import ModelFingerprint
+from .formats import Field, FileFormat, a_fingerprint, a_string, any_value
+from .io import atomic_write_folder, read_safetensors_checked, sha256_hex
+from .neuron_sets import NeuronSet
+from .validation import check_float_tensor, check_index_tensor, fail
 
 FORMAT = "ssn-neuron-mask"
 CONFIG_NAME = "mask_config.json"
 WEIGHTS_NAME = "mask.safetensors"
+MASK_FORMAT = FileFormat(FORMAT, 2, "neuron mask", {
+    "model": Field(a_fingerprint, doc="the model's fingerprint"),
+    "name": Field(a_string, default=""),
+    "description": Field(a_string, default=""),
+    "tensors_sha256": Field(a_string, default="", doc="SHA-256 of mask.safetensors (checked on load)"),
+    "num_neurons_masked": Field(any_value, default=None, doc="derived; rewritten on save"),
+    "layers": Field(any_value, default=None, doc="derived; rewritten on save"),
+})
 
 
 @dataclass
@@ -36,37 +57,35 @@ class LayerMask:
     bias: torch.Tensor  # float32
 
 
-@dataclass
-class MaskArgs:
-    """What a kernel consumes: dense float32 scale/bias ([N], or [P, N] with a profile per row)."""
-
-    scale: torch.Tensor
-    bias: torch.Tensor
-    row_profile: torch.Tensor | None = None
-
-
 class NeuronMask:
-    def __init__(self, layers: dict[int, LayerMask], model: dict, name: str = "", description: str = "",
-                 meta: dict | None = None):
-        self.layers = {int(k): v for k, v in layers.items() if v.index.numel()}
-        self.model = dict(model)
+    def __init__(self, layers: dict[int, LayerMask], model: dict | ModelFingerprint, name: str = "",
+                 description: str = "", meta: dict | None = None, where: str = ""):
+        self.fingerprint = model if isinstance(model, ModelFingerprint) else ModelFingerprint.from_dict(model, where)
         self.name, self.description, self.meta = name, description, dict(meta or {})
         L, N = self.num_layers, self.num_neurons
-        for layer, lm in self.layers.items():
-            if not 0 <= layer < L:
-                raise SSNError(f"mask names layer {layer}, but the model has {L} layers")
-            if lm.index.numel() and (int(lm.index.min()) < 0 or int(lm.index.max()) >= N):
-                raise SSNError(f"mask names neuron {int(lm.index.max())} in layer {layer}; layers have {N} neurons")
-            if not (lm.index.shape == lm.scale.shape == lm.bias.shape):
-                raise SSNError(f"mask layer {layer}: index, scale and bias differ in length")
+        self.layers = {}
+        for layer, lm in layers.items():
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
+                raise fail(where, f"layers.{layer}", f"layer {layer!r} is out of range: the model has {L} layers")
+            key = f"layers.{layer}"
+            idx = check_index_tensor(lm.index, where, f"{key}.index", N)
+            scale = check_float_tensor(lm.scale.to(torch.float32), where, f"{key}.scale", tuple(idx.shape))
+            bias = check_float_tensor(lm.bias.to(torch.float32), where, f"{key}.bias", tuple(idx.shape))
+            if idx.numel():
+                order = idx.argsort()  # kept sorted: one canonical form per mask
+                self.layers[layer] = LayerMask(idx[order], scale[order], bias[order])
+
+    @property
+    def model(self) -> dict:
+        return self.fingerprint.to_dict()
 
     @property
     def num_layers(self) -> int:
-        return int(self.model["num_layers"])
+        return self.fingerprint.num_layers
 
     @property
     def num_neurons(self) -> int:
-        return int(self.model["num_neurons"])
+        return self.fingerprint.num_neurons
 
     def __len__(self) -> int:
         return sum(lm.index.numel() for lm in self.layers.values())
@@ -76,19 +95,22 @@ class NeuronMask:
 
     # ----- constructors -----
     @staticmethod
-    def _model_info(model_or_info) -> dict:
-        if isinstance(model_or_info, dict):
+    def _model_info(model_or_info) -> ModelFingerprint:
+        if isinstance(model_or_info, ModelFingerprint):
             return model_or_info
-        from .fingerprint import model_fingerprint
-
-        return model_fingerprint(model_or_info)
+        if isinstance(model_or_info, dict):
+            return ModelFingerprint.from_dict(model_or_info, "mask")
+        return ModelFingerprint.of(model_or_info)
 
     @classmethod
     def from_values(cls, neurons: NeuronSet, model, scale, bias, name="", description="") -> NeuronMask:
         """`scale`/`bias`: a number, or a [layers, neurons] tensor read at the set's neurons."""
         info = cls._model_info(model)
-        if (neurons.num_layers, neurons.num_neurons) != (int(info["num_layers"]), int(info["num_neurons"])):
+        if (neurons.num_layers, neurons.num_neurons) != (info.num_layers, info.num_neurons):
             raise SSNError("the neuron set and the model differ in layers or neurons")
+        for what, v in (("scale", scale), ("bias", bias)):
+            if isinstance(v, int | float) and not math.isfinite(float(v)):
+                raise SSNError(f"mask {what} must be finite, got {v}")
 
         def pick(v, layer, idx):
             if isinstance(v, int | float):
@@ -155,47 +177,49 @@ class NeuronMask:
 
     # ----- persistence -----
     def save(self, folder: str | Path) -> Path:
+        """Write the mask folder atomically (a reader sees the old mask or this one, never a mix)."""
         from safetensors.torch import save
 
-        folder = Path(folder)
         tensors = {}
         for layer, lm in sorted(self.layers.items()):
             tensors[f"layers.{layer}.index"] = lm.index.contiguous()
             tensors[f"layers.{layer}.scale"] = lm.scale.contiguous()
             tensors[f"layers.{layer}.bias"] = lm.bias.contiguous()
-        atomic_write_bytes(folder / WEIGHTS_NAME, save(tensors))
-        config = {"format": FORMAT, "version": 1, "name": self.name, "description": self.description,
-                  "model": self.model, "num_neurons_masked": len(self),
-                  "layers": sorted(self.layers), **self.meta}
-        atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=1))
-        return folder
+        blob = save(tensors)
+        config = MASK_FORMAT.to_dict({"model": self.model, "name": self.name, "description": self.description,
+                                      "tensors_sha256": sha256_hex(blob), "num_neurons_masked": len(self),
+                                      "layers": sorted(self.layers)}, self.meta)
+        return atomic_write_folder(folder, {WEIGHTS_NAME: blob, CONFIG_NAME: json.dumps(config, indent=1).encode()})
 
     @classmethod
     def load(cls, folder: str | Path, model=None) -> NeuronMask:
         folder = Path(folder)
         if folder.is_file() and folder.name == CONFIG_NAME:
             folder = folder.parent
-        cfg = read_format_json(folder / CONFIG_NAME, FORMAT, "neuron mask",
-                               missing=f"{folder} is not a neuron mask folder (no {CONFIG_NAME})")
-        tensors, _ = read_safetensors(folder / WEIGHTS_NAME, "mask weights")
+        values, meta = MASK_FORMAT.read(folder / CONFIG_NAME,
+                                        missing=f"{folder} is not a neuron mask folder (no {CONFIG_NAME})")
+        weights = folder / WEIGHTS_NAME
+        tensors = read_safetensors_checked(weights, values["tensors_sha256"], "mask weights")
         layers = {}
         for key in tensors:
             parts = key.split(".")
-            if len(parts) != 3 or parts[0] != "layers" or parts[2] not in ("index", "scale", "bias"):
-                raise SSNError(f"{folder / WEIGHTS_NAME}: unexpected tensor {key!r}")
+            if len(parts) != 3 or parts[0] != "layers" or parts[2] not in ("index", "scale", "bias") \
+                    or not parts[1].isdigit() or (len(parts[1]) > 1 and parts[1][0] == "0"):
+                raise fail(str(weights), key, "unexpected tensor (expected layers.<layer>.index|scale|bias)")
             layer = int(parts[1])
             if layer not in layers:
-                try:
-                    layers[layer] = LayerMask(tensors[f"layers.{layer}.index"].to(torch.int64),
-                                              tensors[f"layers.{layer}.scale"].to(torch.float32),
-                                              tensors[f"layers.{layer}.bias"].to(torch.float32))
-                except KeyError as exc:
-                    raise SSNError(f"{folder / WEIGHTS_NAME}: layer {layer} lacks {exc.args[0]}") from None
-        meta = {k: v for k, v in cfg.items() if k not in ("format", "version", "name", "description", "model",
-                                                         "num_neurons_masked", "layers")}
-        mask = cls(layers, cfg.get("model") or {}, cfg.get("name", ""), cfg.get("description", ""), meta)
+                missing = [k for k in ("index", "scale", "bias") if f"layers.{layer}.{k}" not in tensors]
+                if missing:
+                    raise fail(str(weights), f"layers.{layer}", f"lacks {missing[0]!r}")
+                t = {k: tensors[f"layers.{layer}.{k}"] for k in ("index", "scale", "bias")}
+                for k in ("scale", "bias"):
+                    if t[k].dim() != 1:
+                        raise fail(str(weights), f"layers.{layer}.{k}", f"must be 1-D, got shape {tuple(t[k].shape)}")
+                    check_float_tensor(t[k], str(weights), f"layers.{layer}.{k}")
+                layers[layer] = LayerMask(t["index"], t["scale"], t["bias"])
+        mask = cls(layers, values["model"], values["name"], values["description"], meta, where=str(weights))
         if model is not None:
-            check_model_match(mask.model, model, f"mask {folder}")
+            mask.fingerprint.check(model, f"mask {folder}")
         return mask
 
     def __repr__(self) -> str:
@@ -229,7 +253,7 @@ def fold_mask(model, mask: NeuronMask) -> FoldedMask:
     bias += W[:, i] * b_i. No runtime cost; exact up to one rounding of the edited columns."""
     from .adapters import find_sites
 
-    check_model_match(mask.model, model, f"mask {mask.name!r}")
+    mask.fingerprint.check(model, f"mask {mask.name!r}")
     sites = find_sites(model)
     saved = []
     with torch.no_grad():
@@ -250,3 +274,4 @@ def fold_mask(model, mask: NeuronMask) -> FoldedMask:
             w[:, idx] = (cols.float() * lm.scale.to(w.device)).to(w.dtype)
             saved.append((down, idx, cols, bias, added))
     return FoldedMask(saved)
+

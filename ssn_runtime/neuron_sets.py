@@ -2,6 +2,10 @@
 
     {"format": "ssn-neuron-sets", "version": 1, "model": {fingerprint}, "method": {...},
      "sets": {"MS/en": {"3": [17, 250], "7": [4]}, "SS/sw": {...}, "SS": {...}}}
+
+Loading is strict: layer keys are decimal layer numbers in range, neuron indices are JSON
+integers in range and unique within a layer (1.7 is not neuron 1; a repeated index is an
+error, since a file that repeats one was not written by this code and may mean something else).
 """
 
 from __future__ import annotations
@@ -12,9 +16,17 @@ from pathlib import Path
 import torch
 
 from .errors import SSNError
-from .io import atomic_write_text, read_format_json
+from .fingerprint import ModelFingerprint
+from .formats import Field, FileFormat, a_fingerprint, an_object, any_value
+from .io import atomic_write_text
+from .validation import check_int_list, check_layer_key, fail
 
 FORMAT = "ssn-neuron-sets"
+SETS_FORMAT = FileFormat(FORMAT, 1, "neuron set file", {
+    "model": Field(a_fingerprint, doc="the model's fingerprint (layers x neurons, config hash)"),
+    "method": Field(any_value, default=dict, doc="how the sets were chosen"),
+    "sets": Field(an_object, doc="name -> {layer: [neuron, ...]}"),
+})
 
 
 class NeuronSet:
@@ -24,11 +36,18 @@ class NeuronSet:
         self.num_layers, self.num_neurons = int(num_layers), int(num_neurons)
         self.layers: dict[int, torch.Tensor] = {}
         for layer, idx in layers.items():
-            layer = int(layer)
-            t = torch.as_tensor(idx, dtype=torch.int64).reshape(-1).unique(sorted=True)
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise SSNError(f"neuron set layer keys must be integers, got {layer!r}")
+            t = torch.as_tensor(idx)
+            if t.numel() and (t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex):
+                # never coerce: [1.7, 2.2] must not silently become neurons 1 and 2
+                raise SSNError(f"neuron set layer {layer}: indices must be integers, got {t.dtype}")
+            t = t.to(torch.int64).reshape(-1).unique(sorted=True)
             if not 0 <= layer < self.num_layers:
                 raise SSNError(f"neuron set names layer {layer}, but the model has {self.num_layers} layers")
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_neurons):
+            if t.numel() and int(t.min()) < 0:
+                raise SSNError(f"neuron set names neuron {int(t.min())} in layer {layer}: indices must be >= 0")
+            if t.numel() and int(t.max()) >= self.num_neurons:
                 raise SSNError(f"neuron set names neuron {int(t.max())} in layer {layer}, but layers have "
                                f"{self.num_neurons} neurons")
             if t.numel():
@@ -94,13 +113,16 @@ class NeuronSet:
         return {str(layer): self.layers[layer].tolist() for layer in sorted(self.layers)}
 
     @classmethod
-    def from_json(cls, data: dict, num_layers: int, num_neurons: int) -> NeuronSet:
+    def from_json(cls, data: dict, num_layers: int, num_neurons: int, where: str = "",
+                  key: str = "set") -> NeuronSet:
+        """From {"layer": [neuron, ...]}, validated strictly (see the module docstring)."""
         if not isinstance(data, dict):
-            raise SSNError("a neuron set must be a JSON object {layer: [neuron, ...]}")
-        try:
-            return cls({int(k): v for k, v in data.items()}, num_layers, num_neurons)
-        except (TypeError, ValueError):
-            raise SSNError("a neuron set must map layer numbers to lists of neuron indices") from None
+            raise fail(where, key, "a neuron set must be a JSON object {layer: [neuron, ...]}")
+        layers = {}
+        for k, v in data.items():
+            layer = check_layer_key(k, where, key, num_layers)
+            layers[layer] = check_int_list(v, where, f"{key}[{k}]", 0, num_neurons - 1)
+        return cls(layers, num_layers, num_neurons)
 
     def __repr__(self) -> str:
         return f"NeuronSet({len(self)} neurons in {len(self.layers)} of {self.num_layers} layers)"
@@ -109,16 +131,27 @@ class NeuronSet:
 class NeuronSetFile:
     """Named neuron sets of one model, with how they were chosen."""
 
-    def __init__(self, sets: dict[str, NeuronSet], model: dict, method: dict | None = None, extra: dict | None = None):
-        self.sets, self.model, self.method, self.extra = dict(sets), dict(model), dict(method or {}), dict(extra or {})
+    def __init__(self, sets: dict[str, NeuronSet], model: dict | ModelFingerprint, method: dict | None = None,
+                 extra: dict | None = None):
+        self.fingerprint = model if isinstance(model, ModelFingerprint) else \
+            ModelFingerprint.from_dict(model, "neuron sets")
+        self.sets, self.method, self.extra = dict(sets), dict(method or {}), dict(extra or {})
+        for name, s in self.sets.items():
+            if (s.num_layers, s.num_neurons) != (self.num_layers, self.num_neurons):
+                raise SSNError(f"neuron set {name!r} is for {s.num_layers} x {s.num_neurons} neurons, the file's "
+                               f"model has {self.num_layers} x {self.num_neurons}")
+
+    @property
+    def model(self) -> dict:
+        return self.fingerprint.to_dict()
 
     @property
     def num_layers(self) -> int:
-        return int(self.model["num_layers"])
+        return self.fingerprint.num_layers
 
     @property
     def num_neurons(self) -> int:
-        return int(self.model["num_neurons"])
+        return self.fingerprint.num_neurons
 
     def __getitem__(self, name: str) -> NeuronSet:
         if name not in self.sets:
@@ -126,37 +159,28 @@ class NeuronSetFile:
         return self.sets[name]
 
     def save(self, path: str | Path) -> Path:
-        data = {"format": FORMAT, "version": 1, "model": self.model, "method": self.method, **self.extra,
-                "sizes": {k: len(v) for k, v in self.sets.items()},
-                "sets": {k: v.to_json() for k, v in self.sets.items()}}
+        values = {"model": self.model, "method": self.method,
+                  "sets": {k: v.to_json() for k, v in self.sets.items()}}
+        data = SETS_FORMAT.to_dict(values, {**self.extra, "sizes": {k: len(v) for k, v in self.sets.items()}})
         atomic_write_text(path, json.dumps(data, indent=1))
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> NeuronSetFile:
         path = Path(path)
-        data = read_format_json(path, FORMAT, "neuron set file")
-        info = data.get("model") or {}
-        try:
-            L, N = int(info["num_layers"]), int(info["num_neurons"])
-        except (KeyError, TypeError, ValueError):
-            raise SSNError(f"{path}: the 'model' entry lacks num_layers/num_neurons") from None
-        sets = {k: NeuronSet.from_json(v, L, N) for k, v in (data.get("sets") or {}).items()}
-        extra = {k: v for k, v in data.items() if k not in ("format", "version", "model", "method", "sets", "sizes")}
-        f = cls(sets, info, data.get("method"), extra)
+        values, meta = SETS_FORMAT.read(path)
+        fp: ModelFingerprint = values["model"]
+        sets = {}
+        for name, data in values["sets"].items():
+            sets[name] = NeuronSet.from_json(data, fp.num_layers, fp.num_neurons, str(path), f"sets[{name!r}]")
+        meta.pop("sizes", None)  # derived; rewritten on save
+        f = cls(sets, fp, values["method"], meta)
         if model is not None:
-            check_model_match(info, model, str(path))
+            fp.check(model, str(path))
         return f
 
 
-def check_model_match(info: dict, model, what: str) -> None:
-    """Raise unless `info` (a fingerprint dict) describes `model`."""
-    from .fingerprint import model_fingerprint
-
-    fp = model_fingerprint(model)
-    if (int(info.get("num_layers", -1)), int(info.get("num_neurons", -1))) != (fp["num_layers"], fp["num_neurons"]):
-        raise SSNError(f"{what} is for a model with {info.get('num_layers')} layers x {info.get('num_neurons')} "
-                       f"neurons; this model has {fp['num_layers']} x {fp['num_neurons']}")
-    if info.get("config_hash") and info["config_hash"] != fp["config_hash"]:
-        raise SSNError(f"{what} was made for model {info.get('model_name')!r} (config {info['config_hash']}), "
-                       f"not this one (config {fp['config_hash']})")
+def check_model_match(info: dict | ModelFingerprint, model, what: str) -> None:
+    """Raise unless `info` (a file's fingerprint) describes `model`."""
+    fp = info if isinstance(info, ModelFingerprint) else ModelFingerprint.from_dict(info, what)
+    fp.check(model, what)

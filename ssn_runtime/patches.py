@@ -1,13 +1,20 @@
 """NeuronPatch: trained weight deltas for a few MLP neurons, stored like a PEFT adapter.
 
 For each layer: the neuron indices and deltas for their rows of gate and up (or fc) and
-their columns of down (or proj). A folder holds
-    patch_config.json    {"format": "ssn-neuron-patch", "model": {fingerprint}, "modules": [...], ...}
+their columns of down (or proj). A folder, written atomically as a whole, holds
+    patch_config.json    {"format": "ssn-neuron-patch", "version": 2, "model": {fingerprint}, "modules": [...],
+                          "hidden_size", "gated", "tensors_sha256", ...}
     patch.safetensors    layers.<l>.index [k], layers.<l>.gate [k, H], layers.<l>.up [k, H], layers.<l>.down [H, k]
+                         (attention neurons: attn.<l>.index, attn.<l>.v_index, attn.<l>.v, attn.<l>.o)
 
 Use it three ways: applied through the runtime without touching the base weights
-(`handle.set_patch(patch)`), merged into the weights (`merge_patch`, reversible with
-`unmerge()`), or written as a full checkpoint (`ssn merge`).
+(`handle.intervene(patch=...)`, or per batch row), merged into the weights (`merge_patch`,
+undone bit-exactly with `unmerge()`), or written as a full checkpoint (`ssn merge`, which
+keeps the replaced values beside the checkpoint so that `ssn merge --unmerge` is bit-exact
+too: subtracting a delta after adding it does not give back the same floats).
+
+Every patch, built in code or loaded, is validated: indices unique and in range, deltas
+finite and of the right shapes (a NaN delta merged into a checkpoint would poison it).
 """
 
 from __future__ import annotations
@@ -19,13 +26,37 @@ import torch
 import torch.nn as nn
 
 from .errors import SSNError
-from .io import atomic_write_bytes, atomic_write_text, read_format_json, read_safetensors
-from .neuron_sets import NeuronSet, check_model_match
+from .fingerprint import ModelFingerprint
+from .formats import Field, FileFormat, a_bool, a_fingerprint, a_string, any_value, string_list
+from .io import atomic_write_folder, read_safetensors, read_safetensors_checked, sha256_hex
+from .neuron_sets import NeuronSet
+from .validation import check_float_tensor, check_index_tensor, check_int, fail
 
 FORMAT = "ssn-neuron-patch"
 CONFIG_NAME = "patch_config.json"
 WEIGHTS_NAME = "patch.safetensors"
 MODULES = ("gate", "up", "down")
+MERGE_RECORD = "ssn_merge_record.safetensors"  # beside a merged checkpoint: what `ssn merge` replaced
+
+
+def _modules(value, where, key):
+    mods = string_list(value, where, key)
+    bad = [m for m in mods if m not in MODULES]
+    if bad or not mods:
+        raise fail(where, key, f"must be a non-empty list among {list(MODULES)}, got {value!r:.60}")
+    return mods
+
+
+PATCH_FORMAT = FileFormat(FORMAT, 2, "neuron patch", {
+    "model": Field(a_fingerprint, doc="the model's fingerprint"),
+    "modules": Field(_modules, doc="which neuron slices the patch changes"),
+    "hidden_size": Field(lambda v, w, k: check_int(v, w, k, 1)),
+    "gated": Field(a_bool, default=True),
+    "tensors_sha256": Field(a_string, default="", doc="SHA-256 of patch.safetensors (checked on load)"),
+    "attention_neurons": Field(any_value, default=None, doc="derived; rewritten on save"),
+    "num_neurons_patched": Field(any_value, default=None, doc="derived; rewritten on save"),
+    "num_params": Field(any_value, default=None, doc="derived; rewritten on save"),
+})
 
 
 class PatchState(nn.Module):
@@ -123,15 +154,21 @@ class PatchState(nn.Module):
 
 
 class NeuronPatch:
-    def __init__(self, tensors: dict[str, torch.Tensor], model: dict, modules: list[str], hidden_size: int,
-                 gated: bool, meta: dict | None = None):
-        self.tensors, self.model, self.modules = tensors, dict(model), list(modules)
+    def __init__(self, tensors: dict[str, torch.Tensor], model: dict | ModelFingerprint, modules: list[str],
+                 hidden_size: int, gated: bool, meta: dict | None = None, where: str = ""):
+        self.fingerprint = model if isinstance(model, ModelFingerprint) else ModelFingerprint.from_dict(model, where)
+        self.tensors, self.modules = dict(tensors), list(modules)
         self.hidden_size, self.gated, self.meta = int(hidden_size), bool(gated), dict(meta or {})
+        self._validate(where or "patch")
+
+    @property
+    def model(self) -> dict:
+        return self.fingerprint.to_dict()
 
     def neurons(self) -> NeuronSet:
         layers = {int(k.split(".")[1]): v for k, v in self.tensors.items()
                   if k.startswith("layers.") and k.endswith(".index")}
-        return NeuronSet(layers, int(self.model["num_layers"]), int(self.model["num_neurons"]))
+        return NeuronSet(layers, self.fingerprint.num_layers, self.fingerprint.num_neurons)
 
     def attention(self) -> dict[int, torch.Tensor]:
         """Attention neurons: layer -> o_proj input channels."""
@@ -142,63 +179,101 @@ class NeuronPatch:
         return sum(v.numel() for k, v in self.tensors.items() if not k.endswith("index"))
 
     def save(self, folder: str | Path) -> Path:
+        """Write the patch folder atomically (a reader sees the old patch or this one, never a mix)."""
         from safetensors.torch import save
 
-        folder = Path(folder)
-        atomic_write_bytes(folder / WEIGHTS_NAME, save({k: v.contiguous() for k, v in self.tensors.items()}))
-        cfg = {"format": FORMAT, "version": 1, "model": self.model, "modules": self.modules,
-               "attention_neurons": sum(v.numel() for v in self.attention().values()),
-               "hidden_size": self.hidden_size, "gated": self.gated, "num_neurons_patched": len(self.neurons()),
-               "num_params": self.num_params(), **self.meta}
-        atomic_write_text(folder / CONFIG_NAME, json.dumps(cfg, indent=1))
-        return folder
+        blob = save({k: v.contiguous() for k, v in self.tensors.items()})
+        cfg = PATCH_FORMAT.to_dict({
+            "model": self.model, "modules": self.modules, "hidden_size": self.hidden_size, "gated": self.gated,
+            "tensors_sha256": sha256_hex(blob), "num_params": self.num_params(),
+            "attention_neurons": sum(v.numel() for v in self.attention().values()),
+            "num_neurons_patched": len(self.neurons())}, self.meta)
+        return atomic_write_folder(folder, {WEIGHTS_NAME: blob, CONFIG_NAME: json.dumps(cfg, indent=1).encode()})
 
     @classmethod
     def load(cls, folder: str | Path, model=None) -> NeuronPatch:
         folder = Path(folder)
-        cfg = read_format_json(folder / CONFIG_NAME, FORMAT, "neuron patch",
-                               missing=f"{folder} is not a neuron patch folder (no {CONFIG_NAME})")
-        tensors, _ = read_safetensors(folder / WEIGHTS_NAME, "patch weights")
-        meta = {k: v for k, v in cfg.items() if k not in ("format", "version", "model", "modules", "hidden_size",
-                                                         "gated", "num_neurons_patched", "num_params",
-                                                         "attention_neurons")}
-        patch = cls(tensors, cfg.get("model") or {}, cfg.get("modules") or [], cfg.get("hidden_size", 0),
-                    cfg.get("gated", True), meta)
-        patch._check_shapes(str(folder))
+        values, meta = PATCH_FORMAT.read(folder / CONFIG_NAME,
+                                         missing=f"{folder} is not a neuron patch folder (no {CONFIG_NAME})")
+        tensors = read_safetensors_checked(folder / WEIGHTS_NAME, values["tensors_sha256"], "patch weights")
+        patch = cls(tensors, values["model"], values["modules"], values["hidden_size"], values["gated"], meta,
+                    where=str(folder / WEIGHTS_NAME))
         if model is not None:
-            check_model_match(patch.model, model, f"patch {folder}")
+            patch.fingerprint.check(model, f"patch {folder}")
         return patch
 
-    def _check_shapes(self, where: str) -> None:
-        neurons = self.neurons()  # validates layers and indices
-        H = self.hidden_size
-        for layer, idx in neurons.layers.items():
-            k = idx.numel()
-            for m in self.modules:
-                t = self.tensors.get(f"layers.{layer}.{m}")
-                want = (H, k) if m == "down" else (k, H)
-                if t is None or tuple(t.shape) != want:
-                    raise SSNError(f"{where}: layers.{layer}.{m} should be {want}, got "
-                                   f"{None if t is None else tuple(t.shape)}")
-        for layer, idx in self.attention().items():
-            v_idx = self.tensors.get(f"attn.{layer}.v_index")
-            v, o = self.tensors.get(f"attn.{layer}.v"), self.tensors.get(f"attn.{layer}.o")
-            if v_idx is None or v is None or o is None or tuple(o.shape) != (H, idx.numel()) \
-                    or tuple(v.shape) != (v_idx.numel(), H):
-                raise SSNError(f"{where}: attention layer {layer} has inconsistent tensors")
+    def _validate(self, where: str) -> None:
+        """Keys, index dtypes/ranges/uniqueness, delta shapes and finiteness, in one place."""
+        H, N = self.hidden_size, self.fingerprint.num_neurons
+        mods = [m for m in self.modules if m in MODULES]
+        if len(mods) != len(self.modules) or not mods:
+            raise fail(where, "modules", f"must be among {list(MODULES)}, got {self.modules}")
+        if "gate" in mods and not self.gated:
+            raise fail(where, "modules", "a plain (not gated) MLP has no gate rows")
+        known = {}
+        for key, t in self.tensors.items():
+            parts = key.split(".")
+            ok = len(parts) == 3 and parts[0] in ("layers", "attn") and parts[1].isdigit() \
+                and not (len(parts[1]) > 1 and parts[1][0] == "0")
+            allowed = ("index", *mods) if parts[0] == "layers" else ("index", "v_index", "v", "o")
+            if not ok or parts[2] not in allowed:
+                raise fail(where, key, "unexpected tensor (expected layers.<l>.index|" + "|".join(mods)
+                           + " or attn.<l>.index|v_index|v|o)")
+            layer = int(parts[1])
+            if layer >= self.fingerprint.num_layers:
+                raise fail(where, key, f"layer {layer} is out of range: the model has "
+                           f"{self.fingerprint.num_layers} layers")
+            known.setdefault((parts[0], layer), {})[parts[2]] = t
+        for (kind, layer), parts in known.items():
+            pre = f"{kind}.{layer}"
+            if kind == "layers":
+                if "index" not in parts:
+                    raise fail(where, f"{pre}.index", "is missing")
+                idx = check_index_tensor(parts["index"], where, f"{pre}.index", N)
+                k = idx.numel()
+                for m in mods:
+                    want = (H, k) if m == "down" else (k, H)
+                    if m not in parts:
+                        raise fail(where, f"{pre}.{m}", "is missing")
+                    check_float_tensor(parts[m], where, f"{pre}.{m}", want)
+                self.tensors[f"{pre}.index"] = idx
+            else:
+                for name in ("index", "v_index", "v", "o"):
+                    if name not in parts:
+                        raise fail(where, f"{pre}.{name}", "is missing")
+                ch = check_index_tensor(parts["index"], where, f"{pre}.index", 1 << 31)
+                vrows = check_index_tensor(parts["v_index"], where, f"{pre}.v_index", 1 << 31)
+                check_float_tensor(parts["v"], where, f"{pre}.v", (vrows.numel(), H))
+                check_float_tensor(parts["o"], where, f"{pre}.o", (H, ch.numel()))
+                self.tensors[f"{pre}.index"], self.tensors[f"{pre}.v_index"] = ch, vrows
+
+    def _check_shapes(self, where: str) -> None:  # kept for callers; validation runs in __init__
+        self._validate(where)
 
 
 class MergedPatch:
     """A patch added into the model's weights; `unmerge()` restores the exact originals."""
 
-    def __init__(self, saved: list):
-        self._saved = saved
+    def __init__(self, saved: list, patch: NeuronPatch):
+        self._saved, self.patch = saved, patch
 
     def unmerge(self) -> None:
         with torch.no_grad():
-            for view_fn, idx, original in reversed(self._saved):
+            for _, view_fn, idx, original in reversed(self._saved):
                 view_fn()[idx] = original
         self._saved = []
+
+    def record(self) -> bytes:
+        """What `ssn merge` writes beside a merged checkpoint (safetensors): the replaced values,
+        the hash of the values the merge wrote and of the patch, so that `unmerge_record`
+        restores the base bit for bit, and refuses if the merged weights were changed since."""
+        from safetensors.torch import save
+
+        tensors = {f"original.{i}": orig.detach().cpu().contiguous() for i, (_, _, _, orig) in enumerate(self._saved)}
+        meta = {"format": "ssn-merge-record", "version": "1", "slices": json.dumps([name for name, *_ in self._saved]),
+                "merged_sha256": _slices_digest([v()[i] for _, v, i, _ in self._saved]),
+                "patch_sha256": _patch_digest(self.patch)}
+        return save(tensors, metadata=meta)
 
 
 def _slices(site):
@@ -209,38 +284,49 @@ def _slices(site):
     return out
 
 
-def merge_patch(model, patch: NeuronPatch | PatchState) -> MergedPatch:
-    """Add the deltas into the weights: W_gate[idx] += D_gate, W_up[idx] += D_up, W_down[:, idx] += D_down."""
+def _slices_digest(tensors: list[torch.Tensor]) -> str:
+    from safetensors.torch import save
+
+    return sha256_hex(save({str(i): t.detach().cpu().contiguous() for i, t in enumerate(tensors)}))
+
+
+def _patch_digest(patch: NeuronPatch) -> str:
+    from safetensors.torch import save
+
+    return sha256_hex(save({k: v.contiguous() for k, v in sorted(patch.tensors.items())}))
+
+
+def _edits(model, patch: NeuronPatch):
+    """(name, row-view function, rows, delta) for every slice the patch changes, in a fixed order."""
     from .adapters import find_sites
 
+    sites = find_sites(model)
+    for layer, idx in sorted(patch.neurons().layers.items()):
+        views = _slices(sites[layer])
+        for m in patch.modules:
+            delta = patch.tensors[f"layers.{layer}.{m}"]
+            yield f"layers.{layer}.{m}", views[m], idx, (delta.t() if m == "down" else delta)
+    yield from _attention_edits(model, patch)
+
+
+def merge_patch(model, patch: NeuronPatch | PatchState) -> MergedPatch:
+    """Add the deltas into the weights: W_gate[idx] += D_gate, W_up[idx] += D_up, W_down[:, idx] += D_down."""
     if isinstance(patch, PatchState):
         patch = patch.to_patch()
-    check_model_match(patch.model, model, "patch")
-    sites = find_sites(model)
+    patch.fingerprint.check(model, "patch")
     saved = []
     with torch.no_grad():
-        for layer, idx in patch.neurons().layers.items():
-            views = _slices(sites[layer])
-            for m in patch.modules:
-                view_fn = views[m]
-                w = view_fn()
-                i = idx.to(w.device)
-                original = w[i].clone()
-                delta = patch.tensors[f"layers.{layer}.{m}"].to(w.device)
-                delta = delta.t() if m == "down" else delta
-                w[i] = (original.float() + delta.float()).to(w.dtype)
-                saved.append((view_fn, i, original))
-        for view_fn, i, delta in _attention_edits(model, patch):
+        for name, view_fn, idx, delta in list(_edits(model, patch)):
             w = view_fn()
-            i = i.to(w.device)
+            i = idx.to(w.device)
             original = w[i].clone()
             w[i] = (original.float() + delta.to(w.device).float()).to(w.dtype)
-            saved.append((view_fn, i, original))
-    return MergedPatch(saved)
+            saved.append((name, view_fn, i, original))
+    return MergedPatch(saved, patch)
 
 
 def _attention_edits(model, patch: NeuronPatch):
-    """(row-view function, rows, delta) for the attention part: v_proj rows, o_proj columns."""
+    """(name, row-view function, rows, delta) for the attention part: v_proj rows, o_proj columns."""
     attention = patch.attention()
     if not attention:
         return []
@@ -248,31 +334,40 @@ def _attention_edits(model, patch: NeuronPatch):
 
     sites = attention_sites(model)
     edits = []
-    for layer, idx in attention.items():
+    for layer, idx in sorted(attention.items()):
         s = sites[layer]
-        edits.append((lambda s=s: s.v_proj.weight, patch.tensors[f"attn.{layer}.v_index"],
+        edits.append((f"attn.{layer}.v", lambda s=s: s.v_proj.weight, patch.tensors[f"attn.{layer}.v_index"],
                       patch.tensors[f"attn.{layer}.v"]))
-        edits.append((lambda s=s: s.o_proj.weight.t(), idx, patch.tensors[f"attn.{layer}.o"].t()))
+        edits.append((f"attn.{layer}.o", lambda s=s: s.o_proj.weight.t(), idx, patch.tensors[f"attn.{layer}.o"].t()))
     return edits
 
 
-def unmerge_patch(model, patch: NeuronPatch) -> None:
-    """Subtract a patch merged earlier (e.g. into a saved checkpoint). Exact in float32;
-    in bfloat16 the base comes back up to one rounding per touched weight."""
-    from .adapters import find_sites
-
-    check_model_match(patch.model, model, "patch")
-    sites = find_sites(model)
+def unmerge_record(model, patch: NeuronPatch, record_path: str | Path) -> None:
+    """Undo `ssn merge` bit-exactly: put back the values its record kept. Refuses when the
+    record is for another patch, or when the merged weights changed since the merge."""
+    record_path = Path(record_path)
+    if not record_path.is_file():
+        raise SSNError(f"no merge record at {record_path}: an exact unmerge needs the values `ssn merge` replaced "
+                       "(subtracting the patch does not give back the same floats); merge with this version of "
+                       "ssn-runtime, or reload the base checkpoint")
+    tensors, meta = read_safetensors(record_path, "merge record")
+    if meta.get("format") != "ssn-merge-record":
+        raise SSNError(f"{record_path} is not an ssn-runtime merge record")
+    if meta.get("patch_sha256") != _patch_digest(patch):
+        raise SSNError(f"{record_path} records the merge of another patch, not this one")
+    patch.fingerprint.check(model, "patch")
+    edits = list(_edits(model, patch))
+    names = json.loads(meta.get("slices", "[]"))
+    if names != [e[0] for e in edits] or len(tensors) != len(edits):
+        raise SSNError(f"{record_path} does not match the patch's slices")
+    if meta.get("merged_sha256") != _slices_digest([v()[i.to(v().device)] for _, v, i, _ in edits]):
+        raise SSNError(f"the weights of {record_path.parent} changed since the patch was merged: an exact unmerge "
+                       "is impossible")
     with torch.no_grad():
-        for layer, idx in patch.neurons().layers.items():
-            views = _slices(sites[layer])
-            for m in patch.modules:
-                w = views[m]()
-                i = idx.to(w.device)
-                delta = patch.tensors[f"layers.{layer}.{m}"].to(w.device)
-                delta = delta.t() if m == "down" else delta
-                w[i] = (w[i].float() - delta.float()).to(w.dtype)
-        for view_fn, i, delta in _attention_edits(model, patch):
+        for k, (_, view_fn, idx, _) in enumerate(edits):
             w = view_fn()
-            i = i.to(w.device)
-            w[i] = (w[i].float() - delta.to(w.device).float()).to(w.dtype)
+            orig = tensors[f"original.{k}"]
+            if orig.dtype != w.dtype or tuple(orig.shape) != (idx.numel(), *w.shape[1:]):
+                raise SSNError(f"{record_path}: original.{k} has dtype/shape {orig.dtype}/{tuple(orig.shape)}, "
+                               f"the model's slice {w.dtype}")
+            w[idx.to(w.device)] = orig.to(w.device)

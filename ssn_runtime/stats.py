@@ -26,13 +26,21 @@ from pathlib import Path
 import torch
 
 from .errors import SSNError
+from .fingerprint import ModelFingerprint
+from .formats import Field, FileFormat, any_value, string_list
 from .io import atomic_write_bytes, read_safetensors
+from .validation import check_count_tensor, check_float_tensor, fail
 
 FORMAT = "ssn-neuron-stats"
 VERSION = 1
 _TENSORS = ("count", "sum", "m2", "abs_sum", "active", "gate_active", "topk_count", "seq_count")
 _OPTIONAL = ("gate_active", "topk_count", "seq_count")
-_INT = ("count", "active", "gate_active", "topk_count", "seq_count")
+# The JSON description stored in the safetensors metadata under "ssn_stats".
+STATS_FORMAT = FileFormat(FORMAT, VERSION, "stats file", {
+    "groups": Field(string_list, doc="group names, in the order of the G axis"),
+    **{k: Field(any_value, default=None, doc="derived; rewritten on save")
+       for k in ("num_layers", "num_neurons", "tokens_seen", "group_tokens")},
+})
 # Keys two stats must share to be merged: same model, same measurement.
 _COMPAT = ("config_hash", "num_layers", "num_neurons", "positions", "threshold", "topk")
 
@@ -134,41 +142,61 @@ class NeuronStats:
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> NeuronStats:
+        """Read a stats file, validating every tensor (dtype, shape, finiteness, non-negative
+        counts, counts within the token counts): NaN statistics would otherwise flow silently
+        into neuron selection."""
         path = Path(path)
+        where = str(path)
         tensors, raw = read_safetensors(path, "stats file")
         try:
-            meta = json.loads(raw.get("ssn_stats", "null") or "null")
+            described = json.loads(raw.get("ssn_stats", "null") or "null")
         except json.JSONDecodeError:
-            meta = None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            described = None
+        if not isinstance(described, dict):
             raise SSNError(f"{path} is not an ssn-runtime stats file (no '{FORMAT}' metadata)")
+        values, meta = STATS_FORMAT.from_dict(described, where)
         missing = [k for k in _TENSORS if k not in _OPTIONAL and k not in tensors]
         if missing:
             raise SSNError(f"{path} lacks tensors {missing}")
-        groups = meta.get("groups")
-        if not isinstance(groups, list):
-            raise SSNError(f"{path}: stats metadata has no group list")
-        meta = {k: v for k, v in meta.items() if k not in ("format", "version", "groups", "tokens_seen",
-                                                             "group_tokens", "num_layers", "num_neurons")}
-        stats = cls(groups, **{k: tensors.get(k) for k in _TENSORS}, meta=meta)
+        unknown = sorted(set(tensors) - set(_TENSORS))
+        if unknown:
+            raise fail(where, unknown[0], "unexpected tensor in a stats file")
+        if tensors["sum"].dim() != 3:
+            raise fail(where, "sum", f"must be [layers, groups, neurons], got shape {tuple(tensors['sum'].shape)}")
+        L, G, N = tensors["sum"].shape
+        groups = values["groups"]
+        if len(groups) != G:
+            raise fail(where, "groups", f"names {len(groups)} groups but the tensors hold {G}")
+        t = {"count": check_count_tensor(tensors["count"], where, "count", (L, G))}
+        for k in ("sum", "m2", "abs_sum"):
+            t[k] = check_float_tensor(tensors[k], where, k, (L, G, N), nonnegative=k != "sum").to(torch.float64)
+        if "seq_count" in tensors:
+            t["seq_count"] = check_count_tensor(tensors["seq_count"], where, "seq_count", (L, G))
+        for k, limit in (("active", "count"), ("gate_active", "count"), ("topk_count", "seq_count")):
+            if k not in tensors:
+                continue
+            if limit not in t:
+                raise fail(where, k, f"needs the {limit!r} tensor beside it")
+            t[k] = check_count_tensor(tensors[k], where, k, (L, G, N))
+            over = t[k] > t[limit].unsqueeze(-1)
+            if bool(over.any()):
+                i = over.nonzero()[0].tolist()
+                raise fail(where, k, f"{int(t[k][tuple(i)])} exceeds the {limit} {int(t[limit][tuple(i[:2])])} at {i}")
+        if ("topk_count" in t) != ("seq_count" in t):
+            raise fail(where, "topk_count", "topk_count and seq_count come together")
+        stats = cls(groups, **{k: t.get(k) for k in _TENSORS}, meta=meta)
         if model is not None:
             stats.check_model(model)
         return stats
 
-    def check_model(self, model) -> None:
-        from .fingerprint import model_fingerprint
+    @property
+    def fingerprint(self) -> ModelFingerprint:
+        keys = ("config_hash", "model_name", "model_type")
+        return ModelFingerprint(self.num_layers, self.num_neurons,
+                                **{k: self.meta[k] for k in keys if isinstance(self.meta.get(k), str)})
 
-        fp = model_fingerprint(model)
-        if (fp["num_layers"], fp["num_neurons"]) != (self.num_layers, self.num_neurons):
-            raise SSNError(
-                f"stats are for {self.num_layers} layers x {self.num_neurons} neurons but the model has "
-                f"{fp['num_layers']} x {fp['num_neurons']}: these stats come from another model"
-            )
-        if self.meta.get("config_hash") and self.meta["config_hash"] != fp["config_hash"]:
-            raise SSNError(
-                f"stats were computed on model {self.meta.get('model_name')!r} (config {self.meta['config_hash']}), "
-                f"not on this one (config {fp['config_hash']})"
-            )
+    def check_model(self, model) -> None:
+        self.fingerprint.check(model, "these stats")
 
     # ----- merging -----
     def check_compatible(self, other: NeuronStats) -> None:

@@ -97,4 +97,4 @@ def test_cli_errors_are_one_line(tmp_path, checkpoint, make):
 def test_loaded_model_attaches(checkpoint):
     model = load_model(checkpoint)
     with ssn_runtime.attach(model) as h:
-        assert h.num_layers == 2 and h.num_neurons == 74
+        assert h.num_layers == 2 and h.total_neurons == 74 and h.neurons_per_layer == 37
