@@ -5,8 +5,8 @@
 On one model, in interleaved rounds (median), with masks of 1% of all neurons:
   (a) plain    the unpatched Hugging Face model, no mask
   (b) folded   one mask folded into the down projections (fold_mask)
-  (c) dynamic  one mask applied inside the fused MLP kernels (handle.set_mask)
-  (d) per-row  8 different masks, one per batch row, in one forward (handle.set_masks)
+  (c) dynamic  one mask applied inside the fused MLP kernels (handle.intervene(mask=...))
+  (d) per-row  8 different masks, one per batch row, in one forward (handle.intervene(variants=..., rows=...))
 Reports tokens/s and ratios against (a); the attached model with no mask is shown too.
 Targets (GPU): (b)/(a) = 1.00, (c)/(a) <= 1.03, (d)/(a) <= 1.05.
 """
@@ -14,6 +14,7 @@ Targets (GPU): (b)/(a) = 1.00, (c)/(a) <= 1.03, (d)/(a) <= 1.05.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -66,20 +67,24 @@ def main(argv=None) -> int:
     def attach(kind):
         def go():
             h = ssn_runtime.attach(model)
+            scope = contextlib.ExitStack()
             if kind == "dynamic":
-                h.set_mask(one)
+                scope.enter_context(h.intervene(mask=one))
             elif kind == "per_row":
-                h.set_masks(masks)
-                h.set_row_profiles(rows)
-            state["h"] = h
+                scope.enter_context(h.intervene(variants=masks, rows=rows))
+            state["h"], state["scope"] = h, scope
         return go
+
+    def detach():
+        state.pop("scope").close()
+        state.pop("h").detach()
 
     def fold():
         state["fold"] = fold_mask(model, one)
 
     setup = {"attached": attach("none"), "dynamic": attach("dynamic"), "per_row": attach("per_row"), "folded": fold}
-    teardown = {"attached": lambda: state.pop("h").detach(), "dynamic": lambda: state.pop("h").detach(),
-                "per_row": lambda: state.pop("h").detach(), "folded": lambda: state.pop("fold").unfold()}
+    teardown = {"attached": detach, "dynamic": detach, "per_row": detach,
+                "folded": lambda: state.pop("fold").unfold()}
     res = {"device": dev, "device_name": device_name(dev), "batch": B, "prompt_tokens": T, "new_tokens": new,
            "mask_neurons": len(one), "total_neurons": cfg.num_hidden_layers * cfg.intermediate_size}
     for what, fn, tokens in (("forward", forward, B * T), ("generate", generate, B * new)):

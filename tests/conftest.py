@@ -7,6 +7,9 @@ import torch
 # decorates any kernel, i.e. before ssn_kernels.fused_act is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Decorate the kernels now, under the interpreter: a test that later sets TRITON_INTERPRET=0
+    # (to check the error for a forced triton backend) must not be the first to import them.
+    import ssn_kernels.fused_act  # noqa: F401, E402
 os.environ.pop("SSN_BACKEND", None)
 
 HAS_CUDA = torch.cuda.is_available()

@@ -154,9 +154,9 @@ def test_register_adapter_adds_an_architecture():
         with pytest.raises(SSNError, match="exists"):
             ssn_runtime.register_adapter("granite", ArchAdapter(("model.layers",), LLAMA_STYLE))
     finally:
-        from ssn_runtime.adapters import _REGISTRY
+        from ssn_runtime.adapters import unregister_adapter
 
-        _REGISTRY.pop("granite", None)
+        unregister_adapter("granite")
 
 
 def test_mlp_style_validation():
@@ -180,3 +180,36 @@ def test_peft_wrapped_model_attaches():
             assert h.num_layers == 2
             out = wrapped(input_ids=ids, attention_mask=mask).logits
     assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+def test_attach_under_accelerate_dispatch_hooks(tiny_ckpts, tmp_path):
+    """A model loaded with a device_map gets accelerate's per-module forward wrappers (here:
+    layer 1 offloaded to disk, its weights loaded by the hook around each forward). Attaching
+    must keep those hooks running around the fused path, and detach must restore them."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    from ssn_runtime.masks import NeuronMask
+    from ssn_runtime.neuron_sets import NeuronSet
+
+    path = tiny_ckpts["llama"]
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    dm = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+          "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, device_map=dm, offload_folder=str(tmp_path / "off")).eval()
+    mlp = model.model.layers[1].mlp
+    assert hasattr(mlp, "_hf_hook") and mlp.gate_proj.weight.device.type == "meta"  # really offloaded
+    wrapper = mlp.__dict__["forward"]
+    ids = torch.randint(3, 300, (2, 7))
+    with torch.no_grad():
+        expect = ref(ids).logits
+        with attach(model) as h:
+            assert mlp.__dict__["forward"] is wrapper  # accelerate's wrapper stays outermost
+            out = model(ids).logits
+            mask = NeuronMask.suppress(NeuronSet({1: [1, 2, 3]}, 2, h.neurons_per_layer), model)
+            with h.intervene(mask=mask):
+                masked = model(ids).logits
+        assert float((out - expect).abs().max() / expect.abs().max()) <= 1e-5
+        assert float((masked - out).abs().max()) > 1e-4  # the mask reached the offloaded layer
+        assert torch.equal(model(ids).logits, model(ids).logits) and "_ssn_site" not in mlp.__dict__
+        assert float((model(ids).logits - expect).abs().max()) == 0.0  # detached: exactly the plain model

@@ -66,8 +66,7 @@ def test_folded_dynamic_and_hook_agree(arch, backend):
         ref = model(input_ids=ids, attention_mask=mask_).logits
         ref_hook.remove()
         assert rel_err(ref, base, mask_) > 1e-3  # the mask does something
-        with ssn_runtime.attach(model, backend=backend) as h:
-            h.set_mask(mask)
+        with ssn_runtime.attach(model, backend=backend) as h, h.intervene(mask=mask):
             dyn = model(input_ids=ids, attention_mask=mask_).logits
         folded = fold_mask(model, mask)
         fold = model(input_ids=ids, attention_mask=mask_).logits
@@ -91,8 +90,8 @@ def test_mask_changes_exactly_its_neurons(backend):
     with torch.no_grad(), ssn_runtime.attach(model, backend=backend) as h:
         model(ids)
         before = dict(seen)
-        h.set_mask(mask)
-        model(ids)
+        with h.intervene(mask=mask):
+            model(ids)
     for hk in hooks:
         hk.remove()
     # Layer 0 sees identical inputs both times, so its change is the mask alone.
@@ -117,15 +116,14 @@ def test_per_row_masks_equal_running_each_row_alone(arch, backend):
     rows = ["rich", "base", "amp"]
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad(), ssn_runtime.attach(model, backend=backend) as h:
-        h.set_masks(masks)
-        h.set_row_profiles(rows)
-        mixed_logits = model(input_ids=ids, attention_mask=am).logits
-        mixed_gen = model.generate(input_ids=ids, attention_mask=am, **kw)
+        with h.intervene(variants=masks, rows=rows):
+            mixed_logits = model(input_ids=ids, attention_mask=am).logits
+            mixed_gen = model.generate(input_ids=ids, attention_mask=am, **kw)
         for i, name in enumerate(rows):
-            h.set_mask(masks[name] if name != "base" else None)
-            alone = model(input_ids=ids[i:i + 1], attention_mask=am[i:i + 1]).logits
+            with h.intervene(mask=masks[name] if name != "base" else None):
+                alone = model(input_ids=ids[i:i + 1], attention_mask=am[i:i + 1]).logits
+                gen = model.generate(input_ids=ids[i:i + 1], attention_mask=am[i:i + 1], **kw)[0]
             assert rel_err(mixed_logits[i:i + 1], alone, am[i:i + 1]) <= 1e-5, name
-            gen = model.generate(input_ids=ids[i:i + 1], attention_mask=am[i:i + 1], **kw)[0]
             # Alone, a row stops at EOS; in the batch it is then padded while the others go on.
             assert torch.equal(mixed_gen[i, : len(gen)], gen), name
             assert bool((mixed_gen[i, len(gen):] == 0).all()), name
@@ -148,8 +146,7 @@ def test_mask_gradients_match_hook_reference():
     for backend in BACKENDS:
         if device_for(backend) != "cpu":
             continue
-        with ssn_runtime.attach(model, backend=backend) as h:
-            h.set_mask(mask)
+        with ssn_runtime.attach(model, backend=backend) as h, h.intervene(mask=mask):
             out = grads()
         for name in ref:
             assert rel_err(out[name], ref[name]) <= 1e-5, (backend, name)
@@ -172,11 +169,11 @@ def test_save_load_and_validation(tmp_path):
     with pytest.raises(SSNError, match="neuron 999"):
         NeuronSet({0: [999]}, 2, 37)
     with ssn_runtime.attach(model) as h:
-        with pytest.raises(SSNError, match="unknown mask profile"):
-            h.set_masks({"a": mask})
-            h.set_row_profiles(["a", "zzz"])
-        h.set_row_profiles(["a", "a"])
-        with pytest.raises(SSNError, match="per-row mask profiles were set for 2 rows"):
+        with pytest.raises(SSNError, match="unknown variant 'zzz'"), h.intervene(variants={"a": mask},
+                                                                                  rows=["a", "zzz"]):
+            pass
+        with h.intervene(variants={"a": mask}, rows=["a", "a"]), \
+                pytest.raises(SSNError, match="per-row variants were given for 2 rows"):
             model(batch("right")[0])  # 3 rows
 
 

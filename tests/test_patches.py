@@ -46,8 +46,7 @@ def test_sparse_gradients_equal_dense_gradients_on_the_slices(arch, backend):
         p.requires_grad_(False)
     state = patch_state(model).to(dev)
     ids, mask = batch("right", dev)
-    with ssn_runtime.attach(model, backend=backend) as h:
-        h.set_patch(state)
+    with ssn_runtime.attach(model, backend=backend) as h, h.intervene(patch=state):
         loss = loss_of(model, ids, mask)
         loss.backward()
 
@@ -99,8 +98,7 @@ def test_backward_stops_below_the_lowest_patched_layer():
     hooks = [s.module.register_forward_hook(lambda m, a, o, layer=s.layer: seen.__setitem__(layer, o.requires_grad))
              for s in sites]
     ids, mask = batch("right")
-    with ssn_runtime.attach(model) as h:
-        h.set_patch(state)
+    with ssn_runtime.attach(model) as h, h.intervene(patch=state):
         loss_of(model, ids, mask).backward()
     for hk in hooks:
         hk.remove()
@@ -119,8 +117,7 @@ def test_runtime_patch_equals_merged_weights_and_unmerge_is_exact(arch, tmp_path
     ids, mask = batch("right")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        with ssn_runtime.attach(model) as h:
-            h.set_patch(back)
+        with ssn_runtime.attach(model) as h, h.intervene(patch=back):
             applied = model(input_ids=ids, attention_mask=mask).logits
         merged = merge_patch(model, back)
         direct = model(input_ids=ids, attention_mask=mask).logits
@@ -159,8 +156,7 @@ def test_attention_neurons_grouped_query_mapping_and_exact_gradients(tmp_path):
         for p in state.parameters():
             p.normal_(0, 0.05, generator=g)
     ids, mask = batch("right")
-    with ssn_runtime.attach(model) as h:
-        h.set_patch(state)
+    with ssn_runtime.attach(model) as h, h.intervene(patch=state):
         loss = loss_of(model, ids, mask)
         loss.backward()
         applied = loss.item()
@@ -181,8 +177,7 @@ def test_attention_neurons_grouped_query_mapping_and_exact_gradients(tmp_path):
     back = NeuronPatch.load(path, model=model)
     assert {k: v.tolist() for k, v in back.attention().items()} == {0: [1, 13, 30], 1: [47]}
     with torch.no_grad():
-        with ssn_runtime.attach(model) as h:
-            h.set_patch(back)
+        with ssn_runtime.attach(model) as h, h.intervene(patch=back):
             a = model(input_ids=ids, attention_mask=mask).logits
         assert rel_err(a, dense(input_ids=ids, attention_mask=mask).logits, mask) <= 1e-5
         assert not any(m._forward_hooks for m in model.modules())  # detach removed the hooks

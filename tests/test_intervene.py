@@ -1,0 +1,211 @@
+"""Scoped interventions: state bound to the call (thread, task), restored on exit, inherited
+when nested; per-row variants (masks and patches on one copy of the weights) equal the
+merged model row by row; deep copies of attached models use their own weights."""
+
+import copy
+import threading
+
+import pytest
+import torch
+
+import ssn_runtime
+from ssn_runtime import SSNError
+from ssn_runtime.masks import NeuronMask
+from ssn_runtime.patches import PatchState, merge_patch
+from ssn_runtime.runtime import Variant, ensure_attached
+
+from test_masks import rich_mask, some_neurons
+from test_parity_zoo import BACKENDS, device_for, rel_err
+from zoo import batch, tiny_model
+
+ARCHS = ["llama", "phi3", "gpt2", "gpt_neox"]
+
+
+def trained_patch(model, seed=0, k=6, attention=None):
+    """A PatchState with random (non-zero) deltas on k neurons of every layer."""
+    from ssn_runtime.attention_neurons import attention_sites
+
+    site = ssn_runtime.find_sites(model)[0]
+    sites = attention_sites(model) if attention else None
+    state = PatchState(some_neurons(model, k, seed), site.hidden_size, gated=site.gated,
+                       model_info=ssn_runtime.fingerprint.model_fingerprint(model), attention=attention,
+                       attention_sites=sites)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in state.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return state.to_patch()
+
+
+def test_state_is_scoped_nested_and_restored():
+    model = tiny_model("llama")
+    ids, am = batch("right")
+    m1, m2 = rich_mask(model, 0), NeuronMask.suppress(some_neurons(model, 9, 4), model)
+    with torch.no_grad(), ssn_runtime.attach(model) as h:
+        base = model(input_ids=ids, attention_mask=am).logits
+        with h.intervene(mask=m1):
+            a = model(input_ids=ids, attention_mask=am).logits
+            with h.intervene(mask=m2):
+                b = model(input_ids=ids, attention_mask=am).logits
+            assert torch.equal(model(input_ids=ids, attention_mask=am).logits, a)  # the outer mask is back
+            with h.intervene(collector=None):  # not given: the mask is inherited
+                assert torch.equal(model(input_ids=ids, attention_mask=am).logits, a)
+        assert h.state().empty
+        assert torch.equal(model(input_ids=ids, attention_mask=am).logits, base)
+        assert rel_err(a, base, am) > 1e-3 and rel_err(b, a, am) > 1e-3
+        with pytest.raises(RuntimeError), h.intervene(mask=m1):
+            raise RuntimeError("boom")
+        assert h.state().empty  # restored after an error too
+        with pytest.raises(SSNError, match="not both"), h.intervene(mask=m1, variants={"x": m2}, rows=["x"] * 3):
+            pass
+
+
+def test_threads_never_see_each_others_masks():
+    """The defect this API fixes: two threads on one attached model with different masks."""
+    torch.set_num_threads(1)  # the threads interleave forwards, not intra-op work
+    model = tiny_model("llama")
+    ids, am = batch("right")
+    masks = [rich_mask(model, 0), NeuronMask.suppress(some_neurons(model, 12, 5), model)]
+    with torch.no_grad(), ssn_runtime.attach(model) as h:
+        refs = []
+        for m in masks:
+            with h.intervene(mask=m):
+                refs.append(model(input_ids=ids, attention_mask=am).logits)
+        assert not torch.equal(refs[0], refs[1])
+        wrong, start = [0, 0], threading.Barrier(2)
+
+        def work(i):
+            start.wait()
+            with torch.no_grad(), h.intervene(mask=masks[i]):
+                for _ in range(25):
+                    if not torch.equal(model(input_ids=ids, attention_mask=am).logits, refs[i]):
+                        wrong[i] += 1
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert wrong == [0, 0]
+        assert h.state().empty  # nothing leaked into the main thread
+
+
+def test_handle_scope_is_shared_and_exclusive():
+    model = tiny_model("llama")
+    ids, am = batch("right")
+    mask = rich_mask(model)
+    with torch.no_grad(), ssn_runtime.attach(model) as h:
+        with h.intervene(mask=mask):
+            ref = model(input_ids=ids, attention_mask=am).logits
+        seen, errors = {}, []
+        with h.intervene(mask=mask, scope="handle"):
+            def other():
+                with torch.no_grad():
+                    seen["out"] = model(input_ids=ids, attention_mask=am).logits
+                try:
+                    with h.intervene(mask=None, scope="handle"):
+                        pass
+                except SSNError as exc:
+                    errors.append(str(exc))
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+        assert torch.equal(seen["out"], ref)  # visible to another thread
+        assert errors and "another thread" in errors[0]
+        assert h.state().empty
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_row_patches_equal_merged_models(arch, backend):
+    """One copy of the weights serves base, two patches and a mask+patch variant in one batch;
+    each row equals the model with its patch merged (and its mask applied)."""
+    dev = device_for(backend)
+    model = tiny_model(arch).to(dev)
+    p1, p2 = trained_patch(model, 1), trained_patch(model, 2, k=3)
+    mask = rich_mask(model, 3)
+    variants = {"p1": p1, "p2": p2, "both": Variant(mask=mask, patch=p1)}
+    rows = ["p2", "base", "both"]
+    ids, am = batch("left", dev)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with ssn_runtime.attach(model, backend=backend) as h, h.intervene(variants=variants, rows=rows):
+            mixed = model(input_ids=ids, attention_mask=am).logits
+            mixed_gen = model.generate(input_ids=ids, attention_mask=am, **kw)
+        for i, name in enumerate(rows):
+            patch = {"p1": p1, "p2": p2, "both": p1}.get(name)
+            ref_model = copy.deepcopy(model)
+            if patch is not None:
+                merge_patch(ref_model, patch)
+            with ssn_runtime.attach(ref_model, backend=backend) as r, \
+                    r.intervene(mask=mask if name == "both" else None):
+                alone = ref_model(input_ids=ids[i:i + 1], attention_mask=am[i:i + 1]).logits
+                gen = ref_model.generate(input_ids=ids[i:i + 1], attention_mask=am[i:i + 1], **kw)[0]
+            assert rel_err(mixed[i:i + 1], alone, am[i:i + 1]) <= 1e-5, name
+            assert torch.equal(mixed_gen[i, : len(gen)], gen), name
+
+
+def test_per_row_attention_patches_equal_merged_model():
+    model = tiny_model("llama")
+    patch = trained_patch(model, 4, attention={0: [1, 13, 30], 1: [47]})
+    ids, am = batch("right")
+    with torch.no_grad():
+        with ssn_runtime.attach(model) as h:
+            with h.intervene(variants={"p": patch}, rows=["base", "p", "base"]):
+                mixed = model(input_ids=ids, attention_mask=am).logits
+            base = model(input_ids=ids, attention_mask=am).logits  # same path, no variant
+        merged = merge_patch(model, patch)
+        direct = model(input_ids=ids, attention_mask=am).logits
+        merged.unmerge()
+    assert rel_err(mixed[1:2], direct[1:2], am[1:2]) <= 1e-5
+    assert torch.equal(mixed[0], base[0]) and torch.equal(mixed[2], base[2])
+    assert rel_err(direct[1:2], base[1:2], am[1:2]) > 1e-3  # the patch does something
+
+
+def test_deepcopy_of_an_attached_model_uses_its_own_weights():
+    model = tiny_model("llama")
+    ids, am = batch("right")
+    h = ssn_runtime.attach(model)
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=am).logits
+        twin = copy.deepcopy(model)
+        merge_patch(twin, trained_patch(twin, 5))  # changes only the copy's weights
+        out = twin(input_ids=ids, attention_mask=am).logits
+        assert rel_err(out, base, am) > 1e-3  # the copy computes with its own (patched) weights
+        assert torch.equal(model(input_ids=ids, attention_mask=am).logits, base)
+        th = ssn_runtime.attached_handle(twin)
+        assert th is not None and th is not h and th.model is twin
+        with th.intervene(mask=rich_mask(twin)):  # the copy's handle works and is its own
+            assert rel_err(twin(input_ids=ids, attention_mask=am).logits, out, am) > 1e-3
+        th.detach()  # the copy's own forwards are restored (plain HF path: equal up to rounding)
+        assert ssn_runtime.attached_handle(twin) is None
+        assert rel_err(twin(input_ids=ids, attention_mask=am).logits, out, am) <= 1e-5
+    h.detach()
+
+
+def test_ensure_attached_reuses_or_attaches():
+    model = tiny_model("gpt2")
+    with ensure_attached(model) as h:
+        assert ssn_runtime.attached_handle(model) is h
+        with ensure_attached(model) as h2:
+            assert h2 is h
+        assert h.attached
+    assert ssn_runtime.attached_handle(model) is None and not h.attached
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_forced_backend_reaches_the_sparse_ops(backend, monkeypatch):
+    """attach(backend=...) chooses the implementation of the patch's sparse ops too."""
+    from ssn_runtime import sparse_ops
+
+    if device_for(backend) != "cpu":
+        pytest.skip("runs on CPU tensors")
+    seen = []
+    for op in (sparse_ops.ADD_ROWS, sparse_ops.ADD_COLS):
+        real = op.dispatch
+        monkeypatch.setattr(op, "dispatch", lambda b, real=real: (seen.append(b), real(b))[1])
+    model = tiny_model("llama")
+    ids, am = batch("right")
+    with torch.no_grad(), ssn_runtime.attach(model, backend=backend) as h, h.intervene(patch=trained_patch(model)):
+        model(input_ids=ids, attention_mask=am)
+    assert seen and set(seen) == {backend}
