@@ -126,11 +126,21 @@ def compare(fns: dict, device: str, *, rounds: int = 15, warmup: int = 2, min_ro
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def kernel_time(fn, device: str, *, rep_ms: int = 100) -> float:
+    """Median seconds per call of one kernel-sized `fn`: triton.testing.do_bench on CUDA (L2
+    flushed between calls, CUDA-event timed), `timeit` elsewhere."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median") / 1e3
+    return timeit(fn, device, warmup=2, reps=5, min_seconds=rep_ms / 1e3)
+
+
 def copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:
-    """Device-to-device copy rate in bytes/s (read + write counted)."""
+    """Device-to-device copy rate in bytes/s (read + write counted), timed like the kernels."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / timeit(lambda: dst.copy_(src), device, reps=20)
+    return 2 * nbytes / kernel_time(lambda: dst.copy_(src), device)
 
 
 def peak_bandwidth(device: str) -> dict:

@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 import ssn_runtime
 from ssn_runtime.backends import select_backend
-from ssn_runtime.fused_act import _impl
+from ssn_runtime.fused_act import kernels_for
 
 from common import compare, device_name, peak_bandwidth, write_results
 
@@ -81,9 +81,9 @@ def bench_case(tokens: int, hidden: int, inter: int, dtype: torch.dtype, device:
     d = torch.randn_like(g)
     fns = {"hf": lambda: hf.act_fn(g) * u}
     if backend != "torch":
-        impl = _impl(backend)
-        fns["ours"] = lambda: impl.fused_act_forward(g, u, "silu")
-        fns["ours_bwd"] = lambda: impl.fused_act_backward(d, g, u, "silu")
+        impl = kernels_for(backend)
+        fns["ours"] = lambda: impl.forward(g, u, "silu")
+        fns["ours_bwd"] = lambda: impl.backward(d, g, u, "silu")
     t = compare(fns, device)
     res["hf_act_s"] = t["hf"]
     if backend != "torch":

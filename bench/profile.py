@@ -7,7 +7,10 @@ Same model, same token batches, in one run (interleaved rounds, median):
   (b) ours    ssn_runtime.profiler (per-group sum, m2, |h|, frequency inside the fused MLP kernels)
   (c) hooks   forward pre-hooks on every down projection computing the same statistics with torch ops
   (d) nnsight the same statistics from activations saved by nnsight, if it is installed
-Reports tokens/s, (b)/(a) and the added cost of ours against the hooks': (b-a)/(c-a).
+Reports tokens/s, (b)/(a) and the added cost of ours against the hooks': (b-a)/(c-a), and
+separately the cost of `StatsCollector.end_batch` inside (b): host time to enqueue it and,
+on GPU, its device time (CUDA events around it; the merge stays on the device and adds
+no synchronisation, issue 14).
 Random weights and token ids: throughput does not depend on what the tokens say.
 """
 
@@ -38,6 +41,7 @@ else:
     import torch
 
     from ssn_runtime.adapters import find_sites
+    from ssn_runtime.collector import StatsCollector
     from ssn_runtime.data import plan_batches
     from ssn_runtime.profiler import ProfileConfig, profile_ids
 
@@ -126,12 +130,49 @@ def nnsight_runner(model, ids, seq_groups, n_groups, batches, device):
     return run
 
 
+class EndBatchTimer:
+    """Wraps StatsCollector.end_batch: host seconds per call and, on CUDA, device seconds
+    from events recorded around it (read once at the end: no synchronisation per batch)."""
+
+    def __init__(self, gpu: bool):
+        self.gpu, self.host, self.events, self.calls = gpu, 0.0, [], 0
+        self._orig = StatsCollector.end_batch
+
+    def __enter__(self):
+        timer = self
+
+        def timed(collector):
+            start = end = None
+            if timer.gpu:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            timer._orig(collector)
+            timer.host += time.perf_counter() - t0
+            if timer.gpu:
+                end.record()
+                timer.events.append((start, end))
+            timer.calls += 1
+
+        StatsCollector.end_batch = timed
+        return self
+
+    def __exit__(self, *exc):
+        StatsCollector.end_batch = self._orig
+
+    def result(self) -> dict:
+        device = sum(s.elapsed_time(e) for s, e in self.events) / 1e3 if self.gpu else None
+        return {"calls": self.calls, "host_s": self.host, "device_s": device}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seqs", type=int, help="number of prompts (default: CPU 96, GPU 1024)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens-per-batch", type=int, help="default: CPU 2048, GPU 16384")
+    ap.add_argument("--no-nnsight", action="store_true",
+                    help="skip (d): at 8B shapes it saves every layer's activations (tens of GB, minutes)")
     ap.add_argument("--out", help="JSON file or folder (default bench/results/)")
     args = ap.parse_args(argv)
     dev = args.device
@@ -156,29 +197,44 @@ def main(argv=None) -> int:
         "ours": lambda: profile_ids(model, ids, seq_groups, groups, pcfg, progress=False, pad_id=0, eos_ids=set()),
         "hooks": lambda: run_hooks(model, ids, seq_groups, len(groups), batches, dev),
     }
-    nn_run = nnsight_runner(model, ids, seq_groups, len(groups), batches, dev)
+    nn_run = None if args.no_nnsight else nnsight_runner(model, ids, seq_groups, len(groups), batches, dev)
     if nn_run is not None:
         runners["nnsight"] = nn_run
     runners["plain"]()  # warm-up: allocator, kernels, caches
     runners["ours"]()
     times = {k: [] for k in runners}
+    end_batch = []
     for r in range(args.rounds):
         for name in list(runners)[r % len(runners):] + list(runners)[: r % len(runners)]:
+            timer = EndBatchTimer(gpu) if name == "ours" else None
             sync()
             t0 = time.perf_counter()
-            runners[name]()
+            if timer is not None:
+                with timer:
+                    runners[name]()
+            else:
+                runners[name]()
             sync()
             times[name].append(time.perf_counter() - t0)
+            if timer is not None:
+                end_batch.append(timer.result())
     t = {k: statistics.median(v) for k, v in times.items()}
     res = {"device": dev, "device_name": device_name(dev), "params": params, "tokens": tokens,
            "batches": len(batches), "seconds": t, "tokens_per_s": {k: tokens / v for k, v in t.items()},
            "ours_over_plain": t["ours"] / t["plain"],
            "added_cost_ours_over_hooks": (t["ours"] - t["plain"]) / max(t["hooks"] - t["plain"], 1e-12),
-           "hooks_over_plain": t["hooks"] / t["plain"], "nnsight": "nnsight" in runners}
+           "hooks_over_plain": t["hooks"] / t["plain"], "nnsight": "nnsight" in runners,
+           "end_batch": {"per_round": end_batch,
+                         "host_share_of_ours": statistics.median(e["host_s"] for e in end_batch) / t["ours"],
+                         "device_share_of_ours": (statistics.median(e["device_s"] for e in end_batch) / t["ours"]
+                                                  if gpu else None)}}
     print(f"device: {res['device_name']}; model {params / 1e6:.0f}M params; {tokens} tokens in {len(batches)} "
           f"batches; median of {args.rounds} interleaved rounds")
     for k, v in t.items():
         print(f"  {k:<8} {tokens / v:>10.0f} tok/s  ({v:.2f} s)")
+    eb = res["end_batch"]
+    print(f"end_batch: {eb['per_round'][-1]['calls']} calls a run, host {100 * eb['host_share_of_ours']:.2f}% of ours"
+          + (f", device {100 * eb['device_share_of_ours']:.2f}%" if gpu else ""))
     print(f"ours/plain = {res['ours_over_plain']:.3f}   hooks/plain = {res['hooks_over_plain']:.3f}   "
           f"(ours-plain)/(hooks-plain) = {res['added_cost_ours_over_hooks']:.3f}"
           + ("" if res["nnsight"] else "   (nnsight not installed)"))

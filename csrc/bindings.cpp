@@ -52,8 +52,11 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       [](int dtype, int act, bool gated, uintptr_t x, int64_t sx, uintptr_t up, int64_t su, uintptr_t out,
          int64_t so, int64_t rows, int64_t cols, uintptr_t group_ids, uintptr_t sum, uintptr_t sumsq,
          uintptr_t abs_sum, uintptr_t active, uintptr_t gate_active, uintptr_t seq_ids, uintptr_t seq_abs,
-         float threshold, int threads) {
+         float threshold, int mask_mode, uintptr_t scale, uintptr_t bias, uintptr_t row_profile, int threads) {
         check_codes(dtype, act);
+        if (mask_mode < 0 || mask_mode > 2) throw std::invalid_argument("unsupported mask mode");
+        ssn::MaskView mask{mask_mode, static_cast<const float*>(ptr(scale)), static_cast<const float*>(ptr(bias)),
+                           static_cast<const int32_t*>(ptr(row_profile))};
         ssn::StatsTarget st{static_cast<const int32_t*>(ptr(group_ids)),
                             static_cast<double*>(ptr(sum)),
                             static_cast<double*>(ptr(sumsq)),
@@ -64,7 +67,7 @@ PYBIND11_MODULE(_cpu_kernels, m) {
                             static_cast<float*>(ptr(seq_abs)),
                             threshold};
         ssn::fused_act_stats_forward(dtype, act, gated, {ptr(x), sx}, {ptr(up), su}, ptr(out), so, rows, cols, st,
-                                     threads);
+                                     mask, threads);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });

@@ -159,10 +159,12 @@ SSN_INLINE void backward_dispatch(int a, bool gated, const T* d, const T* x, con
 #undef SSN_BWD
 }
 
-// One row's span with statistics: h goes to `out`, the sums into float64 table rows.
-template <int ACT, bool GATED, typename T>
+// One row's span with statistics: h (after the mask, if any) goes to `out`, the sums into
+// float64 table rows.
+template <int ACT, bool GATED, bool MASKED, typename T>
 SSN_INLINE void stats_span(const T* __restrict x, const T* __restrict u, T* __restrict out, int64_t n,
-                           int64_t g_off, int64_t s_off, const StatsTarget& st) {
+                           int64_t g_off, int64_t s_off, const StatsTarget& st, const float* __restrict sc,
+                           const float* __restrict bi) {
   double* __restrict sum = st.sum + g_off;
   double* __restrict sumsq = st.sumsq + g_off;
   double* __restrict abs_sum = st.abs_sum + g_off;
@@ -175,6 +177,7 @@ SSN_INLINE void stats_span(const T* __restrict x, const T* __restrict u, T* __re
     const float a = act<ACT>(load(x, j));
     float h = a;
     if constexpr (GATED) h *= load(u, j);
+    if constexpr (MASKED) h = h * sc[j] + bi[j];
     store(out, j, h);
     h = load(out, j);  // statistics of what the down projection receives (after rounding)
     if (g_off >= 0) {
@@ -191,11 +194,16 @@ SSN_INLINE void stats_span(const T* __restrict x, const T* __restrict u, T* __re
 
 template <typename T>
 SSN_INLINE void stats_dispatch(int a, bool gated, const T* x, const T* u, T* out, int64_t n, int64_t g_off,
-                               int64_t s_off, const StatsTarget& st) {
-#define SSN_STATS(A)                                                      \
-  case A:                                                                 \
-    gated ? stats_span<A, true, T>(x, u, out, n, g_off, s_off, st)        \
-          : stats_span<A, false, T>(x, u, out, n, g_off, s_off, st);      \
+                               int64_t s_off, const StatsTarget& st, const float* sc, const float* bi) {
+#define SSN_STATS(A)                                                                          \
+  case A:                                                                                     \
+    if (sc) {                                                                                 \
+      gated ? stats_span<A, true, true, T>(x, u, out, n, g_off, s_off, st, sc, bi)            \
+            : stats_span<A, false, true, T>(x, u, out, n, g_off, s_off, st, sc, bi);          \
+    } else {                                                                                  \
+      gated ? stats_span<A, true, false, T>(x, u, out, n, g_off, s_off, st, sc, bi)           \
+            : stats_span<A, false, false, T>(x, u, out, n, g_off, s_off, st, sc, bi);         \
+    }                                                                                         \
     break;
   switch (a) { SSN_STATS(kSilu) SSN_STATS(kGelu) SSN_STATS(kGeluTanh) SSN_STATS(kRelu) SSN_STATS(kQuickGelu) }
 #undef SSN_STATS
@@ -220,12 +228,19 @@ SSN_CLONES void backward_bf16(int a, bool g, const uint16_t* d, const uint16_t* 
 }
 
 SSN_CLONES void stats_f32(int a, bool g, const float* x, const float* u, float* o, int64_t n, int64_t g_off,
-                          int64_t s_off, const StatsTarget& st) {
-  stats_dispatch<float>(a, g, x, u, o, n, g_off, s_off, st);
+                          int64_t s_off, const StatsTarget& st, const float* sc, const float* bi) {
+  stats_dispatch<float>(a, g, x, u, o, n, g_off, s_off, st, sc, bi);
 }
 SSN_CLONES void stats_bf16(int a, bool g, const uint16_t* x, const uint16_t* u, uint16_t* o, int64_t n,
-                           int64_t g_off, int64_t s_off, const StatsTarget& st) {
-  stats_dispatch<uint16_t>(a, g, x, u, o, n, g_off, s_off, st);
+                           int64_t g_off, int64_t s_off, const StatsTarget& st, const float* sc, const float* bi) {
+  stats_dispatch<uint16_t>(a, g, x, u, o, n, g_off, s_off, st, sc, bi);
+}
+
+// The mask's scale/bias table row for input row m, from column c0 (null: no mask).
+SSN_INLINE const float* mask_at(const MaskView& mask, int64_t cols, int64_t m, int64_t c0, const float* table) {
+  if (mask.mode == 0) return nullptr;
+  const int64_t row = mask.mode == 2 ? static_cast<int64_t>(mask.row_profile[m]) * cols : 0;
+  return table + row + c0;
 }
 
 // Work is split into (row, column-span) pieces so that one decode row of 14k neurons
@@ -265,7 +280,8 @@ void stats_columns(int64_t rows, int64_t cols, int num_threads, Fn fn) {
 }  // namespace
 
 void fused_act_stats_forward(int dtype, int a, bool gated, RowView x, RowView up, void* out, int64_t out_stride,
-                             int64_t rows, int64_t cols, const StatsTarget& st, int num_threads) {
+                             int64_t rows, int64_t cols, const StatsTarget& st, const MaskView& mask,
+                             int num_threads) {
   auto offsets = [&](int64_t m, int64_t c0, int64_t& g_off, int64_t& s_off) {
     const int32_t g = st.group_ids[m];
     g_off = g >= 0 ? static_cast<int64_t>(g) * cols + c0 : -1;
@@ -279,7 +295,8 @@ void fused_act_stats_forward(int dtype, int a, bool gated, RowView x, RowView up
       int64_t g_off, s_off;
       offsets(m, c0, g_off, s_off);
       stats_f32(a, gated, xp + m * x.stride + c0, gated ? up_ + m * up.stride + c0 : nullptr,
-                op + m * out_stride + c0, n, g_off, s_off, st);
+                op + m * out_stride + c0, n, g_off, s_off, st, mask_at(mask, cols, m, c0, mask.scale),
+                mask_at(mask, cols, m, c0, mask.bias));
     });
   } else {
     auto xp = static_cast<const uint16_t*>(x.ptr), up_ = static_cast<const uint16_t*>(up.ptr);
@@ -288,32 +305,29 @@ void fused_act_stats_forward(int dtype, int a, bool gated, RowView x, RowView up
       int64_t g_off, s_off;
       offsets(m, c0, g_off, s_off);
       stats_bf16(a, gated, xp + m * x.stride + c0, gated ? up_ + m * up.stride + c0 : nullptr,
-                 op + m * out_stride + c0, n, g_off, s_off, st);
+                 op + m * out_stride + c0, n, g_off, s_off, st, mask_at(mask, cols, m, c0, mask.scale),
+                 mask_at(mask, cols, m, c0, mask.bias));
     });
   }
 }
 
 void fused_act_forward(int dtype, int a, bool gated, RowView x, RowView up, void* out, int64_t out_stride,
                        int64_t rows, int64_t cols, const MaskView& mask, int num_threads) {
-  // The mask's scale/bias for row m, columns from c0 (null: no mask).
-  auto mask_at = [&](int64_t m, int64_t c0, const float* table) -> const float* {
-    if (mask.mode == 0) return nullptr;
-    const int64_t row = mask.mode == 2 ? static_cast<int64_t>(mask.row_profile[m]) * cols : 0;
-    return table + row + c0;
-  };
   if (dtype == kFloat32) {
     auto xp = static_cast<const float*>(x.ptr), up_ = static_cast<const float*>(up.ptr);
     auto op = static_cast<float*>(out);
     parallel_spans(rows, cols, num_threads, [&](int64_t m, int64_t c0, int64_t n) {
       forward_f32(a, gated, xp + m * x.stride + c0, gated ? up_ + m * up.stride + c0 : nullptr,
-                  op + m * out_stride + c0, n, mask_at(m, c0, mask.scale), mask_at(m, c0, mask.bias));
+                  op + m * out_stride + c0, n, mask_at(mask, cols, m, c0, mask.scale),
+                  mask_at(mask, cols, m, c0, mask.bias));
     });
   } else {
     auto xp = static_cast<const uint16_t*>(x.ptr), up_ = static_cast<const uint16_t*>(up.ptr);
     auto op = static_cast<uint16_t*>(out);
     parallel_spans(rows, cols, num_threads, [&](int64_t m, int64_t c0, int64_t n) {
       forward_bf16(a, gated, xp + m * x.stride + c0, gated ? up_ + m * up.stride + c0 : nullptr,
-                   op + m * out_stride + c0, n, mask_at(m, c0, mask.scale), mask_at(m, c0, mask.bias));
+                   op + m * out_stride + c0, n, mask_at(mask, cols, m, c0, mask.scale),
+                  mask_at(mask, cols, m, c0, mask.bias));
     });
   }
 }

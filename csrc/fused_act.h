@@ -9,7 +9,7 @@
 namespace ssn {
 
 enum DType : int { kFloat32 = 0, kBFloat16 = 1 };
-// Must match kernels/activations.py ACT_CODES.
+// Must match ACT_CODES in kernels/common.py (shared by the Triton kernels and ssn_runtime/cpp_ops.py).
 enum Act : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kQuickGelu = 4 };
 
 struct RowView {
@@ -36,8 +36,9 @@ void fused_act_backward(int dtype, int act, bool gated, RowView dout, RowView x,
                         int64_t cols, int num_threads);
 
 // Statistics gathered in the same pass as the forward, per (group, neuron), over the
-// rows whose group id is >= 0. Tables are [groups, cols] float64 (seq_abs: [seqs, cols]
-// float32); gate_active and seq_abs may be null. Added to, never cleared.
+// rows whose group id is >= 0, of h after the mask (if any) as stored. Tables are
+// [groups, cols] float64 (seq_abs: [seqs, cols] float32); gate_active and seq_abs may be
+// null. Added to, never cleared. The contract is ssn_kernels.args.StatsTarget.
 struct StatsTarget {
   const int32_t* group_ids;  // [rows]
   double* sum;
@@ -51,6 +52,7 @@ struct StatsTarget {
 };
 
 void fused_act_stats_forward(int dtype, int act, bool gated, RowView x, RowView up, void* out, int64_t out_stride,
-                             int64_t rows, int64_t cols, const StatsTarget& st, int num_threads);
+                             int64_t rows, int64_t cols, const StatsTarget& st, const MaskView& mask,
+                             int num_threads);
 
 }  // namespace ssn

@@ -2,6 +2,8 @@
 
 Installed under the import name `ssn_kernels`, never `kernels`: a PyPI package of that
 name exists and transformers probes for it. Each kernel module holds the kernels and
-their launchers; `reference` holds the float64 torch formulas they are tested against.
-Importing a kernel module needs triton; importing `ssn_kernels.reference` does not.
+their launchers; `reference` holds the float64 torch formulas they are tested against;
+`args` the typed argument contracts (MaskArgs, StatsTarget) every backend consumes;
+`aot` ahead-of-time builds for sm_80/sm_90. Importing a kernel module needs triton;
+`reference`, `args` and `common` do not.
 """

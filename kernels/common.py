@@ -1,5 +1,7 @@
 """Pieces shared by the Triton launchers and the C++ binding; importable without triton."""
 
+import functools
+
 import torch
 
 # Activation codes, the same in kernels/activations.py (Triton) and csrc/fused_act.h (C++).
@@ -16,3 +18,16 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     if t2.shape[-1] > 1 and t2.stride(-1) != 1:
         t2 = t2.contiguous()
     return t2
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs one
+    program at a time, so fewer, larger programs are what is fast there)."""
+    if device.type != "cuda":
+        return 1
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())

@@ -6,7 +6,9 @@ float32 whatever the storage dtype. Inputs may be row-strided views (Phi-3's fus
 from the saved pre-activation, so no activation tensor is kept for autograd.
 
 Reference: `ssn_kernels.reference.fused_act_reference` (float64 torch).
-Test: tests/test_kernels_triton.py. Benchmark: bench/mlp.py.
+Test: tests/test_kernels_triton.py. Benchmarks: bench/kernels.py (alone), bench/mlp.py (in the MLP).
+The Triton interpreter (CPU tests) converts fp32 to bf16 by truncation where a GPU rounds
+to nearest: bf16 tolerances in tests/kernel_cases.py cover both.
 """
 
 import torch
@@ -14,13 +16,19 @@ import triton
 import triton.language as tl
 
 from .activations import act_and_grad, act_fn
+from .args import MaskArgs
 from .common import ACT_CODES, as_rows
 
 # (BLOCK_M, BLOCK_N, num_warps). A fixed table, not autotune: the compile test builds
-# every entry for sm_80/sm_90, and the choice below is deterministic. At most 8
-# elements a thread keeps the backward kernel under ~64 registers (full occupancy).
+# every entry for sm_80/sm_90, and the choice below is deterministic. Every entry gives
+# each thread 8 adjacent columns (BLOCK_M * BLOCK_N = 8 * 32 * num_warps), so bf16/fp16
+# rows load and store as 16-byte vectors (fp32: two of them) once the JIT knows the rows
+# 16-byte aligned. Register target: <= 64 a thread, i.e. >= 50% occupancy (1024 resident
+# threads per SM); full occupancy on sm_80/90 (2048 threads) would need <= 32, which the
+# backward kernel and the per-row mask cannot meet, and an elementwise kernel with 16-byte
+# loads does not need it: 1024 threads x 32-48 bytes in flight covers HBM latency.
 CONFIGS = (
-    (1, 256, 2),
+    (1, 512, 2),
     (1, 1024, 4),
     (2, 1024, 8),
     (4, 1024, 16),
@@ -36,7 +44,7 @@ def pick_config(M: int, N: int):
     best = CONFIGS[0]
     for cfg in sorted(CONFIGS, key=lambda c: c[0] * c[1], reverse=True):
         bm, bn, _ = cfg
-        if bn > max(256, triton.next_power_of_2(N)):
+        if bn > max(512, triton.next_power_of_2(N)):
             continue
         if triton.cdiv(M, bm) * triton.cdiv(N, bn) >= _TARGET_PROGRAMS:
             return cfg
@@ -102,12 +110,9 @@ def fused_act_bwd_kernel(
     tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def fused_act_forward(x: torch.Tensor, up, act: str, mask=None) -> torch.Tensor:
-    """h = act(x) * up (or act(x) when `up` is None), same shape and dtype as `x`.
-
-    `mask`: an object with float32 `scale`/`bias` ([N], or [P, N] with int32 `row_profile`
-    [M]) applied as h * scale + bias before the store (see ssn_runtime.masks).
-    """
+def fused_act_forward(x: torch.Tensor, up, act: str, mask: MaskArgs | None = None) -> torch.Tensor:
+    """h = act(x) * up (or act(x) when `up` is None), same shape and dtype as `x`,
+    then `mask` (h * scale + bias in float32) before the store."""
     code = ACT_CODES[act]
     x2 = as_rows(x)
     M, N = x2.shape
@@ -115,8 +120,8 @@ def fused_act_forward(x: torch.Tensor, up, act: str, mask=None) -> torch.Tensor:
     u2 = as_rows(up) if up is not None else x2
     mode, scale, bias, prof = 0, x2, x2, x2
     if mask is not None:
-        mode = 2 if mask.row_profile is not None else 1
-        scale, bias = mask.scale, mask.bias
+        mask.check_input(M, N, x.device)
+        mode, scale, bias = mask.mode, mask.scale, mask.bias
         prof = mask.row_profile if mode == 2 else x2
     if M and N:
         bm, bn, warps = pick_config(M, N)
@@ -152,8 +157,9 @@ def fused_act_backward(dout: torch.Tensor, x: torch.Tensor, up, act: str):
 
 
 def aot_variants():
-    """Every block-size configuration for the main case (bf16, SiLU, gated), plus every
-    activation and the plain-MLP path once, for ahead-of-time compile checks."""
+    """Every block-size configuration for the main case (bf16, SiLU, gated) and for fp32,
+    every mask mode, plus every activation and the plain-MLP path once, for ahead-of-time
+    compile checks."""
     ptrs = {"fwd": ("x_ptr", "up_ptr", "out_ptr"), "bwd": ("dout_ptr", "x_ptr", "up_ptr", "dx_ptr", "dup_ptr")}
     mask_ptrs = {"scale_ptr": "*fp32", "bias_ptr": "*fp32", "profile_ptr": "*i32"}
     ints = {"fwd": ("M", "N", "stride_xm", "stride_um", "stride_om"),
@@ -161,23 +167,25 @@ def aot_variants():
     kernels = {"fwd": fused_act_fwd_kernel, "bwd": fused_act_bwd_kernel}
 
     def sig(which, dtype):
-        s = {**{p: f"*{dtype}" for p in ptrs[which]}, **{i: "i32" for i in ints[which]}}
+        s = {p: f"*{dtype}" for p in ptrs[which]}
         if which == "fwd":  # keep the kernel's argument order: mask pointers follow out_ptr
-            s = {**{p: s[p] for p in ptrs[which]}, **mask_ptrs, **{i: "i32" for i in ints[which]}}
+            s.update(mask_ptrs)
+        s.update({i: "i32" for i in ints[which]})
         return s
 
     def extra(which, mode):
         return {"MASK": mode} if which == "fwd" else {}
 
     for which, fn in kernels.items():
-        for bm, bn, warps in CONFIGS:
-            for mode in ((0, 1, 2) if which == "fwd" else (0,)):
-                yield fn, sig(which, "bf16"), dict(GATED=True, ACT=ACT_CODES["silu"], **extra(which, mode),
-                                                  BLOCK_M=bm, BLOCK_N=bn), warps
+        for dtype in ("bf16", "fp32"):
+            for bm, bn, warps in CONFIGS:
+                for mode in ((0, 1, 2) if which == "fwd" and dtype == "bf16" else (0,)):
+                    yield fn, sig(which, dtype), dict(GATED=True, ACT=ACT_CODES["silu"], **extra(which, mode),
+                                                     BLOCK_M=bm, BLOCK_N=bn), {"num_warps": warps}
         bm, bn, warps = CONFIGS[2]
         for act, code in ACT_CODES.items():
             for gated in (True, False):
                 if act == "silu" and gated:
                     continue
-                yield fn, sig(which, "fp32"), dict(GATED=gated, ACT=code, **extra(which, 0), BLOCK_M=bm,
-                                                  BLOCK_N=bn), warps
+                yield fn, sig(which, "bf16"), dict(GATED=gated, ACT=code, **extra(which, 0), BLOCK_M=bm,
+                                                  BLOCK_N=bn), {"num_warps": warps}

@@ -1,11 +1,17 @@
-"""Which implementation runs the fused activation, and why.
+"""Which implementation runs each fused op, and why: the one kernel dispatcher.
 
-  triton  CUDA tensors (or CPU tensors under TRITON_INTERPRET=1): kernels/fused_act.py
+  triton  CUDA tensors (or CPU tensors under TRITON_INTERPRET=1): kernels/
   cpp     CPU tensors, float32/bfloat16: csrc/ via ssn_runtime._cpu_kernels (OpenMP)
-  torch   anywhere: the model's own activation module, then a multiply (HF's own ops)
+  torch   anywhere: the torch reference (for the MLP: the model's own activation module,
+          then a multiply, i.e. Hugging Face's own ops)
 
-`SSN_BACKEND=triton|cpp|torch` forces one; otherwise the best available for the
-tensor's device and dtype is used. `ssn info` prints the outcome.
+`SSN_BACKEND=triton|cpp|torch` or `attach(model, backend=...)` forces one for every op
+of the model (the fused activation and the sparse neuron-patch ops alike); otherwise the
+best available for the tensor's device and dtype is used. `ssn info` prints the outcome.
+
+`KernelOp` is the shape every fused op takes (in the manner of vLLM's `CustomOp`):
+`forward_native` is the torch reference, `forward_cpp` and `forward_triton` the kernel
+implementations, and calling the op with a backend name runs the matching one.
 """
 
 from __future__ import annotations
@@ -52,8 +58,18 @@ def forced_backend() -> str | None:
     return value
 
 
+def resolve_backend(device_type: str, dtype: torch.dtype, has_kernel_act: bool, forced: str | None
+                    ) -> tuple[str, str]:
+    """(backend, reason) for tensors of this device type and dtype; `forced` is a backend
+    name the caller insists on (attach(backend=), SSN_BACKEND) or None for the best one."""
+    return _resolve(device_type, dtype, has_kernel_act, forced, interpreting())
+
+
+# Cached per (device, dtype, activation, forced, interpreter): TRITON_INTERPRET is part of
+# the key, so switching it (tests do) never returns a stale choice.
 @functools.lru_cache(maxsize=64)
-def _select(device_type: str, dtype: torch.dtype, has_kernel_act: bool, forced: str | None) -> tuple[str, str]:
+def _resolve(device_type: str, dtype: torch.dtype, has_kernel_act: bool, forced: str | None, interpret: bool
+             ) -> tuple[str, str]:
     if forced is not None:
         if forced == "torch":
             return "torch", "forced"
@@ -65,7 +81,7 @@ def _select(device_type: str, dtype: torch.dtype, has_kernel_act: bool, forced: 
                 raise SSNError(
                     f"backend 'triton' was forced but {why}; install triton or let the backend be chosen automatically"
                 )
-            if device_type != "cuda" and not interpreting():
+            if device_type != "cuda" and not interpret:
                 raise SSNError(
                     f"backend 'triton' was forced but needs CUDA tensors, got {device_type}; set TRITON_INTERPRET=1 "
                     "to run the kernels in the interpreter, or drop the forced backend (SSN_BACKEND, attach(backend=))"
@@ -97,9 +113,51 @@ def _select(device_type: str, dtype: torch.dtype, has_kernel_act: bool, forced: 
     return "torch", f"no fused kernel for {device_type} tensors"
 
 
-def select_backend(device: torch.device, dtype: torch.dtype, act: str | None) -> tuple[str, str]:
-    """(backend, reason) for tensors of this device and dtype with activation `act`."""
-    return _select(device.type, dtype, act is not None, forced_backend())
+# torch.compile: the choice is made once, at trace time, like any Python-side decision.
+@torch.compiler.assume_constant_result
+def select_backend(device: torch.device, dtype: torch.dtype, act: str | None,
+                   forced: str | None = None) -> tuple[str, str]:
+    """(backend, reason) for tensors of this device and dtype with activation `act`;
+    `forced`: a backend chosen by the caller (e.g. `attach(backend=...)`), else $SSN_BACKEND."""
+    return resolve_backend(device.type, dtype, act is not None, forced if forced is not None else forced_backend())
+
+
+class KernelOp:
+    """One fused op with a torch reference and kernel implementations (cf. vLLM's CustomOp).
+
+    Subclasses implement `forward_native` (the torch reference: always available, the
+    ground truth of the tests) and override `forward_cpp` / `forward_triton` where a
+    kernel exists; an implementation not overridden falls back to the reference.
+    `op(*args, backend=...)` runs the implementation for that backend name.
+    """
+
+    name = "op"
+
+    def forward_native(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def forward_cpp(self, *args, **kwargs):
+        return self.forward_native(*args, **kwargs)
+
+    def forward_triton(self, *args, **kwargs):
+        return self.forward_native(*args, **kwargs)
+
+    def dispatch(self, backend: str):
+        """The implementation `backend` runs."""
+        impls = self.__dict__.get("_impls")
+        if impls is None:  # bound once: ops run per layer per token, dispatch must cost nothing
+            impls = self._impls = {"torch": self.forward_native, "cpp": self.forward_cpp,
+                                   "triton": self.forward_triton}
+        impl = impls.get(backend)
+        if impl is None:
+            raise SSNError(f"{self.name}: backend={backend!r} is not a backend; use one of {', '.join(BACKENDS)}")
+        return impl
+
+    def __call__(self, *args, backend: str, **kwargs):
+        return self.dispatch(backend)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
 
 
 def describe() -> dict:

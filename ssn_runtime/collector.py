@@ -2,35 +2,78 @@
 
 The profiler tells the collector, before each forward, which rows (flattened batch x
 time positions) count and for which group (`plan_rows`); every attached MLP then asks
-for its `LayerTarget` and the kernel adds into per-batch float64 tables. `end_batch`
-folds the batch into the running totals with Chan's formula, so the second moment
-stays accurate over 1e8+ tokens, and turns per-sequence |h| sums into layer top-k
+for its `StatsTarget` (`target`) and the kernel adds into per-batch float64 tables.
+`end_batch` folds the batch into the running totals with Chan's formula, so the second
+moment stays accurate over 1e8+ tokens, and turns per-sequence |h| sums into layer top-k
 membership counts.
+
+Everything stays on the layers' device (issue 14): the per-batch tables, the running
+totals, the Chan merge (float64 there) and the top-k fold. `end_batch` only enqueues
+device work, a handful of whole-tensor ops for all layers at once; nothing is copied to
+the host, and nothing waits for the device, until `result()` (a checkpoint or the end of
+the run). Per-batch host data (the row plan, token counts) reaches the device through
+pinned memory without a synchronisation. On CPU the arithmetic is the same sequence of
+float64 operations as before, so CPU results are unchanged bit for bit.
+
+Layout: per device, tables are stacked [L, ...] with layer l in slot l, so one op covers
+every layer. A model split over several devices (device_map) allocates the stack on each
+device; slots of layers that live elsewhere are never read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from ssn_kernels.args import StatsTarget
 
 from .errors import SSNError
 from .stats import NeuronStats
 
+_BATCH = ("sum", "sumsq", "abs_sum", "active", "gate_active")
 
-@dataclass
-class LayerTarget:
-    """One layer's tables for the current batch, on the layer's device."""
 
-    group_ids: torch.Tensor  # [rows] int32, -1: not counted
-    sum: torch.Tensor  # [G, N] float64
-    sumsq: torch.Tensor
-    abs_sum: torch.Tensor
-    active: torch.Tensor
-    gate_active: torch.Tensor | None
-    seq_ids: torch.Tensor | None  # [rows] int32, -1: none
-    seq_abs: torch.Tensor | None  # [S, N] float32
-    threshold: float
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without synchronising: CUDA copies go through pinned memory
+    with non_blocking=True (a pageable copy makes torch wait for the stream)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _DeviceTables:
+    """Batch tables and running totals of every layer slot, on one device."""
+
+    def __init__(self, device: torch.device, L: int, G: int, N: int, gate: bool, topk: bool,
+                 initial: dict[str, torch.Tensor] | None):
+        self.device = device
+        f64 = lambda: torch.zeros(L, G, N, dtype=torch.float64, device=device)
+        self.batch = {k: f64() for k in _BATCH if k != "gate_active" or gate}
+        self.seq_abs: torch.Tensor | None = torch.zeros(L, 0, N, dtype=torch.float32, device=device) if topk else None
+        if initial is None:  # made on the device: no host copy
+            i64 = lambda *shape: torch.zeros(*shape, dtype=torch.int64, device=device)
+            self.totals = {"count": i64(L, G), "sum": f64(), "m2": f64(), "abs_sum": f64(), "active": i64(L, G, N)}
+            if gate:
+                self.totals["gate_active"] = i64(L, G, N)
+            if topk:
+                self.totals.update(topk_count=i64(L, G, N), seq_count=i64(L, G))
+        else:  # resumed totals
+            self.totals = {k: to_device(v, device) if device.type == "cuda" else v.clone() for k, v in initial.items()}
+        self.col_norm = torch.zeros(L, N, dtype=torch.float32, device=device) if topk else None
+        self.norm_ready: set[int] = set()
+        self.plan: tuple | None = None  # this batch's row plan on this device
+
+    def seq_table(self, B: int) -> torch.Tensor:
+        """[L, B, N] per-sequence |h| sums, grown (never shrunk) to the largest batch seen."""
+        if self.seq_abs.shape[1] < B:
+            L, _, N = self.seq_abs.shape
+            self.seq_abs = torch.zeros(L, B, N, dtype=torch.float32, device=self.device)
+        return self.seq_abs[:, :B]
+
+    def zero(self) -> None:
+        for t in self.batch.values():
+            t.zero_()
+        if self.seq_abs is not None:
+            self.seq_abs.zero_()
 
 
 class StatsCollector:
@@ -49,24 +92,41 @@ class StatsCollector:
         if topk is not None and not 0 < topk <= self.num_neurons:
             raise SSNError(f"topk must be between 1 and {self.num_neurons}, got {topk}")
         self.topk = topk
-        self.totals = NeuronStats.empty(self.groups, self.num_layers, self.num_neurons, self.gate_stats,
-                                        topk is not None, meta=meta)
-        self._tables: dict[int, dict] = {}
-        self._col_norms: dict[int, torch.Tensor] = {}
+        self.meta = dict(meta or {})
+        self._initial: dict[str, torch.Tensor] | None = None  # saved totals when resuming
+        self._dev: dict[torch.device, _DeviceTables] = {}
+        self._layer_device: dict[int, torch.device] = {}
+        self._ran: set[int] = set()
         self._plan: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self._plan_on: dict[torch.device, tuple] = {}
         self._batch_tokens = torch.zeros(len(self.groups), dtype=torch.int64)
         self._seq_tokens: torch.Tensor | None = None
         self._seq_groups: torch.Tensor | None = None
+
+    # ----- resume -----
+    def load_totals(self, stats: NeuronStats) -> None:
+        """Continue from saved totals (a checkpoint of the same run), before the first batch."""
+        if self._dev:
+            raise SSNError("load_totals must come before the first batch")
+        if stats.groups != self.groups or (stats.num_layers, stats.num_neurons) != (self.num_layers,
+                                                                                      self.num_neurons):
+            raise SSNError("saved statistics do not match this profiling run (groups or model shape differ)")
+        tensors = stats.tensors()
+        need = set(self._empty().tensors())
+        if set(tensors) != need:
+            raise SSNError(f"saved statistics hold {sorted(tensors)}, this run needs {sorted(need)}")
+        self._initial = {k: v.clone() for k, v in tensors.items()}
+
+    def _empty(self) -> NeuronStats:
+        return NeuronStats.empty(self.groups, self.num_layers, self.num_neurons, self.gate_stats, self.topk is not None)
 
     # ----- per batch -----
     def begin_batch(self, seq_groups: torch.Tensor | None = None) -> None:
         """Start a batch; `seq_groups[s]` is the group of batch row s (needed for top-k)."""
         self._batch_tokens.zero_()
-        for t in self._tables.values():
-            for v in t.values():
-                if v is not None:
-                    v.zero_()
+        self._ran.clear()
+        for d in self._dev.values():
+            d.zero()
+            d.plan = None
         if self.topk is not None:
             if seq_groups is None:
                 raise SSNError("top-k statistics need the group of every sequence in the batch")
@@ -77,23 +137,25 @@ class StatsCollector:
         """Rows of the next forward: group id per flattened (batch, time) row, -1 to skip.
 
         Row r of a [B, T] input is batch row r // T; top-k sums are kept per batch row.
+        `group_ids` is a host tensor (the profiler builds it), so these checks cost no sync.
         """
-        gid = group_ids.reshape(-1).to(torch.int32)
-        if gid.numel() and int(gid.max()) >= len(self.groups):
-            raise SSNError(f"group id {int(gid.max())} out of range for {len(self.groups)} groups")
+        gid = group_ids.reshape(-1).to(torch.int32).cpu()
+        if gid.numel() and (int(gid.max()) >= len(self.groups) or int(gid.min()) < -1):
+            raise SSNError(f"group ids must lie in [-1, {len(self.groups)}), got {int(gid.min())}..{int(gid.max())}")
         valid = gid >= 0
-        self._batch_tokens += torch.bincount(gid[valid].long().cpu(), minlength=len(self.groups))
+        self._batch_tokens += torch.bincount(gid[valid].long(), minlength=len(self.groups))
         sid = None
         if self.topk is not None:
             B = len(self._seq_groups)
             T = group_ids.shape[-1] if group_ids.dim() == 2 else gid.numel() // B
-            rows = torch.arange(gid.numel(), device=gid.device) // T
+            rows = torch.arange(gid.numel()) // T
             sid = torch.where(valid, rows, -1).to(torch.int32)
-            self._seq_tokens += torch.bincount(rows[valid].cpu(), minlength=B)[:B]
+            self._seq_tokens += torch.bincount(rows[valid], minlength=B)[:B]
         self._plan = (gid, sid)
-        self._plan_on = {}
+        for d in self._dev.values():
+            d.plan = None
 
-    def target(self, site, x: torch.Tensor) -> LayerTarget:
+    def target(self, site, x: torch.Tensor) -> StatsTarget:
         if self._plan is None:
             raise SSNError("profiling forward without a row plan: call plan_rows() before the model")
         gid, sid = self._plan
@@ -101,70 +163,95 @@ class StatsCollector:
         if rows != gid.numel():
             raise SSNError(f"layer {site.layer} got {rows} rows but the profiler planned {gid.numel()}; "
                            "the model must see the batch the profiler built")
-        dev = x.device
-        if dev not in self._plan_on:
-            self._plan_on[dev] = (gid.to(dev), sid.to(dev) if sid is not None else None)
-        gid_d, sid_d = self._plan_on[dev]
-        t = self._layer_tables(site.layer, dev)
-        return LayerTarget(gid_d, t["sum"], t["sumsq"], t["abs_sum"], t["active"], t["gate_active"],
-                           sid_d, t["seq_abs"], self.threshold)
+        layer = site.layer
+        d = self._tables(x.device)
+        if self._layer_device.setdefault(layer, x.device) != x.device:
+            raise SSNError(f"layer {layer} ran on {x.device} after {self._layer_device[layer]}; "
+                           "profiling needs each layer to stay on one device")
+        if d.plan is None:
+            d.plan = (to_device(gid, d.device), to_device(sid, d.device) if sid is not None else None)
+        gid_d, sid_d = d.plan
+        self._ran.add(layer)
+        b = d.batch
+        seq = d.seq_table(len(self._seq_groups))[layer] if self.topk is not None else None
+        return StatsTarget(gid_d, b["sum"][layer], b["sumsq"][layer], b["abs_sum"][layer], b["active"][layer],
+                           b["gate_active"][layer] if self.gate_stats else None, sid_d if seq is not None else None,
+                           seq, self.threshold)
 
-    def _layer_tables(self, layer: int, device: torch.device) -> dict:
-        t = self._tables.get(layer)
-        B = len(self._seq_groups) if self._seq_groups is not None else 0
-        if t is None or t["sum"].device != device or (t["seq_abs"] is not None and t["seq_abs"].shape[0] != B):
-            G, N = len(self.groups), self.num_neurons
-            z = lambda: torch.zeros(G, N, dtype=torch.float64, device=device)
-            t = {"sum": z(), "sumsq": z(), "abs_sum": z(), "active": z(),
-                 "gate_active": z() if self.gate_stats else None,
-                 "seq_abs": torch.zeros(B, N, dtype=torch.float32, device=device) if self.topk else None}
-            self._tables[layer] = t
-        return t
-
-    def _col_norm(self, layer: int) -> torch.Tensor:
-        if layer not in self._col_norms:
-            w = self.sites[layer].down_cols().detach()
-            self._col_norms[layer] = w.float().norm(dim=0).cpu()
-        return self._col_norms[layer]
+    def _tables(self, device: torch.device) -> _DeviceTables:
+        d = self._dev.get(device)
+        if d is None:
+            d = _DeviceTables(device, self.num_layers, len(self.groups), self.num_neurons, self.gate_stats,
+                              self.topk is not None, self._initial)
+            self._dev[device] = d
+        return d
 
     def end_batch(self) -> None:
-        """Fold this batch into the totals (every layer saw the same rows)."""
+        """Fold this batch into the totals (every layer saw the same rows). Enqueues device
+        work only: no host copy, no synchronisation."""
         n_b = self._batch_tokens.clone()
         if int(n_b.sum()) == 0:
             return
-        tot = self.totals
-        for layer, t in sorted(self._tables.items()):
-            s = t["sum"].cpu()
-            q = t["sumsq"].cpu()
-            nb = n_b.to(torch.float64).unsqueeze(-1)
-            mean_b = torch.where(nb > 0, s / nb.clamp_min(1), 0.0)
-            m2_b = (q - s * mean_b).clamp_min(0.0)
-            na = tot.count[layer].to(torch.float64).unsqueeze(-1)
-            n = (na + nb).clamp_min(1)
-            mean_a = torch.where(na > 0, tot.sum[layer] / na.clamp_min(1), 0.0)
-            delta = mean_b - mean_a
-            tot.m2[layer] += m2_b + delta * delta * na * nb / n
-            tot.sum[layer] += s
-            tot.abs_sum[layer] += t["abs_sum"].cpu()
-            tot.active[layer] += t["active"].cpu().round().to(torch.int64)
-            if t["gate_active"] is not None:
-                tot.gate_active[layer] += t["gate_active"].cpu().round().to(torch.int64)
-            tot.count[layer] += n_b
-            if self.topk is not None:
-                self._fold_topk(layer, t["seq_abs"])
-        missing = set(range(self.num_layers)) - set(self._tables)
+        missing = set(range(self.num_layers)) - self._ran
         if missing:
             raise SSNError(f"layers {sorted(missing)} never ran during the batch; was the model attached?")
+        for d in self._dev.values():
+            self._merge(d, to_device(n_b, d.device))
+            if self.topk is not None:
+                self._fold_topk(d)
 
-    def _fold_topk(self, layer: int, seq_abs: torch.Tensor) -> None:
-        """PLND-style importance per sequence: mean |h| times the down column norm."""
-        ok = self._seq_tokens > 0
-        if not bool(ok.any()):
-            return
-        score = seq_abs.cpu()[ok] / self._seq_tokens[ok].unsqueeze(-1) * self._col_norm(layer)
-        top = score.topk(self.topk, dim=-1).indices  # [S', k]
-        groups = self._seq_groups[ok]
-        flat = (groups.unsqueeze(-1) * self.num_neurons + top).reshape(-1)
-        counts = torch.bincount(flat, minlength=len(self.groups) * self.num_neurons)
-        self.totals.topk_count[layer] += counts.view(len(self.groups), self.num_neurons)
-        self.totals.seq_count[layer] += torch.bincount(groups, minlength=len(self.groups))
+    @staticmethod
+    def _merge(d: _DeviceTables, n_b: torch.Tensor) -> None:
+        """Chan's parallel update of (count, sum, m2) with the batch, every layer slot at once."""
+        tot, b = d.totals, d.batch
+        s, q = b["sum"], b["sumsq"]
+        nb = n_b.to(torch.float64).unsqueeze(-1)  # [G, 1], broadcast over layers
+        mean_b = torch.where(nb > 0, s / nb.clamp_min(1), 0.0)
+        m2_b = (q - s * mean_b).clamp_min(0.0)
+        na = tot["count"].to(torch.float64).unsqueeze(-1)  # [L, G, 1]
+        n = (na + nb).clamp_min(1)
+        mean_a = torch.where(na > 0, tot["sum"] / na.clamp_min(1), 0.0)
+        delta = mean_b - mean_a
+        tot["m2"] += m2_b + delta * delta * na * nb / n
+        tot["sum"] += s
+        tot["abs_sum"] += b["abs_sum"]
+        tot["active"] += b["active"].round().to(torch.int64)
+        if "gate_active" in b:
+            tot["gate_active"] += b["gate_active"].round().to(torch.int64)
+        tot["count"] += n_b
+
+    def _col_norms(self, d: _DeviceTables) -> torch.Tensor:
+        for layer, dev in self._layer_device.items():
+            if dev == d.device and layer not in d.norm_ready:
+                w = self.sites[layer].down_cols().detach()
+                d.col_norm[layer] = w.float().norm(dim=0).to(d.device)
+                d.norm_ready.add(layer)
+        return d.col_norm
+
+    def _fold_topk(self, d: _DeviceTables) -> None:
+        """PLND-style importance per sequence: mean |h| times the down column norm; each
+        sequence adds one count to the layer top-k neurons of its group. Sequences without
+        counted tokens add nothing (weight 0 rather than a filter: no sync)."""
+        B = len(self._seq_groups)
+        seq_tokens = to_device(self._seq_tokens, d.device)
+        groups = to_device(self._seq_groups, d.device)
+        weight = (seq_tokens > 0).to(torch.int64)  # [B]
+        score = d.seq_table(B) / seq_tokens.clamp_min(1).unsqueeze(-1) * self._col_norms(d).unsqueeze(1)
+        top = score.topk(self.topk, dim=-1).indices  # [L, B, k]
+        L, G, N = self.num_layers, len(self.groups), self.num_neurons
+        layer_off = torch.arange(L, device=d.device).view(L, 1, 1) * (G * N)
+        flat = (layer_off + groups.view(1, B, 1) * N + top).reshape(-1)
+        w = weight.view(1, B, 1).expand(L, B, self.topk).reshape(-1)
+        d.totals["topk_count"].view(-1).index_add_(0, flat, w)
+        d.totals["seq_count"].index_add_(1, groups, weight.view(1, B).expand(L, B).contiguous())
+
+    # ----- results -----
+    def result(self, meta: dict | None = None) -> NeuronStats:
+        """The running totals as NeuronStats on the host (the one copy to the host)."""
+        base = self._initial if self._initial is not None else self._empty().tensors()
+        out = {k: v.clone() for k, v in base.items()}
+        for layer, dev in self._layer_device.items():
+            tot = self._dev[dev].totals
+            for k in out:
+                out[k][layer] = tot[k][layer].cpu()
+        return NeuronStats(self.groups, **out, meta={**self.meta, **(meta or {})})

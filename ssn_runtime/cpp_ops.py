@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ssn_kernels.args import MaskArgs, StatsTarget
 from ssn_kernels.common import ACT_CODES, as_rows
 
 try:
@@ -34,17 +35,15 @@ def _check(*tensors: torch.Tensor) -> None:
             raise ValueError(f"cpp backend supports float32 and bfloat16 of one dtype, got {t.dtype}")
 
 
-def _mask_args(mask, M: int, N: int) -> tuple[int, int, int, int]:
+def _mask_args(mask: MaskArgs | None, M: int, N: int) -> tuple[int, int, int, int]:
+    """(mode, scale, bias, row_profile) pointers; MaskArgs has checked dtypes and layout,
+    this adds what a raw pointer needs: the right sizes, and profile ids inside the table."""
     if mask is None:
         return 0, 0, 0, 0
-    for t in (mask.scale, mask.bias):
-        if t.dtype != torch.float32 or not t.is_contiguous() or t.shape[-1] != N or t.device.type != "cpu":
-            raise ValueError("mask scale/bias must be contiguous float32 CPU tensors ending in the neuron dim")
+    mask.check_input(M, N, torch.device("cpu"))
     if mask.row_profile is None:
         return 1, mask.scale.data_ptr(), mask.bias.data_ptr(), 0
     rp = mask.row_profile
-    if rp.dtype != torch.int32 or rp.numel() != M or not rp.is_contiguous():
-        raise ValueError("row_profile must be contiguous int32 with one entry per row")
     if rp.numel() and (int(rp.min()) < 0 or int(rp.max()) >= mask.scale.shape[0]):
         raise ValueError("row_profile holds a profile id outside the mask table")
     return 2, mask.scale.data_ptr(), mask.bias.data_ptr(), rp.data_ptr()
@@ -82,19 +81,22 @@ def fused_act_backward(dout: torch.Tensor, x: torch.Tensor, up: torch.Tensor | N
     return dx.view(x.shape), (dup.view(up.shape) if up is not None else None)
 
 
-def fused_act_stats_forward(x: torch.Tensor, up: torch.Tensor | None, act: str, target) -> torch.Tensor:
-    """Forward plus statistics into `target` (a collector.LayerTarget on CPU)."""
+def fused_act_stats_forward(x: torch.Tensor, up: torch.Tensor | None, act: str, target: StatsTarget,
+                            mask: MaskArgs | None = None) -> torch.Tensor:
+    """Forward (then `mask`) plus statistics added into `target` (on CPU)."""
     _check(x, *([up] if up is not None else []))
     x2 = as_rows(x)
     u2 = as_rows(up) if up is not None else x2
     out = torch.empty(x2.shape, dtype=x.dtype)
     M, N = x2.shape
+    target.check_input(M, N, torch.device("cpu"))
+    G, S = target.num_groups, target.seq_abs.shape[0] if target.seq_abs is not None else 0
+    # Ids index table rows through raw pointers: check their range here (CPU: no sync cost).
+    for name, ids, limit in (("group_ids", target.group_ids, G), ("seq_ids", target.seq_ids, S)):
+        if ids is not None and ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= limit):
+            raise ValueError(f"{name} holds an id outside [-1, {limit})")
+    mode, sc, bi, rp = _mask_args(mask, M, N)
     tables = [target.sum, target.sumsq, target.abs_sum, target.active]
-    for t in tables + [target.gate_active]:
-        if t is not None and (t.dtype != torch.float64 or not t.is_contiguous() or t.shape[-1] != N):
-            raise ValueError("statistics tables must be contiguous float64 [groups, neurons]")
-    if target.group_ids.numel() != M or target.group_ids.dtype != torch.int32:
-        raise ValueError("group_ids must be int32 with one entry per row")
     seq_abs = target.seq_abs
     if x2.numel():
         _ext.fused_act_stats_forward(
@@ -104,6 +106,6 @@ def fused_act_stats_forward(x: torch.Tensor, up: torch.Tensor | None, act: str, 
             target.gate_active.data_ptr() if target.gate_active is not None else 0,
             target.seq_ids.data_ptr() if seq_abs is not None else 0,
             seq_abs.data_ptr() if seq_abs is not None else 0,
-            float(target.threshold), torch.get_num_threads(),
+            float(target.threshold), mode, sc, bi, rp, torch.get_num_threads(),
         )
     return out.view(x.shape)

@@ -13,15 +13,15 @@ per-rank statistics merged at the end.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .collector import StatsCollector
+from . import batching
+from .collector import StatsCollector, to_device
 from .data import Record, encode_prompt, ids_digest, plan_batches
 from .errors import SSNError
 from .fingerprint import model_fingerprint
@@ -29,6 +29,11 @@ from .runtime import attach, attached_handle
 from .stats import NeuronStats, stamp
 
 POSITIONS = ("prompt", "last", "generated")
+
+# Test-only hook, None in production: called after every batch (and its checkpoint) with
+# the number of batches this call has run. tests/test_profiler.py sets it in a subprocess
+# to SIGKILL a run mid-way and check that the rerun resumes to identical statistics.
+after_batch_test_hook: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -70,25 +75,6 @@ def _dist() -> _Dist:
 
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _pad_id(tokenizer, model) -> int:
-    for cand in (getattr(tokenizer, "pad_token_id", None), getattr(model.config, "pad_token_id", None),
-                 getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(cand, int):
-            return cand
-    return 0
-
-
-def _eos_ids(tokenizer, model) -> set[int]:
-    ids = set()
-    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
-        e = getattr(src, "eos_token_id", None)
-        if isinstance(e, int):
-            ids.add(e)
-        elif isinstance(e, list | tuple):
-            ids.update(int(x) for x in e)
-    return ids
 
 
 class _Progress:
@@ -137,7 +123,8 @@ def profile(model, tokenizer, records: list[Record], config: ProfileConfig, out:
     rec_group = [group_of[r.key(config.group_by)] for r in records]
     sources = sorted({r.where.split(":")[0] for r in records})
     return profile_ids(model, ids, rec_group, groups, config, out=out, progress=progress,
-                       pad_id=_pad_id(tokenizer, model), eos_ids=_eos_ids(tokenizer, model), sources=sources)
+                       pad_id=batching.pad_id(tokenizer, model), eos_ids=set(batching.eos_ids(tokenizer, model)),
+                       sources=sources)
 
 
 def profile_ids(model, ids: list[list[int]], seq_groups: list[int], groups: list[str], config: ProfileConfig,
@@ -168,20 +155,18 @@ def profile_ids(model, ids: list[list[int]], seq_groups: list[int], groups: list
     if ckpt is not None and ckpt.exists():
         saved = NeuronStats.load(ckpt)
         if saved.meta.get("run_key") == run_key:
-            collector.totals = saved
+            collector.load_totals(saved)
             done = int(saved.meta["batches_done"])
         else:
             ckpt.unlink()  # a different run's leftovers
-    collector.totals.meta.update(meta)
 
     total_tokens = sum(len(ids[i]) for b in mine for i in b)
     tokens_done = sum(len(ids[i]) for b in mine[:done] for i in b)
     bar = _Progress(total_tokens, progress and dist.rank == 0, f"profile ({config.positions})")
     bar.update(tokens_done)
-    fault_after = int(os.environ.get("SSN_FAULT_AFTER_BATCHES", "0") or 0)  # tests: SIGKILL mid-run
     device = _device_of(model)
-    pad = pad_id if pad_id is not None else _pad_id(None, model)
-    eos = eos_ids if eos_ids is not None else _eos_ids(None, model)
+    pad = pad_id if pad_id is not None else batching.pad_id(None, model)
+    eos = eos_ids if eos_ids is not None else set(batching.eos_ids(None, model))
     handle.collector = collector
     try:
         for k, batch in enumerate(mine[done:], start=done):
@@ -196,19 +181,17 @@ def profile_ids(model, ids: list[list[int]], seq_groups: list[int], groups: list
             collector.end_batch()
             bar.update(sum(len(s) for s in seqs))
             if ckpt is not None and ((k + 1) % config.checkpoint_every == 0) and k + 1 < len(mine):
-                collector.totals.meta.update(run_key=run_key, batches_done=k + 1)
-                collector.totals.save(ckpt)
-            if fault_after and k + 1 - done >= fault_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+                # The one place besides the end where statistics leave the device.
+                collector.result({"run_key": run_key, "batches_done": k + 1}).save(ckpt)
+            if after_batch_test_hook is not None:
+                after_batch_test_hook(k + 1 - done)
     finally:
         handle.collector = None
         bar.close()
         if own_handle:
             handle.detach()
 
-    stats = collector.totals
-    for key in ("run_key", "batches_done"):
-        stats.meta.pop(key, None)
+    stats = collector.result()
     if dist.active:
         stats = _all_merge(stats, dist)
     if out is not None and dist.rank == 0:
@@ -224,32 +207,23 @@ def profile_ids(model, ids: list[list[int]], seq_groups: list[int], groups: list
 
 def _run_forward(model, collector, seqs, seq_groups, pad, positions, device):
     """Right-padded forward through the decoder only (no LM head: nothing reads logits)."""
-    B, T = len(seqs), max(len(s) for s in seqs)
-    input_ids = torch.full((B, T), pad, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    gid = torch.full((B, T), -1, dtype=torch.int32)
+    input_ids, mask = batching.right_padded(seqs, pad)
+    gid = torch.full(input_ids.shape, -1, dtype=torch.int32)
     for b, s in enumerate(seqs):
-        input_ids[b, : len(s)] = torch.tensor(s)
-        mask[b, : len(s)] = 1
         if positions == "prompt":
             gid[b, : len(s)] = int(seq_groups[b])
         else:
             gid[b, len(s) - 1] = int(seq_groups[b])
     collector.plan_rows(gid)
     body = getattr(model, "base_model", model)
-    body(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    body(input_ids=to_device(input_ids, device), attention_mask=to_device(mask, device), use_cache=False)
 
 
 def _run_generate(model, collector, seqs, seq_groups, pad, eos, config, device):
     """Greedy generation; counts the positions that produce generated tokens: the last
     prompt token, then each decode step until the sequence has produced EOS."""
-    B, T = len(seqs), max(len(s) for s in seqs)
-    input_ids = torch.full((B, T), pad, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    for b, s in enumerate(seqs):  # left padding, as generation needs
-        input_ids[b, T - len(s):] = torch.tensor(s)
-        mask[b, T - len(s):] = 1
-    finished = torch.zeros(B, dtype=torch.bool)
+    input_ids, mask = batching.left_padded(seqs, pad)  # generation needs every row to end at the last column
+    finished = torch.zeros(len(seqs), dtype=torch.bool)
     eos_t = torch.tensor(sorted(eos)) if eos else torch.empty(0, dtype=torch.long)
     state = {"first": True}
 

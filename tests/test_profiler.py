@@ -40,6 +40,10 @@ def _compare(stats, ref, gated):
 def test_profile_matches_hook_reference(tiny_ckpts, prompts_jsonl, arch, positions, backend, monkeypatch):
     if backend == "triton" and torch.cuda.is_available():
         pytest.skip("covered by the CUDA run of this test's cpp/torch cases")
+    if backend == "triton" and positions == "generated" and arch == "gpt2":
+        # The interpreter pays ~0.1 s per kernel call and decode makes hundreds; the kernel's
+        # decode-shaped calls are covered by llama, the plain-MLP kernel path by gpt2's other cases.
+        pytest.skip("interpreter time; covered by triton-generated-llama and triton-*-gpt2")
     monkeypatch.setenv("SSN_BACKEND", backend)
     model = load_model(tiny_ckpts[arch], dtype="float32")
     tok = load_tokenizer(tiny_ckpts[arch])
@@ -130,12 +134,28 @@ def test_second_moment_survives_large_offsets():
         fused_act(x.float(), None, "relu", relu, None, col.target(site, x))
         col.end_batch()
     xs = torch.cat(all_x).float().double()  # the float32 values the kernel saw
-    torch.testing.assert_close(col.totals.var()[0, 0], xs.var(0, unbiased=False), rtol=1e-6, atol=0)
+    torch.testing.assert_close(col.result().var()[0, 0], xs.var(0, unbiased=False), rtol=1e-6, atol=0)
 
 
 def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "ssn_runtime", *args], capture_output=True, text=True,
                           timeout=600, env={**os.environ, **(env or {})})
+
+
+# `ssn` in a subprocess whose profiler SIGKILLs the process after N batches, through the
+# profiler's test-only hook (production code reads no fault-injection setting).
+_KILLED_AFTER = """
+import os, signal, sys
+from ssn_runtime import cli, profiler
+n = int(sys.argv.pop(1))
+profiler.after_batch_test_hook = lambda done: done >= n and os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _cli_killed_after(batches, *args):
+    return subprocess.run([sys.executable, "-c", _KILLED_AFTER, str(batches), *args], capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_cli_resume_after_sigkill_equals_uninterrupted(tiny_ckpts, prompts_jsonl, tmp_path):
@@ -145,12 +165,12 @@ def test_cli_resume_after_sigkill_equals_uninterrupted(tiny_ckpts, prompts_jsonl
     full = _cli(*base, "--out", str(tmp_path / "full.safetensors"))
     assert full.returncode == 0, full.stderr
     out = tmp_path / "resumed.safetensors"
-    killed = _cli(*base, "--out", str(out), env={"SSN_FAULT_AFTER_BATCHES": "5"})
-    assert killed.returncode == -signal.SIGKILL
+    killed = _cli_killed_after(5, *base, "--out", str(out))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not out.exists() and (tmp_path / "resumed.safetensors.ckpt").is_dir()
     ckpt = NeuronStats.load(next((tmp_path / "resumed.safetensors.ckpt").iterdir()))
     assert ckpt.meta["batches_done"] == 4
-    killed2 = _cli(*base, "--out", str(out), env={"SSN_FAULT_AFTER_BATCHES": "3"})  # resume, die again
+    killed2 = _cli_killed_after(3, *base, "--out", str(out))  # resume, die again
     assert killed2.returncode == -signal.SIGKILL
     done = _cli(*base, "--out", str(out))
     assert done.returncode == 0, done.stderr
@@ -158,6 +178,14 @@ def test_cli_resume_after_sigkill_equals_uninterrupted(tiny_ckpts, prompts_jsonl
     for k, v in a.tensors().items():
         assert torch.equal(b.tensors()[k], v), k
     assert not (tmp_path / "resumed.safetensors.ckpt").exists()
+
+
+def test_profiler_reads_no_fault_setting_from_the_environment(tiny_ckpts, prompts_jsonl, tmp_path):
+    # The old SSN_FAULT_AFTER_BATCHES variable must do nothing now: only the test hook kills.
+    res = _cli("profile", "--model", str(tiny_ckpts["gpt2"]), "--data", str(prompts_jsonl), "--group-by",
+               "language", "--max-tokens-per-batch", "400", "--quiet", "--out", str(tmp_path / "s.safetensors"),
+               env={"SSN_FAULT_AFTER_BATCHES": "1"})
+    assert res.returncode == 0, res.stderr
 
 
 def test_torchrun_two_processes_equal_single(tiny_ckpts, prompts_jsonl, tmp_path):
