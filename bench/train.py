@@ -1,6 +1,7 @@
 """Neuron training vs full fine-tuning, LoRA and masked-dense gradients.
 
-    python bench/train.py             # the built-in organism: SS-Neurons, NHR safety data
+    python bench/train.py                     # organism, SmolLM2-135M (real 49k vocabulary), large synthetic
+    python bench/train.py --cases smollm2     # one case (SmolLM2 is fetched and converted once, cached)
 
 Same model, data, batch and step count for every method, each in its own process (so
 peak memory is that method's alone):
@@ -16,6 +17,7 @@ Targets: ours <= LoRA and <= 0.5x full in peak memory; ours <= LoRA in step time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -28,6 +30,7 @@ import torch
 from common import device_name, write_results
 
 METHODS = ("full", "lora", "masked", "ours")
+ORGANISM_FRACTION = 0.15  # MS share per language, as `ssn demo` selects on the organism
 LR = {"full": 3e-4, "lora": 3e-3, "masked": 3e-3, "ours": 3e-3}
 
 
@@ -58,16 +61,17 @@ def synthetic_setup(device: str, batch_size: int):
     return model, ss, ids
 
 
-def worker(method: str, steps: int, batch_size: int, device: str, synthetic: bool = False) -> dict:
-    if synthetic:
+def worker(method: str, steps: int, batch_size: int, device: str, case: str = "organism") -> dict:
+    if case == "large":
         return synthetic_worker(method, steps, batch_size, device)
+    if case == "smollm2":
+        return smollm2_worker(method, steps, batch_size, device)
     from ssn_runtime import attach, load_model, load_tokenizer
     from ssn_runtime.data import load_records
-    from ssn_runtime.demo import FRACTION, causal_ms, shared_sets
-    from ssn_runtime.identify import select_top
+    from ssn_runtime.identify import attribution_by_language, select_top, shared_sets
     from ssn_runtime.judges import LexiconJudge, load_lexicon
     from ssn_runtime.organism import ensure
-    from ssn_runtime.train import _batch, _loss, example_ids
+    from ssn_runtime.train import batch_tensors, example_ids, response_loss
     from ssn_runtime.validate import evaluate_conditions
 
     path = ensure(seed=0, progress=False)
@@ -77,8 +81,8 @@ def worker(method: str, steps: int, batch_size: int, device: str, synthetic: boo
     lex = load_lexicon(path / "refusal_lexicon.json")
     prompts = load_records(path / "data" / "profile_prompts.jsonl")
     langs = info["hr"] + info["nhr"]
-    ms = {lang: select_top(-s, fraction=FRACTION) for lang, s in causal_ms(model, tok, prompts, langs,
-                                                                           lex["canonical"], FRACTION).items()}
+    scores = attribution_by_language(model, tok, prompts, lex["canonical"], languages=langs, limit=24, progress=False)
+    ms = {lang: select_top(-s, fraction=ORGANISM_FRACTION) for lang, s in scores.items()}
     ss = shared_sets(ms, info["hr"], info["nhr"])["SS"]
     evals = [r for r in load_records(path / "data" / "eval_prompts.jsonl") if r.fields["language"] in info["nhr"]]
     judge = LexiconJudge([lex])
@@ -95,11 +99,12 @@ def worker(method: str, steps: int, batch_size: int, device: str, synthetic: boo
     trainable = sum(p.numel() for p in params)
     pad = tok.pad_token_id
     model.eval()
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
 
     def step_loss(step):
         g = torch.Generator().manual_seed(step)
         idx = torch.randint(0, len(examples), (batch_size,), generator=g).tolist()
-        return _loss(model, *_batch(examples, idx, pad, device))
+        return response_loss(lm, *batch_tensors(examples, idx, pad, device))
 
     times, peak, final_loss = timed_steps(step_loss, params, keep, LR[method], steps, device)
     refusal = nhr_refusal(model)
@@ -109,6 +114,41 @@ def worker(method: str, steps: int, batch_size: int, device: str, synthetic: boo
             "step_time_s": statistics.median(times[3:] or times), "final_loss": final_loss,
             "nhr_refusal_before": base_refusal, "nhr_refusal_after": refusal, "refusal_gain": refusal - base_refusal,
             "neurons": len(ss), "steps": steps, "batch_size": batch_size, "lr": LR[method]}
+
+
+def smollm2_worker(method: str, steps: int, batch_size: int, device: str) -> dict:
+    """SmolLM2-135M-Instruct (a real 49k vocabulary): MultiJail NHR prompts paired with refusals in
+    their language, 1% random neurons; memory and speed only (no refusal evaluation)."""
+    from ssn_runtime import attach, load_model, load_tokenizer
+    from ssn_runtime.data import load_records
+    from ssn_runtime.judges import builtin_lexicon
+    from ssn_runtime.neuron_sets import NeuronSet
+    from ssn_runtime.train import batch_tensors, example_ids, refusal_pairs, response_loss
+    from ssn_runtime.walkthrough import NHR, default_multijail, smollm2_checkpoint
+
+    path = smollm2_checkpoint(progress=False)
+    model = load_model(path, dtype="bfloat16" if device == "cuda" else "float32", device=device)
+    tok = load_tokenizer(path)
+    prompts = [r for r in load_records(default_multijail()) if r.fields["language"] in NHR][:256]
+    examples = [example_ids(r, tok, True, 128) for r in refusal_pairs(prompts, builtin_lexicon()["canonical"])]
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    ss = NeuronSet.from_mask(torch.rand(cfg.num_hidden_layers, cfg.intermediate_size, generator=g) < 0.01)
+    model, params, keep, handle = trainable_setup(method, model, ss, device, attach)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    pad = tok.pad_token_id
+
+    def step_loss(step):
+        idx = torch.randint(0, len(examples), (batch_size,), generator=torch.Generator().manual_seed(step)).tolist()
+        return response_loss(lm, *batch_tensors(examples, idx, pad, device))
+
+    times, peak, final_loss = timed_steps(step_loss, params, keep, LR[method], steps, device)
+    if handle is not None:
+        handle.detach()
+    return {"method": method, "trainable_params": sum(p.numel() for p in params), "peak_memory_mb": peak,
+            "step_time_s": statistics.median(times[2:] or times), "final_loss": final_loss, "neurons": len(ss),
+            "steps": steps, "batch_size": batch_size, "vocab_size": cfg.vocab_size,
+            "params_total": sum(p.numel() for p in model.parameters())}
 
 
 def trainable_setup(method, model, ss, device, attach_fn):
@@ -146,7 +186,9 @@ def trainable_setup(method, model, ss, device, attach_fn):
     else:
         handle = attach_fn(model)
         state = PatchState(ss, handle.sites[0].hidden_size, gated=True).to(device)
-        handle.set_patch(state)
+        # handle-wide: the benchmark steps run in this thread, but the scope must outlive this function
+        handle._bench_scope = contextlib.ExitStack()
+        handle._bench_scope.enter_context(handle.intervene(patch=state, scope="handle"))
         params = list(state.parameters())
     return model, params, keep, handle
 
@@ -192,32 +234,41 @@ def synthetic_worker(method: str, steps: int, batch_size: int, device: str) -> d
             "batch_size": batch_size, "params_total": sum(p.numel() for p in model.parameters())}
 
 
+CASES = ("organism", "smollm2", "large")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=100, help="steps of the organism case")
+    ap.add_argument("--batch-size", type=int, default=16, help="batch size of the organism case")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    ap.add_argument("--smollm2-steps", type=int, default=10, help="steps of the SmolLM2 case (batch 8)")
     ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    ap.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--large-only", action="store_true", help="skip the organism case (GPU check)")
+    ap.add_argument("--case", choices=CASES, default="organism", help=argparse.SUPPRESS)
+    ap.add_argument("--large-only", action="store_true", help="only the large synthetic case (GPU check)")
     ap.add_argument("--out", help="JSON file or folder (default bench/results/)")
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.batch_size, args.device, args.synthetic)))
+        print(json.dumps(worker(args.worker, args.steps, args.batch_size, args.device, args.case)))
         return 0
     res = {"device": args.device, "device_name": device_name(args.device)}
-    cases = [("organism", "organism seed 0 (0.6M parameters), SS-Neurons, NHR safety data", [], args.steps,
-              args.batch_size),
-             ("large", f"random Llama ({'1.1B' if args.device == 'cuda' else '125M'} parameters), 1% random neurons, "
-              "random tokens", ["--synthetic"], 10, 8)]
-    if args.large_only:
-        cases = cases[1:]
-    for key, title, extra, steps, bs in cases:
+    cases = {"organism": ("organism seed 0 (0.6M parameters), SS-Neurons, NHR safety data", args.steps,
+                          args.batch_size),
+             "smollm2": ("SmolLM2-135M-Instruct (49k vocabulary), 1% random neurons, MultiJail NHR refusal pairs "
+                         "(loss on the responses only, for every method)", args.smollm2_steps, 8),
+             "large": (f"random Llama ({'1.1B' if args.device == 'cuda' else '125M'} parameters), 1% random neurons, "
+                       "random tokens", 10, 8)}
+    chosen = ["large"] if args.large_only else [c for c in args.cases.split(",") if c]
+    for key in chosen:
+        if key not in cases:
+            ap.error(f"unknown case {key!r}; choose from {', '.join(CASES)}")
+        title, steps, bs = cases[key]
         print(title)
         rows = []
         for method in METHODS:
             out = subprocess.run([sys.executable, __file__, "--worker", method, "--steps", str(steps), "--batch-size",
-                                  str(bs), "--device", args.device, *extra], capture_output=True, text=True)
+                                  str(bs), "--device", args.device, "--case", key], capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"  {method}: failed\n{out.stderr[-2000:]}")
                 rows.append({"method": method, "error": out.stderr[-500:]})

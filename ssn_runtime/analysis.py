@@ -1,7 +1,9 @@
 """Analysis of neuron sets: sizes, neurons per layer, overlap (Jaccard) across languages.
 
 Writes sizes.json, overlap.{csv,json}, per_layer.{csv,json}, summary.md and two plots:
-overlap.png (heatmap) and per_layer.png (bars).
+overlap.png (heatmap) and per_layer.png (bars). When the file comes from `identify`,
+summary.md also sets each SS/<l> beside its chance overlap and lists the SS size under
+each union/intersection reading.
 """
 
 from __future__ import annotations
@@ -65,6 +67,17 @@ def analyze(sets: NeuronSetFile, out_dir: str | Path, overlap_prefix: str = "MS/
     md += [f"| {n} | {sizes[n]} | {100 * sizes[n] / total:.3f}% |" for n in names]
     md += ["", "Jaccard overlap:", "", "| | " + " | ".join(langs) + " |", "|---" * (len(langs) + 1) + "|"]
     md += [f"| {a} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for a, row in zip(langs, jac, strict=True)]
+    chance = sets.extra.get("chance_overlap") or {}
+    if chance:  # written by identify: is SS/<l> = MS/HR & MS/<l> bigger than random sets would give?
+        md += ["", "SS/<l> = MS/HR & MS/<l> against the overlap expected for random sets of those sizes "
+               f"(readings: hr_combine={sets.method.get('hr_combine')}, joint={sets.method.get('joint')}):", "",
+               "| set | neurons | expected by chance | ratio |", "|---|---|---|---|"]
+        md += [f"| {n} | {c['observed']} | {c['expected']:.1f} | "
+               f"{c['observed'] / c['expected'] if c['expected'] else float('nan'):.2f} |" for n, c in chance.items()]
+        result["chance_overlap"] = chance
+    if sets.extra.get("ss_variants"):
+        sizes_by_reading = ", ".join(f"{k}: {v}" for k, v in sets.extra["ss_variants"].items())
+        md += ["", f"SS size under each reading: {sizes_by_reading}"]
     atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
 
     plt = _plt()

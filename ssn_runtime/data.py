@@ -126,6 +126,36 @@ def load_records(path: str | Path) -> list[Record]:
     return records
 
 
+HARMLESS_RESOURCE = "resources/harmless_prompts.jsonl"
+
+
+def builtin_harmless(languages=None) -> list[Record]:
+    """The project's own harmless prompts (resources/harmless_prompts.md): the same 70 meanings
+    written in all 10 MultiJail languages (`id` names the meaning), each tagged with the
+    MultiJail harm category whose everyday, benign side it asks about (`topic`); label=harmless.
+    `languages`: keep only these (default: all)."""
+    from importlib import resources
+
+    text = resources.files("ssn_runtime").joinpath(HARMLESS_RESOURCE).read_text(encoding="utf-8")
+    keep = set(languages) if languages is not None else None
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            r = _from_object(json.loads(line), f"ssn_runtime/{HARMLESS_RESOURCE}:{i}")
+            if keep is None or r.fields.get("language") in keep:
+                out.append(r)
+    return out
+
+
+def with_builtin_harmless(records: list[Record], harmful: str = "harmful") -> tuple[list[Record], list[str]]:
+    """`records` plus the built-in harmless prompts of their languages when every record is
+    labelled `harmful` (a contrast needs both labels); returns (records, languages added)."""
+    if not records or any(r.fields.get("label") != harmful for r in records):
+        return records, []
+    langs = sorted({r.fields.get("language") for r in records} & set(MULTIJAIL_LANGUAGES))
+    return records + builtin_harmless(langs), langs
+
+
 def filter_records(records: list[Record], where: dict[str, list[str]] | None = None,
                    limit_per_group: int | None = None, group_by: list[str] | None = None) -> list[Record]:
     """Keep records whose fields match `where` (field -> allowed values), at most

@@ -2,11 +2,32 @@
 high-resource (HR) and non-high-resource (NHR) languages.
 
     MS(l)   = top neurons by a per-language score (harmful vs harmless contrast, consistency, ...)
-    MS(HR)  = union (or intersection) of MS(h) over HR languages
+    MS(HR)  = union (or intersection) of MS(h) over HR languages          --hr-combine
     SS(l)   = MS(HR) & MS(l)            for each NHR language l
-    SS      = union (or intersection) of SS(l) over NHR languages
+    SS      = union (or intersection) of SS(l) over NHR languages         --joint
 
 Defaults follow MultiJail: HR = en, zh, it, vi; NHR = ar, ko, th (medium), bn, sw, jv (low).
+
+What the readings mean:
+
+    --hr-combine union         a neuron is an HR safety neuron if it is an MS-Neuron of ANY HR
+                               language (default; generous: MS/HR grows with every HR language)
+    --hr-combine intersection  ... of EVERY HR language (strict: shared by all of them)
+    --joint union              SS holds neurons shared by HR and AT LEAST ONE NHR language (default)
+    --joint intersection       ... shared by HR and EVERY NHR language
+
+The default union/union reading is generous: with four HR languages MS/HR can cover four
+times the share of one language's set, so SS/<l> = MS/HR & MS/<l> overlaps by chance
+alone. `chance_overlap` gives the expected |MS/HR & MS/<l>| for random sets of those
+sizes (per layer when selection is per layer); `identify` records it for every SS/<l>,
+and the sizes of SS under all four readings, in the file's "chance_overlap" and
+"ss_variants" entries. An SS/<l> near its chance overlap says nothing about sharing.
+
+Stats-based methods need harmful and harmless prompts in every language: a language that
+has one label but not the other is an error (it used to be dropped silently, leaving no
+SS set), unless `skip_incomplete` (`--skip-incomplete`), which leaves it out and records
+it under "skipped_languages". LAPE (`--method lape`) pools every label of a language; see
+scorers/lape.py for what it needs (gate statistics on gated MLPs).
 """
 
 from __future__ import annotations
@@ -74,6 +95,10 @@ class IdentifyConfig:
     hr_combine: str = "union"
     joint: str = "union"
     lape_top_rate: float = 0.01
+    lape_filter_rate: float = 0.95
+    lape_activation_bar: float = 0.95
+    lape_variant: str = "published"
+    skip_incomplete: bool = False  # leave out (and record) languages lacking harmful or harmless prompts
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -81,6 +106,10 @@ class IdentifyConfig:
         for name in ("hr_combine", "joint"):
             if getattr(self, name) not in ("union", "intersection"):
                 raise SSNError(f"{name} must be union or intersection")
+        from .scorers.lape import VARIANTS
+
+        if self.lape_variant not in VARIANTS:
+            raise SSNError(f"lape_variant must be one of {', '.join(VARIANTS)}, not {self.lape_variant!r}")
 
 
 def _layout(stats: NeuronStats) -> tuple[dict[tuple[str, str], str], list[str]]:
@@ -109,14 +138,73 @@ def _combine(sets: list[NeuronSet], how: str) -> NeuronSet | None:
     return acc
 
 
+def shared_sets(ms: dict[str, NeuronSet], hr: list[str], nhr: list[str], hr_combine: str = "union",
+                joint: str = "union") -> dict[str, NeuronSet]:
+    """MS/HR, SS/<l> and SS from per-language MS sets (`ms`: language -> set), by the readings
+    in the module docstring. Languages without an MS set are left out; MS/HR, SS/<l> and SS
+    are absent when no HR (or NHR) language has one."""
+    for name, how in (("hr_combine", hr_combine), ("joint", joint)):
+        if how not in ("union", "intersection"):
+            raise SSNError(f"{name} must be union or intersection, not {how!r}")
+    out: dict[str, NeuronSet] = {}
+    hr_set = _combine([ms[h] for h in hr if h in ms], hr_combine)
+    if hr_set is None:
+        return out
+    out["MS/HR"] = hr_set
+    for lang in nhr:
+        if lang in ms:
+            out[f"SS/{lang}"] = hr_set & ms[lang]
+    joint_set = _combine([out[f"SS/{lang}"] for lang in nhr if f"SS/{lang}" in out], joint)
+    if joint_set is not None:
+        out["SS"] = joint_set
+    return out
+
+
+def chance_overlap(a: NeuronSet, b: NeuronSet, per_layer: bool = False) -> float:
+    """Expected |A & B| if A and B were drawn uniformly at random with their sizes (the
+    hypergeometric mean): |A| |B| / (L N) over the whole model, or, with `per_layer` (sets
+    selected within each layer, so their per-layer counts are fixed), sum_l |A_l| |B_l| / N."""
+    if (a.num_layers, a.num_neurons) != (b.num_layers, b.num_neurons):
+        raise SSNError("chance_overlap: the sets are for different models")
+    if per_layer:
+        return sum(x * y for x, y in zip(a.per_layer(), b.per_layer(), strict=True)) / a.num_neurons
+    return len(a) * len(b) / (a.num_layers * a.num_neurons)
+
+
+def _language_groups(stats: NeuronStats) -> dict[str, list[str]]:
+    """language -> its stats groups (every label), for LAPE."""
+    keys = stats.meta.get("groups_by") or ["language", "label"]
+    if "language" not in keys:
+        raise SSNError(f"LAPE needs stats grouped by language (profile with --group-by language); these are "
+                       f"grouped by {keys}")
+    li = keys.index("language")
+    out: dict[str, list[str]] = {}
+    for g in stats.groups:
+        parts = g.split("/")
+        if len(parts) != len(keys):
+            raise SSNError(f"group {g!r} does not match the group-by keys {keys}")
+        out.setdefault(parts[li], []).append(g)
+    return dict(sorted(out.items()))
+
+
 def identify(stats: NeuronStats | None, config: IdentifyConfig, attribution: dict[str, torch.Tensor] | None = None,
              model_info: dict | None = None) -> NeuronSetFile:
-    """Named neuron sets: MS/<lang> for every language with both labels, MS/HR, SS/<nhr>, SS.
+    """Named neuron sets: MS/<lang> for every language with both labels, MS/HR, SS/<nhr>, SS
+    (`shared_sets`), with chance overlaps, the SS sizes of all four readings, skipped
+    languages and a missing SS explained in the file's metadata (see the module docstring).
+    `--method lape` gives LAPE (all selected neurons) and LAPE/<lang> instead.
 
     `attribution`: per-language [layers, neurons] scores (scorers.attribution: negative =
     supports refusal) used instead of the stats; then `stats` may be None and `model_info`
     (a fingerprint) names the model.
     """
+    if config.method == "lape":
+        if stats is None:
+            raise SSNError("--method lape needs --stats (from ssn profile --gate-stats)")
+        res = lape(stats, _language_groups(stats), filter_rate=config.lape_filter_rate, top_rate=config.lape_top_rate,
+                   activation_bar=config.lape_activation_bar, variant=config.lape_variant)
+        sets = {"LAPE": res.selected, **{f"LAPE/{lang}": s for lang, s in res.per_language.items()}}
+        return NeuronSetFile(sets, _model_info(stats), {"name": "lape", **asdict(config)}, extra={"lape": res.info})
     if stats is None:
         if not attribution:
             raise SSNError("identify needs stats, or attribution scores")
@@ -126,39 +214,93 @@ def identify(stats: NeuronStats | None, config: IdentifyConfig, attribution: dic
     sets: dict[str, NeuronSet] = {}
     sel = dict(k=config.k, fraction=config.fraction, per_layer=config.per_layer, threshold=config.threshold,
                sign=config.sign)
-    if config.method == "lape":
-        names = [groups[(lang, config.harmful)] for lang in langs if (lang, config.harmful) in groups]
-        res = lape(stats, names, top_rate=config.lape_top_rate)
-        for g, s in res.per_language.items():
-            sets[f"LAPE/{g.split('/')[0] if '/' in g else g}"] = s
-        return NeuronSetFile(sets, _model_info(stats), {"name": "lape", **asdict(config)})
+    skipped: dict[str, str] = {}
     for lang in langs:
         a, b = groups.get((lang, config.harmful)), groups.get((lang, config.harmless))
         if attribution is not None and lang in attribution:
             sets[f"MS/{lang}"] = select_top(-attribution[lang], **sel)  # negative: supports refusal
         elif a is None or b is None:
-            continue
+            skipped[lang] = f"no {config.harmless if a is not None else config.harmful} prompts"
         elif config.method == "consistent":
             sets[f"MS/{lang}"] = consistent_neurons(stats, a, [b], config.rho)
         else:
             sets[f"MS/{lang}"] = select_top(CONTRASTS[config.method](stats, a, b), **sel)
+    if skipped and not config.skip_incomplete:
+        detail = "; ".join(f"{lang}: {why}" for lang, why in skipped.items())
+        raise SSNError(f"--method {config.method} needs {config.harmful!r} and {config.harmless!r} prompts in every "
+                       f"language, and some have only one ({detail}): profile prompts of the missing label for them, "
+                       "or pass --skip-incomplete to leave them out (recorded in the output)")
     if not sets:
         raise SSNError(f"no language has both {config.harmful!r} and {config.harmless!r} groups; groups: "
                        f"{', '.join(stats.groups) if stats is not None else 'none'}")
-    hr = _combine([sets[f"MS/{h}"] for h in config.hr if f"MS/{h}" in sets], config.hr_combine)
-    if hr is not None:
-        sets["MS/HR"] = hr
-        per_nhr = []
-        for lang in config.nhr:
-            if f"MS/{lang}" in sets:
-                sets[f"SS/{lang}"] = hr & sets[f"MS/{lang}"]
-                per_nhr.append(sets[f"SS/{lang}"])
-        joint = _combine(per_nhr, config.joint)
-        if joint is not None:
-            sets["SS"] = joint
+    ms = {name.removeprefix("MS/"): s for name, s in sets.items()}
+    sets.update(shared_sets(ms, config.hr, config.nhr, config.hr_combine, config.joint))
+    extra = {"languages": langs, "stats_tokens": stats.tokens_seen if stats is not None else 0}
+    if skipped:
+        extra["skipped_languages"] = skipped
+    if "SS" not in sets:
+        missing = "HR" if "MS/HR" not in sets else "NHR"
+        names = config.hr if missing == "HR" else config.nhr
+        extra["ss_missing"] = f"no SS set: none of the {missing} languages ({', '.join(names)}) has an MS set"
+    if "MS/HR" in sets:
+        per_layer = bool(config.per_layer and (config.k is not None or config.fraction is not None))
+        extra["chance_overlap"] = {
+            f"SS/{lang}": {"observed": len(sets[f"SS/{lang}"]),
+                           "expected": chance_overlap(sets["MS/HR"], sets[f"MS/{lang}"], per_layer),
+                           "hr_size": len(sets["MS/HR"]), "language_size": len(sets[f"MS/{lang}"]),
+                           "per_layer": per_layer}
+            for lang in config.nhr if f"SS/{lang}" in sets}
+        readings = {f"hr={h}, joint={j}": shared_sets(ms, config.hr, config.nhr, h, j)
+                    for h in ("union", "intersection") for j in ("union", "intersection")}
+        extra["ss_variants"] = {k: len(v["SS"]) if "SS" in v else 0 for k, v in readings.items()}
     method = {**asdict(config), "name": config.method if attribution is None else "attribution"}
-    return NeuronSetFile(sets, model_info or _model_info(stats), method,
-                         extra={"languages": langs, "stats_tokens": stats.tokens_seen if stats is not None else 0})
+    return NeuronSetFile(sets, model_info or _model_info(stats), method, extra=extra)
+
+
+def attribution_by_language(model, tokenizer, records: list, refusals: dict[str, str], languages=None,
+                            limit: int | None = None, batch_size: int = 8, progress: bool = True,
+                            chat_template: bool = True, harmful: str = "harmful") -> dict[str, torch.Tensor]:
+    """Per language, the [layers, neurons] attribution of its refusal (scorers.attribution:
+    activation x gradient of log p(refusals[lang] | prompt), mean over the language's harmful
+    prompts; negative = supports refusal), ready for `identify(None, config, attribution=...)`.
+
+    `records`: prompts with a `language` field (those labelled other than `harmful` are left
+    out); `languages`: only these (default: every language present), each must have prompts;
+    `limit`: the first N prompts per language; `batch_size` prompts per forward/backward;
+    `progress`: one bar over all prompts (silent when stderr is not a terminal)."""
+    from .evaluate import progress_bar
+    from .scorers.attribution import attribution_scores
+
+    if isinstance(limit, bool) or (limit is not None and (not isinstance(limit, int) or limit < 1)):
+        raise SSNError(f"limit must be a positive integer, got {limit!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SSNError(f"batch size must be a positive integer, got {batch_size!r}")
+    by_lang: dict[str, list] = {}
+    for r in records:
+        if r.fields.get("label", harmful) != harmful:
+            continue
+        lang = r.fields.get("language")
+        if not lang:
+            raise SSNError(f"{r.where}: no 'language' field (attribution is per language)")
+        by_lang.setdefault(lang, []).append(r)
+    wanted = list(languages) if languages else sorted(by_lang)
+    for lang in wanted:
+        if lang not in by_lang:
+            raise SSNError(f"no {harmful!r} prompts for language {lang!r} (languages with prompts: "
+                           f"{', '.join(sorted(by_lang)) or 'none'})")
+        if lang not in refusals:
+            raise SSNError(f"no refusal text for language {lang!r}: add it to a --lexicon 'canonical' entry")
+    chosen = {lang: by_lang[lang][:limit] for lang in wanted}
+    bar = progress_bar(sum(len(v) for v in chosen.values()), "attribution", progress, unit="prompt")
+    scores = {}
+    try:
+        for lang, rs in chosen.items():
+            bar.set_postfix_str(lang)
+            scores[lang] = attribution_scores(model, tokenizer, [(r, refusals[lang]) for r in rs], chat_template,
+                                              batch_size=batch_size, progress=bar.update)
+    finally:
+        bar.close()
+    return scores
 
 
 def _model_info(stats: NeuronStats) -> dict:

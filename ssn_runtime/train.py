@@ -14,17 +14,19 @@ written atomically every `save_every` steps; re-running the same command resumes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
-import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .batching import pad_id
 from .data import Record, encode_prompt
 from .errors import SSNError
 from .identify import DEFAULT_HR
@@ -33,6 +35,9 @@ from .neuron_sets import NeuronSet
 from .patches import NeuronPatch, PatchState
 from .runtime import attach, attached_handle
 
+# Tests only: called after every optimizer step with the number of steps done in this run
+# (the resume tests SIGKILL the process from it). Production code reads no fault setting.
+after_step_test_hook: Callable[[int], None] | None = None
 
 @dataclass
 class TrainConfig:
@@ -105,7 +110,9 @@ def sample_weights(records: list[Record], cfg: TrainConfig, retain: list[bool]) 
     return t
 
 
-def _batch(examples, idx, pad, device):
+def batch_tensors(examples, idx, pad, device):
+    """(ids, attention mask, labels) for `examples[i]` (ids, prompt length), right-padded with
+    `pad`; labels are -100 except on response tokens."""
     T = max(len(examples[i][0]) for i in idx)
     ids = torch.full((len(idx), T), pad, dtype=torch.long)
     mask = torch.zeros((len(idx), T), dtype=torch.long)
@@ -118,11 +125,52 @@ def _batch(examples, idx, pad, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def _loss(model, ids, mask, labels):
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+# Positions whose full-vocabulary logits exist at once: 256 x 49k (SmolLM2) x fp32 is 50 MB,
+# and with the log-softmax and its gradient about three times that at the peak.
+HEAD_CHUNK = 256
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits from final hidden states: its LM head, then the final logit
+    soft-capping Gemma 2/3 apply (the only post-head step of the supported architectures)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _chunk_nll(model, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(output_logits(model, h).float(), y, reduction="sum")
+
+
+def response_nll(model, ids, mask, labels, inputs_embeds=None, chunk: int = HEAD_CHUNK) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy of the label tokens, their count): labels != -100 are predicted
+    from the position before, as in `model(...).logits` + cross_entropy, but the LM head runs
+    only at those positions, `chunk` positions at a time, and (when a gradient is needed)
+    each chunk's logits are recomputed in backward rather than kept: the prompt's logits are
+    never formed, and at most one chunk's full-vocabulary logits exist at once.
+    `inputs_embeds` replaces `ids` as the model's input (attribution differentiates them)."""
+    from torch.utils.checkpoint import checkpoint
+
+    inputs = {"input_ids": ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    hidden = model.base_model(**inputs, attention_mask=mask, use_cache=False).last_hidden_state
     tgt = labels[:, 1:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                             ignore_index=-100)
+    keep = tgt != -100
+    h, y = hidden[:, :-1][keep], tgt[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, y.numel(), chunk):
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_chunk_nll, model, h[i: i + chunk], y[i: i + chunk], use_reentrant=False)
+        else:
+            total = total + _chunk_nll(model, h[i: i + chunk], y[i: i + chunk])
+    return total, int(y.numel())
+
+
+def response_loss(model, ids, mask, labels, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """Mean cross-entropy over response tokens (the training loss; see `response_nll`)."""
+    total, n = response_nll(model, ids, mask, labels, chunk=chunk)
+    return total / n if n else total * float("nan")
 
 
 # ----- checkpoints (safetensors + JSON; no pickle) -----
@@ -208,10 +256,10 @@ def train(model, tokenizer, neurons: NeuronSet, records: list[Record], cfg: Trai
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()  # no dropout: the gradient is that of the deterministic model
-    handle.set_patch(state)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scope = contextlib.ExitStack()
+    scope.enter_context(handle.intervene(patch=state))
+    pad = pad_id(tokenizer, model)
     eval_ex = [example_ids(r, tokenizer, cfg.chat_template, cfg.max_length) for r in eval_records or []]
-    fault_after = int(os.environ.get("SSN_FAULT_AFTER_STEPS", "0") or 0)  # tests: SIGKILL mid-run
     bar = None
     if progress:
         from tqdm import tqdm
@@ -228,8 +276,8 @@ def train(model, tokenizer, neurons: NeuronSet, records: list[Record], cfg: Trai
             for micro in range(cfg.grad_accum):
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 131 + micro)
                 idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=gen).tolist()
-                ids, mask, labels = _batch(examples, idx, pad, device)
-                loss = _loss(model, ids, mask, labels) / cfg.grad_accum
+                ids, mask, labels = batch_tensors(examples, idx, pad, device)
+                loss = response_loss(model, ids, mask, labels) / cfg.grad_accum
                 loss.backward()
                 total += float(loss.detach())
                 tokens += int(mask.sum())
@@ -244,12 +292,12 @@ def train(model, tokenizer, neurons: NeuronSet, records: list[Record], cfg: Trai
                 bar.update(1)
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 _save_checkpoint(ckpt, state, opt, {"run_key": run_key, "step": step + 1, "log": log})
-            if fault_after and step + 1 - start >= fault_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if after_step_test_hook is not None:
+                after_step_test_hook(step + 1 - start)
     finally:
         if bar is not None:
             bar.close()
-        handle.set_patch(None)
+        scope.close()
         if own_handle:
             handle.detach()
         for n, p in model.named_parameters():
@@ -267,9 +315,9 @@ def evaluate_loss(model, examples, pad, device, batch_size: int = 16) -> float:
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         idx = list(range(i, min(len(examples), i + batch_size)))
-        ids, mask, labels = _batch(examples, idx, pad, device)
-        n = int((labels[:, 1:] != -100).sum())
-        total += float(_loss(model, ids, mask, labels)) * n
+        ids, mask, labels = batch_tensors(examples, idx, pad, device)
+        nll, n = response_nll(model, ids, mask, labels)
+        total += float(nll)
         count += n
     return total / max(1, count)
 

@@ -40,13 +40,15 @@ def test_contrast_scores_by_hand():
     assert f.tolist() == pytest.approx([1.0 - 1 / 3, -1.0, 0.0])
 
 
-def test_lape_by_hand():
+def test_lape_product_kept_variant_by_hand():
+    # The project's earlier LAPE variant (h > 0 counts, selection among kept neurons,
+    # interpolated quantiles); the published procedure is tested in test_lape.py.
     # Activation probabilities per language for 4 neurons:
     #   n0: en 1.0, sw 0.0  (entropy 0)     n1: 0.5 / 0.5 (entropy log 2)
     #   n2: 0.0 / 0.25 (entropy 0)          n3: 0 / 0 (never fires)
     s = stats_from_rows({"en": [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0]],
                          "sw": [[0, 1, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]}, groups_by=("language",))
-    res = lape(s, ["en", "sw"], filter_rate=0.5, top_rate=2 / 3, activation_bar=0.5)
+    res = lape(s, ["en", "sw"], filter_rate=0.5, top_rate=2 / 3, activation_bar=0.5, variant="product_kept")
     assert res.entropy[0].tolist() == pytest.approx([0.0, math.log(2), 0.0, 0.0], abs=1e-9)
     # All probs sorted: 0,0,0,0,.25,.5,.5,1 -> median 0.125. The filter drops n3 (max 0);
     # 2/3 of the 3 kept with the lowest entropy: n0 and n2.
@@ -114,3 +116,66 @@ def test_attribution_tracks_real_ablation(tiny_ckpts):
     corr = torch.corrcoef(torch.tensor([est, real]))[0, 1].item()
     assert corr > 0.9, (est, real)
     assert all((e > 0) == (r > 0) for e, r in zip(est, real, strict=True) if abs(r) > 1e-3)
+
+
+def test_chance_overlap_by_hand():
+    from ssn_runtime.identify import chance_overlap
+    from ssn_runtime.neuron_sets import NeuronSet
+
+    a = NeuronSet({0: [0, 1, 2, 3], 1: [0]}, 2, 10)  # 5 of 20 neurons
+    b = NeuronSet({0: [5, 6], 1: [1, 2]}, 2, 10)  # 4 of 20
+    assert chance_overlap(a, b) == pytest.approx(5 * 4 / 20)
+    assert chance_overlap(a, b, per_layer=True) == pytest.approx((4 * 2 + 1 * 2) / 10)
+    # the expectation is what random draws average to
+    gen = torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(4000):
+        ra = torch.zeros(20, dtype=torch.bool)
+        ra[torch.randperm(20, generator=gen)[:5]] = True
+        rb = torch.zeros(20, dtype=torch.bool)
+        rb[torch.randperm(20, generator=gen)[:4]] = True
+        draws.append(int((ra & rb).sum()))
+    assert sum(draws) / len(draws) == pytest.approx(1.0, abs=0.05)
+
+
+def _two_label_stats(langs, missing_harmless=()):
+    gen = torch.Generator().manual_seed(1)
+    rows = {}
+    for lang in langs:
+        rows[f"{lang}/harmful"] = (torch.randn(12, 40, generator=gen) + torch.linspace(0, 1, 40)).tolist()
+        if lang not in missing_harmless:
+            rows[f"{lang}/harmless"] = torch.randn(12, 40, generator=gen).tolist()
+    return stats_from_rows(rows)
+
+
+def test_identify_records_chance_overlap_and_every_reading():
+    s = _two_label_stats(("en", "zh", "sw", "th"))
+    f = identify(s, IdentifyConfig(k=8, hr=["en", "zh"], nhr=["sw", "th"]))
+    co = f.extra["chance_overlap"]
+    assert set(co) == {"SS/sw", "SS/th"}
+    assert co["SS/sw"]["observed"] == len(f["SS/sw"])
+    assert co["SS/sw"]["expected"] == pytest.approx(len(f["MS/HR"]) * 8 / 40)
+    v = f.extra["ss_variants"]
+    assert v["hr=union, joint=union"] == len(f["SS"])
+    strict = identify(s, IdentifyConfig(k=8, hr=["en", "zh"], nhr=["sw", "th"], hr_combine="intersection",
+                                        joint="intersection"))
+    assert v["hr=intersection, joint=intersection"] == len(strict["SS"]) <= len(f["SS"])
+    per_layer = identify(s, IdentifyConfig(k=4, per_layer=True, hr=["en", "zh"], nhr=["sw", "th"]))
+    assert per_layer.extra["chance_overlap"]["SS/sw"]["per_layer"] is True
+
+
+def test_identify_says_when_a_language_lacks_harmless_prompts(tmp_path):
+    s = _two_label_stats(("en", "sw", "th"), missing_harmless=("sw",))
+    cfg = dict(k=6, hr=["en"], nhr=["sw", "th"])
+    with pytest.raises(SSNError, match=r"sw: no 'harmless' prompts|sw: no harmless prompts") as err:
+        identify(s, IdentifyConfig(**cfg))
+    assert "--skip-incomplete" in str(err.value)
+    f = identify(s, IdentifyConfig(**cfg, skip_incomplete=True))
+    assert f.extra["skipped_languages"] == {"sw": "no harmless prompts"}
+    assert "MS/sw" not in f.sets and "SS" in f.sets and "SS/th" in f.sets
+    f.save(tmp_path / "n.json")
+    from ssn_runtime.neuron_sets import NeuronSetFile
+
+    assert NeuronSetFile.load(tmp_path / "n.json").extra["skipped_languages"] == {"sw": "no harmless prompts"}
+    only_hr = identify(_two_label_stats(("en",)), IdentifyConfig(**cfg))
+    assert "SS" not in only_hr.sets and "NHR languages" in only_hr.extra["ss_missing"]

@@ -83,6 +83,22 @@ def _ssn(*args, env=None):
                           env={**os.environ, **(env or {})})
 
 
+# `ssn` in a subprocess whose trainer SIGKILLs the process after N steps, through train's
+# test-only hook (production code reads no fault-injection setting).
+_KILLED_AFTER = """
+import os, signal, sys
+from ssn_runtime import cli, train
+n = int(sys.argv.pop(1))
+train.after_step_test_hook = lambda done: done >= n and os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _ssn_killed_after(steps, *args):
+    return subprocess.run([sys.executable, "-c", _KILLED_AFTER, str(steps), *args], capture_output=True, text=True,
+                          timeout=600)
+
+
 def test_cli_resume_after_sigkill_merge_unmerge(tiny_ckpts, train_jsonl, tmp_path):
     model_dir = str(tiny_ckpts["llama"])
     model = load_model(model_dir)
@@ -92,7 +108,7 @@ def test_cli_resume_after_sigkill_merge_unmerge(tiny_ckpts, train_jsonl, tmp_pat
             "--steps", "12", "--batch-size", "4", "--save-every", "3", "--lr", "0.01", "--quiet"]
     full = _ssn(*base, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
-    killed = _ssn(*base, "--out", str(tmp_path / "resumed"), env={"SSN_FAULT_AFTER_STEPS": "7"})
+    killed = _ssn_killed_after(7, *base, "--out", str(tmp_path / "resumed"))
     assert killed.returncode == -signal.SIGKILL
     meta = json.loads((tmp_path / "resumed" / "checkpoint" / "trainer_state.json").read_text())
     assert meta["step"] == 6
@@ -108,8 +124,7 @@ def test_cli_resume_after_sigkill_merge_unmerge(tiny_ckpts, train_jsonl, tmp_pat
 
     ids = torch.randint(3, 300, (2, 9))
     merged = load_model(tmp_path / "merged")
-    with torch.no_grad(), ssn_runtime.attach(model) as h:
-        h.set_patch(a)
+    with torch.no_grad(), ssn_runtime.attach(model) as h, h.intervene(patch=a):
         applied = model(ids).logits
     torch.testing.assert_close(merged(ids).logits, applied, rtol=1e-4, atol=1e-5)
     r = _ssn("merge", "--unmerge", "--model", str(tmp_path / "merged"), "--patch", str(tmp_path / "full"), "--out",
@@ -118,7 +133,7 @@ def test_cli_resume_after_sigkill_merge_unmerge(tiny_ckpts, train_jsonl, tmp_pat
     back = load_model(tmp_path / "back")
     ref = model.state_dict()
     for k, v in back.state_dict().items():
-        torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6, msg=k)
+        assert torch.equal(v, ref[k]), k  # bit-exact: `ssn merge` kept the values it replaced
 
 
 def test_training_attention_neurons_via_cli(tiny_ckpts, train_jsonl, tmp_path):
@@ -137,3 +152,73 @@ def test_training_attention_neurons_via_cli(tiny_ckpts, train_jsonl, tmp_path):
     r = _ssn("train", "--model", model_dir, "--neurons", str(tmp_path / "neurons.json"), "--data", str(train_jsonl),
              "--steps", "1", "--attention-neurons", str(tmp_path / "bad.json"), "--out", str(tmp_path / "q"))
     assert r.returncode == 2 and "out of range" in r.stderr
+
+
+def _full_logit_loss(model, ids, mask, labels):
+    """The training loss as it was: every position's logits, then cross-entropy on the response."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_response_loss_equals_the_full_logit_loss(tiny_ckpts, train_jsonl, arch):
+    from ssn_runtime.train import batch_tensors, response_loss
+
+    model, tok = load_model(tiny_ckpts[arch]), load_tokenizer(tiny_ckpts[arch])
+    examples = [example_ids(r, tok, True, 256) for r in load_records(train_jsonl)[:6]]
+    ids, mask, labels = batch_tensors(examples, list(range(6)), tok.pad_token_id, "cpu")
+    assert int((labels[:, 1:] != -100).sum()) < int(mask[:, 1:].sum())  # prompt positions are excluded
+    ref = _full_logit_loss(model, ids, mask, labels)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for chunk in (1, 7, 10_000):  # one position at a time, uneven chunks, one chunk
+        model.zero_grad(set_to_none=True)
+        loss = response_loss(model, ids, mask, labels, chunk=chunk)
+        loss.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_neuron_patch_gradients_unchanged_and_no_vocabulary_sized_tensor_kept(tiny_ckpts, train_jsonl):
+    """The training path (attached model, neuron patch): the same loss and patch gradients as the
+    full-logit loss, while autograd keeps no tensor with a vocabulary-sized last dimension (the
+    full-logit loss keeps several of [batch x positions, vocab])."""
+    import ssn_runtime
+    from ssn_runtime.patches import PatchState
+    from ssn_runtime.train import batch_tensors, response_loss
+
+    model, tok = load_model(tiny_ckpts["llama"]), load_tokenizer(tiny_ckpts["llama"])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    examples = [example_ids(r, tok, True, 256) for r in load_records(train_jsonl)[:5]]
+    ids, mask, labels = batch_tensors(examples, list(range(5)), tok.pad_token_id, "cpu")
+    vocab = model.config.vocab_size
+    with ssn_runtime.attach(model) as h:
+        state = PatchState(neurons_for(model), h.sites[0].hidden_size, gated=True)
+        with torch.no_grad():
+            for p in state.parameters():
+                p.normal_(0, 0.05)
+        with h.intervene(patch=state):
+            results = {}
+            for name, fn in (("full", _full_logit_loss), ("response", response_loss)):
+                saved = []
+
+                def pack(t, saved=saved):
+                    saved.append(tuple(t.shape))
+                    return t
+
+                for p in state.parameters():
+                    p.grad = None
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    loss = fn(model, ids, mask, labels)
+                loss.backward()
+                results[name] = (loss.detach(), [p.grad.clone() for p in state.parameters()],
+                                 [s for s in saved if s and s[-1] == vocab])
+    (l_full, g_full, big_full), (l_resp, g_resp, big_resp) = results["full"], results["response"]
+    torch.testing.assert_close(l_resp, l_full, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_resp, g_full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert big_full and max(s[0] * (s[1] if len(s) == 3 else 1) for s in big_full) >= ids.numel() - len(ids)
+    assert big_resp == []
