@@ -7,7 +7,7 @@ its torch backend, and `ssn info` says so.
 import sys
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 class OptionalBuildExt(build_ext):
@@ -37,4 +37,9 @@ ext_modules = [
     )
 ]
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalBuildExt})
+# Every ssn_runtime subpackage is found (a hand-kept list once left `serve` and `organism` out of
+# the wheel); kernels/ installs under the import name `ssn_kernels`.
+packages = find_packages(include=["ssn_runtime", "ssn_runtime.*"]) + ["ssn_kernels"]
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalBuildExt}, packages=packages,
+      package_dir={"ssn_kernels": "kernels"})

@@ -1,0 +1,39 @@
+"""Checks an installed ssn-runtime wheel from outside the source tree (run by `make wheel-check`).
+
+An editable install hides what a wheel leaves out (a hand-kept package list once shipped
+neither `ssn_runtime.serve` nor `ssn_runtime.organism`): import every module of the
+installed package, find its resources, and run the console script's main commands.
+"""
+
+import importlib
+import pkgutil
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ssn_runtime
+
+src = Path(__file__).resolve().parents[1]
+installed = Path(ssn_runtime.__file__).resolve().parent
+assert src not in installed.parents, f"ssn_runtime was imported from the source tree ({installed}), not the wheel"
+
+modules = [m.name for m in pkgutil.walk_packages(ssn_runtime.__path__, "ssn_runtime.")]
+for name in ("ssn_runtime.serve", "ssn_runtime.organism", "ssn_runtime.scorers"):
+    assert name in modules, f"{name} is missing from the wheel"
+for name in modules:
+    if name.endswith("__main__"):
+        continue
+    importlib.import_module(name)
+import ssn_kernels.args  # noqa: E402,F401  (kernels/ installs as ssn_kernels)
+import ssn_kernels.reference  # noqa: E402,F401
+
+resources = installed / "resources"
+assert (resources / "refusal_lexicon.json").is_file(), "resources/refusal_lexicon.json is missing from the wheel"
+
+ssn = shutil.which("ssn", path=str(Path(sys.executable).parent))
+assert ssn, "the `ssn` console script was not installed"
+for args in (["info"], ["demo", "--help"], ["serve", "--help"], ["profile", "--help"]):
+    r = subprocess.run([ssn, *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"ssn {' '.join(args)} failed: {r.stderr[-2000:]}"
+print(f"wheel check: {len(modules)} modules import from {installed}; ssn info/demo/serve/profile --help run")
