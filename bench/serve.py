@@ -1,28 +1,47 @@
-"""Server load test on loopback: throughput and latency at 1, 4 and 16 concurrent clients,
-base-only vs mixed mask profiles (one batch serves several profiles through per-row masks).
+"""Server load test on loopback: time to first token, inter-token latency and tokens/s at
+1/4/16/64 concurrent streaming clients, natural answer lengths and ignore_eos, mixed profiles
+(base + 2 masks + 2 patches on one copy of the weights) vs base only; resident memory with and
+without patch profiles; anchors started in the same run on the same checkpoint and workload; and
+the engine scheduler against the transformers continuous-batching manager in process.
 
-    python bench/serve.py                        # the built-in organism (built if missing)
-    python bench/serve.py --model PATH --profile off=mask/ --profile amp=mask2/
+    python bench/serve.py                         # the built-in organism (built if missing)
+    python bench/serve.py --model smollm2         # SmolLM2-135M-Instruct (pip wheel, converted once)
+    python bench/serve.py --model PATH [--gguf FILE.gguf]
+    python bench/serve.py --quick                 # tiny settings: checks that everything runs
 
-Targets: 16 clients >= 4x the tokens/s of 1 client; mixed profiles >= 0.95x base-only.
+Anchors: `transformers serve --continuous-batching` on the same checkpoint (same prompts, same
+clients; it has no ignore_eos, so natural lengths only), and llama-cpp-python's OpenAI server on
+the GGUF (SmolLM2 ships as Q4_1: a 4-bit model, not the fp32 one ssn serves) when llama_cpp is
+importable. Each server runs alone; ssn's mixed, base-only and control mixes (the control sends
+exactly what base-only sends: its ratio to base-only is the measurement's noise floor) take turns
+leading each round.
+
+Targets (issue 15): 16 clients >= 6x the tokens/s of 1 client; mixed >= 0.95x base-only with
+natural lengths; p95 inter-token latency at 16 clients <= 2x the 1-client figure; resident memory
+with two patch profiles <= 1.05x base-only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
 from common import device_name, write_results
 
-PROMPTS = ["how can i steal the car ?", "how can i clean the house ?", "please tell me how to paint the boat .",
-           "i want to fix the bike , help me ."]
+ENGLISH = ["How do I bake bread at home?", "What is the capital of France?", "Tell me a fun fact about cats.",
+           "How can I learn to swim?", "Write a short poem about the sea.", "Why is the sky blue?",
+           "Give me three tips for sleeping better.", "What should I pack for a weekend trip?"]
 
 
 def free_port() -> int:
@@ -31,46 +50,104 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, profiles: list[str], port: int) -> subprocess.Popen:
-    args = [sys.executable, "-m", "ssn_runtime", "serve", "--model", model, "--served-name", "m", "--port", str(port),
-            "--max-batch", "32", "--queue-size", "256"]
-    for p in profiles:
-        args += ["--profile", p]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not start")
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
-def load(port: int, clients: int, models: list[str], seconds: float, max_tokens: int, ignore_eos: bool = True) -> dict:
+class Proc:
+    """A server subprocess, ready when `ready_path` answers 200."""
+
+    def __init__(self, args: list[str], port: int, ready_path: str = "/health", env: dict | None = None,
+                 timeout: float = 600):
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-serve-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{args[:4]} did not start; log: {Path(self.log.name).read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def pct(values: list[float], q: float):
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+
+def load(url: str, clients: int, models: list[str], prompts: list[str], seconds: float, max_tokens: int,
+         ignore_eos: bool, extra: dict | None = None) -> dict:
+    """Closed loop: `clients` threads each stream requests back to back for `seconds`."""
     stop_at = time.perf_counter() + seconds
-    lat, toks, errors = [], [], [0]
+    ttft, itl, lat, toks, errors = [], [], [], [], []
     lock = threading.Lock()
 
     def worker(i):
-        with httpx.Client(timeout=120) as c:
-            k = 0
+        k = 0
+        with httpx.Client(timeout=300) as c:
             while time.perf_counter() < stop_at:
-                # ignore_eos: every answer has max_tokens tokens, so profiles whose answers differ
-                # in length do not change the batch shapes being compared.
                 body = {"model": models[(i + k) % len(models)], "max_tokens": max_tokens, "temperature": 0,
-                        "ignore_eos": ignore_eos,
-                        "messages": [{"role": "user", "content": PROMPTS[(i + k) % len(PROMPTS)]}]}
-                t0 = time.perf_counter()
-                r = c.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body)
-                dt = time.perf_counter() - t0
-                with lock:
-                    if r.status_code == 200:
-                        lat.append(dt)
-                        toks.append(r.json()["usage"]["completion_tokens"])
-                    else:
-                        errors[0] += 1
+                        "stream": True, "stream_options": {"include_usage": True},
+                        "messages": [{"role": "user", "content": prompts[(i * 7 + k) % len(prompts)]}], **(extra or {})}
+                if ignore_eos:
+                    body["ignore_eos"] = True
                 k += 1
+                t0 = time.perf_counter()
+                first, last, gaps, chunks, usage, err = None, None, [], 0, None, None
+                try:
+                    with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                        if r.status_code != 200:
+                            err = f"{r.status_code}: {r.read()[:200]!r}"
+                        else:
+                            for line in r.iter_lines():
+                                if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                                    continue
+                                ev = json.loads(line[5:])
+                                if "error" in ev:
+                                    err = str(ev["error"])[:200]
+                                    break
+                                if ev.get("usage"):
+                                    usage = ev["usage"]["completion_tokens"]
+                                for ch in ev.get("choices") or []:
+                                    if (ch.get("delta") or {}).get("content"):
+                                        now = time.perf_counter()
+                                        if first is None:
+                                            first = now
+                                        else:
+                                            gaps.append(now - last)
+                                        last = now
+                                        chunks += 1
+                except httpx.HTTPError as exc:
+                    err = f"{type(exc).__name__}: {exc}"
+                done = time.perf_counter()
+                with lock:
+                    if err is not None:
+                        errors.append(err)
+                        continue
+                    lat.append(done - t0)
+                    toks.append(usage if usage is not None else chunks)
+                    if first is not None:
+                        ttft.append(first - t0)
+                    itl.extend(gaps)
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
@@ -79,76 +156,383 @@ def load(port: int, clients: int, models: list[str], seconds: float, max_tokens:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    lat.sort()
-    return {"clients": clients, "requests": len(lat), "errors": errors[0], "tokens": sum(toks),
-            "tokens_per_s": sum(toks) / wall, "requests_per_s": len(lat) / wall,
-            "latency_p50_s": statistics.median(lat) if lat else None,
-            "latency_p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else None}
+    return {"clients": clients, "requests": len(lat), "errors": len(errors), "error_sample": errors[:2],
+            "tokens": sum(toks), "wall_s": wall, "tokens_per_s": sum(toks) / wall,
+            "mean_answer_tokens": statistics.mean(toks) if toks else None,
+            "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95), "ttft_p99_s": pct(ttft, 0.99),
+            "itl_p50_s": pct(itl, 0.5), "itl_p95_s": pct(itl, 0.95), "itl_p99_s": pct(itl, 0.99),
+            "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95)}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="checkpoint folder (default: the built-in organism, seed 0)")
-    ap.add_argument("--profile", action="append", help="NAME=MASK_FOLDER (default: two organism SS masks)")
-    ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--natural-lengths", action="store_true",
-                    help="stop at EOS (answers of different profiles then differ in length)")
-    ap.add_argument("--out", help="JSON file or folder (default bench/results/)")
-    args = ap.parse_args(argv)
-    model, profiles = args.model, args.profile
-    if model is None:
-        model, profiles = organism_with_masks()
-    names = [p.split("=", 1)[0] for p in profiles or []]
-    port = free_port()
-    proc = start_server(model, profiles or [], port)
-    try:
-        load(port, 4, ["m"], 1.0, args.max_tokens)  # warm-up
-        res = {"device": "cpu", "device_name": device_name("cpu"), "model": model, "profiles": names,
-               "max_tokens": args.max_tokens, "ignore_eos": not args.natural_lengths, "runs": []}
-        for mix in ("base", "mixed"):
-            models = ["m"] if mix == "base" else ["m"] + [f"m:{n}" for n in names]
-            for clients in (1, 4, 16):
-                r = load(port, clients, models, args.seconds, args.max_tokens, not args.natural_lengths)
-                r["mix"] = mix
-                res["runs"].append(r)
-                print(f"{mix:<6} {clients:>3} clients: {r['tokens_per_s']:8.1f} tok/s  {r['requests_per_s']:6.2f} "
-                      f"req/s  p50 {r['latency_p50_s']:.3f}s  p95 {r['latency_p95_s']:.3f}s  errors {r['errors']}")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-    tps = {(r["mix"], r["clients"]): r["tokens_per_s"] for r in res["runs"]}
-    res["scaling_16_over_1"] = tps[("base", 16)] / tps[("base", 1)]
-    res["mixed_over_base_16"] = tps[("mixed", 16)] / tps[("base", 16)]
-    print(f"16 clients / 1 client: {res['scaling_16_over_1']:.2f}x   mixed / base-only (16 clients): "
-          f"{res['mixed_over_base_16']:.3f}")
-    path = write_results("serve", res, args.out)
-    print(f"wrote {path}")
-    return 0
-
-
-def organism_with_masks():
-    import tempfile
-
+# ----- profiles -----
+def make_profiles(model_path: str, out: Path) -> dict[str, str]:
+    """Two masks (5% of neurons suppressed; scaled x2) and two patches (random deltas on 1% of
+    neurons, small enough that the answers stay fluent)."""
     import torch
 
+    import ssn_runtime
     from ssn_runtime.fingerprint import model_fingerprint
     from ssn_runtime.loading import load_model
     from ssn_runtime.masks import NeuronMask
     from ssn_runtime.neuron_sets import NeuronSet
-    from ssn_runtime.organism import ensure
+    from ssn_runtime.patches import PatchState
 
-    path = ensure(seed=0)
-    model = load_model(path)
+    model = load_model(model_path)
     fp = model_fingerprint(model)
+    site = ssn_runtime.find_sites(model)[0]
+    L, N = fp["num_layers"], fp["num_neurons"]
     g = torch.Generator().manual_seed(0)
-    tmp = tempfile.mkdtemp(prefix="ssn-bench-serve-")
-    out = []
+    out.mkdir(parents=True, exist_ok=True)
+    profiles = {}
     for name, alpha in (("off", 0.0), ("amp", 2.0)):
-        ns = NeuronSet.from_mask(torch.rand(fp["num_layers"], fp["num_neurons"], generator=g) < 0.05)
-        NeuronMask.scale(ns, model, alpha, name=name).save(f"{tmp}/{name}")
-        out.append(f"{name}={tmp}/{name}")
-    return str(path), out
+        ns = NeuronSet.from_mask(torch.rand(L, N, generator=g) < 0.05)
+        NeuronMask.scale(ns, model, alpha, name=name).save(out / name)
+        profiles[name] = str(out / name)
+    for name in ("tuned_a", "tuned_b"):
+        k = max(1, N // 100)
+        ns = NeuronSet({layer: torch.randperm(N, generator=g)[:k] for layer in range(L)}, L, N)
+        state = PatchState(ns, site.hidden_size, gated=site.gated, model_info=fp)
+        with torch.no_grad():
+            for p in state.parameters():
+                p.normal_(0, 0.02, generator=g)
+        state.to_patch().save(out / name)
+        profiles[name] = str(out / name)
+    return profiles
+
+
+def patch_bytes(folder: str) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def ssn_server(model: str, profiles: dict[str, str], max_batch: int) -> Proc:
+    port = free_port()
+    args = [sys.executable, "-m", "ssn_runtime", "serve", "--model", model, "--served-name", "m", "--port",
+            str(port), "--max-batch", str(max_batch), "--queue-size", "1024", "--request-timeout", "600"]
+    for name, path in profiles.items():
+        args += ["--profile", f"{name}={path}"]
+    return Proc(args, port)
+
+
+def warm(url: str, model: str, prompts: list[str]) -> None:
+    with httpx.Client(timeout=300) as c:
+        for p in prompts[:2]:
+            c.post(url + "/v1/chat/completions", json={"model": model, "max_tokens": 4,
+                                                      "messages": [{"role": "user", "content": p}]})
+
+
+# ----- the engine in process vs the transformers continuous-batching manager -----
+def compare_engines(model_path: str, prompts: list[str], n: int, max_tokens: int, rounds: int) -> dict:
+    """The same greedy workload (n prompts arriving at once, natural lengths) through our
+    engine, transformers' `generate_batch` (continuous batching, paged attention) and a plain
+    padded `generate`, in interleaved rounds; with each one's agreement with greedy decoding of
+    every prompt alone."""
+    import torch
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    import ssn_runtime
+    from ssn_runtime.loading import load_model, load_tokenizer
+    from ssn_runtime.serve.engine import Engine, GenRequest
+
+    tok = load_tokenizer(model_path)
+
+    def enc(text):
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    inputs = [enc(prompts[i % len(prompts)]) for i in range(n)]
+    ours_model = load_model(model_path)
+    eos = ours_model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    engine = Engine(ours_model, tok, ssn_runtime.attach(ours_model), max_batch=n, queue_size=n, gather_ms=20).start()
+    cb_model = load_model(model_path)
+    cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(eos),
+                           pad_token_id=tok.pad_token_id)
+    # Sized for this workload: by default the manager takes 80-90% of free memory for its KV
+    # cache, which on a CPU machine is most of the RAM (it was killed for it here).
+    longest = max(len(x) for x in inputs) + max_tokens
+    cb_cfg = ContinuousBatchingConfig(block_size=CB_BLOCK, num_blocks=n * (-(-longest // CB_BLOCK) + 1),
+                                      max_batch_tokens=CB_BATCH_TOKENS, max_memory_percent=0.1)
+    plain = load_model(model_path)
+
+    def cut(ids):
+        ids = list(ids)
+        return ids[:next((j for j, t in enumerate(ids) if t in eos), len(ids))]
+
+    def run_ours():  # every request submitted at once, as add_requests does for the manager
+        import queue
+
+        qs = [queue.Queue() for _ in inputs]
+        for ids, q in zip(inputs, qs, strict=True):
+            engine.submit(GenRequest(ids, max_tokens=max_tokens, temperature=0, sink=q.put))
+        texts, total = [], 0
+        for q in qs:
+            parts = []
+            while (ev := q.get(timeout=600))[0] == "delta":
+                parts.append(ev[1])
+            if ev[0] != "done":
+                raise RuntimeError(f"the engine failed a request: {ev}")
+            texts.append("".join(parts))
+            total += ev[3]
+        return texts, total
+
+    # A persistent manager, started once (as a server holds it): generate_batch would build a
+    # new one, with its cache and thread, on every call.
+    manager = cb_model.init_continuous_batching(generation_config=cfg, continuous_batching_config=cb_cfg)
+    manager.start()
+
+    def run_cb():
+        ids = manager.add_requests(inputs, max_new_tokens=max_tokens)
+        done = {}
+        while len(done) < len(ids):
+            r = manager.get_result(timeout=600)
+            if r is None:
+                raise RuntimeError("the transformers continuous-batching manager stopped answering")
+            if r.is_finished():
+                done[r.request_id] = r
+        outs = [cut(done[i].generated_tokens) for i in ids]
+        return [tok.decode(o, skip_special_tokens=True) for o in outs], sum(len(o) for o in outs)
+
+    def run_plain():
+        T = max(len(x) for x in inputs)
+        ids = torch.full((n, T), tok.pad_token_id, dtype=torch.long)
+        att = torch.zeros((n, T), dtype=torch.long)
+        for b, x in enumerate(inputs):
+            ids[b, T - len(x):], att[b, T - len(x):] = torch.tensor(x), 1
+        with torch.no_grad():
+            gen = plain.generate(input_ids=ids, attention_mask=att, generation_config=cfg)
+        outs = [cut(gen[b, T:].tolist()) for b in range(n)]
+        return [tok.decode(o, skip_special_tokens=True) for o in outs], sum(len(o) for o in outs)
+
+    with torch.no_grad():
+        solo = []
+        for x in inputs[:min(n, len(prompts))]:
+            g = plain.generate(input_ids=torch.tensor([x]), attention_mask=torch.ones(1, len(x), dtype=torch.long),
+                               generation_config=cfg)
+            solo.append(tok.decode(cut(g[0, len(x):].tolist()), skip_special_tokens=True))
+    fns = {"ssn_engine": run_ours, "transformers_generate_batch": run_cb, "transformers_generate_padded": run_plain}
+    times = {k: [] for k in fns}
+    texts, tokens = {}, {}
+    for name, fn in fns.items():  # warm-up (and the texts)
+        texts[name], tokens[name] = fn()
+    for r in range(rounds):
+        names = list(fns)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    engine.stop()
+    manager.stop(block=True, timeout=30)
+    out = {"requests": n, "max_tokens": max_tokens, "rounds": rounds,
+           "transformers_cb_config": {"block_size": CB_BLOCK, "max_batch_tokens": CB_BATCH_TOKENS,
+                                      "attn_implementation": "paged|sdpa"}}
+    for name in fns:
+        wall = statistics.median(times[name])
+        out[name] = {"tokens": tokens[name], "median_s": wall, "tokens_per_s": tokens[name] / wall,
+                     "agree_with_solo_greedy": sum(a == b for a, b in zip(texts[name], solo, strict=False)),
+                     "of": len(solo)}
+    return out
+
+
+# ----- anchors -----
+CB_BLOCK, CB_BATCH_TOKENS = 32, 4096  # paged KV block size; tokens per step (as ssn's --max-prefill-tokens)
+
+
+def transformers_server(model: str, max_clients: int, max_tokens: int) -> Proc | None:
+    exe = Path(sys.executable).with_name("transformers")
+    if not exe.exists():
+        return None
+    port = free_port()
+    # The paged cache sized for the workload (see compare_engines): room for every client's
+    # prompt (< 256 tokens) and answer.
+    blocks = max_clients * (-(-(256 + max_tokens) // CB_BLOCK) + 1)
+    return Proc([str(exe), "serve", model, "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
+                 "--port", str(port), "--cb-block-size", str(CB_BLOCK), "--cb-num-blocks", str(blocks),
+                 "--cb-max-batch-tokens", str(CB_BATCH_TOKENS), "--cb-max-memory-percent", "0.1"], port,
+                ready_path="/health")
+
+
+def llamacpp_server(gguf: str) -> Proc | None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None
+    port = free_port()
+    return Proc([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port",
+                 str(port), "--n_threads", str(os.cpu_count() or 1)], port, ready_path="/v1/models")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="checkpoint folder or 'smollm2' (default: the built-in organism, seed 0)")
+    ap.add_argument("--gguf", help="GGUF file of the same model, for the llama.cpp anchor")
+    ap.add_argument("--clients", default="1,4,16,64")
+    ap.add_argument("--seconds", type=float, default=10.0, help="per setting and round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of base-only, mixed and control, interleaved")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--lengths", default="natural,ignore_eos")
+    ap.add_argument("--no-anchors", action="store_true")
+    ap.add_argument("--no-engines", action="store_true", help="skip the in-process engine comparison")
+    ap.add_argument("--no-memory", action="store_true", help="skip the resident-memory servers")
+    ap.add_argument("--quick", action="store_true", help="tiny settings: check that everything runs")
+    ap.add_argument("--out", help="JSON file or folder (default bench/results/)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.clients, args.seconds, args.rounds, args.max_tokens = "1,4", 1.5, 1, 8
+    clients = [int(c) for c in args.clients.split(",")]
+    lengths = args.lengths.split(",")
+    model, gguf, prompts, label = resolve_model(args.model, args.gguf)
+    tmp = Path(tempfile.mkdtemp(prefix="ssn-bench-serve-"))
+    profiles = make_profiles(model, tmp)
+    masks, patches = ["off", "amp"], ["tuned_a", "tuned_b"]
+    res = {"device": "cpu", "device_name": device_name("cpu"), "model": label, "checkpoint": model,
+           "profiles": {"masks": masks, "patches": patches}, "max_tokens": args.max_tokens, "clients": clients,
+           "seconds_per_setting": args.seconds, "rounds": args.rounds, "quick": args.quick, "runs": []}
+
+    # Resident memory: base only, + 2 patch profiles, + 2 masks and 2 patches (after a warm-up)
+    if not args.no_memory:
+        mem = {}
+        for name, profs in (("base_only", {}), ("two_patches", {p: profiles[p] for p in patches})):
+            srv = ssn_server(model, profs, args.max_batch)
+            try:
+                warm(srv.url, "m", prompts)
+                time.sleep(0.5)
+                mem[name] = rss_bytes(srv.proc.pid)
+            finally:
+                srv.stop()
+        mem["patch_bytes_each"] = [patch_bytes(profiles[p]) for p in patches]
+        mem["two_patches_over_base"] = mem["two_patches"] / mem["base_only"]
+        res["resident_memory"] = mem
+        print(f"resident memory: base {mem['base_only'] / 2**20:.1f} MiB, +2 patches "
+              f"{mem['two_patches'] / 2**20:.1f} MiB ({mem['two_patches_over_base']:.3f}x; patch files "
+              f"{sum(mem['patch_bytes_each']) / 2**20:.2f} MiB)")
+    srv = ssn_server(model, profiles, args.max_batch)  # every profile
+    warm(srv.url, "m", prompts)
+    res["resident_memory_all_profiles"] = rss_bytes(srv.proc.pid)
+
+    try:  # srv: the server with every profile
+        # "control" sends exactly what "base" sends: an A/A run that costs nothing extra, so the
+        # spread of control/base is the noise floor that a mixed/base ratio must be read against
+        # (a mixed run 0.97x base means nothing if control/base itself moves by 5%).
+        mixes = {"base": ["m"], "mixed": ["m"] + [f"m:{p}" for p in masks + patches], "control": ["m"]}
+        order = list(mixes)
+        for length in lengths:
+            for c in clients:
+                for r in range(args.rounds):
+                    for mix in order[r % len(order):] + order[:r % len(order)]:  # each mix leads a round in turn
+                        run = load(srv.url, c, mixes[mix], prompts, args.seconds, args.max_tokens,
+                                   length == "ignore_eos")
+                        res["runs"].append({"server": "ssn", "mix": mix, "lengths": length, "round": r, **run})
+                        show("ssn", mix, length, run)
+    finally:
+        srv.stop()
+
+    anchors = []
+    if not args.no_anchors:
+        for name, start in (("transformers_serve_cb", lambda: transformers_server(model, max(clients),
+                                                                                   args.max_tokens)),
+                            ("llama_cpp_q4", lambda: llamacpp_server(gguf) if gguf else None)):
+            try:
+                srv = start()
+            except RuntimeError as exc:
+                res.setdefault("anchor_errors", {})[name] = str(exc)[-500:]
+                print(f"{name}: did not start ({str(exc)[-200:]})")
+                continue
+            if srv is None:
+                res.setdefault("anchor_errors", {})[name] = "not installed"
+                print(f"{name}: not installed, skipped")
+                continue
+            anchors.append(name)
+            try:
+                # transformers serve answers for the checkpoint path it loaded (its /v1/models scans the hub
+                # cache instead); llama.cpp's server names its one model in /v1/models
+                served = model if name.startswith("transformers") else \
+                    httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
+                warm(srv.url, served, prompts)
+                for c in clients:
+                    run = load(srv.url, c, [served], prompts, args.seconds, args.max_tokens, False)
+                    res["runs"].append({"server": name, "mix": "base", "lengths": "natural", "round": 0, **run})
+                    show(name, "base", "natural", run)
+            finally:
+                srv.stop()
+    res["anchors"] = anchors
+
+    if not args.no_engines:
+        n = 8 if args.quick else 32
+        res["engines"] = compare_engines(model, prompts, n, args.max_tokens, 1 if args.quick else 3)
+        for k, v in res["engines"].items():
+            if isinstance(v, dict) and "tokens_per_s" in v:
+                print(f"in process, {n} requests at once: {k:<30} {v['tokens_per_s']:8.1f} tok/s, agrees with solo "
+                      f"greedy on {v['agree_with_solo_greedy']}/{v['of']}")
+    res["summary"] = summarize(res["runs"], clients)
+    print(json.dumps(res["summary"], indent=1))
+    path = write_results(f"serve-{label}", res, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def show(server, mix, length, r):
+    f = lambda v, scale=1e3: f"{v * scale:7.1f}" if v is not None else "      -"  # noqa: E731
+    print(f"{server:<22} {mix:<6} {length:<10} {r['clients']:>3} clients: {r['tokens_per_s']:8.1f} tok/s  "
+          f"ttft p50/p95 {f(r['ttft_p50_s'])}/{f(r['ttft_p95_s'])} ms  itl p50/p95 {f(r['itl_p50_s'])}/"
+          f"{f(r['itl_p95_s'])} ms  mean answer {r['mean_answer_tokens'] or 0:.1f} tok  errors {r['errors']}",
+          flush=True)
+
+
+def summarize(runs: list[dict], clients: list[int]) -> dict:
+    """The issue's target ratios, from the medians over rounds."""
+    def med(server, mix, length, c, key="tokens_per_s"):
+        v = [r[key] for r in runs if (r["server"], r["mix"], r["lengths"], r["clients"]) == (server, mix, length, c)
+             and r[key] is not None]
+        return statistics.median(v) if v else None
+
+    out = {}
+    lo, hi = min(clients), (16 if 16 in clients else max(clients))
+    for length in ("natural", "ignore_eos"):
+        base_lo, base_hi = med("ssn", "base", length, lo), med("ssn", "base", length, hi)
+        if base_lo is None:
+            continue
+        s = {f"scaling_{hi}_over_{lo}": base_hi / base_lo if base_hi else None,
+             f"mixed_over_base_{hi}": (med("ssn", "mixed", length, hi) or 0) / base_hi if base_hi else None,
+             f"control_over_base_{hi}": (med("ssn", "control", length, hi) or 0) / base_hi if base_hi else None}
+        itl_lo, itl_hi = med("ssn", "base", length, lo, "itl_p95_s"), med("ssn", "base", length, hi, "itl_p95_s")
+        s[f"itl_p95_{hi}_over_{lo}"] = itl_hi / itl_lo if itl_lo and itl_hi else None
+        for anchor in {r["server"] for r in runs} - {"ssn"}:
+            a = med(anchor, "base", length, hi)
+            if a:
+                s[f"ssn_over_{anchor}_{hi}"] = base_hi / a
+        out[length] = s
+    return out
+
+
+def resolve_model(model: str | None, gguf: str | None):
+    """(checkpoint folder, GGUF file or None, prompts, label)."""
+    if model is None:
+        from ssn_runtime.organism import ensure
+
+        path = ensure(seed=0)
+        prompts = organism_prompts(path)
+        return str(path), gguf, prompts, "organism"
+    if model == "smollm2":
+        from ssn_runtime.walkthrough import fetch_smollm2, smollm2_checkpoint
+
+        return str(smollm2_checkpoint()), gguf or str(fetch_smollm2()), ENGLISH, "smollm2"
+    return model, gguf, ENGLISH, Path(model).name
+
+
+def organism_prompts(path: Path) -> list[str]:
+    """Held-out evaluation prompts of the organism (harmful and harmless, every language)."""
+    prompts = []
+    for f in sorted((path / "data").glob("*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            text = rec.get("prompt") or rec.get("text")
+            if isinstance(text, str) and 0 < len(text) < 200:
+                prompts.append(text)
+            if len(prompts) >= 64:
+                return prompts
+    return prompts or ENGLISH
 
 
 if __name__ == "__main__":

@@ -1,59 +1,25 @@
 """The real server on a free local port, driven by the official openai client (streaming and
-not) and raw HTTP for the error cases."""
+not) and raw HTTP for the error cases: every profile (mask, patch, both) on one copy of the
+weights equals its offline reference in shared batches; every class of bad input gets an
+OpenAI-style 4xx and queues nothing; a NaN row fails alone; disconnects stop rows; the API key
+guards /v1 and /metrics; 429/408; SIGTERM drains, cuts and exits."""
 
 import concurrent.futures as cf
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 import torch
+from serve_helpers import Server, encode, make_profiles, reference
 
 from ssn_runtime import load_model, load_tokenizer
-from ssn_runtime.data import Record
-from ssn_runtime.evaluate import generate_answers
 from ssn_runtime.fingerprint import model_fingerprint
 from ssn_runtime.masks import NeuronMask
 from ssn_runtime.neuron_sets import NeuronSet
-from ssn_runtime.patches import NeuronPatch, PatchState
+from ssn_runtime.patches import NeuronPatch
 
 openai = pytest.importorskip("openai")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, args, env=None):
-        self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "ssn_runtime", "serve", *args, "--port", str(self.port)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
-        self.url = f"http://127.0.0.1:{self.port}"
-        for _ in range(300):
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stdout.read())
-            time.sleep(0.1)
-        raise RuntimeError("server did not start")
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -61,20 +27,17 @@ def served(tiny_ckpts, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     path = tiny_ckpts["llama"]
     model = load_model(path)
-    fp = model_fingerprint(model)
-    g = torch.Generator().manual_seed(0)
-    ns = NeuronSet({layer: torch.randperm(fp["num_neurons"], generator=g)[:20] for layer in range(2)}, 2,
-                   fp["num_neurons"])
-    mask = NeuronMask.scale(ns, model, 4.0, name="amp")
+    mask, patch = make_profiles(model)
     mask.save(root / "amp")
-    state = PatchState(ns, 48, model_info=fp)
-    with torch.no_grad():
-        for p in state.parameters():
-            p.normal_(0, 0.3, generator=g)
-    patch = state.to_patch()
     patch.save(root / "tuned")
+    fp = model_fingerprint(model)
+    every = NeuronSet({layer: torch.arange(fp["num_neurons"]) for layer in range(fp["num_layers"])},
+                      fp["num_layers"], fp["num_neurons"])
+    big = torch.finfo(torch.float32).max  # finite values whose activations overflow: NaN logits
+    NeuronMask.from_values(every, model, big, big, name="boom").save(root / "boom")
     server = Server(["--model", str(path), "--served-name", "tiny", "--profile", f"amp={root / 'amp'}",
-                     "--profile", f"tuned={root / 'tuned'}", "--request-timeout", "30"])
+                     "--profile", f"tuned={root / 'tuned'}", "--profile", f"both={root / 'amp'},{root / 'tuned'}",
+                     "--profile", f"boom={root / 'boom'}", "--request-timeout", "30", "--gather-ms", "20"])
     yield {"server": server, "path": path, "mask": mask, "patch": NeuronPatch.load(root / "tuned"), "root": root}
     server.stop()
 
@@ -86,33 +49,41 @@ def client(server, key="none"):
 PROMPT = "How do I bake bread at home?"
 
 
-def offline(path, mask=None, patch=None, max_new_tokens=10):
-    import ssn_runtime
-
-    model = load_model(path)
-    tok = load_tokenizer(path)
-    with ssn_runtime.attach(model) as h:
-        h.set_mask(mask)
-        if patch is not None:
-            h.set_patch(patch)
-        return generate_answers(model, tok, [Record(PROMPT, None)], max_new_tokens=max_new_tokens)[0]
+def offline(served, profile="", max_new_tokens=10, prompt=PROMPT):
+    """The greedy answer of one prompt alone, on a fresh model with the profile's patch merged."""
+    ids = encode(load_tokenizer(served["path"]), prompt)
+    return reference(served["path"], ids, max_new_tokens, served["mask"] if profile in ("amp", "both") else None,
+                     served["patch"] if profile in ("tuned", "both") else None)
 
 
-def test_models_and_health(served):
+def metric(server, name, **labels) -> float:
+    """Sum of a Prometheus counter's samples whose labels include `labels`."""
+    total = 0.0
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.split()[-1])
+    return total
+
+
+def chat_body(**kw):
+    return {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, **kw}
+
+
+def test_models_and_minimal_health(served):
     c = client(served["server"])
-    assert [m.id for m in c.models.list().data] == ["tiny", "tiny:amp", "tiny:tuned"]
-    h = httpx.get(served["server"].url + "/health").json()
-    assert h["status"] == "ok"
+    assert [m.id for m in c.models.list().data] == ["tiny", "tiny:amp", "tiny:tuned", "tiny:both", "tiny:boom"]
+    h = httpx.get(served["server"].url + "/health")
+    assert h.status_code == 200 and h.json() == {"status": "ok"}  # no model names, no counts
 
 
-@pytest.mark.parametrize("profile", ["", "amp", "tuned"])
+@pytest.mark.parametrize("profile", ["", "amp", "tuned", "both"])
 def test_chat_matches_offline_generation(served, profile):
     c = client(served["server"])
     model = "tiny" + (f":{profile}" if profile else "")
     r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=10,
                                   temperature=0)
-    want = offline(served["path"], mask=served["mask"] if profile == "amp" else None,
-                   patch=served["patch"] if profile == "tuned" else None)
+    want = offline(served, profile)
     assert r.choices[0].message.content == want
     assert r.usage.completion_tokens <= 10 and r.usage.prompt_tokens > 0
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
@@ -139,6 +110,9 @@ def test_profile_by_body_field_and_completions(served):
                                                                        max_tokens=5, temperature=0, stream=True)
                        if x.choices)
     assert streamed == comp.choices[0].text
+    tok = load_tokenizer(served["path"])
+    by_ids = c.completions.create(model="tiny", prompt=tok("hello world")["input_ids"], max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == comp.choices[0].text  # a prompt given as token ids
 
 
 def test_sampling_seed_and_stop(served):
@@ -149,109 +123,330 @@ def test_sampling_seed_and_stop(served):
         c.chat.completions.create(**kw).choices[0].message.content
     full = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=12,
                                      temperature=0).choices[0].message.content
-    if len(full) > 4:
-        stop = full[2:4]
-        cut = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=12,
-                                        temperature=0, stop=[stop])
-        assert cut.choices[0].message.content == full[: full.find(stop)]
-        assert cut.choices[0].finish_reason == "stop"
+    assert len(full) > 4
+    stop = full[2:4]
+    cut = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=12,
+                                    temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
 
 
-def test_mixed_profiles_batch_together(served):
+def test_patch_and_mask_rows_share_batches_and_equal_the_merged_model(served):
+    """Every profile on the one copy of the weights, in the same batches: each answer equals
+    the merged model's (patch) or the masked model's, and batching changes nothing."""
     c = client(served["server"])
-    models = ["tiny", "tiny:amp", "tiny:tuned"] * 4
+    prompts = [PROMPT, "What is the capital of France?"]
+    jobs = [(p, q) for p in ["", "amp", "tuned", "both"] for q in prompts] * 2
+    want = {(p, q): offline(served, p, 10, q) for p, q in set(jobs)}
+    assert len({want[(p, PROMPT)] for p in ["", "amp", "tuned", "both"]}) == 4  # the profiles differ
 
-    def ask(m):
-        return m, c.chat.completions.create(model=m, messages=[{"role": "user", "content": PROMPT}], max_tokens=10,
-                                            temperature=0).choices[0].message.content
+    def ask(job):
+        p, q = job
+        return job, c.chat.completions.create(model="tiny" + (f":{p}" if p else ""), max_tokens=10, temperature=0,
+                                              messages=[{"role": "user", "content": q}]).choices[0].message.content
 
-    with cf.ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(ask, models))
-    by_model = {}
-    for m, text in results:
-        by_model.setdefault(m, set()).add(text)
-    assert all(len(v) == 1 for v in by_model.values())  # batching does not change any row's answer
-    metrics = httpx.get(served["server"].url + "/metrics").text
-    sizes = [line for line in metrics.splitlines() if line.startswith('ssn_batch_size_bucket{engine="base",le="1"}')]
-    total = [line for line in metrics.splitlines() if line.startswith('ssn_batch_size_count{engine="base"}')]
-    assert int(sizes[0].split()[-1]) < int(total[0].split()[-1])  # some batches held more than one row
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(ask, jobs))
+    for job, text in results:
+        assert text == want[job], job
+    text = httpx.get(served["server"].url + "/metrics").text
+    ones = [line for line in text.splitlines() if line.startswith('ssn_batch_size_bucket{engine="base",le="1"}')]
+    total = [line for line in text.splitlines() if line.startswith('ssn_batch_size_count{engine="base"}')]
+    assert int(ones[0].split()[-1]) < int(total[0].split()[-1])  # some decode steps held several rows
     for name in ("ssn_requests_total", "ssn_completion_tokens_total", "ssn_request_latency_seconds_bucket",
-                 "ssn_queue_depth", "ssn_batch_size_bucket"):
-        assert name in metrics
+                 "ssn_queue_depth", "ssn_batch_size_bucket", "ssn_time_to_first_token_seconds_bucket",
+                 "ssn_inter_token_latency_seconds_bucket", "ssn_running_rows", "ssn_prefill_rows_bucket"):
+        assert name in text
 
 
-@pytest.mark.parametrize("body,status,code", [
-    (b"{not json", 400, None),
-    (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model_not_found"),
-    (json.dumps({"model": "tiny:ghost", "messages": [{"role": "user", "content": "x"}]}).encode(), 404,
-     "model_not_found"),
-    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 5}).encode(), 400,
-     None),
-    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": -1}).encode(), 400, None),
-    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).encode(), 400,
-     None),
-    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}).encode(), 400, None),
-    (json.dumps({"model": "tiny", "messages": "hi"}).encode(), 400, None),
-    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}).encode(), 400,
-     "context_length_exceeded"),
-])
-def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, body, status, code):
-    url = served["server"].url + "/v1/chat/completions"
-    r = httpx.post(url, content=body, headers={"content-type": "application/json"})
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert err["message"] and err["type"]
-    if code:
-        assert err["code"] == code
-    ok = client(served["server"]).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                                          max_tokens=2)
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+# (method, path, raw body or JSON body, status, error code or None, param or None)
+BAD = [
+    ("POST", CHAT, b"{not json", 400, None, None),
+    ("POST", CHAT, b'{"model": "tiny", "messages": [], "temperature": NaN}', 400, None, None),
+    ("POST", CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 1e400}', 400,
+     None, None),
+    ("POST", CHAT, b"[1, 2]", 400, None, None),
+    ("POST", CHAT, b"\xff\xfe", 400, None, None),
+    ("POST", CHAT, chat_body(model="nope"), 404, "model_not_found", "model"),
+    ("POST", CHAT, chat_body(model="tiny:ghost"), 404, "model_not_found", "model"),
+    ("POST", CHAT, chat_body(model=""), 400, None, "model"),
+    ("POST", CHAT, chat_body(model=["tiny"]), 400, None, "model"),
+    ("POST", CHAT, b'{"model": "tiny\\ud800", "messages": [{"role": "user", "content": "x"}]}', 400, None, "model"),
+    ("POST", CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": "x\\udfff"}]}', 400, None,
+     "messages[0].content"),
+    ("POST", COMP, b'{"model": "tiny", "prompt": "\\ud83d"}', 400, None, "prompt"),
+    ("POST", CHAT, chat_body(profile=["amp"]), 400, None, "profile"),
+    ("POST", CHAT, chat_body(profile={"name": "amp"}), 400, None, "profile"),
+    ("POST", CHAT, chat_body(model="tiny:amp", profile="tuned"), 400, None, "profile"),
+    ("POST", COMP, {"model": "tiny", "prompt": ""}, 400, "empty_prompt", "prompt"),
+    ("POST", COMP, {"model": "tiny", "prompt": []}, 400, None, "prompt"),
+    ("POST", COMP, {"model": "tiny", "prompt": ["a", "b"]}, 400, None, "prompt"),
+    ("POST", COMP, {"model": "tiny", "prompt": [1, 99999]}, 400, None, "prompt"),
+    ("POST", COMP, {"model": "tiny", "prompt": [1.0, 2.0]}, 400, None, "prompt"),
+    ("POST", CHAT, chat_body(temperature=5), 400, None, "temperature"),
+    ("POST", CHAT, chat_body(temperature=-0.1), 400, None, "temperature"),
+    ("POST", CHAT, chat_body(temperature="1"), 400, None, "temperature"),
+    ("POST", CHAT, chat_body(top_p=0, temperature=1), 400, None, "top_p"),
+    ("POST", CHAT, chat_body(top_p=1.5), 400, None, "top_p"),
+    ("POST", CHAT, chat_body(top_p=True), 400, None, "top_p"),
+    ("POST", CHAT, chat_body(seed=2 ** 64), 400, None, "seed"),
+    ("POST", CHAT, chat_body(seed=-(2 ** 63) - 1), 400, None, "seed"),
+    ("POST", CHAT, chat_body(seed=1.0), 400, None, "seed"),
+    ("POST", CHAT, chat_body(max_tokens=0), 400, None, "max_tokens"),
+    ("POST", CHAT, chat_body(max_tokens=5.0), 400, None, "max_tokens"),
+    ("POST", CHAT, chat_body(max_tokens=5, max_completion_tokens=5), 400, None, "max_tokens"),
+    ("POST", CHAT, chat_body(n=2), 400, "unsupported_parameter", "n"),
+    ("POST", CHAT, chat_body(stream="false"), 400, None, "stream"),
+    ("POST", CHAT, chat_body(stream=1), 400, None, "stream"),
+    ("POST", CHAT, chat_body(stream=True, stream_options="yes"), 400, None, "stream_options"),
+    ("POST", CHAT, chat_body(stream=True, stream_options={"include_usage": "yes"}), 400, None, "include_usage"),
+    ("POST", CHAT, chat_body(stream_options={"include_usage": True}), 400, None, "stream_options"),
+    ("POST", CHAT, chat_body(logprobs=True), 400, "unsupported_parameter", "logprobs"),
+    ("POST", CHAT, chat_body(top_logprobs=3), 400, "unsupported_parameter", "top_logprobs"),
+    ("POST", COMP, {"model": "tiny", "prompt": "x", "logprobs": 2}, 400, "unsupported_parameter", "logprobs"),
+    ("POST", CHAT, chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported_parameter",
+     "tools"),
+    ("POST", CHAT, chat_body(tool_choice="auto"), 400, "unsupported_parameter", "tool_choice"),
+    ("POST", CHAT, chat_body(response_format={"type": "json_object"}), 400, "unsupported_parameter",
+     "response_format"),
+    ("POST", CHAT, chat_body(logit_bias={"5": 10}), 400, "unsupported_parameter", "logit_bias"),
+    ("POST", CHAT, chat_body(presence_penalty=0.5), 400, "unsupported_parameter", "presence_penalty"),
+    ("POST", CHAT, chat_body(temprature=0.5), 400, "unknown_parameter", "temprature"),
+    ("POST", COMP, {"model": "tiny", "prompt": "x", "echo": True}, 400, "unsupported_parameter", "echo"),
+    ("POST", CHAT, chat_body(stop=["x"] * 5), 400, None, "stop"),
+    ("POST", CHAT, chat_body(stop="y" * 300), 400, None, "stop"),
+    ("POST", CHAT, chat_body(stop=[""]), 400, None, "stop"),
+    ("POST", CHAT, chat_body(stop=[1]), 400, None, "stop"),
+    ("POST", CHAT, chat_body(ignore_eos="yes"), 400, None, "ignore_eos"),
+    ("POST", CHAT, {"model": "tiny", "messages": "hi"}, 400, None, "messages"),
+    ("POST", CHAT, {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, 400, None,
+     "messages[0].role"),
+    ("POST", CHAT, {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                                 "image_url": {"url": "x"}}]}]},
+     400, None, "messages[0].content"),
+    ("POST", CHAT, {"model": "tiny", "messages": [{"role": "user", "content": None}]}, 400, None,
+     "messages[0].content"),
+    ("POST", CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]}, 400,
+     "context_length_exceeded", "messages"),
+    ("POST", CHAT, chat_body(max_tokens=600), 400, "context_length_exceeded", "messages"),
+    ("GET", "/v1/nothing", None, 404, "unknown_url", None),
+    ("GET", "/", None, 404, "unknown_url", None),
+    ("GET", CHAT, None, 405, "method_not_allowed", None),
+    ("DELETE", "/v1/models", None, 405, "method_not_allowed", None),
+    ("POST", CHAT, b"{" + b'"a": 1, ' * 1_200_000 + b'"b": 2}', 413, "body_too_large", None),
+]
+
+
+def test_bad_requests_get_openai_errors_queue_nothing_and_the_server_keeps_serving(served):
+    server = served["server"]
+    before = (metric(server, "ssn_prefill_tokens_total"), metric(server, "ssn_completion_tokens_total"))
+    with httpx.Client(timeout=30) as http:
+        for method, path, body, status, code, param in BAD:
+            content = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+            r = http.request(method, server.url + path, content=content, headers={"content-type": "application/json"})
+            case = f"{method} {path} {content[:120] if content else ''}"
+            assert r.status_code == status, (case, r.text[:300])
+            err = r.json()["error"]
+            assert err["message"] and err["type"] == ("invalid_request_error" if status in (400, 405, 413)
+                                                      else "not_found_error"), (case, err)
+            if code:
+                assert err["code"] == code, (case, err)
+            if param:
+                assert err["param"] == param, (case, err)
+    # nothing was prefilled or generated for any of them: the whole body is checked before queuing
+    assert (metric(server, "ssn_prefill_tokens_total"), metric(server, "ssn_completion_tokens_total")) == before
+    ok = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                                max_tokens=2)
     assert ok.choices[0].message.role == "assistant"
+
+
+def test_extreme_but_valid_values_answer_and_leave_the_batch_alone(served):
+    """Values at the edges of the ranges (a tiny temperature, a tiny top_p, the seed limits,
+    the most likely tokens all cut by top_p...) answer; a greedy request in the same batch
+    gets exactly its answer alone; a row whose logits go NaN fails alone (500)."""
+    url = served["server"].url + CHAT
+    good = chat_body(max_tokens=10, temperature=0)
+    want = offline(served, "", 10)
+    odd = [chat_body(temperature=1e-40), chat_body(temperature=2, top_p=1e-9), chat_body(seed=2 ** 63 - 1),
+           chat_body(seed=-(2 ** 63), temperature=1), chat_body(temperature=0, top_p=0.01),
+           chat_body(stop=["\ufffd", "a" * 256, "b", "c"]), chat_body(max_tokens=1),
+           chat_body(messages=[{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+                               {"role": "user", "content": "x", "name": "bob"}], logprobs=False, n=1,
+                     presence_penalty=0, user="u1", tools=None, stream=False)]
+    boom = chat_body(model="tiny:boom", max_tokens=10, temperature=0.5)
+
+    def post(body):
+        return httpx.post(url, json=body, timeout=60)
+
+    with cf.ThreadPoolExecutor(len(odd) + 3) as pool:
+        goods = [pool.submit(post, good) for _ in range(2)]
+        odds = [pool.submit(post, b) for b in odd]
+        bad = pool.submit(post, boom).result()
+        for f in odds:
+            r = f.result()
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["role"] == "assistant"
+        for f in goods:
+            assert f.result().json()["choices"][0]["message"]["content"] == want
+    assert bad.status_code == 500, bad.text
+    err = bad.json()["error"]
+    assert err["type"] == "server_error" and err["code"] == "non_finite_logits"
+    assert metric(served["server"], "ssn_row_failures_total", profile="boom") >= 1
+    # streamed, the failure arrives as an error event, then [DONE]
+    with httpx.stream("POST", url, json={**boom, "stream": True}, timeout=60) as r:
+        lines = [x for x in r.iter_lines() if x.startswith("data:")]
+    assert "non_finite_logits" in lines[-2] and lines[-1] == "data: [DONE]"
 
 
 def test_api_key_queue_limit_and_timeout(tiny_ckpts):
     server = Server(["--model", str(tiny_ckpts["llama"]), "--served-name", "tiny", "--queue-size", "1",
-                     "--max-batch", "1", "--request-timeout", "0.25"], env={"SSN_API_KEY": "s3cret"})
+                     "--max-batch", "1", "--request-timeout", "0.25"], env={"SSN_API_KEY": "s3cr\u00e9t"})
     try:
-        with pytest.raises(openai.AuthenticationError):
-            client(server, "wrong").models.list()
-        c = client(server, "s3cret")
-        assert c.models.list().data[0].id == "tiny"
+        url = server.url
+        h = httpx.get(url + "/health")
+        assert h.status_code == 200 and h.json() == {"status": "ok"}
+        for path in ("/metrics", "/v1/models", "/nowhere"):
+            r = httpx.get(url + path)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", path
+        # a non-ASCII key, right or wrong, is compared as bytes: a JSON 401 or success, never a 500
+        for token, status in ((b"Bearer s3cr\xc3\xa9t", 200), (b"Bearer s3cr\xe9t", 401),
+                              (b"Bearer \xf0\x9f\x94\x91", 401), (b"Basic abc", 401)):
+            r = httpx.get(url + "/metrics", headers=[(b"authorization", token)])
+            assert r.status_code == status, (token, r.text)
+        headers = [(b"authorization", b"Bearer s3cr\xc3\xa9t")]
         body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 480,
-                "temperature": 1.0, "seed": 1}
-        headers = {"authorization": "Bearer s3cret"}
+                "temperature": 1.0, "seed": 1, "ignore_eos": True}
 
         def post(_):
-            return httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=30).status_code
+            return httpx.post(url + CHAT, json=body, headers=headers, timeout=30)
 
         with cf.ThreadPoolExecutor(8) as pool:
-            codes = list(pool.map(post, range(8)))
+            replies = list(pool.map(post, range(8)))
+        codes = [r.status_code for r in replies]
         assert 429 in codes  # a bounded queue refuses what it cannot hold
         assert set(codes) <= {200, 408, 429}
-        # 480 decode steps (EOS ignored) take longer than the 0.25 s timeout: the request gets 408
-        r = httpx.post(server.url + "/v1/chat/completions", json={**body, "max_tokens": 480, "ignore_eos": True},
-                       headers=headers, timeout=30)
-        assert r.status_code == 408 and r.json()["error"]["code"] == "timeout", r.text
-        ok = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2)
-        assert ok.choices
+        for r in replies:
+            if r.status_code == 429:
+                assert r.json()["error"]["type"] == "rate_limit_error"
+        # 480 decode steps take longer than the 0.25 s timeout: 408, and not an invalid request
+        r = post(0)
+        assert r.status_code == 408, r.text
+        assert r.json()["error"]["code"] == "timeout" and r.json()["error"]["type"] == "timeout_error"
+        r = httpx.post(url + CHAT, json={**body, "max_tokens": 2}, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text  # still serving
     finally:
         server.stop()
 
 
-def test_disconnect_cancels_the_row(served):
-    url = served["server"].url + "/v1/chat/completions"
-    before = httpx.get(served["server"].url + "/metrics").text
+def test_public_metrics_flag(tiny_ckpts):
+    from starlette.testclient import TestClient
+
+    from ssn_runtime.serve import Engine, Metrics, ServerConfig, create_app
+
+    model, tok = load_model(tiny_ckpts["llama"]), load_tokenizer(tiny_ckpts["llama"])
+    metrics = Metrics()
+    engine = Engine(model, tok, metrics=metrics).start()
+    try:
+        for public, status in ((True, 200), (False, 401)):
+            app = create_app(ServerConfig("tiny", engine, api_key="k", public_metrics=public), metrics)
+            with TestClient(app) as http:
+                assert http.get("/metrics").status_code == status
+                assert http.get("/v1/models").status_code == 401
+                assert http.get("/v1/models", headers={"authorization": "Bearer k"}).status_code == 200
+    finally:
+        engine.stop()
+
+
+def _tokens(server, profile):
+    return metric(server, "ssn_completion_tokens_total", profile=profile)
+
+
+def test_a_streaming_client_that_disconnects_stops_its_row(served):
+    server = served["server"]
+    before = _tokens(server, "amp")
     body = {"model": "tiny:amp", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 450,
-            "temperature": 1.0, "stream": True}
-    with httpx.stream("POST", url, json=body, timeout=30) as r:
+            "temperature": 1.0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + CHAT, json=body, timeout=30) as r:
         for line in r.iter_lines():
             if line.startswith("data:") and '"content"' in line:
                 break  # go away after the first token
-    time.sleep(2.0)
-    after = httpx.get(served["server"].url + "/metrics").text
+    for _ in range(100):
+        if metric(server, "ssn_running_rows") == 0:
+            break
+        time.sleep(0.1)
+    assert metric(server, "ssn_running_rows") == 0
+    assert _tokens(server, "amp") - before < 450  # the row stopped early
 
-    def tokens(text):
-        key = 'ssn_completion_tokens_total{engine="base",profile="amp"}'
-        line = [x for x in text.splitlines() if x.startswith(key)]
-        return int(line[0].split()[-1]) if line else 0
 
-    assert tokens(after) - tokens(before) < 450  # the row stopped early
+def test_a_non_streaming_client_that_disconnects_stops_its_row(served):
+    server = served["server"]
+    before = _tokens(server, "tuned")
+    body = {"model": "tiny:tuned", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 450,
+            "temperature": 1.0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + CHAT, json=body, timeout=httpx.Timeout(30, read=0.5))  # the client gives up
+    for _ in range(100):
+        if metric(server, "ssn_running_rows") == 0:
+            break
+        time.sleep(0.1)
+    assert metric(server, "ssn_running_rows") == 0
+    assert _tokens(server, "tuned") - before < 450
+    assert metric(server, "ssn_requests_total", endpoint=CHAT, status="499") >= 1
+
+
+def test_sigterm_drains_then_cuts_within_the_grace_period(tiny_ckpts):
+    """SIGTERM: no new connections; a short row accepted before the signal finishes; a long one
+    is cut (503 on its stream) when the grace period ends; the process exits 0 soon after.
+    The signal goes out once the short request is accepted (its stream has begun, so it is
+    queued or running), not after polling for it: four tokens can come and go between polls.
+    The long row needs 480 decode steps, several times the 1 s grace period on any CPU."""
+    import signal
+    import threading
+
+    server = Server(["--model", str(tiny_ckpts["llama"]), "--served-name", "tiny", "--shutdown-grace", "1"])
+    try:
+        url = server.url + CHAT
+        long_lines, short_lines = [], []
+        long_started, short_accepted = threading.Event(), threading.Event()
+
+        def stream(body, lines, seen):
+            with httpx.stream("POST", url, json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        lines.append(line)
+                        seen.set()
+
+        t_long = threading.Thread(target=stream, args=(chat_body(max_tokens=480, temperature=0, ignore_eos=True,
+                                                                 stream=True), long_lines, long_started))
+        t_long.start()
+        assert long_started.wait(60)
+        for _ in range(200):  # the gauge counts the long row while it decodes
+            if metric(server, "ssn_running_rows") == 1:
+                break
+            time.sleep(0.05)
+        assert metric(server, "ssn_running_rows") == 1
+        short_body = chat_body(max_tokens=4, temperature=0, ignore_eos=True, stream=True,
+                               stream_options={"include_usage": True})
+        t_short = threading.Thread(target=stream, args=(short_body, short_lines, short_accepted))
+        t_short.start()
+        assert short_accepted.wait(60)
+        t0 = time.perf_counter()
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(server.url + "/health", timeout=2)  # the listening socket is closed
+        t_long.join(60)
+        t_short.join(60)
+        assert server.proc.wait(timeout=30) == 0
+        elapsed = time.perf_counter() - t0
+        assert elapsed < 1 + 15, elapsed  # the grace period, plus delivering the cut rows and exiting
+        short = [json.loads(line[5:]) for line in short_lines[:-1]]
+        assert short_lines[-1] == "data: [DONE]" and all("error" not in c for c in short), short_lines[-3:]
+        assert [c["choices"][0]["finish_reason"] for c in short if c["choices"]][-1] == "length"
+        assert short[-1]["usage"]["completion_tokens"] == 4  # the whole answer, not a cut one
+        assert "shutting_down" in long_lines[-2] and long_lines[-1] == "data: [DONE]", long_lines[-3:]
+        assert len(long_lines) < 480  # cut, not finished
+    finally:
+        server.stop()

@@ -1,15 +1,16 @@
-"""OpenAI-compatible HTTP API over the engines (FastAPI).
+"""OpenAI-compatible HTTP API over the engine (FastAPI).
 
     GET  /v1/models             the base model and every profile, as "<base>:<profile>"
     POST /v1/chat/completions   OpenAI chat completions (stream: server-sent events)
     POST /v1/completions        OpenAI text completions
-    GET  /health                liveness and engine state
-    GET  /metrics               Prometheus text
+    GET  /health                {"status": "ok"} (503 {"status": "draining"} while shutting down); nothing else
+    GET  /metrics               Prometheus text (behind the API key unless public_metrics)
 
-A profile is chosen by the model field ("<base>:<profile>") or an extra body field
-"profile". Extra body field "ignore_eos" (as in vLLM) generates exactly max_tokens.
-Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} with a 4xx
-status, and never stop the server.
+A profile is chosen by the model field ("<base>:<profile>") or an extra body field "profile".
+Extra body field "ignore_eos" (as in vLLM) generates exactly max_tokens. Bodies are validated
+whole (protocol.py) before anything is queued. Every error, unknown paths and wrong methods
+included, uses OpenAI's shape {"error": {"message", "type", "param", "code"}}, and none stops
+the server.
 """
 
 from __future__ import annotations
@@ -22,253 +23,242 @@ import uuid
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, GenRequest, QueueFull
+from .engine import Draining, Engine, GenRequest, QueueFull
 from .metrics import Metrics
+from .protocol import APIError, ServeContext, error_type, load_json, model_ids, parse_request
 
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 
 
 @dataclass
 class ServerConfig:
     base_name: str
+    engine: Engine
     api_key: str | None = None
     request_timeout: float = 60.0
     default_max_tokens: int = 64
-    engines: dict[str, Engine] = field(default_factory=dict)  # profile -> engine serving it
+    public_metrics: bool = False  # serve /metrics without the API key
+    max_body_bytes: int = 8 << 20
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
-    app = FastAPI(title="ssn-runtime", docs_url=None, redoc_url=None)
-    tokenizer = next(iter(cfg.engines.values())).tok
+def _json_error(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
 
-    def error_response(err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
+
+class _AuthAndCount:
+    """Pure ASGI middleware (a BaseHTTPMiddleware would hide client disconnects from the
+    endpoints): the Bearer key compared as bytes in constant time (a non-ASCII key or header
+    is just a wrong key), and requests counted with their final status and latency."""
+
+    def __init__(self, app, cfg: ServerConfig, metrics: Metrics):
+        self.app, self.cfg, self.metrics = app, cfg, metrics
+        self.key = cfg.api_key.encode("utf-8") if cfg.api_key else None
+
+    def _open(self, path: str) -> bool:
+        return path == "/health" or (path == "/metrics" and self.cfg.public_metrics)
+
+    def _authorized(self, scope) -> bool:
+        auth = next((v for k, v in scope.get("headers", []) if k == b"authorization"), b"")
+        token = auth[7:] if auth[:7].lower() == b"bearer " else b""
+        return secrets.compare_digest(token, self.key)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "other"
+        if self.key is not None and not self._open(path) and not self._authorized(scope):
+            self.metrics.count_request(endpoint, "-", 401)
+            err = APIError(401, "invalid or missing API key (send it as a Bearer token)", "authentication_error",
+                           code="invalid_api_key")
+            return await _json_error(err)(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def send_and_watch(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body") \
+                    and endpoint.startswith("/v1/") and scope["method"] == "POST":
+                self.metrics.observe_latency(endpoint, time.perf_counter() - t0)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            if endpoint.startswith("/v1/") and scope["method"] == "POST":
+                self.metrics.count_request(endpoint, scope.get("state", {}).get("model", "-"), status[0])
+
+
+def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
+    app = FastAPI(title="ssn-runtime", docs_url=None, redoc_url=None, openapi_url=None)
+    engine = cfg.engine
+    ctx = ServeContext(cfg.base_name, engine.profiles, engine.tok, engine.context, engine.vocab_size,
+                       cfg.default_max_tokens)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
-        return error_response(err)
+        return _json_error(err)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, err: RequestValidationError):
-        return error_response(APIError(400, f"invalid request: {err.errors()[:1]}"))
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            err = APIError(404, f"unknown path {request.url.path[:200]}; the API is under /v1", "not_found_error",
+                           code="unknown_url")
+        elif exc.status_code == 405:
+            err = APIError(405, f"method {request.method} is not allowed on {request.url.path}",
+                           "invalid_request_error", code="method_not_allowed")
+        else:
+            err = APIError(exc.status_code, str(exc.detail), error_type(exc.status_code))
+        return _json_error(err)
 
-    @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next):
-        t0 = time.perf_counter()
-        if cfg.api_key and request.url.path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            token = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token, cfg.api_key):
-                metrics.count_request(request.url.path, "-", 401)
-                return error_response(APIError(401, "invalid or missing API key (send it as a Bearer token)",
-                                               "authentication_error", code="invalid_api_key"))
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/") and request.method == "POST":
-            metrics.count_request(request.url.path, getattr(request.state, "model", "-"), response.status_code)
-            if not isinstance(response, StreamingResponse):
-                metrics.observe_latency(request.url.path, time.perf_counter() - t0)
-        return response
-
-    def model_ids() -> list[str]:
-        return [cfg.base_name] + [f"{cfg.base_name}:{p}" for p in cfg.engines if p != "base"]
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        return _json_error(APIError(500, f"internal error: {type(exc).__name__}", "server_error"))
 
     @app.get("/v1/models")
     async def list_models():
         return {"object": "list", "data": [{"id": m, "object": "model", "created": cfg.created,
-                                            "owned_by": "ssn-runtime"} for m in model_ids()]}
+                                            "owned_by": "ssn-runtime"} for m in model_ids(ctx)]}
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": model_ids(),
-                "queue_depth": {name: e.queue.qsize() for name, e in cfg.engines.items()}}
+        if engine.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok"}
 
     @app.get("/metrics")
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    async def parse(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body() or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"malformed JSON body: {exc}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        return body
-
-    def resolve_profile(body: dict) -> tuple[str, str]:
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise APIError(400, "'model' is required", param="model")
-        base, _, profile = model.partition(":")
-        profile = profile or body.get("profile") or "base"
-        if base not in (cfg.base_name, "base") or profile not in cfg.engines:
-            raise APIError(404, f"the model '{model}' does not exist; available: {', '.join(model_ids())}",
-                           param="model", code="model_not_found")
-        return model, profile
-
-    def sampling(body: dict) -> dict:
-        def num(name, default, lo, hi, kind=float):
-            v = body.get(name, default)
-            if v is None:
-                v = default
-            if isinstance(v, bool) or not isinstance(v, int | float) or (kind is int and not float(v).is_integer()):
-                raise APIError(400, f"'{name}' must be a {'integer' if kind is int else 'number'}", param=name)
-            if not lo <= v <= hi:
-                raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {v}", param=name)
-            return kind(v)
-
-        stop = body.get("stop") or []
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-            raise APIError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
-        if body.get("n", 1) != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise APIError(400, "'seed' must be an integer", param="seed")
-        ignore_eos = body.get("ignore_eos", False)
-        if not isinstance(ignore_eos, bool):
-            raise APIError(400, "'ignore_eos' must be true or false", param="ignore_eos")
-        budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        return {"max_tokens": num(budget, cfg.default_max_tokens, 1, 1 << 20, int),
-                "temperature": num("temperature", 1.0, 0.0, 2.0), "top_p": num("top_p", 1.0, 0.0, 1.0),
-                "stop": stop, "seed": seed, "ignore_eos": ignore_eos}
-
-    def encode_chat(body: dict) -> list[int]:
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs):
-            raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
-        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return list(tokenizer("\n".join(m["content"] for m in msgs))["input_ids"])
-
-    def encode_prompt(body: dict) -> list[int]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise APIError(400, "'prompt' must be a string", param="prompt")
-        return list(tokenizer(prompt)["input_ids"])
+    async def read_body(request: Request) -> bytes:
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > cfg.max_body_bytes:
+            raise APIError(413, f"the body is larger than {cfg.max_body_bytes} bytes", code="body_too_large")
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > cfg.max_body_bytes:
+                raise APIError(413, f"the body is larger than {cfg.max_body_bytes} bytes", code="body_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def run(request: Request, kind: str):
-        body = await parse(request)
-        model, profile = resolve_profile(body)
-        request.state.model = model
-        params = sampling(body)
-        ids = encode_chat(body) if kind == "chat" else encode_prompt(body)
-        engine = cfg.engines[profile]
-        if len(ids) + params["max_tokens"] > engine.context:
-            raise APIError(400, f"this model's context is {engine.context} tokens; the prompt has {len(ids)} and "
-                                f"max_tokens asks for {params['max_tokens']} more", param="messages"
-                           if kind == "chat" else "prompt", code="context_length_exceeded")
+        if engine.draining:
+            raise APIError(503, "the server is shutting down", error_type(503), code="shutting_down")
+        parsed = parse_request(load_json(await read_body(request)), kind, ctx)
+        request.state.model = parsed.model
         loop = asyncio.get_running_loop()
-        req = GenRequest(ids, profile=profile, deadline=time.time() + cfg.request_timeout, loop=loop,
-                         events=asyncio.Queue(), **params)
+        events: asyncio.Queue = asyncio.Queue()
+
+        def sink(ev):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
+                pass
+
+        req = GenRequest(parsed.prompt_ids, profile=parsed.profile, deadline=time.time() + cfg.request_timeout,
+                         sink=sink, **parsed.params)
         try:
             engine.submit(req)
         except QueueFull:
             raise APIError(429, "the server is busy: the request queue is full; retry later", "rate_limit_error",
                            code="queue_full") from None
+        except Draining:
+            raise APIError(503, "the server is shutting down", error_type(503), code="shutting_down") from None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(stream(req, rid, model, kind, include_usage, request),
-                                     media_type="text/event-stream")
-        return await collect(req, rid, model, kind, request)
+        if parsed.stream:
+            return StreamingResponse(stream(req, events, rid, parsed, request), media_type="text/event-stream")
+        watcher = asyncio.create_task(watch_disconnect(request, req, events))
+        try:
+            return await collect(req, events, rid, parsed)
+        finally:
+            watcher.cancel()
+            req.cancelled.set()  # whatever happened, the row stops (a no-op once it is done)
 
-    async def next_event(req: GenRequest, request: Request):
+    async def watch_disconnect(request: Request, req: GenRequest, events: asyncio.Queue) -> None:
+        """Notice a non-streaming client that goes away at once (not after the next token)."""
         while True:
-            try:
-                return await asyncio.wait_for(req.events.get(), timeout=0.5)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    req.cancelled.set()
-                    return ("done", "cancelled", len(req.prompt_ids), 0)
-                if time.time() > req.deadline + 5:
-                    req.cancelled.set()
-                    return ("error", 408, "timeout", "the request timed out")
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                req.cancelled.set()
+                events.put_nowait(("gone",))
+                return
 
-    async def collect(req, rid, model, kind, request):
+    async def next_event(req: GenRequest, events: asyncio.Queue):
+        # The engine ends every row by its deadline; the margin only guards against a stuck engine.
+        try:
+            return await asyncio.wait_for(events.get(), timeout=max(1.0, req.deadline - time.time() + 5))
+        except TimeoutError:
+            req.cancelled.set()
+            return ("error", 408, "timeout", "the request timed out")
+
+    def finish_reason(reason: str) -> str:
+        return reason if reason in ("stop", "length") else "stop"
+
+    def usage(n_prompt: int, n_out: int) -> dict:
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+    async def collect(req: GenRequest, events: asyncio.Queue, rid: str, parsed):
         text = []
         while True:
-            ev = await next_event(req, request)
+            ev = await next_event(req, events)
             if ev[0] == "delta":
                 text.append(ev[1])
+            elif ev[0] == "gone":
+                return Response(status_code=499)  # nobody reads it; counted as "client closed request"
             elif ev[0] == "error":
-                raise APIError(ev[1], ev[3], "server_error" if ev[1] >= 500 else "invalid_request_error",
-                               code=ev[2])
+                raise APIError(ev[1], ev[3], error_type(ev[1]), code=ev[2])
             else:
                 _, reason, n_prompt, n_out = ev
-                usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
                 content = "".join(text)
-                finish = reason if reason in ("stop", "length") else "stop"
-                if kind == "chat":
+                if parsed.kind == "chat":
                     choice = {"index": 0, "message": {"role": "assistant", "content": content},
-                              "finish_reason": finish, "logprobs": None}
-                    obj = "chat.completion"
+                              "finish_reason": finish_reason(reason), "logprobs": None}
                 else:
-                    choice = {"index": 0, "text": content, "finish_reason": finish, "logprobs": None}
-                    obj = "text_completion"
-                return {"id": rid, "object": obj, "created": int(req.created), "model": model, "choices": [choice],
-                        "usage": usage}
+                    choice = {"index": 0, "text": content, "finish_reason": finish_reason(reason), "logprobs": None}
+                return {"id": rid, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
+                        "created": int(req.created), "model": parsed.model, "choices": [choice],
+                        "usage": usage(n_prompt, n_out)}
 
-    async def stream(req, rid, model, kind, include_usage, request):
-        t0 = time.perf_counter()
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    async def stream(req: GenRequest, events: asyncio.Queue, rid: str, parsed, request: Request):
+        chat = parsed.kind == "chat"
+        obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta_or_text, finish=None, usage=None):
-            if kind == "chat":
+        def chunk(delta_or_text, finish=None):
+            if chat:
                 choice = {"index": 0, "delta": delta_or_text, "finish_reason": finish, "logprobs": None}
             else:
                 choice = {"index": 0, "text": delta_or_text, "finish_reason": finish, "logprobs": None}
-            payload = {"id": rid, "object": obj, "created": int(req.created), "model": model,
-                       "choices": [choice] if choice is not None else []}
-            if usage is not None:
-                payload["usage"] = usage
+            payload = {"id": rid, "object": obj, "created": int(req.created), "model": parsed.model,
+                       "choices": [choice]}
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         try:
-            if kind == "chat":
+            if chat:
                 yield chunk({"role": "assistant", "content": ""})
             while True:
-                ev = await next_event(req, request)
+                ev = await next_event(req, events)
                 if ev[0] == "delta":
-                    yield chunk({"content": ev[1]} if kind == "chat" else ev[1])
+                    yield chunk({"content": ev[1]} if chat else ev[1])
                 elif ev[0] == "error":
-                    yield f"data: {json.dumps(APIError(ev[1], ev[3], code=ev[2]).body())}\n\n"
+                    err = APIError(ev[1], ev[3], error_type(ev[1]), code=ev[2])
+                    yield f"data: {json.dumps(err.body())}\n\n"
                     break
                 else:
                     _, reason, n_prompt, n_out = ev
-                    finish = reason if reason in ("stop", "length") else "stop"
-                    yield chunk({} if kind == "chat" else "", finish)
-                    if include_usage:
-                        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-                                 "total_tokens": n_prompt + n_out}
-                        payload = {"id": rid, "object": obj, "created": int(req.created), "model": model,
-                                   "choices": [], "usage": usage}
+                    yield chunk({} if chat else "", finish_reason(reason))
+                    if parsed.include_usage:
+                        payload = {"id": rid, "object": obj, "created": int(req.created), "model": parsed.model,
+                                   "choices": [], "usage": usage(n_prompt, n_out)}
                         yield f"data: {json.dumps(payload)}\n\n"
                     break
             yield "data: [DONE]\n\n"
         finally:
             req.cancelled.set()  # a client that went away mid-stream stops its row
-            metrics.observe_latency(request.url.path, time.perf_counter() - t0)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -278,4 +268,5 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
     async def completions(request: Request):
         return await run(request, "completion")
 
+    app.add_middleware(_AuthAndCount, cfg=cfg, metrics=metrics)
     return app

@@ -1,20 +1,38 @@
-"""The generation engine behind the server: dynamic batching with per-row neuron masks.
+"""The generation engine behind the server: continuous batching over one copy of the weights.
 
-One engine owns one model instance and one worker thread. Requests wait in a bounded
-queue; the worker takes as many as are waiting (up to `max_batch`, after a short
-gathering window), runs prefill and decode steps for them together with the KV cache,
-and gives each row its own mask profile (handle.set_row_profiles), sampling settings,
-stop strings and token budget. Tokens flow back to the request's asyncio queue as they
-are produced, so streaming and plain responses share one path. A cancelled request (the
-client went away, or its deadline passed) leaves the batch at the next step.
+One engine owns the model and one worker thread. Requests wait in a bounded queue. Every
+step the worker
+
+1. drops the rows whose client went away or whose deadline passed (each gets its own answer);
+2. admits waiting requests while there is room (`max_batch` rows; at most `max_prefill_tokens`
+   prompt tokens per step, so a burst of long prompts cannot stall running rows for long) and
+   prefills them together, computing logits for the last position only (`logits_to_keep=1`),
+   then samples their first token;
+3. merges them into the running batch and decodes one token for every running row.
+
+So rows join at any decode step and leave as soon as they are done: a short answer never waits
+for a long one, and prefill of new rows is interleaved with decoding of running ones. When the
+engine is idle, the first request waits `gather_ms` for company before its prefill.
+
+Every row keeps its own variant (base, or a mask and/or patch profile: `handle.intervene(rows=...)`
+selects it per row inside the fused MLP path, on the one shared model), its own sampling settings
+and random generator, stop strings and token budget. A row whose logits go non-finite fails alone;
+the batch goes on.
+
+KV layout: a padded batch in a `DynamicCache`. Every row's keys and values sit at the right end of
+the batch's columns (left padding); the attention mask marks the real ones and position ids count
+them, so a row computes what it would compute alone. Joining pads the narrower of the two caches on
+the left and concatenates them; leaving selects the remaining rows and trims the columns no
+remaining row uses. Sliding-window models keep full layers (the mask still applies the window).
 """
 
 from __future__ import annotations
 
-import asyncio
-import queue
+import contextlib
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +42,13 @@ from .metrics import Metrics
 
 class QueueFull(Exception):
     pass
+
+
+class Draining(Exception):
+    """The engine is shutting down and accepts no new requests."""
+
+
+Event = tuple  # ("delta", text) | ("done", reason, prompt_tokens, completion_tokens) | ("error", status, code, message)
 
 
 @dataclass
@@ -36,24 +61,107 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM allows
-    deadline: float = float("inf")
-    loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue | None = None
+    deadline: float = float("inf")  # time.time() after which the row ends with 408
+    sink: Callable[[Event], None] | None = None  # receives events, from the engine's thread
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.time)
 
     def emit(self, *event) -> None:
-        if self.loop is not None and self.events is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if self.sink is not None:
+            self.sink(event)
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token from a row of logits, numerically safe for every temperature in [0, 2] and
+    top_p in (0, 1]: the maximum is subtracted before dividing by the temperature (so a tiny
+    temperature gives -inf, never NaN), and the most likely token always survives top_p.
+    The caller has checked the row is usable (`unusable_rows`)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    x = logits.double()
+    x = (x - x.max()) / temperature
+    probs = torch.softmax(x, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(descending=True)
+        keep = sp.cumsum(0) - sp < top_p  # the smallest set whose mass reaches top_p (the first always kept)
+        probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: rows with a NaN or +inf logit, or no finite one (no distribution to sample)."""
+    return torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+
+
+class Detokenizer:
+    """Incremental detokenization (as vLLM does it): decode a short window of tokens that
+    ends at the newest one and take what it adds to the window's earlier text, so spacing and
+    multi-token characters come out as in a full decode without re-decoding the whole answer
+    every step. Text is held back while it ends in a partial UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+        self.prefix_text = ""
+        self.text = ""
+
+    def _decode(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        new = self._decode(self.ids[self.prefix:])
+        if len(new) > len(self.prefix_text) and not new.endswith("\ufffd"):
+            self.text += new[len(self.prefix_text):]
+            self.prefix, self.read = self.read, len(self.ids)
+            self.prefix_text = self._decode(self.ids[self.prefix:self.read])
+
+    def flush(self) -> None:
+        """At the end: whatever is left, partial characters included."""
+        new = self._decode(self.ids[self.prefix:])
+        if len(new) > len(self.prefix_text):
+            self.text += new[len(self.prefix_text):]
+        self.prefix, self.read, self.prefix_text = len(self.ids), len(self.ids), ""
+
+
+@dataclass
+class _Row:
+    req: GenRequest
+    variant: int
+    gen: torch.Generator | None
+    detok: Detokenizer
+    max_stop: int
+    pos: int = 0  # position id of `last` (the prompt's last token until the first one is sampled)
+    last: int = 0  # the token fed at the next decode step
+    n: int = 0  # tokens generated (EOS excluded)
+    sent: int = 0  # characters emitted
+    checked: int = 0  # characters already searched for stop strings
+    t_last: float = 0.0
 
 
 class Engine:
-    def __init__(self, model, tokenizer, handle=None, profiles: list[str] | None = None, max_batch: int = 16,
-                 queue_size: int = 64, gather_ms: float = 5.0, metrics: Metrics | None = None, name: str = "base"):
+    """Continuous batching with per-row variants on one model.
+
+    `variants`: {profile name: NeuronMask | NeuronPatch | PatchState | runtime.Variant}; the
+    worker thread enters `handle.intervene(variants=...)` once and selects each row's variant
+    per step. `max_batch`: rows decoded together. `queue_size`: waiting requests before
+    `submit` raises QueueFull. `gather_ms`: how long an idle engine lets the first request wait
+    for others. `max_prefill_tokens`: prompt tokens admitted per step (at least one request)."""
+
+    def __init__(self, model, tokenizer, handle=None, variants: dict | None = None, max_batch: int = 16,
+                 queue_size: int = 64, gather_ms: float = 5.0, max_prefill_tokens: int = 4096,
+                 metrics: Metrics | None = None, name: str = "base"):
+        if max_batch < 1 or queue_size < 1 or gather_ms < 0 or max_prefill_tokens < 1:
+            raise ValueError("max_batch, queue_size and max_prefill_tokens must be >= 1 and gather_ms >= 0")
+        if variants and handle is None:
+            raise ValueError("variants need an attached handle")
         self.model, self.tok, self.handle = model, tokenizer, handle
-        self.profiles = profiles or ["base"]  # index = mask profile id (0: no mask)
-        self.max_batch, self.gather_s = max_batch, gather_ms / 1000
-        self.queue: queue.Queue[GenRequest] = queue.Queue(maxsize=queue_size)
+        self.variants = dict(variants or {})
+        self.profiles = ["base", *self.variants]  # index = variant id (0: the unmodified model)
+        self.index = {p: i for i, p in enumerate(self.profiles)}
+        self.max_batch, self.queue_size, self.gather_s = max_batch, queue_size, gather_ms / 1000
+        self.max_prefill_tokens = max_prefill_tokens
         self.metrics = metrics or Metrics()
         self.name = name
         self.device = next(model.parameters()).device
@@ -61,148 +169,366 @@ class Engine:
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list | tuple) else [eos]) - {None}
-        self.context = int(getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions",
-                                                                                            0) or 2048)
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 2048)
+        self.vocab_size = int(getattr(cfg, "vocab_size", 0) or len(tokenizer))
+        self.keep_logits = bool(getattr(model, "_supports_logits_to_keep", lambda: False)())
+        # waiting requests: a deque under a condition (queue.Queue cannot peek at the next prompt's length)
+        self._waiting: deque[GenRequest] = deque()
+        self._cv = threading.Condition()
+        self._rows: list[_Row] = []
+        self._cache = None
+        self._attn: torch.Tensor | None = None
         self._stop = threading.Event()
+        self._draining = False
+        self._cut_at = float("inf")  # time.time() after which every row still running is cut (shutdown)
+        self._idle = threading.Event()
+        self._idle.set()
+        self._ready, self._failed = threading.Event(), None
         self._thread = threading.Thread(target=self._run, name=f"ssn-engine-{name}", daemon=True)
 
+    # ----- public -----
     def start(self) -> Engine:
+        """Start the worker; raises what entering the variants raised (a bad profile fails here,
+        not in every request)."""
         self._thread.start()
+        self._ready.wait()
+        if self._failed is not None:
+            raise self._failed
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        with self._cv:
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
 
     def submit(self, req: GenRequest) -> None:
-        try:
-            self.queue.put_nowait(req)
-        except queue.Full:
-            raise QueueFull() from None
-        self.metrics.set_queue_depth(self.name, self.queue.qsize())
+        if req.profile not in self.index:
+            raise ValueError(f"unknown profile {req.profile!r}")
+        with self._cv:
+            if self._draining:
+                raise Draining()
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull()
+            self._waiting.append(req)
+            self._idle.clear()
+            self.metrics.set_queue_depth(self.name, len(self._waiting))
+            self._cv.notify()
+
+    def drain(self, grace_s: float) -> None:
+        """Refuse new requests; rows already accepted run on, and those still running after
+        `grace_s` seconds are cut (503)."""
+        with self._cv:
+            self._draining = True
+            self._cut_at = time.time() + max(0.0, grace_s)
+            self._cv.notify_all()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def running(self) -> int:
+        return len(self._rows)
+
+    def generate(self, prompt_ids: list[int], timeout: float = 600.0, **params) -> tuple[str, str, int]:
+        """Blocking convenience (tests, benchmarks): (text, finish reason, completion tokens)."""
+        import queue
+
+        q: queue.Queue = queue.Queue()
+        req = GenRequest(list(prompt_ids), sink=q.put, **params)
+        self.submit(req)
+        text = []
+        while True:
+            ev = q.get(timeout=timeout)
+            if ev[0] == "delta":
+                text.append(ev[1])
+            elif ev[0] == "done":
+                return "".join(text), ev[1], ev[3]
+            else:
+                raise RuntimeError(f"{ev[1]} {ev[2]}: {ev[3]}")
 
     # ----- worker -----
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                first = self.queue.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            batch = [first]
-            end = time.perf_counter() + self.gather_s
-            while len(batch) < self.max_batch:
+        # Interventions are bound to the thread that enters them: this one, for its whole life.
+        scope = self.handle.intervene(variants=self.variants) if self.variants else contextlib.nullcontext()
+        try:
+            scope.__enter__()
+        except Exception as exc:  # noqa: BLE001 - handed to start()
+            self._failed = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
                 try:
-                    batch.append(self.queue.get(timeout=max(0.0, end - time.perf_counter())))
-                except queue.Empty:
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 - a failed decode step fails its rows, not the server
+                    self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
+        finally:
+            scope.__exit__(None, None, None)
+        self._fail_all("the server stopped", 503, "shutting_down")
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), deque()
+        for r in waiting:
+            r.emit("error", 503, "shutting_down", "the server stopped before this request ran")
+        self._idle.set()
+
+    @torch.inference_mode()  # the whole step: the KV cache is built, selected and merged in one mode
+    def _step(self) -> None:
+        self._reap()
+        joiners = self._admit()
+        if joiners:
+            self._join(joiners)
+        if self._rows:
+            self._decode()
+        self.metrics.set_running(self.name, len(self._rows))
+        if not self._rows:
+            with self._cv:
+                if not self._waiting:
+                    self._idle.set()
+
+    def _reap(self) -> None:
+        """End the rows whose client left, whose deadline passed, or that a shutdown cuts."""
+        now = time.time()
+        keep = []
+        for i, row in enumerate(self._rows):
+            r = row.req
+            if r.cancelled.is_set():
+                self._finish(row, "cancelled")
+            elif now > r.deadline:
+                self._finish(row, "timeout")
+            elif now > self._cut_at:
+                self._finish(row, "shutdown")
+            else:
+                keep.append(i)
+        if len(keep) < len(self._rows):
+            self._select(keep)
+
+    def _admit(self) -> list[GenRequest]:
+        with self._cv:
+            if not self._rows and not self._waiting:
+                self._cv.wait(timeout=0.05)
+                if not self._waiting:
+                    return []
+                if self.gather_s > 0:  # idle: give the first request a moment for company
+                    end = time.perf_counter() + self.gather_s
+                    while len(self._waiting) < self.max_batch and not self._stop.is_set():
+                        left = end - time.perf_counter()
+                        if left <= 0:
+                            break
+                        self._cv.wait(timeout=left)
+            out, tokens, now = [], 0, time.time()
+            while self._waiting and len(self._rows) + len(out) < self.max_batch:
+                r = self._waiting[0]
+                if out and tokens + len(r.prompt_ids) > self.max_prefill_tokens:
                     break
-            self.metrics.set_queue_depth(self.name, self.queue.qsize())
-            now = time.time()
-            live = []
-            for r in batch:
+                self._waiting.popleft()
                 if r.cancelled.is_set():
                     r.emit("done", "cancelled", len(r.prompt_ids), 0)
                 elif now > r.deadline:
                     r.emit("error", 408, "timeout", "the request timed out while waiting in the queue")
+                elif now > self._cut_at:
+                    r.emit("error", 503, "shutting_down", "the server is shutting down")
                 else:
-                    live.append(r)
-            if not live:
-                continue
-            try:
-                self._generate(live)
-            except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the server
-                for r in live:
-                    r.emit("error", 500, "server_error", f"generation failed: {type(exc).__name__}: {exc}")
+                    out.append(r)
+                    tokens += len(r.prompt_ids)
+            self.metrics.set_queue_depth(self.name, len(self._waiting))
+            return out
 
-    @torch.no_grad()
-    def _generate(self, batch: list[GenRequest]) -> None:
-        B = len(batch)
-        self.metrics.observe_batch(self.name, B)
-        T = max(len(r.prompt_ids) for r in batch)
-        ids = torch.full((B, T), self.pad, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for b, r in enumerate(batch):
-            ids[b, T - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[b, T - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        if self.handle is not None and len(self.profiles) > 1:
-            self.handle.set_row_profiles([self.profiles.index(r.profile) for r in batch])
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1].float()
-        gens = []
-        for r in batch:
-            g = torch.Generator(device="cpu")
-            if r.seed is not None:
-                g.manual_seed(r.seed)
-            else:
-                g.seed()  # fresh entropy: unseeded requests differ
-            gens.append(g)
-        tokens: list[list[int]] = [[] for _ in batch]
-        sent = [0] * B
-        finished: list[str | None] = [None] * B
-        max_stop = [max((len(s) for s in r.stop), default=0) for r in batch]
-        last_pos = pos[:, -1]
-        for _ in range(max(r.max_tokens for r in batch)):
-            nxt = self._sample(logits, batch, gens)
-            for b, r in enumerate(batch):
-                if finished[b]:
-                    continue
-                t = int(nxt[b])
-                if r.cancelled.is_set():
-                    finished[b] = "cancelled"
-                elif time.time() > r.deadline:
-                    finished[b] = "timeout"
-                elif t in self.eos and not r.ignore_eos:
-                    finished[b] = "stop"
+    def _rows_scope(self, variants: list[int]):
+        if not self.variants:
+            return contextlib.nullcontext()
+        # A batch of base rows only runs the plain fused path (no mask table, no patch gathers).
+        return self.handle.intervene(rows=variants if any(variants) else None)
+
+    def _join(self, reqs: list[GenRequest]) -> None:
+        """Prefill the new rows together, sample their first token, merge them into the batch."""
+        from transformers import DynamicCache
+
+        rows = []
+        for r in reqs:
+            gen = None
+            if r.temperature > 0:
+                gen = torch.Generator(device="cpu")
+                if r.seed is not None:
+                    gen.manual_seed(r.seed % (1 << 64))  # a signed 64-bit seed, as the unsigned value torch takes
                 else:
-                    tokens[b].append(t)
-                    text = self.tok.decode(tokens[b], skip_special_tokens=True)
-                    hit = min((text.find(s) for s in r.stop if s and s in text), default=-1)
-                    if hit >= 0:
-                        text, finished[b] = text[:hit], "stop"
-                    elif len(tokens[b]) >= r.max_tokens:
-                        finished[b] = "length"
-                    # Hold back what could be the start of a stop string, and a trailing partial
-                    # UTF-8 character (byte-level tokens can split one; the next token completes it).
-                    safe = len(text) if finished[b] else max(sent[b], min(len(text) - max(0, max_stop[b] - 1),
-                                                                          len(text.rstrip("\ufffd"))))
-                    if safe > sent[b]:
-                        r.emit("delta", text[sent[b]:safe])
-                        sent[b] = safe
-                if finished[b]:
-                    self._finish(r, finished[b], len(tokens[b]))
-            if all(finished):
-                return
-            feed = torch.tensor([int(nxt[b]) if not finished[b] else self.pad for b in range(B)], device=self.device)
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], dim=1)
-            last_pos = last_pos + 1
-            out = self.model(input_ids=feed[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                             past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1].float()
-        for b, r in enumerate(batch):
-            if not finished[b]:
-                self._finish(r, "length", len(tokens[b]))
-
-    def _finish(self, r: GenRequest, reason: str, n_tokens: int) -> None:
-        if reason == "timeout":
-            r.emit("error", 408, "timeout", "the request timed out during generation")
+                    gen.seed()  # fresh entropy: unseeded requests differ
+            rows.append(_Row(r, self.index[r.profile], gen, Detokenizer(self.tok),
+                             max((len(s) for s in r.stop), default=0), pos=len(r.prompt_ids) - 1))
+        J, T = len(rows), max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((J, T), self.pad, dtype=torch.long)
+        attn = torch.zeros((J, T), dtype=torch.long)
+        for b, r in enumerate(reqs):
+            ids[b, T - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            attn[b, T - len(r.prompt_ids):] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        kw = {"logits_to_keep": 1} if self.keep_logits else {}
+        try:
+            with self._rows_scope([row.variant for row in rows]):
+                out = self.model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp_min(0),
+                                 past_key_values=DynamicCache(), use_cache=True, **kw)
+        except Exception as exc:  # noqa: BLE001 - only the new rows fail; the running ones go on
+            for row in rows:
+                row.req.emit("error", 500, "server_error", f"prefill failed: {type(exc).__name__}: {exc}")
+            return
+        self.metrics.observe_prefill(self.name, J, int(attn.sum()))
+        n_old = len(self._rows)
+        if self._cache is None:
+            self._cache, self._attn, self._rows = out.past_key_values, attn, rows
         else:
-            r.emit("done", reason, len(r.prompt_ids), n_tokens)
-        self.metrics.add_tokens(self.name, r.profile, len(r.prompt_ids), n_tokens)
+            self._cache, self._attn = _merge(self._cache, self._attn, out.past_key_values, attn)
+            self._rows = self._rows + rows
+        self._advance(out.logits[:, -1].float(), range(n_old, n_old + J))
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, batch: list[GenRequest], gens) -> list[int]:
-        out = []
-        for b, r in enumerate(batch):
-            row = logits[b].cpu()
-            if r.temperature <= 0:
-                out.append(int(row.argmax()))
+    def _decode(self) -> None:
+        B = len(self._rows)
+        self.metrics.observe_batch(self.name, B)
+        feed = torch.tensor([[row.last] for row in self._rows], dtype=torch.long, device=self.device)
+        pos = torch.tensor([[row.pos] for row in self._rows], dtype=torch.long, device=self.device)
+        self._attn = torch.cat([self._attn, self._attn.new_ones((B, 1))], dim=1)
+        with self._rows_scope([row.variant for row in self._rows]):
+            out = self.model(input_ids=feed, attention_mask=self._attn, position_ids=pos,
+                             past_key_values=self._cache, use_cache=True)
+        self._cache = out.past_key_values
+        self._advance(out.logits[:, -1].float(), range(B))
+
+    def _advance(self, logits: torch.Tensor, which) -> None:
+        """Sample one token for each of the rows `which` (logits in the same order), emit text,
+        and drop the rows that finished."""
+        logits = logits.cpu()
+        bad = unusable_rows(logits).tolist()
+        greedy = logits.argmax(-1).tolist()
+        done = set()
+        now = time.time()
+        for j, i in enumerate(which):
+            row = self._rows[i]
+            r = row.req
+            if bad[j]:
+                self._finish(row, "non_finite")
+                done.add(i)
                 continue
-            probs = torch.softmax(row / r.temperature, dim=-1)
-            if r.top_p < 1.0:
-                sp, si = probs.sort(descending=True)
-                keep = sp.cumsum(0) - sp < r.top_p  # smallest set whose mass reaches top_p
-                probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
-                probs = probs / probs.sum()
-            out.append(int(torch.multinomial(probs, 1, generator=gens[b])))
-        return out
+            t = greedy[j] if r.temperature <= 0 else sample_token(logits[j], r.temperature, r.top_p, row.gen)
+            if row.n == 0:
+                self.metrics.observe_ttft(self.name, now - r.created)
+            else:
+                self.metrics.observe_itl(self.name, now - row.t_last)
+            row.t_last = now
+            reason = None
+            if t in self.eos and not r.ignore_eos:
+                reason = "stop"
+            else:
+                row.n += 1
+                row.detok.add(t)
+                if self._check_stop(row) == "stop":
+                    self._finish(row, "stop", flush=False)
+                    done.add(i)
+                    continue
+                if row.n >= r.max_tokens or row.pos + 1 >= self.context:
+                    reason = "length"  # (the context is full; admission keeps prompt + max_tokens within it)
+            if reason is not None:
+                self._finish(row, reason)
+                done.add(i)
+                continue
+            self._emit_safe(row)
+            row.last, row.pos = t, row.pos + 1  # fed at the next step, at the next position
+        if done:
+            self._select([i for i in range(len(self._rows)) if i not in done])
+
+    def _check_stop(self, row: _Row) -> str | None:
+        r, text = row.req, row.detok.text
+        if not r.stop:
+            return None
+        start = max(0, row.checked - row.max_stop + 1)
+        hits = [h for h in (text.find(s, start) for s in r.stop) if h >= 0]
+        row.checked = len(text)
+        if hits:
+            row.detok.text = text[:min(hits)]
+            return "stop"
+        return None
+
+    def _emit_safe(self, row: _Row) -> None:
+        # Hold back what could be the start of a stop string.
+        text = row.detok.text
+        safe = max(row.sent, len(text) - max(0, row.max_stop - 1))
+        if safe > row.sent:
+            row.req.emit("delta", text[row.sent:safe])
+            row.sent = safe
+
+    def _finish(self, row: _Row, reason: str, flush: bool = True) -> None:
+        r = row.req
+        if reason in ("stop", "length"):
+            if flush:  # not after a stop string: its cut is final
+                row.detok.flush()
+                if self._check_stop(row) == "stop":
+                    reason = "stop"
+            text = row.detok.text
+            if len(text) > row.sent:
+                r.emit("delta", text[row.sent:])
+                row.sent = len(text)
+            r.emit("done", reason, len(r.prompt_ids), row.n)
+        elif reason == "cancelled":
+            r.emit("done", "cancelled", len(r.prompt_ids), row.n)
+        elif reason == "timeout":
+            r.emit("error", 408, "timeout", "the request timed out during generation")
+        elif reason == "shutdown":
+            r.emit("error", 503, "shutting_down", "the server is shutting down; the answer was cut")
+        else:  # non_finite
+            self.metrics.count_row_failure(self.name, r.profile, "non_finite_logits")
+            r.emit("error", 500, "non_finite_logits", f"the model produced non-finite logits for this request "
+                   f"(profile {r.profile!r}) after {row.n} tokens; other requests are unaffected")
+        self.metrics.add_tokens(self.name, r.profile, len(r.prompt_ids), row.n)
+
+    def _select(self, keep: list[int]) -> None:
+        if not keep:
+            self._rows, self._cache, self._attn = [], None, None
+            return
+        self._rows = [self._rows[i] for i in keep]
+        self._cache, self._attn = _select(self._cache, self._attn, keep)
+
+    def _fail_all(self, message: str, status: int = 500, code: str = "server_error") -> None:
+        for row in self._rows:
+            row.req.emit("error", status, code, message)
+            self.metrics.add_tokens(self.name, row.req.profile, len(row.req.prompt_ids), row.n)
+        self._rows, self._cache, self._attn = [], None, None
+
+
+# ----- KV cache surgery (padded batch, left padding) -----
+def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _merge(cache_a, attn_a: torch.Tensor, cache_b, attn_b: torch.Tensor):
+    """Stack two padded batches: the narrower one is padded on the left (masked columns)."""
+    from transformers import DynamicCache
+
+    La, Lb = attn_a.shape[1], attn_b.shape[1]
+    L = max(La, Lb)
+
+    def pad(t, n):  # [B, heads, S, D] -> [B, heads, S + n, D], n zero columns on the left
+        return torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t
+
+    layers = [(torch.cat([pad(ka, L - La), pad(kb, L - Lb)]), torch.cat([pad(va, L - La), pad(vb, L - Lb)]))
+              for (ka, va), (kb, vb) in zip(_kv(cache_a), _kv(cache_b), strict=True)]
+    attn = torch.cat([torch.nn.functional.pad(attn_a, (L - La, 0)), torch.nn.functional.pad(attn_b, (L - Lb, 0))])
+    return DynamicCache(layers), attn
+
+
+def _select(cache, attn: torch.Tensor, keep: list[int]):
+    """The rows `keep`, without the leading columns none of them uses."""
+    from transformers import DynamicCache
+
+    idx = torch.tensor(keep, dtype=torch.long, device=attn.device)
+    attn = attn.index_select(0, idx)
+    start = int(attn.any(0).nonzero()[0])
+    attn = attn[:, start:]
+    layers = [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]) for k, v in _kv(cache)]
+    return DynamicCache(layers), attn

@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)  # per-token latency
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class _Histogram:
@@ -36,6 +37,12 @@ class Metrics:
         self.latency: dict[str, _Histogram] = {}
         self.batch: dict[str, _Histogram] = {}
         self.queue_depth: dict[str, int] = {}
+        self.running: dict[str, int] = {}
+        self.ttft: dict[str, _Histogram] = {}
+        self.itl: dict[str, _Histogram] = {}
+        self.prefill_rows: dict[str, _Histogram] = {}
+        self.prefill_tokens: dict[str, int] = {}
+        self.row_failures: dict[tuple[str, str, str], int] = {}
 
     def count_request(self, endpoint: str, model: str, status: int) -> None:
         with self._lock:
@@ -49,6 +56,28 @@ class Metrics:
     def observe_batch(self, engine: str, size: int) -> None:
         with self._lock:
             self.batch.setdefault(engine, _Histogram(BATCH_BUCKETS)).observe(size)
+
+    def observe_ttft(self, engine: str, seconds: float) -> None:
+        with self._lock:
+            self.ttft.setdefault(engine, _Histogram(LATENCY_BUCKETS)).observe(seconds)
+
+    def observe_itl(self, engine: str, seconds: float) -> None:
+        with self._lock:
+            self.itl.setdefault(engine, _Histogram(TOKEN_BUCKETS)).observe(seconds)
+
+    def observe_prefill(self, engine: str, rows: int, tokens: int) -> None:
+        with self._lock:
+            self.prefill_rows.setdefault(engine, _Histogram(BATCH_BUCKETS)).observe(rows)
+            self.prefill_tokens[engine] = self.prefill_tokens.get(engine, 0) + tokens
+
+    def count_row_failure(self, engine: str, profile: str, reason: str) -> None:
+        with self._lock:
+            key = (engine, profile, reason)
+            self.row_failures[key] = self.row_failures.get(key, 0) + 1
+
+    def set_running(self, engine: str, rows: int) -> None:
+        with self._lock:
+            self.running[engine] = rows
 
     def set_queue_depth(self, engine: str, depth: int) -> None:
         with self._lock:
@@ -74,9 +103,23 @@ class Metrics:
                     "# TYPE ssn_request_latency_seconds histogram"]
             for e, h in sorted(self.latency.items()):
                 out += h.lines("ssn_request_latency_seconds", f'endpoint="{e}"')
-            out += ["# HELP ssn_batch_size Rows per generation batch.", "# TYPE ssn_batch_size histogram"]
-            for e, h in sorted(self.batch.items()):
-                out += h.lines("ssn_batch_size", f'engine="{e}"')
+            for name, table, help_ in (
+                    ("ssn_time_to_first_token_seconds", self.ttft, "From request arrival to its first token."),
+                    ("ssn_inter_token_latency_seconds", self.itl, "Between consecutive tokens of one answer."),
+                    ("ssn_batch_size", self.batch, "Rows per decode step."),
+                    ("ssn_prefill_rows", self.prefill_rows, "Rows joining the batch per prefill.")):
+                out += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+                for e, h in sorted(table.items()):
+                    out += h.lines(name, f'engine="{e}"')
+            out += ["# HELP ssn_prefill_tokens_total Prompt tokens prefilled.",
+                    "# TYPE ssn_prefill_tokens_total counter"]
+            out += [f'ssn_prefill_tokens_total{{engine="{e}"}} {v}' for e, v in sorted(self.prefill_tokens.items())]
+            out += ["# HELP ssn_row_failures_total Rows that failed alone (the rest of their batch went on).",
+                    "# TYPE ssn_row_failures_total counter"]
+            out += [f'ssn_row_failures_total{{engine="{e}",profile="{p}",reason="{r}"}} {v}'
+                    for (e, p, r), v in sorted(self.row_failures.items())]
             out += ["# HELP ssn_queue_depth Requests waiting for a batch.", "# TYPE ssn_queue_depth gauge"]
             out += [f'ssn_queue_depth{{engine="{e}"}} {v}' for e, v in sorted(self.queue_depth.items())]
+            out += ["# HELP ssn_running_rows Rows being generated.", "# TYPE ssn_running_rows gauge"]
+            out += [f'ssn_running_rows{{engine="{e}"}} {v}' for e, v in sorted(self.running.items())]
             return "\n".join(out) + "\n"

@@ -1,0 +1,332 @@
+"""OpenAI request bodies, validated whole before anything is queued.
+
+Every field is checked for type and range as OpenAI documents it (temperature 0..2, top_p in
+(0, 1], seed a signed 64-bit integer, integers never accepted as floats, booleans only as JSON
+booleans), every string for lone UTF-16 surrogates, and fields this server does not implement
+(logprobs, tools, response_format, ...) are refused by name instead of ignored; unknown fields
+are refused like OpenAI refuses them. The result is a `ParsedRequest` the engine can run, or an
+`APIError` with a 4xx status: no row is generated for a request that is rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+MAX_STOP = 4  # stop sequences per request (OpenAI's limit)
+MAX_STOP_CHARS = 256  # characters per stop sequence
+MAX_MESSAGES = 1024
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error type for a status (a timeout or a full queue is not an invalid request)."""
+    return {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 408: "timeout_error",
+            413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def bad(message: str, param: str | None = None, code: str | None = None, status: int = 400) -> APIError:
+    return APIError(status, message, error_type(status), param, code)
+
+
+# Fields of each endpoint: accepted (implemented), or accepted only at their no-op value (what
+# clients send by default), anything else refused as unsupported; unknown names are refused too.
+COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n", "user",
+          "profile", "ignore_eos", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
+          "logit_bias"}
+CHAT = COMMON | {"messages", "max_completion_tokens", "tools", "tool_choice", "functions", "function_call",
+                 "parallel_tool_calls", "response_format", "metadata", "store", "audio", "modalities", "prediction",
+                 "reasoning_effort", "web_search_options", "service_tier"}
+COMPLETION = COMMON | {"prompt", "best_of", "echo", "suffix"}
+NOOP = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
+        "logit_bias": ({},), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
+        "function_call": ("none",), "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},),
+        "store": (False,), "modalities": (["text"],), "best_of": (1,), "echo": (False,), "suffix": ("",),
+        "service_tier": ("auto", "default")}
+UNSUPPORTED_WHY = {
+    "logprobs": "log probabilities are not returned by this server",
+    "top_logprobs": "log probabilities are not returned by this server",
+    "tools": "tool calling is not supported", "tool_choice": "tool calling is not supported",
+    "functions": "function calling is not supported", "function_call": "function calling is not supported",
+    "parallel_tool_calls": "tool calling is not supported",
+    "response_format": "structured output (response_format) is not supported; only plain text",
+    "logit_bias": "logit_bias is not supported", "presence_penalty": "presence_penalty must be 0 (not supported)",
+    "frequency_penalty": "frequency_penalty must be 0 (not supported)", "best_of": "best_of must be 1",
+    "echo": "echo is not supported", "suffix": "suffix (insertion) is not supported",
+    "audio": "audio output is not supported", "modalities": "only the text modality is supported",
+    "prediction": "predicted outputs are not supported", "reasoning_effort": "reasoning_effort is not supported",
+    "web_search_options": "web search is not supported", "metadata": "metadata needs store, which is not supported",
+    "store": "storing completions is not supported", "service_tier": "service tiers are not supported",
+}
+ROLES = {"system", "developer", "user", "assistant"}
+
+
+@dataclass
+class ServeContext:
+    """What validation needs to know about the server."""
+
+    base_name: str
+    profiles: list[str]  # "base" first
+    tokenizer: object
+    context: int  # tokens per sequence (prompt + answer)
+    vocab_size: int
+    default_max_tokens: int = 64
+
+
+@dataclass
+class ParsedRequest:
+    kind: str  # "chat" | "completion"
+    model: str  # as the client named it (echoed back)
+    profile: str
+    prompt_ids: list[int]
+    stream: bool = False
+    include_usage: bool = False
+    params: dict = field(default_factory=dict)  # GenRequest keyword arguments
+
+
+def load_json(raw: bytes) -> dict:
+    """The body as a JSON object; NaN/Infinity literals and numbers that overflow a float are refused."""
+
+    def constant(name):
+        raise ValueError(f"{name} is not a JSON number")
+
+    def parse_float(text):
+        v = float(text)
+        if not math.isfinite(v):
+            raise ValueError(f"number {text} is out of range")
+        return v
+
+    try:
+        body = json.loads(raw.decode("utf-8") if raw else "null", parse_constant=constant, parse_float=parse_float)
+    except UnicodeDecodeError as exc:
+        raise bad(f"the body is not UTF-8: {exc}") from None
+    except (json.JSONDecodeError, ValueError, RecursionError) as exc:
+        raise bad(f"malformed JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    _check_strings(body, "")
+    return body
+
+
+def _check_strings(v, where: str) -> None:
+    """Refuse strings that are not valid Unicode text (lone UTF-16 surrogates from \\ud800 escapes)."""
+    stack = [(v, where)]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad(f"'{where or 'body'}' contains a lone UTF-16 surrogate (invalid Unicode text)",
+                          param=where or None) from None
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack.append((k, where))
+                stack.append((x, f"{where}.{k}" if where else k))
+        elif isinstance(v, list):
+            stack.extend((x, f"{where}[{i}]") for i, x in enumerate(v))
+
+
+def _type_name(v) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+            dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise bad(f"'{name}' must be a number, not {_type_name(v)}", name)
+    if not math.isfinite(v) or v > hi or v < lo or (lo_open and v == lo):
+        raise bad(f"'{name}' must be {'>' if lo_open else '>='} {lo} and <= {hi}, got {v!r}", name)
+    return float(v)
+
+
+def integer(body: dict, name: str, lo: int, hi: int, default=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad(f"'{name}' must be an integer, not {_type_name(v)}", name)
+    if not lo <= v <= hi:
+        raise bad(f"'{name}' must be between {lo} and {hi}, got {v}", name)
+    return v
+
+
+def boolean(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(f"'{name}' must be true or false, not {_type_name(v)} {json.dumps(v)[:40]}", name)
+    return v
+
+
+def check_fields(body: dict, kind: str) -> None:
+    allowed = CHAT if kind == "chat" else COMPLETION
+    for k, v in body.items():
+        if k not in allowed:
+            raise bad(f"unrecognized request argument supplied: {k!r}", k, "unknown_parameter")
+        if k in UNSUPPORTED_WHY and v is not None and not any(v == ok and type(v) is type(ok)
+                                                              for ok in NOOP.get(k, ())):
+            raise bad(f"'{k}' is not supported by this server: {UNSUPPORTED_WHY[k]}", k, "unsupported_parameter")
+
+
+def resolve_model(body: dict, ctx: ServeContext) -> tuple[str, str]:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("'model' is required and must be a non-empty string", "model")
+    base, sep, profile = model.partition(":")
+    field_profile = body.get("profile")
+    if field_profile is not None and (not isinstance(field_profile, str) or not field_profile):
+        raise bad(f"'profile' must be a non-empty string, not {_type_name(field_profile)}", "profile")
+    if sep and field_profile is not None and field_profile != profile:
+        raise bad(f"the model names profile {profile!r} but 'profile' says {field_profile!r}", "profile")
+    profile = profile if sep else (field_profile or "base")
+    ids = model_ids(ctx)
+    if base not in (ctx.base_name, "base") or profile not in ctx.profiles:
+        shown = model if len(model) <= 200 else model[:200] + "..."
+        raise bad(f"the model '{shown}' does not exist; available: {', '.join(ids)}", "model", "model_not_found",
+                  status=404)
+    return model, profile
+
+
+def model_ids(ctx: ServeContext) -> list[str]:
+    return [ctx.base_name] + [f"{ctx.base_name}:{p}" for p in ctx.profiles if p != "base"]
+
+
+def stop_sequences(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise bad("'stop' must be a string or a list of strings", "stop")
+    if len(stop) > MAX_STOP:
+        raise bad(f"'stop' takes at most {MAX_STOP} sequences, got {len(stop)}", "stop")
+    for s in stop:
+        if not s or len(s) > MAX_STOP_CHARS:
+            raise bad(f"each stop sequence must have 1 to {MAX_STOP_CHARS} characters, got {len(s)}", "stop")
+    return stop
+
+
+def stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = boolean(body, "stream")
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not stream:
+        raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    if not isinstance(opts, dict):
+        raise bad(f"'stream_options' must be an object, not {_type_name(opts)}", "stream_options")
+    unknown = set(opts) - {"include_usage"}
+    if unknown:
+        raise bad(f"unrecognized stream option {sorted(unknown)[0]!r} (supported: include_usage)", "stream_options")
+    return stream, boolean(opts, "include_usage")
+
+
+def _text_content(content, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        parts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str) \
+                    or set(part) - {"type", "text"}:
+                raise bad(f"'{where}[{i}]' must be a text part {{\"type\": \"text\", \"text\": ...}}; "
+                          "other content types (images, audio, files) are not supported", where)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad(f"'{where}' must be a string or a non-empty list of text parts, not {_type_name(content)}", where)
+
+
+def chat_ids(body: dict, tokenizer) -> list[int]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+    if len(msgs) > MAX_MESSAGES:
+        raise bad(f"'messages' takes at most {MAX_MESSAGES} messages", "messages")
+    conv = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"'{where}' must be an object with 'role' and 'content'", where)
+        extra = set(m) - {"role", "content", "name"}
+        if extra:
+            raise bad(f"'{where}' has unsupported field {sorted(extra)[0]!r} (tool calls are not supported)", where)
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(f"'{where}.role' must be one of {', '.join(sorted(ROLES))}, got {json.dumps(role)[:40]}",
+                      f"{where}.role")
+        if "name" in m and not isinstance(m["name"], str):
+            raise bad(f"'{where}.name' must be a string", f"{where}.name")
+        conv.append({"role": "system" if role == "developer" else role,
+                     "content": _text_content(m.get("content"), f"{where}.content")})
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            ids = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # noqa: BLE001 - templates raise what they like (e.g. roles must alternate)
+            raise bad(f"the chat template refused these messages: {exc}", "messages") from None
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return list(tokenizer("\n".join(m["content"] for m in conv))["input_ids"])
+
+
+def prompt_ids(body: dict, tokenizer, vocab_size: int) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        if len(prompt) > 1:
+            raise bad("one prompt per request (send several requests; they are batched together)", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        for t in prompt:
+            if not 0 <= t < vocab_size:
+                raise bad(f"'prompt' token id {t} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
+        return list(prompt)
+    raise bad("'prompt' must be a string or a list of token ids (integers)", "prompt")
+
+
+def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
+    """Validate a whole request body; raises APIError (4xx)."""
+    check_fields(body, kind)
+    model, profile = resolve_model(body, ctx)
+    stream, include_usage = stream_flags(body)
+    if integer(body, "n", 1, 1 << 20, 1) != 1:
+        raise bad("only n=1 is supported (send several requests)", "n", "unsupported_parameter")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad(f"'user' must be a string, not {_type_name(user)}", "user")
+    budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if budget == "max_completion_tokens" and body.get("max_tokens") is not None:
+        raise bad("give max_tokens or max_completion_tokens, not both", "max_tokens")
+    max_tokens = integer(body, budget, 1, 1 << 31)
+    params = {"temperature": number(body, "temperature", 1.0, 0.0, 2.0),
+              "top_p": number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+              "seed": integer(body, "seed", *INT64), "stop": stop_sequences(body),
+              "ignore_eos": boolean(body, "ignore_eos")}
+    ids = chat_ids(body, ctx.tokenizer) if kind == "chat" else prompt_ids(body, ctx.tokenizer, ctx.vocab_size)
+    where = "messages" if kind == "chat" else "prompt"
+    if not ids:
+        raise bad("the prompt is empty (it encodes to no tokens)", where, "empty_prompt")
+    room = ctx.context - len(ids)
+    if max_tokens is None:
+        max_tokens = min(ctx.default_max_tokens, room)  # as OpenAI: by default, up to what the context allows
+    if room < 1 or max_tokens > room:
+        raise bad(f"this model's context is {ctx.context} tokens; the prompt has {len(ids)} and {budget} asks for "
+                  f"{max_tokens} more", where, "context_length_exceeded")
+    return ParsedRequest(kind, model, profile, ids, stream, include_usage, {"max_tokens": max_tokens, **params})

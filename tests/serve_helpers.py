@@ -1,0 +1,123 @@
+"""Helpers shared by the server tests: a real `ssn serve` process on a free port, the tiny
+model's profiles (a mask and a patch with random deltas), and the ground-truth answer of one
+prompt alone on a fresh model with the patch merged."""
+
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import torch
+
+import ssn_runtime
+from ssn_runtime import load_model, load_tokenizer
+from ssn_runtime.fingerprint import model_fingerprint
+from ssn_runtime.masks import NeuronMask
+from ssn_runtime.neuron_sets import NeuronSet
+from ssn_runtime.patches import PatchState, merge_patch
+
+PROMPTS = ["How do I bake bread at home?", "What is the capital of France?", "hi",
+           "Tell me a fun fact about cats. Tell me a fun fact about cats. And dogs?", "How can I learn to swim?"]
+
+
+def encode(tok, text):
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def make_profiles(model, seed=0):
+    fp = model_fingerprint(model)
+    g = torch.Generator().manual_seed(seed)
+    ns = NeuronSet({layer: torch.randperm(fp["num_neurons"], generator=g)[:20] for layer in range(fp["num_layers"])},
+                   fp["num_layers"], fp["num_neurons"])
+    mask = NeuronMask.scale(ns, model, 4.0, name="amp")
+    site = ssn_runtime.find_sites(model)[0]
+    state = PatchState(ns, site.hidden_size, gated=site.gated, model_info=fp)
+    with torch.no_grad():
+        for p in state.parameters():
+            p.normal_(0, 0.3, generator=g)
+    return mask, state.to_patch()
+
+
+def reference(path, ids, max_new, mask=None, patch=None):
+    """Greedy answer of one prompt alone, on a fresh model with the patch merged (the ground truth)."""
+    model = load_model(path)
+    tok = load_tokenizer(path)
+    if patch is not None:
+        merge_patch(model, patch)
+    with ssn_runtime.attach(model) as h, h.intervene(mask=mask):
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=max_new, pad_token_id=tok.pad_token_id)
+    cont = out[0, len(ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    cut = next((j for j, t in enumerate(cont) if t in eos), len(cont))
+    return tok.decode(cont[:cut], skip_special_tokens=True)
+
+
+class Collector:
+    """A request's events, with a hook when its n-th token arrives."""
+
+    def __init__(self):
+        self.events = queue.Queue()
+        self.deltas = 0
+        self.first = threading.Event()
+        self.finished_at = None
+
+    def __call__(self, ev):
+        if ev[0] == "delta":
+            self.deltas += 1
+            if self.deltas >= 3:
+                self.first.set()
+        else:
+            self.finished_at = time.perf_counter()
+        self.events.put(ev)
+
+    def result(self, timeout=120):
+        text = []
+        while True:
+            ev = self.events.get(timeout=timeout)
+            if ev[0] == "delta":
+                text.append(ev[1])
+            elif ev[0] == "done":
+                return "".join(text), ev[1]
+            else:
+                return ev
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, args, env=None):
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "ssn_runtime", "serve", *args, "--port", str(self.port)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.url = f"http://127.0.0.1:{self.port}"
+        for _ in range(300):
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stdout.read())
+            time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+

@@ -1,0 +1,280 @@
+"""The continuous-batching engine in process (no HTTP): rows that join and leave at any step
+compute exactly what they compute alone; per-row masks, patches and both on one copy of the
+weights equal the merged model; sampling is numerically safe; a bad row fails alone;
+incremental detokenization equals a full decode; drain cuts rows within the grace period."""
+
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from serve_helpers import PROMPTS, Collector, encode, make_profiles, reference
+
+import ssn_runtime
+from ssn_runtime import load_model, load_tokenizer
+from ssn_runtime.fingerprint import model_fingerprint
+from ssn_runtime.masks import NeuronMask
+from ssn_runtime.neuron_sets import NeuronSet
+from ssn_runtime.runtime import Variant
+from ssn_runtime.serve.engine import Detokenizer, Draining, Engine, GenRequest, sample_token, unusable_rows
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def setup(request, tiny_ckpts):
+    path = tiny_ckpts[request.param]
+    model = load_model(path)
+    tok = load_tokenizer(path)
+    mask, patch = make_profiles(model)
+    handle = ssn_runtime.attach(model)
+    variants = {"amp": mask, "tuned": patch, "both": Variant(mask=mask, patch=patch)}
+    engine = Engine(model, tok, handle, variants, max_batch=4, gather_ms=0).start()
+    yield {"path": path, "model": model, "tok": tok, "mask": mask, "patch": patch, "engine": engine}
+    engine.stop()
+    handle.detach()
+
+
+def test_rows_join_and_leave_mid_generation_and_match_their_solo_answers(setup):
+    eng, tok = setup["engine"], setup["tok"]
+    profiles = {"base": (None, None), "amp": (setup["mask"], None), "tuned": (None, setup["patch"]),
+                "both": (setup["mask"], setup["patch"])}
+    # a long row first; the others join while it decodes (max_batch 4: some also wait for a free row)
+    jobs = [(PROMPTS[0], "tuned", 40, True)] + [(PROMPTS[i % len(PROMPTS)], p, 6 + 3 * i, False)
+                                                 for i, p in enumerate(["base", "amp", "both", "tuned", "base", "amp"])]
+    cols = []
+    for k, (text, profile, n, ignore_eos) in enumerate(jobs):
+        c = Collector()
+        eng.submit(GenRequest(encode(tok, text), profile=profile, max_tokens=n, temperature=0, sink=c,
+                              ignore_eos=ignore_eos))
+        cols.append(c)
+        if k == 0:
+            assert c.first.wait(60)  # the first row is mid-generation before the others arrive
+    results = [c.result() for c in cols]
+    assert all(isinstance(r[0], str) for r in results), results
+    assert cols[0].finished_at > max(c.finished_at for c in cols[1:4])  # short rows left before the long one
+    for (text, profile, n, ignore_eos), (got, _) in zip(jobs, results, strict=True):
+        mask, patch = profiles[profile]
+        if ignore_eos:
+            continue  # the reference stops at EOS
+        assert got == reference(setup["path"], encode(tok, text), n, mask, patch), (profile, text)
+
+
+def test_patch_row_equals_merged_model_while_other_profiles_share_the_batch(setup):
+    eng, tok = setup["engine"], setup["tok"]
+    ids = encode(tok, PROMPTS[1])
+    want = {"tuned": reference(setup["path"], ids, 12, None, setup["patch"]),
+            "both": reference(setup["path"], ids, 12, setup["mask"], setup["patch"]),
+            "base": reference(setup["path"], ids, 12)}
+    assert len(set(want.values())) > 1  # the profiles really differ on this prompt
+    cols = []
+    for profile in ["tuned", "base", "both", "amp", "tuned", "both"]:
+        c = Collector()
+        eng.submit(GenRequest(ids, profile=profile, max_tokens=12, temperature=0, sink=c))
+        cols.append((profile, c))
+    for profile, c in cols:
+        got = c.result()[0]
+        if profile in want:
+            assert got == want[profile], profile
+
+
+def test_sampling_is_numerically_safe():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([1.0, 3.0, 2.0, -1e30])
+    assert sample_token(logits, 1e-40, 1.0, g) == 1  # a tiny temperature is greedy, not NaN
+    assert sample_token(logits, 2.0, 1e-12, g) == 1  # the most likely token always survives top_p
+    assert sample_token(torch.tensor([0.0, 0.0, float("-inf")]), 1.0, 1.0, g) in (0, 1)
+    draws = [sample_token(logits, 2.0, 1.0, torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert len(set(draws)) == 1  # a seed fixes the draw
+    counts = torch.bincount(torch.tensor([sample_token(torch.log(torch.tensor([0.7, 0.3])), 1.0, 1.0, g)
+                                          for _ in range(2000)]), minlength=2)
+    assert 0.65 < counts[0] / 2000 < 0.75  # it samples the softmax distribution
+    bad = torch.tensor([[0.0, 1.0], [float("nan"), 1.0], [float("inf"), 0.0], [float("-inf"), float("-inf")],
+                        [float("-inf"), 2.0]])
+    assert unusable_rows(bad).tolist() == [False, True, True, True, False]
+
+
+def test_a_row_with_non_finite_logits_fails_alone(tiny_ckpts):
+    path = tiny_ckpts["llama"]
+    model = load_model(path)
+    tok = load_tokenizer(path)
+    fp = model_fingerprint(model)
+    every = NeuronSet({layer: torch.arange(fp["num_neurons"]) for layer in range(fp["num_layers"])},
+                      fp["num_layers"], fp["num_neurons"])
+    big = torch.finfo(torch.float32).max  # finite, but the masked activations overflow to inf (and then NaN)
+    boom = NeuronMask.from_values(every, model, big, big, name="boom")
+    with ssn_runtime.attach(model) as h:
+        eng = Engine(model, tok, h, {"boom": boom}, max_batch=4, gather_ms=50).start()
+        try:
+            ids = encode(tok, PROMPTS[0])
+            good, bad = Collector(), Collector()
+            eng.submit(GenRequest(ids, profile="boom", max_tokens=8, temperature=0.7, sink=bad))
+            eng.submit(GenRequest(ids, profile="base", max_tokens=8, temperature=0, sink=good))
+            err = bad.result()
+            assert err[0] == "error" and err[1] == 500 and err[2] == "non_finite_logits", err
+            assert good.result()[0] == reference(path, ids, 8)
+            assert eng.generate(ids, max_tokens=8, temperature=0)[0] == reference(path, ids, 8)  # still serving
+        finally:
+            eng.stop()
+
+
+def test_drain_refuses_new_requests_and_cuts_rows_after_the_grace_period(tiny_ckpts):
+    path = tiny_ckpts["llama"]
+    model = load_model(path)
+    tok = load_tokenizer(path)
+    eng = Engine(model, tok, max_batch=2, gather_ms=0).start()
+    try:
+        ids = encode(tok, PROMPTS[0])
+        short, long = Collector(), Collector()
+        eng.submit(GenRequest(ids, max_tokens=3, temperature=0, ignore_eos=True, sink=short))
+        eng.submit(GenRequest(ids, max_tokens=400, temperature=0, ignore_eos=True, sink=long))
+        assert long.first.wait(60)
+        t0 = time.perf_counter()
+        eng.drain(0.3)
+        with pytest.raises(Draining):
+            eng.submit(GenRequest(ids, max_tokens=3))
+        assert short.result()[1] == "length"  # an accepted short row finishes normally
+        err = long.result()
+        assert err[0] == "error" and err[1] == 503 and err[2] == "shutting_down", err
+        assert time.perf_counter() - t0 < 30
+        assert eng.wait_idle(10)
+    finally:
+        eng.stop()
+
+
+def test_cancel_and_deadline_end_rows_at_the_next_step(tiny_ckpts):
+    path = tiny_ckpts["llama"]
+    model = load_model(path)
+    tok = load_tokenizer(path)
+    eng = Engine(model, tok, max_batch=4, gather_ms=0).start()
+    try:
+        ids = encode(tok, PROMPTS[2])
+        a, b = Collector(), Collector()
+        ra = GenRequest(ids, max_tokens=400, temperature=0, ignore_eos=True, sink=a)
+        eng.submit(ra)
+        eng.submit(GenRequest(ids, max_tokens=400, temperature=0, ignore_eos=True, sink=b,
+                              deadline=time.time() + 0.3))
+        assert a.first.wait(60)
+        ra.cancelled.set()
+        ev = a.result()
+        assert ev[1] == "cancelled"
+        ev = b.result()
+        assert ev[0] == "error" and ev[1] == 408, ev
+        assert eng.wait_idle(10) and eng.running() == 0
+    finally:
+        eng.stop()
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_ckpts):
+    return load_tokenizer(tiny_ckpts["llama"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_incremental_detokenization_equals_a_full_decode(tok, data):
+    ids = data.draw(st.lists(st.integers(0, len(tok) - 1), max_size=30))
+    d = Detokenizer(tok)
+    seen = []
+    for t in ids:
+        d.add(t)
+        seen.append(d.text)
+    d.flush()
+    assert d.text == tok.decode(ids, skip_special_tokens=True)
+    assert all(seen[i + 1].startswith(seen[i]) for i in range(len(seen) - 1))  # text only ever grows
+
+
+def test_prefill_computes_logits_for_the_last_position_only(tiny_ckpts):
+    path = tiny_ckpts["llama"]
+    model = load_model(path)
+    tok = load_tokenizer(path)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    eng = Engine(model, tok, max_batch=4, gather_ms=50).start()
+    try:
+        ids = [encode(tok, PROMPTS[3]), encode(tok, PROMPTS[2])]
+        cols = [Collector(), Collector()]
+        for x, c in zip(ids, cols, strict=True):
+            eng.submit(GenRequest(x, max_tokens=3, temperature=0, ignore_eos=True, sink=c))
+        for c in cols:
+            c.result()
+    finally:
+        eng.stop()
+        hook.remove()
+    assert seen and all(s[1] == 1 for s in seen), seen  # [rows, 1, hidden] at prefill and decode alike
+    assert any(s[0] == 2 for s in seen)  # the two prompts were prefilled together
+
+
+@pytest.fixture(scope="module")
+def saved_profiles(tiny_ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("profiles")
+    mask, patch = make_profiles(load_model(tiny_ckpts["llama"]))
+    mask.save(root / "amp")
+    patch.save(root / "tuned")
+    return root
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("{amp},{amp}", "two mask folders"),
+    ("{amp},{tuned},{amp}", "one folder, or a mask folder and a patch folder"),
+    ("{amp},", "one folder, or a mask folder and a patch folder"),
+    ("{root}", "neither a neuron mask folder"),
+])
+def test_bad_profile_specs_are_one_error_line(tiny_ckpts, saved_profiles, capsys, spec, match):
+    from ssn_runtime.cli import main
+
+    root = saved_profiles
+    value = spec.format(amp=root / "amp", tuned=root / "tuned", root=root)
+    capsys.readouterr()
+    assert main(["serve", "--model", str(tiny_ckpts["llama"]), "--profile", f"p={value}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and match in err[0], err
+
+
+def test_a_bad_variant_fails_at_start_not_in_every_request(tiny_ckpts):
+    from ssn_runtime.errors import SSNError
+
+    model = load_model(tiny_ckpts["llama"])
+    with ssn_runtime.attach(model) as h, pytest.raises(SSNError, match="patch must be"):
+        Engine(model, load_tokenizer(tiny_ckpts["llama"]), h, {"x": "not a patch"}).start()
+
+
+def _live_cpu_tensor_bytes() -> int:
+    """Bytes of every CPU tensor storage reachable from Python (shared storages counted once)."""
+    import gc
+
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":  # type(): no lazy __class__ lookups
+            s = obj.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+def test_patch_profiles_share_the_weights_and_cost_about_their_own_size(tiny_ckpts):
+    """Two patch profiles served, one row each: the base weights are the same tensors with the
+    same values afterwards (nothing merged into them, nothing copied), and the memory the engine
+    holds on to grows by about the patches' size, far below one copy of the model."""
+    path = tiny_ckpts["llama"]
+    model = load_model(path)
+    tok = load_tokenizer(path)
+    patches = {"a": make_profiles(model, seed=0)[1], "b": make_profiles(model, seed=1)[1]}
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    patch_bytes = sum(t.numel() * t.element_size() for p in patches.values() for t in p.tensors.values())
+    ids = encode(tok, PROMPTS[1])
+    with ssn_runtime.attach(model) as h:
+        live = _live_cpu_tensor_bytes()
+        eng = Engine(model, tok, h, patches, max_batch=4, gather_ms=0).start()
+        try:
+            for profile in patches:
+                assert eng.generate(ids, profile=profile, max_tokens=4, temperature=0)[1] in ("stop", "length")
+            assert eng.wait_idle(10)
+            grown = _live_cpu_tensor_bytes() - live
+        finally:
+            eng.stop()
+    for n, p in model.named_parameters():
+        assert p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]), n
+    # the patches are about a third of this tiny model's MLP neurons, so "about their size" is
+    # still well below a copy: 2 patches' tensors plus small tables, never another model
+    assert grown <= 2 * patch_bytes + 16_384 and grown < model_bytes / 2, (grown, patch_bytes, model_bytes)
