@@ -85,7 +85,10 @@ def register_adapter(model_type: str, adapter: ArchAdapter, *, replace: bool = F
 
 
 def registered_model_types() -> list[str]:
-    return sorted(_REGISTRY)
+    """Every model_type with a neuron-site adapter: dense ones and the mixture-of-experts ones (moe.py)."""
+    from .moe import moe_model_types
+
+    return sorted({*_REGISTRY, *moe_model_types()})
 
 
 def adapter_for(model_type: str) -> ArchAdapter | None:
@@ -99,8 +102,11 @@ def unregister_adapter(model_type: str) -> None:
 
 
 def is_moe_type(model_type: str) -> bool:
-    """A mixture-of-experts family (no dense adapter)."""
-    return model_type in _MOE_TYPES
+    """A mixture-of-experts family without a neuron-site adapter (ssn_runtime.moe registers
+    the supported ones)."""
+    from .moe import moe_adapter_for
+
+    return model_type in _MOE_TYPES and moe_adapter_for(model_type) is None
 
 
 for _mt in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2"):
@@ -126,6 +132,15 @@ class NeuronSite:
     num_neurons: int
     hidden_size: int
     act: str | None  # kernel activation name; None -> torch backend with the model's own module
+    # The shared expert of a mixture-of-experts layer is a plain gated MLP holding the layer's
+    # first `num_neurons` neurons out of `layer_neurons` (the routed experts follow; see
+    # ssn_runtime.moe). 0: this site is the whole layer.
+    layer_neurons: int = 0
+
+    @property
+    def layer_size(self) -> int:
+        """Neurons of the whole layer this site belongs to (the flat neuron space, neuron_space.py)."""
+        return self.layer_neurons or self.num_neurons
 
     def sub(self, attr: str | None) -> nn.Module | None:
         return getattr(self.module, attr) if attr is not None else None
@@ -180,8 +195,19 @@ def _model_type(model: nn.Module) -> str:
     return getattr(config, "model_type", "") or ""
 
 
-def _out_features(mod: nn.Module, conv1d: bool) -> int:
+def out_features(mod: nn.Module, conv1d: bool) -> int:
+    """Output width of a Linear (or a GPT-2 Conv1D, whose weight is stored transposed)."""
     return mod.weight.shape[1] if conv1d else mod.weight.shape[0]
+
+
+def decoder_layers(model: nn.Module, paths: tuple[str, ...], what: str) -> tuple[str, nn.ModuleList]:
+    """(path, module list) of the first of `paths` that exists on `model` (an adapter's layer paths)."""
+    for p in paths:
+        layers = _resolve(model, p)
+        if layers is not None:
+            return p, layers
+    raise SSNError(f"{type(model).__name__}: none of the layer paths {list(paths)} exists; the {what} does not "
+                   "match this model")
 
 
 def find_sites(model: nn.Module) -> list[NeuronSite]:
@@ -191,6 +217,10 @@ def find_sites(model: nn.Module) -> list[NeuronSite]:
         model = model.get_base_model()
     model_type = _model_type(model)
     cls = type(model).__name__
+    from .moe import find_moe_sites, moe_adapter_for
+
+    if moe_adapter_for(model_type) is not None:
+        return find_moe_sites(model, model_type)
     if model_type in _MOE_TYPES:
         raise SSNError(
             f"{cls} (model_type {model_type!r}) is a mixture-of-experts model, which ssn-runtime does not "
@@ -203,13 +233,7 @@ def find_sites(model: nn.Module) -> list[NeuronSite]:
             f"ssn_runtime.register_adapter({model_type!r}, ArchAdapter(layers=('model.layers',), "
             "style=LLAMA_STYLE)) -- see README, 'Adding an architecture'"
         )
-    layers = next((obj for p in adapter.layers if (obj := _resolve(model, p)) is not None), None)
-    if layers is None:
-        raise SSNError(
-            f"{cls}: none of the layer paths {list(adapter.layers)} exists; the adapter for "
-            f"{model_type!r} does not match this model"
-        )
-    prefix = next(p for p in adapter.layers if _resolve(model, p) is layers)
+    prefix, layers = decoder_layers(model, adapter.layers, f"adapter for {model_type!r}")
     style = adapter.style
     sites = []
     for i, layer in enumerate(layers):
@@ -220,13 +244,13 @@ def find_sites(model: nn.Module) -> list[NeuronSite]:
                 f"(found {type(mlp).__name__}); mixture-of-experts layers are not supported yet"
             )
         down = getattr(mlp, style.down)
-        hidden = _out_features(down, style.conv1d)
+        hidden = out_features(down, style.conv1d)
         if style.kind == GATED:
-            n = _out_features(getattr(mlp, style.gate), False)
+            n = out_features(getattr(mlp, style.gate), False)
         elif style.kind == GATED_FUSED:
-            n = _out_features(getattr(mlp, style.gate_up), False) // 2
+            n = out_features(getattr(mlp, style.gate_up), False) // 2
         else:
-            n = _out_features(getattr(mlp, style.fc), style.conv1d)
+            n = out_features(getattr(mlp, style.fc), style.conv1d)
         sites.append(NeuronSite(
             layer=i, name=f"{prefix}.{i}.{adapter.mlp}", module=mlp, style=style,
             num_neurons=n, hidden_size=hidden, act=kernel_activation(getattr(mlp, style.act)),

@@ -18,6 +18,14 @@ float64 operations as before, so CPU results are unchanged bit for bit.
 Layout: per device, tables are stacked [L, ...] with layer l in slot l, so one op covers
 every layer. A model split over several devices (device_map) allocates the stack on each
 device; slots of layers that live elsewhere are never read.
+
+Mixture-of-experts layers (ssn_runtime.moe): while a batch runs, such a layer's slot holds
+its segments one after another, each contiguous for the kernels: the shared expert as
+[G, dense], then the routed experts block-major as [E * G, expert_size] (expert e's group g
+is row e * G + g, so one kernel call covers every expert). `end_batch` re-lays the slot out
+as [G, N] before the merge (`moe.relayout`); a smaller dense layer of a model mixing dense
+and MoE layers gets the same treatment. Router statistics (`route_*`, pure sums) are added
+straight into the running totals by the routers (`routing_tables`).
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ class _DeviceTables:
     """Batch tables and running totals of every layer slot, on one device."""
 
     def __init__(self, device: torch.device, L: int, G: int, N: int, gate: bool, topk: bool,
-                 initial: dict[str, torch.Tensor] | None):
+                 initial: dict[str, torch.Tensor] | None, experts: int = 0):
         self.device = device
         f64 = lambda: torch.zeros(L, G, N, dtype=torch.float64, device=device)
         self.batch = {k: f64() for k in _BATCH if k != "gate_active" or gate}
@@ -56,6 +64,11 @@ class _DeviceTables:
                 self.totals["gate_active"] = i64(L, G, N)
             if topk:
                 self.totals.update(topk_count=i64(L, G, N), seq_count=i64(L, G))
+            if experts:
+                f = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
+                self.totals.update(route_top1=i64(L, G, experts), route_topk=i64(L, G, experts),
+                                   route_weight=f(L, G, experts), route_prob=f(L, G, experts),
+                                   route_entropy=f(L, G))
         else:  # resumed totals
             self.totals = {k: to_device(v, device) if device.type == "cuda" else v.clone() for k, v in initial.items()}
         self.col_norm = torch.zeros(L, N, dtype=torch.float32, device=device) if topk else None
@@ -79,18 +92,30 @@ class _DeviceTables:
 class StatsCollector:
     def __init__(self, sites, groups: list[str], threshold: float = 0.0, gate_stats: bool = False,
                  topk: int | None = None, meta: dict | None = None):
-        sizes = {s.num_neurons for s in sites}
-        if len(sizes) != 1:
-            raise SSNError(f"layers have different neuron counts {sorted(sizes)}; profiling needs one per model")
+        from .moe import segmented_layout
+
+        if not sites:
+            raise SSNError("the model has no neuron sites to profile")
         self.sites = sites
         self.groups = list(groups)
-        self.num_layers, self.num_neurons = len(sites), sizes.pop()
+        # Layers of different sizes (dense and MoE layers mixed): N is the largest, and the
+        # indices past a smaller layer's size stay zero (neuron_space.py).
+        self.num_layers, self.num_neurons = len(sites), max(s.num_neurons for s in sites)
+        self._segmented = {s.layer: lay for s in sites if (lay := segmented_layout(s, self.num_neurons)) is not None}
+        self.num_experts = max((getattr(s, "num_experts", 0) for s in sites), default=0)
+        small = [s.layer for s in sites if s.num_neurons < self.num_neurons]
+        self._unused = None
+        if small:
+            self._unused = torch.zeros(self.num_layers, self.num_neurons, dtype=torch.bool)
+            for layer in small:
+                self._unused[layer, sites[layer].num_neurons:] = True
         self.threshold = float(threshold)
         self.gate_stats = bool(gate_stats) and all(s.gated for s in sites)
         if gate_stats and not self.gate_stats:
             raise SSNError("--gate-stats needs a gated MLP (act(gate) * up); this model's MLP is not gated")
-        if topk is not None and not 0 < topk <= self.num_neurons:
-            raise SSNError(f"topk must be between 1 and {self.num_neurons}, got {topk}")
+        smallest = min(s.num_neurons for s in sites)
+        if topk is not None and not 0 < topk <= smallest:
+            raise SSNError(f"topk must be between 1 and {smallest} (the smallest layer's neurons), got {topk}")
         self.topk = topk
         self.meta = dict(meta or {})
         self._initial: dict[str, torch.Tensor] | None = None  # saved totals when resuming
@@ -117,7 +142,8 @@ class StatsCollector:
         self._initial = {k: v.clone() for k, v in tensors.items()}
 
     def _empty(self) -> NeuronStats:
-        return NeuronStats.empty(self.groups, self.num_layers, self.num_neurons, self.gate_stats, self.topk is not None)
+        return NeuronStats.empty(self.groups, self.num_layers, self.num_neurons, self.gate_stats, self.topk is not None,
+                                 experts=self.num_experts)
 
     # ----- per batch -----
     def begin_batch(self, seq_groups: torch.Tensor | None = None) -> None:
@@ -156,33 +182,79 @@ class StatsCollector:
             d.plan = None
 
     def target(self, site, x: torch.Tensor) -> StatsTarget:
-        if self._plan is None:
-            raise SSNError("profiling forward without a row plan: call plan_rows() before the model")
-        gid, sid = self._plan
         rows = x.numel() // x.shape[-1]
-        if rows != gid.numel():
-            raise SSNError(f"layer {site.layer} got {rows} rows but the profiler planned {gid.numel()}; "
-                           "the model must see the batch the profiler built")
+        d, gid_d, sid_d = self._layer_plan(site, rows, x.device)
         layer = site.layer
-        d = self._tables(x.device)
-        if self._layer_device.setdefault(layer, x.device) != x.device:
-            raise SSNError(f"layer {layer} ran on {x.device} after {self._layer_device[layer]}; "
-                           "profiling needs each layer to stay on one device")
-        if d.plan is None:
-            d.plan = (to_device(gid, d.device), to_device(sid, d.device) if sid is not None else None)
-        gid_d, sid_d = d.plan
-        self._ran.add(layer)
+        if layer in self._segmented:  # the layer's dense part (an MoE shared expert, or a smaller dense layer)
+            return self._region(d, layer, 0, 1, site.num_neurons, gid_d, sid_d)
         b = d.batch
         seq = d.seq_table(len(self._seq_groups))[layer] if self.topk is not None else None
         return StatsTarget(gid_d, b["sum"][layer], b["sumsq"][layer], b["abs_sum"][layer], b["active"][layer],
                            b["gate_active"][layer] if self.gate_stats else None, sid_d if seq is not None else None,
                            seq, self.threshold)
 
+    def expert_target(self, site, rows: int, device: torch.device, expert: torch.Tensor,
+                      token: torch.Tensor) -> StatsTarget:
+        """The statistics target of an MoE layer's routed experts for one fused call over the
+        (token, slot) pairs sorted by expert: pair r is token `token[r]` in expert `expert[r]`,
+        counted in group expert * G + g of the block-major expert tables (module docstring)."""
+        d, gid_d, sid_d = self._layer_plan(site, rows, device)
+        G = len(self.groups)
+        g = gid_d.index_select(0, token)
+        gid_e = torch.where(g >= 0, expert.to(g.dtype) * G + g, -1).to(torch.int32)
+        sid_e = None
+        if sid_d is not None:
+            B = len(self._seq_groups)
+            s_ = sid_d.index_select(0, token)
+            sid_e = torch.where(s_ >= 0, expert.to(s_.dtype) * B + s_, -1).to(torch.int32)
+        lay = site.layout
+        return self._region(d, site.layer, lay.dense, lay.experts, lay.expert_size, gid_e, sid_e)
+
+    def routing_tables(self, site, rows: int, device: torch.device) -> tuple[torch.Tensor, dict]:
+        """(group id per token row on `device`, this layer's router totals: route_* [G, E], [G])."""
+        d, gid_d, _ = self._layer_plan(site, rows, device)
+        from .moe import ROUTER_TENSORS
+
+        return gid_d, {k: d.totals[k][site.layer] for k in ROUTER_TENSORS}
+
+    def _region(self, d: _DeviceTables, layer: int, lo: int, blocks: int, width: int, gid, sid) -> StatsTarget:
+        from .moe import region
+
+        G = len(self.groups)
+        b = d.batch
+        seq = None
+        if self.topk is not None:
+            B = len(self._seq_groups)
+            seq = region(d.seq_table(B)[layer], B, lo, blocks, width)
+        t = {k: region(b[k][layer], G, lo, blocks, width) for k in b}
+        return StatsTarget(gid, t["sum"], t["sumsq"], t["abs_sum"], t["active"], t.get("gate_active"),
+                           sid if seq is not None else None, seq, self.threshold)
+
+    def _layer_plan(self, site, rows: int, device: torch.device):
+        """(device tables, group ids, sequence ids) for a layer input of `rows` rows, checked."""
+        if self._plan is None:
+            raise SSNError("profiling forward without a row plan: call plan_rows() before the model")
+        gid, sid = self._plan
+        x_device = device
+        if rows != gid.numel():
+            raise SSNError(f"layer {site.layer} got {rows} rows but the profiler planned {gid.numel()}; "
+                           "the model must see the batch the profiler built")
+        layer = site.layer
+        d = self._tables(x_device)
+        if self._layer_device.setdefault(layer, x_device) != x_device:
+            raise SSNError(f"layer {layer} ran on {x_device} after {self._layer_device[layer]}; "
+                           "profiling needs each layer to stay on one device")
+        if d.plan is None:
+            d.plan = (to_device(gid, d.device), to_device(sid, d.device) if sid is not None else None)
+        gid_d, sid_d = d.plan
+        self._ran.add(layer)
+        return d, gid_d, sid_d
+
     def _tables(self, device: torch.device) -> _DeviceTables:
         d = self._dev.get(device)
         if d is None:
             d = _DeviceTables(device, self.num_layers, len(self.groups), self.num_neurons, self.gate_stats,
-                              self.topk is not None, self._initial)
+                              self.topk is not None, self._initial, self.num_experts)
             self._dev[device] = d
         return d
 
@@ -196,9 +268,26 @@ class StatsCollector:
         if missing:
             raise SSNError(f"layers {sorted(missing)} never ran during the batch; was the model attached?")
         for d in self._dev.values():
+            self._relayout(d)
             self._merge(d, to_device(n_b, d.device))
             if self.topk is not None:
                 self._fold_topk(d)
+
+    def _relayout(self, d: _DeviceTables) -> None:
+        """Segmented layer slots (MoE, smaller dense layers) back to [G, N] (module docstring)."""
+        if not self._segmented:
+            return
+        from .moe import relayout
+
+        G = len(self.groups)
+        for layer, lay in self._segmented.items():
+            if self._layer_device.get(layer) != d.device:
+                continue
+            for t in d.batch.values():
+                relayout(t[layer], G, lay)
+            if self.topk is not None:
+                B = len(self._seq_groups)
+                relayout(d.seq_table(B)[layer], B, lay)
 
     @staticmethod
     def _merge(d: _DeviceTables, n_b: torch.Tensor) -> None:
@@ -224,7 +313,7 @@ class StatsCollector:
         for layer, dev in self._layer_device.items():
             if dev == d.device and layer not in d.norm_ready:
                 w = self.sites[layer].down_cols().detach()
-                d.col_norm[layer] = w.float().norm(dim=0).to(d.device)
+                d.col_norm[layer, : w.shape[1]] = w.float().norm(dim=0).to(d.device)
                 d.norm_ready.add(layer)
         return d.col_norm
 
@@ -237,6 +326,8 @@ class StatsCollector:
         groups = to_device(self._seq_groups, d.device)
         weight = (seq_tokens > 0).to(torch.int64)  # [B]
         score = d.seq_table(B) / seq_tokens.clamp_min(1).unsqueeze(-1) * self._col_norms(d).unsqueeze(1)
+        if self._unused is not None:  # the indices past a smaller layer's size are never in its top-k
+            score = score.masked_fill(to_device(self._unused, d.device).unsqueeze(1), float("-inf"))
         top = score.topk(self.topk, dim=-1).indices  # [L, B, k]
         L, G, N = self.num_layers, len(self.groups), self.num_neurons
         layer_off = torch.arange(L, device=d.device).view(L, 1, 1) * (G * N)

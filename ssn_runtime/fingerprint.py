@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 
 from .errors import SSNError
+from .neuron_space import LayerLayout, parse_layouts
 from .validation import check_int, check_str, fail
 
 # Config keys that change between saves of the same weights and shapes.
@@ -31,13 +32,33 @@ def config_hash(config) -> str:
 
 @dataclass(frozen=True)
 class ModelFingerprint:
-    """Layers x neurons per layer of a model's MLP neuron space, plus its config hash and name."""
+    """Layers x neurons per layer of a model's MLP neuron space, plus its config hash and name.
+
+    `moe_layers`: for mixture-of-experts models, each layer's LayerLayout (dense/shared
+    neurons, routed experts, neurons per expert; ssn_runtime.neuron_space); None for dense
+    models, whose files therefore look exactly as before. `num_neurons` is then the largest
+    layer's size."""
 
     num_layers: int
     num_neurons: int
     config_hash: str = ""
     model_name: str = ""
     model_type: str = ""
+    moe_layers: tuple[LayerLayout, ...] | None = None
+
+    def layout(self, layer: int) -> LayerLayout:
+        """The neuron layout of one layer (a dense layer of num_neurons for dense models)."""
+        return self.moe_layers[layer] if self.moe_layers is not None else LayerLayout(self.num_neurons)
+
+    def layer_size(self, layer: int) -> int:
+        return self.moe_layers[layer].size if self.moe_layers is not None else self.num_neurons
+
+    @property
+    def total_neurons(self) -> int:
+        """Real neurons over all layers (unused indices of smaller layers not counted)."""
+        if self.moe_layers is None:
+            return self.num_layers * self.num_neurons
+        return sum(lay.size for lay in self.moe_layers)
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelFingerprint:
@@ -53,9 +74,13 @@ class ModelFingerprint:
 
         sites = find_sites(model)
         config = model.config
-        return cls(num_layers=len(sites), num_neurons=sites[0].num_neurons if sites else 0,
+        layouts = [getattr(s, "layout", None) for s in sites]
+        moe = tuple(lay if lay is not None else LayerLayout(s.num_neurons) for lay, s in zip(layouts, sites,
+                                                                                              strict=True))
+        moe = moe if any(lay is not None for lay in layouts) or len({s.num_neurons for s in sites}) > 1 else None
+        return cls(num_layers=len(sites), num_neurons=max((s.num_neurons for s in sites), default=0),
                    config_hash=config_hash(config), model_type=config.model_type,
-                   model_name=getattr(config, "_name_or_path", "") or type(model).__name__)
+                   model_name=getattr(config, "_name_or_path", "") or type(model).__name__, moe_layers=moe)
 
     @classmethod
     def from_dict(cls, data, where: str = "") -> ModelFingerprint:
@@ -70,10 +95,26 @@ class ModelFingerprint:
         for key in ("config_hash", "model_name", "model_type"):
             if data.get(key) is not None:
                 out[key] = check_str(data[key], where, f"model.{key}")
+        if data.get("moe_layers") is not None:
+            out["moe_layers"] = parse_layouts(data["moe_layers"], where, "model.moe_layers", out["num_layers"],
+                                              out["num_neurons"])
         return cls(**out)
 
+    @classmethod
+    def resolve(cls, model_or_fp, where: str = "") -> ModelFingerprint:
+        """The fingerprint named by a model, a fingerprint, or a file's "model" dict (validated)."""
+        if isinstance(model_or_fp, ModelFingerprint):
+            return model_or_fp
+        if isinstance(model_or_fp, dict):
+            return cls.from_dict(model_or_fp, where)
+        return cls.of(model_or_fp)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("moe_layers")
+        if self.moe_layers is not None:  # dense models' files stay exactly as they were
+            d["moe_layers"] = [lay.to_list() for lay in self.moe_layers]
+        return d
 
     def check(self, model: nn.Module | ModelFingerprint, what: str) -> None:
         """Raise unless this fingerprint (of a file, named `what`) describes `model`."""
@@ -81,6 +122,10 @@ class ModelFingerprint:
         if (self.num_layers, self.num_neurons) != (fp.num_layers, fp.num_neurons):
             raise SSNError(f"{what} is for another model ({self.num_layers} layers x {self.num_neurons} neurons; "
                            f"this model has {fp.num_layers} x {fp.num_neurons})")
+        if self.moe_layers != fp.moe_layers:
+            describe = lambda f: "dense layers" if f.moe_layers is None else \
+                "[dense/shared, experts, expert size] per layer " + str([lay.to_list() for lay in f.moe_layers])[:80]
+            raise SSNError(f"{what} is for another neuron layout ({describe(self)}; this model has {describe(fp)})")
         if self.config_hash and fp.config_hash and self.config_hash != fp.config_hash:
             raise SSNError(f"{what} was made for another model, {self.model_name!r} (config {self.config_hash}), "
                            f"not this one (config {fp.config_hash})")

@@ -37,7 +37,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .errors import SSNError
+from .fingerprint import ModelFingerprint
 from .neuron_sets import NeuronSet, NeuronSetFile
+from .neuron_space import valid_mask
 from .scorers.consistent import consistent_neurons
 from .scorers.contrast import CONTRASTS
 from .scorers.lape import lape
@@ -45,20 +47,32 @@ from .stats import NeuronStats
 
 DEFAULT_HR = ("en", "zh", "it", "vi")
 DEFAULT_NHR = ("ar", "ko", "th", "bn", "sw", "jv")
-METHODS = (*CONTRASTS, "consistent", "lape", "attribution")
+METHODS = (*CONTRASTS, "consistent", "lape", "attribution", "routing")
 
 
 def select_top(scores: torch.Tensor, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
-               threshold: float | None = None, sign: str = "positive") -> NeuronSet:
+               threshold: float | None = None, sign: str = "positive", layouts=None,
+               per_expert: bool = False) -> NeuronSet:
     """The highest-scoring neurons of a [layers, neurons] score: `k` or a `fraction`, per layer
     or over the whole model, and/or those above `threshold`. `sign`: positive (largest
-    scores), negative (most negative) or abs (largest magnitude)."""
+    scores), negative (most negative) or abs (largest magnitude).
+
+    `layouts` (a fingerprint's `moe_layers`): the indices past a smaller layer's size are never
+    chosen, and fractions count real neurons; `per_expert`: `k` or `fraction` within each
+    part of each layer (the dense/shared neurons, and each routed expert) instead."""
     if sign not in ("positive", "negative", "abs"):
         raise SSNError(f"sign must be positive, negative or abs, not {sign!r}")
     s = scores.double()
     s = -s if sign == "negative" else (s.abs() if sign == "abs" else s)
     s = s.nan_to_num(nan=float("-inf"))
     L, N = s.shape
+    if layouts is not None:
+        for layer, lay in enumerate(layouts):
+            s[layer, lay.size:] = float("-inf")
+    if per_expert:
+        return _select_per_part(s, k, fraction, threshold, layouts)
+    if layouts is not None and (k is not None or fraction is not None) and any(lay.size != N for lay in layouts):
+        return _select_ragged(s, k, fraction, per_layer, threshold, layouts)
     chosen = torch.ones(L, N, dtype=torch.bool) if (k is None and fraction is None) else torch.zeros(L, N,
                                                                                                       dtype=torch.bool)
     if k is not None or fraction is not None:
@@ -77,6 +91,43 @@ def select_top(scores: torch.Tensor, k: int | None = None, fraction: float | Non
         chosen &= s > threshold
     chosen &= torch.isfinite(s)
     return NeuronSet.from_mask(chosen)
+
+
+def _select_ragged(s, k, fraction, per_layer, threshold, layouts) -> NeuronSet:
+    """select_top for layers of different sizes: fractions of each layer's (or the model's) real neurons."""
+    L, N = s.shape
+    chosen = torch.zeros(L, N, dtype=torch.bool)
+    if per_layer:
+        for layer, lay in enumerate(layouts):
+            n = min(k if k is not None else max(1, round(fraction * lay.size)), lay.size)
+            chosen[layer, s[layer].topk(n).indices] = True
+    else:
+        total = sum(lay.size for lay in layouts)
+        n = min(k if k is not None else max(1, round(fraction * total)), total)
+        chosen.view(-1)[s.flatten().topk(n).indices] = True
+    if threshold is not None:
+        chosen &= s > threshold
+    return NeuronSet.from_mask(chosen & torch.isfinite(s))
+
+
+def _select_per_part(s, k, fraction, threshold, layouts) -> NeuronSet:
+    """`k` or `fraction` of the neurons of every part of every layer: a dense layer, an MoE
+    layer's shared neurons, and each routed expert on its own."""
+    from .neuron_space import LayerLayout
+
+    L, N = s.shape
+    chosen = torch.zeros(L, N, dtype=torch.bool)
+    for layer in range(L):
+        lay = layouts[layer] if layouts is not None else LayerLayout(N)
+        for _, lo, hi in lay.segments():
+            if k is None and fraction is None:
+                chosen[layer, lo:hi] = True
+                continue
+            n = min(k if k is not None else max(1, round(fraction * (hi - lo))), hi - lo)
+            chosen[layer, lo + s[layer, lo:hi].topk(n).indices] = True
+    if threshold is not None:
+        chosen &= s > threshold
+    return NeuronSet.from_mask(chosen & torch.isfinite(s))
 
 
 @dataclass
@@ -99,6 +150,7 @@ class IdentifyConfig:
     lape_activation_bar: float = 0.95
     lape_variant: str = "published"
     skip_incomplete: bool = False  # leave out (and record) languages lacking harmful or harmless prompts
+    per_expert: bool = False  # MoE: k / fraction within each expert (and the shared part) of each layer
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -160,15 +212,17 @@ def shared_sets(ms: dict[str, NeuronSet], hr: list[str], nhr: list[str], hr_comb
     return out
 
 
-def chance_overlap(a: NeuronSet, b: NeuronSet, per_layer: bool = False) -> float:
+def chance_overlap(a: NeuronSet, b: NeuronSet, per_layer: bool = False, layouts=None) -> float:
     """Expected |A & B| if A and B were drawn uniformly at random with their sizes (the
     hypergeometric mean): |A| |B| / (L N) over the whole model, or, with `per_layer` (sets
-    selected within each layer, so their per-layer counts are fixed), sum_l |A_l| |B_l| / N."""
+    selected within each layer, so their per-layer counts are fixed), sum_l |A_l| |B_l| / N.
+    `layouts` (layers of different sizes): each layer's own size instead of N."""
     if (a.num_layers, a.num_neurons) != (b.num_layers, b.num_neurons):
         raise SSNError("chance_overlap: the sets are for different models")
+    sizes = [lay.size for lay in layouts] if layouts is not None else [a.num_neurons] * a.num_layers
     if per_layer:
-        return sum(x * y for x, y in zip(a.per_layer(), b.per_layer(), strict=True)) / a.num_neurons
-    return len(a) * len(b) / (a.num_layers * a.num_neurons)
+        return sum(x * y / n for x, y, n in zip(a.per_layer(), b.per_layer(), sizes, strict=True))
+    return len(a) * len(b) / sum(sizes)
 
 
 def _language_groups(stats: NeuronStats) -> dict[str, list[str]]:
@@ -188,7 +242,7 @@ def _language_groups(stats: NeuronStats) -> dict[str, list[str]]:
 
 
 def identify(stats: NeuronStats | None, config: IdentifyConfig, attribution: dict[str, torch.Tensor] | None = None,
-             model_info: dict | None = None) -> NeuronSetFile:
+             model_info: dict | ModelFingerprint | None = None) -> NeuronSetFile:
     """Named neuron sets: MS/<lang> for every language with both labels, MS/HR, SS/<nhr>, SS
     (`shared_sets`), with chance overlaps, the SS sizes of all four readings, skipped
     languages and a missing SS explained in the file's metadata (see the module docstring).
@@ -204,17 +258,25 @@ def identify(stats: NeuronStats | None, config: IdentifyConfig, attribution: dic
         res = lape(stats, _language_groups(stats), filter_rate=config.lape_filter_rate, top_rate=config.lape_top_rate,
                    activation_bar=config.lape_activation_bar, variant=config.lape_variant)
         sets = {"LAPE": res.selected, **{f"LAPE/{lang}": s for lang, s in res.per_language.items()}}
-        return NeuronSetFile(sets, _model_info(stats), {"name": "lape", **asdict(config)}, extra={"lape": res.info})
+        valid = valid_mask(stats.fingerprint.moe_layers, stats.num_layers, stats.num_neurons)
+        if valid is not None:  # layers of different sizes: never the unused indices
+            sets = {k: v & NeuronSet.from_mask(valid) for k, v in sets.items()}
+        return NeuronSetFile(sets, stats.fingerprint, {"name": "lape", **asdict(config)}, extra={"lape": res.info})
     if stats is None:
         if not attribution:
             raise SSNError("identify needs stats, or attribution scores")
         groups, langs = {}, sorted(attribution)
     else:
         groups, langs = _layout(stats)
+    info = model_info or stats.fingerprint
+    layouts = ModelFingerprint.resolve(info, "identify").moe_layers
+    if config.per_expert and layouts is None:
+        raise SSNError("--per-expert needs a mixture-of-experts model (these stats are of a dense model)")
     sets: dict[str, NeuronSet] = {}
     sel = dict(k=config.k, fraction=config.fraction, per_layer=config.per_layer, threshold=config.threshold,
-               sign=config.sign)
+               sign=config.sign, layouts=layouts, per_expert=config.per_expert)
     skipped: dict[str, str] = {}
+    chosen_experts: dict[str, list] = {}
     for lang in langs:
         a, b = groups.get((lang, config.harmful)), groups.get((lang, config.harmless))
         if attribution is not None and lang in attribution:
@@ -223,6 +285,8 @@ def identify(stats: NeuronStats | None, config: IdentifyConfig, attribution: dic
             skipped[lang] = f"no {config.harmless if a is not None else config.harmful} prompts"
         elif config.method == "consistent":
             sets[f"MS/{lang}"] = consistent_neurons(stats, a, [b], config.rho)
+        elif config.method == "routing":
+            sets[f"MS/{lang}"], chosen_experts[lang] = _routing_set(stats, a, b, config)
         else:
             sets[f"MS/{lang}"] = select_top(CONTRASTS[config.method](stats, a, b), **sel)
     if skipped and not config.skip_incomplete:
@@ -236,6 +300,8 @@ def identify(stats: NeuronStats | None, config: IdentifyConfig, attribution: dic
     ms = {name.removeprefix("MS/"): s for name, s in sets.items()}
     sets.update(shared_sets(ms, config.hr, config.nhr, config.hr_combine, config.joint))
     extra = {"languages": langs, "stats_tokens": stats.tokens_seen if stats is not None else 0}
+    if chosen_experts:
+        extra["experts"] = chosen_experts
     if skipped:
         extra["skipped_languages"] = skipped
     if "SS" not in sets:
@@ -246,7 +312,7 @@ def identify(stats: NeuronStats | None, config: IdentifyConfig, attribution: dic
         per_layer = bool(config.per_layer and (config.k is not None or config.fraction is not None))
         extra["chance_overlap"] = {
             f"SS/{lang}": {"observed": len(sets[f"SS/{lang}"]),
-                           "expected": chance_overlap(sets["MS/HR"], sets[f"MS/{lang}"], per_layer),
+                           "expected": chance_overlap(sets["MS/HR"], sets[f"MS/{lang}"], per_layer, layouts),
                            "hr_size": len(sets["MS/HR"]), "language_size": len(sets[f"MS/{lang}"]),
                            "per_layer": per_layer}
             for lang in config.nhr if f"SS/{lang}" in sets}
@@ -254,7 +320,27 @@ def identify(stats: NeuronStats | None, config: IdentifyConfig, attribution: dic
                     for h in ("union", "intersection") for j in ("union", "intersection")}
         extra["ss_variants"] = {k: len(v["SS"]) if "SS" in v else 0 for k, v in readings.items()}
     method = {**asdict(config), "name": config.method if attribution is None else "attribution"}
-    return NeuronSetFile(sets, model_info or _model_info(stats), method, extra=extra)
+    return NeuronSetFile(sets, info, method, extra=extra)
+
+
+def _routing_set(stats: NeuronStats, a: str, b: str, config: IdentifyConfig) -> tuple[NeuronSet, list]:
+    """MS at expert granularity: every neuron of the experts whose selection separates `a` from
+    `b` most (routing z, scorers/routing.py; `k`/`fraction` count experts here), and the chosen
+    [layer, expert, z] for the file."""
+    from .scorers.routing import routing_z, top_experts
+
+    if stats.route_topk is None:
+        raise SSNError("--method routing needs router statistics: profile a mixture-of-experts model")
+    z = routing_z(stats, a, b)
+    if config.threshold is not None:
+        z = torch.where(z > config.threshold, z, torch.nan)
+    chosen = top_experts(z, config.k, config.fraction, config.sign)
+    fp = stats.fingerprint
+    layers: dict[int, list[int]] = {}
+    for layer, e, _ in chosen:
+        lay = fp.layout(layer)
+        layers.setdefault(layer, []).extend(range(lay.expert_offset(e), lay.expert_offset(e + 1)))
+    return NeuronSet(layers, stats.num_layers, stats.num_neurons), [[la, e, round(v, 6)] for la, e, v in chosen]
 
 
 def attribution_by_language(model, tokenizer, records: list, refusals: dict[str, str], languages=None,
@@ -301,8 +387,3 @@ def attribution_by_language(model, tokenizer, records: list, refusals: dict[str,
     finally:
         bar.close()
     return scores
-
-
-def _model_info(stats: NeuronStats) -> dict:
-    keys = ("model_name", "model_type", "config_hash")
-    return {**{k: stats.meta.get(k) for k in keys}, "num_layers": stats.num_layers, "num_neurons": stats.num_neurons}

@@ -9,6 +9,7 @@ import torch
 
 from .adapters import adapter_for, is_moe_type, registered_model_types
 from .errors import SSNError
+from .moe import moe_model_types
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -34,8 +35,9 @@ def check_checkpoint(path: str | Path) -> dict:
     folder = Path(path).expanduser()
     model_type = config.get("model_type", "")
     if is_moe_type(model_type):
-        raise SSNError(f"{folder}: mixture-of-experts model_type {model_type!r} is not supported yet")
-    if adapter_for(model_type) is None:
+        raise SSNError(f"{folder}: mixture-of-experts model_type {model_type!r} is not supported yet (supported "
+                       f"mixture-of-experts families: {', '.join(moe_model_types())})")
+    if adapter_for(model_type) is None and model_type not in registered_model_types():
         archs = ",".join(config.get("architectures") or ["?"])
         raise SSNError(
             f"{folder}: architecture {archs} (model_type {model_type!r}) has no neuron-site adapter; supported: "

@@ -35,6 +35,7 @@ from .fingerprint import ModelFingerprint
 from .formats import Field, FileFormat, a_fingerprint, a_string, any_value
 from .io import atomic_write_folder, read_safetensors_checked, sha256_hex
 from .neuron_sets import NeuronSet
+from .neuron_space import check_layer_indices
 from .validation import check_float_tensor, check_index_tensor, fail
 
 FORMAT = "ssn-neuron-mask"
@@ -69,6 +70,7 @@ class NeuronMask:
                 raise fail(where, f"layers.{layer}", f"layer {layer!r} is out of range: the model has {L} layers")
             key = f"layers.{layer}"
             idx = check_index_tensor(lm.index, where, f"{key}.index", N)
+            check_layer_indices(idx, self.fingerprint.moe_layers, layer, where, f"{key}.index")
             scale = check_float_tensor(lm.scale.to(torch.float32), where, f"{key}.scale", tuple(idx.shape))
             bias = check_float_tensor(lm.bias.to(torch.float32), where, f"{key}.bias", tuple(idx.shape))
             if idx.numel():
@@ -94,18 +96,10 @@ class NeuronMask:
         return NeuronSet({k: v.index for k, v in self.layers.items()}, self.num_layers, self.num_neurons)
 
     # ----- constructors -----
-    @staticmethod
-    def _model_info(model_or_info) -> ModelFingerprint:
-        if isinstance(model_or_info, ModelFingerprint):
-            return model_or_info
-        if isinstance(model_or_info, dict):
-            return ModelFingerprint.from_dict(model_or_info, "mask")
-        return ModelFingerprint.of(model_or_info)
-
     @classmethod
     def from_values(cls, neurons: NeuronSet, model, scale, bias, name="", description="") -> NeuronMask:
         """`scale`/`bias`: a number, or a [layers, neurons] tensor read at the set's neurons."""
-        info = cls._model_info(model)
+        info = ModelFingerprint.resolve(model, "mask")
         if (neurons.num_layers, neurons.num_neurons) != (info.num_layers, info.num_neurons):
             raise SSNError("the neuron set and the model differ in layers or neurons")
         for what, v in (("scale", scale), ("bias", bias)):
@@ -156,6 +150,7 @@ class NeuronMask:
         bias = torch.zeros(base.num_layers, base.num_neurons)
         touched = torch.zeros(base.num_layers, base.num_neurons, dtype=torch.bool)
         for m in masks:
+            m.fingerprint.same_space(base.fingerprint, f"mask {m.name!r}")
             for layer, lm in m.layers.items():
                 bias[layer, lm.index] = lm.scale * bias[layer, lm.index] + lm.bias
                 scale[layer, lm.index] *= lm.scale
@@ -165,12 +160,14 @@ class NeuronMask:
 
     # ----- dense views for the kernels -----
     def dense(self, layer: int, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(scale [N], bias [N]) float32 for one layer, or None when the mask leaves it alone."""
+        """(scale [n], bias [n]) float32 for one layer of n neurons (N, or the layer's own size
+        in models mixing dense and MoE layers), or None when the mask leaves it alone."""
         lm = self.layers.get(layer)
         if lm is None:
             return None
-        scale = torch.ones(self.num_neurons, dtype=torch.float32)
-        bias = torch.zeros(self.num_neurons, dtype=torch.float32)
+        n = self.fingerprint.layer_size(layer)
+        scale = torch.ones(n, dtype=torch.float32)
+        bias = torch.zeros(n, dtype=torch.float32)
         scale[lm.index] = lm.scale
         bias[lm.index] = lm.bias
         return scale.to(device), bias.to(device)
@@ -233,8 +230,12 @@ class FoldedMask:
         self._saved = saved
 
     def unfold(self) -> None:
-        for down, idx, cols, bias, added_bias in reversed(self._saved):
+        for entry in reversed(self._saved):
             with torch.no_grad():
+                if callable(entry):  # an MoE expert's edit (moe.fold_moe_layer)
+                    entry()
+                    continue
+                down, idx, cols, bias, added_bias = entry
                 _down_weight_cols(down)[:, idx] = cols
                 if added_bias:
                     down.bias = None
@@ -248,30 +249,42 @@ def _down_weight_cols(down: nn.Module) -> torch.Tensor:
     return down.weight.t() if type(down).__name__ == "Conv1D" else down.weight
 
 
+def fold_down(down: nn.Module, index: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> tuple:
+    """W[:, i] *= s_i and bias += W[:, i] * b_i on one down projection module (adding a bias
+    when it has none and some b_i != 0); returns what `FoldedMask.unfold` restores."""
+    w = _down_weight_cols(down)
+    idx = index.to(w.device)
+    cols = w[:, idx].clone()
+    saved_bias = down.bias.detach().clone() if getattr(down, "bias", None) is not None else None
+    added = False
+    if bool((bias != 0).any()):
+        if getattr(down, "bias", None) is None:
+            down.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
+            added = True
+        extra = cols.float() @ bias.to(w.device)
+        down.bias += extra.to(down.bias.dtype)
+    w[:, idx] = (cols.float() * scale.to(w.device)).to(w.dtype)
+    return down, idx, cols, saved_bias, added
+
+
 def fold_mask(model, mask: NeuronMask) -> FoldedMask:
     """Fold `mask` into the down-projection weights and biases: W[:, i] *= s_i and
-    bias += W[:, i] * b_i. No runtime cost; exact up to one rounding of the edited columns."""
+    bias += W[:, i] * b_i. No runtime cost; exact up to one rounding of the edited columns.
+    Expert neurons of MoE layers fold into their expert's down weights (moe.fold_moe_layer)."""
     from .adapters import find_sites
+    from .moe import MoESite, check_foldable, fold_moe_layer
 
     mask.fingerprint.check(model, f"mask {mask.name!r}")
     sites = find_sites(model)
+    for layer, lm in mask.layers.items():  # refuse before editing anything
+        if isinstance(sites[layer], MoESite):
+            check_foldable(sites[layer], lm)
     saved = []
     with torch.no_grad():
         for layer, lm in mask.layers.items():
-            down = sites[layer].sub(sites[layer].style.down)
-            w = _down_weight_cols(down)
-            idx = lm.index.to(w.device)
-            cols = w[:, idx].clone()
-            bias = down.bias.detach().clone() if getattr(down, "bias", None) is not None else None
-            added = False
-            if bool((lm.bias != 0).any()):
-                if getattr(down, "bias", None) is None:
-                    down.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
-                                             requires_grad=False)
-                    added = True
-                extra = cols.float() @ lm.bias.to(w.device)
-                down.bias += extra.to(down.bias.dtype)
-            w[:, idx] = (cols.float() * lm.scale.to(w.device)).to(w.dtype)
-            saved.append((down, idx, cols, bias, added))
+            if isinstance(sites[layer], MoESite):
+                saved += fold_moe_layer(sites[layer], lm)
+            else:
+                saved.append(fold_down(sites[layer].sub(sites[layer].style.down), lm.index, lm.scale, lm.bias))
     return FoldedMask(saved)
 

@@ -30,6 +30,7 @@ from .fingerprint import ModelFingerprint
 from .formats import Field, FileFormat, a_bool, a_fingerprint, a_string, any_value, string_list
 from .io import atomic_write_folder, read_safetensors, read_safetensors_checked, sha256_hex
 from .neuron_sets import NeuronSet
+from .neuron_space import check_layer_indices
 from .validation import check_float_tensor, check_index_tensor, check_int, fail
 
 FORMAT = "ssn-neuron-patch"
@@ -75,6 +76,10 @@ class PatchState(nn.Module):
         self.hidden_size, self.gated = hidden_size, gated
         self.model_info = dict(model_info or {})
         self.num_layers, self.num_neurons = neurons.num_layers, neurons.num_neurons
+        if self.model_info.get("moe_layers") is not None:  # refuse the unused indices of smaller layers
+            layouts = ModelFingerprint.from_dict(self.model_info, "patch model").moe_layers
+            for layer, idx in neurons.layers.items():
+                check_layer_indices(idx, layouts, layer, "neuron set", f"layer {layer}")
         self.layers = sorted(neurons.layers)
         for layer in self.layers:
             k = neurons.layers[layer].numel()
@@ -230,6 +235,7 @@ class NeuronPatch:
                 if "index" not in parts:
                     raise fail(where, f"{pre}.index", "is missing")
                 idx = check_index_tensor(parts["index"], where, f"{pre}.index", N)
+                check_layer_indices(idx, self.fingerprint.moe_layers, layer, where, f"{pre}.index")
                 k = idx.numel()
                 for m in mods:
                     want = (H, k) if m == "down" else (k, H)
@@ -302,6 +308,11 @@ def _edits(model, patch: NeuronPatch):
 
     sites = find_sites(model)
     for layer, idx in sorted(patch.neurons().layers.items()):
+        if getattr(sites[layer], "layout", None) is not None:  # an MoE layer: per expert (moe.patch_edits)
+            from .moe import patch_edits
+
+            yield from patch_edits(sites[layer], layer, idx, patch.modules, patch.tensors)
+            continue
         views = _slices(sites[layer])
         for m in patch.modules:
             delta = patch.tensors[f"layers.{layer}.{m}"]

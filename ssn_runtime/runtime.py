@@ -89,7 +89,16 @@ class _Variants:
         self._tables: dict = {}
         self._lock = threading.Lock()
 
+    def extra(self, key, build):
+        """A table derived from the masks, built once per key (the MoE experts' block tables)."""
+        if key not in self._tables:
+            value = build()
+            with self._lock:
+                self._tables.setdefault(key, value)
+        return self._tables[key]
+
     def table(self, layer: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """[P, n] scale and bias tables of one layer; `n`: the layer's neuron count."""
         key = (layer, device)
         if key not in self._tables:
             dense = [m.dense(layer) if m is not None else None for m in self.masks]
@@ -143,19 +152,26 @@ class Intervention:
             self.cache[key] = sel
         return sel
 
-    def mask_args(self, layer: int, n: int, token_rows: int, device):
-        """The kernels' view of this state's masks for one layer and input, or None."""
+    def mask_args(self, layer: int, n: int, token_rows: int, device, size: int | None = None):
+        """The kernels' view of this state's masks for one layer and input, or None. `size`:
+        the layer's neuron count when the input covers only its first `n` neurons (the shared
+        expert of a mixture-of-experts layer)."""
         from ssn_kernels.args import MaskArgs
 
         if self.mask is not None:
             key = ("one", layer, device)
             if key not in self.cache:
                 d = self.mask.dense(layer, device)
+                if d is not None and d[0].numel() != n:
+                    d = (d[0][:n], d[1][:n]) if bool((d[0][:n] != 1).any() or (d[1][:n] != 0).any()) else None
                 self.cache[key] = MaskArgs(d[0].contiguous(), d[1].contiguous()) if d is not None else None
             return self.cache[key]
         if self.rows is None or self.variants is None:
             return None
-        table = self.variants.table(layer, n, device)
+        table = self.variants.table(layer, size or n, device)
+        if table is not None and table[0].shape[-1] != n:
+            table = self.variants.extra(("part", layer, n, device),
+                                        lambda: (table[0][:, :n].contiguous(), table[1][:, :n].contiguous()))
         if table is None:
             return None
         key = ("prof", token_rows, device)
@@ -179,7 +195,9 @@ class RuntimeHandle:
         self.sites = sites
         self.backend = backend  # None: chosen per tensor device/dtype
         self.fingerprint = ModelFingerprint.compute(model)
-        self._saved_forwards: list[tuple[str, object]] = []
+        self._saved_forwards: list[tuple[nn.Module, str, object]] = []
+        # per layer, the site `_mlp_forward` computes: the layer's own, or an MoE layer's shared expert
+        self._mlp_sites = [getattr(s, "shared", s) for s in sites]
         self.attached = False
         self._shared = _EMPTY  # handle-wide state (scope="handle")
         self._shared_owner: int | None = None  # thread holding the handle-wide state
@@ -192,8 +210,9 @@ class RuntimeHandle:
 
     @property
     def neurons_per_layer(self) -> int:
-        """Neurons in each layer's MLP (every supported model has one size for all layers)."""
-        return self.sites[0].num_neurons if self.sites else 0
+        """Neurons per layer: the largest layer's (models mixing dense and MoE layers differ
+        per layer: see fingerprint.moe_layers)."""
+        return self.fingerprint.num_neurons
 
     @property
     def total_neurons(self) -> int:
@@ -348,53 +367,16 @@ class RuntimeHandle:
                     setattr(mod, _ATTN_ATTR, (self, layer))
                     self._attn_hooks.append((mod, mod.register_forward_hook(hook)))
 
-    # ----- transitional sticky API (handle-wide; prefer `intervene`) -----
-    def _set_shared(self, **kw) -> None:
-        self._shared = self._build(self._shared, **{k: kw.get(k, _UNSET) for k in
-                                                    ("mask", "patch", "variants", "rows", "collector")})
-
-    def set_mask(self, mask) -> None:
-        """Deprecated: one mask for every row of every thread until changed. Use `intervene(mask=)`."""
-        self._set_shared(mask=mask, variants=None)
-
-    def set_masks(self, masks: dict) -> list[str]:
-        """Deprecated: register per-row masks handle-wide. Use `intervene(variants=, rows=)`."""
-        self._set_shared(mask=None, variants=dict(masks))
-        return list(self._shared.variants.names)
-
-    def set_row_profiles(self, profiles) -> None:
-        """Deprecated: the variant of each batch row, handle-wide. Use `intervene(rows=)`."""
-        self._set_shared(rows=profiles)
-
-    def set_patch(self, patch) -> None:
-        """Deprecated: one patch for every row, handle-wide. Use `intervene(patch=)`."""
-        self._set_shared(patch=patch)
-
-    def clear_masks(self) -> None:
-        self._set_shared(mask=None, variants=None)
-
-    @property
-    def collector(self):
-        return self.state().collector
-
-    @collector.setter
-    def collector(self, value) -> None:
-        self._set_shared(collector=value)
-
-    @property
-    def patch(self):
-        return self.state().patch
-
     # ----- attach / detach -----
     def _install(self) -> None:
         for site in self.sites:
-            mod = site.module
-            # accelerate's dispatch wraps forward (moving inputs between devices) and calls
-            # `_old_forward`: replace that, so its hooks keep running around ours.
-            attr = "_old_forward" if hasattr(mod, "_hf_hook") and "_old_forward" in mod.__dict__ else "forward"
-            self._saved_forwards.append((attr, mod.__dict__.get(attr, _MISSING)))
-            setattr(mod, _SITE_ATTR, (self, site.layer))
-            setattr(mod, attr, types.MethodType(_mlp_forward, mod))
+            for mod, fwd in _forwards_of(site):
+                # accelerate's dispatch wraps forward (moving inputs between devices) and calls
+                # `_old_forward`: replace that, so its hooks keep running around ours.
+                attr = "_old_forward" if hasattr(mod, "_hf_hook") and "_old_forward" in mod.__dict__ else "forward"
+                self._saved_forwards.append((mod, attr, mod.__dict__.get(attr, _MISSING)))
+                setattr(mod, _SITE_ATTR, (self, site.layer))
+                setattr(mod, attr, types.MethodType(fwd, mod))
         setattr(self.model, _HANDLE_ATTR, self)
         self.attached = True
 
@@ -407,12 +389,12 @@ class RuntimeHandle:
             mod.__dict__.pop(_ATTN_ATTR, None)
         self._attn_hooks = []
         self._shared, self._shared_owner = _EMPTY, None
-        for site, (attr, saved) in zip(self.sites, self._saved_forwards, strict=True):
+        for mod, attr, saved in self._saved_forwards:
             if saved is _MISSING:
-                site.module.__dict__.pop(attr, None)
+                mod.__dict__.pop(attr, None)
             else:
-                setattr(site.module, attr, saved)
-            site.module.__dict__.pop(_SITE_ATTR, None)
+                setattr(mod, attr, saved)
+            mod.__dict__.pop(_SITE_ATTR, None)
         self._saved_forwards.clear()
         self.model.__dict__.pop(_HANDLE_ATTR, None)
         self.attached = False
@@ -425,6 +407,7 @@ class RuntimeHandle:
         memo[id(self)] = new
         new.model = copy.deepcopy(self.model, memo)
         new.sites = copy.deepcopy(self.sites, memo)
+        new._mlp_sites = copy.deepcopy(self._mlp_sites, memo)
         new.backend, new.fingerprint, new.attached = self.backend, self.fingerprint, self.attached
         new._saved_forwards = copy.deepcopy(self._saved_forwards, memo)
         new._shared, new._shared_owner, new._lock = _EMPTY, None, threading.Lock()
@@ -458,6 +441,17 @@ class _HookRef:
 
 
 # ----- the forward of an attached MLP -----
+def _forwards_of(site) -> list:
+    """(module, forward) pairs attaching one layer: its MLP, or an MoE layer's shared expert,
+    routed experts and router (ssn_runtime.moe)."""
+    if isinstance(site, NeuronSite):
+        return [(site.module, _mlp_forward)]
+    from .moe import experts_forward, router_forward
+
+    out = [(site.shared.module, _mlp_forward)] if site.shared is not None else []
+    return out + [(site.experts, experts_forward), (site.router, router_forward)]
+
+
 def _project(mod: nn.Module, site: NeuronSite, hidden: torch.Tensor):
     st = site.style
     if st.kind == GATED:
@@ -471,7 +465,7 @@ def _mlp_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """The fused MLP: projections, patch deltas, fused activation (+ masks, + statistics), down.
     Submodules are looked up on `self` at call time (deep copies use their own weights)."""
     handle, layer = getattr(self, _SITE_ATTR)
-    site = handle.sites[layer]
+    site = handle._mlp_sites[layer]
     st = site.style
     state = handle.state()
     x, up = _project(self, site, hidden_states)
@@ -486,16 +480,16 @@ def _mlp_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _mlp_forward_intervened(mod, handle, site, state: Intervention, hidden, x, up):
     st = site.style
-    delta = state.patch.layer(site.layer) if state.patch is not None else None
+    delta = _site_delta(state.patch, site) if state.patch is not None else None
     if delta is not None:
         x, up = _patch_inputs(site, hidden, x, up, delta, handle.backend)
     n = x.shape[-1]
     token_rows = x.numel() // n
-    row_patches = _row_patches(state, site.layer, token_rows, x.device)
+    row_patches = _row_patches(state, site, token_rows, x.device)
     if row_patches:
         x, up = _row_patch_inputs(site, hidden, x, up, row_patches)
     stats = state.collector.target(site, x) if state.collector is not None else None
-    mask = state.mask_args(site.layer, n, token_rows, x.device)
+    mask = state.mask_args(site.layer, n, token_rows, x.device, site.layer_size)
     h = fused_act(x, up, site.act, getattr(mod, st.act), handle.backend_for(x, site), stats, mask)
     out = getattr(mod, st.down)(h)
     if delta is not None and "down" in delta:
@@ -519,13 +513,22 @@ def _patch_inputs(site: NeuronSite, hidden, x, up, delta, backend):
     return x, up
 
 
-def _row_patches(state: Intervention, layer: int, token_rows: int, device) -> list:
+def _site_delta(patch, site: NeuronSite) -> dict | None:
+    """A patch's deltas for the neurons this site computes (an MoE shared expert: its part only)."""
+    if site.layer_neurons:
+        from .moe import dense_part
+
+        return dense_part(patch, site.layer, site.num_neurons)
+    return patch.layer(site.layer)
+
+
+def _row_patches(state: Intervention, site: NeuronSite, token_rows: int, device) -> list:
     """[(token rows, layer deltas)] for each variant with a patch on this layer and rows in the batch."""
     if state.variants is None or state.rows is None:
         return []
     out = []
     for v, p in enumerate(state.variants.patches):
-        d = p.layer(layer) if p is not None else None
+        d = _site_delta(p, site) if p is not None else None
         if d is None:
             continue
         rows = state.rows_of(v, token_rows, device)

@@ -11,6 +11,19 @@ Tensors (L layers, G groups, N neurons per layer):
     topk_count   [L, G, N]  int64    sequences whose layer top-k holds the neuron (optional)
     seq_count    [L, G]     int64    sequences counted for topk_count
 
+Mixture-of-experts models (ssn_runtime.moe) add router statistics, E = the most experts of
+any layer (zeros for dense layers):
+
+    route_top1    [L, G, E]  int64    tokens whose highest-weighted expert is e
+    route_topk    [L, G, E]  int64    tokens routed to e (e among the token's top-k)
+    route_weight  [L, G, E]  float64  sum of the routing weight the model gave e, where routed
+    route_prob    [L, G, E]  float64  sum of the full routing distribution p(e) over tokens
+    route_entropy [L, G]     float64  sum of each token's routing entropy H(p), nats
+
+An expert neuron counts h = 0 for tokens not routed to its expert (the module docstring of
+moe.py says why); N is the largest layer's size, and columns past a smaller layer's size
+are zero (checked on load).
+
 Stored as one safetensors file whose metadata carries the JSON description (model
 fingerprint, group names, token selection, threshold, tokens seen). Merging is exact:
 counts and sums add, m2 combines by Chan's formula, so two halves of a data set merge
@@ -33,8 +46,9 @@ from .validation import check_count_tensor, check_float_tensor, fail
 
 FORMAT = "ssn-neuron-stats"
 VERSION = 1
-_TENSORS = ("count", "sum", "m2", "abs_sum", "active", "gate_active", "topk_count", "seq_count")
-_OPTIONAL = ("gate_active", "topk_count", "seq_count")
+_ROUTER = ("route_top1", "route_topk", "route_weight", "route_prob", "route_entropy")
+_TENSORS = ("count", "sum", "m2", "abs_sum", "active", "gate_active", "topk_count", "seq_count", *_ROUTER)
+_OPTIONAL = ("gate_active", "topk_count", "seq_count", *_ROUTER)
 # The JSON description stored in the safetensors metadata under "ssn_stats".
 STATS_FORMAT = FileFormat(FORMAT, VERSION, "stats file", {
     "groups": Field(string_list, doc="group names, in the order of the G axis"),
@@ -47,10 +61,13 @@ _COMPAT = ("config_hash", "num_layers", "num_neurons", "positions", "threshold",
 
 class NeuronStats:
     def __init__(self, groups: list[str], count, sum, m2, abs_sum, active, gate_active=None, topk_count=None,
-                 seq_count=None, meta: dict | None = None):
+                 seq_count=None, meta: dict | None = None, route_top1=None, route_topk=None, route_weight=None,
+                 route_prob=None, route_entropy=None):
         self.groups = list(groups)
         self.count, self.sum, self.m2, self.abs_sum, self.active = count, sum, m2, abs_sum, active
         self.gate_active, self.topk_count, self.seq_count = gate_active, topk_count, seq_count
+        self.route_top1, self.route_topk, self.route_weight = route_top1, route_topk, route_weight
+        self.route_prob, self.route_entropy = route_prob, route_entropy
         self.meta = dict(meta or {})
         L, G, N = sum.shape
         if len(self.groups) != G or count.shape != (L, G):
@@ -77,13 +94,27 @@ class NeuronStats:
             raise SSNError(f"no group {name!r} in these stats; groups: {', '.join(self.groups)}") from None
 
     @classmethod
-    def empty(cls, groups, num_layers: int, num_neurons: int, gate_stats=False, topk=False, meta=None):
+    def empty(cls, groups, num_layers: int, num_neurons: int, gate_stats=False, topk=False, meta=None,
+              experts: int = 0):
         L, G, N = num_layers, len(groups), num_neurons
         f = lambda: torch.zeros(L, G, N, dtype=torch.float64)
         i = lambda: torch.zeros(L, G, N, dtype=torch.int64)
+        router = {}
+        if experts:
+            E = experts
+            router = dict(route_top1=torch.zeros(L, G, E, dtype=torch.int64),
+                          route_topk=torch.zeros(L, G, E, dtype=torch.int64),
+                          route_weight=torch.zeros(L, G, E, dtype=torch.float64),
+                          route_prob=torch.zeros(L, G, E, dtype=torch.float64),
+                          route_entropy=torch.zeros(L, G, dtype=torch.float64))
         return cls(groups, torch.zeros(L, G, dtype=torch.int64), f(), f(), f(), i(),
                    gate_active=i() if gate_stats else None, topk_count=i() if topk else None,
-                   seq_count=torch.zeros(L, G, dtype=torch.int64) if topk else None, meta=meta)
+                   seq_count=torch.zeros(L, G, dtype=torch.int64) if topk else None, meta=meta, **router)
+
+    @property
+    def num_experts(self) -> int:
+        """Experts per MoE layer (the most of any layer); 0 without router statistics."""
+        return self.route_topk.shape[2] if self.route_topk is not None else 0
 
     # ----- derived statistics (NaN where a group saw no tokens) -----
     def _per_token(self, t: torch.Tensor) -> torch.Tensor:
@@ -184,19 +215,35 @@ class NeuronStats:
                 raise fail(where, k, f"{int(t[k][tuple(i)])} exceeds the {limit} {int(t[limit][tuple(i[:2])])} at {i}")
         if ("topk_count" in t) != ("seq_count" in t):
             raise fail(where, "topk_count", "topk_count and seq_count come together")
+        t.update(_load_router(tensors, where, L, G, t["count"]))
         stats = cls(groups, **{k: t.get(k) for k in _TENSORS}, meta=meta)
+        fp = stats._fingerprint(where)  # validates a "moe_layers" layout
+        if fp.moe_layers is not None:
+            for layer, lay in enumerate(fp.moe_layers):
+                for k in ("sum", "m2", "abs_sum", "active", "gate_active", "topk_count"):
+                    v = t.get(k)
+                    if v is not None and lay.size < N and bool((v[layer, :, lay.size:] != 0).any()):
+                        raise fail(where, k, f"layer {layer} has {lay.size} neurons, but indices past it hold "
+                                             "non-zero values")
+                if stats.num_experts and lay.experts < stats.num_experts and any(
+                        bool((t[k][layer, :, lay.experts:] != 0).any()) for k in _ROUTER if k != "route_entropy"):
+                    raise fail(where, "route_topk", f"layer {layer} has {lay.experts} experts, but router statistics "
+                                                    "name more")
         if model is not None:
-            stats.check_model(model)
+            stats.fingerprint.check(model, "these stats")
         return stats
 
     @property
     def fingerprint(self) -> ModelFingerprint:
-        keys = ("config_hash", "model_name", "model_type")
-        return ModelFingerprint(self.num_layers, self.num_neurons,
-                                **{k: self.meta[k] for k in keys if isinstance(self.meta.get(k), str)})
+        return self._fingerprint("stats")
 
-    def check_model(self, model) -> None:
-        self.fingerprint.check(model, "these stats")
+    def _fingerprint(self, where: str) -> ModelFingerprint:
+        keys = ("config_hash", "model_name", "model_type")
+        fp = {"num_layers": self.num_layers, "num_neurons": self.num_neurons,
+              **{k: self.meta[k] for k in keys if isinstance(self.meta.get(k), str)}}
+        if self.meta.get("moe_layers") is not None:
+            fp["moe_layers"] = self.meta["moe_layers"]
+        return ModelFingerprint.from_dict(fp, where)
 
     # ----- merging -----
     def check_compatible(self, other: NeuronStats) -> None:
@@ -244,7 +291,7 @@ class NeuronStats:
                                                              if s not in a.meta.get("sources", [])]
         return NeuronStats(groups, count=a.count + b.count, sum=a.sum + b.sum, m2=m2, abs_sum=a.abs_sum + b.abs_sum,
                            active=a.active + b.active, gate_active=add("gate_active"), topk_count=add("topk_count"),
-                           seq_count=add("seq_count"), meta=meta)
+                           seq_count=add("seq_count"), meta=meta, **{k: add(k) for k in _ROUTER})
 
     def select(self, groups: list[str]) -> NeuronStats:
         idx = [self.group_index(g) for g in groups]
@@ -254,6 +301,34 @@ class NeuronStats:
     def __repr__(self) -> str:
         return (f"NeuronStats({self.num_layers} layers x {self.num_neurons} neurons, groups={self.groups}, "
                 f"tokens={self.tokens_seen}, positions={self.meta.get('positions')})")
+
+
+def _load_router(tensors: dict, where: str, L: int, G: int, count: torch.Tensor) -> dict:
+    """Router statistics of a stats file, validated: all five or none, shapes, counts within
+    the token counts, sums finite and non-negative."""
+    present = [k for k in _ROUTER if k in tensors]
+    if not present:
+        return {}
+    if len(present) != len(_ROUTER):
+        missing = next(k for k in _ROUTER if k not in tensors)
+        raise fail(where, missing, "router statistics come together; this one is missing")
+    if tensors["route_topk"].dim() != 3:
+        raise fail(where, "route_topk", f"must be [layers, groups, experts], got {tuple(tensors['route_topk'].shape)}")
+    E = tensors["route_topk"].shape[2]
+    out = {}
+    for k in ("route_top1", "route_topk"):
+        out[k] = check_count_tensor(tensors[k], where, k, (L, G, E))
+    for k in ("route_weight", "route_prob"):
+        out[k] = check_float_tensor(tensors[k], where, k, (L, G, E), nonnegative=True).to(torch.float64)
+    out["route_entropy"] = check_float_tensor(tensors["route_entropy"], where, "route_entropy", (L, G),
+                                              nonnegative=True).to(torch.float64)
+    n = count.unsqueeze(-1)
+    for k in ("route_top1", "route_topk"):
+        over = out[k] > n
+        if bool(over.any()):
+            i = over.nonzero()[0].tolist()
+            raise fail(where, k, f"{int(out[k][tuple(i)])} exceeds the count {int(n[i[0], i[1], 0])} at {i}")
+    return out
 
 
 def stamp() -> str:

@@ -119,10 +119,11 @@ def test_unknown_activation_runs_on_torch_backend():
 
 
 def test_moe_is_refused_with_a_clear_message():
-    cfg = AutoConfig.for_model("mixtral", vocab_size=97, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+    # PhiMoE: a mixture-of-experts family without an MoE adapter (ssn_runtime.moe supports others)
+    cfg = AutoConfig.for_model("phimoe", vocab_size=97, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
                                num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
     model = AutoModelForCausalLM.from_config(cfg)
-    with pytest.raises(SSNError, match=r"MixtralForCausalLM .*mixture-of-experts"):
+    with pytest.raises(SSNError, match=r"PhimoeForCausalLM .*mixture-of-experts"):
         attach(model)
 
 

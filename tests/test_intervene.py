@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from test_masks import rich_mask, some_neurons
 
 import ssn_runtime
 from ssn_runtime import SSNError
@@ -14,7 +15,6 @@ from ssn_runtime.masks import NeuronMask
 from ssn_runtime.patches import PatchState, merge_patch
 from ssn_runtime.runtime import Variant, ensure_attached
 
-from test_masks import rich_mask, some_neurons
 from test_parity_zoo import BACKENDS, device_for, rel_err
 from zoo import batch, tiny_model
 

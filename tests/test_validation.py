@@ -14,6 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from test_intervene import trained_patch
+from test_masks import rich_mask, some_neurons
 
 from ssn_runtime import SSNError
 from ssn_runtime.fingerprint import model_fingerprint
@@ -23,8 +25,6 @@ from ssn_runtime.neuron_sets import NeuronSet, NeuronSetFile
 from ssn_runtime.patches import NeuronPatch, merge_patch
 from ssn_runtime.stats import NeuronStats
 
-from test_intervene import trained_patch
-from test_masks import rich_mask, some_neurons
 from zoo import tiny_model
 
 FP = {"num_layers": 2, "num_neurons": 37, "config_hash": "abc", "model_name": "m", "model_type": "llama"}

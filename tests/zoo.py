@@ -25,9 +25,28 @@ ZOO = {
     "gpt_neox": dict(**_COMMON, hidden_size=48, num_attention_heads=4, intermediate_size=37),
 }
 
+# Mixture-of-experts families (ssn_runtime.moe): 4 experts of 13 neurons, top-2. The odd
+# sizes break transformers' default grouped_mm experts path (16-byte strides), so the
+# reference runs its eager per-expert loop; tests/test_moe.py also checks aligned sizes
+# against the default path. DeepSeek-V3 mixes a dense first layer (37 neurons) with an MoE
+# layer (a 13-neuron shared expert + 4 x 13): layers of different sizes.
+_MOE = dict(num_experts_per_tok=2, experts_implementation="eager")
+MOE_ZOO = {
+    "mixtral": dict(**_COMMON, **{**_ATTN, "intermediate_size": 13}, num_local_experts=4, **_MOE),
+    "olmoe": dict(**_COMMON, **{**_ATTN, "intermediate_size": 13}, num_experts=4, **_MOE),
+    "qwen2_moe": dict(**_COMMON, **_ATTN, moe_intermediate_size=13, shared_expert_intermediate_size=19, num_experts=4,
+                      **_MOE),
+    "qwen3_moe": dict(**_COMMON, **_ATTN, head_dim=12, moe_intermediate_size=13, num_experts=4, **_MOE),
+    "gpt_oss": dict(**_COMMON, **{**_ATTN, "intermediate_size": 13}, head_dim=12, sliding_window=8,
+                    num_local_experts=4, **_MOE),
+    "deepseek_v3": dict(**_COMMON, **{**_ATTN, "num_key_value_heads": 4}, moe_intermediate_size=13, n_routed_experts=4,
+                        n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=None,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, **_MOE),
+}
+
 
 def tiny_model(model_type: str, dtype=torch.float32, seed: int = 0):
-    cfg = AutoConfig.for_model(model_type, **ZOO[model_type])
+    cfg = AutoConfig.for_model(model_type, **(ZOO.get(model_type) or MOE_ZOO[model_type]))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     # Random init is small; widen it so activations reach every region of the curves.
