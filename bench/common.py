@@ -151,6 +151,23 @@ def peak_bandwidth(device: str) -> dict:
     return {"copy_bytes_per_s": copy_bandwidth(device), "datasheet_bytes_per_s": sheet}
 
 
+def git_commit() -> str | None:
+    """The checkout's commit, with "+dirty" when tracked files differ from it (None outside git):
+    the results say which code they measured."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def write_results(name: str, payload: dict, out: str | None) -> Path:
     """Write JSON to `out` (a file or folder), default bench/results/<name>-<device>.json."""
     device = payload.get("device_name", "unknown").replace(" ", "_").replace("/", "_")
@@ -161,7 +178,8 @@ def write_results(name: str, payload: dict, out: str | None) -> Path:
         if path.suffix != ".json":
             path = path / f"{name}-{device}.json"
     payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "torch": torch.__version__, "env": {k: v for k, v in os.environ.items() if k.startswith("SSN_")},
+               "torch": torch.__version__, "git_commit": git_commit(),
+               "env": {k: v for k, v in os.environ.items() if k.startswith("SSN_")},
                **payload}
     atomic_write_text(path, json.dumps(payload, indent=2, default=str))
     return path

@@ -5,7 +5,7 @@
 #
 #   OUT=/tmp/gpu bash bench/gpu_check.sh
 #
-# Steps, each under `timeout -k 10` (the limits add up to 345 s), each writing its JSON
+# Steps, each under `timeout -k 10` (the limits add up to 350 s), each writing its JSON
 # before the next starts (bench/kernels.py rewrites its file after every case):
 #   preamble   device, SMs, L2, clocks, versions, `import peft`                  -> gpu_info.json
 #   kernels    every kernel alone vs measured copy bandwidth (bench/kernels.py)  -> kernels.json
@@ -14,6 +14,7 @@
 #   tests      trimmed CUDA tests (Triton cache already warm from the steps above, plus a
 #              warm-up of the test shapes), per-test timeout, xdist when present  -> tests.xml
 #   intervene  masks at inference                                                -> intervene.json
+#   moe        MoE layer (Qwen3-30B-A3B shapes): profiling and masks vs plain    -> moe.json
 # The last lines printed are one summary table (also summary.txt).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,7 +71,7 @@ json.dump(info, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(info, indent=1))
 EOF
 
-step kernels 90 $PY bench/kernels.py --rep-ms 60 --out "$OUT/kernels.json"
+step kernels 80 $PY bench/kernels.py --rep-ms 60 --out "$OUT/kernels.json"
 step mlp 35 $PY bench/mlp.py --out "$OUT/mlp.json"
 step profile 65 $PY bench/profile.py --rounds 2 --seqs 256 --no-nnsight --out "$OUT/profile.json"
 
@@ -111,9 +112,10 @@ export PY OUT
 step tests 100 bash -c warm_and_test
 
 step intervene 40 $PY bench/intervene.py --rounds 2 --new-tokens 16 --out "$OUT/intervene.json"
+step moe 15 $PY bench/moe.py --rounds 2 --seqs 128 --out "$OUT/moe.json"
 
 rm -rf "$shim"
-STEPS="preamble kernels mlp profile tests intervene"
+STEPS="preamble kernels mlp profile tests intervene moe"
 STATUS_LINE=""
 for s in $STEPS; do STATUS_LINE+="$s=${STATUS[$s]:-not run};"; done
 $PY - "$OUT" "$STATUS_LINE" "$(( $(date +%s) - T0 ))" <<'EOF' | tee "$OUT/summary.txt"
@@ -157,6 +159,11 @@ if i:
         for name, val in (i.get(phase) or {}).get("ratio_vs_plain", {}).items():
             target = {"folded": "1.00", "dynamic": "<= 1.03", "per_row": "<= 1.05"}.get(name, "-")
             rows.append((f"intervene {phase} {name}", "x plain", f"{val:.3f}", target))
+e = load("moe")
+if e:
+    for name, val in e.get("ratio_vs_plain", {}).items():
+        target = {"control": "1.00 (noise)", "profile": "<= 1.03", "dynamic": "<= 1.03", "per_row": "<= 1.05"}.get(name, "-")
+        rows.append((f"moe {name}", "x plain", f"{val:.3f}", target))
 try:
     t = ET.parse(out / "tests.xml").getroot()
     t = t if t.tag == "testsuite" else t[0]

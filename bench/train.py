@@ -95,7 +95,7 @@ def worker(method: str, steps: int, batch_size: int, device: str, case: str = "o
     base_refusal = nhr_refusal(model)
     data = load_records(path / "data" / "nhr_safety_train.jsonl") + load_records(path / "data" / "retain_en.jsonl")
     examples = [example_ids(r, tok, True, 128) for r in data]
-    model, params, keep, handle = trainable_setup(method, model, ss, device, attach)
+    model, params, keep, scope = trainable_setup(method, model, ss, device, attach)
     trainable = sum(p.numel() for p in params)
     pad = tok.pad_token_id
     model.eval()
@@ -108,8 +108,7 @@ def worker(method: str, steps: int, batch_size: int, device: str, case: str = "o
 
     times, peak, final_loss = timed_steps(step_loss, params, keep, LR[method], steps, device)
     refusal = nhr_refusal(model)
-    if handle is not None:
-        handle.detach()
+    scope.close()
     return {"method": method, "trainable_params": trainable, "peak_memory_mb": peak,
             "step_time_s": statistics.median(times[3:] or times), "final_loss": final_loss,
             "nhr_refusal_before": base_refusal, "nhr_refusal_after": refusal, "refusal_gain": refusal - base_refusal,
@@ -134,7 +133,7 @@ def smollm2_worker(method: str, steps: int, batch_size: int, device: str) -> dic
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     ss = NeuronSet.from_mask(torch.rand(cfg.num_hidden_layers, cfg.intermediate_size, generator=g) < 0.01)
-    model, params, keep, handle = trainable_setup(method, model, ss, device, attach)
+    model, params, keep, scope = trainable_setup(method, model, ss, device, attach)
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     pad = tok.pad_token_id
 
@@ -143,8 +142,7 @@ def smollm2_worker(method: str, steps: int, batch_size: int, device: str) -> dic
         return response_loss(lm, *batch_tensors(examples, idx, pad, device))
 
     times, peak, final_loss = timed_steps(step_loss, params, keep, LR[method], steps, device)
-    if handle is not None:
-        handle.detach()
+    scope.close()
     return {"method": method, "trainable_params": sum(p.numel() for p in params), "peak_memory_mb": peak,
             "step_time_s": statistics.median(times[2:] or times), "final_loss": final_loss, "neurons": len(ss),
             "steps": steps, "batch_size": batch_size, "vocab_size": cfg.vocab_size,
@@ -152,13 +150,14 @@ def smollm2_worker(method: str, steps: int, batch_size: int, device: str) -> dic
 
 
 def trainable_setup(method, model, ss, device, attach_fn):
-    """(params, masks for masked-dense, runtime handle) for one method on `model`."""
+    """(model, params, masks for masked-dense, scope) for one method on `model`; `scope.close()`
+    ends the neuron method's patch intervention and detaches the runtime."""
     from ssn_runtime.adapters import find_sites
     from ssn_runtime.patches import PatchState
 
     for p in model.parameters():
         p.requires_grad_(False)
-    keep, handle = {}, None
+    keep, scope = {}, contextlib.ExitStack()
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -184,13 +183,12 @@ def trainable_setup(method, model, ss, device, attach_fn):
                 keep[w] = m
         params = list(keep)
     else:
-        handle = attach_fn(model)
+        handle = scope.enter_context(attach_fn(model))
         state = PatchState(ss, handle.sites[0].hidden_size, gated=True).to(device)
-        # handle-wide: the benchmark steps run in this thread, but the scope must outlive this function
-        handle._bench_scope = contextlib.ExitStack()
-        handle._bench_scope.enter_context(handle.intervene(patch=state, scope="handle"))
+        # bound to this thread's context, which the caller's training steps share
+        scope.enter_context(handle.intervene(patch=state))
         params = list(state.parameters())
-    return model, params, keep, handle
+    return model, params, keep, scope
 
 
 def timed_steps(loss_of_step, params, keep: dict, lr: float, steps: int, device: str):
@@ -220,15 +218,14 @@ def synthetic_worker(method: str, steps: int, batch_size: int, device: str) -> d
     from ssn_runtime import attach
 
     model, ss, data = synthetic_setup(device, batch_size)
-    model, params, keep, handle = trainable_setup(method, model, ss, device, attach)
+    model, params, keep, scope = trainable_setup(method, model, ss, device, attach)
 
     def step_loss(step):
         ids = data[(step * batch_size) % 64: (step * batch_size) % 64 + batch_size].to(device)
         return model(input_ids=ids, labels=ids).loss
 
     times, peak, _ = timed_steps(step_loss, params, keep, LR[method], steps, device)
-    if handle is not None:
-        handle.detach()
+    scope.close()
     return {"method": method, "trainable_params": sum(p.numel() for p in params), "peak_memory_mb": peak,
             "step_time_s": statistics.median(times[2:] or times), "neurons": len(ss), "steps": steps,
             "batch_size": batch_size, "params_total": sum(p.numel() for p in model.parameters())}

@@ -12,13 +12,16 @@ fuse them (GPT-2 c_attn, GPT-NeoX query_key_value, Phi-3 qkv_proj) are refused c
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from .adapters import find_sites
 from .errors import SSNError
+from .validation import check_int, check_int_list, check_layer_key, fail
 
 
 @dataclass
@@ -65,16 +68,34 @@ def _parent_layer(model, site):
     return model.get_submodule(site.name.rsplit(".", 1)[0])
 
 
-def validate_channels(sites: list[AttentionSite], channels: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+def load_channels(path: str | Path) -> dict:
+    """The raw {layer: [channel, ...]} object of an attention-neurons JSON file (or its
+    {"layers": {...}} form); `validate_channels` checks it against a model."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SSNError(f"cannot read attention neurons {path}: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("layers"), dict):
+        data = data["layers"]
+    if not isinstance(data, dict):
+        raise fail(str(path), "layers", 'expected JSON {layer: [channel, ...]} (or {"layers": {...}})')
+    return data
+
+
+def validate_channels(sites: list[AttentionSite], channels: dict, where: str = "attention neurons"
+                      ) -> dict[int, torch.Tensor]:
+    """{layer: sorted int64 channels} from {layer: [channel, ...]}: layers as ints or JSON decimal
+    keys, channels unique integers in [0, heads x head_dim). Nothing is coerced: a float channel,
+    a duplicate or a layer key like "01" is an error naming it."""
     out = {}
-    for layer, idx in channels.items():
-        layer = int(layer)
-        if not 0 <= layer < len(sites):
-            raise SSNError(f"attention neurons name layer {layer}, but the model has {len(sites)} layers")
-        t = torch.as_tensor(idx, dtype=torch.int64).unique(sorted=True)
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= sites[layer].channels):
-            raise SSNError(f"attention channel {int(t.max())} in layer {layer} is out of range "
-                           f"(heads x head_dim = {sites[layer].channels})")
-        if t.numel():
-            out[layer] = t
+    for key, idx in channels.items():
+        if isinstance(key, int) and not isinstance(key, bool):
+            layer = check_int(key, where, "layer", 0, len(sites) - 1)
+        else:
+            layer = check_layer_key(key, where, "layer", len(sites))
+        if layer in out:
+            raise fail(where, f"layer {layer}", "given twice")
+        got = check_int_list(idx, where, f"layers[{key!r}]", 0, sites[layer].channels - 1)
+        if got:
+            out[layer] = torch.tensor(sorted(got), dtype=torch.int64)
     return out

@@ -23,10 +23,12 @@ _META = "ssn_option"
 
 
 def option(default: Any, help: str, *, flag: str | None = None, choices=None, csv: bool = False,
-           metavar: str | None = None, cli: bool = True):
+           kv: bool = False, metavar: str | None = None, cli: bool = True):
     """A dataclass field with its command-line description. Mutable defaults (lists, dicts)
-    are copied per instance. `cli=False` keeps a field out of the command line."""
-    meta = {_META: {"help": help, "flag": flag, "choices": choices, "csv": csv, "metavar": metavar, "cli": cli}}
+    are copied per instance. `csv`: a comma-separated list; `kv`: comma-separated KEY=NUMBER
+    pairs (a dict of floats). `cli=False` keeps a field out of the command line."""
+    meta = {_META: {"help": help, "flag": flag, "choices": choices, "csv": csv, "kv": kv, "metavar": metavar,
+                    "cli": cli}}
     if isinstance(default, list | dict | set):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -50,6 +52,20 @@ def _csv(kind):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
     return parse
+
+
+def _kv(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in (t.strip() for t in text.split(",") if t.strip()):
+        key, sep, value = part.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not key.strip() or number is None or key.strip() in out:
+            raise argparse.ArgumentTypeError(f"expected distinct KEY=NUMBER pairs, got {part!r}")
+        out[key.strip()] = number
+    return out
 
 
 def _default(f: dataclasses.Field):
@@ -77,7 +93,9 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
             kw["action"] = argparse.BooleanOptionalAction
         else:
             origin = typing.get_origin(tp)
-            if meta["csv"] or origin is list:
+            if meta.get("kv"):
+                kw["type"] = _kv
+            elif meta["csv"] or origin is list:
                 inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
                 kw["type"] = _csv(inner)
             elif tp in (int, float, str):

@@ -13,6 +13,7 @@ per-rank statistics merged at the end.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from .collector import StatsCollector, to_device
 from .data import Record, encode_prompt, ids_digest, plan_batches
 from .errors import SSNError
 from .fingerprint import model_fingerprint
-from .runtime import attach, attached_handle
+from .runtime import ensure_attached
 from .stats import NeuronStats, stamp
 
 POSITIONS = ("prompt", "last", "generated")
@@ -144,31 +145,31 @@ def profile_ids(model, ids: list[list[int]], seq_groups: list[int], groups: list
             "max_new_tokens": config.max_new_tokens if config.positions == "generated" else None,
             "sources": sources or [], "created": stamp(), "sequences": len(ids)}
 
-    handle = attached_handle(model)
-    own_handle = handle is None
-    if own_handle:
-        handle = attach(model)
-    collector = StatsCollector(handle.sites, groups, config.threshold, config.gate_stats, config.topk, meta=meta)
-
-    ckpt = _checkpoint_path(out, dist)
-    done = 0
-    if ckpt is not None and ckpt.exists():
-        saved = NeuronStats.load(ckpt)
-        if saved.meta.get("run_key") == run_key:
-            collector.load_totals(saved)
-            done = int(saved.meta["batches_done"])
-        else:
-            ckpt.unlink()  # a different run's leftovers
-
-    total_tokens = sum(len(ids[i]) for b in mine for i in b)
-    tokens_done = sum(len(ids[i]) for b in mine[:done] for i in b)
-    bar = _Progress(total_tokens, progress and dist.rank == 0, f"profile ({config.positions})")
-    bar.update(tokens_done)
-    device = _device_of(model)
-    pad = pad_id if pad_id is not None else batching.pad_id(None, model)
-    eos = eos_ids if eos_ids is not None else set(batching.eos_ids(None, model))
-    handle.collector = collector
+    scope = contextlib.ExitStack()  # closed in the `finally` below: the collector scope, then our attachment
+    handle = scope.enter_context(ensure_attached(model))
+    bar = None
     try:
+        collector = StatsCollector(handle.sites, groups, config.threshold, config.gate_stats, config.topk, meta=meta)
+
+        ckpt = _checkpoint_path(out, dist)
+        done = 0
+        if ckpt is not None and ckpt.exists():
+            saved = NeuronStats.load(ckpt)
+            if saved.meta.get("run_key") == run_key:
+                collector.load_totals(saved)
+                done = int(saved.meta["batches_done"])
+            else:
+                ckpt.unlink()  # a different run's leftovers
+
+        total_tokens = sum(len(ids[i]) for b in mine for i in b)
+        tokens_done = sum(len(ids[i]) for b in mine[:done] for i in b)
+        bar = _Progress(total_tokens, progress and dist.rank == 0, f"profile ({config.positions})")
+        bar.update(tokens_done)
+        device = _device_of(model)
+        pad = pad_id if pad_id is not None else batching.pad_id(None, model)
+        eos = eos_ids if eos_ids is not None else set(batching.eos_ids(None, model))
+        # the collector is bound to this thread's forwards only (scoped, restored on exit)
+        scope.enter_context(handle.intervene(collector=collector))
         for k, batch in enumerate(mine[done:], start=done):
             seqs = [ids[i] for i in batch]
             seq_groups = torch.tensor([rec_group[i] for i in batch])
@@ -186,10 +187,9 @@ def profile_ids(model, ids: list[list[int]], seq_groups: list[int], groups: list
             if after_batch_test_hook is not None:
                 after_batch_test_hook(k + 1 - done)
     finally:
-        handle.collector = None
-        bar.close()
-        if own_handle:
-            handle.detach()
+        if bar is not None:
+            bar.close()
+        scope.close()
 
     stats = collector.result()
     if dist.active:

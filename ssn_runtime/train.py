@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,39 +32,60 @@ from .errors import SSNError
 from .identify import DEFAULT_HR
 from .io import atomic_write_bytes, atomic_write_text, read_safetensors
 from .neuron_sets import NeuronSet
+from .options import option
 from .patches import NeuronPatch, PatchState
-from .runtime import attach, attached_handle
+from .runtime import ensure_attached
+from .validation import check_int, check_number
 
 # Tests only: called after every optimizer step with the number of steps done in this run
 # (the resume tests SIGKILL the process from it). Production code reads no fault setting.
 after_step_test_hook: Callable[[int], None] | None = None
 
+SCHEDULES = ("cosine", "linear", "constant")
+MODULES = ("gate", "up", "down")
+
+
 @dataclass
 class TrainConfig:
-    lr: float = 1e-3
-    steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    schedule: str = "cosine"  # cosine | linear | constant
-    warmup: int = 0
-    clip: float = 1.0
-    weight_decay: float = 0.0
-    seed: int = 0
-    save_every: int = 25
-    eval_every: int = 0
-    modules: list[str] = field(default_factory=lambda: ["gate", "up", "down"])
-    hr: list[str] = field(default_factory=lambda: list(DEFAULT_HR))
-    nhr_weight: float = 3.0  # sampling weight of non-HR examples relative to HR ones
-    language_weights: dict[str, float] | None = None  # overrides hr/nhr_weight per language
-    retain_weight: float = 1.0  # weight of retention (benign) examples
-    max_length: int = 256
-    chat_template: bool = True
+    """How `train` trains; `ssn train`'s options are generated from these fields (options.py)."""
+
+    lr: float = option(1e-3, "peak learning rate")
+    steps: int = option(100, "optimizer steps")
+    batch_size: int = option(8, "examples per step (per accumulation micro-step)")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    schedule: str = option("cosine", "learning-rate schedule after warmup", choices=SCHEDULES)
+    warmup: int = option(0, "linear warmup steps")
+    clip: float = option(1.0, "gradient norm clip (0: none)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    seed: int = option(0, "seed of the batch sampler (and torch's global seed during training)")
+    save_every: int = option(25, "steps between checkpoints (a re-run resumes from the last)")
+    eval_every: int = option(0, "steps between eval-loss measurements (0: none)")
+    modules: list[str] = option(list(MODULES), "neuron slices to train", csv=True)
+    hr: list[str] = option(list(DEFAULT_HR), "high-resource languages", csv=True)
+    nhr_weight: float = option(3.0, "sampling weight of other languages' examples relative to high-resource ones")
+    language_weights: dict[str, float] | None = option(None, "explicit sampling weights per language, e.g. sw=4,th=2 "
+                                                       "(override --hr/--nhr-weight)", kv=True,
+                                                       metavar="LANG=WEIGHT,...")
+    retain_weight: float = option(1.0, "sampling weight of retention (benign) examples")
+    max_length: int = option(256, "tokens per example (prompt + response), truncated from the left")
+    chat_template: bool = option(True, "format prompts with the tokenizer's chat template")
 
     def __post_init__(self):
-        if self.schedule not in ("cosine", "linear", "constant"):
+        where = "train config"
+        if self.schedule not in SCHEDULES:
             raise SSNError(f"schedule must be cosine, linear or constant, not {self.schedule!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise SSNError("steps, batch size and gradient accumulation must be positive")
+        for key in ("steps", "batch_size", "grad_accum", "save_every"):
+            check_int(getattr(self, key), where, key, 1)
+        for key in ("warmup", "eval_every", "seed"):
+            check_int(getattr(self, key), where, key, 0)
+        check_int(self.max_length, where, "max_length", 2)
+        check_number(self.lr, where, "lr", 0.0, lo_open=True)
+        for key in ("clip", "weight_decay", "nhr_weight", "retain_weight"):
+            check_number(getattr(self, key), where, key, 0.0)
+        for lang, w in (self.language_weights or {}).items():
+            check_number(w, where, f"language_weights[{lang!r}]", 0.0)
+        if not self.modules or len(set(self.modules)) != len(self.modules) or set(self.modules) - set(MODULES):
+            raise SSNError(f"modules must be distinct names among {', '.join(MODULES)}, got {self.modules!r}")
 
 
 def example_ids(record: Record, tokenizer, chat_template: bool, max_length: int) -> tuple[list[int], int]:
@@ -238,25 +259,27 @@ def train(model, tokenizer, neurons: NeuronSet, records: list[Record], cfg: Trai
     examples = [example_ids(r, tokenizer, cfg.chat_template, cfg.max_length) for r in all_records]
     weights = sample_weights(all_records, cfg, is_retain)
     device = next(model.parameters()).device
-    handle = attached_handle(model)
-    own_handle = handle is None
-    if own_handle:
-        handle = attach(model)
-    site = handle.sites[0]
-    torch.manual_seed(cfg.seed)
-    state = PatchState(neurons, site.hidden_size, cfg.modules, site.gated, fp, attention or None,
-                       sites_attn).to(device)
-    opt = torch.optim.AdamW(state.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run_key = json.dumps([fp, asdict(cfg), neurons.to_json(), {k: v.tolist() for k, v in (attention or {}).items()},
-                          len(examples), sum(len(e[0]) for e in examples)], sort_keys=True)
-    ckpt = out / "checkpoint"
-    meta = _load_checkpoint(ckpt, state, opt, run_key) or {"step": 0, "log": []}
+    scope = contextlib.ExitStack()  # closed in the `finally` below: the patch scope, then our attachment
+    handle = scope.enter_context(ensure_attached(model))
+    try:  # until the loop's own try/finally: a bad checkpoint must not leave the model attached
+        site = handle.sites[0]
+        torch.manual_seed(cfg.seed)
+        state = PatchState(neurons, site.hidden_size, cfg.modules, site.gated, fp, attention or None,
+                           sites_attn).to(device)
+        opt = torch.optim.AdamW(state.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        run_key = json.dumps([fp, asdict(cfg), neurons.to_json(),
+                              {k: v.tolist() for k, v in (attention or {}).items()}, len(examples),
+                              sum(len(e[0]) for e in examples)], sort_keys=True)
+        ckpt = out / "checkpoint"
+        meta = _load_checkpoint(ckpt, state, opt, run_key) or {"step": 0, "log": []}
+    except BaseException:
+        scope.close()
+        raise
     start = int(meta["step"])
     was_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()  # no dropout: the gradient is that of the deterministic model
-    scope = contextlib.ExitStack()
     scope.enter_context(handle.intervene(patch=state))
     pad = pad_id(tokenizer, model)
     eval_ex = [example_ids(r, tokenizer, cfg.chat_template, cfg.max_length) for r in eval_records or []]
@@ -298,8 +321,6 @@ def train(model, tokenizer, neurons: NeuronSet, records: list[Record], cfg: Trai
         if bar is not None:
             bar.close()
         scope.close()
-        if own_handle:
-            handle.detach()
         for n, p in model.named_parameters():
             p.requires_grad_(was_grad[n])
     patch = state.to_patch({"train": {**asdict(cfg), "examples": len(records), "retain": len(retain or [])},

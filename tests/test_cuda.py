@@ -43,8 +43,7 @@ def test_profiling_batches_never_synchronise():
     col = StatsCollector(sites, ["a", "b", "c"], gate_stats=True, topk=3)
     ids, mask = batch("right", "cuda")
     gid = torch.where(mask.cpu().bool(), torch.tensor([[0], [2], [1]]), -1).to(torch.int32)
-    with ssn_runtime.attach(model) as h, torch.no_grad():
-        h.collector = col
+    with ssn_runtime.attach(model) as h, torch.no_grad(), h.intervene(collector=col):
         for _ in range(2):
             torch.cuda.set_sync_debug_mode("error")
             try:
@@ -60,7 +59,6 @@ def test_profiling_batches_never_synchronise():
                 col.end_batch()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        h.collector = None
     stats = col.result()
     assert stats.count[0].tolist() == [7, 6, 4] and int(stats.seq_count[0].sum()) == 6
 

@@ -154,6 +154,54 @@ def test_training_attention_neurons_via_cli(tiny_ckpts, train_jsonl, tmp_path):
     assert r.returncode == 2 and "out of range" in r.stderr
 
 
+@pytest.mark.parametrize("channels,message", [
+    ({"0": [999]}, "out of range"),
+    ({"0": [1.7, 2]}, "expected an integer, got 1.7"),
+    ({"0": [3, 3]}, "index 3 appears twice"),
+    ({"01": [3]}, "is not a layer number"),
+    ({"9": [3]}, "out of range: the model has 2 layers"),
+    ({"0": 3}, "expected a list of integers"),
+    ([1, 2], "expected JSON {layer"),
+])
+def test_attention_channels_are_never_coerced(tiny_ckpts, tmp_path, channels, message):
+    from ssn_runtime.attention_neurons import attention_sites, load_channels, validate_channels
+
+    model = load_model(str(tiny_ckpts["llama"]))
+    (tmp_path / "attn.json").write_text(json.dumps(channels))
+    with pytest.raises(SSNError, match=message.replace("[", r"\[").replace("{", r"\{")):
+        validate_channels(attention_sites(model), load_channels(tmp_path / "attn.json"), "attn.json")
+    assert {k: v.tolist() for k, v in validate_channels(attention_sites(model), {1: [5, 2]}).items()} == {1: [2, 5]}
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--lr", "nan", "lr: must be finite"),
+    ("--lr", "0", "lr: 0.0 is out of range"),
+    ("--clip", "-1", "clip: -1.0 is out of range"),
+    ("--steps", "0", "steps: 0 is out of range"),
+    ("--language-weights", "sw=x", "expected distinct KEY=NUMBER pairs"),
+    ("--language-weights", "sw=inf", "must be finite"),
+    ("--modules", "gate,gate", "modules must be distinct"),
+])
+def test_train_options_are_validated_before_anything_loads(tmp_path, option, value, message):
+    """Options come from TrainConfig's declared fields; bad values are one error line, exit 2,
+    before the model or data are read (the paths here do not exist)."""
+    r = _ssn("train", "--model", str(tmp_path / "none"), "--neurons", "x.json", "--data", "x.jsonl",
+             "--out", str(tmp_path / "p"), option, value)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and r.stderr.count("error:") == 1, r.stderr
+
+
+def test_train_options_come_from_the_config():
+    from ssn_runtime.cli import build_parser
+    from ssn_runtime.options import describe
+
+    train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for name in describe(TrainConfig):
+        flag = "--" + name.replace("_", "-")
+        assert flag in train_help, flag
+    assert "--no-chat-template" in train_help
+
+
 def _full_logit_loss(model, ids, mask, labels):
     """The training loss as it was: every position's logits, then cross-entropy on the response."""
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
