@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +26,10 @@ from .collector import StatsCollector, to_device
 from .data import Record, encode_prompt, ids_digest, plan_batches
 from .errors import SSNError
 from .fingerprint import model_fingerprint
+from .options import option
 from .runtime import ensure_attached
 from .stats import NeuronStats, stamp
+from .validation import check_int, check_number
 
 POSITIONS = ("prompt", "last", "generated")
 
@@ -39,23 +41,34 @@ after_batch_test_hook: Callable[[int], None] | None = None
 
 @dataclass
 class ProfileConfig:
-    group_by: list[str] = field(default_factory=lambda: ["language"])
-    positions: str = "prompt"
-    threshold: float = 0.0
-    gate_stats: bool = False
-    topk: int | None = None
-    max_tokens_per_batch: int = 8192
-    max_batch_size: int = 64
-    max_new_tokens: int = 32
-    chat_template: bool = True
-    max_length: int | None = None
-    checkpoint_every: int = 20
+    """What `profile` counts and how it batches; `ssn profile`'s options are generated from
+    these fields (options.py)."""
+
+    group_by: list[str] = option(["language"], "record fields whose values form the groups", csv=True)
+    positions: str = option("prompt", "tokens counted: every prompt token, the last prompt token, or generated "
+                            "tokens", choices=POSITIONS)
+    threshold: float = option(0.0, "activation threshold for frequencies (LAPE: 0)")
+    gate_stats: bool = option(False, "also count act(gate) > threshold (gated MLPs; LAPE as published)")
+    topk: int | None = option(None, "count per-sequence layer top-k membership (PLND/SN-Tune)")
+    max_tokens_per_batch: int = option(8192, "padded tokens per batch")
+    max_batch_size: int = option(64, "sequences per batch")
+    max_new_tokens: int = option(32, "tokens generated per prompt with --positions generated")
+    chat_template: bool = option(True, "encode prompts with the tokenizer's chat template, when it has one")
+    max_length: int | None = option(None, "truncate prompts to their last N tokens")
+    checkpoint_every: int = option(20, "batches between checkpoints (a re-run resumes from the last)")
 
     def __post_init__(self):
+        where = "profile config"
         if self.positions not in POSITIONS:
             raise SSNError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
-        if self.max_new_tokens < 1:
-            raise SSNError("max_new_tokens must be at least 1")
+        for key in ("max_tokens_per_batch", "max_batch_size", "max_new_tokens", "checkpoint_every"):
+            check_int(getattr(self, key), where, key, 1)
+        for key in ("topk", "max_length"):
+            if getattr(self, key) is not None:
+                check_int(getattr(self, key), where, key, 1)
+        check_number(self.threshold, where, "threshold")
+        if not self.group_by or len(set(self.group_by)) != len(self.group_by):
+            raise SSNError(f"group_by must name distinct record fields, got {self.group_by!r}")
 
 
 @dataclass

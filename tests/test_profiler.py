@@ -204,3 +204,19 @@ def test_torchrun_two_processes_equal_single(tiny_ckpts, prompts_jsonl, tmp_path
     assert torch.equal(a.topk_count, b.topk_count)
     for key in ("sum", "m2", "abs_sum"):
         torch.testing.assert_close(getattr(b, key), getattr(a, key), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--threshold", "nan", "threshold: must be finite"),
+    ("--topk", "0", "topk: 0 is out of range"),
+    ("--max-batch-size", "0", "max_batch_size: 0 is out of range"),
+    ("--group-by", "language,language", "group_by must name distinct record fields"),
+    ("--positions", "all", "invalid choice"),
+])
+def test_profile_options_are_validated_before_anything_loads(tmp_path, option, value, message):
+    """Options come from ProfileConfig's declared fields; a bad value is one error line and
+    exit 2 before the model or the data are read (the paths here do not exist)."""
+    r = _cli("profile", "--model", str(tmp_path / "none"), "--data", "x.jsonl", "--out", str(tmp_path / "s"),
+             option, value)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and r.stderr.count("error:") == 1, r.stderr
