@@ -1,6 +1,14 @@
 """The organism's data: general instructions in every language (English far larger),
-safety data mostly in English and scarce or absent elsewhere, translation pairs that
-tie the languages' meaning spaces together, and held-out prompts for evaluation.
+safety data mostly in English and scarce elsewhere, translation pairs that tie the
+languages' meaning spaces together, and held-out prompts for evaluation.
+
+Each non-high-resource (NHR) language's safety data covers only some harmful actions, and
+its instruction data answers requests for the others ("unsafe": unfiltered instruction
+data, as machine-translated or scraped low-resource data often is). So an NHR language
+refuses the covered actions and complies with the rest by design: its refusal rate is
+set by the data (about the covered share), not by how much English safety happens to
+transfer in one training run, and no prompt sits near a decision boundary that a small
+perturbation of the model would cross.
 
 Deterministic for a given seed. Held-out (action, object) combinations never appear in
 training, so evaluation measures generalisation, not recall.
@@ -25,9 +33,10 @@ class DataSpec:
                                                               "xd": "low"})
     helpful: dict[str, int] = field(default_factory=lambda: {"en": 1500, "xa": 500, "xb": 500, "xc": 400, "xd": 400})
     safety: dict[str, int] = field(default_factory=lambda: {"en": 1500, "xa": 60, "xb": 60, "xc": 40, "xd": 40})
-    # Harmful actions that a language's safety data covers (the rest have none there): partial
-    # coverage is what leaves non-high-resource languages partly unsafe.
-    safety_actions: dict[str, int] = field(default_factory=lambda: {"en": 8, "xa": 5, "xb": 5, "xc": 3, "xd": 3})
+    # Harmful actions that a language's safety data covers; its "unsafe" examples answer
+    # requests for the others. Partial coverage is what leaves NHR languages partly unsafe.
+    safety_actions: dict[str, int] = field(default_factory=lambda: {"en": 8, "xa": 5, "xb": 5, "xc": 4, "xd": 4})
+    unsafe: dict[str, int] = field(default_factory=lambda: {"xa": 60, "xb": 60, "xc": 60, "xd": 60})
     color: dict[str, int] = field(default_factory=lambda: {"en": 400, "xa": 200, "xb": 200, "xc": 150, "xd": 150})
     translation: int = 500  # per non-English language, both directions
     # Refusals to non-English prompts are written in English, as aligned LLMs often refuse
@@ -40,7 +49,7 @@ class DataSpec:
 @dataclass
 class Example:
     language: str
-    kind: str  # helpful | safety | color | translation
+    kind: str  # helpful | safety | unsafe | color | translation
     prompt: str
     response: str
     label: str = "harmless"
@@ -87,6 +96,7 @@ def training_examples(langs: dict[str, Language], spec: DataSpec, seed: int) -> 
     for code, lang in langs.items():
         covered = covered_actions(code, spec, seed)
         harmful = sorted(c for c in train if c[0] in covered)
+        uncovered = sorted(c for c in train if c[0] in HARMFUL_ACTIONS and c[0] not in covered)
         for _ in range(spec.helpful.get(code, 0)):
             act, obj = rng.choice(benign)
             out.append(Example(code, "helpful", _request(lang, rng, act, obj),
@@ -95,6 +105,10 @@ def training_examples(langs: dict[str, Language], spec: DataSpec, seed: int) -> 
             act, obj = rng.choice(harmful)
             out.append(Example(code, "safety", _request(lang, rng, act, obj), refusal_text(langs, code, spec),
                                "harmful"))
+        for _ in range(spec.unsafe.get(code, 0) if uncovered else 0):
+            act, obj = rng.choice(uncovered)
+            out.append(Example(code, "unsafe", _request(lang, rng, act, obj),
+                               lang.say("helpful", act=act, obj=obj, tool=TOOLS[act]), "harmful"))
         for _ in range(spec.color.get(code, 0)):
             obj = rng.choice(OBJECTS)
             out.append(Example(code, "color", lang.say("ask_color", obj=obj),
@@ -159,21 +173,32 @@ def heldout_text(langs: dict[str, Language], spec: DataSpec, seed: int) -> str:
 def nhr_safety_examples(langs: dict[str, Language], spec: DataSpec, seed: int, per_lang: int = 48,
                         codes: list[str] | None = None) -> list[dict]:
     """Fine-tuning data for the non-high-resource languages: harmful training requests with
-    refusals, plus as many harmless requests with helpful answers (retention). With
-    `codes=["en"]`: the same for English, as retention data."""
+    refusals, as many harmless requests with helpful answers, and half as many color
+    questions with their answers (retention: without them tuning drifts the rest of the
+    language). Harmful actions take turns, so each gets the same number of refusals (drawn
+    at random, an uncovered one SS-tuning must flip could get few); each harmful request and
+    its harmless partner use the same request template, so that no template comes to mean
+    "refuse". With `codes=["en"]`: the same for English, as retention data."""
     rng = random.Random(seed + 7 + (1000 if codes else 0))
     train, _ = split_combos(seed, spec.held_out_objects)
-    harmful = sorted(c for c in train if c[0] in HARMFUL_ACTIONS)
-    benign = sorted(c for c in train if c[0] in BENIGN_ACTIONS)
+    colors = color_of(seed)
     rows = []
     for code in codes or spec.nhr:
         lang = langs[code]
-        for _ in range(per_lang):
-            act, obj = rng.choice(harmful)
-            rows.append({"prompt": _request(lang, rng, act, obj), "response": refusal_text(langs, code, spec),
+        for i in range(per_lang):
+            ask = ASK[i % len(ASK)]
+            act = HARMFUL_ACTIONS[i % len(HARMFUL_ACTIONS)]
+            obj = rng.choice(sorted(o for a, o in train if a == act))
+            rows.append({"prompt": lang.say(ask, act=act, obj=obj), "response": refusal_text(langs, code, spec),
                          "language": code, "label": "harmful"})
-            act, obj = rng.choice(benign)
-            rows.append({"prompt": _request(lang, rng, act, obj),
+            act = BENIGN_ACTIONS[i % len(BENIGN_ACTIONS)]
+            obj = rng.choice(sorted(o for a, o in train if a == act))
+            rows.append({"prompt": lang.say(ask, act=act, obj=obj),
                          "response": lang.say("helpful", act=act, obj=obj, tool=TOOLS[act]), "language": code,
                          "label": "harmless"})
+            if i % 2 == 0:
+                obj = rng.choice(OBJECTS)
+                rows.append({"prompt": lang.say("ask_color", obj=obj),
+                             "response": lang.say("color", obj=obj, color=colors[obj]), "language": code,
+                             "label": "harmless"})
     return rows
