@@ -537,3 +537,10 @@ def test_routing_scores_identify_across_experts_and_router_heatmaps(tmp_path):
     assert r["separating"]["sw"][0][2] == pytest.approx(float(z[1].abs().max()) * float(
         z[1].flatten()[z[1].abs().argmax()].sign()), abs=1e-5)
     assert (tmp_path / "routing_heatmap.png").stat().st_size > 0 and (tmp_path / "routing_z.png").exists()
+
+
+def test_attribution_refuses_expert_layers_with_one_clear_line():
+    from ssn_runtime.scorers.attribution import attribution_scores
+
+    with pytest.raises(SSNError, match="attribution does not support mixture-of-experts layers yet"):
+        attribution_scores(tiny_model("qwen3_moe"), None, [("x", "y")])

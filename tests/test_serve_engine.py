@@ -247,7 +247,10 @@ def _live_cpu_tensor_bytes() -> int:
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":  # type(): no lazy __class__ lookups
             s = obj.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
+            try:
+                storages[s.data_ptr()] = s.nbytes()
+            except RuntimeError:  # a fake tensor left by another test's torch.compile/opcheck: holds no memory
+                continue
     return sum(storages.values())
 
 

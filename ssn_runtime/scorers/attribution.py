@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import find_sites
+from ..adapters import NeuronSite, find_sites
 from ..data import Record, encode_prompt, plan_batches
+from ..errors import SSNError
 
 
 def _example_ids(tokenizer, prompt: Record | str, target: str, chat_template: bool) -> tuple[list[int], int]:
@@ -47,6 +48,10 @@ def attribution_scores(model, tokenizer, examples: list[tuple[Record | str, str]
     from ..train import batch_tensors, response_nll
 
     sites = find_sites(model)
+    if any(not isinstance(s, NeuronSite) for s in sites):
+        raise SSNError(f"attribution does not support mixture-of-experts layers yet ({type(model).__name__}: its "
+                       "experts' down projections are fused tensors, not modules to read activations from); use a "
+                       "statistics method (ssn profile, then ssn identify --method cohens_d, --per-expert or routing)")
     device = next(model.parameters()).device
     acc_device = device if device.type in ("cpu", "cuda") else torch.device("cpu")  # float64 accumulation
     total = torch.zeros(len(sites), sites[0].num_neurons, dtype=torch.float64, device=acc_device)
