@@ -59,12 +59,13 @@ def _multijail_topics() -> Counter:
 def test_topic_spread_matches_multijail():
     theirs = _multijail_topics()
     ours = Counter(r.fields["topic"] for r in builtin_harmless(["en"]))
-    assert set(ours) <= set(theirs)  # every topic is a MultiJail tag
     if MULTIJAIL.name == "MultiJail.csv":  # the full set: every tag covered, in about its share
         assert set(ours) == set(theirs)
         n, m = sum(ours.values()), sum(theirs.values())
         tv = sum(abs(ours[k] / n - theirs[k] / m) for k in theirs) / 2
         assert tv < 0.1, tv
+    else:  # a clone without ../shared: the 40-row sample holds some of the tags, each one of ours
+        assert set(theirs) <= set(ours)
 
 
 def test_lengths_match_multijail_per_language():

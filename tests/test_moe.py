@@ -9,7 +9,7 @@ import ssn_runtime
 from ssn_runtime.fingerprint import ModelFingerprint
 from ssn_runtime.moe import MoESite
 
-from test_parity_zoo import BACKENDS, device_for, rel_err
+from test_parity_zoo import BACKENDS, device_for, input_and_weight_grads, rel_err
 from zoo import MOE_ZOO, batch, tiny_model
 
 ARCHS = sorted(MOE_ZOO)
@@ -116,20 +116,9 @@ def test_greedy_generate(arch, backend):
 def test_gradients(arch, backend):
     model = tiny_model(arch).to(device_for(backend))
     ids, mask = batch("right", device_for(backend))
-    embeds = model.get_input_embeddings()(ids).detach()
-
-    def grads():
-        model.zero_grad(set_to_none=True)
-        x = embeds.clone().requires_grad_(True)
-        logits = model(inputs_embeds=x, attention_mask=mask).logits
-        loss = torch.nn.functional.cross_entropy(logits[mask.bool()], ids[mask.bool()])
-        loss.backward()
-        return {"inputs_embeds": x.grad, **{n: p.grad.clone() for n, p in model.named_parameters()
-                                           if p.grad is not None}}
-
-    ref = grads()
+    ref = input_and_weight_grads(model, ids, mask)
     with ssn_runtime.attach(model, backend=backend):
-        out = grads()
+        out = input_and_weight_grads(model, ids, mask)
     assert out.keys() == ref.keys()
     assert any("experts" in n for n in ref)  # the expert weights get gradients too
     for name in ref:

@@ -67,25 +67,25 @@ def test_greedy_generate(arch, backend):
     assert torch.equal(out, ref)
 
 
+def input_and_weight_grads(model, ids, mask) -> dict:
+    """Gradients of the next-token loss w.r.t. the input embeddings and every weight."""
+    model.zero_grad(set_to_none=True)
+    x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=x, attention_mask=mask).logits
+    loss = torch.nn.functional.cross_entropy(logits[mask.bool()], ids[mask.bool()])
+    loss.backward()
+    return {"inputs_embeds": x.grad, **{n: p.grad.clone() for n, p in model.named_parameters()
+                                       if p.grad is not None}}
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradients(arch, backend):
     model = tiny_model(arch).to(device_for(backend))
     ids, mask = batch("right", device_for(backend))
-    embeds = model.get_input_embeddings()(ids).detach()
-
-    def grads():
-        model.zero_grad(set_to_none=True)
-        x = embeds.clone().requires_grad_(True)
-        logits = model(inputs_embeds=x, attention_mask=mask).logits
-        loss = torch.nn.functional.cross_entropy(logits[mask.bool()], ids[mask.bool()])
-        loss.backward()
-        return {"inputs_embeds": x.grad, **{n: p.grad.clone() for n, p in model.named_parameters()
-                                           if p.grad is not None}}
-
-    ref = grads()
+    ref = input_and_weight_grads(model, ids, mask)
     with ssn_runtime.attach(model, backend=backend):
-        out = grads()
+        out = input_and_weight_grads(model, ids, mask)
     assert out.keys() == ref.keys()
     for name in ref:
         assert rel_err(out[name], ref[name]) <= 1e-5, (arch, backend, name)
