@@ -16,7 +16,10 @@ import ssn_runtime
 
 src = Path(__file__).resolve().parents[1]
 installed = Path(ssn_runtime.__file__).resolve().parent
-assert src not in installed.parents, f"ssn_runtime was imported from the source tree ({installed}), not the wheel"
+# The check's venv lives under build/ in the checkout: what matters is that the package comes
+# from the venv's site-packages, not from the source folder.
+assert installed != src / "ssn_runtime" and "site-packages" in installed.parts, \
+    f"ssn_runtime was imported from the source tree ({installed}), not the wheel"
 
 modules = [m.name for m in pkgutil.walk_packages(ssn_runtime.__path__, "ssn_runtime.")]
 for name in ("ssn_runtime.serve", "ssn_runtime.organism", "ssn_runtime.scorers"):
