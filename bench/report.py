@@ -79,8 +79,23 @@ def _train(d: dict) -> str:
 
 def _serve(d: dict) -> str:
     model = Path(str(d.get("model", "?"))).name
-    return (f"{model}: throughput 16 clients / 1 client {_x(d.get('scaling_16_over_1'))}, mixed "
-            f"profiles / base only at 16 clients {_x(d.get('mixed_over_base_16'))}")
+    if "summary" not in d:  # the first layout (the dynamic batcher): headline ratios at the top level
+        return (f"{model}: throughput 16 clients / 1 client {_x(d.get('scaling_16_over_1'))}, mixed "
+                f"profiles / base only at 16 clients {_x(d.get('mixed_over_base_16'))}")
+    parts = []
+    for length, s in d["summary"].items():
+        parts.append(f"{length} lengths: tokens/s 16 clients / 1 {_x(s.get('scaling_16_over_1'))}, mixed profiles "
+                     f"(2 masks + 2 patches) / base {_x(s.get('mixed_over_base_16'))} (zero-cost control "
+                     f"{_x(s.get('control_over_base_16'))}), p95 inter-token latency 16 / 1 "
+                     f"{_x(s.get('itl_p95_16_over_1'))}")
+    mem = d.get("resident_memory", {}).get("two_patches_over_base")
+    engines = d.get("engines") or {}
+    eng = ", ".join(f"{k} {v['tokens_per_s']:.0f} tok/s" for k, v in engines.items() if isinstance(v, dict)
+                    and "tokens_per_s" in v)
+    anchors = "no anchor servers" if not d.get("anchors") else f"{len(d['anchors'])} anchor servers"
+    return (f"{model}, {d.get('rounds')} rounds x {d.get('seconds_per_setting')} s: " + "; ".join(parts)
+            + f"; resident memory with two patch profiles / base {_x(mem)}"
+            + (f"; in process, {engines.get('requests')} requests: {eng}" if eng else "") + f"; {anchors}")
 
 
 def _moe(d: dict) -> str:
@@ -111,7 +126,7 @@ def table(results: Path = RESULTS) -> str:
         if not isinstance(d, dict) or "benchmark" not in d:
             raise SystemExit(f"error: {path}: key 'benchmark': missing (not a bench result file)")
         try:
-            summary = SUMMARIES.get(d["benchmark"], _generic)(d)
+            summary = SUMMARIES.get(d["benchmark"], SUMMARIES.get(d["benchmark"].split("-")[0], _generic))(d)
         except (KeyError, TypeError, ZeroDivisionError) as e:  # a result of an older layout
             summary = f"see the JSON file (older layout: {e!r})"
         lines.append(f"| [`{d['benchmark']}`](bench/results/{path.name}) | {summary} | {environment(d)} |")
