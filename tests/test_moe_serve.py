@@ -6,36 +6,24 @@ the in-process model with that mask (and the patch merged) does."""
 import json
 
 import pytest
-import torch
 from serve_helpers import Server, encode, make_profiles, reference
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from ssn_runtime import load_model, load_tokenizer
 from ssn_runtime.neuron_sets import NeuronSetFile
 from ssn_runtime.patches import NeuronPatch
-from ssn_runtime.tokenizer_builder import byte_bpe_tokenizer
 
-from tiny_ckpt import HARMLESS, LANGS, multijail_rows
+from tiny_ckpt import LANGS, save_random_checkpoint, tiny_tokenizer
 from zoo import MOE_ZOO
 
 
 def make_moe_checkpoint(path, arch="qwen2_moe", seed=0):
     """A tiny random MoE checkpoint (tests/zoo.py's MOE_ZOO sizes) with the byte-level
     chat-template tokenizer of tests/tiny_ckpt.py."""
-    corpus = [r[lang] for r in multijail_rows(40) for lang in LANGS] + [t for v in HARMLESS.values() for t in v]
-    tok = byte_bpe_tokenizer(corpus, vocab_size=384)
+    tok = tiny_tokenizer()
     kw = {**MOE_ZOO[arch], "vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
           "pad_token_id": tok.pad_token_id, "max_position_embeddings": 512}
-    cfg = AutoConfig.for_model(arch, **kw)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.1)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_random_checkpoint(AutoConfig.for_model(arch, **kw), tok, path, seed)
 
 
 @pytest.fixture(scope="module")

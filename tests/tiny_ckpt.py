@@ -44,17 +44,14 @@ def write_prompts(path: Path, n_harmful: int = 4) -> Path:
     return path
 
 
-def make_checkpoint(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+def tiny_tokenizer():
+    """The byte-level chat-template tokenizer every tiny checkpoint shares."""
     corpus = [r[lang] for r in multijail_rows(40) for lang in LANGS] + [t for v in HARMLESS.values() for t in v]
-    tok = byte_bpe_tokenizer(corpus, vocab_size=384)
-    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id)
-    if arch == "gpt2":
-        cfg = AutoConfig.for_model("gpt2", n_layer=2, n_embd=48, n_head=4, n_inner=53, n_positions=512, **common)
-    else:
-        cfg = AutoConfig.for_model(arch, num_hidden_layers=2, hidden_size=48, intermediate_size=53,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   **common)
+    return byte_bpe_tokenizer(corpus, vocab_size=384)
+
+
+def save_random_checkpoint(cfg, tok, path: Path, seed: int = 0) -> Path:
+    """A model of `cfg` with N(0, 0.1) weights (far from init's near-uniform logits), saved with `tok`."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
@@ -64,3 +61,16 @@ def make_checkpoint(path: Path, arch: str = "llama", seed: int = 0) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def make_checkpoint(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+    tok = tiny_tokenizer()
+    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    if arch == "gpt2":
+        cfg = AutoConfig.for_model("gpt2", n_layer=2, n_embd=48, n_head=4, n_inner=53, n_positions=512, **common)
+    else:
+        cfg = AutoConfig.for_model(arch, num_hidden_layers=2, hidden_size=48, intermediate_size=53,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   **common)
+    return save_random_checkpoint(cfg, tok, path, seed)
