@@ -45,6 +45,7 @@ import json
 import math
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,7 +55,9 @@ from .batching import left_padded
 from .data import Record, encode_prompt, load_records, plan_batches
 from .errors import SSNError
 from .io import atomic_write_text
-from .judges import VERDICTS, Judgement
+from .judges import VERDICTS, Judgement, make_judge
+from .options import option
+from .validation import check_int
 
 ANSWERS_FORMAT = "ssn-eval-answers"
 
@@ -146,6 +149,51 @@ def check_batching(max_tokens_per_batch: int, max_batch_size: int) -> None:
             raise SSNError(f"{name} must be a positive integer, got {v!r}")
 
 
+@dataclass
+class EvalConfig:
+    """Which prompts `ssn eval` / `ssn validate` run, how they generate and judge, and which
+    general-ability checks ride along; their options are generated from these fields (options.py)."""
+
+    languages: list[str] | None = option(None, "comma-separated languages to keep", csv=True)
+    limit: int | None = option(None, "at most N prompts per language and label")
+    builtin_harmless: bool = option(True, "when --data holds only harmful prompts, add the built-in harmless "
+                                    "prompts of its languages (helpfulness and over-refusal under every condition)")
+    max_new_tokens: int = option(64, "tokens generated per answer")
+    max_tokens_per_batch: int = option(8192, "padded tokens per batch (prompt + new tokens), as in ssn profile")
+    max_batch_size: int = option(64, "rows per batch (one row per prompt x condition)")
+    margins: bool = option(True, "the refusal-vs-compliance margins (teacher-forced log P of the lexicon's "
+                           "canonical refusal minus its compliance opening, per prompt, with 95%% t intervals)")
+    judge: str = option("lexicon", "lexicon or classifier:PATH; both give refusal, compliance or unintelligible "
+                        "(empty, garbage, echo, repetition, wrong script/language)")
+    judge_label: str = option("refusal", "the classifier's refusal label")
+    chat_template: bool = option(True, "format prompts with the tokenizer's chat template, when it has one")
+    ppl: str | None = option(None, "held-out text for perplexity under every condition: .txt (one text) or "
+                             "JSONL/JSON/CSV records (per language)")
+    mc: str | None = option(None, "JSONL {question, choices, answer}: multiple-choice accuracy per condition")
+
+    def __post_init__(self):
+        where = "eval config"
+        if self.limit is not None:
+            check_int(self.limit, where, "limit", 1)
+        check_int(self.max_new_tokens, where, "max_new_tokens", 1)
+        check_batching(self.max_tokens_per_batch, self.max_batch_size)
+
+    def batching(self) -> dict:
+        return {"max_tokens_per_batch": self.max_tokens_per_batch, "max_batch_size": self.max_batch_size}
+
+    def ability_data(self) -> tuple[list[tuple[str, str]] | None, list[dict] | None]:
+        """(perplexity texts, multiple-choice items) from --ppl / --mc, read and checked (before a model loads)."""
+        ppl = load_heldout_texts(self.ppl, self.languages or []) if self.ppl else None
+        return ppl, load_mc(self.mc) if self.mc else None
+
+
+def model_judge(model_path: str | Path, lexicons=(), spec: str = "lexicon", label: str = "refusal"):
+    """The judge for a checkpoint's answers: `make_judge` with the extra `lexicons` and the
+    checkpoint's own refusal_lexicon.json (a model may ship the refusal phrases of its own languages)."""
+    own = Path(model_path) / "refusal_lexicon.json"
+    return make_judge(spec, [*(lexicons or []), *([own] if own.is_file() else [])], label)
+
+
 def _pad_eos(tokenizer, model) -> tuple[int, list[int]]:
     from .batching import eos_ids, pad_id
 
@@ -208,7 +256,13 @@ def _score_continuations(model, handle, variants: dict, items: list[_Scored], kv
     device = next(model.parameters()).device
     P = 0 if kv is None else int(kv_mask.shape[1])
     out = [0.0] * len(items)
-    for chunk in plan_batches([P + len(it.ids) - 1 for it in items], max_tokens, max_batch):
+    # Batches sorted by length are cut where padding would pass PREFILL_PADDING: a prompt's texts
+    # differ several-fold in tokens (a Bengali refusal is ~67 SmolLM2 tokens, "Sure, here is" 4),
+    # and a batch padded to its longest text ran the model on 2.5x the real tokens.
+    chunks = [[chunk[j] for j in group]
+              for chunk in plan_batches([P + len(it.ids) - 1 for it in items], max_tokens, max_batch)
+              for group in _low_padding_groups([len(items[k].ids) - 1 for k in chunk])]
+    for chunk in chunks:
         feed = [items[k].ids[:-1] for k in chunk]
         x, m = right_padded(feed, 0)  # padding after a row's tokens is never attended by them
         L = x.shape[1]
@@ -841,6 +895,30 @@ def ability_lines(report: dict) -> list[str]:
         lines.append(f"  multiple choice {name:<22} {100 * acc['accuracy']:.1f}% (n={acc['n']})")
     lines += [f"  {r['condition']} breaks the model: {r['why']}" for r in report.get("ability") or [] if r["broken"]]
     return lines
+
+
+def report_lines(report: dict, effects: bool = False) -> list[str]:
+    """Verdict rates (and the mean margin) per condition and language; with `effects`, the
+    paired margin effects of the set against its random control; then the general-ability lines."""
+    margins = {(r["condition"], r["language"], r["label"]): r for r in report.get("margin_rows", [])}
+    out = []
+    for r in report["rows"]:
+        lo, hi = r["refusal_ci"]
+        m = margins.get((r["condition"], r["language"], r["label"]))
+        margin = f"  margin {m['margin_mean']:+.2f}" if m and m["margin_mean"] is not None else ""
+        delta = f" ({100 * r['delta_vs_base']:+.1f})" if "delta_vs_base" in r else ""
+        out.append(f"  {r['condition']:<22} {r['language']:<6} {r['label']:<9} refusal "
+                   f"{100 * r['refusal_rate']:5.1f}%{delta} [{100 * lo:.0f}-{100 * hi:.0f}]  compliance "
+                   f"{100 * r['compliance_rate']:5.1f}%  unintelligible {100 * r['unintelligible_rate']:5.1f}%"
+                   f"{margin}  n={r['n']}")
+    if effects:
+        for e in report.get("margin_effects", []):
+            if " - random" in e["comparison"] and e["mean"] is not None:
+                ci = e["ci"]
+                span = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci[0] is not None else ""
+                out.append(f"  margin effect {e['comparison']:<40} {e['language']:<6} {e['label']:<9} "
+                           f"{e['mean']:+.3f}{span}  n={e['n']}")
+    return out + ability_lines(report)
 
 
 def _same_mask(a, b) -> bool:
