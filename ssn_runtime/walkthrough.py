@@ -11,8 +11,8 @@ nobody here trained, from the package index to a report.
 3. data    MultiJail (harmful, 10 languages) and the built-in harmless prompts, each split
            by a seeded shuffle into an identification part and a held-out evaluation part
 4. the `ssn` commands, each printed as a user would type it: profile -> identify (activation
-           contrast, Cohen's d) -> identify (attribution) -> analyze -> mask -> eval -> validate;
-           eval and validate run one language at a time
+           contrast, Cohen's d) -> identify (attribution) -> analyze -> mask -> eval (every language
+           at once) -> validate (one language at a time)
 5. report  results.json / results.md (environment line, tables, wall times), refusal.png
            (judged refusal and margins), readme_block.md, the stats, neuron sets, analyses, masks,
            and every answer with its verdict
@@ -332,9 +332,10 @@ def run(out: Path, plan: Plan, multijail: Path | None = None, fresh: bool = Fals
     masks = ["--mask", str(masks["contrast"])] if "contrast" in masks else []
     common = ["--model", model, "--max-new-tokens", str(plan.max_new_tokens), "--data", str(d / "eval.jsonl"),
               "--ppl", str(d / "heldout.jsonl"), *q]
-    for lang in plan.languages:
-        steps.run(f"eval {lang}", ["eval", *common, "--languages", lang, *masks,
-                                   "--out", str(out / "eval" / lang)], [out / "eval" / lang / "answers.json"])
+    # One eval over every language (one model load, fuller batches); validate, the longer step,
+    # runs per language so that an interrupted run loses at most one language's work.
+    steps.run("eval", ["eval", *common, "--languages", ",".join(plan.languages), *masks,
+                       "--out", str(out / "eval" / "all")], [out / "eval" / "all" / "answers.json"])
     if len(sets["attribution"].get("SS", ())):
         for lang in plan.languages:
             steps.run(f"validate {lang}", ["validate", *common, "--languages", lang, "--neurons",
@@ -359,14 +360,19 @@ def _sets(out: Path) -> dict:
 
 
 # ----- the report -----
-def _answers(folder: Path) -> list[dict]:
+def _report_dirs(out: Path, plan: Plan) -> tuple[list[Path], list[Path]]:
+    """The eval and validate report folders this plan writes (not whatever else lies in `out`:
+    an older run's layout must not be read twice)."""
+    return [out / "eval" / "all"], [out / "validate" / lang for lang in plan.languages]
+
+
+def _answers(folders: list[Path]) -> list[dict]:
     from .io import read_json
 
     rows = []
-    if folder.is_dir():
-        for lang_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            if (lang_dir / "answers.json").is_file():
-                rows += read_json(lang_dir / "answers.json", "answers")["answers"]
+    for folder in folders:
+        if (folder / "answers.json").is_file():
+            rows += read_json(folder / "answers.json", "answers")["answers"]
     return rows
 
 
@@ -415,16 +421,15 @@ def _changed(answers: list[dict], cond: str, label: str = "harmful") -> dict[str
     return {lang: sum(v) / len(v) for lang, v in per.items()}
 
 
-def _perplexities(folder: Path, rename) -> dict[str, dict[str, dict]]:
-    """{condition: {language: {"ppl", "tokens"}}} from every <lang>/report.json under `folder`."""
+def _perplexities(folders: list[Path], rename) -> dict[str, dict[str, dict]]:
+    """{condition: {language: {"ppl", "tokens"}}} from the report.json in each of `folders`."""
     from .io import read_json
 
     out: dict = {}
-    if folder.is_dir():
-        for lang_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            if (lang_dir / "report.json").is_file():
-                for cond, p in (read_json(lang_dir / "report.json", "report").get("perplexity") or {}).items():
-                    out.setdefault(rename(cond), {}).update(p["groups"])
+    for folder in folders:
+        if (folder / "report.json").is_file():
+            for cond, p in (read_json(folder / "report.json", "report").get("perplexity") or {}).items():
+                out.setdefault(rename(cond), {}).update(p["groups"])
     return out
 
 
@@ -478,7 +483,8 @@ def summarize(out: Path, plan: Plan, sets: dict, conversion: dict, seconds: dict
     env = environment()
     if threads:  # what the steps ran with (a resumed run's report is written by a later process)
         env["torch_threads"] = threads[0] if len(threads) == 1 else "/".join(map(str, threads))
-    eval_answers, val_answers = _answers(out / "eval"), _answers(out / "validate")
+    eval_dirs, val_dirs = _report_dirs(out, plan)
+    eval_answers, val_answers = _answers(eval_dirs), _answers(val_dirs)
     attr, contrast = sets["attribution"], sets["contrast"]
     ss_a, ss_c = attr.get("SS"), contrast.get("SS")
     total = next(iter(attr.values())).num_layers * next(iter(attr.values())).num_neurons
@@ -492,8 +498,8 @@ def summarize(out: Path, plan: Plan, sets: dict, conversion: dict, seconds: dict
     answers = eval_answers + [{**a, "condition": rename.get(a["condition"], a["condition"])} for a in val_answers
                               if a["condition"] != "base"]
     # Perplexity: base and the contrast set from eval, the validated conditions from validate.
-    ppl = _perplexities(out / "eval", lambda c: "base" if c == "base" else "SS (contrast) suppressed")
-    for cond, per in _perplexities(out / "validate", lambda c: rename.get(c, c)).items():
+    ppl = _perplexities(eval_dirs, lambda c: "base" if c == "base" else "SS (contrast) suppressed")
+    for cond, per in _perplexities(val_dirs, lambda c: rename.get(c, c)).items():
         if cond != "base":
             ppl[cond] = per
     harmful = _verdict_table(answers, "harmful")

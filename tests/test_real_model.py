@@ -64,7 +64,7 @@ def test_reduced_walkthrough_runs_and_resumes(smollm2, tmp_path, capsys):
     res = run(out, Plan.reduced(), quiet=True)
     printed = capsys.readouterr().out
     for step in ("profile", "identify (contrast)", "identify (attribution)", "analyze (attribution)",
-                 "mask (contrast)", "eval en", "eval sw", "validate en", "validate sw"):
+                 "mask (contrast)", "eval", "validate en", "validate sw"):
         assert f"] {step}: ssn " in printed, step
     assert res["sizes"]["SS (attribution)"] > 0
     assert set(res["harmful"]) >= {"base", "SS (contrast) suppressed", "SS (attribution) suppressed",
@@ -96,7 +96,7 @@ def test_reduced_walkthrough_runs_and_resumes(smollm2, tmp_path, capsys):
     run(out, Plan.reduced(), quiet=True)  # resumes: every step was recorded as finished
     printed = capsys.readouterr().out
     assert "] profile: done before, skipped" in printed and "validate sw: done before, skipped" in printed
-    assert "] eval en: ssn " not in printed
+    assert "] eval: ssn " not in printed
 
 
 def test_readme_block_needs_a_full_current_run(tmp_path, capsys):
