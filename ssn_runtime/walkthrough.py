@@ -67,9 +67,10 @@ class Plan:
     languages: list[str] = field(default_factory=lambda: list(MULTIJAIL_LANGUAGES))
     hr: list[str] = field(default_factory=lambda: list(HR))
     nhr: list[str] = field(default_factory=lambda: list(NHR))
-    # Aimed at 15 minutes on 2 quiet CPU cores, not yet met: profile and attribution, then the
-    # teacher-forced margins (4 texts per prompt and condition; validate runs 5 conditions) dominate.
-    # Each run's report records its wall time, CPU time and the load average beside them.
+    # Sized for 15 minutes on 2 quiet CPU cores (TARGET_SECONDS; each report says whether its run
+    # kept to it): validate (5 conditions: generation, 4 teacher-forced texts per prompt,
+    # perplexity), attribution and profiling dominate. Each run's report records its wall time,
+    # CPU time and the load average beside them.
     identify_prompts: int = 16  # per language and label: profiling (contrast)
     attribution_prompts: int = 12  # per language, of the identification prompts (forward + backward each)
     eval_harmful: int = 6  # held out, per language: eval (2 conditions) and validate (5 conditions)
