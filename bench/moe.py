@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
-import statistics
-import time
 
 import torch
 
@@ -33,7 +31,7 @@ from ssn_runtime.masks import NeuronMask, fold_mask
 from ssn_runtime.neuron_sets import NeuronSet
 from ssn_runtime.profiler import ProfileConfig, profile_ids
 
-from common import device_name, write_results
+from common import compare, device_name, write_results
 
 SHAPES = {
     # Qwen3-30B-A3B's layer shapes (128 experts of 768, top-8), 8 of its 48 layers
@@ -82,7 +80,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="JSON file or folder (default bench/results/)")
     args = ap.parse_args(argv)
     dev = args.device
-    gpu = dev == "cuda"
     kind = "tiny" if args.tiny else dev
     model = random_moe(dev, SHAPES[kind])
     cfg = model.config
@@ -142,27 +139,10 @@ def main(argv=None) -> int:
              "folded": lambda: state.__setitem__("fold", fold_mask(model, one))}
     teardown = {"attached": detach, "dynamic": detach, "per_row": detach, "folded": lambda: state.pop("fold").unfold()}
 
-    def sync():
-        if gpu:
-            torch.cuda.synchronize()
-
-    nop = lambda: None  # noqa: E731
-    for name in runners:  # warm-up: allocator, kernels, caches
-        setup.get(name, nop)()
-        runners[name]()
-        teardown.get(name, nop)()
-    times = {k: [] for k in runners}
-    names = list(runners)
-    for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            setup.get(name, nop)()
-            sync()
-            t0 = time.perf_counter()
-            runners[name]()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-            teardown.get(name, nop)()
-    t = {k: statistics.median(v) for k, v in times.items()}
+    # one call per contender per round (a pass over every batch is long enough to time), after one
+    # untimed warm-up call each (allocator, kernels, caches)
+    t = compare(runners, dev, rounds=args.rounds, warmup=1, min_round_seconds=0.0, setup=setup,
+                teardown=teardown)
     fp = ModelFingerprint.of(model)
     res = {"device": dev, "device_name": device_name(dev), "shape": kind, "config": SHAPES[kind],
            "params": sum(p.numel() for p in model.parameters()), "tokens": tokens, "batches": len(padded),

@@ -1,8 +1,6 @@
 """Neuron patches: exact sparse gradients vs dense autograd, runtime application == merge,
 unmerge restores the weights, persistence and validation."""
 
-import copy
-
 import pytest
 import torch
 
@@ -13,6 +11,7 @@ from ssn_runtime.fingerprint import model_fingerprint
 from ssn_runtime.neuron_sets import NeuronSet
 from ssn_runtime.patches import NeuronPatch, PatchState, merge_patch
 
+from patch_check import loss_of, randomize_, sparse_and_dense_backward
 from test_parity_zoo import BACKENDS, device_for, rel_err
 from zoo import batch, tiny_model
 
@@ -25,16 +24,7 @@ def patch_state(model, layers=(0, 1), k=5, seed=0, scale=0.05):
     ns = NeuronSet({layer: torch.randperm(fp["num_neurons"], generator=g)[:k] for layer in layers},
                    fp["num_layers"], fp["num_neurons"])
     site = find_sites(model)[0]
-    state = PatchState(ns, site.hidden_size, gated=site.gated, model_info=fp)
-    with torch.no_grad():
-        for p in state.parameters():
-            p.normal_(0, scale, generator=g)
-    return state
-
-
-def loss_of(model, ids, mask):
-    out = model(input_ids=ids, attention_mask=mask).logits
-    return torch.nn.functional.cross_entropy(out[mask.bool()], ids[mask.bool()])
+    return randomize_(PatchState(ns, site.hidden_size, gated=site.gated, model_info=fp), g, scale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -46,16 +36,7 @@ def test_sparse_gradients_equal_dense_gradients_on_the_slices(arch, backend):
         p.requires_grad_(False)
     state = patch_state(model).to(dev)
     ids, mask = batch("right", dev)
-    with ssn_runtime.attach(model, backend=backend) as h, h.intervene(patch=state):
-        loss = loss_of(model, ids, mask)
-        loss.backward()
-
-    dense = copy.deepcopy(model)
-    merge_patch(dense, state)
-    for p in dense.parameters():
-        p.requires_grad_(True)
-    ref_loss = loss_of(dense, ids, mask)
-    ref_loss.backward()
+    loss, ref_loss, dense = sparse_and_dense_backward(model, state, ids, mask, backend)
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     for site, dsite in zip(find_sites(model), find_sites(dense), strict=True):
         d = state.layer(site.layer)
@@ -150,23 +131,11 @@ def test_attention_neurons_grouped_query_mapping_and_exact_gradients(tmp_path):
     fp = model_fingerprint(model)
     mlp = NeuronSet({1: [3, 4]}, fp["num_layers"], fp["num_neurons"])
     attention = {0: torch.tensor([1, 13, 30]), 1: torch.tensor([47])}
-    state = PatchState(mlp, 48, gated=True, model_info=fp, attention=attention, attention_sites=sites)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in state.parameters():
-            p.normal_(0, 0.05, generator=g)
+    state = randomize_(PatchState(mlp, 48, gated=True, model_info=fp, attention=attention, attention_sites=sites),
+                       torch.Generator().manual_seed(0), 0.05)
     ids, mask = batch("right")
-    with ssn_runtime.attach(model) as h, h.intervene(patch=state):
-        loss = loss_of(model, ids, mask)
-        loss.backward()
-        applied = loss.item()
-    dense = copy.deepcopy(model)
-    merge_patch(dense, state)
-    for p in dense.parameters():
-        p.requires_grad_(True)
-    ref = loss_of(dense, ids, mask)
-    ref.backward()
-    assert abs(applied - ref.item()) <= 1e-5 * abs(ref.item())
+    loss, ref, dense = sparse_and_dense_backward(model, state, ids, mask)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
     dsites = attention_sites(dense)
     for layer in (0, 1):
         a = state.attention_layer(layer)
