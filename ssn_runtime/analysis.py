@@ -13,8 +13,10 @@ import io
 import json
 from pathlib import Path
 
+from .errors import SSNError
 from .io import atomic_write_text
 from .neuron_sets import NeuronSetFile
+from .stats import NeuronStats
 
 
 def _plt():
@@ -208,6 +210,31 @@ def analyze_routing(stats, out_dir: str | Path, harmful: str = "harmful", harmle
             _heatmaps(out / "routing_z.png", zs, layers, list(z), f"routing z ({harmful} vs {harmless})", "coolwarm",
                       -lim, lim)
     return result
+
+
+def analyze_files(neurons: str | None, stats: str | None, out: str, harmful: str = "harmful",
+                  harmless: str = "harmless"):
+    """`ssn analyze`: the report of a neuron set file and/or the router statistics of an MoE
+    model's stats file, under `out`; yields its summary lines as each part is written."""
+    if not (neurons or stats):
+        raise SSNError("ssn analyze needs --neurons (a neuron set file) and/or --stats (an MoE model's stats)")
+    loaded = NeuronStats.load(stats) if stats else None
+    if loaded is not None and loaded.route_topk is None:
+        raise SSNError(f"--stats {stats}: no router statistics (they come from profiling a mixture-of-experts "
+                       "model); for a dense model, analyze its neuron sets (--neurons)")
+    if neurons:
+        res = analyze(NeuronSetFile.load(neurons), out)
+        yield f"wrote {out}/ (summary.md, overlap.png, per_layer.png, CSV/JSON)"
+        for n, v in res["sizes"].items():
+            yield f"  {n:<10} {v:>7} neurons ({100 * res['share_of_neurons'][n]:.3f}%)"
+    if loaded is not None:
+        r = analyze_routing(loaded, out, harmful=harmful, harmless=harmless)
+        plots = "routing_heatmap.png" + (", routing_z.png" if r["routing_z"] else "")
+        yield (f"wrote {out}/ (routing.md, {plots}, routing.csv/json): router statistics of MoE layers "
+               f"{r['moe_layers']}, {r['experts']} experts, {len(r['rows'])} {r['row_kind']}s")
+        for lang, top in r["separating"].items():
+            yield (f"  {lang:<10} most separating experts ({harmful} vs {harmless}): "
+                   + ", ".join(f"L{la}/E{e} z={v:+.2f}" for la, e, v in top[:3] if v is not None))
 
 
 def _heatmaps(path: Path, mats: list, layers: list[int], rows: list[str], label: str, cmap: str, vmin, vmax) -> None:

@@ -126,6 +126,11 @@ def load_records(path: str | Path) -> list[Record]:
     return records
 
 
+def load_many(paths) -> list[Record]:
+    """The records of every file in `paths` (a repeatable --data option), in order."""
+    return [r for path in paths or [] for r in load_records(path)]
+
+
 HARMLESS_RESOURCE = "resources/harmless_prompts.jsonl"
 
 
@@ -172,6 +177,22 @@ def filter_records(records: list[Record], where: dict[str, list[str]] | None = N
             seen[k] = seen.get(k, 0) + 1
         out.append(r)
     return out
+
+
+def select_records(paths, languages: list[str] | None = None, limit: int | None = None,
+                   group_by: list[str] | None = None, add_harmless: bool = False) -> tuple[list[Record], list[str]]:
+    """The records of `paths` in `languages` (all when empty), with the built-in harmless
+    prompts of their languages when `add_harmless` and the files hold only harmful prompts,
+    at most `limit` per `group_by` group; returns (records, languages whose harmless prompts
+    were added). What `ssn profile`, `ssn eval` and `ssn validate` run on."""
+    records = filter_records(load_many(paths), {"language": list(languages)} if languages else None)
+    added: list[str] = []
+    if add_harmless:
+        records, added = with_builtin_harmless(records)
+    records = filter_records(records, None, limit, group_by)
+    if not records:
+        raise SSNError("no records left after --languages/--limit")
+    return records, added
 
 
 def prompt_messages(record: Record) -> list[dict]:

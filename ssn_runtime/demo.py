@@ -5,8 +5,10 @@
     -> evaluate on held-out prompts: refusal / compliance / unintelligible per language
 
 MS-Neurons of a language are chosen causally: the neurons whose activation x gradient
-says they most support the refusal on that language's harmful prompts
-(identify.attribution_by_language). SS-Neurons come from identify's set algebra in two
+says they most support the refusal on that language's harmful prompts that the organism
+refuses (identify.refused_records, then identify.attribution_by_language): the refusals it
+gives, not those it could give (averaging in the prompts it answers left an NHR language's
+set unable to remove that language's refusals on some seeds). SS-Neurons come from identify's set algebra in two
 readings: "union" (MS/HR = union over HR languages, SS = union over NHR languages of
 MS/HR & MS/l; identify's default) and "intersection" (intersections at both steps: shared
 by every language). With one HR language (the organism's English) the two readings differ
@@ -40,18 +42,20 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SSNError
 from .evaluate import wilson
 from .io import atomic_write_text
+from .options import option
 from .organism.build import ARCHS
 
 FRACTION = 0.15  # share of neurons per language taken as MS-Neurons
 PER_LAYER = False  # FRACTION of every layer (True) or of the whole model (False)
 ALPHA = 2.0  # reinforcement scale
 CONTROLS = 3  # random control sets (same size and per-layer counts) per reading, averaged
-ATTRIBUTION_PROMPTS = 48  # harmful profiling prompts per language for attribution (all of them)
+ATTRIBUTION_PROMPTS = 48  # harmful profiling prompts per language, of which the refused ones are attributed
 # What MS-Neurons support: "margin" = log p(refusal) - log p(compliance opening), or "refusal" =
 # log p(refusal) alone. The refusal's log-probability saturates where the model already
 # refuses (its gradient vanishes as p -> 1), so its attribution comes mostly from prompts the
@@ -103,7 +107,7 @@ def run_seed(seed: int, out: Path, small: bool = False, rebuild: bool = False, p
     from .data import load_records
     from .evaluate import perplexity, write_answers
     from .fingerprint import model_fingerprint
-    from .identify import IdentifyConfig, attribution_by_language, identify
+    from .identify import IdentifyConfig, attribution_by_language, identify, refused_records
     from .judges import LexiconJudge, load_lexicon
     from .loading import load_model, load_tokenizer
     from .masks import NeuronMask
@@ -161,14 +165,25 @@ def run_seed(seed: int, out: Path, small: bool = False, rebuild: bool = False, p
     # layer does not expose per expert (its experts' weights are fused tensors, not modules):
     # an MoE organism's sets come from the contrast of its statistics instead.
     method = "attribution" if routing is None else "cohens_d"
-    scores = None
+    scores, attributed = None, None
     if method == "attribution":
-        scores = attribution_by_language(model, tok, prompts, lexicon["canonical"], languages=langs,
+        # Attribution of the refusals the organism gives: over the harmful prompts it refuses
+        # (identify.refused_records), per language.
+        refused = refused_records(model, tok, prompts, judge, MAX_NEW_TOKENS, **BATCH)
+        attributed = {lang: min(ATTRIBUTION_PROMPTS, sum(r.fields.get("language") == lang for r in refused))
+                      for lang in langs}
+        for lang in [lang for lang, n in attributed.items() if n == 0]:  # (an undertrained --small organism)
+            every = [r for r in prompts if r.fields.get("language") == lang and r.fields.get("label") == "harmful"]
+            refused += every
+            attributed[lang] = f"all {min(ATTRIBUTION_PROMPTS, len(every))} (it refuses none)"
+            _stage(f"organism seed {seed} refuses none of the {lang} profiling prompts: its attribution runs "
+                   "over all of them", t0)
+        scores = attribution_by_language(model, tok, refused, lexicon["canonical"], languages=langs,
                                          limit=ATTRIBUTION_PROMPTS, progress=False)
         if ATTRIBUTION_TARGET == "margin":
             # Attribution is linear in its target: refusal minus compliance log-probability is the
             # attribution of the margin between them.
-            comply = attribution_by_language(model, tok, prompts, lexicon["compliance"], languages=langs,
+            comply = attribution_by_language(model, tok, refused, lexicon["compliance"], languages=langs,
                                              limit=ATTRIBUTION_PROMPTS, progress=False)
             scores = {lang: scores[lang] - comply[lang] for lang in scores}
     files = {}
@@ -214,7 +229,8 @@ def run_seed(seed: int, out: Path, small: bool = False, rebuild: bool = False, p
 
     rows = report["rows"] + tuned["rows"]
     result = {"format": RESULTS_FORMAT, "version": FORMAT_VERSION, "seed": seed, "hr": hr, "nhr": nhr,
-              "organism": {"path": str(path), "version": info.get("version"), "recipe": info.get("recipe"),
+              # the cache folder's name, not its path: results are compared across machines
+              "organism": {"folder": path.name, "version": info.get("version"), "recipe": info.get("recipe"),
                            "weights_sha256": info.get("weights_sha256"), "build_seconds": info.get("seconds"),
                            "build_cpu_seconds": info.get("cpu_seconds"), "config": info.get("config"),
                            "examples_by_kind": info.get("examples_by_kind"),
@@ -222,6 +238,7 @@ def run_seed(seed: int, out: Path, small: bool = False, rebuild: bool = False, p
                            "covered": {c: v.get("covered") for c, v in info.get("languages", {}).items()}},
               "environment": env, "deviations": repro.deviations(env), "judge": report["judge"],
               "fraction": FRACTION, "controls": CONTROLS, "neurons": total, "sets": sets, "identification": method,
+              "attributed_prompts": attributed,
               "counts": _counts(rows), "trainable_params": tune["trainable_params"],
               "perplexity": {"base": ppl_base, TUNED: ppl_tuned, "change": ppl_tuned / ppl_base - 1}}
     if routing is not None:  # the separating experts per language; the full tables are in analysis/routing.*
@@ -444,8 +461,11 @@ def seed_markdown(res: dict, level: int = 2) -> str:
                   f"{'; '.join(res['organism']['deviations'])}.", ""]
     how = {"attribution": "attribution", "cohens_d": "Cohen's d of harmful vs harmless activations"}.get(
         res.get("identification", "attribution"), res.get("identification"))
-    lines += [f"MS-Neurons: the top {100 * res['fraction']:.0f}% by {how} per language "
-              f"({', '.join(f'{k} {v}' for k, v in ms.items() if k != 'HR')} of {res['neurons']}). "
+    per = f"per language ({', '.join(f'{k} {v}' for k, v in ms.items() if k != 'HR')} of {res['neurons']})"
+    if res.get("attributed_prompts"):
+        how += (" over the harmful profiling prompts the organism refuses ("
+                + ", ".join(f"{lang} {n}" for lang, n in res["attributed_prompts"].items()) + ")")
+    lines += [f"MS-Neurons: the top {100 * res['fraction']:.0f}% {per} by {how}. "
               "SS-Neurons under both readings, each SS/l beside the overlap two random sets of the sizes of "
               "MS/HR and MS/l would have by chance:", ""]
     lines += sets_table(res)
@@ -614,26 +634,47 @@ def _dig(d, *keys):
     return d
 
 
-def run_demo(args) -> int:
+@dataclass
+class DemoConfig:
+    """`ssn demo`: which organisms run and where the report goes; its options are generated
+    from these fields (options.py). Seeds are checked here, before anything is built."""
+
+    out: str = option("out/demo", "report folder")
+    seeds: str = option("0", "organism seeds, e.g. 0,1,2,3,4; with several, each target's minimum margin across "
+                        "seeds (summary.json/.md)")
+    small: bool = option(False, "the seconds-to-build test organism")
+    arch: str = option("llama", "the organism's architecture: llama, gpt2, or qwen3_moe (a mixture of experts; the "
+                       "report adds router statistics per language)", choices=ARCHS)
+    rebuild: bool = option(False, "retrain the organism even if cached")
+    reuse: bool = option(False, "keep a seed's results.json under --out when it was computed on the organism now "
+                         "cached for that seed (resume, or gather seeds run in parallel)")
+    quiet: bool = option(False, "no progress bars")
+
+    def __post_init__(self):
+        parse_seeds(self.seeds)
+        if self.arch not in ARCHS:
+            raise SSNError(f"arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
+
+
+def run_demo(config: DemoConfig) -> int:
     """`ssn demo`: each seed in a pinned child process (organism/repro.py), then the summary.
     Exit status 1 when a target misses on some seed (after printing everything), else 0."""
     from .organism import repro
 
-    seeds = parse_seeds(args.seeds)
-    out = Path(args.out)
+    seeds = parse_seeds(config.seeds)
+    out = Path(config.out)
     results = []
     for seed in seeds:
         seed_out = out / f"seed{seed}"
-        arch = getattr(args, "arch", "llama")
-        res = reusable(seed, seed_out, args.small, arch) if getattr(args, "reuse", False) and not args.rebuild \
-            else None
+        arch = config.arch
+        res = reusable(seed, seed_out, config.small, arch) if config.reuse and not config.rebuild else None
         if res is not None:
             print(f"seed {seed}: reusing {seed_out / 'results.json'} (same organism weights)", flush=True)
         elif repro.in_pinned_process():
-            run_seed(seed, seed_out, small=args.small, rebuild=args.rebuild, progress=not args.quiet, arch=arch)
+            run_seed(seed, seed_out, small=config.small, rebuild=config.rebuild, progress=not config.quiet, arch=arch)
         else:
             argv = ["--seed", str(seed), "--out", str(seed_out), "--arch", arch] + [f for f, on in (
-                ("--small", args.small), ("--rebuild", args.rebuild), ("--quiet", args.quiet)) if on]
+                ("--small", config.small), ("--rebuild", config.rebuild), ("--quiet", config.quiet)) if on]
             repro.run_pinned("ssn_runtime.demo", argv, f"demo seed {seed}")
         res = res or load_results(seed_out / "results.json")
         print_table(res)

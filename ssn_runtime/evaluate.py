@@ -173,9 +173,8 @@ class EvalConfig:
 
     def __post_init__(self):
         where = "eval config"
-        if self.limit is not None:
-            check_int(self.limit, where, "limit", 1)
-        check_int(self.max_new_tokens, where, "max_new_tokens", 1)
+        check_int(self.max_new_tokens, where, "max_new_tokens", 0)
+        check_work(self.max_new_tokens, self.margins)
         check_batching(self.max_tokens_per_batch, self.max_batch_size)
 
     def batching(self) -> dict:
@@ -192,6 +191,12 @@ def model_judge(model_path: str | Path, lexicons=(), spec: str = "lexicon", labe
     checkpoint's own refusal_lexicon.json (a model may ship the refusal phrases of its own languages)."""
     own = Path(model_path) / "refusal_lexicon.json"
     return make_judge(spec, [*(lexicons or []), *([own] if own.is_file() else [])], label)
+
+
+def check_work(max_new_tokens: int, scoring: bool) -> None:
+    """A run generates (max_new_tokens > 0) or scores texts (margins), or both."""
+    if max_new_tokens < 0 or (max_new_tokens == 0 and not scoring):
+        raise SSNError("nothing to do: give max_new_tokens > 0 or texts to score")
 
 
 def _pad_eos(tokenizer, model) -> tuple[int, list[int]]:
@@ -369,8 +374,7 @@ def run_prompts(model, tokenizer, records: list[Record], conditions: dict | None
     Returns {"answers": {condition: [str per record]} or None, "logp": {condition: [[float per
     text] per record]} or None}."""
     check_batching(max_tokens_per_batch, max_batch_size)
-    if max_new_tokens < 0 or (max_new_tokens == 0 and texts is None):
-        raise SSNError("nothing to do: give max_new_tokens > 0 or texts to score")
+    check_work(max_new_tokens, texts is not None)
     if texts is not None and len(texts) != len(records):
         raise SSNError(f"{len(records)} records but {len(texts)} text lists")
     from .runtime import ensure_attached

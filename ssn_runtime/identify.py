@@ -32,7 +32,7 @@ scorers/lape.py for what it needs (gate statistics on gated MLPs).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -40,14 +40,19 @@ from .errors import SSNError
 from .fingerprint import ModelFingerprint
 from .neuron_sets import NeuronSet, NeuronSetFile
 from .neuron_space import valid_mask
+from .options import option
 from .scorers.consistent import consistent_neurons
 from .scorers.contrast import CONTRASTS
+from .scorers.lape import VARIANTS as LAPE_VARIANTS
 from .scorers.lape import lape
 from .stats import NeuronStats
+from .validation import check_int, check_number
 
 DEFAULT_HR = ("en", "zh", "it", "vi")
 DEFAULT_NHR = ("ar", "ko", "th", "bn", "sw", "jv")
 METHODS = (*CONTRASTS, "consistent", "lape", "attribution", "routing")
+SIGNS = ("positive", "negative", "abs")
+COMBINE = ("union", "intersection")
 
 
 def select_top(scores: torch.Tensor, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
@@ -60,7 +65,7 @@ def select_top(scores: torch.Tensor, k: int | None = None, fraction: float | Non
     `layouts` (a fingerprint's `moe_layers`): the indices past a smaller layer's size are never
     chosen, and fractions count real neurons; `per_expert`: `k` or `fraction` within each
     part of each layer (the dense/shared neurons, and each routed expert) instead."""
-    if sign not in ("positive", "negative", "abs"):
+    if sign not in SIGNS:
         raise SSNError(f"sign must be positive, negative or abs, not {sign!r}")
     s = scores.double()
     s = -s if sign == "negative" else (s.abs() if sign == "abs" else s)
@@ -132,36 +137,87 @@ def _select_per_part(s, k, fraction, threshold, layouts) -> NeuronSet:
 
 @dataclass
 class IdentifyConfig:
-    method: str = "cohens_d"
-    harmful: str = "harmful"
-    harmless: str = "harmless"
-    k: int | None = None
-    fraction: float | None = 0.01
-    per_layer: bool = False
-    threshold: float | None = None
-    sign: str = "positive"
-    rho: float = 0.9  # consistent: share of sequences
-    hr: list[str] = field(default_factory=lambda: list(DEFAULT_HR))
-    nhr: list[str] = field(default_factory=lambda: list(DEFAULT_NHR))
-    hr_combine: str = "union"
-    joint: str = "union"
-    lape_top_rate: float = 0.01
-    lape_filter_rate: float = 0.95
-    lape_activation_bar: float = 0.95
-    lape_variant: str = "published"
-    skip_incomplete: bool = False  # leave out (and record) languages lacking harmful or harmless prompts
-    per_expert: bool = False  # MoE: k / fraction within each expert (and the shared part) of each layer
+    """How `identify` selects neurons; `ssn identify`'s options are generated from these fields (options.py)."""
+
+    method: str = option("cohens_d", "attribution: activation x gradient of a refusal's log-probability (needs "
+                         "--model, --data); lape: language-specific neurons (LAPE/<lang>), needs --stats from ssn "
+                         "profile --gate-stats (gated MLPs); routing (MoE): every neuron of the experts whose "
+                         "selection separates harmful from harmless most (--k/--fraction count experts); the others "
+                         "need harmful and harmless prompts in every language", choices=METHODS)
+    harmful: str = option("harmful", "label of harmful prompts")
+    harmless: str = option("harmless", "label of harmless prompts")
+    k: int | None = option(None, "neurons per language (or per layer with --per-layer)")
+    fraction: float | None = option(0.01, "share of neurons when --k is not given")
+    per_layer: bool = option(False, "select within each layer")
+    threshold: float | None = option(None, "keep only scores above this")
+    sign: str = option("positive", "which scores count as high: positive (largest first), negative (smallest "
+                       "first) or abs", choices=SIGNS)
+    rho: float = option(0.9, "consistent: share of sequences")
+    hr: list[str] = option(list(DEFAULT_HR), "high-resource languages", csv=True)
+    nhr: list[str] = option(list(DEFAULT_NHR), "non-high-resource languages", csv=True)
+    hr_combine: str = option("union", "MS/HR = neurons of ANY HR language's MS set (union: generous) or of EVERY "
+                             "one", choices=COMBINE)
+    joint: str = option("union", "SS = neurons HR shares with AT LEAST ONE NHR language (union) or with EVERY one; "
+                        "the file records each SS/<l>'s chance overlap and the SS size under all four readings",
+                        choices=COMBINE)
+    lape_top_rate: float = option(0.01, "lape: share of all neurons selected")
+    lape_filter_rate: float = option(0.95, "lape: activation-probability filter quantile")
+    lape_activation_bar: float = option(0.95, "lape: quantile a language's probability must exceed to claim a neuron")
+    lape_variant: str = option("published", "lape: 'published' (Tang et al. 2024: act(gate) > 0, needs stats from "
+                               "ssn profile --gate-stats on gated MLPs) or this project's earlier 'product_kept'",
+                               choices=LAPE_VARIANTS)
+    skip_incomplete: bool = option(False, "leave out languages that have harmful but no harmless prompts (or the "
+                                   "reverse), recording them in the output, instead of failing")
+    per_expert: bool = option(False, "MoE: --k/--fraction within each routed expert (and the shared/dense part) "
+                              "of each layer")
 
     def __post_init__(self):
+        where = "identify config"
         if self.method not in METHODS:
             raise SSNError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
         for name in ("hr_combine", "joint"):
-            if getattr(self, name) not in ("union", "intersection"):
+            if getattr(self, name) not in COMBINE:
                 raise SSNError(f"{name} must be union or intersection")
-        from .scorers.lape import VARIANTS
+        if self.lape_variant not in LAPE_VARIANTS:
+            raise SSNError(f"lape_variant must be one of {', '.join(LAPE_VARIANTS)}, not {self.lape_variant!r}")
+        if self.k is not None:
+            check_int(self.k, where, "k", 1)
+            self.fraction = None  # k wins (select_top): the file records only what was used
+        if self.fraction is not None:
+            check_number(self.fraction, where, "fraction", 0.0, 1.0, lo_open=True)
+        if self.threshold is not None:
+            check_number(self.threshold, where, "threshold")
+        check_number(self.rho, where, "rho", 0.0, 1.0)
+        for key in ("lape_top_rate", "lape_filter_rate", "lape_activation_bar"):
+            check_number(getattr(self, key), where, key, 0.0, 1.0)
 
-        if self.lape_variant not in VARIANTS:
-            raise SSNError(f"lape_variant must be one of {', '.join(VARIANTS)}, not {self.lape_variant!r}")
+
+@dataclass
+class AttributionConfig:
+    """The prompts and batching of `attribution_by_language` (`ssn identify --method attribution`)."""
+
+    languages: list[str] | None = option(None, "attribution: only these languages (comma-separated; default: all "
+                                         "in --data)", csv=True)
+    limit: int = option(24, "attribution: the first N harmful prompts per language", aliases=("--attribution-prompts",))
+    batch_size: int = option(8, "attribution: prompts per forward/backward")
+    chat_template: bool = option(True, "format prompts with the tokenizer's chat template, when it has one")
+    refused_only: bool = option(False, "attribution: only the harmful prompts the model refuses (its greedy "
+                                "answers, judged): the refusals it gives, not the ones it could give; needs a "
+                                "model that refuses some prompts in every language")
+    answer_tokens: int = option(16, "attribution with --refused-only: greedy answer tokens judged per prompt")
+
+    def __post_init__(self):
+        _check_prompt_counts(self.limit, self.batch_size)
+        if isinstance(self.answer_tokens, bool) or not isinstance(self.answer_tokens, int) or self.answer_tokens < 1:
+            raise SSNError(f"answer tokens must be a positive integer, got {self.answer_tokens!r}")
+
+
+def _check_prompt_counts(limit, batch_size) -> None:
+    """Attribution's prompts per language (None: all) and per batch are positive integers."""
+    if isinstance(limit, bool) or (limit is not None and (not isinstance(limit, int) or limit < 1)):
+        raise SSNError(f"limit must be a positive integer, got {limit!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SSNError(f"batch size must be a positive integer, got {batch_size!r}")
 
 
 def _layout(stats: NeuronStats) -> tuple[dict[tuple[str, str], str], list[str]]:
@@ -357,10 +413,7 @@ def attribution_by_language(model, tokenizer, records: list, refusals: dict[str,
     from .evaluate import progress_bar
     from .scorers.attribution import attribution_scores
 
-    if isinstance(limit, bool) or (limit is not None and (not isinstance(limit, int) or limit < 1)):
-        raise SSNError(f"limit must be a positive integer, got {limit!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SSNError(f"batch size must be a positive integer, got {batch_size!r}")
+    _check_prompt_counts(limit, batch_size)
     by_lang: dict[str, list] = {}
     for r in records:
         if r.fields.get("label", harmful) != harmful:
@@ -387,3 +440,67 @@ def attribution_by_language(model, tokenizer, records: list, refusals: dict[str,
     finally:
         bar.close()
     return scores
+
+
+def refused_records(model, tokenizer, records: list, judge, max_new_tokens: int, harmful: str = "harmful",
+                    chat_template: bool = True, **batching) -> list:
+    """The `harmful` records whose greedy answer `judge` calls a refusal: the prompts on which a
+    language's refusal is carried, for `attribution_by_language`. The gradient of log p(refusal)
+    on a prompt the model answers points at what would make it refuse, not at what makes it
+    refuse; averaged in, it diluted an NHR language's MS set until suppressing it left that
+    language's refusals untouched (organism seed 1, xb: 62% refusal before and after; from its
+    refused prompts only: 62% -> 0%)."""
+    from .evaluate import generate_answers, prompt_text
+
+    rows = [r for r in records if r.fields.get("label", harmful) == harmful]
+    answers = generate_answers(model, tokenizer, rows, max_new_tokens, chat_template, **batching)
+    verdicts = judge.verdicts(answers, [r.fields.get("language") for r in rows], [prompt_text(r) for r in rows])
+    return [r for r, v in zip(rows, verdicts, strict=True) if v == "refusal"]
+
+
+def attribution_prompts(model, tokenizer, records: list, refusals: dict[str, str], config: AttributionConfig,
+                        harmful: str = "harmful", progress: bool = True,
+                        judge=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """`attribution_by_language` under `config`, and how many prompts each language used.
+    With `config.refused_only`, only the prompts `judge` says the model refuses (a language with
+    none is an error naming it)."""
+    from collections import Counter
+
+    if config.refused_only:
+        if judge is None:
+            raise SSNError("attribution over refused prompts needs a judge")
+        wanted = set(config.languages or [r.fields.get("language") for r in records])
+        refused = refused_records(model, tokenizer, [r for r in records if r.fields.get("language") in wanted],
+                                  judge, config.answer_tokens, harmful, config.chat_template)
+        have = Counter(r.fields.get("language") for r in refused)
+        missing = sorted(str(lang) for lang in wanted if not have[lang])
+        if missing:
+            raise SSNError(f"--refused-only: the model refuses none of the harmful prompts of {', '.join(missing)} "
+                           f"(within {config.answer_tokens} answer tokens); attribute over every prompt instead")
+        records = refused
+    scores = attribution_by_language(model, tokenizer, records, refusals, languages=config.languages or None,
+                                     limit=config.limit, batch_size=config.batch_size, progress=progress,
+                                     chat_template=config.chat_template, harmful=harmful)
+    counts = Counter(r.fields.get("language") for r in records if r.fields.get("label", harmful) == harmful)
+    return scores, {lang: min(config.limit, counts[lang]) for lang in scores}
+
+
+def summary_lines(sets: NeuronSetFile, out: str) -> tuple[list[str], list[str]]:
+    """(warnings, summary lines) of `identify`'s result written to `out`: skipped languages,
+    a missing SS set, then each set's size (and chance overlap), SS under every reading, LAPE."""
+    warnings = [f"skipped language {lang}: {why} (recorded in {out})"
+                for lang, why in sets.extra.get("skipped_languages", {}).items()]
+    if "ss_missing" in sets.extra:
+        warnings.append(sets.extra["ss_missing"])
+    lines = [f"wrote {out}:"]
+    chance = sets.extra.get("chance_overlap", {})
+    for name, ns in sets.sets.items():
+        note = f"   (chance overlap {chance[name]['expected']:.1f})" if name in chance else ""
+        lines.append(f"  {name:<10} {len(ns):>7} neurons{note}")
+    if "ss_variants" in sets.extra:
+        lines.append("  SS under each reading: " + ", ".join(f"{k}: {v}" for k, v in sets.extra["ss_variants"].items()))
+    if "lape" in sets.extra:
+        i = sets.extra["lape"]
+        lines.append(f"  LAPE ({i['variant']}, counting {i['activation']}): {i['selected']} selected of "
+                     f"{i['kept']} kept")
+    return warnings, lines

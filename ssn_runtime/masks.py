@@ -36,6 +36,8 @@ from .formats import Field, FileFormat, a_fingerprint, a_string, any_value
 from .io import atomic_write_folder, read_safetensors_checked, sha256_hex
 from .neuron_sets import NeuronSet
 from .neuron_space import check_layer_indices
+from .options import REQUIRED, option
+from .stats import NeuronStats
 from .validation import check_float_tensor, check_index_tensor, fail
 
 FORMAT = "ssn-neuron-mask"
@@ -288,3 +290,38 @@ def fold_mask(model, mask: NeuronMask) -> FoldedMask:
                 saved.append(fold_down(sites[layer].sub(sites[layer].style.down), lm.index, lm.scale, lm.bias))
     return FoldedMask(saved)
 
+
+
+MASK_OPS = "suppress | scale:ALPHA | patch_to:GROUP"
+
+
+@dataclass
+class MaskConfig:
+    """Which set of a neuron set file `ssn mask` turns into a mask, and how; its options are
+    generated from these fields (options.py). The op is checked here, before any file is read."""
+
+    set_name: str = option(REQUIRED, "set name, e.g. SS or MS/sw", flag="--set", metavar="SET")
+    op: str = option("suppress", MASK_OPS)
+
+    def __post_init__(self):
+        kind, _, value = self.op.partition(":")
+        if kind not in ("suppress", "scale", "patch_to"):
+            raise SSNError(f"--op must be suppress, scale:ALPHA or patch_to:GROUP, not {self.op!r}")
+        if kind == "scale":
+            try:
+                float(value)
+            except ValueError:
+                raise SSNError(f"--op scale:ALPHA needs a number, got {value!r}") from None
+
+    def build(self, sets, stats_path: str | Path | None = None) -> NeuronMask:
+        """The mask of `sets[set_name]` (a NeuronSetFile); patch_to reads its group means from `stats_path`."""
+        neurons = sets[self.set_name]
+        kind, _, value = self.op.partition(":")
+        if kind == "suppress":
+            return NeuronMask.suppress(neurons, sets.model, name=f"{self.set_name}:suppress")
+        if kind == "scale":
+            alpha = float(value)
+            return NeuronMask.scale(neurons, sets.model, alpha, name=f"{self.set_name}:scale{alpha:g}")
+        if not stats_path or not value:
+            raise SSNError("--op patch_to:GROUP needs --stats and a group name")
+        return NeuronMask.patch_to(neurons, sets.model, NeuronStats.load(stats_path), value)

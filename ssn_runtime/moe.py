@@ -288,6 +288,15 @@ def is_moe_model(sites) -> bool:
     return any(isinstance(s, MoESite) for s in sites)
 
 
+def activation_name(site) -> str | None:
+    """The activation a site (dense or MoE) computes, as `ssn info` names it: the kernel
+    activation's name, gpt-oss's clamped GLU with the kernel it runs on (its `act` alone, the
+    kernel's QuickGELU, is not what the model computes), or None (model-defined: torch backend)."""
+    if isinstance(site, MoESite) and site.spec.clamp is not None:
+        return f"gpt-oss clamped GLU (limit {site.spec.clamp:g}; {site.act or 'torch'} kernel)"
+    return site.act
+
+
 def describe_sites(sites) -> dict:
     """What `ssn info --model` prints about an MoE model's layers."""
     moe = [s for s in sites if isinstance(s, MoESite)]
@@ -298,8 +307,7 @@ def describe_sites(sites) -> dict:
     return {"moe_layers": [s.layer for s in moe], "dense_layers": dense,
             "experts": first.num_experts, "top_k": first.top_k, "expert_size": first.expert_size,
             "shared_neurons": first.layout.dense,
-            "expert_activation": (f"gpt-oss clamped GLU (limit {first.spec.clamp:g}; {first.act or 'torch'} kernel)"
-                                  if first.spec.clamp is not None else first.act or "model-defined (torch backend)"),
+            "expert_activation": activation_name(first) or "model-defined (torch backend)",
             "router_probs": first.router_probs}
 
 

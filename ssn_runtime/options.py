@@ -20,15 +20,19 @@ import typing
 from typing import Any
 
 _META = "ssn_option"
+REQUIRED = dataclasses.MISSING  # option(REQUIRED, ...): a field (and option) without a default
 
 
-def option(default: Any, help: str, *, flag: str | None = None, choices=None, csv: bool = False,
-           kv: bool = False, metavar: str | None = None, cli: bool = True):
+def option(default: Any, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = (), choices=None,
+           csv: bool = False, kv: bool = False, metavar: str | None = None, cli: bool = True):
     """A dataclass field with its command-line description. Mutable defaults (lists, dicts)
     are copied per instance. `csv`: a comma-separated list; `kv`: comma-separated KEY=NUMBER
-    pairs (a dict of floats). `cli=False` keeps a field out of the command line."""
-    meta = {_META: {"help": help, "flag": flag, "choices": choices, "csv": csv, "kv": kv, "metavar": metavar,
-                    "cli": cli}}
+    pairs (a dict of floats). `aliases`: further flags for the same option. `cli=False` keeps
+    a field out of the command line. `default=REQUIRED`: no default, a required option."""
+    meta = {_META: {"help": help, "flag": flag, "aliases": aliases, "choices": choices, "csv": csv, "kv": kv,
+                    "metavar": metavar, "cli": cli}}
+    if default is REQUIRED:
+        return dataclasses.field(metadata=meta)
     if isinstance(default, list | dict | set):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -86,7 +90,8 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
         tp, _ = _base_type(hints[f.name])
         default = _default(f)
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "required": required}
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         help_text = meta["help"] + (f" (default: {shown})" if shown not in (None, "", False) else "")
         if tp is bool:
@@ -104,7 +109,7 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
                 kw["choices"] = meta["choices"]
             if meta["metavar"]:
                 kw["metavar"] = meta["metavar"]
-        parser.add_argument(flag, help=help_text, **kw)
+        parser.add_argument(flag, *meta["aliases"], help=help_text, **kw)
 
 
 def from_args(cls, args: argparse.Namespace, **overrides):

@@ -28,7 +28,7 @@ import torch.nn as nn
 from .errors import SSNError
 from .fingerprint import ModelFingerprint
 from .formats import Field, FileFormat, a_bool, a_fingerprint, a_string, any_value, string_list
-from .io import atomic_write_folder, read_safetensors, read_safetensors_checked, sha256_hex
+from .io import atomic_folder, atomic_write_folder, read_safetensors, read_safetensors_checked, sha256_hex
 from .neuron_sets import NeuronSet
 from .neuron_space import check_layer_indices
 from .validation import check_float_tensor, check_index_tensor, check_int, fail
@@ -382,3 +382,25 @@ def unmerge_record(model, patch: NeuronPatch, record_path: str | Path) -> None:
                 raise SSNError(f"{record_path}: original.{k} has dtype/shape {orig.dtype}/{tuple(orig.shape)}, "
                                f"the model's slice {w.dtype}")
             w[idx.to(w.device)] = orig.to(w.device)
+
+
+def merge_checkpoint(model_path: str | Path, patch_path: str | Path, out: str | Path, unmerge: bool = False,
+                     dtype: str = "auto") -> NeuronPatch:
+    """`ssn merge`: write the checkpoint at `model_path` with the patch merged in (and the
+    record of what it replaced, so `unmerge` restores the base bit for bit), or, with
+    `unmerge`, a merged checkpoint with the patch removed. Returns the patch."""
+    from .loading import load_model, load_tokenizer  # loading pulls in every model adapter
+
+    model = load_model(model_path, dtype=dtype)
+    patch = NeuronPatch.load(patch_path, model=model)
+    record = None
+    if unmerge:
+        unmerge_record(model, patch, Path(model_path) / MERGE_RECORD)
+    else:
+        record = merge_patch(model, patch).record()
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(model_path).save_pretrained(tmp)
+        if record is not None:
+            (tmp / MERGE_RECORD).write_bytes(record)
+    return patch

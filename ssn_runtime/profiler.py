@@ -87,6 +87,28 @@ def _dist() -> _Dist:
     return _Dist()
 
 
+def init_distributed(device: str | None) -> str | None:
+    """Under torchrun (WORLD_SIZE/RANK set) join the process group (gloo on CPU, nccl on CUDA)
+    and return this rank's device; otherwise return `device` unchanged."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    else:
+        # ranks on one machine share its cores: oversubscribed threads slow every rank down
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        device = "cpu"
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    return device
+
+
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -27,10 +28,11 @@ from pathlib import Path
 import torch
 
 from .batching import pad_id
-from .data import Record, encode_prompt
+from .data import Record, encode_prompt, filter_records, load_many
 from .errors import SSNError
 from .identify import DEFAULT_HR
 from .io import atomic_write_bytes, atomic_write_text, read_safetensors
+from .judges import builtin_lexicon, load_lexicon
 from .neuron_sets import NeuronSet
 from .options import option
 from .patches import NeuronPatch, PatchState
@@ -352,3 +354,41 @@ def refusal_pairs(records: list[Record], canonical: dict[str, str]) -> list[Reco
             raise SSNError(f"{r.where}: no refusal text for language {lang!r}")
         out.append(Record(r.text, r.messages, {**r.fields, "label": "harmful"}, r.where, canonical[lang]))
     return out
+
+
+@dataclass
+class MakeDataConfig:
+    """`ssn make-data`: which prompts are paired with refusals and how many are held out; its
+    options are generated from these fields (options.py)."""
+
+    languages: list[str] | None = option(None, "keep only these languages (comma-separated)", csv=True)
+    holdout: float = option(0.0, "share of pairs held out")
+    seed: int = option(0, "seed of the shuffle before the hold-out split")
+
+    def __post_init__(self):
+        check_number(self.holdout, "make-data config", "holdout", 0.0, 1.0)
+        check_int(self.seed, "make-data config", "seed")
+
+
+def make_refusal_data(data: list[str], config: MakeDataConfig, out: str | Path, holdout_out: str | Path | None = None,
+                      lexicons=()) -> tuple[int, int]:
+    """Pair the prompts of `data` with the canonical refusal of their language (the built-in
+    lexicon's, updated by each of `lexicons`), shuffle, and write the training pairs to `out`
+    and the held-out share to `holdout_out` (JSONL prompt/response); returns (written, held out)."""
+    canonical = dict(builtin_lexicon()["canonical"])
+    for path in lexicons or []:
+        canonical.update(load_lexicon(path).get("canonical", {}))
+    records = filter_records(load_many(data), {"language": list(config.languages)} if config.languages else None)
+    pairs = refusal_pairs(records, canonical)
+    random.Random(config.seed).shuffle(pairs)
+    n_hold = int(len(pairs) * config.holdout)
+    held, train_set = pairs[:n_hold], pairs[n_hold:]
+
+    def dump(rs):
+        return "".join(json.dumps({"prompt": r.text, "response": r.response, **r.fields}, ensure_ascii=False) + "\n"
+                       for r in rs)
+
+    atomic_write_text(out, dump(train_set))
+    if holdout_out:
+        atomic_write_text(holdout_out, dump(held))
+    return len(train_set), len(held)

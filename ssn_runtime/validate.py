@@ -13,20 +13,44 @@ units, the paired per-prompt effect of the set against the control.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
 from .data import Record
 from .evaluate import (
+    EvalConfig,
     ability_checks,
     ability_rows,
     answer_records,
     margin_report,
     margin_token_texts,
     margins_from_logp,
+    named_conditions,
     paired_effects,
     refusal_report,
     run_prompts,
+    write_report,
 )
+from .io import atomic_write_text
 from .masks import NeuronMask
-from .neuron_sets import NeuronSet
+from .neuron_sets import NeuronSet, NeuronSetFile, check_model_match
+from .options import option
+from .validation import check_int, check_number
+
+
+@dataclass
+class ValidateConfig(EvalConfig):
+    """`ssn validate`: `EvalConfig` plus the set and its controls; options generated from these fields."""
+
+    set_name: str = option("SS", "set name in the neuron set file", flag="--set", metavar="SET")
+    alpha: float = option(2.0, "reinforcement scale")
+    seed: int = option(0, "random control seed")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number(self.alpha, "validate config", "alpha")
+        check_int(self.seed, "validate config", "seed")
 
 
 def evaluate_conditions(model, tokenizer, records: list[Record], conditions: dict[str, NeuronMask | None], judge,
@@ -107,4 +131,36 @@ def causal_validation(model, tokenizer, records: list[Record], neurons: NeuronSe
     report["set_size"] = len(neurons)
     report["control_per_layer"] = control.per_layer()
     report["control_seed"] = seed
+    return report
+
+
+def evaluate_masks(model, tokenizer, records: list[Record] | None, masks: list[tuple[str, NeuronMask]], judge,
+                   config: EvalConfig, out: str | Path, ppl=None, mc=None, progress: bool = False) -> dict:
+    """`ssn eval`: the base model beside each (folder, mask) over `records` (or, without
+    records, only the general-ability checks); writes the report under `out` and returns it."""
+    conditions = named_conditions(masks)
+    for spec, mask in masks:
+        check_model_match(mask.model, model, f"mask {spec}")
+    if records:
+        report = evaluate_conditions(model, tokenizer, records, conditions, judge, config.max_new_tokens,
+                                     chat_template=config.chat_template, progress=progress,
+                                     margins=config.margins, ppl=ppl, mc=mc, **config.batching())
+        write_report(report, out, "Refusal per language")  # also answers.json, one record per answer
+        return report
+    report = {"rows": [], **ability_checks(model, tokenizer, conditions, ppl, mc, config.chat_template,
+                                           **config.batching())}
+    report["ability"] = ability_rows(report)
+    atomic_write_text(Path(out) / "report.json", json.dumps(report, indent=1))
+    return report
+
+
+def validate_set(model, tokenizer, records: list[Record], neurons_path: str | Path, judge, config: ValidateConfig,
+                 out: str | Path, ppl=None, mc=None, progress: bool = False) -> dict:
+    """`ssn validate`: `causal_validation` of a set of a neuron set file; writes the report under `out`."""
+    neurons = NeuronSetFile.load(neurons_path, model=model)[config.set_name]
+    report = causal_validation(model, tokenizer, records, neurons, judge, alpha=config.alpha, seed=config.seed,
+                               set_name=config.set_name, max_new_tokens=config.max_new_tokens,
+                               chat_template=config.chat_template, progress=progress, margins=config.margins,
+                               ppl=ppl, mc=mc, **config.batching())
+    write_report(report, out, f"Causal validation of {config.set_name} ({report['set_size']} neurons)")
     return report

@@ -264,8 +264,6 @@ def test_cli_demo_rejects_bad_seeds(capsys):
 
 def test_reuse_keeps_only_results_of_the_cached_organism_and_misses_set_the_exit_status(tmp_path, monkeypatch,
                                                                                          capsys):
-    from argparse import Namespace
-
     from ssn_runtime.organism import cache
 
     def write(res):
@@ -285,7 +283,7 @@ def test_reuse_keeps_only_results_of_the_cached_organism_and_misses_set_the_exit
     assert demo.reusable(3, tmp_path / "seed3") is None
     cached["stale"] = None
 
-    args = Namespace(seeds="3", out=str(tmp_path), small=False, rebuild=False, quiet=True, reuse=True)
+    args = demo.DemoConfig(seeds="3", out=str(tmp_path), small=False, rebuild=False, quiet=True, reuse=True)
     assert demo.run_demo(args) == 0  # every target of the synthetic run holds: nothing is run
     assert "reusing" in capsys.readouterr().out and (tmp_path / "summary.json").is_file()
     missed = synthetic(3, xa_base=(10, 9, 1, 0))  # xa refuses more: random controls move it 25 points

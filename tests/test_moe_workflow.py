@@ -3,7 +3,6 @@ independent reference, the profiler (neuron and router statistics) against a per
 oracle, exact sparse gradients of expert neurons vs dense autograd, patches and merge,
 neuron-space validation, per-expert identification and the routing scorer."""
 
-import copy
 import math
 
 import pytest
@@ -19,6 +18,7 @@ from ssn_runtime.patches import NeuronPatch, PatchState, merge_patch
 from ssn_runtime.profiler import ProfileConfig, profile_ids
 from ssn_runtime.stats import NeuronStats
 
+from patch_check import randomize_, sparse_and_dense_backward
 from test_parity_zoo import BACKENDS, device_for, rel_err
 from zoo import MOE_ZOO, VOCAB, batch, tiny_model
 
@@ -360,17 +360,8 @@ def patch_state(model, k=6, seed=0, scale=0.05):
     fp = model_fingerprint(model)
     ns = some_neurons(model, k, seed)
     site = ssn_runtime.find_sites(model)[-1]
-    state = PatchState(ns, site.hidden_size, gated=True, model_info=fp)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in state.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return state
-
-
-def loss_of(model, ids, mask):
-    out = model(input_ids=ids, attention_mask=mask).logits
-    return torch.nn.functional.cross_entropy(out[mask.bool()], ids[mask.bool()])
+    return randomize_(PatchState(ns, site.hidden_size, gated=True, model_info=fp), torch.Generator().manual_seed(seed),
+                      scale)
 
 
 def _grad_rows(site, flat_idx, which):
@@ -411,15 +402,7 @@ def test_sparse_gradients_of_expert_neurons_equal_dense_gradients(arch, backend)
         p.requires_grad_(False)
     state = patch_state(model).to(dev)
     ids, mask = batch("right", dev)
-    with ssn_runtime.attach(model, backend=backend) as h, h.intervene(patch=state):
-        loss = loss_of(model, ids, mask)
-        loss.backward()
-    dense = copy.deepcopy(model)
-    merge_patch(dense, state)
-    for p in dense.parameters():
-        p.requires_grad_(True)
-    ref = loss_of(dense, ids, mask)
-    ref.backward()
+    loss, ref, dense = sparse_and_dense_backward(model, state, ids, mask, backend)
     assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
     for site in ssn_runtime.find_sites(dense):
         d = state.layer(site.layer)
@@ -544,3 +527,25 @@ def test_attribution_refuses_expert_layers_with_one_clear_line():
 
     with pytest.raises(SSNError, match="attribution does not support mixture-of-experts layers yet"):
         attribution_scores(tiny_model("qwen3_moe"), None, [("x", "y")])
+
+
+def test_info_model_line_names_the_activation_the_experts_compute(tmp_path, capsys):
+    """`ssn info` on gpt-oss: the model line names the clamped GLU (on the QuickGELU kernel), as
+    the MoE line does, not the bare kernel activation; a default act(gate) * up family keeps its
+    kernel activation's name."""
+    import json
+
+    from ssn_runtime.cli import main
+
+    clamped = "gpt-oss clamped GLU (limit 7; quick_gelu kernel)"
+    for arch, act in (("gpt_oss", clamped), ("qwen3_moe", "silu")):
+        path = tmp_path / arch
+        tiny_model(arch).save_pretrained(path)
+        capsys.readouterr()
+        assert main(["info", "--model", str(path)]) == 0
+        out = capsys.readouterr().out
+        model_line = next(line for line in out.splitlines() if line.startswith(f"model {path}:"))
+        assert model_line.endswith(f"mixture-of-experts MLP, activation {act}"), model_line
+        assert f"expert activation {act};" in out
+        assert main(["info", "--model", str(path), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["model"]["activation"] == act

@@ -47,3 +47,88 @@ def test_help_text_comes_from_the_config():
     text = p.format_help()
     assert "tokens counted (default: prompt)" in text and "--group-by" in text and "--secret" not in text
     assert describe(Cfg)["topk"] == "top-k per sequence"
+
+
+# ----- the ssn commands' options come from their configs -----
+def _commands():
+    from ssn_runtime.demo import DemoConfig
+    from ssn_runtime.evaluate import EvalConfig
+    from ssn_runtime.identify import AttributionConfig, IdentifyConfig
+    from ssn_runtime.masks import MaskConfig
+    from ssn_runtime.profiler import ProfileConfig
+    from ssn_runtime.train import MakeDataConfig, TrainConfig
+    from ssn_runtime.validate import ValidateConfig
+
+    return {"identify": [IdentifyConfig, AttributionConfig], "mask": [MaskConfig], "eval": [EvalConfig],
+            "validate": [ValidateConfig], "make-data": [MakeDataConfig], "demo": [DemoConfig],
+            "profile": [ProfileConfig], "train": [TrainConfig]}
+
+
+@pytest.mark.parametrize("command", ["identify", "mask", "eval", "validate", "make-data", "demo", "profile", "train"])
+def test_every_config_field_is_an_option_of_its_command(command):
+    import dataclasses
+
+    from ssn_runtime.cli import build_parser
+
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    flags = {f for a in parser._actions for f in a.option_strings}
+    text = parser.format_help()
+    for cls in _commands()[command]:
+        for f in dataclasses.fields(cls):
+            flag = f.metadata["ssn_option"]["flag"] or "--" + f.name.replace("_", "-")
+            assert flag in flags and flag in text, (command, flag)
+        assert cls() if command != "mask" else cls(set_name="SS")  # the defaults are valid
+
+
+# Paths below do not exist: a bad option must be reported before any file or model is read.
+BAD_OPTIONS = [
+    (["eval", "--model", "none", "--data", "none.jsonl", "--out", "o", "--max-new-tokens", "-1"],
+     "max_new_tokens: -1 is out of range"),
+    (["eval", "--model", "none", "--data", "none.jsonl", "--out", "o", "--max-new-tokens", "0", "--no-margins"],
+     "nothing to do: give max_new_tokens > 0"),
+    (["eval", "--model", "none", "--out", "o", "--max-batch-size", "0"],
+     "max batch size must be a positive integer, got 0"),
+    (["validate", "--model", "none", "--neurons", "n", "--data", "none.jsonl", "--out", "o", "--alpha", "nan"],
+     "alpha: must be finite"),
+    (["validate", "--model", "none", "--neurons", "n", "--data", "none.jsonl", "--out", "o", "--max-new-tokens",
+      "-1"], "max_new_tokens: -1 is out of range"),
+    (["identify", "--stats", "none.safetensors", "--out", "o", "--fraction", "2"], "fraction: 2.0 is out of range"),
+    (["identify", "--stats", "none.safetensors", "--out", "o", "--k", "0"], "k: 0 is out of range"),
+    (["identify", "--stats", "none.safetensors", "--out", "o", "--rho", "1.5"], "rho: 1.5 is out of range"),
+    (["identify", "--stats", "none.safetensors", "--out", "o", "--lape-top-rate", "-0.1"],
+     "lape_top_rate: -0.1 is out of range"),
+    (["identify", "--method", "attribution", "--model", "none", "--data", "none.jsonl", "--out", "o",
+      "--batch-size", "0"], "batch size must be a positive integer, got 0"),
+    (["mask", "--neurons", "none.json", "--set", "SS", "--out", "o", "--op", "scale:x"],
+     "--op scale:ALPHA needs a number, got 'x'"),
+    (["mask", "--neurons", "none.json", "--set", "SS", "--out", "o", "--op", "flip"],
+     "--op must be suppress, scale:ALPHA or patch_to:GROUP, not 'flip'"),
+    (["make-data", "--data", "none.jsonl", "--out", "o", "--holdout", "1.5"], "holdout: 1.5 is out of range"),
+    (["demo", "--seeds", "0,x", "--out", "o"], "--seeds: 'x' is not a non-negative integer"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_OPTIONS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_OPTIONS])
+def test_bad_options_are_one_error_line_before_anything_loads(argv, message, capsys, monkeypatch, tmp_path):
+    from ssn_runtime import data, loading
+    from ssn_runtime.cli import main
+
+    def never(*a, **k):
+        raise AssertionError("read before the options were checked")
+
+    monkeypatch.setattr(loading, "load_model", never)
+    monkeypatch.setattr(data, "load_records", never)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_library_configs_take_no_namespace():
+    """run_demo takes a DemoConfig (the library never sees an argparse Namespace)."""
+    import inspect
+
+    from ssn_runtime import demo
+
+    assert inspect.signature(demo.run_demo).parameters["config"].annotation in ("DemoConfig", demo.DemoConfig)
