@@ -99,3 +99,48 @@ def test_cli_identify_attribution_options(tiny_ckpts, tmp_path, capsys):
     rc = main(["identify", "--method", "attribution", "--model", str(tiny_ckpts["llama"]), "--data", str(MULTIJAIL),
                "--languages", "en", "--batch-size", "0", "--out", str(out), "--quiet"])
     assert rc == 2 and "batch size must be a positive integer" in capsys.readouterr().err
+
+
+class _VerdictByPrompt:
+    """A judge that calls an answer a refusal when its prompt is in `refused` (the selection
+    logic under test; the lexicon judge itself is tested in test_judges.py)."""
+
+    def __init__(self, refused):
+        self.refused, self.seen = set(refused), []
+
+    def verdicts(self, answers, languages, prompts):
+        self.seen.append(len(answers))
+        return ["refusal" if p in self.refused else "compliance" for p in prompts]
+
+
+def test_refused_only_attributes_exactly_the_refused_prompts(tiny_ckpts):
+    from ssn_runtime.evaluate import prompt_text
+    from ssn_runtime.identify import AttributionConfig, attribution_prompts, refused_records
+
+    model, tok = load_model(tiny_ckpts["llama"]), load_tokenizer(tiny_ckpts["llama"])
+    records = [r for r in load_records(MULTIJAIL) if r.fields["language"] in ("en", "sw")]
+    harmful = [r for r in records if r.fields.get("label", "harmful") == "harmful"]
+    judge = _VerdictByPrompt(prompt_text(r) for r in harmful[::3])
+    pick = [r for r in harmful if prompt_text(r) in judge.refused]  # (a text may recur in MultiJail)
+    got = refused_records(model, tok, records, judge, 2)
+    assert [prompt_text(r) for r in got] == [prompt_text(r) for r in pick] and judge.seen == [len(harmful)]
+    canon = builtin_lexicon()["canonical"]
+    cfg = AttributionConfig(languages=["en", "sw"], limit=2, batch_size=2, refused_only=True, answer_tokens=2)
+    scores, counts = attribution_prompts(model, tok, records, canon, cfg, judge=judge, progress=False)
+    ref = attribution_by_language(model, tok, pick, canon, languages=["en", "sw"], limit=2, batch_size=2,
+                                  progress=False)
+    assert all(torch.equal(scores[lang], ref[lang]) for lang in ("en", "sw"))
+
+
+def test_cli_refused_only_names_a_language_the_model_never_refuses(tiny_ckpts, tmp_path, capsys):
+    from ssn_runtime.cli import main
+
+    rc = main(["identify", "--method", "attribution", "--model", str(tiny_ckpts["llama"]), "--data", str(MULTIJAIL),
+               "--languages", "en,sw", "--limit", "2", "--refused-only", "--answer-tokens", "3", "--hr", "en",
+               "--nhr", "sw", "--out", str(tmp_path / "n.json"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "refuses none of the harmful prompts of en, sw" in err, err
+    assert not (tmp_path / "n.json").exists()
+    rc = main(["identify", "--method", "attribution", "--model", str(tiny_ckpts["llama"]), "--data", str(MULTIJAIL),
+               "--answer-tokens", "0", "--out", str(tmp_path / "n.json")])
+    assert rc == 2 and "answer tokens must be a positive integer" in capsys.readouterr().err
