@@ -92,7 +92,11 @@ def _serve(d: dict) -> str:
     engines = d.get("engines") or {}
     eng = ", ".join(f"{k} {v['tokens_per_s']:.0f} tok/s" for k, v in engines.items() if isinstance(v, dict)
                     and "tokens_per_s" in v)
-    anchors = "no anchor servers" if not d.get("anchors") else f"{len(d['anchors'])} anchor servers"
+    # ssn's tokens/s over each anchor server's, at the most clients, per length (bench/serve.py summarize)
+    vs = [f"ssn / {k.removeprefix('ssn_over_').rsplit('_', 1)[0]} at {k.rsplit('_', 1)[1]} clients {_x(v)}"
+          for s in d["summary"].values() for k, v in s.items() if k.startswith("ssn_over_")]
+    anchors = ("no anchor servers" if not d.get("anchors") else
+               f"anchor servers {', '.join(d['anchors'])}" + (f": {', '.join(vs)}" if vs else ""))
     return (f"{model}, {d.get('rounds')} rounds x {d.get('seconds_per_setting')} s: " + "; ".join(parts)
             + f"; resident memory with two patch profiles / base {_x(mem)}"
             + (f"; in process, {engines.get('requests')} requests: {eng}" if eng else "") + f"; {anchors}")
