@@ -335,15 +335,15 @@ def run(out: Path, plan: Plan, multijail: Path | None = None, fresh: bool = Fals
               "--ppl", str(d / "heldout.jsonl"), *q]
     # One eval over every language (one model load, fuller batches); validate, the longer step,
     # runs per language so that an interrupted run loses at most one language's work.
+    (eval_dir,), val_dirs = _report_dirs(out, plan)  # where the report reads them back
     steps.run("eval", ["eval", *common, "--languages", ",".join(plan.languages), *masks,
-                       "--out", str(out / "eval" / "all")], [out / "eval" / "all" / "answers.json"])
+                       "--out", str(eval_dir)], [eval_dir / "answers.json"])
     if len(sets["attribution"].get("SS", ())):
-        for lang in plan.languages:
+        for lang, val_dir in zip(plan.languages, val_dirs, strict=True):
             steps.run(f"validate {lang}", ["validate", *common, "--languages", lang, "--neurons",
                                            str(out / "neurons_attribution.json"), "--set", "SS", "--alpha",
-                                           str(plan.alpha), "--seed", str(plan.seed),
-                                           "--out", str(out / "validate" / lang)],
-                      [out / "validate" / lang / "answers.json"])
+                                           str(plan.alpha), "--seed", str(plan.seed), "--out", str(val_dir)],
+                      [val_dir / "answers.json"])
     steps.say("writing the report")
     threads = sorted({v["torch_threads"] for v in steps.done.values() if "torch_threads" in v})
     result = summarize(out, plan, sets, conversion, steps.seconds, time.perf_counter() - t0, lengths, threads,
