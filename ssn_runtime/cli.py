@@ -259,28 +259,10 @@ def _add_eval_args(p) -> None:
 
 
 def cmd_serve(args) -> int:
-    import os
+    from .options import from_args
+    from .serve import ServeConfig, run
 
-    from .serve import build_server, serve_forever
-
-    profiles = {}
-    for spec in args.profile or []:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SSNError(f"--profile takes NAME=PATH (or NAME=MASK,PATCH), got {spec!r}")
-        if name in profiles:
-            raise SSNError(f"profile {name!r} given twice")
-        profiles[name] = path
-    if not 0 <= args.shutdown_grace < float("inf"):
-        raise SSNError(f"--shutdown-grace must be a finite number of seconds >= 0, got {args.shutdown_grace}")
-    api_key = args.api_key or os.environ.get("SSN_API_KEY") or None
-    app, engine = build_server(args.model, profiles, args.served_name, args.dtype, args.device, api_key,
-                               args.max_batch, args.queue_size, args.request_timeout, args.default_max_tokens,
-                               args.gather_ms, args.max_prefill_tokens, args.public_metrics)
-    names = ", ".join(["base", *profiles])
-    print(f"serving {args.served_name or args.model} ({names}) on http://{args.host}:{args.port}/v1"
-          + (" (API key required)" if api_key else ""), flush=True)
-    serve_forever(app, engine, args.host, args.port, args.shutdown_grace)
+    run(args.model, args.profile or [], from_args(ServeConfig, args), args.dtype, args.device)
     return 0
 
 
@@ -309,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .masks import MaskConfig
     from .options import add_options
     from .profiler import ProfileConfig
+    from .serve.config import ServeConfig
     from .train import MakeDataConfig, TrainConfig
     from .validate import ValidateConfig
 
@@ -432,21 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--profile", action="append", help="NAME=PATH of a mask or patch folder, or NAME=MASK,PATCH for "
                    "both (composed per row); repeatable; every profile shares the one copy of the weights")
-    p.add_argument("--served-name", help="the base model's id in the API (default: the folder name)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require this Bearer token (or set SSN_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (continuous batching)")
-    p.add_argument("--queue-size", type=int, default=64, help="waiting requests before answering 429")
-    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request (then 408)")
-    p.add_argument("--default-max-tokens", type=int, default=64, help="answer budget when a request gives none")
-    p.add_argument("--gather-ms", type=float, default=5.0,
-                   help="when idle, how long the first request waits for others before its prefill")
-    p.add_argument("--max-prefill-tokens", type=int, default=4096,
-                   help="prompt tokens admitted per step (bounds how long joining rows stall running ones)")
-    p.add_argument("--shutdown-grace", type=float, default=30.0,
-                   help="on SIGTERM: seconds in-flight rows may run on before they are cut (503)")
-    p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
+    add_options(p, ServeConfig)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device")
     p.set_defaults(func=cmd_serve)

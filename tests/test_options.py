@@ -56,15 +56,17 @@ def _commands():
     from ssn_runtime.identify import AttributionConfig, IdentifyConfig
     from ssn_runtime.masks import MaskConfig
     from ssn_runtime.profiler import ProfileConfig
+    from ssn_runtime.serve.config import ServeConfig
     from ssn_runtime.train import MakeDataConfig, TrainConfig
     from ssn_runtime.validate import ValidateConfig
 
     return {"identify": [IdentifyConfig, AttributionConfig], "mask": [MaskConfig], "eval": [EvalConfig],
             "validate": [ValidateConfig], "make-data": [MakeDataConfig], "demo": [DemoConfig],
-            "profile": [ProfileConfig], "train": [TrainConfig]}
+            "profile": [ProfileConfig], "train": [TrainConfig], "serve": [ServeConfig]}
 
 
-@pytest.mark.parametrize("command", ["identify", "mask", "eval", "validate", "make-data", "demo", "profile", "train"])
+@pytest.mark.parametrize("command", ["identify", "mask", "eval", "validate", "make-data", "demo", "profile", "train",
+                                     "serve"])
 def test_every_config_field_is_an_option_of_its_command(command):
     import dataclasses
 
@@ -105,6 +107,13 @@ BAD_OPTIONS = [
      "--op must be suppress, scale:ALPHA or patch_to:GROUP, not 'flip'"),
     (["make-data", "--data", "none.jsonl", "--out", "o", "--holdout", "1.5"], "holdout: 1.5 is out of range"),
     (["demo", "--seeds", "0,x", "--out", "o"], "--seeds: 'x' is not a non-negative integer"),
+    (["serve", "--model", "none", "--max-batch", "0"], "max_batch: 0 is out of range"),
+    (["serve", "--model", "none", "--shutdown-grace", "inf"], "shutdown_grace: must be finite"),
+    (["serve", "--model", "none", "--request-timeout", "0"], "request_timeout: 0.0 is out of range"),
+    (["serve", "--model", "none", "--port", "70000"], "port: 70000 is out of range"),
+    (["serve", "--model", "none", "--profile", "nopath"], "--profile takes NAME=PATH"),
+    (["serve", "--model", "none", "--profile", "a=x", "--profile", "a=y"], "profile 'a' given twice"),
+    (["serve", "--model", "none", "--profile", "base=x"], "profile name 'base' is not allowed"),
 ]
 
 

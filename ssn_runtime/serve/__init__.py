@@ -13,11 +13,13 @@ from pathlib import Path
 
 from ..errors import SSNError
 from .app import ServerConfig, create_app
+from .config import ServeConfig, parse_profile_args
 from .engine import Draining, Engine, GenRequest, QueueFull
 from .metrics import Metrics
 
-__all__ = ["Draining", "Engine", "GenRequest", "Metrics", "QueueFull", "ServerConfig", "build_server",
-           "create_app", "load_variants", "parse_profiles", "profile_kind", "serve_forever"]
+__all__ = ["Draining", "Engine", "GenRequest", "Metrics", "QueueFull", "ServeConfig", "ServerConfig",
+           "build_server", "create_app", "load_variants", "parse_profile_args", "parse_profiles", "profile_kind",
+           "run", "serve_forever"]
 
 
 def profile_kind(path: str | Path) -> str:
@@ -63,34 +65,37 @@ def load_variants(profiles: dict[str, str], model) -> dict:
             for name, f in parse_profiles(profiles).items()}
 
 
-def build_server(model_path: str, profiles: dict[str, str], served_name: str | None = None, dtype="auto",
-                 device: str | None = None, api_key: str | None = None, max_batch: int = 16, queue_size: int = 64,
-                 request_timeout: float = 60.0, default_max_tokens: int = 64, gather_ms: float = 5.0,
-                 max_prefill_tokens: int = 4096, public_metrics: bool = False):
+def build_server(model_path: str, profiles: dict[str, str], config: ServeConfig | None = None, dtype="auto",
+                 device: str | None = None):
     """(FastAPI app, engine): everything validated and loaded, the engine started."""
     from ..loading import load_model, load_tokenizer
     from ..runtime import attach
 
-    for flag, value in (("max-batch", max_batch), ("queue-size", queue_size),
-                        ("default-max-tokens", default_max_tokens), ("max-prefill-tokens", max_prefill_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SSNError(f"--{flag} must be an integer >= 1, got {value!r}")
-    for flag, value in (("request-timeout", request_timeout), ("gather-ms", gather_ms)):
-        if not (value >= 0 and value < float("inf")) or (flag == "request-timeout" and value == 0):
-            raise SSNError(f"--{flag} must be a finite number {'> 0' if flag == 'request-timeout' else '>= 0'}, "
-                           f"got {value!r}")
+    config = config or ServeConfig()
     parse_profiles(profiles)  # a bad spec fails before the model is loaded
     model = load_model(model_path, dtype=dtype, device=device)
     tok = load_tokenizer(model_path)
     variants = load_variants(profiles, model)
     metrics = Metrics()
     handle = attach(model)
-    engine = Engine(model, tok, handle, variants, max_batch=max_batch, queue_size=queue_size, gather_ms=gather_ms,
-                    max_prefill_tokens=max_prefill_tokens, metrics=metrics, name="base").start()
-    cfg = ServerConfig(base_name=served_name or Path(str(model_path)).name, engine=engine, api_key=api_key,
-                       request_timeout=request_timeout, default_max_tokens=default_max_tokens,
-                       public_metrics=public_metrics)
+    engine = Engine(model, tok, handle, variants, max_batch=config.max_batch, queue_size=config.queue_size,
+                    gather_ms=config.gather_ms, max_prefill_tokens=config.max_prefill_tokens, metrics=metrics,
+                    name="base").start()
+    cfg = ServerConfig(base_name=config.served_name or Path(str(model_path)).name, engine=engine,
+                       api_key=config.key(), request_timeout=config.request_timeout,
+                       default_max_tokens=config.default_max_tokens, public_metrics=config.public_metrics)
     return create_app(cfg, metrics), engine
+
+
+def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="auto",
+        device: str | None = None) -> None:
+    """`ssn serve`: load, say where it serves, serve until SIGTERM/SIGINT (then drain)."""
+    profiles = parse_profile_args(profile_specs)
+    app, engine = build_server(model_path, profiles, config, dtype, device)
+    names = ", ".join(["base", *profiles])
+    print(f"serving {config.served_name or model_path} ({names}) on http://{config.host}:{config.port}/v1"
+          + (" (API key required)" if config.key() else ""), flush=True)
+    serve_forever(app, engine, config.host, config.port, config.shutdown_grace)
 
 
 def serve_forever(app, engine: Engine, host: str, port: int, grace_s: float = 30.0, log_level: str = "warning") -> None:

@@ -1,0 +1,57 @@
+"""`ssn serve`'s settings: one dataclass whose fields are the command's options (options.py),
+checked before the model is read."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import SSNError
+from ..options import option
+from ..validation import check_int, check_number
+
+WHERE = "serve config"
+
+
+@dataclass
+class ServeConfig:
+    served_name: str | None = option(None, "the base model's id in the API (default: the folder name)")
+    host: str = option("127.0.0.1", "bind address (127.0.0.1: this machine only)")
+    port: int = option(8000, "TCP port")
+    api_key: str | None = option(None, "require this Bearer token (default: $SSN_API_KEY, if set)")
+    max_batch: int = option(16, "rows decoded together (continuous batching)")
+    queue_size: int = option(64, "waiting requests before answering 429")
+    request_timeout: float = option(60.0, "seconds per request (then 408)")
+    default_max_tokens: int = option(64, "answer budget when a request gives none")
+    gather_ms: float = option(5.0, "when idle, how long the first request waits for others before its prefill")
+    max_prefill_tokens: int = option(4096, "prompt tokens admitted per step (bounds how long joining rows stall "
+                                     "running ones)")
+    shutdown_grace: float = option(30.0, "on SIGTERM: seconds in-flight rows may run on before they are cut (503)")
+    public_metrics: bool = option(False, "serve /metrics without the API key")
+
+    def __post_init__(self):
+        for key in ("max_batch", "queue_size", "default_max_tokens", "max_prefill_tokens"):
+            check_int(getattr(self, key), WHERE, key, 1)
+        check_int(self.port, WHERE, "port", 1, 65535)
+        check_number(self.request_timeout, WHERE, "request_timeout", 0.0, lo_open=True)
+        for key in ("gather_ms", "shutdown_grace"):
+            check_number(getattr(self, key), WHERE, key, 0.0)
+        if self.api_key is not None and not (self.api_key and self.api_key.isprintable()):
+            raise SSNError(f"{WHERE}: api_key must be a non-empty printable string")
+
+    def key(self) -> str | None:
+        """The API key to require: --api-key, else $SSN_API_KEY, else none."""
+        return self.api_key or os.environ.get("SSN_API_KEY") or None
+
+
+def parse_profile_args(specs: list[str]) -> dict[str, str]:
+    """{name: "PATH" or "MASK,PATCH"} from repeated NAME=PATH options (folders checked later)."""
+    profiles: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SSNError(f"--profile takes NAME=PATH (or NAME=MASK,PATCH), got {spec!r}")
+        if name in profiles:
+            raise SSNError(f"profile {name!r} given twice")
+        profiles[name] = path
+    return profiles
