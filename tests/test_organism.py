@@ -16,7 +16,7 @@ from ssn_runtime.judges import LexiconJudge, load_lexicon
 from ssn_runtime.organism import cache, repro
 from ssn_runtime.organism.build import VERSION, OrganismConfig, build
 from ssn_runtime.organism.data import DataSpec, covered_actions, eval_prompts, split_combos, training_examples
-from ssn_runtime.organism.language import HARMFUL_ACTIONS, make_languages
+from ssn_runtime.organism.language import BENIGN_ACTIONS, HARMFUL_ACTIONS, OBJECTS, make_languages
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,11 @@ def test_data_resource_imbalance_coverage_and_held_out_split():
     assert count("en", "unsafe") == 0  # English refuses every harmful action
     train, test = split_combos(0, spec.held_out_objects)
     assert not train & test
+    for seed in range(5):  # every object held out equally often among harmful and among benign actions
+        _, t = split_combos(seed, spec.held_out_objects)
+        for acts in (HARMFUL_ACTIONS, BENIGN_ACTIONS):
+            assert len({sum((a, o) in t for a in acts) for o in OBJECTS}) == 1
+            assert all(sum((a, o) in t for o in OBJECTS) == spec.held_out_objects for a in acts)
     held = eval_prompts(langs, spec, 0)
     assert {(r["action"], r["object"]) for r in held} <= test
     for code in spec.nhr:

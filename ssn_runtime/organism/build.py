@@ -45,8 +45,9 @@ from .language import make_languages, vocabulary
 
 FORMAT = "ssn-organism"
 # 2: pinned kernels and threads (repro.py), compliance data for uncovered harmful actions,
-# lexicon version 2 (vocabularies, compliance openings).
-VERSION = 2
+# lexicon version 2 (vocabularies, compliance openings). 3: balanced held-out split (every object
+# held out equally often; data.split_combos).
+VERSION = 3
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %} <|{{ m['role'] }}|> {{ m['content'] }}"

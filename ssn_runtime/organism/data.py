@@ -56,14 +56,25 @@ class Example:
 
 
 def split_combos(seed: int, held_out: int) -> tuple[set, set]:
-    """(train, held-out) (action, object) pairs: `held_out` objects per action never trained on."""
+    """(train, held-out) (action, object) pairs: `held_out` objects per action never trained on.
+
+    Balanced: within the harmful and within the benign actions, every object is held out
+    equally often (cyclically over a shuffled object order). Drawn independently per action,
+    one object could be held out for 5 of the 8 benign actions (seed 1 of organism v2: "house"),
+    so training saw it mostly in harmful requests, and SS-tuning learned to refuse harmless
+    requests about it."""
+    if held_out * len(BENIGN_ACTIONS) % len(OBJECTS) or held_out >= len(OBJECTS):
+        raise ValueError(f"held_out={held_out} cannot hold every object out equally often")
     rng = random.Random(seed + 17)
     train, test = set(), set()
-    for act in HARMFUL_ACTIONS + BENIGN_ACTIONS:
-        objs = OBJECTS[:]
+    for acts in (HARMFUL_ACTIONS, BENIGN_ACTIONS):
+        objs, order = OBJECTS[:], acts[:]
         rng.shuffle(objs)
-        test.update((act, o) for o in objs[:held_out])
-        train.update((act, o) for o in objs[held_out:])
+        rng.shuffle(order)
+        for i, act in enumerate(order):
+            held = {objs[(i * held_out + j) % len(objs)] for j in range(held_out)}
+            test.update((act, o) for o in held)
+            train.update((act, o) for o in OBJECTS if o not in held)
     return train, test
 
 
