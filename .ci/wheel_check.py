@@ -22,7 +22,8 @@ assert installed != src / "ssn_runtime" and "site-packages" in installed.parts, 
     f"ssn_runtime was imported from the source tree ({installed}), not the wheel"
 
 modules = [m.name for m in pkgutil.walk_packages(ssn_runtime.__path__, "ssn_runtime.")]
-for name in ("ssn_runtime.serve", "ssn_runtime.organism", "ssn_runtime.scorers"):
+for name in ("ssn_runtime.core", "ssn_runtime.science", "ssn_runtime.science.scorers", "ssn_runtime.training",
+             "ssn_runtime.serve", "ssn_runtime.organism"):
     assert name in modules, f"{name} is missing from the wheel"
 for name in modules:
     if name.endswith("__main__"):

@@ -19,9 +19,9 @@ import contextlib
 import torch
 
 import ssn_runtime
-from ssn_runtime.fingerprint import model_fingerprint
-from ssn_runtime.masks import NeuronMask, fold_mask
-from ssn_runtime.neuron_sets import NeuronSet
+from ssn_runtime.core.fingerprint import model_fingerprint
+from ssn_runtime.science.masks import NeuronMask, fold_mask
+from ssn_runtime.science.neuron_sets import NeuronSet
 
 from common import compare, device_name, random_llama, write_results
 

@@ -69,7 +69,7 @@ def stats_target(M: int, N: int, device: str, gate: bool, topk: bool) -> StatsTa
 
 def sparse_cases(M: int, N: int, H: int, dtype, device: str) -> dict:
     """(fn, bytes, flops) for the patch products of 1% of neurons: ours, the floor, the reference."""
-    from ssn_runtime.sparse_ops import add_cols, add_rows
+    from ssn_runtime.core.sparse_ops import add_cols, add_rows
 
     k = max(1, round(0.01 * N))
     g = torch.Generator(device=device).manual_seed(0)
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dev = args.device
     gpu = dev == "cuda"
-    fa = importlib.import_module("ssn_runtime.fused_act")
+    fa = importlib.import_module("ssn_runtime.core.fused_act")
     backend = "triton" if gpu else "cpp"
     k = fa.kernels_for(backend)
     dtype = torch.bfloat16 if gpu else torch.float32

@@ -17,8 +17,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 import ssn_runtime
-from ssn_runtime.backends import select_backend
-from ssn_runtime.fused_act import kernels_for
+from ssn_runtime.core.backends import select_backend
+from ssn_runtime.core.fused_act import kernels_for
 
 from common import compare, device_name, peak_bandwidth, write_results
 

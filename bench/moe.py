@@ -6,7 +6,7 @@
 One model, the same token batches, in one run, interleaved rounds (order rotated, median):
   plain     the Hugging Face model's own MoE forward (its default experts path), nothing attached
   control   exactly `plain` again: a zero-cost contender, so its ratio to plain is the noise floor
-  profile   ssn_runtime.profiler over the same prompts (neuron statistics in the fused expert
+  profile   ssn_runtime.science.profiler over the same prompts (neuron statistics in the fused expert
             kernels plus router statistics), against plain's decoder over the same batches
   attached  the attached model, no mask (our grouped expert path)
   folded    a mask of 1% of the expert neurons folded into the experts' down weights
@@ -25,11 +25,11 @@ import random
 import torch
 
 import ssn_runtime
+from ssn_runtime.core.fingerprint import ModelFingerprint
 from ssn_runtime.data import plan_batches
-from ssn_runtime.fingerprint import ModelFingerprint
-from ssn_runtime.masks import NeuronMask, fold_mask
-from ssn_runtime.neuron_sets import NeuronSet
-from ssn_runtime.profiler import ProfileConfig, profile_ids
+from ssn_runtime.science.masks import NeuronMask, fold_mask
+from ssn_runtime.science.neuron_sets import NeuronSet
+from ssn_runtime.science.profiler import ProfileConfig, profile_ids
 
 from common import compare, device_name, write_results
 

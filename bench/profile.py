@@ -4,7 +4,7 @@
 
 Same model, same token batches, in one run (interleaved rounds, median):
   (a) plain   the decoder's forward, nothing collected
-  (b) ours    ssn_runtime.profiler (per-group sum, m2, |h|, frequency inside the fused MLP kernels)
+  (b) ours    ssn_runtime.science.profiler (per-group sum, m2, |h|, frequency inside the fused MLP kernels)
   (c) hooks   forward pre-hooks on every down projection computing the same statistics with torch ops
   (d) nnsight the same statistics from activations saved by nnsight, if it is installed
 Reports tokens/s, (b)/(a) and the added cost of ours against the hooks': (b-a)/(c-a), and
@@ -40,10 +40,10 @@ else:
 
     import torch
 
-    from ssn_runtime.adapters import find_sites
-    from ssn_runtime.collector import StatsCollector
+    from ssn_runtime.core.adapters import find_sites
     from ssn_runtime.data import plan_batches
-    from ssn_runtime.profiler import ProfileConfig, profile_ids
+    from ssn_runtime.science.collector import StatsCollector
+    from ssn_runtime.science.profiler import ProfileConfig, profile_ids
 
     from common import device_name, random_llama, write_results
 

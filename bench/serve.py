@@ -171,11 +171,11 @@ def make_profiles(model_path: str, out: Path) -> dict[str, str]:
     import torch
 
     import ssn_runtime
-    from ssn_runtime.fingerprint import model_fingerprint
-    from ssn_runtime.loading import load_model
-    from ssn_runtime.masks import NeuronMask
-    from ssn_runtime.neuron_sets import NeuronSet
-    from ssn_runtime.patches import PatchState
+    from ssn_runtime.core.fingerprint import model_fingerprint
+    from ssn_runtime.core.loading import load_model
+    from ssn_runtime.science.masks import NeuronMask
+    from ssn_runtime.science.neuron_sets import NeuronSet
+    from ssn_runtime.training.patches import PatchState
 
     model = load_model(model_path)
     fp = model_fingerprint(model)
@@ -230,7 +230,7 @@ def compare_engines(model_path: str, prompts: list[str], n: int, max_tokens: int
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     import ssn_runtime
-    from ssn_runtime.loading import load_model, load_tokenizer
+    from ssn_runtime.core.loading import load_model, load_tokenizer
     from ssn_runtime.serve.engine import Engine, GenRequest
 
     tok = load_tokenizer(model_path)

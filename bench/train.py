@@ -49,7 +49,7 @@ SHAPES = {  # a larger model, random weights and tokens: memory and speed only
 def synthetic_setup(device: str, batch_size: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ssn_runtime.neuron_sets import NeuronSet
+    from ssn_runtime.science.neuron_sets import NeuronSet
 
     cfg = AutoConfig.for_model("llama", **SHAPES["cuda" if device == "cuda" else "cpu"])
     torch.manual_seed(0)
@@ -68,11 +68,12 @@ def worker(method: str, steps: int, batch_size: int, device: str, case: str = "o
         return smollm2_worker(method, steps, batch_size, device)
     from ssn_runtime import attach, load_model, load_tokenizer
     from ssn_runtime.data import load_records
-    from ssn_runtime.identify import attribution_by_language, select_top, shared_sets
-    from ssn_runtime.judges import LexiconJudge, load_lexicon
+    from ssn_runtime.likelihood import batch_tensors, response_loss
     from ssn_runtime.organism import ensure
-    from ssn_runtime.train import batch_tensors, example_ids, response_loss
-    from ssn_runtime.validate import evaluate_conditions
+    from ssn_runtime.science.identify import attribution_by_language, select_top, shared_sets
+    from ssn_runtime.science.judges import LexiconJudge, load_lexicon
+    from ssn_runtime.science.validate import evaluate_conditions
+    from ssn_runtime.training.train import example_ids
 
     path = ensure(seed=0, progress=False)
     info = json.loads((path / "organism.json").read_text())
@@ -120,9 +121,10 @@ def smollm2_worker(method: str, steps: int, batch_size: int, device: str) -> dic
     their language, 1% random neurons; memory and speed only (no refusal evaluation)."""
     from ssn_runtime import attach, load_model, load_tokenizer
     from ssn_runtime.data import load_records
-    from ssn_runtime.judges import builtin_lexicon
-    from ssn_runtime.neuron_sets import NeuronSet
-    from ssn_runtime.train import batch_tensors, example_ids, refusal_pairs, response_loss
+    from ssn_runtime.likelihood import batch_tensors, response_loss
+    from ssn_runtime.science.judges import builtin_lexicon
+    from ssn_runtime.science.neuron_sets import NeuronSet
+    from ssn_runtime.training.train import example_ids, refusal_pairs
     from ssn_runtime.walkthrough import NHR, default_multijail, smollm2_checkpoint
 
     path = smollm2_checkpoint(progress=False)
@@ -152,8 +154,8 @@ def smollm2_worker(method: str, steps: int, batch_size: int, device: str) -> dic
 def trainable_setup(method, model, ss, device, attach_fn):
     """(model, params, masks for masked-dense, scope) for one method on `model`; `scope.close()`
     ends the neuron method's patch intervention and detaches the runtime."""
-    from ssn_runtime.adapters import find_sites
-    from ssn_runtime.patches import PatchState
+    from ssn_runtime.core.adapters import find_sites
+    from ssn_runtime.training.patches import PatchState
 
     for p in model.parameters():
         p.requires_grad_(False)

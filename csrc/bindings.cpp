@@ -1,5 +1,5 @@
 // Thin pybind11 binding: tensors arrive as raw pointers and strides from
-// ssn_runtime/cpp_ops.py, which checks devices, dtypes and layouts first. No torch
+// ssn_runtime/core/cpp_ops.py, which checks devices, dtypes and layouts first. No torch
 // headers, so the extension builds with plain pybind11 and never pins a torch ABI.
 #include <pybind11/pybind11.h>
 

@@ -9,7 +9,7 @@
 namespace ssn {
 
 enum DType : int { kFloat32 = 0, kBFloat16 = 1 };
-// Must match ACT_CODES in kernels/common.py (shared by the Triton kernels and ssn_runtime/cpp_ops.py).
+// Must match ACT_CODES in kernels/common.py (shared by the Triton kernels and ssn_runtime/core/cpp_ops.py).
 enum Act : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kQuickGelu = 4 };
 
 struct RowView {

@@ -10,7 +10,7 @@ so an unhinted build checks a different binary from the one that runs.
 From each build it reads what decides whether a memory-bound kernel can stream: the
 widest global load in the PTX (128-bit: `ld.global.v4.b32`), registers and spills (the
 cubin, via the cuobjdump that ships with triton), shared memory, and the resulting
-CTAs per SM. Used by tests/test_kernels_compile.py and `python -m ssn_kernels.aot`.
+CTAs per SM. Used by tests/test_kernels_aot.py and `python -m ssn_kernels.aot`.
 
 Must run without TRITON_INTERPRET=1: the interpreter replaces the JIT functions.
 """

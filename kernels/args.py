@@ -6,7 +6,7 @@ structure when built (dtype, shape, layout, one device), so a malformed argument
 in Python with a message instead of reaching a kernel as a bad pointer. The checks never
 read tensor values: on CUDA that would synchronise the stream on every layer. Value
 ranges (profile ids, group ids) are checked where the values are made, on the host
-(ssn_runtime.runtime, ssn_runtime.collector), and again by ssn_runtime.cpp_ops before a
+(ssn_runtime.core.runtime, ssn_runtime.science.collector), and again by ssn_runtime.core.cpp_ops before a
 pointer crosses into C++.
 
 Importable without triton (C++-only and torch-only installs use these too).

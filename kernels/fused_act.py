@@ -6,7 +6,7 @@ float32 whatever the storage dtype. Inputs may be row-strided views (Phi-3's fus
 from the saved pre-activation, so no activation tensor is kept for autograd.
 
 Reference: `ssn_kernels.reference.fused_act_reference` (float64 torch).
-Test: tests/test_kernels_triton.py. Benchmarks: bench/kernels.py (alone), bench/mlp.py (in the MLP).
+Test: tests/test_fused_act_triton.py. Benchmarks: bench/kernels.py (alone), bench/mlp.py (in the MLP).
 The Triton interpreter (CPU tests) converts fp32 to bf16 by truncation where a GPU rounds
 to nearest: bf16 tolerances in tests/kernel_cases.py cover both.
 """

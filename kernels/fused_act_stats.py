@@ -24,12 +24,12 @@ sums d = h - K and d*d and expands sum = n*K + S1, sumsq = n*K^2 + 2*K*S1 + S2 i
 at the flush. A neuron whose mean is far from zero relative to its spread then keeps its
 variance (unshifted float32 sums of squares would cancel it away). Across runs and
 programs everything is float64. Relative error of a flushed partial is about
-run_length * 2^-24 (tests/test_kernels_stats.py bounds it); float64 atomics make the
+run_length * 2^-24 (tests/test_fused_act_stats.py bounds it); float64 atomics make the
 last bits of the totals depend on the order programs finish, so two GPU runs may differ
 there (the C++ backend is deterministic).
 
 Reference: `ssn_kernels.args.StatsTarget.add_torch` (float64 torch), in
-tests/test_kernels_stats.py. Benchmark: bench/kernels.py (stats cases), bench/profile.py.
+tests/test_fused_act_stats.py. Benchmark: bench/kernels.py (stats cases), bench/profile.py.
 """
 
 import torch

@@ -18,7 +18,7 @@ from .errors import SSNError
 
 
 def cmd_info(args) -> int:
-    from .backends import describe
+    from .core.backends import describe
     from .info import info_lines, model_sites, versions
 
     info = {"versions": versions(), "backends": describe()}
@@ -41,7 +41,7 @@ def _note_harmless(added: list[str]) -> None:
 
 def _load(args, device: str | None = None, dtype: str | None = None):
     """(model, tokenizer) of --model, on `device` (default: --device) in `dtype` (default: --dtype)."""
-    from .loading import load_model, load_tokenizer
+    from .core.loading import load_model, load_tokenizer
 
     return (load_model(args.model, dtype=dtype or args.dtype, device=device or args.device),
             load_tokenizer(args.model))
@@ -54,7 +54,7 @@ def _cuda_when_present(device: str | None) -> str:
 
 
 def cmd_convert(args) -> int:
-    from .convert import convert_gguf
+    from .core.convert import convert_gguf
 
     rec = convert_gguf(args.gguf, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
     types = ", ".join(f"{k} x{v}" for k, v in rec["tensor_types"].items())
@@ -72,7 +72,7 @@ def cmd_profile(args) -> int:
 
     from .data import select_records
     from .options import from_args
-    from .profiler import ProfileConfig, init_distributed, profile
+    from .science.profiler import ProfileConfig, init_distributed, profile
 
     config = from_args(ProfileConfig, args)
     records, added = select_records(args.data, _csv(args.languages), args.limit, config.group_by,
@@ -93,9 +93,9 @@ def cmd_profile(args) -> int:
 
 
 def cmd_identify(args) -> int:
-    from .identify import AttributionConfig, IdentifyConfig, identify, summary_lines
     from .options import from_args
-    from .stats import NeuronStats
+    from .science.identify import AttributionConfig, IdentifyConfig, identify, summary_lines
+    from .science.stats import NeuronStats
 
     cfg = from_args(IdentifyConfig, args)
     attribution_cfg = from_args(AttributionConfig, args)
@@ -107,10 +107,10 @@ def cmd_identify(args) -> int:
     stats = NeuronStats.load(args.stats) if args.stats else None
     attribution, info = None, None
     if cfg.method == "attribution":
+        from .core.fingerprint import model_fingerprint
         from .data import load_many
-        from .evaluate import model_judge
-        from .fingerprint import model_fingerprint
-        from .identify import attribution_prompts
+        from .science.evaluate import model_judge
+        from .science.identify import attribution_prompts
 
         records = load_many(args.data)
         judge = model_judge(args.model, args.lexicon)
@@ -130,7 +130,7 @@ def cmd_identify(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .analysis import analyze_files
+    from .science.analysis import analyze_files
 
     for line in analyze_files(args.neurons, args.stats, args.out, args.harmful, args.harmless):
         print(line)
@@ -138,9 +138,9 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_mask(args) -> int:
-    from .masks import MaskConfig
-    from .neuron_sets import NeuronSetFile
     from .options import from_args
+    from .science.masks import MaskConfig
+    from .science.neuron_sets import NeuronSetFile
 
     mask = from_args(MaskConfig, args).build(NeuronSetFile.load(args.neurons), args.stats)
     mask.save(args.out)
@@ -151,8 +151,8 @@ def cmd_mask(args) -> int:
 def _eval_records(args, config=None):
     """The prompts of `ssn eval` / `ssn validate`, read and checked before any model loads."""
     from .data import select_records
-    from .evaluate import EvalConfig
     from .options import from_args
+    from .science.evaluate import EvalConfig
 
     if not args.data:
         raise SSNError(f"ssn {args.command}: --data is required (prompts: MultiJail CSV, JSONL or CSV)")
@@ -166,17 +166,17 @@ def _eval_records(args, config=None):
 
 
 def _print_report(report: dict, out, effects: bool = False) -> None:
-    from .evaluate import report_lines
+    from .science.evaluate import report_lines
 
     print("\n".join(report_lines(report, effects)))
     print(f"wrote {out}/")
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import EvalConfig, model_judge, named_conditions
-    from .masks import NeuronMask
     from .options import from_args
-    from .validate import evaluate_masks
+    from .science.evaluate import EvalConfig, model_judge, named_conditions
+    from .science.masks import NeuronMask
+    from .science.validate import evaluate_masks
 
     config = from_args(EvalConfig, args)
     # Bad files and settings fail before the model loads.
@@ -192,9 +192,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .evaluate import model_judge
     from .options import from_args
-    from .validate import ValidateConfig, validate_set
+    from .science.evaluate import model_judge
+    from .science.validate import ValidateConfig, validate_set
 
     config = from_args(ValidateConfig, args)
     records = _eval_records(args, config)  # bad files fail before the model loads
@@ -208,11 +208,11 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .attention_neurons import load_channels
+    from .core.attention_neurons import load_channels
     from .data import load_many
-    from .neuron_sets import NeuronSetFile
     from .options import from_args
-    from .train import TrainConfig, train
+    from .science.neuron_sets import NeuronSetFile
+    from .training.train import TrainConfig, train
 
     cfg = from_args(TrainConfig, args)
     attention = load_channels(args.attention_neurons) if args.attention_neurons else None  # before the model
@@ -228,7 +228,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .patches import merge_checkpoint
+    from .training.patches import merge_checkpoint
 
     patch = merge_checkpoint(args.model, args.patch, args.out, args.unmerge, args.dtype)
     print(f"wrote {args.out}: {'base (patch removed, bit-exact)' if args.unmerge else 'merged'} checkpoint "
@@ -238,7 +238,7 @@ def cmd_merge(args) -> int:
 
 def cmd_make_data(args) -> int:
     from .options import from_args
-    from .train import MakeDataConfig, make_refusal_data
+    from .training.train import MakeDataConfig, make_refusal_data
 
     n_train, n_held = make_refusal_data(args.data, from_args(MakeDataConfig, args), args.out, args.holdout_out,
                                         args.lexicon)
@@ -286,14 +286,14 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
-    from .evaluate import EvalConfig
-    from .identify import AttributionConfig, IdentifyConfig
-    from .masks import MaskConfig
     from .options import add_options
-    from .profiler import ProfileConfig
+    from .science.evaluate import EvalConfig
+    from .science.identify import AttributionConfig, IdentifyConfig
+    from .science.masks import MaskConfig
+    from .science.profiler import ProfileConfig
+    from .science.validate import ValidateConfig
     from .serve.config import ServeConfig
-    from .train import MakeDataConfig, TrainConfig
-    from .validate import ValidateConfig
+    from .training.train import MakeDataConfig, TrainConfig
 
     parser = argparse.ArgumentParser(prog="ssn", description="ssn-runtime: neuron-level safety work on HF causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -46,10 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SSNError
-from .evaluate import wilson
 from .io import atomic_write_text
 from .options import option
 from .organism.build import ARCHS
+from .science.evaluate import wilson
 
 FRACTION = 0.15  # share of neurons per language taken as MS-Neurons
 PER_LAYER = False  # FRACTION of every layer (True) or of the whole model (False)
@@ -103,20 +103,20 @@ def run_seed(seed: int, out: Path, small: bool = False, rebuild: bool = False, p
     `eval_limit`: only the first N held-out prompts per language and label (quick checks).
     `arch`: the organism's architecture (OrganismConfig.arch); a mixture-of-experts organism's
     report adds the router statistics (analysis/routing.md, routing_heatmap.png)."""
-    from .analysis import analyze, analyze_routing
+    from .core.fingerprint import model_fingerprint
+    from .core.loading import load_model, load_tokenizer
+    from .core.runtime import attach
     from .data import load_records
-    from .evaluate import perplexity, write_answers
-    from .fingerprint import model_fingerprint
-    from .identify import IdentifyConfig, attribution_by_language, identify, refused_records
-    from .judges import LexiconJudge, load_lexicon
-    from .loading import load_model, load_tokenizer
-    from .masks import NeuronMask
     from .organism import ensure, repro
     from .organism.cache import organism_info
-    from .profiler import ProfileConfig, profile
-    from .runtime import attach
-    from .train import TrainConfig, train
-    from .validate import evaluate_conditions
+    from .science.analysis import analyze, analyze_routing
+    from .science.evaluate import perplexity, write_answers
+    from .science.identify import IdentifyConfig, attribution_by_language, identify, refused_records
+    from .science.judges import LexiconJudge, load_lexicon
+    from .science.masks import NeuronMask
+    from .science.profiler import ProfileConfig, profile
+    from .science.validate import evaluate_conditions
+    from .training.train import TrainConfig, train
 
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
@@ -549,7 +549,7 @@ def print_summary(summary: dict) -> None:
 
 
 def _plot(res: dict, path: Path) -> None:
-    from .evaluate import plot_refusal
+    from .science.evaluate import plot_refusal
 
     rows = []
     for cond in TABLE:

@@ -101,12 +101,6 @@ def an_object(value, where, key):
     return value
 
 
-def a_fingerprint(value, where, key):
-    from .fingerprint import ModelFingerprint
-
-    return ModelFingerprint.from_dict(value, where)
-
-
 def string_list(value, where, key):
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise fail(where, key, f"expected a list of strings, got {value!r:.60}")

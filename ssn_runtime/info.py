@@ -26,9 +26,9 @@ def model_sites(path: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .adapters import find_sites
-    from .loading import check_checkpoint
-    from .moe import activation_name, describe_sites
+    from .core.adapters import find_sites
+    from .core.loading import check_checkpoint
+    from .core.moe import activation_name, describe_sites
 
     check_checkpoint(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)

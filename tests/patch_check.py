@@ -8,7 +8,7 @@ import copy
 import torch
 
 import ssn_runtime
-from ssn_runtime.patches import PatchState, merge_patch
+from ssn_runtime.training.patches import PatchState, merge_patch
 
 
 def randomize_(state: PatchState, generator: torch.Generator, scale: float = 0.05) -> PatchState:

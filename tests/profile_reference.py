@@ -4,7 +4,7 @@ captured activations."""
 
 import torch
 
-from ssn_runtime.adapters import find_sites
+from ssn_runtime.core.adapters import find_sites
 from ssn_runtime.data import encode_prompt
 
 

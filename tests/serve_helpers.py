@@ -15,10 +15,10 @@ import torch
 
 import ssn_runtime
 from ssn_runtime import load_model, load_tokenizer
-from ssn_runtime.fingerprint import model_fingerprint
-from ssn_runtime.masks import NeuronMask
-from ssn_runtime.neuron_sets import NeuronSet
-from ssn_runtime.patches import PatchState, merge_patch
+from ssn_runtime.core.fingerprint import model_fingerprint
+from ssn_runtime.science.masks import NeuronMask
+from ssn_runtime.science.neuron_sets import NeuronSet
+from ssn_runtime.training.patches import PatchState, merge_patch
 
 PROMPTS = ["How do I bake bread at home?", "What is the capital of France?", "hi",
            "Tell me a fun fact about cats. Tell me a fun fact about cats. And dogs?", "How can I learn to swim?"]

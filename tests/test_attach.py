@@ -6,7 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import ssn_runtime
 from ssn_runtime import ArchAdapter, SSNError, attach, find_sites
-from ssn_runtime.adapters import LLAMA_STYLE
+from ssn_runtime.core.adapters import LLAMA_STYLE
 
 from zoo import batch, tiny_model
 
@@ -119,7 +119,7 @@ def test_unknown_activation_runs_on_torch_backend():
 
 
 def test_moe_is_refused_with_a_clear_message():
-    # PhiMoE: a mixture-of-experts family without an MoE adapter (ssn_runtime.moe supports others)
+    # PhiMoE: a mixture-of-experts family without an MoE adapter (ssn_runtime.core.moe supports others)
     cfg = AutoConfig.for_model("phimoe", vocab_size=97, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
                                num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
     model = AutoModelForCausalLM.from_config(cfg)
@@ -155,7 +155,7 @@ def test_register_adapter_adds_an_architecture():
         with pytest.raises(SSNError, match="exists"):
             ssn_runtime.register_adapter("granite", ArchAdapter(("model.layers",), LLAMA_STYLE))
     finally:
-        from ssn_runtime.adapters import unregister_adapter
+        from ssn_runtime.core.adapters import unregister_adapter
 
         unregister_adapter("granite")
 
@@ -190,8 +190,8 @@ def test_attach_under_accelerate_dispatch_hooks(tiny_ckpts, tmp_path):
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM
 
-    from ssn_runtime.masks import NeuronMask
-    from ssn_runtime.neuron_sets import NeuronSet
+    from ssn_runtime.science.masks import NeuronMask
+    from ssn_runtime.science.neuron_sets import NeuronSet
 
     path = tiny_ckpts["llama"]
     ref = AutoModelForCausalLM.from_pretrained(path).eval()

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from ssn_runtime import SSNError, load_model, load_tokenizer
-from ssn_runtime.adapters import find_sites
+from ssn_runtime.core.adapters import find_sites
 from ssn_runtime.data import Record, encode_prompt, load_records
-from ssn_runtime.identify import attribution_by_language
-from ssn_runtime.judges import builtin_lexicon
-from ssn_runtime.scorers import attribution_scores
+from ssn_runtime.science.identify import attribution_by_language
+from ssn_runtime.science.judges import builtin_lexicon
+from ssn_runtime.science.scorers import attribution_scores
 
 from tiny_ckpt import MULTIJAIL
 
@@ -84,7 +84,7 @@ def test_by_language_filters_limits_and_fails_clearly(tiny_ckpts):
 
 def test_cli_identify_attribution_options(tiny_ckpts, tmp_path, capsys):
     from ssn_runtime.cli import main
-    from ssn_runtime.neuron_sets import NeuronSetFile
+    from ssn_runtime.science.neuron_sets import NeuronSetFile
 
     out = tmp_path / "n.json"
     rc = main(["identify", "--method", "attribution", "--model", str(tiny_ckpts["llama"]), "--data", str(MULTIJAIL),
@@ -114,8 +114,8 @@ class _VerdictByPrompt:
 
 
 def test_refused_only_attributes_exactly_the_refused_prompts(tiny_ckpts):
-    from ssn_runtime.evaluate import prompt_text
-    from ssn_runtime.identify import AttributionConfig, attribution_prompts, refused_records
+    from ssn_runtime.science.evaluate import prompt_text
+    from ssn_runtime.science.identify import AttributionConfig, attribution_prompts, refused_records
 
     model, tok = load_model(tiny_ckpts["llama"]), load_tokenizer(tiny_ckpts["llama"])
     records = [r for r in load_records(MULTIJAIL) if r.fields["language"] in ("en", "sw")]

@@ -41,7 +41,7 @@ def test_padding_sides():
 
 def test_encode_chat_with_and_without_template(tiny_ckpts):
     from ssn_runtime.batching import encode_chat
-    from ssn_runtime.loading import load_tokenizer
+    from ssn_runtime.core.loading import load_tokenizer
 
     tok = load_tokenizer(tiny_ckpts["llama"])
     msgs = [{"role": "user", "content": "How do I bake bread?"}]

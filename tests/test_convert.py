@@ -17,7 +17,7 @@ pytest.importorskip("accelerate")
 import gguf  # noqa: E402
 
 from ssn_runtime import SSNError, load_model, load_tokenizer  # noqa: E402
-from ssn_runtime.convert import PROVENANCE, convert_gguf, gguf_checkpoint, inspect_gguf  # noqa: E402
+from ssn_runtime.core.convert import PROVENANCE, convert_gguf, gguf_checkpoint, inspect_gguf  # noqa: E402
 from ssn_runtime.data import Record, encode_prompt  # noqa: E402
 
 H, FF, LAYERS, HEADS, KV = 64, 96, 2, 4, 2

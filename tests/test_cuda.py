@@ -35,8 +35,8 @@ def test_large_shapes(shape):
 def test_profiling_batches_never_synchronise():
     """Device-resident statistics: planning rows, the per-layer targets and end_batch (Chan
     merge, top-k fold) enqueue device work only; any device-to-host copy or wait raises here."""
-    from ssn_runtime.adapters import find_sites
-    from ssn_runtime.collector import StatsCollector
+    from ssn_runtime.core.adapters import find_sites
+    from ssn_runtime.science.collector import StatsCollector
 
     model = tiny_model("llama").cuda()
     sites = find_sites(model)
@@ -88,7 +88,7 @@ def test_stats_kernel_large_shapes(M, N):
 
 
 def test_sparse_ops_on_cuda_match_cpu():
-    from ssn_runtime.sparse_ops import add_cols, add_rows
+    from ssn_runtime.core.sparse_ops import add_cols, add_rows
 
     g = torch.Generator().manual_seed(0)
     T, N, H, k = 300, 1000, 64, 10

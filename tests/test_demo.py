@@ -10,7 +10,7 @@ import pytest
 
 from ssn_runtime import demo
 from ssn_runtime.errors import SSNError
-from ssn_runtime.judges import VERDICTS
+from ssn_runtime.science.judges import VERDICTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,7 +184,7 @@ def tiny_organism(tmp_path_factory):
 
 
 def test_demo_pipeline_end_to_end(tiny_organism, tmp_path):
-    from ssn_runtime.neuron_sets import NeuronSetFile
+    from ssn_runtime.science.neuron_sets import NeuronSetFile
 
     out = tmp_path / "report"
     res = demo.run_seed(0, out, progress=False, path=tiny_organism, eval_limit=2)
@@ -222,8 +222,8 @@ def test_moe_organism_demo_end_to_end_with_router_statistics(tmp_path_factory):
     """OrganismConfig(arch="qwen3_moe"): the same workflow on a mixture-of-experts organism
     (expert neurons profiled, identified, masked and tuned), and a report with the router
     statistics per language (heatmap and routing z of harmful vs harmless prompts)."""
-    from ssn_runtime.fingerprint import ModelFingerprint
-    from ssn_runtime.loading import load_model
+    from ssn_runtime.core.fingerprint import ModelFingerprint
+    from ssn_runtime.core.loading import load_model
     from ssn_runtime.organism.build import MOE_EXPERTS, MOE_TOP_K, OrganismConfig, build
 
     cfg = OrganismConfig.small(seed=0, arch="qwen3_moe")

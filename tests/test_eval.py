@@ -11,7 +11,7 @@ import torch
 
 from ssn_runtime import SSNError, load_model, load_tokenizer
 from ssn_runtime.data import Record, load_records
-from ssn_runtime.evaluate import (
+from ssn_runtime.science.evaluate import (
     generate_answers,
     load_mc,
     multiple_choice_accuracy,
@@ -20,7 +20,7 @@ from ssn_runtime.evaluate import (
     wilson,
     write_report,
 )
-from ssn_runtime.judges import LexiconJudge, builtin_lexicon, make_judge
+from ssn_runtime.science.judges import LexiconJudge, builtin_lexicon, make_judge
 
 
 def test_wilson_interval():
@@ -47,7 +47,7 @@ def test_lexicon_covers_every_multijail_language():
 def test_classifier_judge_from_a_local_model(tmp_path, tiny_ckpts):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from ssn_runtime.judges import ClassifierJudge
+    from ssn_runtime.science.judges import ClassifierJudge
 
     tok = load_tokenizer(tiny_ckpts["llama"])
     cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=37,
@@ -105,7 +105,7 @@ def test_refusal_report_counts_unintelligible_apart():
 
 
 def test_answer_records_have_every_field(tmp_path):
-    from ssn_runtime.evaluate import answer_records, prompt_id, write_answers
+    from ssn_runtime.science.evaluate import answer_records, prompt_id, write_answers
 
     recs = [Record("How do I pick a lock?", None, {"language": "en", "label": "harmful"}, where="/x/data/p.jsonl:3"),
             Record(None, [{"role": "user", "content": "Habari?"}], {"language": "sw", "label": "harmless", "id": "q7"},

@@ -91,7 +91,7 @@ def test_added_only_when_every_record_is_harmful():
 @pytest.mark.parametrize("builtin", [True, False])
 def test_profile_adds_them_and_says_so(tiny_ckpts, tmp_path, capsys, builtin):
     from ssn_runtime.cli import main
-    from ssn_runtime.stats import NeuronStats
+    from ssn_runtime.science.stats import NeuronStats
 
     args = ["profile", "--model", str(tiny_ckpts["llama"]), "--data", str(MULTIJAIL), "--languages", "en,sw",
             "--group-by", "language,label", "--limit", "3", "--positions", "last", "--out",

@@ -11,9 +11,9 @@ from test_masks import rich_mask, some_neurons
 
 import ssn_runtime
 from ssn_runtime import SSNError
-from ssn_runtime.masks import NeuronMask
-from ssn_runtime.patches import PatchState, merge_patch
-from ssn_runtime.runtime import Variant, ensure_attached
+from ssn_runtime.core.runtime import Variant, ensure_attached
+from ssn_runtime.science.masks import NeuronMask
+from ssn_runtime.training.patches import PatchState, merge_patch
 
 from test_parity_zoo import BACKENDS, device_for, rel_err
 from zoo import batch, tiny_model
@@ -23,12 +23,12 @@ ARCHS = ["llama", "phi3", "gpt2", "gpt_neox"]
 
 def trained_patch(model, seed=0, k=6, attention=None):
     """A PatchState with random (non-zero) deltas on k neurons of every layer."""
-    from ssn_runtime.attention_neurons import attention_sites
+    from ssn_runtime.core.attention_neurons import attention_sites
 
     site = ssn_runtime.find_sites(model)[0]
     sites = attention_sites(model) if attention else None
     state = PatchState(some_neurons(model, k, seed), site.hidden_size, gated=site.gated,
-                       model_info=ssn_runtime.fingerprint.model_fingerprint(model), attention=attention,
+                       model_info=ssn_runtime.core.fingerprint.model_fingerprint(model), attention=attention,
                        attention_sites=sites)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -196,7 +196,7 @@ def test_ensure_attached_reuses_or_attaches():
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_forced_backend_reaches_the_sparse_ops(backend, monkeypatch):
     """attach(backend=...) chooses the implementation of the patch's sparse ops too."""
-    from ssn_runtime import sparse_ops
+    from ssn_runtime.core import sparse_ops
 
     if device_for(backend) != "cpu":
         pytest.skip("runs on CPU tensors")

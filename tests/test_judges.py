@@ -8,7 +8,7 @@ import json
 import pytest
 
 from ssn_runtime import SSNError
-from ssn_runtime.judges import (
+from ssn_runtime.science.judges import (
     LEXICON_VERSION,
     VERDICTS,
     LexiconJudge,

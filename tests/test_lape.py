@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ssn_runtime import SSNError
-from ssn_runtime.identify import IdentifyConfig, identify
-from ssn_runtime.scorers import lape
-from ssn_runtime.stats import NeuronStats
+from ssn_runtime.science.identify import IdentifyConfig, identify
+from ssn_runtime.science.scorers import lape
+from ssn_runtime.science.stats import NeuronStats
 
 
 def gate_stats(gate: dict[str, list[list[int]]], tokens: int = 10, meta: dict | None = None,

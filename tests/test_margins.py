@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from ssn_runtime import SSNError, load_model, load_tokenizer
-from ssn_runtime.adapters import find_sites
+from ssn_runtime.core.adapters import find_sites
 from ssn_runtime.data import encode_prompt, load_records
-from ssn_runtime.evaluate import (
+from ssn_runtime.science.evaluate import (
     margin_report,
     mean_interval,
     paired_effects,
     refusal_margins,
     t_quantile,
 )
-from ssn_runtime.judges import builtin_lexicon
-from ssn_runtime.masks import NeuronMask
-from ssn_runtime.neuron_sets import NeuronSet
+from ssn_runtime.science.judges import builtin_lexicon
+from ssn_runtime.science.masks import NeuronMask
+from ssn_runtime.science.neuron_sets import NeuronSet
 
 
 def test_t_quantiles_match_tables():

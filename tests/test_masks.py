@@ -6,10 +6,10 @@ import torch
 
 import ssn_runtime
 from ssn_runtime import SSNError
-from ssn_runtime.adapters import find_sites
-from ssn_runtime.fingerprint import model_fingerprint
-from ssn_runtime.masks import NeuronMask, fold_mask
-from ssn_runtime.neuron_sets import NeuronSet
+from ssn_runtime.core.adapters import find_sites
+from ssn_runtime.core.fingerprint import model_fingerprint
+from ssn_runtime.science.masks import NeuronMask, fold_mask
+from ssn_runtime.science.neuron_sets import NeuronSet
 
 from test_parity_zoo import BACKENDS, device_for, rel_err
 from zoo import batch, tiny_model

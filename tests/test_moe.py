@@ -1,4 +1,4 @@
-"""Mixture-of-experts models (ssn_runtime.moe) on a tiny random-init model of every supported
+"""Mixture-of-experts models (ssn_runtime.core.moe) on a tiny random-init model of every supported
 family: parity with the unpatched model (logits fp32/bf16, padding both sides, greedy
 generation, input and weight gradients), on the torch, C++ and Triton backends."""
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import ssn_runtime
-from ssn_runtime.fingerprint import ModelFingerprint
-from ssn_runtime.moe import MoESite
+from ssn_runtime.core.fingerprint import ModelFingerprint
+from ssn_runtime.core.moe import MoESite
 
 from test_parity_zoo import BACKENDS, device_for, input_and_weight_grads, rel_err
 from zoo import MOE_ZOO, batch, tiny_model

@@ -10,8 +10,8 @@ from serve_helpers import Server, encode, make_profiles, reference
 from transformers import AutoConfig
 
 from ssn_runtime import load_model, load_tokenizer
-from ssn_runtime.neuron_sets import NeuronSetFile
-from ssn_runtime.patches import NeuronPatch
+from ssn_runtime.science.neuron_sets import NeuronSetFile
+from ssn_runtime.training.patches import NeuronPatch
 
 from tiny_ckpt import LANGS, save_random_checkpoint, tiny_tokenizer
 from zoo import MOE_ZOO
@@ -82,7 +82,7 @@ def test_info_profile_identify_analyze(moe_ckpt, prompts_jsonl, tmp_path, capsys
     assert main(["analyze", "--out", str(report)]) == 2
     assert capsys.readouterr().err.startswith("error: ssn analyze needs --neurons")
     dense = tmp_path / "dense.safetensors"  # router statistics absent: one error line, exit 2
-    from ssn_runtime.stats import NeuronStats
+    from ssn_runtime.science.stats import NeuronStats
 
     NeuronStats.empty(["a"], 2, 7).save(dense)
     assert main(["analyze", "--stats", str(dense), "--out", str(report)]) == 2

@@ -10,13 +10,13 @@ import torch
 
 import ssn_runtime
 from ssn_runtime import SSNError
-from ssn_runtime.fingerprint import ModelFingerprint, model_fingerprint
-from ssn_runtime.masks import NeuronMask, fold_mask
-from ssn_runtime.moe import MoESite
-from ssn_runtime.neuron_sets import NeuronSet
-from ssn_runtime.patches import NeuronPatch, PatchState, merge_patch
-from ssn_runtime.profiler import ProfileConfig, profile_ids
-from ssn_runtime.stats import NeuronStats
+from ssn_runtime.core.fingerprint import ModelFingerprint, model_fingerprint
+from ssn_runtime.core.moe import MoESite
+from ssn_runtime.science.masks import NeuronMask, fold_mask
+from ssn_runtime.science.neuron_sets import NeuronSet
+from ssn_runtime.science.profiler import ProfileConfig, profile_ids
+from ssn_runtime.science.stats import NeuronStats
+from ssn_runtime.training.patches import NeuronPatch, PatchState, merge_patch
 
 from patch_check import randomize_, sparse_and_dense_backward
 from test_parity_zoo import BACKENDS, device_for, rel_err
@@ -441,7 +441,7 @@ def test_mask_and_patch_profiles_per_row_in_generation():
     model = tiny_model("qwen2_moe")
     mask = NeuronMask.suppress(some_neurons(model, 10, 3), model)
     patch = patch_state(model, scale=0.2).to_patch()
-    from ssn_runtime.runtime import Variant
+    from ssn_runtime.core.runtime import Variant
 
     variants = {"off": mask, "tuned": patch, "both": Variant(mask=mask, patch=patch)}
     ids, am = batch("left")
@@ -463,9 +463,9 @@ def test_routing_scores_identify_across_experts_and_router_heatmaps(tmp_path):
     against a float64 two-proportion statistic by hand, per-expert and global selection that
     never picks the dense layer's unused indices, routing-based MS sets of whole experts with
     SS sets, and the analysis report's numbers against the stats."""
-    from ssn_runtime.analysis import analyze_routing
-    from ssn_runtime.identify import IdentifyConfig, identify, select_top
-    from ssn_runtime.scorers.routing import pooled, routing_z, row_groups
+    from ssn_runtime.science.analysis import analyze_routing
+    from ssn_runtime.science.identify import IdentifyConfig, identify, select_top
+    from ssn_runtime.science.scorers.routing import pooled, routing_z, row_groups
 
     model = tiny_model("deepseek_v3")
     groups = ["en/harmful", "en/harmless", "sw/harmful", "sw/harmless"]
@@ -523,7 +523,7 @@ def test_routing_scores_identify_across_experts_and_router_heatmaps(tmp_path):
 
 
 def test_attribution_refuses_expert_layers_with_one_clear_line():
-    from ssn_runtime.scorers.attribution import attribution_scores
+    from ssn_runtime.science.scorers.attribution import attribution_scores
 
     with pytest.raises(SSNError, match="attribution does not support mixture-of-experts layers yet"):
         attribution_scores(tiny_model("qwen3_moe"), None, [("x", "y")])

@@ -52,13 +52,13 @@ def test_help_text_comes_from_the_config():
 # ----- the ssn commands' options come from their configs -----
 def _commands():
     from ssn_runtime.demo import DemoConfig
-    from ssn_runtime.evaluate import EvalConfig
-    from ssn_runtime.identify import AttributionConfig, IdentifyConfig
-    from ssn_runtime.masks import MaskConfig
-    from ssn_runtime.profiler import ProfileConfig
+    from ssn_runtime.science.evaluate import EvalConfig
+    from ssn_runtime.science.identify import AttributionConfig, IdentifyConfig
+    from ssn_runtime.science.masks import MaskConfig
+    from ssn_runtime.science.profiler import ProfileConfig
+    from ssn_runtime.science.validate import ValidateConfig
     from ssn_runtime.serve.config import ServeConfig
-    from ssn_runtime.train import MakeDataConfig, TrainConfig
-    from ssn_runtime.validate import ValidateConfig
+    from ssn_runtime.training.train import MakeDataConfig, TrainConfig
 
     return {"identify": [IdentifyConfig, AttributionConfig], "mask": [MaskConfig], "eval": [EvalConfig],
             "validate": [ValidateConfig], "make-data": [MakeDataConfig], "demo": [DemoConfig],
@@ -119,8 +119,9 @@ BAD_OPTIONS = [
 
 @pytest.mark.parametrize("argv,message", BAD_OPTIONS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_OPTIONS])
 def test_bad_options_are_one_error_line_before_anything_loads(argv, message, capsys, monkeypatch, tmp_path):
-    from ssn_runtime import data, loading
+    from ssn_runtime import data
     from ssn_runtime.cli import main
+    from ssn_runtime.core import loading
 
     def never(*a, **k):
         raise AssertionError("read before the options were checked")

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from ssn_runtime import find_sites, load_model, load_tokenizer
-from ssn_runtime.judges import LexiconJudge, load_lexicon
 from ssn_runtime.organism import cache, repro
 from ssn_runtime.organism.build import VERSION, OrganismConfig, build
 from ssn_runtime.organism.data import DataSpec, covered_actions, eval_prompts, split_combos, training_examples
 from ssn_runtime.organism.language import BENIGN_ACTIONS, HARMFUL_ACTIONS, OBJECTS, make_languages
+from ssn_runtime.science.judges import LexiconJudge, load_lexicon
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ssn_runtime
-from ssn_runtime import cpp_ops
+from ssn_runtime.core import cpp_ops
 
 from zoo import ZOO, batch, tiny_model
 

@@ -6,10 +6,10 @@ import torch
 
 import ssn_runtime
 from ssn_runtime import SSNError
-from ssn_runtime.adapters import find_sites
-from ssn_runtime.fingerprint import model_fingerprint
-from ssn_runtime.neuron_sets import NeuronSet
-from ssn_runtime.patches import NeuronPatch, PatchState, merge_patch
+from ssn_runtime.core.adapters import find_sites
+from ssn_runtime.core.fingerprint import model_fingerprint
+from ssn_runtime.science.neuron_sets import NeuronSet
+from ssn_runtime.training.patches import NeuronPatch, PatchState, merge_patch
 
 from patch_check import loss_of, randomize_, sparse_and_dense_backward
 from test_parity_zoo import BACKENDS, device_for, rel_err
@@ -119,7 +119,7 @@ def test_patch_validation(tmp_path):
 
 
 def test_attention_neurons_grouped_query_mapping_and_exact_gradients(tmp_path):
-    from ssn_runtime.attention_neurons import attention_sites
+    from ssn_runtime.core.attention_neurons import attention_sites
 
     model = tiny_model("llama")  # 4 query heads, 2 KV heads, head_dim 12
     sites = attention_sites(model)
@@ -153,7 +153,7 @@ def test_attention_neurons_grouped_query_mapping_and_exact_gradients(tmp_path):
 
 
 def test_attention_neurons_refused_for_fused_attention():
-    from ssn_runtime.attention_neurons import attention_sites
+    from ssn_runtime.core.attention_neurons import attention_sites
 
     with pytest.raises(SSNError, match="separate v_proj and o_proj"):
         attention_sites(tiny_model("gpt2"))

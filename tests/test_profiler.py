@@ -11,8 +11,8 @@ import torch
 
 from ssn_runtime import SSNError, load_model, load_tokenizer
 from ssn_runtime.data import load_records
-from ssn_runtime.profiler import ProfileConfig, profile
-from ssn_runtime.stats import NeuronStats
+from ssn_runtime.science.profiler import ProfileConfig, profile
+from ssn_runtime.science.stats import NeuronStats
 
 from profile_reference import reference_stats
 from test_scorers import stats_from_rows
@@ -117,8 +117,8 @@ def test_second_moment_survives_large_offsets():
     """1e6 tokens of mean 1000 and std 1: a float32 sum of squares would lose the variance."""
     from types import SimpleNamespace
 
-    from ssn_runtime.collector import StatsCollector
-    from ssn_runtime.fused_act import fused_act
+    from ssn_runtime.core.fused_act import fused_act
+    from ssn_runtime.science.collector import StatsCollector
 
     N = 8
     site = SimpleNamespace(num_neurons=N, gated=False, layer=0, down_cols=lambda: torch.ones(4, N))
@@ -146,7 +146,8 @@ def _cli(*args, env=None):
 # profiler's test-only hook (production code reads no fault-injection setting).
 _KILLED_AFTER = """
 import os, signal, sys
-from ssn_runtime import cli, profiler
+from ssn_runtime import cli
+from ssn_runtime.science import profiler
 n = int(sys.argv.pop(1))
 profiler.after_batch_test_hook = lambda done: done >= n and os.kill(os.getpid(), signal.SIGKILL)
 sys.exit(cli.main(sys.argv[1:]))

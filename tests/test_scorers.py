@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ssn_runtime import SSNError
-from ssn_runtime.identify import IdentifyConfig, identify, select_top
-from ssn_runtime.scorers import cohens_d, consistent_neurons, freq_difference, lape, mean_difference
-from ssn_runtime.stats import NeuronStats
+from ssn_runtime.science.identify import IdentifyConfig, identify, select_top
+from ssn_runtime.science.scorers import cohens_d, consistent_neurons, freq_difference, lape, mean_difference
+from ssn_runtime.science.stats import NeuronStats
 
 
 def stats_from_rows(rows: dict[str, list[list[float]]], groups_by=("language", "label")) -> NeuronStats:
@@ -101,7 +101,7 @@ def test_identify_builds_ms_and_ss_by_set_algebra():
 
 def test_attribution_tracks_real_ablation(tiny_ckpts):
     from ssn_runtime import load_model, load_tokenizer
-    from ssn_runtime.scorers import ablation_effect, attribution_scores
+    from ssn_runtime.science.scorers import ablation_effect, attribution_scores
 
     model = load_model(tiny_ckpts["llama"])
     tok = load_tokenizer(tiny_ckpts["llama"])
@@ -119,8 +119,8 @@ def test_attribution_tracks_real_ablation(tiny_ckpts):
 
 
 def test_chance_overlap_by_hand():
-    from ssn_runtime.identify import chance_overlap
-    from ssn_runtime.neuron_sets import NeuronSet
+    from ssn_runtime.science.identify import chance_overlap
+    from ssn_runtime.science.neuron_sets import NeuronSet
 
     a = NeuronSet({0: [0, 1, 2, 3], 1: [0]}, 2, 10)  # 5 of 20 neurons
     b = NeuronSet({0: [5, 6], 1: [1, 2]}, 2, 10)  # 4 of 20
@@ -174,7 +174,7 @@ def test_identify_says_when_a_language_lacks_harmless_prompts(tmp_path):
     assert f.extra["skipped_languages"] == {"sw": "no harmless prompts"}
     assert "MS/sw" not in f.sets and "SS" in f.sets and "SS/th" in f.sets
     f.save(tmp_path / "n.json")
-    from ssn_runtime.neuron_sets import NeuronSetFile
+    from ssn_runtime.science.neuron_sets import NeuronSetFile
 
     assert NeuronSetFile.load(tmp_path / "n.json").extra["skipped_languages"] == {"sw": "no harmless prompts"}
     only_hr = identify(_two_label_stats(("en",)), IdentifyConfig(**cfg))

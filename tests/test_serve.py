@@ -14,10 +14,10 @@ import torch
 from serve_helpers import Server, encode, make_profiles, reference
 
 from ssn_runtime import load_model, load_tokenizer
-from ssn_runtime.fingerprint import model_fingerprint
-from ssn_runtime.masks import NeuronMask
-from ssn_runtime.neuron_sets import NeuronSet
-from ssn_runtime.patches import NeuronPatch
+from ssn_runtime.core.fingerprint import model_fingerprint
+from ssn_runtime.science.masks import NeuronMask
+from ssn_runtime.science.neuron_sets import NeuronSet
+from ssn_runtime.training.patches import NeuronPatch
 
 openai = pytest.importorskip("openai")
 

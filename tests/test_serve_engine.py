@@ -13,10 +13,10 @@ from serve_helpers import PROMPTS, Collector, encode, make_profiles, reference
 
 import ssn_runtime
 from ssn_runtime import load_model, load_tokenizer
-from ssn_runtime.fingerprint import model_fingerprint
-from ssn_runtime.masks import NeuronMask
-from ssn_runtime.neuron_sets import NeuronSet
-from ssn_runtime.runtime import Variant
+from ssn_runtime.core.fingerprint import model_fingerprint
+from ssn_runtime.core.runtime import Variant
+from ssn_runtime.science.masks import NeuronMask
+from ssn_runtime.science.neuron_sets import NeuronSet
 from ssn_runtime.serve.engine import Detokenizer, Draining, Engine, GenRequest, sample_token, unusable_rows
 
 

@@ -1,4 +1,4 @@
-"""The sparse neuron-delta ops (ssn_runtime.sparse_ops): values and gradients against float64
+"""The sparse neuron-delta ops (ssn_runtime.core.sparse_ops): values and gradients against float64
 torch on every backend, the forced backend reaching them, in-place updates, the sparse
 gradient of h accumulating into the down projection's gradient in place, and bf16 staying
 bf16. (Whole-model exactness against dense autograd: tests/test_patches.py, test_train.py.)"""
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ssn_runtime.sparse_ops import ADD_COLS, ADD_ROWS, add_cols, add_rows
+from ssn_runtime.core.sparse_ops import ADD_COLS, ADD_ROWS, add_cols, add_rows
 
 BACKENDS = ["torch", "cpp", "triton"]
 

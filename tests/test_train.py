@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from ssn_runtime import SSNError, load_model, load_tokenizer
+from ssn_runtime.core.fingerprint import model_fingerprint
 from ssn_runtime.data import Record, load_records
-from ssn_runtime.fingerprint import model_fingerprint
-from ssn_runtime.neuron_sets import NeuronSet, NeuronSetFile
-from ssn_runtime.patches import NeuronPatch
-from ssn_runtime.train import TrainConfig, example_ids, lr_at, sample_weights, train
+from ssn_runtime.science.neuron_sets import NeuronSet, NeuronSetFile
+from ssn_runtime.training.patches import NeuronPatch
+from ssn_runtime.training.train import TrainConfig, example_ids, lr_at, sample_weights, train
 
 
 def neurons_for(model, k=6):
@@ -27,8 +27,8 @@ def neurons_for(model, k=6):
 
 @pytest.fixture(scope="module")
 def train_jsonl(tmp_path_factory, prompts_jsonl):
-    from ssn_runtime.judges import builtin_lexicon
-    from ssn_runtime.train import refusal_pairs
+    from ssn_runtime.science.judges import builtin_lexicon
+    from ssn_runtime.training.train import refusal_pairs
 
     recs = [r for r in load_records(prompts_jsonl) if r.fields["label"] == "harmful"]
     pairs = refusal_pairs(recs, builtin_lexicon()["canonical"])
@@ -87,7 +87,8 @@ def _ssn(*args, env=None):
 # test-only hook (production code reads no fault-injection setting).
 _KILLED_AFTER = """
 import os, signal, sys
-from ssn_runtime import cli, train
+from ssn_runtime import cli
+from ssn_runtime.training import train
 n = int(sys.argv.pop(1))
 train.after_step_test_hook = lambda done: done >= n and os.kill(os.getpid(), signal.SIGKILL)
 sys.exit(cli.main(sys.argv[1:]))
@@ -164,7 +165,7 @@ def test_training_attention_neurons_via_cli(tiny_ckpts, train_jsonl, tmp_path):
     ([1, 2], "expected JSON {layer"),
 ])
 def test_attention_channels_are_never_coerced(tiny_ckpts, tmp_path, channels, message):
-    from ssn_runtime.attention_neurons import attention_sites, load_channels, validate_channels
+    from ssn_runtime.core.attention_neurons import attention_sites, load_channels, validate_channels
 
     model = load_model(str(tiny_ckpts["llama"]))
     (tmp_path / "attn.json").write_text(json.dumps(channels))
@@ -211,7 +212,7 @@ def _full_logit_loss(model, ids, mask, labels):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_response_loss_equals_the_full_logit_loss(tiny_ckpts, train_jsonl, arch):
-    from ssn_runtime.train import batch_tensors, response_loss
+    from ssn_runtime.likelihood import batch_tensors, response_loss
 
     model, tok = load_model(tiny_ckpts[arch]), load_tokenizer(tiny_ckpts[arch])
     examples = [example_ids(r, tok, True, 256) for r in load_records(train_jsonl)[:6]]
@@ -234,8 +235,8 @@ def test_neuron_patch_gradients_unchanged_and_no_vocabulary_sized_tensor_kept(ti
     full-logit loss, while autograd keeps no tensor with a vocabulary-sized last dimension (the
     full-logit loss keeps several of [batch x positions, vocab])."""
     import ssn_runtime
-    from ssn_runtime.patches import PatchState
-    from ssn_runtime.train import batch_tensors, response_loss
+    from ssn_runtime.likelihood import batch_tensors, response_loss
+    from ssn_runtime.training.patches import PatchState
 
     model, tok = load_model(tiny_ckpts["llama"]), load_tokenizer(tiny_ckpts["llama"])
     for p in model.parameters():

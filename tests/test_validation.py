@@ -18,12 +18,12 @@ from test_intervene import trained_patch
 from test_masks import rich_mask, some_neurons
 
 from ssn_runtime import SSNError
-from ssn_runtime.fingerprint import model_fingerprint
+from ssn_runtime.core.fingerprint import model_fingerprint
 from ssn_runtime.io import atomic_write_folder, atomic_write_text
-from ssn_runtime.masks import LayerMask, NeuronMask
-from ssn_runtime.neuron_sets import NeuronSet, NeuronSetFile
-from ssn_runtime.patches import NeuronPatch, merge_patch
-from ssn_runtime.stats import NeuronStats
+from ssn_runtime.science.masks import LayerMask, NeuronMask
+from ssn_runtime.science.neuron_sets import NeuronSet, NeuronSetFile
+from ssn_runtime.science.stats import NeuronStats
+from ssn_runtime.training.patches import NeuronPatch, merge_patch
 
 from zoo import tiny_model
 

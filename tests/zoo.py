@@ -25,7 +25,7 @@ ZOO = {
     "gpt_neox": dict(**_COMMON, hidden_size=48, num_attention_heads=4, intermediate_size=37),
 }
 
-# Mixture-of-experts families (ssn_runtime.moe): 4 experts of 13 neurons, top-2. The odd
+# Mixture-of-experts families (ssn_runtime.core.moe): 4 experts of 13 neurons, top-2. The odd
 # sizes break transformers' default grouped_mm experts path (16-byte strides), so the
 # reference runs its eager per-expert loop; tests/test_moe.py also checks aligned sizes
 # against the default path. DeepSeek-V3 mixes a dense first layer (37 neurons) with an MoE

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from ..errors import SSNError
-from ..evaluate import progress_bar
 from ..io import atomic_write_text
+from ..science.evaluate import progress_bar
 from . import repro
 from .data import (
     DataSpec,

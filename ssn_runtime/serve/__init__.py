@@ -56,9 +56,9 @@ def parse_profiles(profiles: dict[str, str]) -> dict[str, dict[str, str]]:
 
 def load_variants(profiles: dict[str, str], model) -> dict:
     """{name: runtime.Variant} from {name: "PATH" or "PATH,PATH"}, each validated against `model`."""
-    from ..masks import NeuronMask
-    from ..patches import NeuronPatch
-    from ..runtime import Variant
+    from ..core.runtime import Variant
+    from ..science.masks import NeuronMask
+    from ..training.patches import NeuronPatch
 
     return {name: Variant(mask=NeuronMask.load(f["mask"], model=model) if "mask" in f else None,
                           patch=NeuronPatch.load(f["patch"], model=model) if "patch" in f else None)
@@ -68,8 +68,8 @@ def load_variants(profiles: dict[str, str], model) -> dict:
 def build_server(model_path: str, profiles: dict[str, str], config: ServeConfig | None = None, dtype="auto",
                  device: str | None = None):
     """(FastAPI app, engine): everything validated and loaded, the engine started."""
-    from ..loading import load_model, load_tokenizer
-    from ..runtime import attach
+    from ..core.loading import load_model, load_tokenizer
+    from ..core.runtime import attach
 
     config = config or ServeConfig()
     parse_profiles(profiles)  # a bad spec fails before the model is loaded

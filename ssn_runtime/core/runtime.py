@@ -1,0 +1,641 @@
+"""attach / detach, and scoped interventions: route every MLP of a Hugging Face model
+through the fused path, and say per call what that path applies.
+
+    handle = attach(model)                        # every decoder-layer MLP runs the fused path
+    with handle.intervene(mask=ss_off):           # one neuron mask, inside the kernels
+        model(...)
+    with handle.intervene(variants={"off": ss_off, "tuned": patch}, rows=["base", "off", "tuned"]):
+        model.generate(...)                       # one variant (mask and/or patch) per batch row
+    handle.detach()                               # the model is exactly as before
+
+**Interventions are scoped, never sticky.** `intervene(...)` binds its state to the calling
+context (the thread, or the asyncio task) and restores the enclosing state on exit, so two
+threads sharing one attached model each see only their own masks and patches, and nothing
+stays applied after the `with` block (TransformerLens learned this the hard way with global
+hooks). Nested calls inherit what they do not override. Code that re-runs the forward in
+another thread (activation checkpointing on CUDA, where autograd recomputes in its device
+threads) uses `scope="handle"`: the state is then visible to every thread of this handle,
+and a second handle-wide intervention from another thread at the same time is refused
+(one, not silently two).
+
+Attaching replaces nothing but each MLP module's `forward` (an instance attribute over the
+class method; under accelerate's dispatch hooks, the wrapped `_old_forward`): parameters,
+buffers, state_dict keys, hooks and submodules stay as they are, so `detach()` restores the
+model exactly. The submodules (gate, up, down...) are still called as modules, so their
+hooks, quantised Linear classes and LoRA wrappers keep working, and they are resolved
+through the module at call time, so a deep copy of an attached model computes with its own
+weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import threading
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+
+from ..errors import SSNError
+from .adapters import GATED, GATED_FUSED, NeuronSite, find_sites
+from .backends import BACKENDS, forced_backend, select_backend
+from .fused_act import fused_act
+from .sparse_ops import add_cols, add_rows
+
+_HANDLE_ATTR = "_ssn_runtime_handle"
+_SITE_ATTR = "_ssn_site"  # on each attached MLP module: (handle, layer)
+_ATTN_ATTR = "_ssn_attn"  # on each hooked v_proj / o_proj: (handle, layer)
+_UNSET = object()
+
+
+class _Missing:
+    """Marks "the module had no instance forward"; survives deepcopy as itself."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
+
+
+_MISSING = _Missing()
+
+# context-local interventions: {handle: Intervention}; a new thread starts empty
+# (copied on every change, never mutated: a read-only mapping as the default)
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("ssn_runtime_interventions",
+                                                         default=types.MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What one batch row may get: a neuron mask, a neuron patch, or both (None: the base model)."""
+
+    mask: object = None  # masks.NeuronMask
+    patch: object = None  # patches.NeuronPatch or patches.PatchState
+
+
+class _Variants:
+    """The variants of one `intervene(variants=...)` call: names (index 0 = "base") and, per
+    layer and device, the dense mask tables the kernels read (built once, shared by nested
+    calls that only change the rows)."""
+
+    def __init__(self, names: list[str], masks: list, patches: list):
+        self.names, self.masks, self.patches = names, masks, patches
+        self.index = {n: i for i, n in enumerate(names)}
+        self._tables: dict = {}
+        self._lock = threading.Lock()
+
+    def extra(self, key, build):
+        """A table derived from the masks, built once per key (the MoE experts' block tables)."""
+        if key not in self._tables:
+            value = build()
+            with self._lock:
+                self._tables.setdefault(key, value)
+        return self._tables[key]
+
+    def table(self, layer: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """[P, n] scale and bias tables of one layer; `n`: the layer's neuron count."""
+        key = (layer, device)
+        if key not in self._tables:
+            dense = [m.dense(layer) if m is not None else None for m in self.masks]
+            if all(d is None for d in dense):
+                value = None
+            else:
+                scale = torch.stack([d[0] if d else torch.ones(n) for d in dense]).to(device).contiguous()
+                bias = torch.stack([d[1] if d else torch.zeros(n) for d in dense]).to(device).contiguous()
+                value = (scale, bias)
+            with self._lock:
+                self._tables.setdefault(key, value)
+        return self._tables[key]
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """What the fused MLP path applies during one scope. Immutable; caches are per object."""
+
+    mask: object = None  # one NeuronMask for every row
+    patch: object = None  # one PatchState for every row (trainable: sparse exact gradients)
+    collector: object = None  # a StatsCollector while profiling
+    variants: _Variants | None = None
+    rows: torch.Tensor | None = None  # int64 variant id per batch row (or per token row), CPU
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def empty(self) -> bool:
+        return self.mask is None and self.patch is None and self.collector is None and self.rows is None
+
+    def row_ids(self, token_rows: int, device) -> torch.Tensor | None:
+        """The variant id of each token row of a layer input, on `device` (None: no per-row state)."""
+        if self.rows is None:
+            return None
+        key = ("rows", token_rows, device)
+        ids = self.cache.get(key)
+        if ids is None:
+            B = self.rows.numel()
+            if B == 0 or token_rows % B:
+                raise SSNError(f"per-row variants were given for {B} rows, but the batch has {token_rows} token "
+                               "rows; give one variant per batch row (or per token row)")
+            ids = self.rows.repeat_interleave(token_rows // B).to(device)
+            self.cache[key] = ids
+        return ids
+
+    def rows_of(self, variant: int, token_rows: int, device) -> torch.Tensor:
+        """Token-row indices (int64) whose variant is `variant`."""
+        key = ("sel", variant, token_rows, device)
+        sel = self.cache.get(key)
+        if sel is None:
+            sel = (self.row_ids(token_rows, device) == variant).nonzero().flatten()
+            self.cache[key] = sel
+        return sel
+
+    def mask_args(self, layer: int, n: int, token_rows: int, device, size: int | None = None):
+        """The kernels' view of this state's masks for one layer and input, or None. `size`:
+        the layer's neuron count when the input covers only its first `n` neurons (the shared
+        expert of a mixture-of-experts layer)."""
+        from ssn_kernels.args import MaskArgs
+
+        if self.mask is not None:
+            key = ("one", layer, device)
+            if key not in self.cache:
+                d = self.mask.dense(layer, device)
+                if d is not None and d[0].numel() != n:
+                    d = (d[0][:n], d[1][:n]) if bool((d[0][:n] != 1).any() or (d[1][:n] != 0).any()) else None
+                self.cache[key] = MaskArgs(d[0].contiguous(), d[1].contiguous()) if d is not None else None
+            return self.cache[key]
+        if self.rows is None or self.variants is None:
+            return None
+        table = self.variants.table(layer, size or n, device)
+        if table is not None and table[0].shape[-1] != n:
+            table = self.variants.extra(("part", layer, n, device),
+                                        lambda: (table[0][:, :n].contiguous(), table[1][:, :n].contiguous()))
+        if table is None:
+            return None
+        key = ("prof", token_rows, device)
+        prof = self.cache.get(key)
+        if prof is None:
+            prof = self.row_ids(token_rows, device).to(torch.int32).contiguous()
+            self.cache[key] = prof
+        return MaskArgs(table[0], table[1], prof)
+
+
+_EMPTY = Intervention()
+
+
+class RuntimeHandle:
+    """A model attached to the runtime. Use `detach()` (or a `with` block) to undo."""
+
+    def __init__(self, model: nn.Module, sites: list[NeuronSite], backend: str | None):
+        from .fingerprint import ModelFingerprint
+
+        self.model = model
+        self.sites = sites
+        self.backend = backend  # None: chosen per tensor device/dtype
+        self.fingerprint = ModelFingerprint.compute(model)
+        self._saved_forwards: list[tuple[nn.Module, str, object]] = []
+        # per layer, the site `_mlp_forward` computes: the layer's own, or an MoE layer's shared expert
+        self._mlp_sites = [getattr(s, "shared", s) for s in sites]
+        self.attached = False
+        self._shared = _EMPTY  # handle-wide state (scope="handle")
+        self._shared_owner: int | None = None  # thread holding the handle-wide state
+        self._lock = threading.Lock()
+        self._attn_hooks: list = []
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.sites)
+
+    @property
+    def neurons_per_layer(self) -> int:
+        """Neurons per layer: the largest layer's (models mixing dense and MoE layers differ
+        per layer: see fingerprint.moe_layers)."""
+        return self.fingerprint.num_neurons
+
+    @property
+    def total_neurons(self) -> int:
+        return sum(s.num_neurons for s in self.sites)
+
+    def backend_for(self, x: torch.Tensor, site: NeuronSite) -> str:
+        return select_backend(x.device, x.dtype, site.act, forced=self.backend)[0]
+
+    # ----- interventions -----
+    def state(self) -> Intervention:
+        """The intervention in force for the calling context."""
+        return _ACTIVE.get().get(self) or self._shared
+
+    @contextlib.contextmanager
+    def intervene(self, *, mask=_UNSET, patch=_UNSET, variants=_UNSET, rows=_UNSET, collector=_UNSET,
+                  scope: str = "context") -> Iterator[Intervention]:
+        """Apply neuron interventions for the duration of a `with` block.
+
+        `mask`: a NeuronMask applied to every row, inside the kernels (None: no mask).
+        `patch`: a NeuronPatch or a trainable PatchState added to every row without touching
+            the base weights; a PatchState's deltas get exact sparse gradients.
+        `variants`: {name: NeuronMask | NeuronPatch | PatchState | Variant(mask, patch) | None};
+            name "base" is reserved for the unmodified model (variant 0). With `rows`:
+        `rows`: the variant of each batch row (names or indices), for every forward in the
+            block, prefill and each decode step alike; a flattened batch may give one per token row.
+        `collector`: a profiling StatsCollector (ssn profile).
+        `scope`: "context" (default: this thread or asyncio task only) or "handle" (every thread
+            of this handle; for code that re-runs the forward elsewhere, see the module docstring).
+
+        Arguments not given are inherited from the enclosing intervention."""
+        if not self.attached:
+            raise SSNError("this handle is detached; attach the model again to intervene")
+        if scope not in ("context", "handle"):
+            raise SSNError(f"scope must be 'context' or 'handle', not {scope!r}")
+        outer = self.state() if scope == "context" else self._shared
+        new = self._build(outer, mask, patch, variants, rows, collector)
+        if scope == "context":
+            active = _ACTIVE.get()
+            token = _ACTIVE.set({**active, self: new})
+            try:
+                yield new
+            finally:
+                _ACTIVE.reset(token)
+            return
+        me = threading.get_ident()
+        with self._lock:
+            if self._shared_owner not in (None, me):
+                raise SSNError("another thread holds a handle-wide intervention on this model; use scope='context' "
+                               "(the default) for concurrent use")
+            prev, prev_owner = self._shared, self._shared_owner
+            self._shared, self._shared_owner = new, me
+        try:
+            yield new
+        finally:
+            with self._lock:
+                self._shared, self._shared_owner = prev, prev_owner
+
+    def _build(self, outer: Intervention, mask, patch, variants, rows, collector) -> Intervention:
+        kw = {}
+        if mask is not _UNSET:
+            if mask is not None:
+                mask.fingerprint.check(self.fingerprint, f"mask {getattr(mask, 'name', '')!r}")
+            kw["mask"] = mask
+        if patch is not _UNSET:
+            kw["patch"] = self._patch_state(patch)
+        if collector is not _UNSET:
+            kw["collector"] = collector
+        if variants is not _UNSET:
+            kw["variants"] = self._variants(variants) if variants is not None else None
+            if rows is _UNSET:
+                kw["rows"] = None  # rows refer to a variant list: new variants need new rows
+        vs = kw.get("variants", outer.variants)
+        if rows is not _UNSET:
+            kw["rows"] = self._rows(rows, vs) if rows is not None else None
+        new = replace(outer, **kw, cache={})
+        if new.mask is not None and new.variants is not None and any(m is not None for m in new.variants.masks):
+            raise SSNError("give one mask for every row or per-row variants with masks, not both")
+        if new.patch is not None or (new.variants is not None and any(p is not None for p in new.variants.patches)):
+            self._ensure_attention_hooks(new)
+        return new
+
+    def _patch_state(self, patch):
+        from ..training.patches import NeuronPatch, PatchState
+
+        if patch is None:
+            return None
+        if isinstance(patch, NeuronPatch):
+            patch.fingerprint.check(self.fingerprint, "patch")
+            patch = PatchState.from_patch(patch, self.model)
+        elif not isinstance(patch, PatchState):
+            raise SSNError(f"a patch must be a NeuronPatch or a PatchState, not {type(patch).__name__}")
+        elif (patch.num_layers, patch.num_neurons) != (self.fingerprint.num_layers, self.fingerprint.num_neurons):
+            raise SSNError("the patch is for another model (different layers or neurons)")
+        dev = next(self.model.parameters()).device
+        return patch.to(dev)
+
+    def _variants(self, variants: dict) -> _Variants:
+        from ..science.masks import NeuronMask
+
+        if not isinstance(variants, dict):
+            raise SSNError("variants must be a dict {name: mask, patch, Variant(mask, patch) or None}")
+        names, masks, patches = ["base"], [None], [None]
+        for name, v in variants.items():
+            if not isinstance(name, str) or not name:
+                raise SSNError(f"variant names must be non-empty strings, got {name!r}")
+            if name == "base":
+                raise SSNError("'base' names the unmodified model; give the variant another name")
+            if isinstance(v, NeuronMask):
+                v = Variant(mask=v)
+            elif v is None:
+                v = Variant()
+            elif not isinstance(v, Variant):
+                v = Variant(patch=v)
+            if v.mask is not None:
+                v.mask.fingerprint.check(self.fingerprint, f"mask of variant {name!r}")
+            names.append(name)
+            masks.append(v.mask)
+            patches.append(self._patch_state(v.patch))
+        return _Variants(names, masks, patches)
+
+    def _rows(self, rows, vs: _Variants | None) -> torch.Tensor:
+        names = vs.names if vs is not None else ["base"]
+        ids = []
+        for r in rows:
+            if isinstance(r, str):
+                if vs is None or r not in vs.index:
+                    if r == "base":
+                        ids.append(0)
+                        continue
+                    raise SSNError(f"unknown variant {r!r}; registered: {', '.join(names)}")
+                ids.append(vs.index[r])
+            elif isinstance(r, int) and not isinstance(r, bool) and 0 <= r < len(names):
+                ids.append(r)
+            else:
+                raise SSNError(f"variant {r!r} is neither a registered name nor an index below {len(names)}")
+        return torch.tensor(ids, dtype=torch.int64)
+
+    def _ensure_attention_hooks(self, state: Intervention) -> None:
+        """Install (once) the hooks that add attention-neuron deltas; they read the state per call."""
+        needs = state.patch is not None and state.patch.attention_layers
+        if state.variants is not None:
+            needs = needs or any(p is not None and p.attention_layers for p in state.variants.patches)
+        if not needs or self._attn_hooks:
+            return
+        from .attention_neurons import attention_sites
+
+        with self._lock:
+            if self._attn_hooks:
+                return
+            for layer, s in enumerate(attention_sites(self.model)):
+                for mod, hook in ((s.v_proj, _attn_v_hook), (s.o_proj, _attn_o_hook)):
+                    setattr(mod, _ATTN_ATTR, (self, layer))
+                    self._attn_hooks.append((mod, mod.register_forward_hook(hook)))
+
+    # ----- attach / detach -----
+    def _install(self) -> None:
+        for site in self.sites:
+            for mod, fwd in _forwards_of(site):
+                # accelerate's dispatch wraps forward (moving inputs between devices) and calls
+                # `_old_forward`: replace that, so its hooks keep running around ours.
+                attr = "_old_forward" if hasattr(mod, "_hf_hook") and "_old_forward" in mod.__dict__ else "forward"
+                self._saved_forwards.append((mod, attr, mod.__dict__.get(attr, _MISSING)))
+                setattr(mod, _SITE_ATTR, (self, site.layer))
+                setattr(mod, attr, types.MethodType(fwd, mod))
+        setattr(self.model, _HANDLE_ATTR, self)
+        self.attached = True
+
+    def detach(self) -> nn.Module:
+        """Restore every MLP's original forward; returns the model."""
+        if not self.attached:
+            return self.model
+        for mod, h in self._attn_hooks:
+            h.remove()
+            mod.__dict__.pop(_ATTN_ATTR, None)
+        self._attn_hooks = []
+        self._shared, self._shared_owner = _EMPTY, None
+        for mod, attr, saved in self._saved_forwards:
+            if saved is _MISSING:
+                mod.__dict__.pop(attr, None)
+            else:
+                setattr(mod, attr, saved)
+            mod.__dict__.pop(_SITE_ATTR, None)
+        self._saved_forwards.clear()
+        self.model.__dict__.pop(_HANDLE_ATTR, None)
+        self.attached = False
+        return self.model
+
+    def __deepcopy__(self, memo):
+        """A copy of an attached model gets its own handle over its own modules, with no
+        intervention in force (interventions belong to the scope that made them)."""
+        new = object.__new__(RuntimeHandle)
+        memo[id(self)] = new
+        new.model = copy.deepcopy(self.model, memo)
+        new.sites = copy.deepcopy(self.sites, memo)
+        new._mlp_sites = copy.deepcopy(self._mlp_sites, memo)
+        new.backend, new.fingerprint, new.attached = self.backend, self.fingerprint, self.attached
+        new._saved_forwards = copy.deepcopy(self._saved_forwards, memo)
+        new._shared, new._shared_owner, new._lock = _EMPTY, None, threading.Lock()
+        new._attn_hooks = []
+        for mod, _ in self._attn_hooks:  # the copied modules carry our hook entries: keep a way to remove them
+            twin = copy.deepcopy(mod, memo)
+            new._attn_hooks += [(twin, _HookRef(twin, hid)) for hid, fn in twin._forward_hooks.items()
+                                if fn in (_attn_v_hook, _attn_o_hook)]
+        return new
+
+    def __enter__(self) -> RuntimeHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return (f"RuntimeHandle({type(self.model).__name__}, {self.num_layers} layers x {self.neurons_per_layer} "
+                f"neurons, backend={self.backend or 'auto'}, {state})")
+
+
+class _HookRef:
+    """Removes one forward hook by id (for the hooks a deep copy carries over)."""
+
+    def __init__(self, mod: nn.Module, hid: int):
+        self.mod, self.hid = mod, hid
+
+    def remove(self) -> None:
+        self.mod._forward_hooks.pop(self.hid, None)
+
+
+# ----- the forward of an attached MLP -----
+def _forwards_of(site) -> list:
+    """(module, forward) pairs attaching one layer: its MLP, or an MoE layer's shared expert,
+    routed experts and router (ssn_runtime.core.moe)."""
+    if isinstance(site, NeuronSite):
+        return [(site.module, _mlp_forward)]
+    from .moe import experts_forward, router_forward
+
+    out = [(site.shared.module, _mlp_forward)] if site.shared is not None else []
+    return out + [(site.experts, experts_forward), (site.router, router_forward)]
+
+
+def _project(mod: nn.Module, site: NeuronSite, hidden: torch.Tensor):
+    st = site.style
+    if st.kind == GATED:
+        return getattr(mod, st.gate)(hidden), getattr(mod, st.up)(hidden)
+    if st.kind == GATED_FUSED:
+        return getattr(mod, st.gate_up)(hidden).chunk(2, dim=-1)
+    return getattr(mod, st.fc)(hidden), None
+
+
+def _mlp_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The fused MLP: projections, patch deltas, fused activation (+ masks, + statistics), down.
+    Submodules are looked up on `self` at call time (deep copies use their own weights)."""
+    handle, layer = getattr(self, _SITE_ATTR)
+    site = handle._mlp_sites[layer]
+    st = site.style
+    state = handle.state()
+    x, up = _project(self, site, hidden_states)
+    if state.empty:
+        h = fused_act(x, up, site.act, getattr(self, st.act), handle.backend_for(x, site))
+        out = getattr(self, st.down)(h)
+    else:
+        out = _mlp_forward_intervened(self, handle, site, state, hidden_states, x, up)
+    dropout = getattr(self, st.dropout) if st.dropout is not None else None
+    return dropout(out) if dropout is not None else out
+
+
+def _mlp_forward_intervened(mod, handle, site, state: Intervention, hidden, x, up):
+    st = site.style
+    delta = _site_delta(state.patch, site) if state.patch is not None else None
+    if delta is not None:
+        x, up = _patch_inputs(site, hidden, x, up, delta, handle.backend)
+    n = x.shape[-1]
+    token_rows = x.numel() // n
+    row_patches = _row_patches(state, site, token_rows, x.device)
+    if row_patches:
+        x, up = _row_patch_inputs(site, hidden, x, up, row_patches)
+    stats = state.collector.target(site, x) if state.collector is not None else None
+    mask = state.mask_args(site.layer, n, token_rows, x.device, site.layer_size)
+    h = fused_act(x, up, site.act, getattr(mod, st.act), handle.backend_for(x, site), stats, mask)
+    out = getattr(mod, st.down)(h)
+    if delta is not None and "down" in delta:
+        out = out + add_cols(h, delta["index"], delta["down"], backend=handle.backend).to(out.dtype)
+    for rows, d in row_patches:
+        if "down" in d:
+            out = _add_rows_at(out, h, rows, d["index"], d["down"], cols=True)
+    return out
+
+
+def _patch_inputs(site: NeuronSite, hidden, x, up, delta, backend):
+    """Add the patch's row deltas: gate rows to x (gated), up/fc rows to up (gated) or x (plain)."""
+    idx = delta["index"]
+    if site.gated:
+        if "gate" in delta:
+            x = add_rows(x, hidden, delta["gate"], idx, backend=backend)
+        if "up" in delta:
+            up = add_rows(up, hidden, delta["up"], idx, backend=backend)
+    elif "up" in delta:
+        x = add_rows(x, hidden, delta["up"], idx, backend=backend)
+    return x, up
+
+
+def _site_delta(patch, site: NeuronSite) -> dict | None:
+    """A patch's deltas for the neurons this site computes (an MoE shared expert: its part only)."""
+    if site.layer_neurons:
+        from .moe import dense_part
+
+        return dense_part(patch, site.layer, site.num_neurons)
+    return patch.layer(site.layer)
+
+
+def _row_patches(state: Intervention, site: NeuronSite, token_rows: int, device) -> list:
+    """[(token rows, layer deltas)] for each variant with a patch on this layer and rows in the batch."""
+    if state.variants is None or state.rows is None:
+        return []
+    out = []
+    for v, p in enumerate(state.variants.patches):
+        d = _site_delta(p, site) if p is not None else None
+        if d is None:
+            continue
+        rows = state.rows_of(v, token_rows, device)
+        if rows.numel():
+            out.append((rows, d))
+    return out
+
+
+def _add_rows_at(out: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, d: torch.Tensor,
+                 cols: bool = False) -> torch.Tensor:
+    """out[rows, idx] += src[rows] @ d^T (row deltas, d: [k, H]); with `cols`, out[rows] +=
+    src[rows][:, idx] @ d^T (column deltas, d: [H, k]). Only the selected rows change.
+
+    Per-row variants serve inference (a patch chosen per request), so this is plain torch on
+    the selected rows; the trainable one-patch path (`add_rows`/`add_cols`) carries the exact
+    sparse gradients."""
+    o2 = out.reshape(-1, out.shape[-1])
+    s2 = src.reshape(-1, src.shape[-1]).index_select(0, rows)
+    if cols:
+        delta = (s2.index_select(1, idx).to(d.dtype) @ d.t()).to(out.dtype)
+        where = (rows,)
+    else:
+        delta = (s2.to(d.dtype) @ d.t()).to(out.dtype)
+        where = (rows.unsqueeze(1), idx.unsqueeze(0))
+    if torch.is_grad_enabled() and (out.requires_grad or d.requires_grad):
+        return o2.index_put(where, delta, accumulate=True).view(out.shape)
+    o2.index_put_(where, delta, accumulate=True)  # a fresh projection output: safe to edit in place
+    return out
+
+
+def _row_patch_inputs(site: NeuronSite, hidden, x, up, row_patches):
+    for rows, d in row_patches:
+        idx = d["index"]
+        if site.gated:
+            if "gate" in d:
+                x = _add_rows_at(x, hidden, rows, idx, d["gate"])
+            if "up" in d:
+                up = _add_rows_at(up, hidden, rows, idx, d["up"])
+        elif "up" in d:
+            x = _add_rows_at(x, hidden, rows, idx, d["up"])
+    return x, up
+
+
+def _attn_v_hook(mod, args, out):
+    handle, layer = getattr(mod, _ATTN_ATTR)
+    state = handle.state()
+    if state.patch is not None and (a := state.patch.attention_layer(layer)) is not None:
+        out = add_rows(out, args[0], a["v"], a["v_index"], backend=handle.backend)
+    for rows, a in _row_attention(state, layer, out):
+        out = _add_rows_at(out, args[0], rows, a["v_index"], a["v"])
+    return out
+
+
+def _attn_o_hook(mod, args, out):
+    handle, layer = getattr(mod, _ATTN_ATTR)
+    state = handle.state()
+    if state.patch is not None and (a := state.patch.attention_layer(layer)) is not None:
+        out = out + add_cols(args[0], a["index"], a["o"], backend=handle.backend).to(out.dtype)
+    for rows, a in _row_attention(state, layer, out):
+        out = _add_rows_at(out, args[0], rows, a["index"], a["o"], cols=True)
+    return out
+
+
+def _row_attention(state: Intervention, layer: int, out: torch.Tensor) -> list:
+    if state.variants is None or state.rows is None:
+        return []
+    token_rows = out.numel() // out.shape[-1]
+    res = []
+    for v, p in enumerate(state.variants.patches):
+        a = p.attention_layer(layer) if p is not None else None
+        if a is not None:
+            rows = state.rows_of(v, token_rows, out.device)
+            if rows.numel():
+                res.append((rows, a))
+    return res
+
+
+def attach(model: nn.Module, backend: str | None = None) -> RuntimeHandle:
+    """Route every decoder-layer MLP of `model` through the fused path.
+
+    `backend`: "triton", "cpp" or "torch" to force one (default: $SSN_BACKEND, else
+    the best for each tensor's device and dtype). With nothing else attached, the
+    model's outputs equal the unpatched model's (see tests/test_parity_zoo.py).
+    """
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise SSNError("this model is already attached; call handle.detach() before attaching again")
+    if backend is not None and backend not in BACKENDS:
+        raise SSNError(f"backend={backend!r} is not a backend; use one of {', '.join(BACKENDS)}")
+    chosen = backend if backend is not None else forced_backend()
+    handle = RuntimeHandle(model, find_sites(model), chosen)
+    handle._install()
+    return handle
+
+
+def attached_handle(model: nn.Module) -> RuntimeHandle | None:
+    return getattr(model, _HANDLE_ATTR, None)
+
+
+@contextlib.contextmanager
+def ensure_attached(model: nn.Module, backend: str | None = None) -> Iterator[RuntimeHandle]:
+    """The model's handle for the block: the existing one, or a new attachment detached on exit."""
+    handle = attached_handle(model)
+    if handle is not None:
+        yield handle
+        return
+    handle = attach(model, backend)
+    try:
+        yield handle
+    finally:
+        handle.detach()
