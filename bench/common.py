@@ -85,14 +85,15 @@ def timeit(fn, device: str, *, warmup: int = 3, reps: int = 10, min_seconds: flo
 
 
 def compare(fns: dict, device: str, *, rounds: int = 15, warmup: int = 2, min_round_seconds: float = 0.05,
-            setup: dict | None = None, teardown: dict | None = None) -> dict:
+            setup: dict | None = None, teardown: dict | None = None, samples_out: dict | None = None) -> dict:
     """Median seconds per call of each function, timed in interleaved rounds.
 
     Alternating the contenders round by round (order rotated each round) spreads
     clock, cache and neighbour noise evenly over them; on a shared 2-core machine
     back-to-back blocks of one then the other can differ by 10% for no reason.
     `setup[name]` / `teardown[name]` run untimed around each of that contender's blocks
-    (e.g. fold a mask into the weights, then unfold it).
+    (e.g. fold a mask into the weights, then unfold it). `samples_out`, if given, receives
+    each contender's per-round seconds (round r of every contender ran in the same round).
     """
     names = list(fns)
     setup, teardown = setup or {}, teardown or {}
@@ -123,6 +124,8 @@ def compare(fns: dict, device: str, *, rounds: int = 15, warmup: int = 2, min_ro
                 torch.cuda.synchronize()
             samples[name].append((time.perf_counter() - t0) / n)
             teardown.get(name, nop)()
+    if samples_out is not None:
+        samples_out.update(samples)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 

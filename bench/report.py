@@ -55,9 +55,15 @@ def _profile(d: dict) -> str:
 def _intervene(d: dict) -> str:
     out = []
     for kind in ("forward", "generate"):
-        r = d.get(kind, {}).get("ratio_vs_plain", {})
-        out.append(f"{kind}: " + ", ".join(f"{k} {_x(v)}" for k, v in r.items() if k != "plain"))
-    return (f"masks of {d['mask_neurons']} of {d['total_neurons']} neurons, batch {d['batch']}; time / plain: "
+        per_round = d.get(kind, {}).get("ratio_per_round")
+        if per_round:  # median [range over rounds]; "control" is plain timed twice (the noise)
+            out.append(f"{kind}: " + ", ".join(f"{k} {_x(v['median'])} [{v['min']:.2f}-{v['max']:.2f}]"
+                                               for k, v in per_round.items() if k != "plain"))
+        else:
+            r = d.get(kind, {}).get("ratio_vs_plain", {})
+            out.append(f"{kind}: " + ", ".join(f"{k} {_x(v)}" for k, v in r.items() if k != "plain"))
+    model = f"{d['model']}, " if d.get("model") else ""
+    return (f"{model}masks of {d['mask_neurons']} of {d['total_neurons']} neurons, batch {d['batch']}; time / plain: "
             + "; ".join(out))
 
 
