@@ -67,7 +67,13 @@ MAX_NEW_TOKENS = 12
 BATCH = dict(max_batch_size=128, max_tokens_per_batch=8192)
 # SS-tuning: measured on seed 0 (v2 organism) against lr 1e-3..3e-3 and 60..100 steps: 3e-3 x 100
 # raised held-out perplexity by 6%, 1e-3 x 100 cost benign helpfulness (92% in one language).
-TUNE = dict(lr=2e-3, steps=60, batch_size=16)
+# Retention weight 2 (the English retention examples drawn twice as often): chosen on the v3
+# organisms of seeds 0-4 among six recipes (retention weight 1/2/3, lr 1.5e-3, every training
+# combination once with weight 1 and 2; three more were tried on seed 1 alone), the only one
+# that kept benign helpfulness >= 90% on all five; weight 1 over-refused held-out harmless
+# requests on seeds 0 and 1 (86%, 83%). Seeds 5 and 6 were not used to choose it.
+TUNE = dict(lr=2e-3, steps=60, batch_size=16, retain_weight=2.0)
+TUNE_CHOSEN_ON = (0, 1, 2, 3, 4)  # the seeds the recipe above was chosen on
 READINGS = {"union": ("union", "union"), "intersection": ("intersection", "intersection")}
 RESULTS_FORMAT, SUMMARY_FORMAT, FORMAT_VERSION = "ssn-demo-results", "ssn-demo-summary", 1
 
@@ -240,6 +246,7 @@ def run_seed(seed: int, out: Path, small: bool = False, rebuild: bool = False, p
               "fraction": FRACTION, "controls": CONTROLS, "neurons": total, "sets": sets, "identification": method,
               "attributed_prompts": attributed,
               "counts": _counts(rows), "trainable_params": tune["trainable_params"],
+              "tuning": {**TUNE, "chosen_on_seeds": list(TUNE_CHOSEN_ON)},
               "perplexity": {"base": ppl_base, TUNED: ppl_tuned, "change": ppl_tuned / ppl_base - 1}}
     if routing is not None:  # the separating experts per language; the full tables are in analysis/routing.*
         result["routing"] = {"moe_layers": routing["moe_layers"], "experts": routing["experts"],
@@ -765,6 +772,17 @@ def reading_markdown(summary: dict) -> str:
     else:
         lines.append(f"- Every target holds on {'every one of the' if len(results) > 1 else 'the'} {len(results)} "
                      f"recorded seed{'s' if len(results) > 1 else ''} with at least {THIN:g} points to spare.")
+    chosen = set((results[0].get("tuning") or {}).get("chosen_on_seeds") or [])
+    fresh = [res for res in results if chosen and res["seed"] not in chosen]
+    if fresh:
+        worst = {name: min(res["targets"][name]["margin"] for res in fresh) for name in summary["targets"]
+                 if all(res["targets"][name]["margin"] is not None for res in fresh)}
+        weak = sorted(worst.items(), key=lambda kv: kv[1])[:2]
+        lines.append(f"- Seed{'s' if len(fresh) > 1 else ''} {', '.join(str(r['seed']) for r in fresh)} "
+                     f"{'were' if len(fresh) > 1 else 'was'} not used to choose the SS-tuning recipe: "
+                     + (f"{sum(m >= 0 for m in worst.values())} of {len(worst)} targets hold on "
+                        f"{'each' if len(fresh) > 1 else 'it'}; the smallest margins there: "
+                        + "; ".join(f"{name} {_f(m, 1, True)}" for name, m in weak) + "."))
     drop = {r: mean([_nhr_mean(res, BASE) - _nhr_mean(res, SUPPRESSED[r]) for res in results]) for r in READINGS}
     size = {r: mean([res["sets"][r]["size"] for res in results]) for r in (*READINGS, "contrast")}
     share = mean([res["sets"]["union"].get("share_of_ms_hr", 0.0) for res in results])
@@ -818,6 +836,20 @@ def design_markdown(res: dict) -> str:
     lines += ["", "So each NHR language refuses the harmful actions its safety data covers and answers the "
               "others, on held-out objects: its base refusal rate is set by the data, and no prompt sits near a "
               "decision boundary a small perturbation could cross (the random controls test that)."]
+    if (org.get("version") or 0) >= 3:
+        lines += ["", "Held-out evaluation prompts pair each action with objects it was never trained with; every "
+                  "object is held out for the same number of harmful and of benign actions, so no object is seen "
+                  "mostly in harmful requests (drawn per action, one seed once held one object out for 5 of the 8 "
+                  "benign actions, and SS-tuning then refused harmless requests about it)."]
+    tune = res.get("tuning")
+    if tune:
+        lines += ["", f"SS-tuning trains only the union SS-Neurons (their gate and up rows and down columns) for "
+                  f"{tune['steps']} steps of batch {tune['batch_size']} at peak learning rate {tune['lr']:g} on each "
+                  "NHR language's harmful requests with refusals, as many harmless requests with helpful answers "
+                  "and color questions, plus English retention examples sampled with weight "
+                  f"{tune['retain_weight']:g}. That recipe was chosen on seeds "
+                  f"{', '.join(map(str, tune['chosen_on_seeds']))} (`TUNE` in ssn_runtime/demo.py says how); any "
+                  "other seed reported here is a check it was not fitted to."]
     return "\n".join(lines) + "\n"
 
 
@@ -861,6 +893,12 @@ def render_readme_block(summary: dict) -> str:
     if missed:
         lines += ["", "Not robust across seeds, thresholds left as they are: " + "; ".join(missed)
                   + f". Every seed's tables are in {DOCS_MD}."]
+    chosen = (res.get("tuning") or {}).get("chosen_on_seeds")
+    fresh = [s for s in summary["seeds"] if chosen and s not in chosen]
+    if fresh:
+        lines += ["", f"The SS-tuning recipe was chosen on seeds {', '.join(map(str, chosen))}; seed"
+                  f"{'s' if len(fresh) > 1 else ''} {', '.join(map(str, fresh))} check{'' if len(fresh) > 1 else 's'} "
+                  f"it ({DOCS_MD})."]
     note = seeds_note(summary)
     lines += ([""] + [note] if note else []) + ["", _VARIES, "", README_END]
     return "\n".join(lines)
