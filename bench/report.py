@@ -90,8 +90,10 @@ def _serve(d: dict) -> str:
                 f"profiles / base only at 16 clients {_x(d.get('mixed_over_base_16'))}")
     parts = []
     for length, s in d["summary"].items():
-        parts.append(f"{length} lengths: tokens/s 16 clients / 1 {_x(s.get('scaling_16_over_1'))}, mixed profiles "
-                     f"(2 masks + 2 patches) / base {_x(s.get('mixed_over_base_16'))} (zero-cost control "
+        more = "".join(f", {k.split('_')[1]} clients / 1 {_x(v)}" for k, v in s.items()
+                       if k.startswith("scaling_") and k != "scaling_16_over_1")
+        parts.append(f"{length} lengths: tokens/s 16 clients / 1 {_x(s.get('scaling_16_over_1'))}{more}, mixed "
+                     f"profiles (2 masks + 2 patches) / base {_x(s.get('mixed_over_base_16'))} (zero-cost control "
                      f"{_x(s.get('control_over_base_16'))}), p95 inter-token latency 16 / 1 "
                      f"{_x(s.get('itl_p95_16_over_1'))}")
     mem = d.get("resident_memory", {}).get("two_patches_over_base")

@@ -498,10 +498,15 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
              f"control_over_base_{hi}": (med("ssn", "control", length, hi) or 0) / base_hi if base_hi else None}
         itl_lo, itl_hi = med("ssn", "base", length, lo, "itl_p95_s"), med("ssn", "base", length, hi, "itl_p95_s")
         s[f"itl_p95_{hi}_over_{lo}"] = itl_hi / itl_lo if itl_lo and itl_hi else None
-        for anchor in {r["server"] for r in runs} - {"ssn"}:
-            a = med(anchor, "base", length, hi)
-            if a:
-                s[f"ssn_over_{anchor}_{hi}"] = base_hi / a
+        top = max(clients)
+        if top > hi:  # the most clients measured, beside the targets' 16
+            base_top = med("ssn", "base", length, top)
+            s[f"scaling_{top}_over_{lo}"] = base_top / base_lo if base_top else None
+        for anchor in sorted({r["server"] for r in runs} - {"ssn"}):
+            for c in sorted({hi, top}):
+                a, ours = med(anchor, "base", length, c), med("ssn", "base", length, c)
+                if a and ours:
+                    s[f"ssn_over_{anchor}_{c}"] = ours / a
         out[length] = s
     return out
 
