@@ -138,6 +138,48 @@ def test_render_docs_rewrites_and_checks(tmp_path):
         demo.render_docs(tmp_path / "again")
 
 
+def _report(folder: Path, res: dict, sets: dict) -> None:
+    (folder / f"seed{res['seed']}").mkdir(parents=True)
+    (folder / f"seed{res['seed']}" / "results.json").write_text(json.dumps(res))
+    (folder / f"seed{res['seed']}" / "neurons.json").write_text(json.dumps({"sets": sets}))
+
+
+def test_thread_check_compares_verdicts_sets_and_margins(tmp_path):
+    pinned, other = synthetic(0), synthetic(0)
+    other["environment"] = {**other["environment"], "threads": 2, "mkl_cnr": "OFF"}
+    _report(tmp_path / "a", pinned, {"SS": [[0, 1]]})
+    _report(tmp_path / "b", other, {"SS": [[0, 1]]})
+    _report(tmp_path / "a", synthetic(1), {"SS": [[0, 1]]})  # only in one folder: not compared
+    check = demo.thread_check(tmp_path / "a", tmp_path / "b")
+    [row] = check["seeds"]
+    assert row["seed"] == 0 and row["same_verdicts"] and row["same_neuron_sets"]
+    assert row["max_margin_difference"] == 0.0 and row["environments"][1]["threads"] == 2
+    changed = synthetic(0, xa_base=(10, 7, 3, 0))
+    _report(tmp_path / "c", changed, {"SS": [[0, 2]]})
+    [row] = demo.thread_check(tmp_path / "a", tmp_path / "c")["seeds"]
+    assert not row["same_verdicts"] and not row["same_neuron_sets"] and row["max_margin_difference"] > 0
+    with pytest.raises(SSNError, match="no seed folder is in both"):
+        demo.thread_check(tmp_path / "a", tmp_path / "nowhere")
+    # rendered beside the seeds' tables when recorded
+    root = _repo(tmp_path / "repo", [synthetic(0), synthetic(1)])
+    (root / demo.THREADS_JSON).write_text(json.dumps(check))
+    demo.render_docs(root)
+    assert "| 0 | AVX2 kernels, MKL COMPATIBLE, 1 thread(s) | AVX2 kernels, MKL OFF, 2 thread(s) | yes | yes |" in \
+        (root / demo.DOCS_MD).read_text()
+
+
+def test_docs_name_the_seeds_the_tuning_recipe_was_not_chosen_on(tmp_path):
+    results = [synthetic(s) for s in (0, 1, 2)]
+    for r in results:
+        r["tuning"] = {**demo.TUNE, "chosen_on_seeds": [0, 1]}
+    root = _repo(tmp_path, results)
+    demo.render_docs(root)
+    doc, readme = (root / demo.DOCS_MD).read_text(), (root / "README.md").read_text()
+    assert "- Seed 2 was not used to choose the SS-tuning recipe: 8 of 8 targets hold on it" in doc
+    assert "The SS-tuning recipe was chosen on seeds 0, 1; seed 2 checks it" in readme
+    assert f"sampled with weight {demo.TUNE['retain_weight']:g}" in doc
+
+
 def test_committed_docs_equal_the_rendering_of_the_committed_json():
     """docs/organism-results.md and the README's demo block are generated: regenerate them with
     `python -m ssn_runtime.demo --render-docs` after updating docs/results/organism-seeds.json."""
