@@ -28,11 +28,11 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       "fused_act_forward",
       [](int dtype, int act, bool gated, uintptr_t x, int64_t sx, uintptr_t up, int64_t su, uintptr_t out,
          int64_t so, int64_t rows, int64_t cols, int mask_mode, uintptr_t scale, uintptr_t bias,
-         uintptr_t row_profile, int threads) {
+         uintptr_t row_variant, int threads) {
         check_codes(dtype, act);
         if (mask_mode < 0 || mask_mode > 2) throw std::invalid_argument("unsupported mask mode");
         ssn::MaskView mask{mask_mode, static_cast<const float*>(ptr(scale)), static_cast<const float*>(ptr(bias)),
-                           static_cast<const int32_t*>(ptr(row_profile))};
+                           static_cast<const int32_t*>(ptr(row_variant))};
         ssn::fused_act_forward(dtype, act, gated, {ptr(x), sx}, {ptr(up), su}, ptr(out), so, rows, cols, mask,
                                threads);
       },
@@ -52,11 +52,11 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       [](int dtype, int act, bool gated, uintptr_t x, int64_t sx, uintptr_t up, int64_t su, uintptr_t out,
          int64_t so, int64_t rows, int64_t cols, uintptr_t group_ids, uintptr_t sum, uintptr_t sumsq,
          uintptr_t abs_sum, uintptr_t active, uintptr_t gate_active, uintptr_t seq_ids, uintptr_t seq_abs,
-         float threshold, int mask_mode, uintptr_t scale, uintptr_t bias, uintptr_t row_profile, int threads) {
+         float threshold, int mask_mode, uintptr_t scale, uintptr_t bias, uintptr_t row_variant, int threads) {
         check_codes(dtype, act);
         if (mask_mode < 0 || mask_mode > 2) throw std::invalid_argument("unsupported mask mode");
         ssn::MaskView mask{mask_mode, static_cast<const float*>(ptr(scale)), static_cast<const float*>(ptr(bias)),
-                           static_cast<const int32_t*>(ptr(row_profile))};
+                           static_cast<const int32_t*>(ptr(row_variant))};
         ssn::StatsTarget st{static_cast<const int32_t*>(ptr(group_ids)),
                             static_cast<double*>(ptr(sum)),
                             static_cast<double*>(ptr(sumsq)),

@@ -239,7 +239,7 @@ SSN_CLONES void stats_bf16(int a, bool g, const uint16_t* x, const uint16_t* u, 
 // The mask's scale/bias table row for input row m, from column c0 (null: no mask).
 SSN_INLINE const float* mask_at(const MaskView& mask, int64_t cols, int64_t m, int64_t c0, const float* table) {
   if (mask.mode == 0) return nullptr;
-  const int64_t row = mask.mode == 2 ? static_cast<int64_t>(mask.row_profile[m]) * cols : 0;
+  const int64_t row = mask.mode == 2 ? static_cast<int64_t>(mask.row_variant[m]) * cols : 0;
   return table + row + c0;
 }
 

@@ -18,12 +18,12 @@ struct RowView {
 };
 
 // A neuron mask applied in the forward: h = h * scale + bias. Mode 0: none; 1: one
-// [cols] scale/bias for every row; 2: [profiles, cols] tables, row m using row_profile[m].
+// [cols] scale/bias for every row; 2: [variants, cols] tables, row m using row_variant[m].
 struct MaskView {
   int mode;
   const float* scale;
   const float* bias;
-  const int32_t* row_profile;
+  const int32_t* row_variant;
 };
 
 // out[m, n] = act(x[m, n]) * (gated ? up[m, n] : 1), then the mask

@@ -5,7 +5,7 @@ where one layer's profiling statistics go for the current batch. Both check thei
 structure when built (dtype, shape, layout, one device), so a malformed argument fails
 in Python with a message instead of reaching a kernel as a bad pointer. The checks never
 read tensor values: on CUDA that would synchronise the stream on every layer. Value
-ranges (profile ids, group ids) are checked where the values are made, on the host
+ranges (variant ids, group ids) are checked where the values are made, on the host
 (ssn_runtime.core.runtime, ssn_runtime.science.collector), and again by ssn_runtime.core.cpp_ops before a
 pointer crosses into C++.
 
@@ -34,33 +34,33 @@ class MaskArgs:
     """A neuron mask as the kernels apply it: h -> h * scale + bias, in float32.
 
     `scale`/`bias`: contiguous float32, [N] (one mask for every row) or [P, N] (a table
-    of P masks) with `row_profile`: contiguous int32 [M], the table row of each input row.
+    of P masks) with `row_variant`: contiguous int32 [M], the table row of each input row.
     """
 
     scale: torch.Tensor
     bias: torch.Tensor
-    row_profile: torch.Tensor | None = None
+    row_variant: torch.Tensor | None = None
 
     def __post_init__(self):
-        s, b, rp = self.scale, self.bias, self.row_profile
+        s, b, rp = self.scale, self.bias, self.row_variant
         for name, t in (("scale", s), ("bias", b)):
             if t.dtype != torch.float32 or not t.is_contiguous():
                 _fail(f"MaskArgs.{name} must be contiguous float32, got {t.dtype}")
         if s.shape != b.shape:
             _fail(f"MaskArgs scale {tuple(s.shape)} and bias {tuple(b.shape)} differ in shape")
         if rp is None and s.dim() != 1:
-            _fail(f"MaskArgs without row_profile needs [N] scale/bias, got {tuple(s.shape)}")
+            _fail(f"MaskArgs without row_variant needs [N] scale/bias, got {tuple(s.shape)}")
         if rp is not None:
             if s.dim() != 2:
-                _fail(f"MaskArgs with row_profile needs [P, N] scale/bias tables, got {tuple(s.shape)}")
+                _fail(f"MaskArgs with row_variant needs [P, N] scale/bias tables, got {tuple(s.shape)}")
             if rp.dtype != torch.int32 or rp.dim() != 1 or not rp.is_contiguous():
-                _fail(f"MaskArgs.row_profile must be contiguous int32 [rows], got {rp.dtype} {tuple(rp.shape)}")
+                _fail(f"MaskArgs.row_variant must be contiguous int32 [rows], got {rp.dtype} {tuple(rp.shape)}")
         _same_device(s, b, rp)
 
     @property
     def mode(self) -> int:
         """Kernel mask mode: 1 one mask for all rows, 2 one table row per input row."""
-        return 2 if self.row_profile is not None else 1
+        return 2 if self.row_variant is not None else 1
 
     @property
     def num_neurons(self) -> int:
@@ -70,23 +70,23 @@ class MaskArgs:
         """The mask fits an input of `rows` x `cols` on `device`."""
         if self.num_neurons != cols:
             _fail(f"mask covers {self.num_neurons} neurons but the layer has {cols}")
-        if self.row_profile is not None and self.row_profile.numel() != rows:
-            _fail(f"row_profile has {self.row_profile.numel()} entries for {rows} input rows")
+        if self.row_variant is not None and self.row_variant.numel() != rows:
+            _fail(f"row_variant has {self.row_variant.numel()} entries for {rows} input rows")
         if self.scale.device != device:
             _fail(f"mask is on {self.scale.device}, the input on {device}")
 
     def scale_rows(self, rows_shape: torch.Size) -> torch.Tensor:
         """d(h * scale + bias)/dh, broadcastable to an input of shape `rows_shape` (backward)."""
-        if self.row_profile is None:
+        if self.row_variant is None:
             return self.scale
-        return self.scale[self.row_profile.long()].view(*rows_shape[:-1], self.num_neurons)
+        return self.scale[self.row_variant.long()].view(*rows_shape[:-1], self.num_neurons)
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         """h * scale + bias in float32, one rounding back to h's dtype: what the kernels compute."""
         n = h.shape[-1]
-        if self.row_profile is None:
+        if self.row_variant is None:
             return (h.float() * self.scale + self.bias).to(h.dtype)
-        rp = self.row_profile.long()
+        rp = self.row_variant.long()
         h2 = h.reshape(-1, n).float() * self.scale[rp] + self.bias[rp]
         return h2.to(h.dtype).view(h.shape)
 

@@ -54,13 +54,13 @@ def pick_config(M: int, N: int):
 
 @triton.jit
 def fused_act_fwd_kernel(
-    x_ptr, up_ptr, out_ptr, scale_ptr, bias_ptr, profile_ptr,
+    x_ptr, up_ptr, out_ptr, scale_ptr, bias_ptr, variant_ptr,
     M, N,
     stride_xm, stride_um, stride_om,
     GATED: tl.constexpr, ACT: tl.constexpr, MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """MASK 0: none; 1: h = h*scale[n] + bias[n]; 2: per-row profile p = profile[m],
+    """MASK 0: none; 1: h = h*scale[n] + bias[n]; 2: per-row variant p = row_variant[m],
     h = h*scale[p, n] + bias[p, n] (several neuron masks in one batch)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -78,8 +78,8 @@ def fused_act_fwd_kernel(
         bi = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
         h = h * sc[None, :] + bi[None, :]
     elif MASK == 2:
-        prof = tl.load(profile_ptr + rows, mask=rows < M, other=0).to(tl.int64)
-        off = prof[:, None] * N + cols[None, :]
+        variant = tl.load(variant_ptr + rows, mask=rows < M, other=0).to(tl.int64)
+        off = variant[:, None] * N + cols[None, :]
         h = h * tl.load(scale_ptr + off, mask=mask, other=1.0) + tl.load(bias_ptr + off, mask=mask, other=0.0)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -118,16 +118,16 @@ def fused_act_forward(x: torch.Tensor, up, act: str, mask: MaskArgs | None = Non
     M, N = x2.shape
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     u2 = as_rows(up) if up is not None else x2
-    mode, scale, bias, prof = 0, x2, x2, x2
+    mode, scale, bias, variant = 0, x2, x2, x2
     if mask is not None:
         mask.check_input(M, N, x.device)
         mode, scale, bias = mask.mode, mask.scale, mask.bias
-        prof = mask.row_profile if mode == 2 else x2
+        variant = mask.row_variant if mode == 2 else x2
     if M and N:
         bm, bn, warps = pick_config(M, N)
         grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
         fused_act_fwd_kernel[grid](
-            x2, u2, out, scale, bias, prof, M, N, x2.stride(0), u2.stride(0), out.stride(0),
+            x2, u2, out, scale, bias, variant, M, N, x2.stride(0), u2.stride(0), out.stride(0),
             GATED=up is not None, ACT=code, MASK=mode, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
         )
     return out.view(x.shape)
@@ -161,7 +161,7 @@ def aot_variants():
     every mask mode, plus every activation and the plain-MLP path once, for ahead-of-time
     compile checks."""
     ptrs = {"fwd": ("x_ptr", "up_ptr", "out_ptr"), "bwd": ("dout_ptr", "x_ptr", "up_ptr", "dx_ptr", "dup_ptr")}
-    mask_ptrs = {"scale_ptr": "*fp32", "bias_ptr": "*fp32", "profile_ptr": "*i32"}
+    mask_ptrs = {"scale_ptr": "*fp32", "bias_ptr": "*fp32", "variant_ptr": "*i32"}
     ints = {"fwd": ("M", "N", "stride_xm", "stride_um", "stride_om"),
             "bwd": ("M", "N", "stride_dom", "stride_xm", "stride_um", "stride_dxm", "stride_dum")}
     kernels = {"fwd": fused_act_fwd_kernel, "bwd": fused_act_bwd_kernel}

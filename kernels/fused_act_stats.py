@@ -291,11 +291,11 @@ def fused_act_stats_forward(x: torch.Tensor, up, act: str, target: StatsTarget, 
     u2 = as_rows(up) if up is not None else x2
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     target.check_input(M, N, x.device)
-    mode, scale, bias, prof = 0, x2, x2, target.group_ids
+    mode, scale, bias, variant = 0, x2, x2, target.group_ids
     if mask is not None:
         mask.check_input(M, N, x.device)
         mode, scale, bias = mask.mode, mask.scale, mask.bias
-        prof = mask.row_profile if mask.row_profile is not None else prof
+        variant = mask.row_variant if mask.row_variant is not None else variant
     if M and N:
         block_n, rows_per_tile, warps = pick_config(M, N, x.device)
         rows = plan_rows(M, N, block_n, x.device)
@@ -304,7 +304,7 @@ def fused_act_stats_forward(x: torch.Tensor, up, act: str, target: StatsTarget, 
         sid = target.seq_ids if target.seq_abs is not None else target.group_ids
         seq = target.seq_abs if target.seq_abs is not None else out
         fused_act_stats_kernel[grid](
-            x2, u2, out, scale, bias, prof, target.group_ids, sid,
+            x2, u2, out, scale, bias, variant, target.group_ids, sid,
             target.sum, target.sumsq, target.abs_sum, target.active, gate, seq,
             M, N, x2.stride(0), u2.stride(0), out.stride(0), rows, float(target.threshold),
             GATED=up is not None, ACT=ACT_CODES[act], MASK=mode, GATE_STATS=target.gate_active is not None,

@@ -81,7 +81,7 @@ def test_dispatcher_path_equals_direct_path(backend):
     direct.sum().backward()
     g_direct = (x.grad.clone(), up.grad.clone())
     x.grad = up.grad = None
-    via_op = torch.ops.ssn.fused_act(x, up, "silu", backend, m.scale, m.bias, m.row_profile)
+    via_op = torch.ops.ssn.fused_act(x, up, "silu", backend, m.scale, m.bias, m.row_variant)
     via_op.sum().backward()
     assert torch.equal(direct, via_op)
     assert torch.equal(g_direct[0], x.grad) and torch.equal(g_direct[1], up.grad)

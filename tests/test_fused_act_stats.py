@@ -122,8 +122,8 @@ def test_masked_statistics_describe_the_masked_activation(backend, device, mode)
                         torch.randint(0, 3, (M,), generator=g, dtype=torch.int32).to(device))
     tgt = _target(N, G, S, device, True, True, gid, sid, 0.0)
     out = _run(backend, x, up, "silu", tgt, mask)
-    cpu_mask = MaskArgs(mask.scale.cpu(), mask.bias.cpu(), None if mask.row_profile is None
-                        else mask.row_profile.cpu())
+    cpu_mask = MaskArgs(mask.scale.cpu(), mask.bias.cpu(), None if mask.row_variant is None
+                        else mask.row_variant.cpu())
     want = cpu_mask.apply(fused_act_reference(x.cpu(), up.cpu(), "silu").float())
     torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-5)
     ref = _reference(out, x, "silu", gid, sid, G, S, 0.0, True)

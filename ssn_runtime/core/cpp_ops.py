@@ -36,16 +36,16 @@ def _check(*tensors: torch.Tensor) -> None:
 
 
 def _mask_args(mask: MaskArgs | None, M: int, N: int) -> tuple[int, int, int, int]:
-    """(mode, scale, bias, row_profile) pointers; MaskArgs has checked dtypes and layout,
-    this adds what a raw pointer needs: the right sizes, and profile ids inside the table."""
+    """(mode, scale, bias, row_variant) pointers; MaskArgs has checked dtypes and layout,
+    this adds what a raw pointer needs: the right sizes, and variant ids inside the table."""
     if mask is None:
         return 0, 0, 0, 0
     mask.check_input(M, N, torch.device("cpu"))
-    if mask.row_profile is None:
+    if mask.row_variant is None:
         return 1, mask.scale.data_ptr(), mask.bias.data_ptr(), 0
-    rp = mask.row_profile
+    rp = mask.row_variant
     if rp.numel() and (int(rp.min()) < 0 or int(rp.max()) >= mask.scale.shape[0]):
-        raise ValueError("row_profile holds a profile id outside the mask table")
+        raise ValueError("row_variant holds a variant id outside the mask table")
     return 2, mask.scale.data_ptr(), mask.bias.data_ptr(), rp.data_ptr()
 
 

@@ -12,10 +12,10 @@ the kernel backends save only the pre-activations and recompute act in the backw
 The kernels are registered as torch.library ops with fake (meta) implementations, so
 torch.compile, fake tensors and export see a well-defined op:
 
-  ssn::fused_act(x, up?, act, backend, scale?, bias?, row_profile?) -> h      differentiable
+  ssn::fused_act(x, up?, act, backend, scale?, bias?, row_variant?) -> h      differentiable
   ssn::fused_act_backward(dout, x, up?, act, backend) -> (dx, dup)            dup empty when up is None
   ssn::fused_act_stats(x, up?, act, backend, group_ids, sum!, sumsq!, abs_sum!, active!, gate_active!?,
-                       seq_ids?, seq_abs!?, threshold, scale?, bias?, row_profile?) -> h   (adds into the tables)
+                       seq_ids?, seq_abs!?, threshold, scale?, bias?, row_variant?) -> h   (adds into the tables)
 
 Eager calls on plain tensors call the same implementations without going through the
 dispatcher: a Python custom op costs tens of microseconds a call, more than the kernel
@@ -57,13 +57,13 @@ def kernels_for(backend: str) -> SimpleNamespace:
     raise ValueError(f"{backend!r} is not a kernel backend")
 
 
-def _mask_of(scale, bias, row_profile) -> MaskArgs | None:
-    return MaskArgs(scale, bias, row_profile) if scale is not None else None
+def _mask_of(scale, bias, row_variant) -> MaskArgs | None:
+    return MaskArgs(scale, bias, row_variant) if scale is not None else None
 
 
 def mask_op_args(mask: MaskArgs | None) -> tuple:
-    """(scale, bias, row_profile) as torch.ops.ssn.* take them (all None without a mask)."""
-    return (mask.scale, mask.bias, mask.row_profile) if mask is not None else (None, None, None)
+    """(scale, bias, row_variant) as torch.ops.ssn.* take them (all None without a mask)."""
+    return (mask.scale, mask.bias, mask.row_variant) if mask is not None else (None, None, None)
 
 
 def _scaled_dout(dout: torch.Tensor, mask: MaskArgs | None) -> torch.Tensor:
@@ -97,12 +97,12 @@ class _FusedActFn(torch.autograd.Function):
 # ----- torch.library ops (torch.compile, fake tensors, export) -----
 @torch.library.custom_op("ssn::fused_act", mutates_args=())
 def _op_fused_act(x: torch.Tensor, up: torch.Tensor | None, act: str, backend: str, scale: torch.Tensor | None,
-                  bias: torch.Tensor | None, row_profile: torch.Tensor | None) -> torch.Tensor:
-    return kernels_for(backend).forward(x, up, act, _mask_of(scale, bias, row_profile))
+                  bias: torch.Tensor | None, row_variant: torch.Tensor | None) -> torch.Tensor:
+    return kernels_for(backend).forward(x, up, act, _mask_of(scale, bias, row_variant))
 
 
 @_op_fused_act.register_fake
-def _(x, up, act, backend, scale, bias, row_profile):
+def _(x, up, act, backend, scale, bias, row_variant):
     return x.new_empty(x.shape)  # the kernels return a fresh contiguous tensor
 
 
@@ -119,14 +119,14 @@ def _(dout, x, up, act, backend):
 
 
 def _setup_fused_act(ctx, inputs, output):
-    x, up, act, backend, scale, bias, row_profile = inputs
+    x, up, act, backend, scale, bias, row_variant = inputs
     ctx.act, ctx.backend, ctx.gated = act, backend, up is not None
-    ctx.save_for_backward(x, up, scale, bias, row_profile)
+    ctx.save_for_backward(x, up, scale, bias, row_variant)
 
 
 def _backward_fused_act(ctx, dout):
-    x, up, scale, bias, row_profile = ctx.saved_tensors
-    dout = _scaled_dout(dout, _mask_of(scale, bias, row_profile))
+    x, up, scale, bias, row_variant = ctx.saved_tensors
+    dout = _scaled_dout(dout, _mask_of(scale, bias, row_variant))
     dx, dup = torch.ops.ssn.fused_act_backward(dout, x, up, ctx.act, ctx.backend)
     return dx, (dup if ctx.gated else None), None, None, None, None, None
 
@@ -140,14 +140,14 @@ def _op_fused_act_stats(x: torch.Tensor, up: torch.Tensor | None, act: str, back
                         sum: torch.Tensor, sumsq: torch.Tensor, abs_sum: torch.Tensor, active: torch.Tensor,
                         gate_active: torch.Tensor | None, seq_ids: torch.Tensor | None,
                         seq_abs: torch.Tensor | None, threshold: float, scale: torch.Tensor | None,
-                        bias: torch.Tensor | None, row_profile: torch.Tensor | None) -> torch.Tensor:
+                        bias: torch.Tensor | None, row_variant: torch.Tensor | None) -> torch.Tensor:
     target = StatsTarget(group_ids, sum, sumsq, abs_sum, active, gate_active, seq_ids, seq_abs, threshold)
-    return kernels_for(backend).stats(x, up, act, target, _mask_of(scale, bias, row_profile))
+    return kernels_for(backend).stats(x, up, act, target, _mask_of(scale, bias, row_variant))
 
 
 @_op_fused_act_stats.register_fake
 def _(x, up, act, backend, group_ids, sum, sumsq, abs_sum, active, gate_active, seq_ids, seq_abs, threshold, scale,
-      bias, row_profile):
+      bias, row_variant):
     return x.new_empty(x.shape)
 
 
