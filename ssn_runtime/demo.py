@@ -634,7 +634,47 @@ def check_results(res, where: str) -> dict:
     check_number(p.get("change"), where, "perplexity['change']", lo=-1.0)
     if json.loads(json.dumps(targets(res))) != res.get("targets"):
         raise fail(where, "targets", "do not match the verdict counts and perplexities they are computed from")
+    tune = res.get("tuning")
+    if tune is not None:  # recorded since the recipe was chosen on some seeds (TUNE_CHOSEN_ON)
+        if not isinstance(tune, dict):
+            raise fail(where, "tuning", f"expected an object, got {tune!r:.60}")
+        check_number(tune.get("lr"), where, "tuning['lr']", 0.0, lo_open=True)
+        for key in ("steps", "batch_size"):
+            check_int(tune.get(key), where, f"tuning[{key!r}]", 1)
+        check_number(tune.get("retain_weight", 1.0), where, "tuning['retain_weight']", 0.0)
+        seeds = tune.get("chosen_on_seeds")
+        if not isinstance(seeds, list) or len(set(map(str, seeds))) != len(seeds):
+            raise fail(where, "tuning['chosen_on_seeds']", f"expected a list of distinct seeds, got {seeds!r:.60}")
+        for i, v in enumerate(seeds):
+            check_int(v, where, f"tuning['chosen_on_seeds'][{i}]", 0)
     return res
+
+
+def check_thread_check(check, where: str) -> dict:
+    """A thread-check file (`--thread-check`) checked where the docs read it."""
+    from .validation import check_int, check_number, fail
+
+    if not isinstance(check, dict) or check.get("format") != THREADS_FORMAT:
+        raise SSNError(f"{where}: not an {THREADS_FORMAT} file")
+    check_int(check.get("version"), where, "version", 1, FORMAT_VERSION)
+    rows = check.get("seeds")
+    if not isinstance(rows, list) or not rows:
+        raise fail(where, "seeds", "expected a non-empty list of compared seeds")
+    for i, r in enumerate(rows):
+        key = f"seeds[{i}]"
+        if not isinstance(r, dict):
+            raise fail(where, key, f"expected an object, got {r!r:.60}")
+        check_int(r.get("seed"), where, f"{key}['seed']", 0)
+        envs, holds = r.get("environments"), r.get("targets_hold")
+        if not (isinstance(envs, list) and len(envs) == 2 and all(isinstance(e, dict) for e in envs)):
+            raise fail(where, f"{key}['environments']", "expected the two runs' environments")
+        if not (isinstance(holds, list) and len(holds) == 2 and all(isinstance(h, bool) for h in holds)):
+            raise fail(where, f"{key}['targets_hold']", "expected two booleans")
+        for flag in ("same_verdicts", "same_neuron_sets"):
+            if not isinstance(r.get(flag), bool):
+                raise fail(where, f"{key}[{flag!r}]", f"expected true or false, got {r.get(flag)!r:.60}")
+        check_number(r.get("max_margin_difference"), where, f"{key}['max_margin_difference']", 0.0)
+    return check
 
 
 def _dig(d, *keys):
@@ -972,9 +1012,7 @@ def render_docs(root: Path = Path("."), check: bool = False) -> list[str]:
     tail = rest.split(README_END, 1)[1]
     threads = None
     if (root / THREADS_JSON).is_file():
-        threads = read_json(root / THREADS_JSON, "thread check")
-        if not isinstance(threads, dict) or threads.get("format") != THREADS_FORMAT or not threads.get("seeds"):
-            raise SSNError(f"{root / THREADS_JSON}: not an {THREADS_FORMAT} file with seeds")
+        threads = check_thread_check(read_json(root / THREADS_JSON, "thread check"), str(root / THREADS_JSON))
     doc = render_docs_markdown(summary)
     if threads:
         doc += "\n" + thread_markdown(threads)

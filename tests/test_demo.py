@@ -160,6 +160,15 @@ def test_thread_check_compares_verdicts_sets_and_margins(tmp_path):
     assert not row["same_verdicts"] and not row["same_neuron_sets"] and row["max_margin_difference"] > 0
     with pytest.raises(SSNError, match="no seed folder is in both"):
         demo.thread_check(tmp_path / "a", tmp_path / "nowhere")
+    assert demo.check_thread_check(json.loads(json.dumps(check)), "x") == json.loads(json.dumps(check))
+    for edit, msg in [(lambda c: c["seeds"][0].__setitem__("same_verdicts", "yes"), "expected true or false"),
+                      (lambda c: c["seeds"][0].__setitem__("max_margin_difference", -1.0), "out of range"),
+                      (lambda c: c["seeds"][0].__setitem__("environments", [{}]), "the two runs' environments"),
+                      (lambda c: c.__setitem__("seeds", []), "non-empty list")]:
+        bad = json.loads(json.dumps(check))
+        edit(bad)
+        with pytest.raises(SSNError, match=msg):
+            demo.check_thread_check(bad, "x")
     # rendered beside the seeds' tables when recorded
     root = _repo(tmp_path / "repo", [synthetic(0), synthetic(1)])
     (root / demo.THREADS_JSON).write_text(json.dumps(check))
@@ -200,6 +209,11 @@ def test_results_files_are_checked_at_the_boundary(tmp_path):
         (lambda r: r["perplexity"].__setitem__("base", float("nan")), "must be finite"),
         (lambda r: r["targets"]["base HR refusal >= 90%"].__setitem__("margin", 50.0), "do not match the verdict"),
         (lambda r: r.__setitem__("nhr", []), "nhr: expected a non-empty list"),
+        (lambda r: r.__setitem__("tuning", {**demo.TUNE, "chosen_on_seeds": [0, 0]}), "distinct seeds"),
+        (lambda r: r.__setitem__("tuning", {**demo.TUNE, "steps": 6.0, "chosen_on_seeds": [0]}),
+         r"tuning\['steps'\]: expected an integer"),
+        (lambda r: r.__setitem__("tuning", {**demo.TUNE, "lr": float("inf"), "chosen_on_seeds": [0]}),
+         "must be finite"),
     ]
     for edit, msg in bad:
         res = synthetic()
