@@ -143,3 +143,22 @@ def model_fingerprint(model: nn.Module) -> dict:
 def a_fingerprint(value, where, key):
     """A file format field reader (formats.Field): the model fingerprint stored under `key`."""
     return ModelFingerprint.from_dict(value, where)
+
+
+class ForModel:
+    """Mixin for objects made for one model (neuron set files, masks, patches): they keep its
+    `fingerprint`; this gives its JSON form and its sizes."""
+
+    fingerprint: ModelFingerprint
+
+    @property
+    def model(self) -> dict:
+        return self.fingerprint.to_dict()
+
+    @property
+    def num_layers(self) -> int:
+        return self.fingerprint.num_layers
+
+    @property
+    def num_neurons(self) -> int:
+        return self.fingerprint.num_neurons

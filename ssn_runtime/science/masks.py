@@ -30,7 +30,7 @@ import torch
 from ssn_kernels.args import MaskArgs  # noqa: F401
 
 from ..core.adapters import down_weight_cols
-from ..core.fingerprint import ModelFingerprint, a_fingerprint
+from ..core.fingerprint import ForModel, ModelFingerprint, a_fingerprint
 from ..core.neuron_space import check_layer_indices
 from ..errors import SSNError
 from ..formats import Field, FileFormat, a_string, any_value
@@ -60,7 +60,7 @@ class LayerMask:
     bias: torch.Tensor  # float32
 
 
-class NeuronMask:
+class NeuronMask(ForModel):
     def __init__(self, layers: dict[int, LayerMask], model: dict | ModelFingerprint, name: str = "",
                  description: str = "", meta: dict | None = None, where: str = ""):
         self.fingerprint = model if isinstance(model, ModelFingerprint) else ModelFingerprint.from_dict(model, where)
@@ -78,18 +78,6 @@ class NeuronMask:
             if idx.numel():
                 order = idx.argsort()  # kept sorted: one canonical form per mask
                 self.layers[layer] = LayerMask(idx[order], scale[order], bias[order])
-
-    @property
-    def model(self) -> dict:
-        return self.fingerprint.to_dict()
-
-    @property
-    def num_layers(self) -> int:
-        return self.fingerprint.num_layers
-
-    @property
-    def num_neurons(self) -> int:
-        return self.fingerprint.num_neurons
 
     def __len__(self) -> int:
         return sum(lm.index.numel() for lm in self.layers.values())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.fingerprint import ModelFingerprint, a_fingerprint
+from ..core.fingerprint import ForModel, ModelFingerprint, a_fingerprint
 from ..errors import SSNError
 from ..formats import Field, FileFormat, an_object, any_value
 from ..io import atomic_write_text
@@ -128,7 +128,7 @@ class NeuronSet:
         return f"NeuronSet({len(self)} neurons in {len(self.layers)} of {self.num_layers} layers)"
 
 
-class NeuronSetFile:
+class NeuronSetFile(ForModel):
     """Named neuron sets of one model, with how they were chosen."""
 
     def __init__(self, sets: dict[str, NeuronSet], model: dict | ModelFingerprint, method: dict | None = None,
@@ -140,18 +140,6 @@ class NeuronSetFile:
             if (s.num_layers, s.num_neurons) != (self.num_layers, self.num_neurons):
                 raise SSNError(f"neuron set {name!r} is for {s.num_layers} x {s.num_neurons} neurons, the file's "
                                f"model has {self.num_layers} x {self.num_neurons}")
-
-    @property
-    def model(self) -> dict:
-        return self.fingerprint.to_dict()
-
-    @property
-    def num_layers(self) -> int:
-        return self.fingerprint.num_layers
-
-    @property
-    def num_neurons(self) -> int:
-        return self.fingerprint.num_neurons
 
     def __getitem__(self, name: str) -> NeuronSet:
         if name not in self.sets:

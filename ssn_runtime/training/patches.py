@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..core.fingerprint import ModelFingerprint, a_fingerprint
+from ..core.fingerprint import ForModel, ModelFingerprint, a_fingerprint
 from ..core.neuron_space import check_layer_indices
 from ..errors import SSNError
 from ..formats import Field, FileFormat, a_bool, a_string, any_value, string_list
@@ -158,17 +158,13 @@ class PatchState(nn.Module):
                 getattr(self, f"ao{layer}").copy_(patch.tensors[f"attn.{layer}.o"])
 
 
-class NeuronPatch:
+class NeuronPatch(ForModel):
     def __init__(self, tensors: dict[str, torch.Tensor], model: dict | ModelFingerprint, modules: list[str],
                  hidden_size: int, gated: bool, meta: dict | None = None, where: str = ""):
         self.fingerprint = model if isinstance(model, ModelFingerprint) else ModelFingerprint.from_dict(model, where)
         self.tensors, self.modules = dict(tensors), list(modules)
         self.hidden_size, self.gated, self.meta = int(hidden_size), bool(gated), dict(meta or {})
         self._validate(where or "patch")
-
-    @property
-    def model(self) -> dict:
-        return self.fingerprint.to_dict()
 
     def neurons(self) -> NeuronSet:
         layers = {int(k.split(".")[1]): v for k, v in self.tensors.items()
