@@ -246,22 +246,26 @@ def test_cli_identify_analyze_mask_eval_validate(tiny_ckpts, prompts_jsonl, tmp_
 def test_eval_adds_builtin_harmless_prompts_to_harmful_only_data(capsys):
     """eval/validate on harmful-only data (MultiJail) also run the built-in harmless prompts of
     the same languages, limited like the harmful ones; --no-builtin-harmless keeps the data as given."""
-    from ssn_runtime.cli import _eval_records, build_parser
+    from ssn_runtime.cli import build_parser, main
+    from ssn_runtime.options import from_args
+    from ssn_runtime.science.evaluate import EvalConfig
+    from ssn_runtime.science.validate import ValidateConfig
 
     data = "tests/data/MultiJail.sample.csv"
-    argv = ["eval", "--model", "m", "--data", data, "--languages", "sw,th", "--limit", "3", "--out", "o"]
-    records = _eval_records(build_parser().parse_args(argv))
+    argv = ["eval", "--model", "no-such-model", "--data", data, "--languages", "sw,th", "--limit", "3", "--out", "o"]
+    records, added = from_args(EvalConfig, build_parser().parse_args(argv)).prompts([data])
     counts: dict[tuple[str, str], int] = {}
     for r in records:
         key = (r.fields["language"], r.fields["label"])
         counts[key] = counts.get(key, 0) + 1
     assert counts == {(lang, label): 3 for lang in ("sw", "th") for label in ("harmful", "harmless")}
+    assert added == ["sw", "th"]
+    assert main(argv) == 2  # the note comes before the (missing) model is read
     assert "adding the built-in harmless prompts" in capsys.readouterr().err
     argv = ["validate", *argv[1:], "--neurons", "n", "--no-builtin-harmless"]
-    records = _eval_records(build_parser().parse_args(argv))
-    assert {r.fields["label"] for r in records} == {"harmful"} and len(records) == 6
+    records, added = from_args(ValidateConfig, build_parser().parse_args(argv)).prompts([data])
+    assert {r.fields["label"] for r in records} == {"harmful"} and len(records) == 6 and added == []
     # prompts are read (and checked) before any model loads
-    from ssn_runtime.cli import main
 
     assert main(["validate", "--model", "no-such-model", "--neurons", "n", "--out", "o"]) == 2
     assert capsys.readouterr().err.startswith("error: ssn validate: --data is required")

@@ -150,6 +150,15 @@ def _check_logits(model_a, model_b, tok) -> float:
     return float((a - b).abs().max())
 
 
+def summary_lines(rec: dict, out) -> list[str]:
+    """What `convert_gguf` wrote to `out`, as `ssn convert` prints it (from its returned record)."""
+    types = ", ".join(f"{k} x{v}" for k, v in rec["tensor_types"].items())
+    lines = [f"wrote {out}: {rec['model_type']} ({rec['tensors']} tensors: {types}) as {rec['dtype']}, "
+             f"max |logit diff| {rec['check']['max_abs_logit_diff']:g} vs the GGUF model, {rec['seconds']} s"]
+    return lines + [f"  {name}: {old!r} -> {new!r} (as the GGUF metadata says)"
+                    for name, (old, new) in rec["special_tokens_fixed"].items()]
+
+
 def convert_gguf(path: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False,
                  progress: bool = True) -> dict:
     """Convert a GGUF file into the checkpoint folder `out`; returns the provenance record

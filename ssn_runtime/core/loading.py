@@ -106,6 +106,12 @@ def resolve_gguf(path: str | Path) -> str | Path:
     return path
 
 
+def default_device(device: str | None = None) -> str:
+    """`device`, or "cuda" when a GPU is present and "cpu" otherwise (profiling and attribution
+    want the GPU; evaluation and training run where the caller says, cpu by default)."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(path: str | Path, dtype="auto", device: str | torch.device | None = None, device_map=None):
     """Load a local checkpoint folder as an AutoModelForCausalLM in eval mode.
 

@@ -180,6 +180,18 @@ class EvalConfig:
     def batching(self) -> dict:
         return {"max_tokens_per_batch": self.max_tokens_per_batch, "max_batch_size": self.max_batch_size}
 
+    def prompts(self, paths, who: str = "evaluation") -> tuple[list[Record], list[str]]:
+        """The prompts of `paths` under --languages/--limit, per language and label, with the
+        built-in harmless prompts of their languages added when the files hold only harmful
+        ones: harmless prompts under the same masks show over-refusal and lost helpfulness (a
+        mask that removes refusal by breaking the model shows there too). Returns (records,
+        languages whose harmless prompts were added)."""
+        from ..data import select_records
+
+        if not paths:
+            raise SSNError(f"{who}: --data is required (prompts: MultiJail CSV, JSONL or CSV)")
+        return select_records(paths, self.languages, self.limit, ["language", "label"], self.builtin_harmless)
+
     def ability_data(self) -> tuple[list[tuple[str, str]] | None, list[dict] | None]:
         """(perplexity texts, multiple-choice items) from --ppl / --mc, read and checked (before a model loads)."""
         ppl = load_heldout_texts(self.ppl, self.languages or []) if self.ppl else None

@@ -485,6 +485,34 @@ def attribution_prompts(model, tokenizer, records: list, refusals: dict[str, str
     return scores, {lang: min(config.limit, counts[lang]) for lang in scores}
 
 
+def check_inputs(config: IdentifyConfig, stats: bool, model_and_data: bool) -> None:
+    """The inputs `config.method` needs are there (before anything is read)."""
+    if config.method == "attribution" and not model_and_data:
+        raise SSNError("--method attribution needs --model and --data (harmful prompts with a language field)")
+    if config.method != "attribution" and not stats:
+        how = "ssn profile --gate-stats" if config.method == "lape" else "ssn profile --group-by language,label"
+        raise SSNError(f"--method {config.method} needs --stats (from {how})")
+
+
+def attribution_from_checkpoint(model_path, data, lexicons, config: AttributionConfig, harmful: str = "harmful",
+                                device: str | None = None, progress: bool = True):
+    """`attribution_prompts` for a checkpoint folder and prompt files: the refusal texts are
+    its judge's canonical ones (built-in, the checkpoint's own lexicon, then `lexicons`);
+    the model runs in float32 on `device` (cuda when present). Returns (scores per
+    language, the model's fingerprint, prompts used per language)."""
+    from ..core.fingerprint import model_fingerprint
+    from ..core.loading import default_device, load_model, load_tokenizer
+    from ..data import load_many
+    from .evaluate import model_judge
+
+    records = load_many(data)
+    judge = model_judge(model_path, lexicons)
+    model = load_model(model_path, dtype="float32", device=default_device(device))
+    scores, counts = attribution_prompts(model, load_tokenizer(model_path), records, judge.canonical, config,
+                                         harmful, progress=progress, judge=judge)
+    return scores, model_fingerprint(model), counts
+
+
 def summary_lines(sets: NeuronSetFile, out: str) -> tuple[list[str], list[str]]:
     """(warnings, summary lines) of `identify`'s result written to `out`: skipped languages,
     a missing SS set, then each set's size (and chance overlap), SS under every reading, LAPE."""

@@ -500,14 +500,13 @@ class ClassifierJudge(_Base):
 
     def __init__(self, path: str | Path, refusal_label: str = "refusal", device: str | None = None,
                  batch_size: int = 16, lexicons: list[dict] | None = None):
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from ..core.loading import check_checkpoint_files
+        from ..core.loading import check_checkpoint_files, default_device
 
         super().__init__(lexicons)
         check_checkpoint_files(path)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device(device)
         self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             str(path), local_files_only=True, use_safetensors=True).to(self.device).eval()

@@ -23,6 +23,7 @@ import torch
 
 from .. import batching
 from ..core.fingerprint import model_fingerprint
+from ..core.loading import default_device
 from ..core.runtime import ensure_attached
 from ..data import Record, encode_prompt, ids_digest, plan_batches
 from ..errors import SSNError
@@ -96,7 +97,7 @@ def init_distributed(device: str | None) -> str | None:
     if world <= 1:
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    cuda = default_device(device).startswith("cuda")
     if cuda:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
@@ -107,6 +108,31 @@ def init_distributed(device: str | None) -> str | None:
         device = "cpu"
     torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
     return device
+
+
+@contextlib.contextmanager
+def distributed(device: str | None):
+    """This process's device (`init_distributed`, then cuda when present) for the block; the
+    process group, when torchrun started one, is torn down on the way out."""
+    try:
+        yield default_device(init_distributed(device))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def is_main_rank() -> bool:
+    """True outside torchrun and on rank 0 under it: the process that reports."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def summary_lines(stats: NeuronStats, out, positions: str) -> list[str]:
+    """What `profile` wrote to `out`, as `ssn profile` prints it: shape, groups and tokens per group."""
+    return [f"wrote {out}: {stats.num_layers} layers x {stats.num_neurons} neurons, {len(stats.groups)} groups, "
+            f"{stats.tokens_seen} tokens ({positions})"] + [
+        f"  {g:<24} {int(stats.count[0, i]):>10} tokens" for i, g in enumerate(stats.groups)]
 
 
 def _device_of(model) -> torch.device:
