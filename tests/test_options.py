@@ -108,6 +108,7 @@ BAD_OPTIONS = [
     (["make-data", "--data", "none.jsonl", "--out", "o", "--holdout", "1.5"], "holdout: 1.5 is out of range"),
     (["demo", "--seeds", "0,x", "--out", "o"], "--seeds: 'x' is not a non-negative integer"),
     (["serve", "--model", "none", "--max-batch", "0"], "max_batch: 0 is out of range"),
+    (["serve", "--model", "none", "--prefix-cache-mb", "-1"], "prefix_cache_mb: -1.0 is out of range"),
     (["serve", "--model", "none", "--shutdown-grace", "inf"], "shutdown_grace: must be finite"),
     (["serve", "--model", "none", "--request-timeout", "0"], "request_timeout: 0.0 is out of range"),
     (["serve", "--model", "none", "--port", "70000"], "port: 70000 is out of range"),

@@ -80,7 +80,7 @@ def build_server(model_path: str, profiles: dict[str, str], config: ServeConfig 
     handle = attach(model)
     engine = Engine(model, tok, handle, variants, max_batch=config.max_batch, queue_size=config.queue_size,
                     gather_ms=config.gather_ms, max_prefill_tokens=config.max_prefill_tokens, metrics=metrics,
-                    name="base").start()
+                    name="base", prefix_cache_mb=config.prefix_cache_mb).start()
     cfg = ServerConfig(base_name=config.served_name or Path(str(model_path)).name, engine=engine,
                        api_key=config.key(), request_timeout=config.request_timeout,
                        default_max_tokens=config.default_max_tokens, public_metrics=config.public_metrics)

@@ -26,6 +26,8 @@ class ServeConfig:
     gather_ms: float = option(5.0, "when idle, how long the first request waits for others before its prefill")
     max_prefill_tokens: int = option(4096, "prompt tokens admitted per step (bounds how long joining rows stall "
                                      "running ones)")
+    prefix_cache_mb: float = option(256.0, "memory for the keys and values of prompt prefixes, reused by later "
+                                    "prompts that start with the same tokens under the same profile (0: off)")
     shutdown_grace: float = option(30.0, "on SIGTERM: seconds in-flight rows may run on before they are cut (503)")
     public_metrics: bool = option(False, "serve /metrics without the API key")
 
@@ -34,7 +36,7 @@ class ServeConfig:
             check_int(getattr(self, key), WHERE, key, 1)
         check_int(self.port, WHERE, "port", 1, 65535)
         check_number(self.request_timeout, WHERE, "request_timeout", 0.0, lo_open=True)
-        for key in ("gather_ms", "shutdown_grace"):
+        for key in ("gather_ms", "shutdown_grace", "prefix_cache_mb"):
             check_number(getattr(self, key), WHERE, key, 0.0)
         if self.api_key is not None and not (self.api_key and self.api_key.isprintable()):
             raise SSNError(f"{WHERE}: api_key must be a non-empty printable string")

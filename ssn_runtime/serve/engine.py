@@ -6,8 +6,10 @@ step the worker
 1. drops the rows whose client went away or whose deadline passed (each gets its own answer);
 2. admits waiting requests while there is room (`max_batch` rows; at most `max_prefill_tokens`
    prompt tokens per step, so a burst of long prompts cannot stall running rows for long) and
-   prefills them together, computing logits for the last position only (`logits_to_keep=1`),
-   then samples their first token;
+   prefills them together, computing logits for the last position only (`logits_to_keep=1`)
+   and only the prompt tokens past the longest prefix the prefix cache holds for the row's
+   variant (prefix_cache.py; a chat template's system prompt is computed once), then samples
+   their first token;
 3. merges them into the running batch and decodes one token for every running row.
 
 So rows join at any decode step and leave as soon as they are done: a short answer never waits
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .metrics import Metrics
+from .prefix_cache import PrefixCache
 
 
 class QueueFull(Exception):
@@ -151,9 +154,10 @@ class Engine:
 
     def __init__(self, model, tokenizer, handle=None, variants: dict | None = None, max_batch: int = 16,
                  queue_size: int = 64, gather_ms: float = 5.0, max_prefill_tokens: int = 4096,
-                 metrics: Metrics | None = None, name: str = "base"):
-        if max_batch < 1 or queue_size < 1 or gather_ms < 0 or max_prefill_tokens < 1:
-            raise ValueError("max_batch, queue_size and max_prefill_tokens must be >= 1 and gather_ms >= 0")
+                 metrics: Metrics | None = None, name: str = "base", prefix_cache_mb: float = 256.0):
+        if max_batch < 1 or queue_size < 1 or gather_ms < 0 or max_prefill_tokens < 1 or prefix_cache_mb < 0:
+            raise ValueError("max_batch, queue_size and max_prefill_tokens must be >= 1, gather_ms and "
+                             "prefix_cache_mb >= 0")
         if variants and handle is None:
             raise ValueError("variants need an attached handle")
         self.model, self.tok, self.handle = model, tokenizer, handle
@@ -173,6 +177,7 @@ class Engine:
         self.context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 2048)
         self.vocab_size = int(getattr(cfg, "vocab_size", 0) or len(tokenizer))
         self.keep_logits = bool(getattr(model, "_supports_logits_to_keep", lambda: False)())
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         # waiting requests: a deque under a condition (queue.Queue cannot peek at the next prompt's length)
         self._waiting: deque[GenRequest] = deque()
         self._cv = threading.Condition()
@@ -364,23 +369,51 @@ class Engine:
                     gen.seed()  # fresh entropy: unseeded requests differ
             rows.append(_Row(r, self.index[r.profile], gen, Detokenizer(self.tok),
                              max((len(s) for s in r.stop), default=0), pos=len(r.prompt_ids) - 1))
-        J, T = len(rows), max(len(r.prompt_ids) for r in reqs)
-        ids = torch.full((J, T), self.pad, dtype=torch.long)
-        attn = torch.zeros((J, T), dtype=torch.long)
+        # Each row reuses the longest cached prefix of its prompt (P tokens, its variant's) and
+        # computes the rest (S tokens). Columns: [prefix region, Pmax wide | new tokens, Smax
+        # wide], each row right-aligned in both, the gaps masked: a row's tokens sit at
+        # consecutive positions 0..L-1 whatever the columns.
+        hits = [self.prefix_cache.lookup(row.variant, r.prompt_ids) if self.prefix_cache else (0, None)
+                for row, r in zip(rows, reqs, strict=True)]
+        J = len(rows)
+        P = [p for p, _ in hits]
+        S = [len(r.prompt_ids) - p for r, p in zip(reqs, P, strict=True)]
+        Pmax, Smax = max(P), max(S)
+        ids = torch.full((J, Smax), self.pad, dtype=torch.long)
+        attn = torch.zeros((J, Pmax + Smax), dtype=torch.long)
         for b, r in enumerate(reqs):
-            ids[b, T - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            attn[b, T - len(r.prompt_ids):] = 1
+            ids[b, Smax - S[b]:] = torch.tensor(r.prompt_ids[P[b]:], dtype=torch.long)
+            attn[b, Pmax - P[b]:Pmax] = 1
+            attn[b, Pmax + Smax - S[b]:] = 1
+        cache = DynamicCache()
+        if Pmax:
+            layers = []
+            for i, (k0, v0) in enumerate(next(kv for _, kv in hits if kv is not None)):
+                k = k0.new_zeros((J, k0.shape[1], Pmax, k0.shape[3]))
+                v = v0.new_zeros((J, v0.shape[1], Pmax, v0.shape[3]))
+                for b, (p, kv) in enumerate(hits):
+                    if p:
+                        k[b, :, Pmax - p:], v[b, :, Pmax - p:] = kv[i][0][0], kv[i][1][0]
+                layers.append((k, v))
+            cache = DynamicCache(layers)
         ids, attn = ids.to(self.device), attn.to(self.device)
         kw = {"logits_to_keep": 1} if self.keep_logits else {}
         try:
             with self._rows_scope([row.variant for row in rows]):
-                out = self.model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp_min(0),
-                                 past_key_values=DynamicCache(), use_cache=True, **kw)
+                out = self.model(input_ids=ids, attention_mask=attn,
+                                 position_ids=(attn.cumsum(-1) - 1).clamp_min(0)[:, Pmax:],
+                                 past_key_values=cache, use_cache=True, **kw)
         except Exception as exc:  # noqa: BLE001 - only the new rows fail; the running ones go on
             for row in rows:
                 row.req.emit("error", 500, "server_error", f"prefill failed: {type(exc).__name__}: {exc}")
             return
-        self.metrics.observe_prefill(self.name, J, int(attn.sum()))
+        if self.prefix_cache is not None:
+            layers = _kv(out.past_key_values)
+            for b, (row, r) in enumerate(zip(rows, reqs, strict=True)):
+                # token t (t >= P[b]) of the prompt sits at column Pmax + Smax - L + t
+                self.prefix_cache.insert(row.variant, r.prompt_ids, P[b], layers, b,
+                                         Pmax + Smax - len(r.prompt_ids))
+        self.metrics.observe_prefill(self.name, J, sum(S), sum(P))
         n_old = len(self._rows)
         if self._cache is None:
             self._cache, self._attn, self._rows = out.past_key_values, attn, rows

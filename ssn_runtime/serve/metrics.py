@@ -42,6 +42,7 @@ class Metrics:
         self.itl: dict[str, _Histogram] = {}
         self.prefill_rows: dict[str, _Histogram] = {}
         self.prefill_tokens: dict[str, int] = {}
+        self.cached_tokens: dict[str, int] = {}
         self.row_failures: dict[tuple[str, str, str], int] = {}
 
     def count_request(self, endpoint: str, model: str, status: int) -> None:
@@ -65,10 +66,13 @@ class Metrics:
         with self._lock:
             self.itl.setdefault(engine, _Histogram(TOKEN_BUCKETS)).observe(seconds)
 
-    def observe_prefill(self, engine: str, rows: int, tokens: int) -> None:
+    def observe_prefill(self, engine: str, rows: int, tokens: int, cached: int = 0) -> None:
+        """A prefill of `rows` rows that computed `tokens` prompt tokens and took `cached` more
+        from the prefix cache."""
         with self._lock:
             self.prefill_rows.setdefault(engine, _Histogram(BATCH_BUCKETS)).observe(rows)
             self.prefill_tokens[engine] = self.prefill_tokens.get(engine, 0) + tokens
+            self.cached_tokens[engine] = self.cached_tokens.get(engine, 0) + cached
 
     def count_row_failure(self, engine: str, profile: str, reason: str) -> None:
         with self._lock:
@@ -114,6 +118,9 @@ class Metrics:
             out += ["# HELP ssn_prefill_tokens_total Prompt tokens prefilled.",
                     "# TYPE ssn_prefill_tokens_total counter"]
             out += [f'ssn_prefill_tokens_total{{engine="{e}"}} {v}' for e, v in sorted(self.prefill_tokens.items())]
+            out += ["# HELP ssn_prefix_cache_tokens_total Prompt tokens taken from the prefix cache (not computed).",
+                    "# TYPE ssn_prefix_cache_tokens_total counter"]
+            out += [f'ssn_prefix_cache_tokens_total{{engine="{e}"}} {v}' for e, v in sorted(self.cached_tokens.items())]
             out += ["# HELP ssn_row_failures_total Rows that failed alone (the rest of their batch went on).",
                     "# TYPE ssn_row_failures_total counter"]
             out += [f'ssn_row_failures_total{{engine="{e}",profile="{p}",reason="{r}"}} {v}'

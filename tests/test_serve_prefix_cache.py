@@ -1,0 +1,138 @@
+"""Automatic prefix caching (serve/prefix_cache.py): the blocks a lookup returns are exactly
+the keys and values stored for those tokens under that variant; a block is named by every token
+before it; the byte budget holds; and in the engine, rows that reuse a cached prefix (mixed in
+one prefill with rows that do not) answer exactly what they answer alone on a fresh model, per
+profile, while profiles never share blocks."""
+
+import pytest
+import torch
+from serve_helpers import Collector, encode, make_profiles, reference
+
+import ssn_runtime
+from ssn_runtime import load_model, load_tokenizer
+from ssn_runtime.core.runtime import Variant
+from ssn_runtime.serve.engine import Engine, GenRequest
+from ssn_runtime.serve.prefix_cache import PrefixCache
+
+LAYERS, HEADS, DIM = 3, 2, 4
+
+
+def fake_cache(rows: int, columns: int, seed: int):
+    """Per layer (keys, values) [rows, HEADS, columns, DIM] whose entries are all distinct."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, HEADS, columns, DIM, generator=g), torch.randn(rows, HEADS, columns, DIM, generator=g))
+            for _ in range(LAYERS)]
+
+
+def test_lookup_returns_exactly_the_stored_blocks_and_leaves_a_token_to_compute():
+    pc = PrefixCache(max_bytes=2**20, block=4)
+    ids = list(range(100, 119))  # 19 tokens: 4 whole blocks
+    layers = fake_cache(rows=2, columns=25, seed=0)
+    pc.insert(0, ids, 0, layers, row=1, column=6)  # token t at column 6 + t of row 1
+    assert len(pc) == 4
+    P, kv = pc.lookup(0, ids + [7])
+    assert P == 16
+    for (k, v), (K, V) in zip(kv, layers, strict=True):
+        assert torch.equal(k, K[1:2, :, 6:22]) and torch.equal(v, V[1:2, :, 6:22])
+    assert pc.lookup(0, ids[:17])[0] == 16  # 16 cached tokens, one left to compute
+    assert pc.lookup(0, ids[:16])[0] == 12  # the last token is always computed
+    assert pc.lookup(0, ids[:4]) == (0, None)
+    assert pc.lookup(1, ids) == (0, None)  # another variant shares nothing
+    assert pc.hit_tokens == 16 + 16 + 12
+
+
+def test_a_block_is_named_by_every_token_before_it():
+    pc = PrefixCache(max_bytes=2**20, block=4)
+    ids = list(range(12))
+    pc.insert(0, ids, 0, fake_cache(1, 12, 1), row=0, column=0)
+    changed = [99] + ids[1:]  # same later blocks after a different first token: no hit at all
+    assert pc.lookup(0, changed + [5]) == (0, None)
+    middle = ids[:5] + [99] + ids[6:]  # a change in block 2 ends the hit after block 1
+    assert pc.lookup(0, middle + [5])[0] == 4
+    names = list(pc.names(ids, 3))
+    assert len(set(names)) == 3 and names[0] != next(pc.names(ids[4:], 1))
+
+
+def test_new_blocks_start_at_the_reused_prefix_and_the_budget_holds():
+    block_bytes = 2 * LAYERS * HEADS * 4 * DIM * 4  # keys and values of one 4-token block, float32
+    pc = PrefixCache(max_bytes=5 * block_bytes, block=4)
+    a = list(range(16))
+    pc.insert(0, a, 0, fake_cache(1, 16, 2), row=0, column=0)
+    assert pc.nbytes == 4 * block_bytes and len(pc) == 4
+    b = a[:8] + [50, 51, 52, 53, 54, 55, 56, 57, 58]  # shares two blocks with a
+    P, _ = pc.lookup(0, b)
+    assert P == 8
+    layers = fake_cache(1, 20, 3)
+    pc.insert(0, b, P, layers, row=0, column=3)  # two new blocks: over budget, the oldest go
+    assert pc.nbytes <= 5 * block_bytes and pc.evictions >= 1
+    P, kv = pc.lookup(0, b)
+    assert P == 16  # b's blocks were used last: they survive
+    assert torch.equal(kv[0][0][:, :, 8:], layers[0][0][:, :, 3 + 8:3 + 16])
+    # the bytes counted are those of the copies some block still uses
+    live = {id(b.segment): b.segment.nbytes for b in pc._blocks.values()}
+    assert pc.nbytes == sum(live.values())
+    for k in range(3):
+        pc.insert(0, [200 + k] * 16, 0, fake_cache(1, 16, 5 + k), row=0, column=0)
+    live = {id(b.segment): b.segment.nbytes for b in pc._blocks.values()}
+    assert pc.nbytes == sum(live.values()) <= 5 * block_bytes
+    off = PrefixCache(max_bytes=0)
+    off.insert(0, a, 0, fake_cache(1, 16, 4), row=0, column=0)
+    assert len(off) == 0 and off.lookup(0, a) == (0, None)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def served(request, tiny_ckpts):
+    path = tiny_ckpts[request.param]
+    model, tok = load_model(path), load_tokenizer(path)
+    mask, patch = make_profiles(model)
+    handle = ssn_runtime.attach(model)
+    variants = {"amp": mask, "tuned": patch, "both": Variant(mask=mask, patch=patch)}
+    engine = Engine(model, tok, handle, variants, max_batch=8, gather_ms=200).start()
+    yield {"path": path, "tok": tok, "engine": engine, "profiles": {
+        "base": (None, None), "amp": (mask, None), "tuned": (None, patch), "both": (mask, patch)}}
+    engine.stop()
+    handle.detach()
+
+
+def _run(engine, jobs):
+    cols = []
+    for ids, profile in jobs:
+        c = Collector()
+        engine.submit(GenRequest(ids, profile=profile, max_tokens=8, temperature=0, sink=c))
+        cols.append(c)
+    return [c.result()[0] for c in cols]
+
+
+def test_rows_reusing_a_prefix_answer_as_they_do_alone_and_profiles_share_no_blocks(served):
+    eng, tok = served["engine"], served["tok"]
+    head = "You are a careful assistant. Answer briefly and politely. "
+    prompts = [encode(tok, head + q) for q in ("Why is the sky blue?", "How do I bake bread?", "Name a cat.")]
+    common = min(next(i for i, (x, y) in enumerate(zip(prompts[0], p, strict=False)) if x != y) for p in prompts[1:])
+    block = eng.prefix_cache.block
+    assert common >= 2 * block  # the prompts share whole blocks
+    before = eng.metrics.cached_tokens.get("base", 0)
+    first = _run(eng, [(prompts[0], "base")])[0]
+    assert eng.metrics.cached_tokens.get("base", 0) == before  # nothing to reuse yet
+    # one prefill: base rows reuse the first prompt's blocks, the other profiles compute everything
+    jobs = [(prompts[1], "base"), (prompts[2], "amp"), (prompts[2], "base"), (prompts[1], "both")]
+    got = _run(eng, jobs)
+    shared = (common // block) * block
+    assert eng.metrics.cached_tokens["base"] - before == 2 * shared
+    again = _run(eng, [(prompts[1], "amp"), (prompts[0], "tuned")])  # amp reuses its own blocks now
+    assert eng.metrics.cached_tokens["base"] - before == 3 * shared  # (the engine is named "base")
+    for (ids, profile), answer in zip([(prompts[0], "base"), *jobs, (prompts[1], "amp"), (prompts[0], "tuned")],
+                                      [first, *got, *again], strict=True):
+        mask, patch = served["profiles"][profile]
+        assert answer == reference(served["path"], ids, 8, mask, patch), profile
+
+
+def test_the_prefix_cache_can_be_turned_off(tiny_ckpts):
+    path = tiny_ckpts["llama"]
+    model, tok = load_model(path), load_tokenizer(path)
+    eng = Engine(model, tok, prefix_cache_mb=0, gather_ms=0).start()
+    try:
+        ids = encode(tok, "You are a careful assistant. Answer briefly and politely. Why is the sky blue?")
+        assert eng.generate(ids, max_tokens=4) == eng.generate(ids, max_tokens=4)
+        assert eng.prefix_cache is None and eng.metrics.cached_tokens.get("base", 0) == 0
+    finally:
+        eng.stop()
