@@ -145,6 +145,74 @@ def test_per_row_patches_equal_merged_models(arch, backend):
             assert torch.equal(mixed_gen[i, : len(gen)], gen), name
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_stacked_per_row_patches_with_partial_modules_and_shared_neurons(arch):
+    """Per-row patches of one layer run as one stack: patches that change different modules
+    (gate only, down only, all) on overlapping neurons each reach exactly their own rows; rows
+    of the base model get nothing added (bit for bit what the batch computes without variants)."""
+    model = tiny_model(arch)
+    site = ssn_runtime.find_sites(model)[0]
+    fp = ssn_runtime.core.fingerprint.model_fingerprint(model)
+    g = torch.Generator().manual_seed(7)
+    patches = {}
+    for name, modules, k in (("in", ("gate",) if site.gated else ("up",), 5), ("out", ("down",), 5),
+                             ("all", ("gate", "up", "down"), 8)):
+        state = PatchState(some_neurons(model, k, 3), site.hidden_size, modules=modules, gated=site.gated,
+                           model_info=fp)  # the same seed: the three share neurons
+        with torch.no_grad():
+            for prm in state.parameters():
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.2)
+        patches[name] = state.to_patch()
+    rows = ["out", "base", "all", "in"]
+    ids, am = batch("left", "cpu")
+    ids, am = torch.cat([ids, ids[:1]]), torch.cat([am, am[:1]])
+    rows = rows[:ids.shape[0]]
+    with torch.no_grad(), ssn_runtime.attach(model) as h:
+        plain = model(input_ids=ids, attention_mask=am).logits
+        with h.intervene(variants=patches, rows=rows):
+            mixed = model(input_ids=ids, attention_mask=am).logits
+        for i, name in enumerate(rows):
+            if name == "base":
+                assert torch.equal(mixed[i], plain[i])
+                continue
+            with h.intervene(patch=patches[name]):
+                alone = model(input_ids=ids[i:i + 1], attention_mask=am[i:i + 1]).logits
+            assert rel_err(mixed[i:i + 1], alone, am[i:i + 1]) <= 1e-5, name
+            assert rel_err(mixed[i:i + 1], plain[i:i + 1], am[i:i + 1]) > 1e-4, name  # the patch does something
+
+
+def test_trainable_per_row_patches_keep_their_gradients():
+    """A trainable PatchState as a per-row variant is not stacked (a copy would cut its
+    gradients): its deltas get gradients from its rows only."""
+    model = tiny_model("llama")
+    site = ssn_runtime.find_sites(model)[0]
+    state = PatchState(some_neurons(model, 4, 1), site.hidden_size, gated=True,
+                       model_info=ssn_runtime.core.fingerprint.model_fingerprint(model))
+    ids, am = batch("left", "cpu")
+    with ssn_runtime.attach(model) as h:
+        with h.intervene(variants={"t": state}, rows=["base"] * (ids.shape[0] - 1) + ["t"]):
+            model(input_ids=ids, attention_mask=am).logits[-1].sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in state.parameters())
+        for p in state.parameters():
+            p.grad = None
+        with h.intervene(variants={"t": state}, rows=["t"] + ["base"] * (ids.shape[0] - 1)):
+            model(input_ids=ids, attention_mask=am).logits[1:].sum().backward()  # rows without the patch
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for p in state.parameters())
+        # without autograd the deltas are stacked; an in-place update (an optimizer step) is seen
+        rows = ["base"] * (ids.shape[0] - 1) + ["t"]
+        with torch.no_grad(), h.intervene(variants={"t": state}):
+            outs = []
+            for _ in range(2):
+                with h.intervene(rows=rows):
+                    outs.append(model(input_ids=ids, attention_mask=am).logits[-1])
+                with h.intervene(patch=state):
+                    want = model(input_ids=ids[-1:], attention_mask=am[-1:]).logits[0]
+                assert rel_err(outs[-1][None], want[None], am[-1:]) <= 1e-5
+                for prm in state.parameters():
+                    prm.add_(0.3)
+            assert not torch.equal(outs[0], outs[1])
+
+
 def test_per_row_attention_patches_equal_merged_model():
     model = tiny_model("llama")
     patch = trained_patch(model, 4, attention={0: [1, 13, 30], 1: [47]})

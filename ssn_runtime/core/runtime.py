@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import functools
 import threading
 import types
 from collections.abc import Iterator
@@ -83,8 +84,11 @@ class _Variants:
     layer and device, the dense mask tables the kernels read (built once, shared by nested
     calls that only change the rows)."""
 
-    def __init__(self, names: list[str], masks: list, patches: list):
+    def __init__(self, names: list[str], masks: list, patches: list, owned: list[bool] | None = None):
         self.names, self.masks, self.patches = names, masks, patches
+        # owned[v]: variant v's PatchState was made here from a NeuronPatch: frozen, and its
+        # deltas may live in the stacked per-layer tables (_stack_patches) instead of a copy
+        self.owned = owned or [False] * len(patches)
         self.index = {n: i for i, n in enumerate(names)}
         self._tables: dict = {}
         self._lock = threading.Lock()
@@ -96,6 +100,16 @@ class _Variants:
             with self._lock:
                 self._tables.setdefault(key, value)
         return self._tables[key]
+
+    def current(self, key, stamp, build):
+        """`build()`, rebuilt whenever `stamp` changes (derived from tensors that may be edited
+        in place, such as a trainable patch's deltas)."""
+        held = self._tables.get(key)
+        if held is None or held[0] != stamp:
+            held = (stamp, build())
+            with self._lock:
+                self._tables[key] = held
+        return held[1]
 
     def table(self, layer: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """[P, n] scale and bias tables of one layer; `n`: the layer's neuron count."""
@@ -314,7 +328,9 @@ class RuntimeHandle:
 
         if not isinstance(variants, dict):
             raise SSNError("variants must be a dict {name: mask, patch, Variant(mask, patch) or None}")
-        names, masks, patches = ["base"], [None], [None]
+        from ..training.patches import NeuronPatch
+
+        names, masks, patches, owned = ["base"], [None], [None], [False]
         for name, v in variants.items():
             if not isinstance(name, str) or not name:
                 raise SSNError(f"variant names must be non-empty strings, got {name!r}")
@@ -330,8 +346,10 @@ class RuntimeHandle:
                 v.mask.fingerprint.check(self.fingerprint, f"mask of variant {name!r}")
             names.append(name)
             masks.append(v.mask)
-            patches.append(self._patch_state(v.patch))
-        return _Variants(names, masks, patches)
+            state = self._patch_state(v.patch)
+            owned.append(isinstance(v.patch, NeuronPatch))
+            patches.append(state.requires_grad_(False) if owned[-1] else state)
+        return _Variants(names, masks, patches, owned)
 
     def _rows(self, rows, vs: _Variants | None) -> torch.Tensor:
         names = vs.names if vs is not None else ["base"]
@@ -485,8 +503,11 @@ def _mlp_forward_intervened(mod, handle, site, state: Intervention, hidden, x, u
         x, up = _patch_inputs(site, hidden, x, up, delta, handle.backend)
     n = x.shape[-1]
     token_rows = x.numel() // n
-    row_patches = _row_patches(state, site, token_rows, x.device)
-    if row_patches:
+    stack = _row_patch_stack(state, site, token_rows, x.device) if state.rows is not None else None
+    row_patches = _row_patches(state, site, token_rows, x.device) if stack is None else []
+    if stack is not None:
+        x, up = stack.add_inputs(site, hidden, x, up)
+    elif row_patches:
         x, up = _row_patch_inputs(site, hidden, x, up, row_patches)
     stats = state.collector.target(site, x) if state.collector is not None else None
     mask = state.mask_args(site.layer, n, token_rows, x.device, site.layer_size)
@@ -494,6 +515,8 @@ def _mlp_forward_intervened(mod, handle, site, state: Intervention, hidden, x, u
     out = getattr(mod, st.down)(h)
     if delta is not None and "down" in delta:
         out = out + add_cols(h, delta["index"], delta["down"], backend=handle.backend).to(out.dtype)
+    if stack is not None:
+        return stack.add_down(h, out)
     for rows, d in row_patches:
         if "down" in d:
             out = _add_rows_at(out, h, rows, d["index"], d["down"], cols=True)
@@ -535,6 +558,137 @@ def _row_patches(state: Intervention, site: NeuronSite, token_rows: int, device)
         if rows.numel():
             out.append((rows, d))
     return out
+
+
+@dataclass(frozen=True)
+class _RowPatchStack:
+    """Every per-row patch of one layer as one stack, so a batch with P patch profiles costs one
+    product per projection instead of P: the patches' neurons side by side (`index`, `owner`:
+    each column's variant), their gate/up rows stacked (`inputs`, in the order of `kinds`;
+    missing modules as zeros) and their down columns (`down` [H, S]). `member` [R, S] is 1
+    where token row `sel[r]` uses column s's variant, so a row only ever receives its own
+    patch's deltas (the others add exact zeros)."""
+
+    index: torch.Tensor
+    kinds: tuple[str, ...]
+    inputs: torch.Tensor | None  # [len(kinds) * S, H]
+    down: torch.Tensor | None  # [H, S]
+    sel: torch.Tensor  # token rows that use some patch of this layer
+    member: torch.Tensor  # [len(sel), S], in the deltas' dtype
+
+    def add_inputs(self, site: NeuronSite, hidden, x, up):
+        if self.inputs is None:
+            return x, up
+        S = self.index.numel()
+        src = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.sel).to(self.inputs.dtype)
+        prod = src @ self.inputs.t()
+        for j, kind in enumerate(self.kinds):
+            part = prod[:, j * S:(j + 1) * S] * self.member
+            if kind == "gate" or not site.gated:
+                x = _put(x, (self.sel.unsqueeze(1), self.index.unsqueeze(0)), part)
+            else:
+                up = _put(up, (self.sel.unsqueeze(1), self.index.unsqueeze(0)), part)
+        return x, up
+
+    def add_down(self, h, out):
+        if self.down is None:
+            return out
+        src = h.reshape(-1, h.shape[-1]).index_select(0, self.sel).index_select(1, self.index)
+        return _put(out, (self.sel,), (src.to(self.down.dtype) * self.member) @ self.down.t())
+
+
+def _put(out: torch.Tensor, where: tuple, delta: torch.Tensor) -> torch.Tensor:
+    """out[where] += delta (duplicate positions add up), in place on a fresh projection output
+    unless autograd needs the old value."""
+    o2 = out.reshape(-1, out.shape[-1])
+    if torch.is_grad_enabled() and out.requires_grad:
+        return o2.index_put(where, delta.to(out.dtype), accumulate=True).view(out.shape)
+    o2.index_put_(where, delta.to(out.dtype), accumulate=True)
+    return out
+
+
+def _row_patch_stack(state: Intervention, site: NeuronSite, token_rows: int, device) -> _RowPatchStack | None:
+    """The stacked per-row patches of this site for this batch (cached per scope), or None when
+    no row of the batch uses a patch here, or when autograd records through a trainable delta
+    (stacking copies the deltas, which would cut their gradients; the per-patch path keeps
+    them). The copies are rebuilt when a delta changes in place."""
+    if state.variants is None or not any(p is not None for p in state.variants.patches):
+        return None
+    vs = state.variants
+    deltas = [(v, d) for v, p in enumerate(vs.patches) if p is not None and (d := _site_delta(p, site)) is not None]
+    tensors = [t for _, d in deltas for k, t in d.items() if k != "index"]
+    if not deltas or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return None
+    key = ("row_patch_stack", site.layer, site.num_neurons, token_rows, device)
+    # Owned patches are frozen; a caller's PatchState may change in place (an optimizer step),
+    # seen in its version counters (an inference tensor keeps none: one made under
+    # torch.inference_mode is taken as fixed for the scope of its variants).
+    stamp = tuple(0 if vs.owned[v] else -1 if t.is_inference() else t._version
+                  for v, d in deltas for k, t in d.items() if k != "index")
+    held = state.cache.get(key)
+    if held is not None and held[0] == stamp:
+        return held[1]
+    # built outside inference mode: the tables outlive this forward
+    with torch.inference_mode(False), torch.no_grad():
+        parts = vs.current(("row_patch_parts", site.layer, site.num_neurons, device), stamp,
+                           lambda: _stack_patches(vs, site, device))
+    index, owner, layout, kinds, inputs, down = parts
+    # which rows use which column: the same for every layer whose patches have the same layout
+    rows_key = ("row_patch_rows", layout, token_rows, device)
+    if rows_key not in state.cache:
+        ids = state.row_ids(token_rows, device)
+        sel = torch.isin(ids, torch.tensor([v for v, _ in layout], device=device)).nonzero().flatten()
+        dtype = (inputs if inputs is not None else down).dtype
+        state.cache[rows_key] = sel, (ids.index_select(0, sel).unsqueeze(1) == owner.unsqueeze(0)).to(dtype)
+    sel, member = state.cache[rows_key]
+    stack = _RowPatchStack(index, kinds, inputs, down, sel, member) if sel.numel() else None
+    state.cache[key] = (stamp, stack)
+    return stack
+
+
+def _stack_patches(vs: _Variants, site: NeuronSite, device):
+    """(index, owner, layout, kinds, inputs, down) of every variant's patch at this site, or None
+    (layout: (variant, neurons) per patch, in column order). The owned patches' deltas of this
+    layer then become views into the stacked tables, so a served patch is held once."""
+    items = [(v, d) for v, p in enumerate(vs.patches) if p is not None and (d := _site_delta(p, site)) is not None]
+    if not items:
+        return None
+    dtype = functools.reduce(torch.promote_types, [t.dtype for _, d in items for k, t in d.items() if k != "index"])
+    index = torch.cat([d["index"] for _, d in items]).to(device)
+    owner = torch.cat([torch.full((d["index"].numel(),), v, dtype=torch.long) for v, d in items]).to(device)
+    layout = tuple((v, d["index"].numel()) for v, d in items)
+    H = site.hidden_size
+
+    def col(d, kind, rows: bool):
+        k = d["index"].numel()
+        t = d.get(kind)
+        return (t if t is not None else torch.zeros((k, H) if rows else (H, k))).to(device, dtype)
+
+    kinds = tuple(k for k in (("gate", "up") if site.gated else ("up",)) if any(k in d for _, d in items))
+    inputs = torch.cat([col(d, k, True) for k in kinds for _, d in items]) if kinds else None
+    down = torch.cat([col(d, "down", False) for _, d in items], dim=1) if any("down" in d for _, d in items) else None
+    if site.layer_neurons is None:  # a whole layer's deltas (not an MoE shared expert's part)
+        _share_storage(vs, items, site.layer, kinds, inputs, down)
+    return index, owner, layout, kinds, inputs, down
+
+
+def _share_storage(vs: _Variants, items, layer: int, kinds, inputs, down) -> None:
+    """Point each owned patch's deltas of `layer` at its rows/columns of the stacked tables
+    (same values: the stack was built from them), freeing its own copy."""
+    S = sum(d["index"].numel() for _, d in items)
+    start = 0
+    for v, d in items:
+        k = d["index"].numel()
+        p = vs.patches[v]
+        if vs.owned[v]:
+            views = {kind: inputs[j * S + start:j * S + start + k] for j, kind in enumerate(kinds)}
+            if down is not None:
+                views["down"] = down[:, start:start + k]
+            for kind, view in views.items():
+                t = d.get(kind)
+                if t is not None and t.dtype == view.dtype and t.device == view.device:
+                    setattr(p, f"{kind}{layer}", nn.Parameter(view, requires_grad=False))
+        start += k
 
 
 def _add_rows_at(out: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, d: torch.Tensor,
