@@ -91,14 +91,10 @@ def _serve(d: dict) -> str:
     parts = []
     for length, s in d["summary"].items():
         more = "".join(f", {k.split('_')[1]} clients / 1 {_x(v)}" for k, v in s.items()
-                       if k.startswith("scaling_") and k != "scaling_16_over_1" and not k.endswith("_with_drain"))
-        # runs from before the in-window count have only whole-run figures (drain included)
-        drain = (f" (counting the drain after the window too: 16 / 1 {_x(s['scaling_16_over_1_with_drain'])}, "
-                 f"mixed / base {_x(s.get('mixed_over_base_16_with_drain'))})"
-                 if "scaling_16_over_1_with_drain" in s else "")
+                       if k.startswith("scaling_") and k != "scaling_16_over_1")
         parts.append(f"{length} lengths: tokens/s 16 clients / 1 {_x(s.get('scaling_16_over_1'))}{more}, mixed "
                      f"profiles (2 masks + 2 patches) / base {_x(s.get('mixed_over_base_16'))} (zero-cost control "
-                     f"{_x(s.get('control_over_base_16'))}){drain}, p95 inter-token latency 16 / 1 "
+                     f"{_x(s.get('control_over_base_16'))}), p95 inter-token latency 16 / 1 "
                      f"{_x(s.get('itl_p95_16_over_1'))}")
     mem = d.get("resident_memory", {}).get("two_patches_over_base")
     engines = d.get("engines") or {}

@@ -96,16 +96,9 @@ def pct(values: list[float], q: float):
 
 def load(url: str, clients: int, models: list[str], prompts: list[str], seconds: float, max_tokens: int,
          ignore_eos: bool, extra: dict | None = None) -> dict:
-    """Closed loop: `clients` threads each stream requests back to back for `seconds`.
-
-    tokens_per_s counts the tokens that arrived within those `seconds`, while every client had
-    a request in flight (a request's usage count spread over its streamed chunks by arrival
-    time): the throughput at `clients` concurrent clients. After the window the requests in
-    flight finish with ever fewer rows running (a drain whose length depends on how staggered
-    the answers are); tokens_per_s_with_drain counts every token over the whole run, drain
-    included, as earlier runs of this benchmark did."""
+    """Closed loop: `clients` threads each stream requests back to back for `seconds`."""
     stop_at = time.perf_counter() + seconds
-    ttft, itl, lat, toks, errors, in_window = [], [], [], [], [], []
+    ttft, itl, lat, toks, errors = [], [], [], [], []
     lock = threading.Lock()
 
     def worker(i):
@@ -119,7 +112,7 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
                     body["ignore_eos"] = True
                 k += 1
                 t0 = time.perf_counter()
-                first, last, gaps, chunks, usage, err, early = None, None, [], 0, None, None, 0
+                first, last, gaps, chunks, usage, err = None, None, [], 0, None, None
                 try:
                     with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
                         if r.status_code != 200:
@@ -143,7 +136,6 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
                                             gaps.append(now - last)
                                         last = now
                                         chunks += 1
-                                        early += now <= stop_at
                 except httpx.HTTPError as exc:
                     err = f"{type(exc).__name__}: {exc}"
                 done = time.perf_counter()
@@ -153,7 +145,6 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
                         continue
                     lat.append(done - t0)
                     toks.append(usage if usage is not None else chunks)
-                    in_window.append(toks[-1] * early / chunks if chunks else 0.0)
                     if first is not None:
                         ttft.append(first - t0)
                     itl.extend(gaps)
@@ -166,8 +157,7 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
         t.join()
     wall = time.perf_counter() - t0
     return {"clients": clients, "requests": len(lat), "errors": len(errors), "error_sample": errors[:2],
-            "tokens": sum(toks), "wall_s": wall, "tokens_per_s": sum(in_window) / seconds,
-            "tokens_per_s_with_drain": sum(toks) / wall,
+            "tokens": sum(toks), "wall_s": wall, "tokens_per_s": sum(toks) / wall,
             "mean_answer_tokens": statistics.mean(toks) if toks else None,
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95), "ttft_p99_s": pct(ttft, 0.99),
             "itl_p50_s": pct(itl, 0.5), "itl_p95_s": pct(itl, 0.95), "itl_p99_s": pct(itl, 0.99),
@@ -484,8 +474,7 @@ def main(argv=None) -> int:
 
 def show(server, mix, length, r):
     f = lambda v, scale=1e3: f"{v * scale:7.1f}" if v is not None else "      -"  # noqa: E731
-    print(f"{server:<22} {mix:<6} {length:<10} {r['clients']:>3} clients: {r['tokens_per_s']:8.1f} tok/s "
-          f"({r['tokens_per_s_with_drain']:6.1f} with the drain)  "
+    print(f"{server:<22} {mix:<6} {length:<10} {r['clients']:>3} clients: {r['tokens_per_s']:8.1f} tok/s  "
           f"ttft p50/p95 {f(r['ttft_p50_s'])}/{f(r['ttft_p95_s'])} ms  itl p50/p95 {f(r['itl_p50_s'])}/"
           f"{f(r['itl_p95_s'])} ms  mean answer {r['mean_answer_tokens'] or 0:.1f} tok  errors {r['errors']}",
           flush=True)
@@ -504,12 +493,7 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
         base_lo, base_hi = med("ssn", "base", length, lo), med("ssn", "base", length, hi)
         if base_lo is None:
             continue
-        drain_lo = med("ssn", "base", length, lo, "tokens_per_s_with_drain")
-        drain_hi = med("ssn", "base", length, hi, "tokens_per_s_with_drain")
-        drain_mixed = med("ssn", "mixed", length, hi, "tokens_per_s_with_drain")
         s = {f"scaling_{hi}_over_{lo}": base_hi / base_lo if base_hi else None,
-             f"scaling_{hi}_over_{lo}_with_drain": drain_hi / drain_lo if drain_hi and drain_lo else None,
-             f"mixed_over_base_{hi}_with_drain": drain_mixed / drain_hi if drain_mixed and drain_hi else None,
              f"mixed_over_base_{hi}": (med("ssn", "mixed", length, hi) or 0) / base_hi if base_hi else None,
              f"control_over_base_{hi}": (med("ssn", "control", length, hi) or 0) / base_hi if base_hi else None}
         itl_lo, itl_hi = med("ssn", "base", length, lo, "itl_p95_s"), med("ssn", "base", length, hi, "itl_p95_s")
