@@ -249,7 +249,9 @@ class RuntimeHandle:
         `patch`: a NeuronPatch or a trainable PatchState added to every row without touching
             the base weights; a PatchState's deltas get exact sparse gradients.
         `variants`: {name: NeuronMask | NeuronPatch | PatchState | Variant(mask, patch) | None};
-            name "base" is reserved for the unmodified model (variant 0). With `rows`:
+            name "base" is reserved for the unmodified model (variant 0). A NeuronPatch becomes a
+            frozen copy whose deltas live in per-layer stacks of all the variants' patches (one
+            product per projection); a PatchState given here stays the caller's, trainable. With `rows`:
         `rows`: the variant of each batch row (names or indices), for every forward in the
             block, prefill and each decode step alike; a flattened batch may give one per token row.
         `collector`: a profiling StatsCollector (ssn profile).
