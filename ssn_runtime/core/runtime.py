@@ -89,6 +89,7 @@ class _Variants:
         # owned[v]: variant v's PatchState was made here from a NeuronPatch: frozen, and its
         # deltas may live in the stacked per-layer tables (_stack_patches) instead of a copy
         self.owned = owned or [False] * len(patches)
+        self.patched = [v for v, p in enumerate(patches) if p is not None]  # variants with a patch
         self.index = {n: i for i, n in enumerate(names)}
         self._tables: dict = {}
         self._lock = threading.Lock()
@@ -549,7 +550,7 @@ def _site_delta(patch, site: NeuronSite) -> dict | None:
 
 def _row_patches(state: Intervention, site: NeuronSite, token_rows: int, device) -> list:
     """[(token rows, layer deltas)] for each variant with a patch on this layer and rows in the batch."""
-    if state.variants is None or state.rows is None:
+    if not _rows_use_patches(state, token_rows, device):
         return []
     out = []
     for v, p in enumerate(state.variants.patches):
@@ -609,24 +610,39 @@ def _put(out: torch.Tensor, where: tuple, delta: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _rows_use_patches(state: Intervention, token_rows: int, device) -> bool:
+    """Whether some row of this batch has a variant with a patch (once per scope, not per layer)."""
+    vs = state.variants
+    if vs is None or not vs.patched or state.rows is None:
+        return False
+    key = ("rows_use_patches", token_rows, device)
+    if key not in state.cache:
+        ids = state.row_ids(token_rows, device)
+        state.cache[key] = bool(torch.isin(ids, torch.tensor(vs.patched, device=device)).any())
+    return state.cache[key]
+
+
 def _row_patch_stack(state: Intervention, site: NeuronSite, token_rows: int, device) -> _RowPatchStack | None:
     """The stacked per-row patches of this site for this batch (cached per scope), or None when
     no row of the batch uses a patch here, or when autograd records through a trainable delta
     (stacking copies the deltas, which would cut their gradients; the per-patch path keeps
     them). The copies are rebuilt when a delta changes in place."""
-    if state.variants is None or not any(p is not None for p in state.variants.patches):
-        return None
     vs = state.variants
-    deltas = [(v, d) for v, p in enumerate(vs.patches) if p is not None and (d := _site_delta(p, site)) is not None]
-    tensors = [t for _, d in deltas for k, t in d.items() if k != "index"]
-    if not deltas or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if not _rows_use_patches(state, token_rows, device):
         return None
     key = ("row_patch_stack", site.layer, site.num_neurons, token_rows, device)
-    # Owned patches are frozen; a caller's PatchState may change in place (an optimizer step),
-    # seen in its version counters (an inference tensor keeps none: one made under
-    # torch.inference_mode is taken as fixed for the scope of its variants).
-    stamp = tuple(0 if vs.owned[v] else -1 if t.is_inference() else t._version
-                  for v, d in deltas for k, t in d.items() if k != "index")
+    if all(vs.owned[v] for v in vs.patched):
+        stamp = ()  # owned patches are frozen
+    else:
+        # A caller's PatchState may change in place (an optimizer step), seen in its version
+        # counters (an inference tensor keeps none: one made under torch.inference_mode is
+        # taken as fixed for the scope of its variants).
+        deltas = [(v, d) for v in vs.patched if (d := _site_delta(vs.patches[v], site)) is not None]
+        tensors = [t for _, d in deltas for k, t in d.items() if k != "index"]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None
+        stamp = tuple(0 if vs.owned[v] else -1 if t.is_inference() else t._version
+                      for v, d in deltas for k, t in d.items() if k != "index")
     held = state.cache.get(key)
     if held is not None and held[0] == stamp:
         return held[1]
@@ -634,6 +650,9 @@ def _row_patch_stack(state: Intervention, site: NeuronSite, token_rows: int, dev
     with torch.inference_mode(False), torch.no_grad():
         parts = vs.current(("row_patch_parts", site.layer, site.num_neurons, device), stamp,
                            lambda: _stack_patches(vs, site, device))
+    if parts is None:  # no patch changes this layer
+        state.cache[key] = (stamp, None)
+        return None
     index, owner, layout, kinds, inputs, down = parts
     # which rows use which column: the same for every layer whose patches have the same layout
     rows_key = ("row_patch_rows", layout, token_rows, device)
