@@ -602,9 +602,9 @@ class _RowPatchStack:
 
 def _put(out: torch.Tensor, where: tuple, delta: torch.Tensor) -> torch.Tensor:
     """out[where] += delta (duplicate positions add up), in place on a fresh projection output
-    unless autograd needs the old value."""
+    unless autograd records through it or the delta (then out of place)."""
     o2 = out.reshape(-1, out.shape[-1])
-    if torch.is_grad_enabled() and out.requires_grad:
+    if torch.is_grad_enabled() and (out.requires_grad or delta.requires_grad):
         return o2.index_put(where, delta.to(out.dtype), accumulate=True).view(out.shape)
     o2.index_put_(where, delta.to(out.dtype), accumulate=True)
     return out
@@ -720,18 +720,10 @@ def _add_rows_at(out: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, idx: 
     Per-row variants serve inference (a patch chosen per request), so this is plain torch on
     the selected rows; the trainable one-patch path (`add_rows`/`add_cols`) carries the exact
     sparse gradients."""
-    o2 = out.reshape(-1, out.shape[-1])
     s2 = src.reshape(-1, src.shape[-1]).index_select(0, rows)
     if cols:
-        delta = (s2.index_select(1, idx).to(d.dtype) @ d.t()).to(out.dtype)
-        where = (rows,)
-    else:
-        delta = (s2.to(d.dtype) @ d.t()).to(out.dtype)
-        where = (rows.unsqueeze(1), idx.unsqueeze(0))
-    if torch.is_grad_enabled() and (out.requires_grad or d.requires_grad):
-        return o2.index_put(where, delta, accumulate=True).view(out.shape)
-    o2.index_put_(where, delta, accumulate=True)  # a fresh projection output: safe to edit in place
-    return out
+        return _put(out, (rows,), s2.index_select(1, idx).to(d.dtype) @ d.t())
+    return _put(out, (rows.unsqueeze(1), idx.unsqueeze(0)), s2.to(d.dtype) @ d.t())
 
 
 def _row_patch_inputs(site: NeuronSite, hidden, x, up, row_patches):
