@@ -2,7 +2,7 @@
 the keys and values stored for those tokens under that variant; a block is named by every token
 before it; the byte budget holds; and in the engine, rows that reuse a cached prefix (mixed in
 one prefill with rows that do not) answer exactly what they answer alone on a fresh model, per
-profile, while profiles never share blocks."""
+profile and on a sliding-window model too, while profiles never share blocks."""
 
 import pytest
 import torch
@@ -38,7 +38,6 @@ def test_lookup_returns_exactly_the_stored_blocks_and_leaves_a_token_to_compute(
     assert pc.lookup(0, ids[:16])[0] == 12  # the last token is always computed
     assert pc.lookup(0, ids[:4]) == (0, None)
     assert pc.lookup(1, ids) == (0, None)  # another variant shares nothing
-    assert pc.hit_tokens == 16 + 16 + 12
 
 
 def test_a_block_is_named_by_every_token_before_it():
@@ -80,9 +79,15 @@ def test_new_blocks_start_at_the_reused_prefix_and_the_budget_holds():
     assert len(off) == 0 and off.lookup(0, a) == (0, None)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def served(request, tiny_ckpts):
-    path = tiny_ckpts[request.param]
+@pytest.fixture(scope="module", params=["llama", "gpt2", "qwen2-sliding"])
+def served(request, tiny_ckpts, tmp_path_factory):
+    if request.param == "qwen2-sliding":  # every layer attends to the last 16 positions only
+        from tiny_ckpt import make_checkpoint
+
+        path = make_checkpoint(tmp_path_factory.mktemp("sliding") / "qwen2", "qwen2", sliding_window=16,
+                               use_sliding_window=True, max_window_layers=0)
+    else:
+        path = tiny_ckpts[request.param]
     model, tok = load_model(path), load_tokenizer(path)
     mask, patch = make_profiles(model)
     handle = ssn_runtime.attach(model)
@@ -106,22 +111,29 @@ def _run(engine, jobs):
 def test_rows_reusing_a_prefix_answer_as_they_do_alone_and_profiles_share_no_blocks(served):
     eng, tok = served["engine"], served["tok"]
     head = "You are a careful assistant. Answer briefly and politely. "
-    prompts = [encode(tok, head + q) for q in ("Why is the sky blue?", "How do I bake bread?", "Name a cat.")]
+    prompts = [encode(tok, head + q) for q in ("Why is the sky blue?", "How do I bake bread at home?", "Name a cat.")]
+    short = encode(tok, "Hi.")
     common = min(next(i for i, (x, y) in enumerate(zip(prompts[0], p, strict=False)) if x != y) for p in prompts[1:])
     block = eng.prefix_cache.block
-    assert common >= 2 * block  # the prompts share whole blocks
-    before = eng.metrics.cached_tokens.get("base", 0)
-    first = _run(eng, [(prompts[0], "base")])[0]
-    assert eng.metrics.cached_tokens.get("base", 0) == before  # nothing to reuse yet
-    # one prefill: base rows reuse the first prompt's blocks, the other profiles compute everything
-    jobs = [(prompts[1], "base"), (prompts[2], "amp"), (prompts[2], "base"), (prompts[1], "both")]
-    got = _run(eng, jobs)
     shared = (common // block) * block
-    assert eng.metrics.cached_tokens["base"] - before == 2 * shared
-    again = _run(eng, [(prompts[1], "amp"), (prompts[0], "tuned")])  # amp reuses its own blocks now
-    assert eng.metrics.cached_tokens["base"] - before == 3 * shared  # (the engine is named "base")
-    for (ids, profile), answer in zip([(prompts[0], "base"), *jobs, (prompts[1], "amp"), (prompts[0], "tuned")],
-                                      [first, *got, *again], strict=True):
+    assert shared >= 2 * block and len(short) < min(len(p) for p in prompts) - shared  # the prompts share whole blocks
+    cached = lambda: eng.metrics.cached_tokens.get("base", 0)  # noqa: E731 - (the engine is named "base")
+    before = cached()
+    first = _run(eng, [(prompts[0], "base"), (prompts[0], "amp")])
+    assert cached() == before  # nothing to reuse yet
+    # One prefill of rows whose new parts differ in length (and a row with nothing cached): base
+    # and amp rows reuse their own profile's blocks; the row with the longest new part takes
+    # every cached token, the others as many as keep their tokens in consecutive columns.
+    jobs = [(prompts[1], "base"), (prompts[2], "amp"), (prompts[2], "base"), (short, "both")]
+    got = _run(eng, jobs)
+    new = max(len(prompts[1]), len(prompts[2])) - shared
+    assert cached() - before == (len(prompts[1]) - new) + 2 * (len(prompts[2]) - new)
+    assert len(prompts[1]) - new == shared or len(prompts[2]) - new == shared
+    middle = cached()
+    again = _run(eng, [(prompts[1], "tuned")])  # no profile shares another's blocks
+    assert cached() == middle
+    for (ids, profile), answer in zip([(prompts[0], "base"), (prompts[0], "amp"), *jobs, (prompts[1], "tuned")],
+                                      [*first, *got, *again], strict=True):
         mask, patch = served["profiles"][profile]
         assert answer == reference(served["path"], ids, 8, mask, patch), profile
 

@@ -8,8 +8,9 @@ step the worker
    prompt tokens per step, so a burst of long prompts cannot stall running rows for long) and
    prefills them together, computing logits for the last position only (`logits_to_keep=1`)
    and only the prompt tokens past the longest prefix the prefix cache holds for the row's
-   variant (prefix_cache.py; a chat template's system prompt is computed once), then samples
-   their first token;
+   variant (prefix_cache.py; a chat template's system prompt is computed once; in a prefill
+   of rows with new parts of different lengths, a row takes only as much from the cache as
+   keeps its tokens in consecutive columns), then samples their first token;
 3. merges them into the running batch and decodes one token for every running row.
 
 So rows join at any decode step and leave as soon as they are done: a short answer never waits
@@ -21,11 +22,13 @@ selects it per row inside the fused MLP path, on the one shared model), its own 
 and random generator, stop strings and token budget. A row whose logits go non-finite fails alone;
 the batch goes on.
 
-KV layout: a padded batch in a `DynamicCache`. Every row's keys and values sit at the right end of
-the batch's columns (left padding); the attention mask marks the real ones and position ids count
-them, so a row computes what it would compute alone. Joining pads the narrower of the two caches on
-the left and concatenates them; leaving selects the remaining rows and trims the columns no
-remaining row uses. Sliding-window models keep full layers (the mask still applies the window).
+KV layout: a padded batch in a `DynamicCache`. Every row's keys and values sit in consecutive
+columns at the right end of the batch's columns (left padding, never a gap inside a row, so a
+sliding window counted in columns is the window in positions); the attention mask marks the real
+ones and position ids count them, so a row computes what it would compute alone. Joining pads
+the narrower of the two caches on the left and concatenates them; leaving selects the remaining
+rows and trims the columns no remaining row uses. Sliding-window models keep full layers (the
+mask applies the window).
 """
 
 from __future__ import annotations
@@ -369,31 +372,36 @@ class Engine:
                     gen.seed()  # fresh entropy: unseeded requests differ
             rows.append(_Row(r, self.index[r.profile], gen, Detokenizer(self.tok),
                              max((len(s) for s in r.stop), default=0), pos=len(r.prompt_ids) - 1))
-        # Each row reuses the longest cached prefix of its prompt (P tokens, its variant's) and
-        # computes the rest (S tokens). Columns: [prefix region, Pmax wide | new tokens, Smax
-        # wide], each row right-aligned in both, the gaps masked: a row's tokens sit at
-        # consecutive positions 0..L-1 whatever the columns.
+        # Each row's prompt tokens sit in consecutive columns ending at the last one: no gap
+        # inside a row, so a sliding window measured in cache columns (as transformers' masks
+        # measure it) is the window in positions. The prefill computes Smax columns for every
+        # row anyway (the longest part any row must compute), so a row that has more of its
+        # prompt cached computes its last Smax tokens and takes only the rest, P tokens, from
+        # the cache (its keys and values for positions 0..P-1, right-aligned in a Pmax-wide
+        # region before the computed columns). Reusing less costs nothing: those columns would
+        # be padding otherwise.
         hits = [self.prefix_cache.lookup(row.variant, r.prompt_ids) if self.prefix_cache else (0, None)
                 for row, r in zip(rows, reqs, strict=True)]
         J = len(rows)
-        P = [p for p, _ in hits]
-        S = [len(r.prompt_ids) - p for r, p in zip(reqs, P, strict=True)]
-        Pmax, Smax = max(P), max(S)
+        L = [len(r.prompt_ids) for r in reqs]
+        Smax = max(n - p for n, (p, _) in zip(L, hits, strict=True))
+        P = [max(0, n - Smax) if p else 0 for n, (p, _) in zip(L, hits, strict=True)]  # <= the cached p
+        S = [n - p for n, p in zip(L, P, strict=True)]  # = Smax unless the whole prompt is shorter
+        Pmax = max(P)
         ids = torch.full((J, Smax), self.pad, dtype=torch.long)
         attn = torch.zeros((J, Pmax + Smax), dtype=torch.long)
         for b, r in enumerate(reqs):
             ids[b, Smax - S[b]:] = torch.tensor(r.prompt_ids[P[b]:], dtype=torch.long)
-            attn[b, Pmax - P[b]:Pmax] = 1
-            attn[b, Pmax + Smax - S[b]:] = 1
+            attn[b, Pmax + Smax - L[b]:] = 1
         cache = DynamicCache()
         if Pmax:
             layers = []
             for i, (k0, v0) in enumerate(next(kv for _, kv in hits if kv is not None)):
                 k = k0.new_zeros((J, k0.shape[1], Pmax, k0.shape[3]))
                 v = v0.new_zeros((J, v0.shape[1], Pmax, v0.shape[3]))
-                for b, (p, kv) in enumerate(hits):
-                    if p:
-                        k[b, :, Pmax - p:], v[b, :, Pmax - p:] = kv[i][0][0], kv[i][1][0]
+                for b, (_, kv) in enumerate(hits):
+                    if P[b]:
+                        k[b, :, Pmax - P[b]:], v[b, :, Pmax - P[b]:] = kv[i][0][0, :, :P[b]], kv[i][1][0, :, :P[b]]
                 layers.append((k, v))
             cache = DynamicCache(layers)
         ids, attn = ids.to(self.device), attn.to(self.device)
@@ -410,9 +418,8 @@ class Engine:
         if self.prefix_cache is not None:
             layers = _kv(out.past_key_values)
             for b, (row, r) in enumerate(zip(rows, reqs, strict=True)):
-                # token t (t >= P[b]) of the prompt sits at column Pmax + Smax - L + t
-                self.prefix_cache.insert(row.variant, r.prompt_ids, P[b], layers, b,
-                                         Pmax + Smax - len(r.prompt_ids))
+                # token t of the prompt sits at column Pmax + Smax - L + t
+                self.prefix_cache.insert(row.variant, r.prompt_ids, hits[b][0], layers, b, Pmax + Smax - L[b])
         self.metrics.observe_prefill(self.name, J, sum(S), sum(P))
         n_old = len(self._rows)
         if self._cache is None:

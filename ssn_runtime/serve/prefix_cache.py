@@ -55,7 +55,6 @@ class PrefixCache:
         self.max_bytes, self.block = int(max_bytes), int(block)
         self._blocks: OrderedDict[tuple[int, bytes], _Block] = OrderedDict()
         self.nbytes = 0
-        self.hit_tokens = 0  # prompt tokens served from the cache (since start)
         self.evictions = 0
 
     def __len__(self) -> int:
@@ -86,7 +85,6 @@ class PrefixCache:
         if not found:
             return 0, None
         P = len(found) * self.block
-        self.hit_tokens += P
         kv = [(torch.cat([b.kv[i][0] for b in found], dim=2), torch.cat([b.kv[i][1] for b in found], dim=2))
               for i in range(len(found[0].kv))]
         return P, kv
