@@ -213,6 +213,14 @@ def cmd_demo(args, config) -> int:
     return run_demo(config)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors (a bad choice, a missing value) as one `error:` line and exit status 2,
+    like every other bad input, instead of a usage block."""
+
+    def error(self, message):
+        raise SSNError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
     from .options import add_options
@@ -224,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.config import ServeConfig
     from .training.train import MakeDataConfig, TrainConfig
 
-    parser = argparse.ArgumentParser(prog="ssn", description="ssn-runtime: neuron-level safety work on HF causal LMs")
+    parser = _Parser(prog="ssn", description="ssn-runtime: neuron-level safety work on HF causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name, func, help, *configs, description=None):
@@ -327,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .options import from_args
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SSNError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         from transformers.utils import logging as hf_logging
 

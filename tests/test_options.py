@@ -110,6 +110,9 @@ BAD_OPTIONS = [
     (["serve", "--model", "none", "--max-batch", "0"], "max_batch: 0 is out of range"),
     (["serve", "--model", "none", "--prefix-cache-mb", "-1"], "prefix_cache_mb: -1.0 is out of range"),
     (["serve", "--model", "none", "--shutdown-grace", "inf"], "shutdown_grace: must be finite"),
+    (["profile", "--model", "none", "--data", "none.jsonl", "--out", "o", "--positions", "all"],
+     "invalid choice: 'all'"),  # argparse's own errors are one line too
+    (["serve", "--port", "80"], "the following arguments are required: --model"),
     (["serve", "--model", "none", "--request-timeout", "0"], "request_timeout: 0.0 is out of range"),
     (["serve", "--model", "none", "--port", "70000"], "port: 70000 is out of range"),
     (["serve", "--model", "none", "--profile", "nopath"], "--profile takes NAME=PATH"),
