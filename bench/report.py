@@ -105,7 +105,10 @@ def _serve(d: dict) -> str:
           for s in d["summary"].values() for k, v in s.items() if k.startswith("ssn_over_")]
     anchors = ("no anchor servers" if not d.get("anchors") else
                f"anchor servers {', '.join(d['anchors'])}" + (f": {', '.join(vs)}" if vs else ""))
-    return (f"{model}, {d.get('rounds')} rounds x {d.get('seconds_per_setting')} s: " + "; ".join(parts)
+    # since the steady-state window: rates and latencies counted after a warm-up, before the drain
+    window = (f" (counted after {d['warmup_s']} s warm-up, steady state)" if "warmup_s" in d
+              else " (whole run, ramp and drain included)")
+    return (f"{model}, {d.get('rounds')} rounds x {d.get('seconds_per_setting')} s{window}: " + "; ".join(parts)
             + f"; resident memory with two patch profiles / base {_x(mem)}"
             + (f"; in process, {engines.get('requests')} requests: {eng}" if eng else "") + f"; {anchors}")
 

@@ -4,6 +4,10 @@
 without patch profiles; anchors started in the same run on the same checkpoint and workload; and
 the engine scheduler against the transformers continuous-batching manager in process.
 
+Rates and latencies are steady-state: each setting runs `--seconds` and counts only after a
+`--warmup` (the ramp) and before the end (the drain of the last answers); whole-run rates are
+kept beside them in the JSON.
+
     python bench/serve.py                         # the built-in organism (built if missing)
     python bench/serve.py --model smollm2         # SmolLM2-135M-Instruct (pip wheel, converted once)
     python bench/serve.py --model PATH [--gguf FILE.gguf]
@@ -95,10 +99,19 @@ def pct(values: list[float], q: float):
 
 
 def load(url: str, clients: int, models: list[str], prompts: list[str], seconds: float, max_tokens: int,
-         ignore_eos: bool, extra: dict | None = None) -> dict:
-    """Closed loop: `clients` threads each stream requests back to back for `seconds`."""
-    stop_at = time.perf_counter() + seconds
+         ignore_eos: bool, extra: dict | None = None, warmup: float = 0.0) -> dict:
+    """Closed loop: `clients` threads each stream requests back to back for `seconds`.
+
+    Steady state is what a serving figure describes, so the rates, inter-token latencies and
+    times to first token count only what happens inside the window [start + `warmup`, end]:
+    not the ramp (every client's first prefill at once) nor the drain (the answers still
+    running when the clients stop asking, which leaves a few rows decoding alone). A request
+    that straddles an edge counts the share of its tokens streamed inside. The whole-run
+    figures (ramp and drain included, as earlier runs reported) are kept beside them."""
+    start = time.perf_counter()
+    open_at, stop_at = start + warmup, start + seconds
     ttft, itl, lat, toks, errors = [], [], [], [], []
+    in_window = [0.0]
     lock = threading.Lock()
 
     def worker(i):
@@ -113,6 +126,7 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
                 k += 1
                 t0 = time.perf_counter()
                 first, last, gaps, chunks, usage, err = None, None, [], 0, None, None
+                inside = 0  # content chunks streamed inside the window
                 try:
                     with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
                         if r.status_code != 200:
@@ -130,12 +144,14 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
                                 for ch in ev.get("choices") or []:
                                     if (ch.get("delta") or {}).get("content"):
                                         now = time.perf_counter()
+                                        counted = open_at <= now <= stop_at
                                         if first is None:
                                             first = now
-                                        else:
+                                        elif counted:
                                             gaps.append(now - last)
                                         last = now
                                         chunks += 1
+                                        inside += counted
                 except httpx.HTTPError as exc:
                     err = f"{type(exc).__name__}: {exc}"
                 done = time.perf_counter()
@@ -144,20 +160,24 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
                         errors.append(err)
                         continue
                     lat.append(done - t0)
-                    toks.append(usage if usage is not None else chunks)
-                    if first is not None:
+                    n = usage if usage is not None else chunks
+                    toks.append(n)
+                    if chunks:  # a chunk may carry more than one token: the usage is shared out
+                        in_window[0] += n * inside / chunks
+                    if first is not None and open_at <= t0 <= stop_at:
                         ttft.append(first - t0)
                     itl.extend(gaps)
 
-    t0 = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - start
     return {"clients": clients, "requests": len(lat), "errors": len(errors), "error_sample": errors[:2],
-            "tokens": sum(toks), "wall_s": wall, "tokens_per_s": sum(toks) / wall,
+            "warmup_s": warmup, "window_s": seconds - warmup, "window_tokens": in_window[0],
+            "tokens_per_s": in_window[0] / (seconds - warmup),
+            "tokens": sum(toks), "wall_s": wall, "tokens_per_s_whole_run": sum(toks) / wall,
             "mean_answer_tokens": statistics.mean(toks) if toks else None,
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95), "ttft_p99_s": pct(ttft, 0.99),
             "itl_p50_s": pct(itl, 0.5), "itl_p95_s": pct(itl, 0.95), "itl_p99_s": pct(itl, 0.99),
@@ -367,7 +387,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="checkpoint folder or 'smollm2' (default: the built-in organism, seed 0)")
     ap.add_argument("--gguf", help="GGUF file of the same model, for the llama.cpp anchor")
     ap.add_argument("--clients", default="1,4,16,64")
-    ap.add_argument("--seconds", type=float, default=10.0, help="per setting and round")
+    ap.add_argument("--seconds", type=float, default=20.0, help="per setting and round, warm-up included")
+    ap.add_argument("--warmup", type=float, default=5.0,
+                    help="seconds of each setting before counting starts (the ramp is not steady state)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of base-only, mixed and control, interleaved")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=64)
@@ -379,7 +401,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="JSON file or folder (default bench/results/)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.clients, args.seconds, args.rounds, args.max_tokens = "1,4", 1.5, 1, 8
+        args.clients, args.seconds, args.warmup, args.rounds, args.max_tokens = "1,4", 2.0, 0.5, 1, 8
+    if not 0 <= args.warmup < args.seconds:
+        ap.error(f"--warmup must be in [0, --seconds), got {args.warmup}")
     clients = [int(c) for c in args.clients.split(",")]
     lengths = args.lengths.split(",")
     model, gguf, prompts, label = resolve_model(args.model, args.gguf)
@@ -388,7 +412,8 @@ def main(argv=None) -> int:
     masks, patches = ["off", "amp"], ["tuned_a", "tuned_b"]
     res = {"device": "cpu", "device_name": device_name("cpu"), "model": label, "checkpoint": model,
            "profiles": {"masks": masks, "patches": patches}, "max_tokens": args.max_tokens, "clients": clients,
-           "seconds_per_setting": args.seconds, "rounds": args.rounds, "quick": args.quick, "runs": []}
+           "seconds_per_setting": args.seconds, "warmup_s": args.warmup, "rounds": args.rounds, "quick": args.quick,
+           "runs": []}
 
     # Resident memory: base only, + 2 patch profiles, + 2 masks and 2 patches (after a warm-up)
     if not args.no_memory:
@@ -422,7 +447,7 @@ def main(argv=None) -> int:
                 for r in range(args.rounds):
                     for mix in order[r % len(order):] + order[:r % len(order)]:  # each mix leads a round in turn
                         run = load(srv.url, c, mixes[mix], prompts, args.seconds, args.max_tokens,
-                                   length == "ignore_eos")
+                                   length == "ignore_eos", warmup=args.warmup)
                         res["runs"].append({"server": "ssn", "mix": mix, "lengths": length, "round": r, **run})
                         show("ssn", mix, length, run)
     finally:
@@ -451,7 +476,8 @@ def main(argv=None) -> int:
                     httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
                 warm(srv.url, served, prompts)
                 for c in clients:
-                    run = load(srv.url, c, [served], prompts, args.seconds, args.max_tokens, False)
+                    run = load(srv.url, c, [served], prompts, args.seconds, args.max_tokens, False,
+                               warmup=args.warmup)
                     res["runs"].append({"server": name, "mix": "base", "lengths": "natural", "round": 0, **run})
                     show(name, "base", "natural", run)
             finally:
