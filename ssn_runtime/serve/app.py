@@ -189,6 +189,8 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
                 return
 
     async def next_event(req: GenRequest, events: asyncio.Queue):
+        if not events.empty():  # tokens of one decode step arrive together: no timer per event then
+            return events.get_nowait()
         # The engine ends every row by its deadline; the margin only guards against a stuck engine.
         try:
             return await asyncio.wait_for(events.get(), timeout=max(1.0, req.deadline - time.time() + 5))
