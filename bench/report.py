@@ -120,12 +120,21 @@ def _moe(d: dict) -> str:
             + f" (noise floor {_pct(d.get('noise_floor'))})")
 
 
+def _small_batch_linear(d: dict) -> str:
+    cases = ", ".join(f"{c['rows']} {_x(c['tall_over_linear'])}" for c in d["cases"])
+    control = ", ".join(f"{c['control_over_linear']:.2f}" for c in d["cases"])
+    cal = d["calibration"]
+    return (f"{d['model']} decode step, (W @ x^T)^T time / F.linear time by rows: {cases} (zero-cost control "
+            f"{control}); start-up calibration {_x(cal['4'])} at 4 rows, {_x(cal['16'])} at 16")
+
+
 def _generic(d: dict) -> str:
     heads = {k: v for k, v in d.items() if isinstance(v, int | float) and ("_over_" in k or k.endswith("ratio"))}
     return ", ".join(f"{k} {_x(v)}" for k, v in heads.items()) or "see the JSON file"
 
 
-SUMMARIES = {"mlp": _mlp, "profile": _profile, "intervene": _intervene, "train": _train, "serve": _serve, "moe": _moe}
+SUMMARIES = {"mlp": _mlp, "profile": _profile, "intervene": _intervene, "train": _train, "serve": _serve, "moe": _moe,
+             "small_batch_linear": _small_batch_linear}
 
 
 def environment(d: dict) -> str:

@@ -113,6 +113,7 @@ BAD_OPTIONS = [
     (["profile", "--model", "none", "--data", "none.jsonl", "--out", "o", "--positions", "all"],
      "invalid choice: 'all'"),  # argparse's own errors are one line too
     (["serve", "--port", "80"], "the following arguments are required: --model"),
+    (["serve", "--model", "none", "--small-batch-gemm", "fast"], "invalid choice: 'fast'"),
     (["serve", "--model", "none", "--request-timeout", "0"], "request_timeout: 0.0 is out of range"),
     (["serve", "--model", "none", "--port", "70000"], "port: 70000 is out of range"),
     (["serve", "--model", "none", "--profile", "nopath"], "--profile takes NAME=PATH"),

@@ -28,7 +28,7 @@ def setup(request, tiny_ckpts):
     mask, patch = make_profiles(model)
     handle = ssn_runtime.attach(model)
     variants = {"amp": mask, "tuned": patch, "both": Variant(mask=mask, patch=patch)}
-    engine = Engine(model, tok, handle, variants, max_batch=4, gather_ms=0).start()
+    engine = Engine(model, tok, handle, variants, max_batch=4, gather_ms=0, small_batch_gemm="on").start()
     yield {"path": path, "model": model, "tok": tok, "mask": mask, "patch": patch, "engine": engine}
     engine.stop()
     handle.detach()

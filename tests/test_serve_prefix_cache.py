@@ -92,7 +92,7 @@ def served(request, tiny_ckpts, tmp_path_factory):
     mask, patch = make_profiles(model)
     handle = ssn_runtime.attach(model)
     variants = {"amp": mask, "tuned": patch, "both": Variant(mask=mask, patch=patch)}
-    engine = Engine(model, tok, handle, variants, max_batch=8, gather_ms=200).start()
+    engine = Engine(model, tok, handle, variants, max_batch=8, gather_ms=200, small_batch_gemm="on").start()
     yield {"path": path, "tok": tok, "engine": engine, "profiles": {
         "base": (None, None), "amp": (mask, None), "tuned": (None, patch), "both": (mask, patch)}}
     engine.stop()

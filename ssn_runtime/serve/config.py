@@ -28,6 +28,9 @@ class ServeConfig:
                                      "running ones)")
     prefix_cache_mb: float = option(256.0, "memory for the keys and values of prompt prefixes, reused by later "
                                     "prompts that start with the same tokens under the same profile (0: off)")
+    small_batch_gemm: str = option("auto", "small-batch linear layers as (W @ x^T)^T, faster with some BLAS "
+                                   "libraries: on, off, or auto (on where it times clearly faster at start)",
+                                   choices=("auto", "on", "off"))
     shutdown_grace: float = option(30.0, "on SIGTERM: seconds in-flight rows may run on before they are cut (503)")
     public_metrics: bool = option(False, "serve /metrics without the API key")
 
@@ -38,6 +41,8 @@ class ServeConfig:
         check_number(self.request_timeout, WHERE, "request_timeout", 0.0, lo_open=True)
         for key in ("gather_ms", "shutdown_grace", "prefix_cache_mb"):
             check_number(getattr(self, key), WHERE, key, 0.0)
+        if self.small_batch_gemm not in ("auto", "on", "off"):
+            raise SSNError(f"{WHERE}: small_batch_gemm must be auto, on or off, got {self.small_batch_gemm!r}")
         if self.api_key is not None and not (self.api_key and self.api_key.isprintable()):
             raise SSNError(f"{WHERE}: api_key must be a non-empty printable string")
 

@@ -42,8 +42,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.small_batch_linear import calibrate as calibrate_small_batch
+from ..core.small_batch_linear import small_batch_linear
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
+
+SMALL_BATCH_GEMM = ("auto", "on", "off")
+SMALL_BATCH_ROWS = 8  # the tall form for 2-8 rows: above, it measured within noise of F.linear
+# "auto" turns it on when it takes at most this share of F.linear's time at 4 rows (0.3-0.7
+# where it helps): a clear margin, since calibration is a short timing on a possibly busy machine
+AUTO_GAIN = 0.85
 
 
 class QueueFull(Exception):
@@ -153,14 +161,20 @@ class Engine:
     worker thread enters `handle.intervene(variants=...)` once and selects each row's variant
     per step. `max_batch`: rows decoded together. `queue_size`: waiting requests before
     `submit` raises QueueFull. `gather_ms`: how long an idle engine lets the first request wait
-    for others. `max_prefill_tokens`: prompt tokens admitted per step (at least one request)."""
+    for others. `max_prefill_tokens`: prompt tokens admitted per step (at least one request).
+    `small_batch_gemm`: "on", "off" or "auto" (on where `calibrate` times it clearly faster
+    on this model and machine): the worker's linear layers with 2-8 rows run as `(W @ xᵀ)ᵀ`
+    (core/small_batch_linear.py)."""
 
     def __init__(self, model, tokenizer, handle=None, variants: dict | None = None, max_batch: int = 16,
                  queue_size: int = 64, gather_ms: float = 5.0, max_prefill_tokens: int = 4096,
-                 metrics: Metrics | None = None, name: str = "base", prefix_cache_mb: float = 256.0):
+                 metrics: Metrics | None = None, name: str = "base", prefix_cache_mb: float = 256.0,
+                 small_batch_gemm: str = "auto"):
         if max_batch < 1 or queue_size < 1 or gather_ms < 0 or max_prefill_tokens < 1 or prefix_cache_mb < 0:
             raise ValueError("max_batch, queue_size and max_prefill_tokens must be >= 1, gather_ms and "
                              "prefix_cache_mb >= 0")
+        if small_batch_gemm not in SMALL_BATCH_GEMM:
+            raise ValueError(f"small_batch_gemm must be one of {SMALL_BATCH_GEMM}, got {small_batch_gemm!r}")
         if variants and handle is None:
             raise ValueError("variants need an attached handle")
         self.model, self.tok, self.handle = model, tokenizer, handle
@@ -181,6 +195,9 @@ class Engine:
         self.vocab_size = int(getattr(cfg, "vocab_size", 0) or len(tokenizer))
         self.keep_logits = bool(getattr(model, "_supports_logits_to_keep", lambda: False)())
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self.small_batch_gemm = small_batch_gemm
+        self.small_batch_ratio: float | None = None  # calibrate()'s time ratio at 4 rows ("auto")
+        self.small_batch_rows = 0  # the tall form for 2..this many rows (0: off); decided when the worker starts
         # waiting requests: a deque under a condition (queue.Queue cannot peek at the next prompt's length)
         self._waiting: deque[GenRequest] = deque()
         self._cv = threading.Condition()
@@ -265,11 +282,21 @@ class Engine:
 
     # ----- worker -----
     def _run(self) -> None:
-        # Interventions are bound to the thread that enters them: this one, for its whole life.
-        scope = self.handle.intervene(variants=self.variants) if self.variants else contextlib.nullcontext()
+        # Interventions and the small-batch GEMM form are bound to the thread that enters them:
+        # this one, for its whole life.
+        scope = contextlib.ExitStack()
         try:
-            scope.__enter__()
+            if self.variants:
+                scope.enter_context(self.handle.intervene(variants=self.variants))
+            if self.small_batch_gemm == "auto":
+                self.small_batch_ratio = calibrate_small_batch(self.model, rows=4)
+            gains = self.small_batch_ratio is not None and self.small_batch_ratio < AUTO_GAIN
+            if self.small_batch_gemm == "on" or gains:
+                self.small_batch_rows = SMALL_BATCH_ROWS
+            if self.small_batch_rows:
+                scope.enter_context(small_batch_linear(self.model, self.small_batch_rows))
         except Exception as exc:  # noqa: BLE001 - handed to start()
+            scope.close()
             self._failed = exc
             self._ready.set()
             return
@@ -281,7 +308,7 @@ class Engine:
                 except Exception as exc:  # noqa: BLE001 - a failed decode step fails its rows, not the server
                     self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
         finally:
-            scope.__exit__(None, None, None)
+            scope.close()
         self._fail_all("the server stopped", 503, "shutting_down")
         with self._cv:
             waiting, self._waiting = list(self._waiting), deque()

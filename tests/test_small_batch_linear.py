@@ -1,0 +1,126 @@
+"""Small-batch linear layers as (W @ xᵀ)ᵀ (core/small_batch_linear.py): the same product as
+F.linear within float32 rounding at odd shapes; taken only for 2..max_rows rows, only by the thread
+inside the block and only inside it; modules are restored on exit, also when blocks nest and
+overlap across threads; an engine with it on answers what the model answers alone."""
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import ssn_runtime.core.small_batch_linear as sbl
+from ssn_runtime.core.small_batch_linear import calibrate, linear_tall, small_batch_linear
+
+
+def _model(bias: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(37, 53, bias=bias), nn.ReLU(), nn.Linear(53, 97, bias=False))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 33])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_tall_form_is_the_same_product_within_float32_rounding(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(53, 37, generator=g), torch.randn(53, generator=g) if bias else None
+    x = torch.randn(rows, 37, generator=g)
+    ref = (x.double() @ w.double().t() + (b.double() if bias else 0)).float()
+    torch.testing.assert_close(linear_tall(x, w, b), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear_tall(x.view(1, rows, 37), w, b), ref.view(1, rows, 53), rtol=1e-5, atol=1e-5)
+    assert linear_tall(x, w, b).is_contiguous()
+    model = _model(bias)
+    want = model(x.view(1, rows, 37))
+    with small_batch_linear(model):
+        got = model(x.view(1, rows, 37))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_taken_for_two_to_max_rows_by_the_thread_inside_the_block_only(monkeypatch):
+    calls = []
+    real = sbl.linear_tall
+
+    def spy(x, w, b=None):
+        calls.append((threading.current_thread().name, x.numel() // x.shape[-1]))
+        return real(x, w, b)
+
+    monkeypatch.setattr(sbl, "linear_tall", spy)
+    model = _model()
+    x = torch.randn(4, 37)
+    model(x)
+    assert calls == []  # outside the block: F.linear
+    with pytest.raises(ValueError, match="max_rows"):
+        with small_batch_linear(model, max_rows=1):
+            pass
+    with small_batch_linear(model, max_rows=8):
+        for rows in (1, 2, 8, 9):
+            model(torch.randn(rows, 37))
+        other = threading.Thread(target=model, args=(x,), name="other")
+        other.start()
+        other.join()
+    assert [r for _, r in calls] == [2, 2, 8, 8]  # two layers each; 1 and 9 rows keep F.linear
+    assert {name for name, _ in calls} == {threading.current_thread().name}  # not the other thread
+    model(x)
+    assert len(calls) == 4
+
+
+def test_modules_are_restored_when_blocks_nest_and_overlap_across_threads():
+    model = _model()
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    inside, leave = threading.Event(), threading.Event()
+
+    def worker():
+        with small_batch_linear(model):
+            inside.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=worker)
+    with small_batch_linear(model):
+        with small_batch_linear(model):  # nested in one thread
+            t.start()
+            assert inside.wait(10)
+        assert all("forward" in m.__dict__ for m in linears)
+    assert all("forward" in m.__dict__ for m in linears)  # the worker's block is still open
+    leave.set()
+    t.join()
+    assert all("forward" not in m.__dict__ for m in linears)
+    assert sbl._refs == {}
+
+
+def test_a_module_with_its_own_instance_forward_is_left_alone():
+    model = _model()
+    own = lambda x: x * 0  # noqa: E731
+    model[0].forward = own
+    with small_batch_linear(model):
+        assert model[0].forward is own and "forward" in model[2].__dict__
+    assert model[0].forward is own and "forward" not in model[2].__dict__
+
+
+def test_calibrate_reports_a_positive_time_ratio_and_one_without_eligible_weights():
+    assert calibrate(_model(), repeats=3) > 0
+    assert calibrate(nn.Sequential(nn.ReLU())) == 1.0
+    assert calibrate(_model().double()) == 1.0  # float64 weights keep F.linear
+
+
+def test_an_engine_with_it_on_answers_what_the_model_answers_alone(tiny_ckpts):
+    from serve_helpers import PROMPTS, Collector, encode, reference
+
+    from ssn_runtime import load_model, load_tokenizer
+    from ssn_runtime.serve.engine import Engine, GenRequest
+
+    path = tiny_ckpts["llama"]
+    model, tok = load_model(path), load_tokenizer(path)
+    with pytest.raises(ValueError, match="small_batch_gemm"):
+        Engine(model, tok, small_batch_gemm="fast")
+    eng = Engine(model, tok, max_batch=8, gather_ms=200, small_batch_gemm="on").start()
+    try:
+        assert eng.small_batch_rows == 8 and eng.small_batch_ratio is None
+        cols = []
+        for text in PROMPTS:  # decoded together: 2-5 rows per step (and prefills of more)
+            c = Collector()
+            eng.submit(GenRequest(encode(tok, text), max_tokens=10, temperature=0, sink=c))
+            cols.append(c)
+        for text, c in zip(PROMPTS, cols, strict=True):
+            assert c.result()[0] == reference(path, encode(tok, text), 10), text
+    finally:
+        eng.stop()
+    assert all("forward" not in m.__dict__ for m in model.modules())  # restored when the engine stops
