@@ -3,10 +3,11 @@
 A decode step multiplies a few rows (one per running request) by every weight matrix. With
 MKL's sgemm on an AMD EPYC (this project's machines), `F.linear`'s short, wide product with a
 transposed operand runs at a few rows far below the rate of the same product written tall and
-narrow, `W @ xᵀ`: a whole SmolLM2-135M decode step took 0.57-0.83x the time at 2-8 rows
-(interleaved, in the model: bench/small_batch_linear.py). From 12 to 64 rows the two forms
-measured within noise of each other (0.85-1.08x, from run to run), so they are left to
-`F.linear`; one row is a matrix-vector product, the same kernel either way. The result is
+narrow, `W @ xᵀ`: a whole SmolLM2-135M decode step takes clearly less time at 2-8 rows, while
+from 12 to 64 rows the two forms trade places from run to run (bench/small_batch_linear.py
+times a decode step per row count, interleaved, with a zero-cost control; the README's table
+shows the latest run), so those are left to `F.linear`. One row is a matrix-vector product,
+the same kernel either way. The result is
 copied to a contiguous [rows, out] tensor, so later element-wise ops run on the layout they
 expect.
 

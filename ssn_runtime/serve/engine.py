@@ -49,8 +49,8 @@ from .prefix_cache import PrefixCache
 
 SMALL_BATCH_GEMM = ("auto", "on", "off")
 SMALL_BATCH_ROWS = 8  # the tall form for 2-8 rows: above, it measured within noise of F.linear
-# "auto" turns it on when it takes at most this share of F.linear's time at 4 rows (0.3-0.7
-# where it helps): a clear margin, since calibration is a short timing on a possibly busy machine
+# "auto" turns it on when it takes at most this share of F.linear's time at 4 rows: a clear
+# margin, since calibration is a short timing on a possibly busy machine
 AUTO_GAIN = 0.85
 
 
