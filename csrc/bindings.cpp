@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "fused_act.h"
+#include "row_patch.h"
 
 namespace py = pybind11;
 
@@ -68,6 +69,28 @@ PYBIND11_MODULE(_cpu_kernels, m) {
                             threshold};
         ssn::fused_act_stats_forward(dtype, act, gated, {ptr(x), sx}, {ptr(up), su}, ptr(out), so, rows, cols, st,
                                      mask, threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "row_patch_inputs",
+      [](uintptr_t hidden, int64_t hs, uintptr_t sel, int64_t rows, uintptr_t index, int64_t cols, uintptr_t w,
+         int64_t kinds, int64_t hidden_size, uintptr_t member, uintptr_t out0, int64_t s0, uintptr_t out1, int64_t s1,
+         int threads) {
+        if (kinds < 1 || kinds > 2) throw std::invalid_argument("kinds must be 1 or 2");
+        ssn::row_patch_inputs(static_cast<const float*>(ptr(hidden)), hs, static_cast<const int64_t*>(ptr(sel)), rows,
+                              static_cast<const int64_t*>(ptr(index)), cols, static_cast<const float*>(ptr(w)), kinds,
+                              hidden_size, static_cast<const float*>(ptr(member)), static_cast<float*>(ptr(out0)), s0,
+                              static_cast<float*>(ptr(out1)), s1, threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "row_patch_down",
+      [](uintptr_t act, int64_t as, uintptr_t sel, int64_t rows, uintptr_t index, int64_t cols, uintptr_t down,
+         int64_t hidden_size, uintptr_t member, uintptr_t out, int64_t so, int threads) {
+        ssn::row_patch_down(static_cast<const float*>(ptr(act)), as, static_cast<const int64_t*>(ptr(sel)), rows,
+                            static_cast<const int64_t*>(ptr(index)), cols, static_cast<const float*>(ptr(down)),
+                            hidden_size, static_cast<const float*>(ptr(member)), static_cast<float*>(ptr(out)), so,
+                            threads);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });

@@ -145,11 +145,19 @@ def test_per_row_patches_equal_merged_models(arch, backend):
             assert torch.equal(mixed_gen[i, : len(gen)], gen), name
 
 
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpp") if b in BACKENDS])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_stacked_per_row_patches_with_partial_modules_and_shared_neurons(arch):
+def test_stacked_per_row_patches_with_partial_modules_and_shared_neurons(arch, backend, monkeypatch):
     """Per-row patches of one layer run as one stack: patches that change different modules
     (gate only, down only, all) on overlapping neurons each reach exactly their own rows; rows
-    of the base model get nothing added (bit for bit what the batch computes without variants)."""
+    of the base model get nothing added (bit for bit what the batch computes without variants).
+    The cpp backend runs the stack in csrc/row_patch.cpp, the torch backend in torch ops."""
+    from ssn_runtime.core import cpp_ops
+
+    calls = []
+    for name in ("row_patch_inputs", "row_patch_down"):
+        real = getattr(cpp_ops, name)
+        monkeypatch.setattr(cpp_ops, name, lambda *a, _real=real, _n=name: (calls.append(_n), _real(*a))[1])
     model = tiny_model(arch)
     site = ssn_runtime.find_sites(model)[0]
     fp = ssn_runtime.core.fingerprint.model_fingerprint(model)
@@ -167,10 +175,11 @@ def test_stacked_per_row_patches_with_partial_modules_and_shared_neurons(arch):
     ids, am = batch("left", "cpu")
     ids, am = torch.cat([ids, ids[:1]]), torch.cat([am, am[:1]])
     rows = rows[:ids.shape[0]]
-    with torch.no_grad(), ssn_runtime.attach(model) as h:
+    with torch.no_grad(), ssn_runtime.attach(model, backend=backend) as h:
         plain = model(input_ids=ids, attention_mask=am).logits
         with h.intervene(variants=patches, rows=rows):
             mixed = model(input_ids=ids, attention_mask=am).logits
+        assert set(calls) == ({"row_patch_inputs", "row_patch_down"} if backend == "cpp" else set())
         for i, name in enumerate(rows):
             if name == "base":
                 assert torch.equal(mixed[i], plain[i])

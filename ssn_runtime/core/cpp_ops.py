@@ -22,8 +22,9 @@ except ImportError as exc:  # the build is optional: fall back to torch
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
-def available() -> bool:
-    return _ext is not None
+def available(kernel: str | None = None) -> bool:
+    """Whether the extension is built (and has `kernel`: one built before a kernel lacks it)."""
+    return _ext is not None and (kernel is None or hasattr(_ext, kernel))
 
 
 def _check(*tensors: torch.Tensor) -> None:
@@ -109,3 +110,69 @@ def fused_act_stats_forward(x: torch.Tensor, up: torch.Tensor | None, act: str, 
             float(target.threshold), mode, sc, bi, rp, torch.get_num_threads(),
         )
     return out.view(x.shape)
+
+
+
+class RowPatchTables:
+    """The fixed arguments of the per-row patch kernels (csrc/row_patch.cpp) for one layer and
+    batch, checked once when the stack is built (not per call): `sel` token rows [R] below
+    `sel_hi`, neuron columns `index` [S] below `index_hi`, `member` [R, S], gate/up rows `w`
+    [kinds * S, H] and down columns as rows `down` [S, H] (either may be None), all contiguous float32
+    (ids int64) CPU tensors. Raises ValueError otherwise."""
+
+    def __init__(self, sel, sel_hi: int, index, index_hi: int, member, w, down):
+        R, S = member.shape
+        for name, t, n in (("sel", sel, R), ("index", index, S)):
+            if t.dtype != torch.int64 or t.dim() != 1 or t.numel() != n or not t.is_contiguous() \
+                    or t.device.type != "cpu":
+                raise ValueError(f"row_patch: {name} must be a contiguous int64 CPU tensor of {n} ids")
+        for name, t in (("member", member), ("w", w), ("down", down)):
+            if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
+                raise ValueError(f"row_patch: {name} must be a contiguous float32 CPU tensor")
+        if (R and (int(sel.min()) < 0 or int(sel.max()) >= sel_hi)) or \
+                (S and (int(index.min()) < 0 or int(index.max()) >= index_hi)):
+            raise ValueError("row_patch: a row or column id is outside [0, sel_hi) / [0, index_hi)")
+        self.kinds = w.shape[0] // S if w is not None and S else 0
+        if w is not None and (w.dim() != 2 or w.shape[0] != self.kinds * S or self.kinds not in (1, 2)):
+            raise ValueError("row_patch: w must be [kinds * S, H] with 1 or 2 kinds")
+        self.H = w.shape[1] if w is not None else down.shape[1]
+        if down is not None and down.shape != (S, self.H):
+            raise ValueError("row_patch: down must be [S, H]")
+        self.R, self.S, self.sel_hi, self.index_hi = R, S, sel_hi, index_hi
+        self._keep = (sel, index, member, w, down)  # the pointers below stay valid while this lives
+        self.sel, self.index, self.member = sel.data_ptr(), index.data_ptr(), member.data_ptr()
+        self.w = w.data_ptr() if w is not None else 0
+        self.down = down.data_ptr() if down is not None else 0
+
+
+def _rows_ok(t: torch.Tensor, rows: int, cols: int) -> bool:
+    """A 2-D float32 CPU tensor with contiguous columns, at least `rows` x `cols`."""
+    return (t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 2 and t.shape[0] >= rows
+            and t.shape[1] >= cols and (t.stride(1) == 1 or t.shape[1] == 1))
+
+
+def row_patch_inputs(tables: RowPatchTables, hidden: torch.Tensor, outs: list[torch.Tensor]) -> None:
+    """In place: outs[k][sel[r], index[s]] += member[r, s] * (hidden[sel[r]] @ w[k * S + s]),
+    for the `tables.kinds` outputs [rows, neurons] (kind 0 and 1: gate and up, or up alone)."""
+    t = tables
+    if not t.w or len(outs) != t.kinds or not _rows_ok(hidden, t.sel_hi, t.H) or hidden.shape[1] != t.H \
+            or not all(_rows_ok(o, t.sel_hi, t.index_hi) for o in outs):
+        raise ValueError("row_patch_inputs: hidden must be [>= sel_hi, H] and each output [>= sel_hi, "
+                         ">= index_hi], float32 CPU with contiguous columns")
+    if t.R and t.S:
+        o1 = outs[-1]
+        _ext.row_patch_inputs(hidden.data_ptr(), hidden.stride(0), t.sel, t.R, t.index, t.S, t.w, t.kinds, t.H,
+                              t.member, outs[0].data_ptr(), outs[0].stride(0), o1.data_ptr(), o1.stride(0),
+                              torch.get_num_threads())
+
+
+def row_patch_down(tables: RowPatchTables, act: torch.Tensor, out: torch.Tensor) -> None:
+    """In place: out[sel[r]] += sum_s member[r, s] * act[sel[r], index[s]] * down[s]."""
+    t = tables
+    if not t.down or not _rows_ok(act, t.sel_hi, t.index_hi) or not _rows_ok(out, t.sel_hi, t.H) \
+            or out.shape[1] != t.H:
+        raise ValueError("row_patch_down: act must be [>= sel_hi, >= index_hi] and out [>= sel_hi, H], float32 CPU "
+                         "with contiguous columns")
+    if t.R and t.S:
+        _ext.row_patch_down(act.data_ptr(), act.stride(0), t.sel, t.R, t.index, t.S, t.down, t.H, t.member,
+                            out.data_ptr(), out.stride(0), torch.get_num_threads())

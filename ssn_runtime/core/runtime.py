@@ -42,10 +42,13 @@ import torch
 import torch.nn as nn
 
 from ..errors import SSNError
+from . import cpp_ops
 from .adapters import GATED, GATED_FUSED, NeuronSite, find_sites
 from .backends import BACKENDS, forced_backend, select_backend
 from .fused_act import fused_act
 from .sparse_ops import add_cols, add_rows
+
+_ROW_PATCH_CPP = cpp_ops.available("row_patch_inputs")  # the per-row patch kernels of csrc/row_patch.cpp
 
 _HANDLE_ATTR = "_ssn_runtime_handle"
 _SITE_ATTR = "_ssn_site"  # on each attached MLP module: (handle, layer)
@@ -508,8 +511,9 @@ def _mlp_forward_intervened(mod, handle, site, state: Intervention, hidden, x, u
     token_rows = x.numel() // n
     stack = _row_patch_stack(state, site, token_rows, x.device) if state.rows is not None else None
     row_patches = _row_patches(state, site, token_rows, x.device) if stack is None else []
+    native = handle.backend_for(x, site) == "cpp"
     if stack is not None:
-        x, up = stack.add_inputs(site, hidden, x, up)
+        x, up = stack.add_inputs(site, hidden, x, up, native)
     elif row_patches:
         x, up = _row_patch_inputs(site, hidden, x, up, row_patches)
     stats = state.collector.target(site, x) if state.collector is not None else None
@@ -519,7 +523,7 @@ def _mlp_forward_intervened(mod, handle, site, state: Intervention, hidden, x, u
     if delta is not None and "down" in delta:
         out = out + add_cols(h, delta["index"], delta["down"], backend=handle.backend).to(out.dtype)
     if stack is not None:
-        return stack.add_down(h, out)
+        return stack.add_down(h, out, native)
     for rows, d in row_patches:
         if "down" in d:
             out = _add_rows_at(out, h, rows, d["index"], d["down"], cols=True)
@@ -575,13 +579,32 @@ class _RowPatchStack:
     index: torch.Tensor
     kinds: tuple[str, ...]
     inputs: torch.Tensor | None  # [len(kinds) * S, H]
-    down: torch.Tensor | None  # [H, S]
+    down: torch.Tensor | None  # [S, H]: the down columns, stored as rows (a contiguous row per neuron)
     sel: torch.Tensor  # token rows that use some patch of this layer
     member: torch.Tensor  # [len(sel), S], in the deltas' dtype
+    index_hi: int  # one past the largest neuron id in `index`
+    sel_hi: int  # one past the largest token row `sel` may hold (the batch's token rows)
+    native: cpp_ops.RowPatchTables | None = None  # the C++ kernels' checked tables (float32 on CPU)
 
-    def add_inputs(self, site: NeuronSite, hidden, x, up):
+    def _use_native(self, native: bool, *tensors) -> bool:
+        """Whether the C++ kernels (csrc/row_patch.cpp) serve this call: the cpp backend, tables
+        built, and nothing for autograd to record (they write in place, untracked)."""
+        if not native or self.native is None:
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+    def add_inputs(self, site: NeuronSite, hidden, x, up, native: bool = False):
         if self.inputs is None:
             return x, up
+        outs = [x if kind == "gate" or not site.gated else up for kind in self.kinds]
+        if self._use_native(native, hidden, *outs):
+            try:  # in place on the projection outputs (views, never copies)
+                rows = [o.view(-1, o.shape[-1]) for o in outs]
+            except RuntimeError:
+                rows = None
+            if rows is not None and all(_f32_cpu(t) for t in (hidden, *outs)):
+                cpp_ops.row_patch_inputs(self.native, hidden.reshape(-1, hidden.shape[-1]), rows)
+                return x, up
         S = self.index.numel()
         src = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.sel).to(self.inputs.dtype)
         prod = src @ self.inputs.t()
@@ -593,11 +616,23 @@ class _RowPatchStack:
                 up = _put(up, (self.sel.unsqueeze(1), self.index.unsqueeze(0)), part)
         return x, up
 
-    def add_down(self, h, out):
+    def add_down(self, h, out, native: bool = False):
         if self.down is None:
             return out
+        if self._use_native(native, h, out) and _f32_cpu(h) and _f32_cpu(out):
+            try:
+                rows = out.view(-1, out.shape[-1])
+            except RuntimeError:
+                rows = None
+            if rows is not None:
+                cpp_ops.row_patch_down(self.native, h.reshape(-1, h.shape[-1]), rows)
+                return out
         src = h.reshape(-1, h.shape[-1]).index_select(0, self.sel).index_select(1, self.index)
-        return _put(out, (self.sel,), (src.to(self.down.dtype) * self.member) @ self.down.t())
+        return _put(out, (self.sel,), (src.to(self.down.dtype) * self.member) @ self.down)
+
+
+def _f32_cpu(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu"
 
 
 def _put(out: torch.Tensor, where: tuple, delta: torch.Tensor) -> torch.Tensor:
@@ -653,7 +688,7 @@ def _row_patch_stack(state: Intervention, site: NeuronSite, token_rows: int, dev
     if parts is None:  # no patch changes this layer
         state.cache[key] = (stamp, None)
         return None
-    index, owner, layout, kinds, inputs, down = parts
+    index, owner, layout, kinds, inputs, down, index_hi = parts
     # which rows use which column: the same for every layer whose patches have the same layout
     rows_key = ("row_patch_rows", layout, token_rows, device)
     if rows_key not in state.cache:
@@ -662,20 +697,26 @@ def _row_patch_stack(state: Intervention, site: NeuronSite, token_rows: int, dev
         dtype = (inputs if inputs is not None else down).dtype
         state.cache[rows_key] = sel, (ids.index_select(0, sel).unsqueeze(1) == owner.unsqueeze(0)).to(dtype)
     sel, member = state.cache[rows_key]
-    stack = _RowPatchStack(index, kinds, inputs, down, sel, member) if sel.numel() else None
+    if not sel.numel():
+        stack = None
+    else:
+        tables = None
+        if _ROW_PATCH_CPP and all(t is None or _f32_cpu(t) for t in (inputs, down, member)):
+            tables = cpp_ops.RowPatchTables(sel, token_rows, index, index_hi, member, inputs, down)
+        stack = _RowPatchStack(index, kinds, inputs, down, sel, member, index_hi, token_rows, tables)
     state.cache[key] = (stamp, stack)
     return stack
 
 
 def _stack_patches(vs: _Variants, site: NeuronSite, device):
-    """(index, owner, layout, kinds, inputs, down) of every variant's patch at this site, or None
+    """(index, owner, layout, kinds, inputs, down [S, H], index_hi) of every variant's patch at this site, or None
     (layout: (variant, neurons) per patch, in column order). The owned patches' deltas of this
     layer then become views into the stacked tables, so a served patch is held once."""
     items = [(v, d) for v, p in enumerate(vs.patches) if p is not None and (d := _site_delta(p, site)) is not None]
     if not items:
         return None
     dtype = functools.reduce(torch.promote_types, [t.dtype for _, d in items for k, t in d.items() if k != "index"])
-    index = torch.cat([d["index"] for _, d in items]).to(device)
+    index = torch.cat([d["index"] for _, d in items]).to(device=device, dtype=torch.long)
     owner = torch.cat([torch.full((d["index"].numel(),), v, dtype=torch.long) for v, d in items]).to(device)
     layout = tuple((v, d["index"].numel()) for v, d in items)
     H = site.hidden_size
@@ -687,10 +728,10 @@ def _stack_patches(vs: _Variants, site: NeuronSite, device):
 
     kinds = tuple(k for k in (("gate", "up") if site.gated else ("up",)) if any(k in d for _, d in items))
     inputs = torch.cat([col(d, k, True) for k in kinds for _, d in items]) if kinds else None
-    down = torch.cat([col(d, "down", False) for _, d in items], dim=1) if any("down" in d for _, d in items) else None
+    down = torch.cat([col(d, "down", False).t() for _, d in items]) if any("down" in d for _, d in items) else None
     if site.layer_neurons is None:  # a whole layer's deltas (not an MoE shared expert's part)
         _share_storage(vs, items, site.layer, kinds, inputs, down)
-    return index, owner, layout, kinds, inputs, down
+    return index, owner, layout, kinds, inputs, down, int(index.max()) + 1
 
 
 def _share_storage(vs: _Variants, items, layer: int, kinds, inputs, down) -> None:
@@ -704,7 +745,7 @@ def _share_storage(vs: _Variants, items, layer: int, kinds, inputs, down) -> Non
         if vs.owned[v]:
             views = {kind: inputs[j * S + start:j * S + start + k] for j, kind in enumerate(kinds)}
             if down is not None:
-                views["down"] = down[:, start:start + k]
+                views["down"] = down[start:start + k].t()  # [H, k], as a patch holds it
             for kind, view in views.items():
                 t = d.get(kind)
                 if t is not None and t.dtype == view.dtype and t.device == view.device:

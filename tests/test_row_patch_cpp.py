@@ -1,0 +1,104 @@
+"""The per-row patch kernels (csrc/row_patch.cpp via ssn_runtime/core/cpp_ops.py) against a
+float64 reference at odd shapes: each selected row gets exactly its own patch's deltas where
+its member entry is 1; every other element (other rows, other patches' columns) is untouched
+bit for bit; the same neuron in two patches adds up; rows may be strided views; bad
+arguments are refused before a pointer crosses into C++."""
+
+import pytest
+import torch
+
+from ssn_runtime.core import cpp_ops
+
+pytestmark = pytest.mark.skipif(not cpp_ops.available("row_patch_inputs"), reason="C++ kernels not built")
+
+M, H, N = 11, 37, 53  # token rows, hidden size, neurons: odd on purpose
+
+
+def _case(kinds: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    sel = torch.tensor([0, 3, 4, 9, 10])  # token rows that use some patch
+    # two patches side by side; neuron 7 is in both (columns 1 and 5)
+    index = torch.tensor([2, 7, 19, 52, 0, 7, 31])
+    owner = torch.tensor([1, 1, 1, 1, 2, 2, 2])
+    variant = torch.tensor([1, 2, 2, 1, 2])  # each selected row's patch
+    member = (variant.unsqueeze(1) == owner.unsqueeze(0)).float()
+    hidden = torch.randn(M, H, generator=g)
+    w = torch.randn(kinds * index.numel(), H, generator=g)
+    down = torch.randn(index.numel(), H, generator=g)  # down columns as rows
+    return sel, index, member, hidden, w, down
+
+
+def _reference_inputs(outs, hidden, sel, index, w, member):
+    want = [o.double().clone() for o in outs]
+    S = index.numel()
+    for k, o in enumerate(want):
+        prod = hidden.double()[sel] @ w.double()[k * S:(k + 1) * S].t() * member.double()
+        for r, row in enumerate(sel.tolist()):
+            for s, col in enumerate(index.tolist()):
+                o[row, col] += prod[r, s]
+    return want
+
+
+@pytest.mark.parametrize("kinds", [1, 2])
+def test_row_patch_inputs_equals_a_float64_reference_and_touches_nothing_else(kinds):
+    sel, index, member, hidden, w, _ = _case(kinds)
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(M, 2 * N + 3, generator=g)  # outputs as strided views, like a fused gate_up projection
+    outs = [wide[:, :N], wide[:, N + 3:]][:kinds]
+    before = [o.clone() for o in outs]
+    want = _reference_inputs(outs, hidden, sel, index, w, member)
+    cpp_ops.row_patch_inputs(cpp_ops.RowPatchTables(sel, M, index, N, member, w, None), hidden, outs)
+    for o, b, ref in zip(outs, before, want, strict=True):
+        torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
+        touched = torch.zeros(M, N, dtype=torch.bool)
+        for r, row in enumerate(sel.tolist()):
+            for s, col in enumerate(index.tolist()):
+                touched[row, col] |= bool(member[r, s])
+        assert torch.equal(o[~touched], b[~touched])  # bit for bit
+
+
+def test_row_patch_down_equals_a_float64_reference_and_touches_nothing_else():
+    sel, index, member, hidden, _, down = _case(1)
+    g = torch.Generator().manual_seed(2)
+    act = torch.randn(M, N, generator=g)
+    wide = torch.randn(M, H + 5, generator=g)
+    out = wide[:, 2:H + 2]
+    before = out.clone()
+    want = out.double().clone()
+    src = act.double()[sel][:, index] * member.double()
+    want[sel] += src @ down.double()
+    cpp_ops.row_patch_down(cpp_ops.RowPatchTables(sel, M, index, N, member, None, down), act, out)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    others = torch.ones(M, dtype=torch.bool)
+    others[sel] = False
+    assert torch.equal(out[others], before[others])
+    assert torch.equal(wide[:, :2], wide[:, :2].clone())  # nothing written outside the view's columns
+
+
+def test_bad_arguments_are_refused_before_the_kernel():
+    sel, index, member, hidden, w, down = _case(2)
+    Tables = cpp_ops.RowPatchTables
+    with pytest.raises(ValueError, match="outside"):
+        Tables(sel, int(sel.max()), index, N, member, w, down)  # a row id past the bound
+    with pytest.raises(ValueError, match="outside"):
+        Tables(sel, M, index, int(index.max()), member, w, down)
+    with pytest.raises(ValueError, match="int64"):
+        Tables(sel.int(), M, index, N, member, w, down)
+    with pytest.raises(ValueError, match="float32"):
+        Tables(sel, M, index, N, member, w.double(), down)
+    with pytest.raises(ValueError, match="contiguous"):
+        Tables(sel, M, index, N, member, w, down.t().contiguous().t())
+    with pytest.raises(ValueError, match=r"\[kinds \* S, H\]"):
+        Tables(sel, M, index, N, member, w[:-1], down)
+    t = Tables(sel, M, index, N, member, w, down)
+    out = torch.zeros(M, N)
+    with pytest.raises(ValueError, match="hidden"):
+        cpp_ops.row_patch_inputs(t, hidden[: M - 1], [out, out.clone()])  # fewer rows than sel reaches
+    with pytest.raises(ValueError, match="hidden"):
+        cpp_ops.row_patch_inputs(t, hidden.double(), [out, out.clone()])
+    with pytest.raises(ValueError, match="hidden"):
+        cpp_ops.row_patch_inputs(t, hidden, [out[:, : N - 1], out.clone()])  # a column past the end
+    with pytest.raises(ValueError, match="hidden"):
+        cpp_ops.row_patch_inputs(t, hidden, [out])  # two kinds, one output
+    with pytest.raises(ValueError, match="act"):
+        cpp_ops.row_patch_down(t, torch.zeros(M, N), torch.zeros(M, H).t().contiguous().t())
