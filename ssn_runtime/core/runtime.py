@@ -572,7 +572,7 @@ class _RowPatchStack:
     """Every per-row patch of one layer as one stack, so a batch with P patch profiles costs one
     product per projection instead of P: the patches' neurons side by side (`index`, `owner`:
     each column's variant), their gate/up rows stacked (`inputs`, in the order of `kinds`;
-    missing modules as zeros) and their down columns (`down` [H, S]). `member` [R, S] is 1
+    missing modules as zeros) and their down columns as rows (`down` [S, H]). `member` [R, S] is 1
     where token row `sel[r]` uses column s's variant, so a row only ever receives its own
     patch's deltas (the others add exact zeros)."""
 
