@@ -7,9 +7,8 @@ narrow, `W @ xᵀ`: a whole SmolLM2-135M decode step takes clearly less time at 
 from 12 to 64 rows the two forms trade places from run to run (bench/small_batch_linear.py
 times a decode step per row count, interleaved, with a zero-cost control; the README's table
 shows the latest run), so those are left to `F.linear`. One row is a matrix-vector product,
-the same kernel either way. The result is
-copied to a contiguous [rows, out] tensor, so later element-wise ops run on the layout they
-expect.
+the same kernel either way. The result is copied to a contiguous [rows, out] tensor, so later
+element-wise ops run on the layout they expect.
 
 It is the same product; only the summation order inside the BLAS kernel may differ (within
 float32 rounding, as a different batch size already gives). Whether it is faster depends on
