@@ -183,13 +183,14 @@ def test_incremental_detokenization_equals_a_full_decode(tok, data):
     assert all(seen[i + 1].startswith(seen[i]) for i in range(len(seen) - 1))  # text only ever grows
 
 
-def test_prefill_computes_logits_for_the_last_position_only(tiny_ckpts):
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_prefill_computes_logits_for_the_last_position_only(tiny_ckpts, layout):
     path = tiny_ckpts["llama"]
     model = load_model(path)
     tok = load_tokenizer(path)
     seen = []
     hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
-    eng = Engine(model, tok, max_batch=4, gather_ms=50).start()
+    eng = Engine(model, tok, max_batch=4, gather_ms=50, layout=layout).start()
     try:
         ids = [encode(tok, PROMPTS[3]), encode(tok, PROMPTS[2])]
         cols = [Collector(), Collector()]
@@ -200,8 +201,11 @@ def test_prefill_computes_logits_for_the_last_position_only(tiny_ckpts):
     finally:
         eng.stop()
         hook.remove()
-    assert seen and all(s[1] == 1 for s in seen), seen  # [rows, 1, hidden] at prefill and decode alike
-    assert any(s[0] == 2 for s in seen)  # the two prompts were prefilled together
+    if layout == "padded":
+        assert seen and all(s[1] == 1 for s in seen), seen  # [rows, 1, hidden] at prefill and decode alike
+        assert any(s[0] == 2 for s in seen)  # the two prompts were prefilled together
+    else:  # one forward per step, one token row per row however long its prompt: [1, rows, hidden]
+        assert seen == [(1, 2, 48)] * 3, seen
 
 
 @pytest.fixture(scope="module")

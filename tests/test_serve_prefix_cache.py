@@ -79,9 +79,9 @@ def test_new_blocks_start_at_the_reused_prefix_and_the_budget_holds():
     assert len(off) == 0 and off.lookup(0, a) == (0, None)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "qwen2-sliding"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "qwen2-sliding", "qwen2-sliding-padded"])
 def served(request, tiny_ckpts, tmp_path_factory):
-    if request.param == "qwen2-sliding":  # every layer attends to the last 16 positions only
+    if request.param.startswith("qwen2-sliding"):  # every layer attends to the last 16 positions only
         from tiny_ckpt import make_checkpoint
 
         path = make_checkpoint(tmp_path_factory.mktemp("sliding") / "qwen2", "qwen2", sliding_window=16,
@@ -92,7 +92,9 @@ def served(request, tiny_ckpts, tmp_path_factory):
     mask, patch = make_profiles(model)
     handle = ssn_runtime.attach(model)
     variants = {"amp": mask, "tuned": patch, "both": Variant(mask=mask, patch=patch)}
-    engine = Engine(model, tok, handle, variants, max_batch=8, gather_ms=200, small_batch_gemm="on").start()
+    layout = "padded" if request.param.endswith("-padded") else "auto"  # (gpt2: padded; the others: packed)
+    engine = Engine(model, tok, handle, variants, max_batch=8, gather_ms=200, small_batch_gemm="on",
+                    layout=layout).start()
     yield {"path": path, "tok": tok, "engine": engine, "profiles": {
         "base": (None, None), "amp": (mask, None), "tuned": (None, patch), "both": (mask, patch)}}
     engine.stop()
@@ -122,13 +124,17 @@ def test_rows_reusing_a_prefix_answer_as_they_do_alone_and_profiles_share_no_blo
     first = _run(eng, [(prompts[0], "base"), (prompts[0], "amp")])
     assert cached() == before  # nothing to reuse yet
     # One prefill of rows whose new parts differ in length (and a row with nothing cached): base
-    # and amp rows reuse their own profile's blocks; the row with the longest new part takes
-    # every cached token, the others as many as keep their tokens in consecutive columns.
+    # and amp rows reuse their own profile's blocks. Packed, each row takes every cached token;
+    # padded, the row with the longest new part does, the others as many as keep their tokens in
+    # consecutive columns.
     jobs = [(prompts[1], "base"), (prompts[2], "amp"), (prompts[2], "base"), (short, "both")]
     got = _run(eng, jobs)
-    new = max(len(prompts[1]), len(prompts[2])) - shared
-    assert cached() - before == (len(prompts[1]) - new) + 2 * (len(prompts[2]) - new)
-    assert len(prompts[1]) - new == shared or len(prompts[2]) - new == shared
+    if eng.layout == "packed":
+        assert cached() - before == 3 * shared
+    else:
+        new = max(len(prompts[1]), len(prompts[2])) - shared
+        assert cached() - before == (len(prompts[1]) - new) + 2 * (len(prompts[2]) - new)
+        assert len(prompts[1]) - new == shared or len(prompts[2]) - new == shared
     middle = cached()
     again = _run(eng, [(prompts[1], "tuned")])  # no profile shares another's blocks
     assert cached() == middle

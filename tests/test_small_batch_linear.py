@@ -105,7 +105,7 @@ def test_an_engine_with_it_on_answers_what_the_model_answers_alone(tiny_ckpts):
     from serve_helpers import PROMPTS, Collector, encode, reference
 
     from ssn_runtime import load_model, load_tokenizer
-    from ssn_runtime.serve.engine import Engine, GenRequest
+    from ssn_runtime.serve.engine import SMALL_BATCH_ROWS, Engine, GenRequest
 
     path = tiny_ckpts["llama"]
     model, tok = load_model(path), load_tokenizer(path)
@@ -113,7 +113,7 @@ def test_an_engine_with_it_on_answers_what_the_model_answers_alone(tiny_ckpts):
         Engine(model, tok, small_batch_gemm="fast")
     eng = Engine(model, tok, max_batch=8, gather_ms=200, small_batch_gemm="on").start()
     try:
-        assert eng.small_batch_rows == 8 and eng.small_batch_ratio is None
+        assert eng.small_batch_rows == SMALL_BATCH_ROWS and eng.small_batch_ratios == {}
         cols = []
         for text in PROMPTS:  # decoded together: 2-5 rows per step (and prefills of more)
             c = Collector()

@@ -1,19 +1,21 @@
-"""Small-batch linear layers on CPU: `(W @ xᵀ)ᵀ` in place of `x @ Wᵀ` for 2-8 rows.
+"""Small-batch linear layers on CPU: `(W @ xᵀ)ᵀ` in place of `x @ Wᵀ` for a few rows.
 
 A decode step multiplies a few rows (one per running request) by every weight matrix. With
 MKL's sgemm on an AMD EPYC (this project's machines), `F.linear`'s short, wide product with a
 transposed operand runs at a few rows far below the rate of the same product written tall and
-narrow, `W @ xᵀ`: a whole SmolLM2-135M decode step takes clearly less time at 2-8 rows, while
-from 12 to 64 rows the two forms trade places from run to run (bench/small_batch_linear.py
-times a decode step per row count, interleaved, with a zero-cost control; the README's table
-shows the latest run), so those are left to `F.linear`. One row is a matrix-vector product,
-the same kernel either way. The result is copied to a contiguous [rows, out] tensor, so later
-element-wise ops run on the layout they expect.
+narrow, `W @ xᵀ`: a whole SmolLM2-135M decode step takes clearly less time at 2-8 rows
+(bench/small_batch_linear.py times a decode step per row count, interleaved, with a zero-cost
+control; the README's table shows the latest run). At 12-64 rows the padded layout's steps
+showed the two forms trading places from run to run, while the packed layout's steps (no
+padding; serve/packed.py) ran faster with it at 16 and 64 rows (bench/serve.py). One row is a
+matrix-vector product, the same kernel either way. The result is copied to a contiguous
+[rows, out] tensor, so later element-wise ops run on the layout they expect.
 
 It is the same product; only the summation order inside the BLAS kernel may differ (within
 float32 rounding, as a different batch size already gives). Whether it is faster depends on
-the BLAS and the CPU, so `calibrate` times both forms on the model's own weights at 4 rows, and
-the server turns it on only where it wins clearly (`Engine(small_batch_gemm="auto")`).
+the BLAS, the CPU and the row count, so `calibrate` times both forms on the model's own weights
+at a given row count, and the server uses it only as far as it wins clearly
+(`Engine(small_batch_gemm="auto")`).
 
 `small_batch_linear(model, max_rows=8)` is scoped (a `with` block) and per thread: inside it,
 the calling thread's `nn.Linear` calls on CPU float32 weights with 2..max_rows rows take the

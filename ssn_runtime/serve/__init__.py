@@ -81,7 +81,7 @@ def build_server(model_path: str, profiles: dict[str, str], config: ServeConfig 
     engine = Engine(model, tok, handle, variants, max_batch=config.max_batch, queue_size=config.queue_size,
                     gather_ms=config.gather_ms, max_prefill_tokens=config.max_prefill_tokens, metrics=metrics,
                     name="base", prefix_cache_mb=config.prefix_cache_mb,
-                    small_batch_gemm=config.small_batch_gemm).start()
+                    small_batch_gemm=config.small_batch_gemm, layout=config.layout).start()
     cfg = ServerConfig(base_name=config.served_name or Path(str(model_path)).name, engine=engine,
                        api_key=config.key(), request_timeout=config.request_timeout,
                        default_max_tokens=config.default_max_tokens, public_metrics=config.public_metrics)
@@ -96,11 +96,12 @@ def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="a
     names = ", ".join(["base", *profiles])
     print(f"serving {config.served_name or model_path} ({names}) on http://{config.host}:{config.port}/v1"
           + (" (API key required)" if config.key() else ""), flush=True)
-    r = engine.small_batch_ratio
-    timed = f"; timed {r:.2f}x F.linear's time at 4 rows" if r else ""
+    r = engine.small_batch_ratios
+    timed = (f"; timed {'/'.join(f'{v:.2f}' for v in r.values())}x F.linear's time at "
+             f"{'/'.join(map(str, r))} rows") if r else ""
     rows = engine.small_batch_rows
     print(f"small-batch linear layers as (W @ x^T)^T: {f'on for 2-{rows} rows' if rows else 'off'} "
-          f"(--small-batch-gemm {config.small_batch_gemm}{timed})", flush=True)
+          f"(--small-batch-gemm {config.small_batch_gemm}{timed}); KV layout: {engine.layout}", flush=True)
     serve_forever(app, engine, config.host, config.port, config.shutdown_grace)
 
 

@@ -24,13 +24,17 @@ class ServeConfig:
     request_timeout: float = option(60.0, "seconds per request (then 408)")
     default_max_tokens: int = option(64, "answer budget when a request gives none")
     gather_ms: float = option(5.0, "when idle, how long the first request waits for others before its prefill")
-    max_prefill_tokens: int = option(4096, "prompt tokens admitted per step (bounds how long joining rows stall "
-                                     "running ones)")
+    max_prefill_tokens: int = option(512, "prompt tokens computed per step, bounding how long joins stall running "
+                                     "rows (packed layout: a longer prompt is computed in chunks over several "
+                                     "steps; padded: requests admitted per step, at least one)")
     prefix_cache_mb: float = option(256.0, "memory for the keys and values of prompt prefixes, reused by later "
                                     "prompts that start with the same tokens under the same profile (0: off)")
     small_batch_gemm: str = option("auto", "small-batch linear layers as (W @ x^T)^T, faster with some BLAS "
                                    "libraries: on, off, or auto (on where it times clearly faster at start)",
                                    choices=("auto", "on", "off"))
+    layout: str = option("auto", "KV layout: packed (one forward per step for running rows and joining prompts, "
+                         "a cache slot per row), padded (joins prefill in a forward of their own), or auto (packed "
+                         "where the model family allows)", choices=("auto", "packed", "padded"))
     shutdown_grace: float = option(30.0, "on SIGTERM: seconds in-flight rows may run on before they are cut (503)")
     public_metrics: bool = option(False, "serve /metrics without the API key")
 
@@ -43,6 +47,8 @@ class ServeConfig:
             check_number(getattr(self, key), WHERE, key, 0.0)
         if self.small_batch_gemm not in ("auto", "on", "off"):
             raise SSNError(f"{WHERE}: small_batch_gemm must be auto, on or off, got {self.small_batch_gemm!r}")
+        if self.layout not in ("auto", "packed", "padded"):
+            raise SSNError(f"{WHERE}: layout must be auto, packed or padded, got {self.layout!r}")
         if self.api_key is not None and not (self.api_key and self.api_key.isprintable()):
             raise SSNError(f"{WHERE}: api_key must be a non-empty printable string")
 

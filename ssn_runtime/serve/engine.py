@@ -4,31 +4,36 @@ One engine owns the model and one worker thread. Requests wait in a bounded queu
 step the worker
 
 1. drops the rows whose client went away or whose deadline passed (each gets its own answer);
-2. admits waiting requests while there is room (`max_batch` rows; at most `max_prefill_tokens`
-   prompt tokens per step, so a burst of long prompts cannot stall running rows for long) and
-   prefills them together, computing logits for the last position only (`logits_to_keep=1`)
-   and only the prompt tokens past the longest prefix the prefix cache holds for the row's
-   variant (prefix_cache.py; a chat template's system prompt is computed once; in a prefill
-   of rows with new parts of different lengths, a row takes only as much from the cache as
-   keeps its tokens in consecutive columns), then samples their first token;
-3. merges them into the running batch and decodes one token for every running row.
+2. admits waiting requests while there is room (`max_batch` rows) and computes at most
+   `max_prefill_tokens` prompt tokens per step, so a burst of long prompts cannot stall running
+   rows for long (packed: a longer prompt is computed in chunks over several steps; padded: the
+   requests admitted per step are bounded, at least one). Only the prompt tokens past the
+   longest prefix the prefix cache holds for the row's variant are computed (prefix_cache.py; a
+   chat template's system prompt is computed once), and logits for the last position only;
+3. decodes one token for every running row and samples the first token of each new one.
 
 So rows join at any decode step and leave as soon as they are done: a short answer never waits
 for a long one, and prefill of new rows is interleaved with decoding of running ones. When the
 engine is idle, the first request waits `gather_ms` for company before its prefill.
 
 Every row keeps its own variant (base, or a mask and/or patch profile: `handle.intervene(rows=...)`
-selects it per row inside the fused MLP path, on the one shared model), its own sampling settings
-and random generator, stop strings and token budget. A row whose logits go non-finite fails alone;
-the batch goes on.
+selects it per token row inside the fused MLP path, on the one shared model), its own sampling
+settings and random generator, stop strings and token budget. A row whose logits go non-finite
+fails alone; the batch goes on.
 
-KV layout: a padded batch in a `DynamicCache`. Every row's keys and values sit in consecutive
-columns at the right end of the batch's columns (left padding, never a gap inside a row, so a
-sliding window counted in columns is the window in positions); the attention mask marks the real
-ones and position ids count them, so a row computes what it would compute alone. Joining pads
-the narrower of the two caches on the left and concatenates them; leaving selects the remaining
-rows and trims the columns no remaining row uses. Sliding-window models keep full layers (the
-mask applies the window).
+Two KV layouts:
+- packed (serve/packed.py; the default where the model's family allows): steps 2 and 3 are one
+  forward over the running rows' next tokens and the new rows' prompts laid end to end, and each
+  row owns a slot of a preallocated cache, column = position.
+- padded (every other model): the new rows prefill in a forward of their own, then the batch
+  decodes. A `DynamicCache` holds every row's keys and values in consecutive columns at the right
+  end of the batch's columns (left padding, never a gap inside a row, so a sliding window counted
+  in columns is the window in positions; in a prefill of rows with new parts of different
+  lengths, a row takes only as much from the prefix cache as keeps its tokens consecutive); the
+  attention mask marks the real ones and position ids count them, so a row computes what it
+  would compute alone. Joining pads the narrower of the two caches on the left and concatenates
+  them; leaving selects the remaining rows and trims the columns no remaining row uses.
+  Sliding-window models keep full layers (the mask applies the window).
 """
 
 from __future__ import annotations
@@ -44,13 +49,21 @@ import torch
 
 from ..core.small_batch_linear import calibrate as calibrate_small_batch
 from ..core.small_batch_linear import small_batch_linear
+from . import packed
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
 
 SMALL_BATCH_GEMM = ("auto", "on", "off")
-SMALL_BATCH_ROWS = 8  # the tall form for 2-8 rows: above, it measured within noise of F.linear
-# "auto" turns it on when it takes at most this share of F.linear's time at 4 rows: a clear
-# margin, since calibration is a short timing on a possibly busy machine
+LAYOUTS = ("auto", "packed", "padded")
+_NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # packed forwards: a "prepared" mask nobody reads
+# "auto" times the tall form against F.linear at each row count of this ladder, in order, and
+# takes it up to the paired count while it keeps winning: (4, 8) as before; the packed layout's
+# steps (one token row per running row, no padding) measured it faster at 16 and 64 rows too
+# (bench/serve.py). "on": up to SMALL_BATCH_ROWS regardless.
+CALIBRATION = ((4, 8), (16, 16), (64, 64))
+SMALL_BATCH_ROWS = 64
+# "auto" takes a step of the ladder when the tall form takes at most this share of F.linear's
+# time there: a clear margin, since calibration is a short timing on a possibly busy machine
 AUTO_GAIN = 0.85
 
 
@@ -152,6 +165,13 @@ class _Row:
     sent: int = 0  # characters emitted
     checked: int = 0  # characters already searched for stop strings
     t_last: float = 0.0
+    seq: int = 0  # admission order
+    # packed layout: prompt tokens in the row's slot (or in `prefix`, the prefix cache's copy
+    # still to be placed there), of which `cached` came from the prefix cache; columns written
+    filled: int = 0
+    cached: int = 0
+    prefix: list | None = None
+    cols: int = 0
 
 
 class Engine:
@@ -161,20 +181,30 @@ class Engine:
     worker thread enters `handle.intervene(variants=...)` once and selects each row's variant
     per step. `max_batch`: rows decoded together. `queue_size`: waiting requests before
     `submit` raises QueueFull. `gather_ms`: how long an idle engine lets the first request wait
-    for others. `max_prefill_tokens`: prompt tokens admitted per step (at least one request).
-    `small_batch_gemm`: "on", "off" or "auto" (on where `calibrate` times it clearly faster
-    on this model and machine): the worker's linear layers with 2-8 rows run as `(W @ xᵀ)ᵀ`
-    (core/small_batch_linear.py)."""
+    for others. `max_prefill_tokens`: prompt tokens computed per step (packed: longer prompts in
+    chunks; padded: requests admitted per step, at least one).
+    `small_batch_gemm`: "on", "off" or "auto" (for as many rows as `calibrate` times it clearly
+    faster on this model and machine, up to 64): the worker's linear layers with a few rows run
+    as `(W @ xᵀ)ᵀ` (core/small_batch_linear.py). `layout`: "packed" (each step is one forward of every running
+    row's next token and every joining row's prompt, serve/packed.py), "padded" (a padded
+    batch: joins prefill in a forward of their own) or "auto" (packed where the model's family
+    and attention implementation allow it)."""
 
     def __init__(self, model, tokenizer, handle=None, variants: dict | None = None, max_batch: int = 16,
-                 queue_size: int = 64, gather_ms: float = 5.0, max_prefill_tokens: int = 4096,
+                 queue_size: int = 64, gather_ms: float = 5.0, max_prefill_tokens: int = 512,
                  metrics: Metrics | None = None, name: str = "base", prefix_cache_mb: float = 256.0,
-                 small_batch_gemm: str = "auto"):
+                 small_batch_gemm: str = "auto", layout: str = "auto"):
         if max_batch < 1 or queue_size < 1 or gather_ms < 0 or max_prefill_tokens < 1 or prefix_cache_mb < 0:
             raise ValueError("max_batch, queue_size and max_prefill_tokens must be >= 1, gather_ms and "
                              "prefix_cache_mb >= 0")
         if small_batch_gemm not in SMALL_BATCH_GEMM:
             raise ValueError(f"small_batch_gemm must be one of {SMALL_BATCH_GEMM}, got {small_batch_gemm!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        why = packed.supported(model)
+        if layout == "packed" and why is not None:
+            raise ValueError(f"layout 'packed' is not available for this model: {why}")
+        self.layout = "packed" if layout == "packed" or (layout == "auto" and why is None) else "padded"
         if variants and handle is None:
             raise ValueError("variants need an attached handle")
         self.model, self.tok, self.handle = model, tokenizer, handle
@@ -196,14 +226,16 @@ class Engine:
         self.keep_logits = bool(getattr(model, "_supports_logits_to_keep", lambda: False)())
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.small_batch_gemm = small_batch_gemm
-        self.small_batch_ratio: float | None = None  # calibrate()'s time ratio at 4 rows ("auto")
+        self.small_batch_ratios: dict[int, float] = {}  # calibrate()'s time ratio per row count timed ("auto")
         self.small_batch_rows = 0  # the tall form for 2..this many rows (0: off); decided when the worker starts
         # waiting requests: a deque under a condition (queue.Queue cannot peek at the next prompt's length)
         self._waiting: deque[GenRequest] = deque()
         self._cv = threading.Condition()
         self._rows: list[_Row] = []
-        self._cache = None
+        self._cache = None  # padded layout: a DynamicCache and its attention mask
         self._attn: torch.Tensor | None = None
+        self._kv: packed.PackedCache | None = None  # packed layout
+        self._seq = 0
         self._stop = threading.Event()
         self._draining = False
         self._cut_at = float("inf")  # time.time() after which every row still running is cut (shutdown)
@@ -288,13 +320,18 @@ class Engine:
         try:
             if self.variants:
                 scope.enter_context(self.handle.intervene(variants=self.variants))
-            if self.small_batch_gemm == "auto":
-                self.small_batch_ratio = calibrate_small_batch(self.model, rows=4)
-            gains = self.small_batch_ratio is not None and self.small_batch_ratio < AUTO_GAIN
-            if self.small_batch_gemm == "on" or gains:
+            if self.small_batch_gemm == "on":
                 self.small_batch_rows = SMALL_BATCH_ROWS
+            elif self.small_batch_gemm == "auto":
+                for rows, upto in CALIBRATION:
+                    self.small_batch_ratios[rows] = calibrate_small_batch(self.model, rows=rows)
+                    if self.small_batch_ratios[rows] >= AUTO_GAIN:
+                        break
+                    self.small_batch_rows = upto
             if self.small_batch_rows:
                 scope.enter_context(small_batch_linear(self.model, self.small_batch_rows))
+            if self.layout == "packed":
+                scope.enter_context(packed.packed_attention(self.model))
         except Exception as exc:  # noqa: BLE001 - handed to start()
             scope.close()
             self._failed = exc
@@ -320,10 +357,14 @@ class Engine:
     def _step(self) -> None:
         self._reap()
         joiners = self._admit()
-        if joiners:
-            self._join(joiners)
-        if self._rows:
-            self._decode()
+        if self.layout == "packed":
+            if self._rows or joiners:
+                self._packed_step(joiners)
+        else:
+            if joiners:
+                self._join(joiners)
+            if self._rows:
+                self._decode()
         self.metrics.set_running(self.name, len(self._rows))
         if not self._rows:
             with self._cv:
@@ -363,7 +404,8 @@ class Engine:
             out, tokens, now = [], 0, time.time()
             while self._waiting and len(self._rows) + len(out) < self.max_batch:
                 r = self._waiting[0]
-                if out and tokens + len(r.prompt_ids) > self.max_prefill_tokens:
+                # (packed: the step's prompt tokens are bounded by chunking instead)
+                if out and self.layout == "padded" and tokens + len(r.prompt_ids) > self.max_prefill_tokens:
                     break
                 self._waiting.popleft()
                 if r.cancelled.is_set():
@@ -384,21 +426,94 @@ class Engine:
         # A batch of base rows only runs the plain fused path (no mask table, no patch gathers).
         return self.handle.intervene(rows=variants if any(variants) else None)
 
+    def _new_row(self, r: GenRequest) -> _Row:
+        gen = None
+        if r.temperature > 0:
+            gen = torch.Generator(device="cpu")
+            if r.seed is not None:
+                gen.manual_seed(r.seed % (1 << 64))  # a signed 64-bit seed, as the unsigned value torch takes
+            else:
+                gen.seed()  # fresh entropy: unseeded requests differ
+        self._seq += 1
+        return _Row(r, self.index[r.profile], gen, Detokenizer(self.tok), max((len(s) for s in r.stop), default=0),
+                    pos=len(r.prompt_ids) - 1, seq=self._seq)
+
+    def _packed_step(self, reqs: list[GenRequest]) -> None:
+        """One forward: the next token of every decoding row (token rows 0..n-1), then up to
+        `max_prefill_tokens` prompt tokens of the rows still prefilling, oldest first (a long
+        prompt is computed in chunks over several steps while the others decode); sample a token
+        for every decoding row and every row whose prompt is complete."""
+        for r in reqs:
+            row = self._new_row(r)
+            if self.prefix_cache is not None:
+                row.filled, row.prefix = self.prefix_cache.lookup(row.variant, r.prompt_ids)
+                row.cached = row.filled
+            self._rows.append(row)  # its slot: its index
+        if self._kv is None:
+            self._kv = packed.PackedCache(self.max_batch)
+        decode = [i for i, row in enumerate(self._rows) if row.filled == len(row.req.prompt_ids)]
+        tokens = [self._rows[i].last for i in decode]
+        positions = [self._rows[i].pos for i in decode]
+        variants = [self._rows[i].variant for i in decode]
+        joins, budget = [], self.max_prefill_tokens
+        for i in sorted((i for i, row in enumerate(self._rows) if row.filled < len(row.req.prompt_ids)),
+                        key=lambda i: self._rows[i].seq):
+            if budget <= 0:
+                break
+            row = self._rows[i]
+            ids = row.req.prompt_ids
+            new = min(len(ids) - row.filled, budget)
+            budget -= new
+            joins.append(packed.Join(i, row.filled, new, len(tokens), row.prefix))
+            tokens += ids[row.filled:row.filled + new]
+            positions += range(row.filled, row.filled + new)
+            variants += [row.variant] * new
+        done = [j for j in joins if j.start + j.new == len(self._rows[j.slot].req.prompt_ids)]
+        last = list(range(len(decode))) + [j.off + j.new - 1 for j in done]
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        pos = torch.tensor([positions], dtype=torch.long, device=self.device)
+        last = torch.tensor(last, dtype=torch.long, device=self.device)  # (empty while only chunks run)
+        kw = {"logits_to_keep": last} if self.keep_logits else {}
+        if decode:
+            self.metrics.observe_batch(self.name, len(decode))
+        for j in joins:  # what the step may write (cleared if the row leaves)
+            self._rows[j.slot].cols = j.start + j.new
+        for i in decode:
+            self._rows[i].cols = self._rows[i].pos + 1
+        try:
+            with self._rows_scope(variants), \
+                    self._kv.forward([(i, self._rows[i].pos) for i in decode], joins, len(self._rows)):
+                # a 4-D mask is taken as prepared: transformers builds none (the packed attention needs none)
+                out = self.model(input_ids=ids, attention_mask=_NO_MASK, position_ids=pos, past_key_values=self._kv,
+                                 use_cache=True, **kw)
+        except Exception as exc:
+            if not joins:
+                raise  # the decoding rows' own step failed: _run fails them
+            # Only the prefilling rows fail; the decoding ones recompute this step (same columns) next time.
+            failed = {j.slot for j in joins}
+            for i in failed:
+                self._rows[i].req.emit("error", 500, "server_error", f"prefill failed: {type(exc).__name__}: {exc}")
+            self._select([i for i in range(len(self._rows)) if i not in failed])
+            return
+        logits = out.logits[0] if self.keep_logits else out.logits[0, last]
+        if joins:
+            self.metrics.observe_prefill(self.name, len(joins), sum(j.new for j in joins),
+                                         sum(j.start for j in joins if j.kv is not None))
+        for j in joins:
+            row = self._rows[j.slot]
+            row.filled, row.prefix = j.start + j.new, None
+        if self.prefix_cache is not None and done:
+            layers = [self._kv.layers[i] for i in range(len(self._kv.layers))]
+            for j in done:
+                row = self._rows[j.slot]
+                self.prefix_cache.insert(row.variant, row.req.prompt_ids, row.cached, layers, j.slot, 0)
+        self._advance(logits.float(), decode + [j.slot for j in done])
+
     def _join(self, reqs: list[GenRequest]) -> None:
         """Prefill the new rows together, sample their first token, merge them into the batch."""
         from transformers import DynamicCache
 
-        rows = []
-        for r in reqs:
-            gen = None
-            if r.temperature > 0:
-                gen = torch.Generator(device="cpu")
-                if r.seed is not None:
-                    gen.manual_seed(r.seed % (1 << 64))  # a signed 64-bit seed, as the unsigned value torch takes
-                else:
-                    gen.seed()  # fresh entropy: unseeded requests differ
-            rows.append(_Row(r, self.index[r.profile], gen, Detokenizer(self.tok),
-                             max((len(s) for s in r.stop), default=0), pos=len(r.prompt_ids) - 1))
+        rows = [self._new_row(r) for r in reqs]
         # Each row's prompt tokens sit in consecutive columns ending at the last one: no gap
         # inside a row, so a sliding window measured in cache columns (as transformers' masks
         # measure it) is the window in positions. The prefill computes Smax columns for every
@@ -556,7 +671,11 @@ class Engine:
 
     def _select(self, keep: list[int]) -> None:
         if not keep:
-            self._rows, self._cache, self._attn = [], None, None
+            self._rows, self._cache, self._attn, self._kv = [], None, None, None
+            return
+        if self.layout == "packed":
+            order = self._kv.keep(keep, [row.cols for row in self._rows])
+            self._rows = [self._rows[i] for i in order]
             return
         self._rows = [self._rows[i] for i in keep]
         self._cache, self._attn = _select(self._cache, self._attn, keep)
@@ -565,7 +684,7 @@ class Engine:
         for row in self._rows:
             row.req.emit("error", status, code, message)
             self.metrics.add_tokens(self.name, row.req.profile, len(row.req.prompt_ids), row.n)
-        self._rows, self._cache, self._attn = [], None, None
+        self._rows, self._cache, self._attn, self._kv = [], None, None, None
 
 
 # ----- KV cache surgery (padded batch, left padding) -----

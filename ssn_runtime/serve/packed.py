@@ -1,0 +1,254 @@
+"""Packed batches: one forward per engine step carries every running row's next token and every
+joining row's prompt, laid end to end as one sequence of token rows ([1, T]).
+
+Why: with a padded batch a joining row needs a prefill forward of its own, and every running
+row waits for it (a latency spike per join); and a padded cache grows by a `torch.cat` of every
+layer at every step. Here the MLPs and projections see exactly the T real tokens (no padding),
+the joins ride along with the decode step, and each row owns one slot of a preallocated cache
+that a step writes in place.
+
+How it plugs into transformers: while a `with packed_attention(model):` block is open (refcounted
+per config), the model's attention implementation is "ssn_packed": the sdpa function unchanged
+for every caller, except a thread inside `PackedCache.forward()`, whose attention reads and
+writes the slots. The model's own code computes everything else (norms, rotary embeddings from
+the given position ids, projections, the MLP with its per-token-row variants).
+
+Attention math is the sdpa path's: the same scaling and sliding window (a query at position p
+sees keys at positions p - window < k <= p), and, as transformers' sdpa path, no logit
+soft-capping. A row's tokens sit in its slot at column = position (no gaps), so its mask is its
+length and window. Grouped-query heads share their key head without copies: the query heads of
+one group are stacked on the query axis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+NAME = "ssn_packed"
+BASE = "sdpa"  # the implementation the packed one stands in for (and computes like)
+# Families whose attention modules call `past_key_values.update(k, v, layer_idx)` and then the
+# attention interface with `sliding_window` as their only extra: each is checked against the
+# padded path in tests/test_serve_packed.py.
+MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "phi3",
+                         "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"})
+
+_ACTIVE: contextvars.ContextVar[PackedCache | None] = contextvars.ContextVar("ssn_packed_cache", default=None)
+_LOCK = threading.Lock()
+_INSTALLED: dict[int, int] = {}  # id(config) -> open blocks
+_REGISTERED = False
+
+
+def supported(model) -> str | None:
+    """None when `model` can run packed, else why not."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kind = getattr(cfg, "model_type", None)
+    if kind not in MODEL_TYPES:
+        return f"model type {kind!r} is not among the packed families"
+    impl = cfg._attn_implementation
+    if impl not in (BASE, NAME):
+        return f"attention implementation {impl!r} (packed batches stand in for {BASE!r})"
+    return None
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    cache = _ACTIVE.get()
+    if cache is None:  # every other caller: plain sdpa
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    return cache.attend(module.layer_idx, query, scaling, kwargs.get("sliding_window")), None
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, _attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # other callers' masks: as for sdpa
+    _REGISTERED = True
+
+
+@contextlib.contextmanager
+def packed_attention(model):
+    """Switch `model` to the packed-capable attention for the block (nested and concurrent
+    blocks are counted; the last one out restores sdpa)."""
+    why = supported(model)
+    if why is not None:
+        raise ValueError(f"packed batches are not available: {why}")
+    configs = {id(c): c for c in [model.config, *(getattr(m, "config", None) for m in model.modules())]
+               if c is not None and getattr(c, "_attn_implementation", None) in (BASE, NAME)}
+    with _LOCK:
+        _register()
+        for k, c in configs.items():
+            _INSTALLED[k] = _INSTALLED.get(k, 0) + 1
+            c._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        with _LOCK:
+            for k, c in configs.items():
+                _INSTALLED[k] -= 1
+                if not _INSTALLED[k]:
+                    del _INSTALLED[k]
+                    c._attn_implementation = BASE
+
+
+@dataclass
+class Join:
+    """Prompt tokens of the row in `slot` computed this step: positions start..start+new-1, at
+    token rows off..off+new-1. `kv` (per layer, [1, heads, start, dim]; the prefix cache's
+    copy, first chunk only): copied into columns 0..start-1 first; without it those columns
+    already hold the row's earlier chunks."""
+    slot: int
+    start: int
+    new: int
+    off: int
+    kv: list | None = None
+
+
+class PackedCache:
+    """Per-row keys and values for packed forwards: every row owns a slot; its token at position
+    t sits in column t. Passed as `past_key_values`; the model calls `update` once per layer,
+    and the attention implementation calls `attend`."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._n = 0
+        self._joins: list[Join] = []
+        self._masks: dict = {}
+
+    # transformers asks these of any cache
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @contextlib.contextmanager
+    def forward(self, decode: list[tuple[int, int]], joins: list[Join], used: int):
+        """Scope of one packed forward. Token rows 0..n-1 are the next tokens of the decoding
+        rows `decode` [(slot, tokens it holds so far)]; then each join's tokens. `used`: slots
+        in use (0..used-1); decode attention runs over all of them at once (a row not decoding
+        attends to column 0 only and its output is dropped) so that it reads the cache in place."""
+        slots = [s for s, _ in decode]
+        if len(set(slots + [j.slot for j in joins])) != len(slots) + len(joins) or not 0 < used <= self.slots \
+                or any(not 0 <= s < used for s in slots + [j.slot for j in joins]):
+            raise ValueError("each decoding or joining row needs a slot of its own, below `used`")
+        self._n, self._joins, self._masks, self._used = len(decode), joins, {}, used
+        self._slots = torch.tensor(slots, dtype=torch.long)
+        self._cols = torch.tensor([n for _, n in decode], dtype=torch.long)
+        self._dense = slots == list(range(used))
+        after = torch.ones(used, dtype=torch.long)
+        after[self._slots] = self._cols + 1
+        self._after = after
+        self._dec_width = int(after.max()) if decode else 0
+        self._width = max([self._dec_width] + [j.start + j.new for j in joins])
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+            self._joins = []  # drop the prefix copies
+
+    def _storage(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        kv = self.layers.get(layer)
+        if kv is None or kv[0].shape[2] < self._width:
+            old = kv[0].shape[2] if kv is not None else 0
+            cols = max(self._width, 2 * old, 64)
+            new = tuple(t.new_zeros((self.slots, t.shape[1], cols, t.shape[3])) for t in (key, value))
+            if kv is not None:
+                for dst, src in zip(new, kv, strict=True):
+                    dst[:, :, :old] = src
+            kv = self.layers[layer] = new
+        return kv
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        K, V = self._storage(layer_idx, key, value)
+        n = self._n
+        if n:
+            K[self._slots, :, self._cols] = key[0, :, :n].transpose(0, 1)
+            V[self._slots, :, self._cols] = value[0, :, :n].transpose(0, 1)
+        for j in self._joins:
+            if j.kv is not None:
+                K[j.slot, :, :j.start] = j.kv[layer_idx][0][0]
+                V[j.slot, :, :j.start] = j.kv[layer_idx][1][0]
+            K[j.slot, :, j.start:j.start + j.new] = key[0, :, j.off:j.off + j.new]
+            V[j.slot, :, j.start:j.start + j.new] = value[0, :, j.off:j.off + j.new]
+        return key, value
+
+    def _mask(self, which, window):
+        key = (which, window)
+        m = self._masks.get(key)
+        if m is None:
+            if which == "decode":  # [used, 1, 1, width]: a row's own columns (within its window)
+                cols = torch.arange(self._dec_width)
+                m = cols[None] < self._after[:, None]
+                if window:
+                    m &= cols[None] >= self._after[:, None] - window
+                m = m[:, None, None]
+            else:  # join index: [new, start + new], causal from the first new token's position
+                j = self._joins[which]
+                pos = torch.arange(j.start, j.start + j.new)[:, None]
+                cols = torch.arange(j.start + j.new)[None]
+                m = cols <= pos
+                if window:
+                    m &= cols > pos - window
+            self._masks[key] = m
+        return m
+
+    def attend(self, layer: int, query: torch.Tensor, scaling: float | None, window: int | None) -> torch.Tensor:
+        """Attention of the packed query [1, heads, T, dim] -> [1, T, heads, dim_v]."""
+        K, V = self.layers[layer]
+        Hq, T, D = query.shape[1], query.shape[2], query.shape[3]
+        Hkv, Dv = K.shape[1], V.shape[3]
+        G = Hq // Hkv
+        out = query.new_empty((T, Hq, Dv))
+        n = self._n
+        if n:
+            q = query[0, :, :n].transpose(0, 1).reshape(n, Hkv, G, D)
+            if not self._dense:
+                q = q.new_zeros((self._used, Hkv, G, D)).index_copy_(0, self._slots, q)
+            w, u = self._dec_width, self._used
+            o = F.scaled_dot_product_attention(q, K[:u, :, :w], V[:u, :, :w], attn_mask=self._mask("decode", window),
+                                               scale=scaling)
+            out[:n] = (o if self._dense else o[self._slots]).reshape(n, Hq, Dv)
+        for i, j in enumerate(self._joins):
+            s, w = j.new, j.start + j.new
+            q = query[0, :, j.off:j.off + s].reshape(Hkv, G * s, D)  # head h = group h // G, query g*s + t
+            m = self._mask(i, window).repeat(G, 1)
+            o = F.scaled_dot_product_attention(q, K[j.slot, :, :w], V[j.slot, :, :w], attn_mask=m, scale=scaling)
+            out[j.off:j.off + s] = o.reshape(Hq, s, Dv).transpose(0, 1)
+        return out.unsqueeze(0)
+
+    def keep(self, keep: list[int], lengths: list[int]) -> list[int]:
+        """Drop every slot not in `keep` (ascending; `lengths`: tokens held per current slot).
+        Rows at the tail move into the holes, so slots stay 0..len(keep)-1; returns the new
+        order (new slot i holds old slot order[i]). Vacated columns are zeroed: a finished
+        row's non-finite keys must never reach a later row through a masked column (sdpa's
+        mask does not stop NaN)."""
+        n = len(keep)
+        kept = set(keep)
+        tail = [i for i in keep if i >= n]
+        order = [i if i in kept else tail.pop(0) for i in range(n)]
+        moves = [(i, o) for i, o in enumerate(order) if i != o]
+        for K, V in self.layers.values():
+            for dst, src in moves:  # dst: a dropped slot below n
+                K[dst, :, :lengths[dst]] = 0
+                V[dst, :, :lengths[dst]] = 0
+                K[dst, :, :lengths[src]] = K[src, :, :lengths[src]]
+                V[dst, :, :lengths[src]] = V[src, :, :lengths[src]]
+            for s in range(n, len(lengths)):  # every slot past the new count is vacated (dropped or moved)
+                K[s, :, :lengths[s]] = 0
+                V[s, :, :lengths[s]] = 0
+        return order

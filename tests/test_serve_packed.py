@@ -1,0 +1,220 @@
+"""Packed batches (serve/packed.py): one forward of running rows' next tokens and joining rows'
+prompts computes, for every row, what the row computes alone; the attention switch changes
+nothing for any other caller or thread; slot compaction keeps rows intact and leaves no stale
+non-finite keys behind; the engine's packed and padded layouts give the same answers."""
+
+import queue
+import threading
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ssn_runtime.serve import packed
+from ssn_runtime.serve.engine import Engine, GenRequest
+
+from zoo import MOE_ZOO, ZOO, tiny_model
+
+ARCHS = sorted(a for a in [*ZOO, *MOE_ZOO] if a in packed.MODEL_TYPES)
+# sliding windows shorter than the prompts, so the window really cuts
+SLIDING = {"mistral": 4, "qwen2": 4, "phi3": 4, "qwen3": 4}
+
+
+def _model(arch: str, window: bool):
+    if not window:
+        return tiny_model(arch)
+    extra = {"sliding_window": SLIDING[arch]}
+    if arch in ("qwen2", "qwen3"):
+        extra.update(use_sliding_window=True, max_window_layers=0)
+    cfg = AutoConfig.for_model(arch, **{**ZOO[arch], **extra})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    return model.eval()
+
+
+CASES = [(a, False) for a in ARCHS] + [(a, True) for a in sorted(SLIDING)]
+
+
+@pytest.mark.parametrize("arch,window", CASES, ids=[f"{a}{'-window' if w else ''}" for a, w in CASES])
+@torch.inference_mode()
+def test_packed_steps_equal_each_row_alone(arch, window):
+    model = _model(arch, window)
+    g = torch.Generator().manual_seed(5)
+    seqs = {name: torch.randint(3, 97, (n,), generator=g).tolist() for name, n in (("a", 13), ("b", 5), ("c", 11))}
+    nxt = {name: torch.randint(3, 97, (3,), generator=g).tolist() for name in seqs}
+
+    def alone(ids):  # the row's last logits in a plain forward of the row by itself
+        return model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+    def step(kv, decode, joins, tokens, positions, last, used):
+        with kv.forward(decode, joins, used):
+            out = model(input_ids=torch.tensor([tokens]), attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool),
+                        position_ids=torch.tensor([positions]), past_key_values=kv, use_cache=True)
+        return out.logits[0, last]
+
+    def close(got, ids):
+        torch.testing.assert_close(got, alone(ids), rtol=1e-4, atol=1e-5)
+
+    with packed.packed_attention(model):
+        kv = packed.PackedCache(4)
+        a, b, c = seqs["a"], seqs["b"], seqs["c"]
+        # step 1: rows a and b join together
+        got = step(kv, [], [packed.Join(0, 0, len(a), 0), packed.Join(1, 0, len(b), len(a))], a + b,
+                   [*range(len(a)), *range(len(b))], [len(a) - 1, len(a) + len(b) - 1], 2)
+        close(got[0], a)
+        close(got[1], b)
+        # step 2: a and b decode while c joins with 4 tokens from a prefix cache (its own keys)
+        # (the prefix cache's copies come from packed storage too: a sliding DynamicCache keeps less)
+        pre = packed.PackedCache(1)
+        step(pre, [], [packed.Join(0, 0, 4, 0)], c[:4], [0, 1, 2, 3], [3], 1)
+        prefix = [(k[:1, :, :4].clone(), v[:1, :, :4].clone()) for k, v in pre.layers.values()]
+        tokens = [nxt["a"][0], nxt["b"][0], *c[4:]]
+        got = step(kv, [(0, len(a)), (1, len(b))], [packed.Join(2, 4, len(c) - 4, 2, prefix)], tokens,
+                   [len(a), len(b), *range(4, len(c))], [0, 1, len(tokens) - 1], 3)
+        close(got[0], a + nxt["a"][:1])
+        close(got[1], b + nxt["b"][:1])
+        close(got[2], c)
+        # b leaves: c moves into its slot; a and c decode on
+        order = kv.keep([0, 2], [len(a) + 1, len(b) + 1, len(c)])
+        assert order == [0, 2]
+        got = step(kv, [(0, len(a) + 1), (1, len(c))], [], [nxt["a"][1], nxt["c"][0]], [len(a) + 1, len(c)], [0, 1],
+                   2)
+        close(got[0], a + nxt["a"][:2])
+        close(got[1], c + nxt["c"][:1])
+        # d joins in two chunks while only c decodes (a sits this step out: decode rows need not
+        # be the first slots)
+        d = seqs["b"] + seqs["a"]
+        got = step(kv, [(1, len(c) + 1)], [packed.Join(2, 0, 6, 1)], [nxt["c"][1], *d[:6]],
+                   [len(c) + 1, *range(6)], [0], 3)
+        close(got[0], c + nxt["c"][:2])
+        got = step(kv, [(0, len(a) + 2)], [packed.Join(2, 6, len(d) - 6, 1)], [nxt["a"][2], *d[6:]],
+                   [len(a) + 2, *range(6, len(d))], [0, len(d) - 6], 3)
+        close(got[0], a + nxt["a"][:3])
+        close(got[1], d)
+
+
+def test_the_attention_switch_changes_nothing_for_other_callers_and_is_restored():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 97, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a padded row: the mask must still be built and applied
+    with torch.inference_mode():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        with packed.packed_attention(model):
+            assert model.config._attn_implementation == packed.NAME
+            with packed.packed_attention(model):  # nested blocks count
+                pass
+            assert model.config._attn_implementation == packed.NAME
+            got = {}
+            kv = packed.PackedCache(2)
+            with kv.forward([], [packed.Join(0, 0, 9, 0)], 1):  # this thread is packed; another thread is not
+                t = threading.Thread(target=lambda: got.update(x=model(input_ids=ids, attention_mask=mask).logits))
+                t.start()
+                t.join()
+            assert torch.equal(got["x"], want)
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, want)
+        assert model.config._attn_implementation == "sdpa"
+    assert packed.supported(tiny_model("gpt2")) is not None
+    with pytest.raises(ValueError, match="not available"):
+        with packed.packed_attention(tiny_model("gpt2")):
+            pass
+
+
+def test_keep_moves_tail_rows_into_holes_and_zeroes_what_it_vacates():
+    kv = packed.PackedCache(4)
+    K = torch.arange(1, 5, dtype=torch.float32)[:, None, None, None].expand(4, 2, 6, 3).clone()
+    V = K.clone() + 10
+    K[1, :, :5] = float("nan")  # a failed row's keys
+    kv.layers[0] = (K, V)
+    lengths = [3, 5, 4, 2]
+    order = kv.keep([0, 3], lengths)
+    assert order == [0, 3]
+    assert torch.equal(K[1, :, :2], torch.full((2, 2, 3), 4.0))  # old slot 3 moved into the hole
+    assert torch.equal(V[1, :, :2], torch.full((2, 2, 3), 14.0))
+    assert torch.equal(K[1, :, 2:5], torch.zeros(2, 3, 3))  # the dropped row's columns past the mover: zeroed
+    assert K[:, :, :5].isfinite().all()
+    assert torch.equal(K[2, :, :4], torch.zeros(2, 4, 3)) and torch.equal(K[3, :, :2], torch.zeros(2, 2, 3))
+    assert torch.equal(K[0], torch.ones(2, 6, 3))  # a kept row in place is untouched
+
+
+class _Tok:
+    pad_token_id, eos_token_id = 0, 2
+
+    def __len__(self):
+        return 97
+
+    def decode(self, ids, **kwargs):
+        return " ".join(map(str, ids))
+
+
+def _answers(engine, prompts, n):
+    sinks = []
+    for p in prompts:
+        q = queue.Queue()
+        engine.submit(GenRequest(p, sink=q.put, max_tokens=n, temperature=0, ignore_eos=True))
+        sinks.append(q)
+    out = []
+    for q in sinks:
+        text = []
+        while (ev := q.get(timeout=120))[0] == "delta":
+            text.append(ev[1])
+        assert ev[0] == "done", ev
+        out.append("".join(text))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "qwen2_moe"])
+def test_engine_layouts_agree_while_rows_join_and_leave(arch):
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 3, 12)]
+    got = {}
+    for layout in ("padded", "packed"):  # 6 rows through 4 slots: rows join mid-generation
+        eng = Engine(model, _Tok(), max_batch=4, gather_ms=0, small_batch_gemm="off", layout=layout,
+                     prefix_cache_mb=0).start()
+        try:
+            got[layout] = _answers(eng, prompts, 12)
+        finally:
+            eng.stop()
+    assert got["packed"] == got["padded"]
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_long_prompts_prefill_in_chunks_and_answer_as_alone(tiny_ckpts):
+    """`max_prefill_tokens` 5: every prompt is computed over several steps while other rows
+    decode; masks, patches and the prefix cache apply per token row as in one piece."""
+    from serve_helpers import PROMPTS, Collector, encode, make_profiles, reference
+
+    import ssn_runtime
+    from ssn_runtime import load_model, load_tokenizer
+    from ssn_runtime.core.runtime import Variant
+
+    path = tiny_ckpts["llama"]
+    model, tok = load_model(path), load_tokenizer(path)
+    mask, patch = make_profiles(model)
+    widths = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kw: widths.append(kw["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    profiles = {"base": (None, None), "amp": (mask, None), "tuned": (None, patch), "both": (mask, patch)}
+    with ssn_runtime.attach(model) as h:
+        eng = Engine(model, tok, h, {"amp": mask, "tuned": patch, "both": Variant(mask=mask, patch=patch)},
+                     max_batch=3, gather_ms=0, max_prefill_tokens=5, layout="packed").start()
+        try:
+            jobs = [(PROMPTS[i % len(PROMPTS)], p) for i, p in enumerate(["tuned", "base", "both", "amp", "base"])]
+            jobs.append(jobs[1])  # its prefix is cached by now (or being computed)
+            cols = []
+            for text, profile in jobs:
+                c = Collector()
+                eng.submit(GenRequest(encode(tok, text), profile=profile, max_tokens=7, temperature=0, sink=c))
+                cols.append(c)
+            got = [c.result()[0] for c in cols]
+        finally:
+            eng.stop()
+            hook.remove()
+    assert max(widths) <= 3 + 5 and max(len(encode(tok, t)) for t, _ in jobs) > 2 * 5  # chunks were needed
+    for (text, profile), answer in zip(jobs, got, strict=True):
+        assert answer == reference(path, encode(tok, text), 7, *profiles[profile]), profile
