@@ -218,3 +218,64 @@ def test_long_prompts_prefill_in_chunks_and_answer_as_alone(tiny_ckpts):
     assert max(widths) <= 3 + 5 and max(len(encode(tok, t)) for t, _ in jobs) > 2 * 5  # chunks were needed
     for (text, profile), answer in zip(jobs, got, strict=True):
         assert answer == reference(path, encode(tok, text), 7, *profiles[profile]), profile
+
+
+@torch.inference_mode()
+def test_the_cache_grows_in_slots_and_columns_as_rows_join_and_lengthen():
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 256
+    g = torch.Generator().manual_seed(9)
+    seqs = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (3, 70, 5, 9, 4, 6)]
+    with packed.packed_attention(model):
+        kv = packed.PackedCache(16, max_cols=100)
+        for k, ids in enumerate(seqs):  # one row joins per step while the earlier ones decode
+            decode = [(i, len(seqs[i])) for i in range(k)]
+            extra = torch.randint(3, 97, (k,), generator=g).tolist()
+            tokens = extra + ids
+            with kv.forward(decode, [packed.Join(k, 0, len(ids), k)], k + 1):
+                out = model(input_ids=torch.tensor([tokens]), attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool),
+                            position_ids=torch.tensor([[n for _, n in decode] + list(range(len(ids)))]),
+                            past_key_values=kv, use_cache=True).logits[0]
+            for i in range(k):
+                seqs[i] = seqs[i] + [extra[i]]
+                want = model(input_ids=torch.tensor([seqs[i]])).logits[0, -1]
+                torch.testing.assert_close(out[i], want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out[-1], model(input_ids=torch.tensor([ids])).logits[0, -1], rtol=1e-4,
+                                       atol=1e-5)
+        K = kv.layers[0][0]
+        assert K.shape[0] == 8 and 71 <= K.shape[2] <= 100  # slots 4 -> 8; columns 64 -> capped at max_cols
+
+
+def test_a_failed_join_fails_only_the_joining_rows(tiny_ckpts):
+    """A packed step that raises while it carries a prompt fails the rows that were joining; the
+    decoding rows redo the step and answer as they answer alone."""
+    from serve_helpers import PROMPTS, Collector, encode, reference
+
+    from ssn_runtime import load_model, load_tokenizer
+
+    path = tiny_ckpts["llama"]
+    model, tok = load_model(path), load_tokenizer(path)
+    armed = threading.Event()
+
+    def boom(mod, args, kw):
+        if armed.is_set() and kw["input_ids"].shape[1] > 1:  # a step with prompt tokens in it
+            armed.clear()
+            raise RuntimeError("injected prefill failure")
+
+    hook = model.register_forward_pre_hook(boom, with_kwargs=True)
+    eng = Engine(model, tok, max_batch=4, gather_ms=0, layout="packed").start()
+    try:
+        ids = encode(tok, PROMPTS[0])
+        long, short = Collector(), Collector()
+        eng.submit(GenRequest(ids, max_tokens=30, temperature=0, sink=long))
+        assert long.first.wait(60)  # decoding
+        armed.set()
+        eng.submit(GenRequest(encode(tok, PROMPTS[1]), max_tokens=5, temperature=0, sink=short))
+        err = short.result()
+        assert err[0] == "error" and err[1] == 500 and "injected prefill failure" in err[3], err
+        assert long.result()[0] == reference(path, ids, 30)
+        assert long.finished_at > short.finished_at  # it was decoding through the failed step
+        assert eng.generate(ids, max_tokens=6, temperature=0)[0] == reference(path, ids, 6)  # still serving
+    finally:
+        eng.stop()
+        hook.remove()

@@ -450,7 +450,7 @@ class Engine:
                 row.cached = row.filled
             self._rows.append(row)  # its slot: its index
         if self._kv is None:
-            self._kv = packed.PackedCache(self.max_batch)
+            self._kv = packed.PackedCache(self.max_batch, max_cols=self.context)
         decode = [i for i, row in enumerate(self._rows) if row.filled == len(row.req.prompt_ids)]
         tokens = [self._rows[i].last for i in decode]
         positions = [self._rows[i].pos for i in decode]

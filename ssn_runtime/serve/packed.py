@@ -121,8 +121,8 @@ class PackedCache:
     t sits in column t. Passed as `past_key_values`; the model calls `update` once per layer,
     and the attention implementation calls `attend`."""
 
-    def __init__(self, slots: int):
-        self.slots = slots
+    def __init__(self, slots: int, max_cols: int = 0):
+        self.slots, self.max_cols = slots, max_cols  # max_cols: the context (0: unbounded)
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._n = 0
         self._joins: list[Join] = []
@@ -162,14 +162,20 @@ class PackedCache:
             self._joins = []  # drop the prefix copies
 
     def _storage(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        # Grown on demand, in both slots and columns, at least doubling (so a growing batch or
+        # row copies O(1) times per token): memory follows the rows in use and the longest of
+        # them, not `slots` x the context.
         kv = self.layers.get(layer)
-        if kv is None or kv[0].shape[2] < self._width:
-            old = kv[0].shape[2] if kv is not None else 0
-            cols = max(self._width, 2 * old, 64)
-            new = tuple(t.new_zeros((self.slots, t.shape[1], cols, t.shape[3])) for t in (key, value))
+        rows, cols = (kv[0].shape[0], kv[0].shape[2]) if kv is not None else (0, 0)
+        if kv is None or rows < self._used or cols < self._width:
+            new_rows = rows if rows >= self._used else min(self.slots, max(self._used, 2 * rows, 4))
+            new_cols = cols if cols >= self._width else max(self._width, 2 * cols, 64)
+            if self.max_cols:
+                new_cols = max(self._width, min(new_cols, self.max_cols))
+            new = tuple(t.new_zeros((new_rows, t.shape[1], new_cols, t.shape[3])) for t in (key, value))
             if kv is not None:
                 for dst, src in zip(new, kv, strict=True):
-                    dst[:, :, :old] = src
+                    dst[:rows, :, :cols] = src
             kv = self.layers[layer] = new
         return kv
 
@@ -243,12 +249,16 @@ class PackedCache:
         order = [i if i in kept else tail.pop(0) for i in range(n)]
         moves = [(i, o) for i, o in enumerate(order) if i != o]
         for K, V in self.layers.values():
+            rows = K.shape[0]  # (a row admitted in a step that failed before any layer ran has no slot yet)
             for dst, src in moves:  # dst: a dropped slot below n
+                if dst >= rows:
+                    break  # (moves are in ascending dst: the rest have no slot either)
                 K[dst, :, :lengths[dst]] = 0
                 V[dst, :, :lengths[dst]] = 0
-                K[dst, :, :lengths[src]] = K[src, :, :lengths[src]]
-                V[dst, :, :lengths[src]] = V[src, :, :lengths[src]]
-            for s in range(n, len(lengths)):  # every slot past the new count is vacated (dropped or moved)
+                if src < rows:
+                    K[dst, :, :lengths[src]] = K[src, :, :lengths[src]]
+                    V[dst, :, :lengths[src]] = V[src, :, :lengths[src]]
+            for s in range(n, min(len(lengths), rows)):  # every slot past the new count is vacated (dropped or moved)
                 K[s, :, :lengths[s]] = 0
                 V[s, :, :lengths[s]] = 0
         return order
