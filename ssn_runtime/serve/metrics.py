@@ -111,7 +111,8 @@ class Metrics:
                     ("ssn_time_to_first_token_seconds", self.ttft, "From request arrival to its first token."),
                     ("ssn_inter_token_latency_seconds", self.itl, "Between consecutive tokens of one answer."),
                     ("ssn_batch_size", self.batch, "Rows per decode step."),
-                    ("ssn_prefill_rows", self.prefill_rows, "Rows whose prompt tokens a step computes (a prefill; packed: the joins of a step).")):
+                    ("ssn_prefill_rows", self.prefill_rows,
+                     "Rows whose prompt tokens a step computes (a prefill; packed: a step's joins).")):
                 out += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
                 for e, h in sorted(table.items()):
                     out += h.lines(name, f'engine="{e}"')
