@@ -279,3 +279,17 @@ def test_a_failed_join_fails_only_the_joining_rows(tiny_ckpts):
     finally:
         eng.stop()
         hook.remove()
+
+
+def test_asking_packed_for_a_model_without_it_is_one_error_line(tiny_ckpts):
+    import subprocess
+    import sys
+
+    from serve_helpers import free_port
+
+    r = subprocess.run([sys.executable, "-m", "ssn_runtime", "serve", "--model", str(tiny_ckpts["gpt2"]), "--layout",
+                        "packed", "--port", str(free_port())], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "layout 'packed' is not available" in lines[0] and "gpt2" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr

@@ -49,6 +49,7 @@ import torch
 
 from ..core.small_batch_linear import calibrate as calibrate_small_batch
 from ..core.small_batch_linear import small_batch_linear
+from ..errors import SSNError
 from . import packed
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
@@ -203,7 +204,7 @@ class Engine:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         why = packed.supported(model)
         if layout == "packed" and why is not None:
-            raise ValueError(f"layout 'packed' is not available for this model: {why}")
+            raise SSNError(f"layout 'packed' is not available for this model: {why}")  # (a user's choice: one line)
         self.layout = "packed" if layout == "packed" or (layout == "auto" and why is None) else "padded"
         if variants and handle is None:
             raise ValueError("variants need an attached handle")
