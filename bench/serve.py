@@ -434,6 +434,10 @@ def main(argv=None) -> int:
               f"{sum(mem['patch_bytes_each']) / 2**20:.2f} MiB)")
     srv = ssn_server(model, profiles, args.max_batch)  # every profile
     warm(srv.url, "m", prompts)
+    # what the server chose at start-up (its GEMM form per row count, its KV layout): timed there
+    res["ssn_server_startup"] = [ln for ln in Path(srv.log.name).read_text().splitlines()
+                                 if ln.startswith(("serving ", "small-batch "))]
+    print("\n".join(res["ssn_server_startup"]))
     res["resident_memory_all_profiles"] = rss_bytes(srv.proc.pid)
 
     try:  # srv: the server with every profile
