@@ -114,6 +114,8 @@ BAD_OPTIONS = [
      "invalid choice: 'all'"),  # argparse's own errors are one line too
     (["serve", "--port", "80"], "the following arguments are required: --model"),
     (["serve", "--model", "none", "--small-batch-gemm", "fast"], "invalid choice: 'fast'"),
+    (["serve", "--model", "none", "--layout", "paged"], "invalid choice: 'paged'"),
+    (["serve", "--model", "none", "--max-prefill-tokens", "0"], "max_prefill_tokens: 0 is out of range"),
     (["serve", "--model", "none", "--request-timeout", "0"], "request_timeout: 0.0 is out of range"),
     (["serve", "--model", "none", "--port", "70000"], "port: 70000 is out of range"),
     (["serve", "--model", "none", "--profile", "nopath"], "--profile takes NAME=PATH"),
