@@ -9,6 +9,7 @@
 
 #include "fused_act.h"
 #include "row_patch.h"
+#include "transpose.h"
 
 namespace py = pybind11;
 
@@ -91,6 +92,12 @@ PYBIND11_MODULE(_cpu_kernels, m) {
                             static_cast<const int64_t*>(ptr(index)), cols, static_cast<const float*>(ptr(down)),
                             hidden_size, static_cast<const float*>(ptr(member)), static_cast<float*>(ptr(out)), so,
                             threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "transpose_f32",
+      [](uintptr_t src, int64_t rows, int64_t cols, uintptr_t dst, int threads) {
+        ssn::transpose_f32(static_cast<const float*>(ptr(src)), rows, cols, static_cast<float*>(ptr(dst)), threads);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });

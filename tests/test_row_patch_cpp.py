@@ -90,7 +90,13 @@ def test_bad_arguments_are_refused_before_the_kernel():
         Tables(sel, M, index, N, member, w, down.t().contiguous().t())
     with pytest.raises(ValueError, match=r"\[kinds \* S, H\]"):
         Tables(sel, M, index, N, member, w[:-1], down)
+    with pytest.raises(ValueError, match="columns"):  # halves checked apart must still agree
+        Tables.of(cpp_ops.RowPatchRows(sel, M, member[:, 1:].contiguous()), cpp_ops.RowPatchColumns(index, N, w, down))
+    with pytest.raises(ValueError, match="w or down"):
+        cpp_ops.RowPatchColumns(index, N, None, None)
     t = Tables(sel, M, index, N, member, w, down)
+    joined = Tables.of(cpp_ops.RowPatchRows(sel, M, member), cpp_ops.RowPatchColumns(index, N, w, down))
+    assert all(getattr(joined, k) == getattr(t, k) for k in ("R", "S", "sel_hi", "index_hi", "kinds", "H"))
     out = torch.zeros(M, N)
     with pytest.raises(ValueError, match="hidden"):
         cpp_ops.row_patch_inputs(t, hidden[: M - 1], [out, out.clone()])  # fewer rows than sel reaches

@@ -35,6 +35,27 @@ def test_the_tall_form_is_the_same_product_within_float32_rounding(rows, bias):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (17, 3), (576, 16), (1537, 9), (40000, 16), (5, 0)])
+def test_the_transposing_copy_equals_torchs(shape):
+    from ssn_runtime.core import cpp_ops
+
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0]))
+    want = t.t().contiguous()
+    got = sbl._transposed(t)
+    assert torch.equal(got, want) and got.is_contiguous()
+    if cpp_ops.available("transpose_f32"):  # the C++ copy itself, past the dispatch
+        assert torch.equal(cpp_ops.transpose(t), want)
+        if not t.t().is_contiguous():
+            with pytest.raises(ValueError, match="contiguous 2-D float32"):
+                cpp_ops.transpose(t.t())
+        with pytest.raises(ValueError, match="contiguous 2-D float32"):
+            cpp_ops.transpose(t.double())
+    g = t.clone().requires_grad_()
+    out = sbl._transposed(g)  # autograd records through it: torch's copy
+    out.sum().backward()
+    assert out.grad_fn is not None and torch.equal(g.grad, torch.ones_like(t))
+
+
 def test_taken_for_two_to_max_rows_by_the_thread_inside_the_block_only(monkeypatch):
     calls = []
     real = sbl.linear_tall
@@ -95,8 +116,12 @@ def test_a_module_with_its_own_instance_forward_is_left_alone():
     assert model[0].forward is own and "forward" not in model[2].__dict__
 
 
-def test_calibrate_reports_a_positive_time_ratio_and_one_without_eligible_weights():
+def test_calibrate_reports_a_positive_time_ratio_and_one_without_eligible_weights(tiny_ckpts):
+    from ssn_runtime import load_model
+
     assert calibrate(_model(), repeats=3) > 0
+    lm = load_model(tiny_ckpts["llama"], dtype="float32")
+    assert calibrate(lm, rows=16, repeats=1) > 0  # a whole forward of 16 token rows
     assert calibrate(nn.Sequential(nn.ReLU())) == 1.0
     assert calibrate(_model().double()) == 1.0  # float64 weights keep F.linear
 

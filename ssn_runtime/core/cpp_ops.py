@@ -113,36 +113,80 @@ def fused_act_stats_forward(x: torch.Tensor, up: torch.Tensor | None, act: str, 
 
 
 
-class RowPatchTables:
-    """The fixed arguments of the per-row patch kernels (csrc/row_patch.cpp) for one layer and
-    batch, checked once when the stack is built (not per call): `sel` token rows [R] below
-    `sel_hi`, neuron columns `index` [S] below `index_hi`, `member` [R, S], gate/up rows `w`
-    [kinds * S, H] and down columns as rows `down` [S, H] (either may be None), all contiguous float32
-    (ids int64) CPU tensors. Raises ValueError otherwise."""
+class RowPatchColumns:
+    """One layer's half of the per-row patch kernels' arguments, checked once per layer (the
+    patches' neurons do not change with the batch): neuron columns `index` [S] below
+    `index_hi`, gate/up rows `w` [kinds * S, H] and down columns as rows `down` [S, H] (either
+    may be None), contiguous float32 (ids int64) CPU tensors. Raises ValueError otherwise."""
 
-    def __init__(self, sel, sel_hi: int, index, index_hi: int, member, w, down):
-        R, S = member.shape
-        for name, t, n in (("sel", sel, R), ("index", index, S)):
-            if t.dtype != torch.int64 or t.dim() != 1 or t.numel() != n or not t.is_contiguous() \
-                    or t.device.type != "cpu":
-                raise ValueError(f"row_patch: {name} must be a contiguous int64 CPU tensor of {n} ids")
-        for name, t in (("member", member), ("w", w), ("down", down)):
+    def __init__(self, index, index_hi: int, w, down):
+        if index.dtype != torch.int64 or index.dim() != 1 or not index.is_contiguous() or index.device.type != "cpu":
+            raise ValueError("row_patch: index must be a contiguous int64 CPU tensor of ids")
+        S = index.numel()
+        for name, t in (("w", w), ("down", down)):
             if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
                 raise ValueError(f"row_patch: {name} must be a contiguous float32 CPU tensor")
-        if (R and (int(sel.min()) < 0 or int(sel.max()) >= sel_hi)) or \
-                (S and (int(index.min()) < 0 or int(index.max()) >= index_hi)):
-            raise ValueError("row_patch: a row or column id is outside [0, sel_hi) / [0, index_hi)")
+        if S and (int(index.min()) < 0 or int(index.max()) >= index_hi):
+            raise ValueError("row_patch: a column id is outside [0, index_hi)")
         self.kinds = w.shape[0] // S if w is not None and S else 0
         if w is not None and (w.dim() != 2 or w.shape[0] != self.kinds * S or self.kinds not in (1, 2)):
             raise ValueError("row_patch: w must be [kinds * S, H] with 1 or 2 kinds")
+        if w is None and down is None:
+            raise ValueError("row_patch: w or down is needed")
         self.H = w.shape[1] if w is not None else down.shape[1]
         if down is not None and down.shape != (S, self.H):
             raise ValueError("row_patch: down must be [S, H]")
-        self.R, self.S, self.sel_hi, self.index_hi = R, S, sel_hi, index_hi
-        self._keep = (sel, index, member, w, down)  # the pointers below stay valid while this lives
-        self.sel, self.index, self.member = sel.data_ptr(), index.data_ptr(), member.data_ptr()
+        self.S, self.index_hi = S, index_hi
+        self._keep = (index, w, down)  # the pointers below stay valid while this lives
+        self.index = index.data_ptr()
         self.w = w.data_ptr() if w is not None else 0
         self.down = down.data_ptr() if down is not None else 0
+
+
+class RowPatchRows:
+    """One batch's half, checked once per batch and patch layout (shared by the layers with
+    that layout): token rows `sel` [R] below `sel_hi` and `member` [R, S], contiguous
+    (int64 ids, float32) CPU tensors. Raises ValueError otherwise."""
+
+    def __init__(self, sel, sel_hi: int, member):
+        if member.dtype != torch.float32 or member.device.type != "cpu" or not member.is_contiguous() \
+                or member.dim() != 2:
+            raise ValueError("row_patch: member must be a contiguous 2-D float32 CPU tensor")
+        R, self.S = member.shape
+        if sel.dtype != torch.int64 or sel.dim() != 1 or sel.numel() != R or not sel.is_contiguous() \
+                or sel.device.type != "cpu":
+            raise ValueError(f"row_patch: sel must be a contiguous int64 CPU tensor of {R} ids")
+        if R and (int(sel.min()) < 0 or int(sel.max()) >= sel_hi):
+            raise ValueError("row_patch: a row id is outside [0, sel_hi)")
+        self.R, self.sel_hi = R, sel_hi
+        self._keep = (sel, member)
+        self.sel, self.member = sel.data_ptr(), member.data_ptr()
+
+
+class RowPatchTables:
+    """The fixed arguments of the per-row patch kernels (csrc/row_patch.cpp) for one layer and
+    batch: the checked halves of `RowPatchRows` (sel [R] below `sel_hi`, member [R, S]) and
+    `RowPatchColumns` (index [S] below `index_hi`, w [kinds * S, H], down [S, H]); see `of`
+    to join halves checked earlier. Raises ValueError on any bad argument."""
+
+    def __init__(self, sel, sel_hi: int, index, index_hi: int, member, w, down):
+        if index.dim() != 1 or member.dim() != 2 or index.numel() != member.shape[1]:
+            raise ValueError(f"row_patch: index must be a contiguous int64 CPU tensor of {member.shape[-1]} ids")
+        self._join(RowPatchRows(sel, sel_hi, member), RowPatchColumns(index, index_hi, w, down))
+
+    @classmethod
+    def of(cls, rows: RowPatchRows, cols: RowPatchColumns) -> RowPatchTables:
+        t = cls.__new__(cls)
+        t._join(rows, cols)
+        return t
+
+    def _join(self, rows: RowPatchRows, cols: RowPatchColumns) -> None:
+        if rows.S != cols.S:
+            raise ValueError(f"row_patch: member has {rows.S} columns for {cols.S} neurons")
+        self._halves = (rows, cols)  # (keeps their tensors, so the pointers stay valid)
+        self.R, self.S, self.sel_hi, self.index_hi = rows.R, cols.S, rows.sel_hi, cols.index_hi
+        self.kinds, self.H = cols.kinds, cols.H
+        self.sel, self.member, self.index, self.w, self.down = rows.sel, rows.member, cols.index, cols.w, cols.down
 
 
 def _rows_ok(t: torch.Tensor, rows: int, cols: int) -> bool:
@@ -176,3 +220,14 @@ def row_patch_down(tables: RowPatchTables, act: torch.Tensor, out: torch.Tensor)
     if t.R and t.S:
         _ext.row_patch_down(act.data_ptr(), act.stride(0), t.sel, t.R, t.index, t.S, t.down, t.H, t.member,
                             out.data_ptr(), out.stride(0), torch.get_num_threads())
+
+
+def transpose(src: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `src.t()` for a contiguous 2-D float32 CPU tensor (csrc/transpose.cpp)."""
+    if src.dim() != 2 or src.dtype != torch.float32 or src.device.type != "cpu" or not src.is_contiguous():
+        raise ValueError("transpose: src must be a contiguous 2-D float32 CPU tensor")
+    rows, cols = src.shape
+    dst = torch.empty((cols, rows), dtype=src.dtype)
+    if src.numel():
+        _ext.transpose_f32(src.data_ptr(), rows, cols, dst.data_ptr(), torch.get_num_threads())
+    return dst

@@ -681,31 +681,44 @@ def _row_patch_stack(state: Intervention, site: NeuronSite, token_rows: int, dev
     held = state.cache.get(key)
     if held is not None and held[0] == stamp:
         return held[1]
-    # built outside inference mode: the tables outlive this forward
-    with torch.inference_mode(False), torch.no_grad():
-        parts = vs.current(("row_patch_parts", site.layer, site.num_neurons, device), stamp,
-                           lambda: _stack_patches(vs, site, device))
+    parts = vs.current(("row_patch_parts", site.layer, site.num_neurons, device), stamp,
+                       _outside_inference(lambda: _stack_patches(vs, site, device)))
     if parts is None:  # no patch changes this layer
         state.cache[key] = (stamp, None)
         return None
     index, owner, layout, kinds, inputs, down, index_hi = parts
+    native = _ROW_PATCH_CPP and all(t is None or _f32_cpu(t) for t in (inputs, down))
     # which rows use which column: the same for every layer whose patches have the same layout
     rows_key = ("row_patch_rows", layout, token_rows, device)
     if rows_key not in state.cache:
         ids = state.row_ids(token_rows, device)
         sel = torch.isin(ids, torch.tensor([v for v, _ in layout], device=device)).nonzero().flatten()
         dtype = (inputs if inputs is not None else down).dtype
-        state.cache[rows_key] = sel, (ids.index_select(0, sel).unsqueeze(1) == owner.unsqueeze(0)).to(dtype)
-    sel, member = state.cache[rows_key]
+        member = (ids.index_select(0, sel).unsqueeze(1) == owner.unsqueeze(0)).to(dtype)
+        # the C++ kernels' checks of the batch's half: once per batch and layout, not per layer
+        rows = cpp_ops.RowPatchRows(sel, token_rows, member) if native and sel.numel() and _f32_cpu(member) else None
+        state.cache[rows_key] = sel, member, rows
+    sel, member, rows = state.cache[rows_key]
     if not sel.numel():
         stack = None
     else:
         tables = None
-        if _ROW_PATCH_CPP and all(t is None or _f32_cpu(t) for t in (inputs, down, member)):
-            tables = cpp_ops.RowPatchTables(sel, token_rows, index, index_hi, member, inputs, down)
+        if rows is not None:  # the layer's half: checked once while its patches stay the same
+            cols = vs.current(("row_patch_cols", site.layer, site.num_neurons, device), stamp,
+                              _outside_inference(lambda: cpp_ops.RowPatchColumns(index, index_hi, inputs, down)))
+            tables = cpp_ops.RowPatchTables.of(rows, cols)
         stack = _RowPatchStack(index, kinds, inputs, down, sel, member, index_hi, token_rows, tables)
     state.cache[key] = (stamp, stack)
     return stack
+
+
+def _outside_inference(build):
+    """`build` run outside inference mode when called: tables that outlive this forward (the
+    mode switch is paid on a build only, not on every layer of every step that finds them)."""
+    def run():
+        with torch.inference_mode(False), torch.no_grad():
+            return build()
+    return run
 
 
 def _stack_patches(vs: _Variants, site: NeuronSite, device):

@@ -57,13 +57,14 @@ from .prefix_cache import PrefixCache
 SMALL_BATCH_GEMM = ("auto", "on", "off")
 LAYOUTS = ("auto", "packed", "padded")
 _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # packed forwards: a "prepared" mask nobody reads
-# "auto" times the tall form against F.linear at each row count of this ladder, in order, and
-# takes it up to the paired count while it keeps winning by the step's margin. The first step
-# needs a clear margin (calibration is a short timing on a possibly busy machine): at 4 rows the
-# tall form took 0.5-0.65x F.linear's time on SmolLM2. Once it has shown that this BLAS favors
-# the tall form, a smaller gain counts: at 16 rows it timed 0.87-0.92x per weight shape and
-# 0.90x for a whole forward, and a 16-client in-process load ran 104-109 tok/s with it up to
-# 64 rows against 92 with it up to 8; at 64 rows it timed 0.96-1.05x, usually no step.
+# "auto" times a whole forward with the tall form against F.linear at each row count of this
+# ladder, in order, and takes it up to the paired count while it keeps winning by the step's
+# margin. The first step needs a clear margin (calibration is a short timing on a possibly busy
+# machine): at 4 rows the tall form took 0.56-0.62x F.linear's time on SmolLM2. Once it has shown
+# that this BLAS favors the tall form, a smaller gain counts: at 16 rows a forward timed
+# 0.78-0.87x, and a 16-client in-process load ran 104-109 tok/s with it up to 64 rows against 92
+# with it up to 8; at 64 rows it timed 0.85-1.07x. (Timing each weight shape alone, as this did
+# before, read 0.77-1.01x at 16 rows, so a server sometimes stopped at 8 rows.)
 # "on": up to SMALL_BATCH_ROWS regardless.
 CALIBRATION = ((4, 8, 0.85), (16, 16, 0.95), (64, 64, 0.95))  # (rows timed, up to, the ratio it must beat)
 SMALL_BATCH_ROWS = 64
