@@ -18,7 +18,7 @@ def _model(bias: bool = True) -> nn.Module:
     return nn.Sequential(nn.Linear(37, 53, bias=bias), nn.ReLU(), nn.Linear(53, 97, bias=False))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 33])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 13, 16, 33])
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_tall_form_is_the_same_product_within_float32_rounding(rows, bias):
     g = torch.Generator().manual_seed(rows)
@@ -33,6 +33,14 @@ def test_the_tall_form_is_the_same_product_within_float32_rounding(rows, bias):
     with small_batch_linear(model):
         got = model(x.view(1, rows, 37))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_are_padded_to_counts_the_blas_runs_fast():
+    for rows in range(1, 130):
+        p = sbl.padded_rows(rows)
+        assert rows <= p < rows + 16
+        assert p == rows if rows <= 2 else p % 4 == 0 if rows <= 8 else p % 16 == 0
+    assert [sbl.padded_rows(r) for r in (3, 5, 9, 13, 16, 17, 31, 33)] == [4, 8, 16, 16, 16, 32, 32, 48]
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 17), (17, 3), (576, 16), (1537, 9), (40000, 16), (5, 0)])
