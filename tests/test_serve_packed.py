@@ -39,9 +39,13 @@ def _model(arch: str, window: bool):
 CASES = [(a, False) for a in ARCHS] + [(a, True) for a in sorted(SLIDING)]
 
 
+@pytest.mark.parametrize("group_tokens", [64, 5], ids=["joins-attend-together", "long-joins-alone"])
 @pytest.mark.parametrize("arch,window", CASES, ids=[f"{a}{'-window' if w else ''}" for a, w in CASES])
 @torch.inference_mode()
-def test_packed_steps_equal_each_row_alone(arch, window):
+def test_packed_steps_equal_each_row_alone(arch, window, group_tokens, monkeypatch):
+    """Joins of up to `GROUP_TOKENS` tokens attend in one call (queries padded to the longest);
+    at 5, step 1 has one join in each kind."""
+    monkeypatch.setattr(packed, "GROUP_TOKENS", group_tokens)
     model = _model(arch, window)
     g = torch.Generator().manual_seed(5)
     seqs = {name: torch.randint(3, 97, (n,), generator=g).tolist() for name, n in (("a", 13), ("b", 5), ("c", 11))}

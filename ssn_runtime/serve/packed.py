@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "ssn_packed"
+GROUP_TOKENS = 64  # joins computing at most this many prompt tokens in a step attend in one call
 BASE = "sdpa"  # the implementation the packed one stands in for (and computes like)
 # Families whose attention modules call `past_key_values.update(k, v, layer_idx)` and then the
 # attention interface with `sliding_window` as their only extra: each is checked against the
@@ -154,12 +155,21 @@ class PackedCache:
         self._after = after
         self._dec_width = int(after.max()) if decode else 0
         self._width = max([self._dec_width] + [j.start + j.new for j in joins])
+        # every token row's (slot, column): the step's keys and values land in one write per layer
+        self._tok_slot = torch.tensor(slots + [j.slot for j in joins for _ in range(j.new)], dtype=torch.long)
+        self._tok_col = torch.tensor([n for _, n in decode] + [c for j in joins for c in range(j.start, j.start + j.new)],
+                                     dtype=torch.long)
+        self._tok_rows = len(slots) + sum(j.new for j in joins)
+        # short chunks attend together (one call per layer, queries padded to the longest); a long
+        # one alone, so that a 512-token chunk does not pad every other join to 512 queries
+        short = [i for i, j in enumerate(joins) if j.new <= GROUP_TOKENS]
+        self._groups = ([short] if short else []) + [[i] for i, j in enumerate(joins) if j.new > GROUP_TOKENS]
         token = _ACTIVE.set(self)
         try:
             yield self
         finally:
             _ACTIVE.reset(token)
-            self._joins = []  # drop the prefix copies
+            self._joins, self._groups = [], []  # drop the prefix copies
 
     def _storage(self, layer: int, key: torch.Tensor, value: torch.Tensor):
         # Grown on demand, in both slots and columns, at least doubling (so a growing batch or
@@ -181,16 +191,15 @@ class PackedCache:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         K, V = self._storage(layer_idx, key, value)
-        n = self._n
-        if n:
-            K[self._slots, :, self._cols] = key[0, :, :n].transpose(0, 1)
-            V[self._slots, :, self._cols] = value[0, :, :n].transpose(0, 1)
         for j in self._joins:
-            if j.kv is not None:
+            if j.kv is not None:  # the cached prefix, below the chunk's columns
                 K[j.slot, :, :j.start] = j.kv[layer_idx][0][0]
                 V[j.slot, :, :j.start] = j.kv[layer_idx][1][0]
-            K[j.slot, :, j.start:j.start + j.new] = key[0, :, j.off:j.off + j.new]
-            V[j.slot, :, j.start:j.start + j.new] = value[0, :, j.off:j.off + j.new]
+        if key.shape[2] != self._tok_rows:
+            raise ValueError(f"the forward has {key.shape[2]} token rows; the step planned {self._tok_rows}")
+        if self._tok_rows:
+            K[self._tok_slot, :, self._tok_col] = key[0].transpose(0, 1)
+            V[self._tok_slot, :, self._tok_col] = value[0].transpose(0, 1)
         return key, value
 
     def _mask(self, which, window):
@@ -203,13 +212,17 @@ class PackedCache:
                 if window:
                     m &= cols[None] >= self._after[:, None] - window
                 m = m[:, None, None]
-            else:  # join index: [new, start + new], causal from the first new token's position
-                j = self._joins[which]
-                pos = torch.arange(j.start, j.start + j.new)[:, None]
-                cols = torch.arange(j.start + j.new)[None]
+            else:  # a group of joins (indices): [J, 1, S, W], causal from each chunk's first position
+                js = [self._joins[i] for i in which]
+                S, W = max(j.new for j in js), max(j.start + j.new for j in js)
+                t = torch.arange(S)[None, :, None]
+                pos = torch.tensor([j.start for j in js])[:, None, None] + t
+                cols = torch.arange(W)[None, None]
                 m = cols <= pos
                 if window:
                     m &= cols > pos - window
+                # a padding query (t >= the chunk's length) sees column 0 only: finite, and dropped
+                m = torch.where(t >= torch.tensor([j.new for j in js])[:, None, None], cols == 0, m)[:, None]
             self._masks[key] = m
         return m
 
@@ -229,12 +242,19 @@ class PackedCache:
             o = F.scaled_dot_product_attention(q, K[:u, :, :w], V[:u, :, :w], attn_mask=self._mask("decode", window),
                                                scale=scaling)
             out[:n] = (o if self._dense else o[self._slots]).reshape(n, Hq, Dv)
-        for i, j in enumerate(self._joins):
-            s, w = j.new, j.start + j.new
-            q = query[0, :, j.off:j.off + s].reshape(Hkv, G * s, D)  # head h = group h // G, query g*s + t
-            m = self._mask(i, window).repeat(G, 1)
-            o = F.scaled_dot_product_attention(q, K[j.slot, :, :w], V[j.slot, :, :w], attn_mask=m, scale=scaling)
-            out[j.off:j.off + s] = o.reshape(Hq, s, Dv).transpose(0, 1)
+        for group in self._groups:
+            js = [self._joins[i] for i in group]
+            J, S, W = len(js), max(j.new for j in js), max(j.start + j.new for j in js)
+            # token rows of each chunk, padded with its last (its output is dropped)
+            rows = torch.tensor([j.off + min(t, j.new - 1) for j in js for t in range(S)])
+            q = query[0].index_select(1, rows).view(Hq, J, S, D).transpose(0, 1).reshape(J, Hkv, G * S, D)
+            slots = torch.tensor([j.slot for j in js])
+            k, v = K.index_select(0, slots)[:, :, :W], V.index_select(0, slots)[:, :, :W]
+            m = self._mask(tuple(group), window).repeat(1, 1, G, 1)  # head group g: queries g*S..g*S+S-1
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling)  # [J, Hkv, G*S, Dv]
+            o = o.view(J, Hq, S, Dv).transpose(1, 2)  # [J, S, Hq, Dv]
+            for i, j in enumerate(js):
+                out[j.off:j.off + j.new] = o[i, :j.new]
         return out.unsqueeze(0)
 
     def keep(self, keep: list[int], lengths: list[int]) -> list[int]:
