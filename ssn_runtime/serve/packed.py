@@ -157,8 +157,8 @@ class PackedCache:
         self._width = max([self._dec_width] + [j.start + j.new for j in joins])
         # every token row's (slot, column): the step's keys and values land in one write per layer
         self._tok_slot = torch.tensor(slots + [j.slot for j in joins for _ in range(j.new)], dtype=torch.long)
-        self._tok_col = torch.tensor([n for _, n in decode] + [c for j in joins for c in range(j.start, j.start + j.new)],
-                                     dtype=torch.long)
+        cols = [n for _, n in decode] + [c for j in joins for c in range(j.start, j.start + j.new)]
+        self._tok_col = torch.tensor(cols, dtype=torch.long)
         self._tok_rows = len(slots) + sum(j.new for j in joins)
         # short chunks attend together (one call per layer, queries padded to the longest); a long
         # one alone, so that a 512-token chunk does not pad every other join to 512 queries
