@@ -163,13 +163,22 @@ class PackedCache:
         # short chunks attend together (one call per layer, queries padded to the longest); a long
         # one alone, so that a 512-token chunk does not pad every other join to 512 queries
         short = [i for i, j in enumerate(joins) if j.new <= GROUP_TOKENS]
-        self._groups = ([short] if short else []) + [[i] for i, j in enumerate(joins) if j.new > GROUP_TOKENS]
+        groups = ([short] if short else []) + [[i] for i, j in enumerate(joins) if j.new > GROUP_TOKENS]
+        self._groups = [self._group(g) for g in groups]  # the same for every layer: built once per step
         token = _ACTIVE.set(self)
         try:
             yield self
         finally:
             _ACTIVE.reset(token)
             self._joins, self._groups = [], []  # drop the prefix copies
+
+    def _group(self, group: list[int]) -> tuple:
+        """(join indices, token rows of each chunk padded with its last [J * S] (a padding query's
+        output is dropped), their slots [J], S: the longest chunk, W: the widest row)."""
+        js = [self._joins[i] for i in group]
+        S, W = max(j.new for j in js), max(j.start + j.new for j in js)
+        rows = torch.tensor([j.off + min(t, j.new - 1) for j in js for t in range(S)])
+        return tuple(group), rows, torch.tensor([j.slot for j in js]), S, W
 
     def _storage(self, layer: int, key: torch.Tensor, value: torch.Tensor):
         # Grown on demand, in both slots and columns, at least doubling (so a growing batch or
@@ -242,15 +251,12 @@ class PackedCache:
             o = F.scaled_dot_product_attention(q, K[:u, :, :w], V[:u, :, :w], attn_mask=self._mask("decode", window),
                                                scale=scaling)
             out[:n] = (o if self._dense else o[self._slots]).reshape(n, Hq, Dv)
-        for group in self._groups:
+        for group, rows, slots, S, W in self._groups:
             js = [self._joins[i] for i in group]
-            J, S, W = len(js), max(j.new for j in js), max(j.start + j.new for j in js)
-            # token rows of each chunk, padded with its last (its output is dropped)
-            rows = torch.tensor([j.off + min(t, j.new - 1) for j in js for t in range(S)])
+            J = len(js)
             q = query[0].index_select(1, rows).view(Hq, J, S, D).transpose(0, 1).reshape(J, Hkv, G * S, D)
-            slots = torch.tensor([j.slot for j in js])
             k, v = K.index_select(0, slots)[:, :, :W], V.index_select(0, slots)[:, :, :W]
-            m = self._mask(tuple(group), window).repeat(1, 1, G, 1)  # head group g: queries g*S..g*S+S-1
+            m = self._mask(group, window).repeat(1, 1, G, 1)  # head group g: queries g*S..g*S+S-1
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling)  # [J, Hkv, G*S, Dv]
             o = o.view(J, Hq, S, Dv).transpose(1, 2)  # [J, S, Hq, Dv]
             for i, j in enumerate(js):
