@@ -95,7 +95,11 @@ def _serve(d: dict) -> str:
         parts.append(f"{length} lengths: tokens/s 16 clients / 1 {_x(s.get('scaling_16_over_1'))}{more}, mixed "
                      f"profiles (2 masks + 2 patches) / base {_x(s.get('mixed_over_base_16'))} (zero-cost control "
                      f"{_x(s.get('control_over_base_16'))}), p95 inter-token latency 16 / 1 "
-                     f"{_x(s.get('itl_p95_16_over_1'))}")
+                     f"{_x(s.get('itl_p95_16_over_1'))}"
+                     + (f", mixed answers' length / base {_x(s['mixed_over_base_answer_tokens_16'])}"
+                        if s.get("mixed_over_base_answer_tokens_16") else "")
+                     + (f", the load generator's own CPU at 16 clients {s['load_client_cores_16']:.2f} cores"
+                        if s.get("load_client_cores_16") is not None else ""))
     mem = d.get("resident_memory", {}).get("two_patches_over_base")
     engines = d.get("engines") or {}
     eng = ", ".join(f"{k} {v['tokens_per_s']:.0f} tok/s" for k, v in engines.items() if isinstance(v, dict)

@@ -28,6 +28,7 @@ with two patch profiles <= 1.05x base-only.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -35,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -98,82 +98,135 @@ def pct(values: list[float], q: float):
     return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
 
 
+async def _stream(conn: list, host: str, port: int, path: str, body: bytes):
+    """POST `body` over the client's kept-alive connection (`conn`: [reader, writer] or []) and
+    yield each server-sent event's data as it arrives; raises ValueError(status and body) on a
+    non-200 answer. HTTP/1.1 by hand (chunked or sized bodies) on asyncio streams: the load
+    generator shares the 2 cores with the server it measures, so it must cost little (16
+    httpx client threads took 0.4 of a core at 16 clients, and a thread that waited for the
+    GIL stamped its tokens late, which widened the inter-token figures)."""
+    if not conn:
+        conn.extend(await asyncio.open_connection(host, port))
+    reader, writer = conn
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                 f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    status = int((await reader.readline()).split()[1])
+    headers = {}
+    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        k, _, v = line.decode("latin-1").partition(":")
+        headers[k.strip().lower()] = v.strip().lower()
+    if headers.get("connection") == "close":
+        conn.clear()  # the server closes it after this answer: the next request opens another
+    if status != 200 or "chunked" not in headers.get("transfer-encoding", ""):
+        data = await reader.readexactly(int(headers.get("content-length", "0")))
+        if status != 200:
+            raise ValueError(f"{status}: {data[:200]!r}")
+        chunks = [data]
+    else:
+        chunks = None
+    buf = b""
+    while True:
+        if chunks is None:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                data = None
+            else:
+                data = await reader.readexactly(size)
+                await reader.readexactly(2)
+        else:
+            data = chunks.pop() if chunks else None
+        if data is None:
+            return
+        buf += data
+        while (cut := buf.find(b"\n\n")) >= 0:
+            event, buf = buf[:cut], buf[cut + 2:]
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    yield line[5:].strip()
+
+
 def load(url: str, clients: int, models: list[str], prompts: list[str], seconds: float, max_tokens: int,
-         ignore_eos: bool, extra: dict | None = None, warmup: float = 0.0) -> dict:
-    """Closed loop: `clients` threads each stream requests back to back for `seconds`.
+         ignore_eos: bool, extra: dict | None = None, warmup: float = 0.0, pid: int | None = None) -> dict:
+    """Closed loop: `clients` streaming clients each send requests back to back for `seconds`
+    (one asyncio loop in this process, a kept-alive connection per client).
 
     Steady state is what a serving figure describes, so the rates, inter-token latencies and
     times to first token count only what happens inside the window [start + `warmup`, end]:
     not the ramp (every client's first prefill at once) nor the drain (the answers still
     running when the clients stop asking, which leaves a few rows decoding alone). A request
     that straddles an edge counts the share of its tokens streamed inside. The whole-run
-    figures (ramp and drain included, as earlier runs reported) are kept beside them."""
-    start = time.perf_counter()
-    open_at, stop_at = start + warmup, start + seconds
+    figures (ramp and drain included, as earlier runs reported) are kept beside them.
+    The CPU seconds this client used (and the server's, given its `pid`) are reported too: on
+    a 2-core machine they are the measurement's own cost."""
+    host, _, port = url.removeprefix("http://").partition(":")
     ttft, itl, lat, toks, errors = [], [], [], [], []
     in_window = [0.0]
-    lock = threading.Lock()
 
-    def worker(i):
-        k = 0
-        with httpx.Client(timeout=300) as c:
-            while time.perf_counter() < stop_at:
-                body = {"model": models[(i + k) % len(models)], "max_tokens": max_tokens, "temperature": 0,
-                        "stream": True, "stream_options": {"include_usage": True},
-                        "messages": [{"role": "user", "content": prompts[(i * 7 + k) % len(prompts)]}], **(extra or {})}
-                if ignore_eos:
-                    body["ignore_eos"] = True
-                k += 1
-                t0 = time.perf_counter()
-                first, last, gaps, chunks, usage, err = None, None, [], 0, None, None
-                inside = 0  # content chunks streamed inside the window
-                try:
-                    with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
-                        if r.status_code != 200:
-                            err = f"{r.status_code}: {r.read()[:200]!r}"
-                        else:
-                            for line in r.iter_lines():
-                                if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                                    continue
-                                ev = json.loads(line[5:])
-                                if "error" in ev:
-                                    err = str(ev["error"])[:200]
-                                    break
-                                if ev.get("usage"):
-                                    usage = ev["usage"]["completion_tokens"]
-                                for ch in ev.get("choices") or []:
-                                    if (ch.get("delta") or {}).get("content"):
-                                        now = time.perf_counter()
-                                        counted = open_at <= now <= stop_at
-                                        if first is None:
-                                            first = now
-                                        elif counted:
-                                            gaps.append(now - last)
-                                        last = now
-                                        chunks += 1
-                                        inside += counted
-                except httpx.HTTPError as exc:
-                    err = f"{type(exc).__name__}: {exc}"
-                done = time.perf_counter()
-                with lock:
-                    if err is not None:
-                        errors.append(err)
-                        continue
-                    lat.append(done - t0)
-                    n = usage if usage is not None else chunks
-                    toks.append(n)
-                    if chunks:  # a chunk may carry more than one token: the usage is shared out
-                        in_window[0] += n * inside / chunks
-                    if first is not None and open_at <= t0 <= stop_at:
-                        ttft.append(first - t0)
-                    itl.extend(gaps)
+    async def client(i: int, open_at: float, stop_at: float) -> None:
+        k, conn = 0, []
+        while time.perf_counter() < stop_at:
+            body = {"model": models[(i + k) % len(models)], "max_tokens": max_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True},
+                    "messages": [{"role": "user", "content": prompts[(i * 7 + k) % len(prompts)]}], **(extra or {})}
+            if ignore_eos:
+                body["ignore_eos"] = True
+            k += 1
+            t0 = time.perf_counter()
+            first, last, gaps, chunks, usage, err = None, None, [], 0, None, None
+            inside = 0  # content chunks streamed inside the window
+            try:
+                async with asyncio.timeout(300):
+                    async for data in _stream(conn, host, int(port), "/v1/chat/completions",
+                                              json.dumps(body).encode()):
+                        if data == b"[DONE]":
+                            continue
+                        ev = json.loads(data)
+                        if "error" in ev:
+                            err = str(ev["error"])[:200]
+                            continue  # read to the end of the answer: the connection is reused
+                        if ev.get("usage"):
+                            usage = ev["usage"]["completion_tokens"]
+                        for ch in ev.get("choices") or []:
+                            if (ch.get("delta") or {}).get("content"):
+                                now = time.perf_counter()
+                                counted = open_at <= now <= stop_at
+                                if first is None:
+                                    first = now
+                                elif counted:
+                                    gaps.append(now - last)
+                                last = now
+                                chunks += 1
+                                inside += counted
+            except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                err = f"{type(exc).__name__}: {exc}"
+                if conn:
+                    conn[1].close()
+                    conn.clear()
+            done = time.perf_counter()
+            if err is not None:
+                errors.append(err)
+                continue
+            lat.append(done - t0)
+            n = usage if usage is not None else chunks
+            toks.append(n)
+            if chunks:  # a chunk may carry more than one token: the usage is shared out
+                in_window[0] += n * inside / chunks
+            if first is not None and open_at <= t0 <= stop_at:
+                ttft.append(first - t0)
+            itl.extend(gaps)
+        if conn:
+            conn[1].close()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    async def run_all() -> None:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i, start + warmup, start + seconds) for i in range(clients)))
+
+    cpu0, srv0, start = time.process_time(), _cpu_seconds(pid), time.perf_counter()
+    asyncio.run(run_all())
+    wall, cpu1, srv1 = time.perf_counter() - start, time.process_time(), _cpu_seconds(pid)
     return {"clients": clients, "requests": len(lat), "errors": len(errors), "error_sample": errors[:2],
             "warmup_s": warmup, "window_s": seconds - warmup, "window_tokens": in_window[0],
             "tokens_per_s": in_window[0] / (seconds - warmup),
@@ -181,7 +234,16 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
             "mean_answer_tokens": statistics.mean(toks) if toks else None,
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95), "ttft_p99_s": pct(ttft, 0.99),
             "itl_p50_s": pct(itl, 0.5), "itl_p95_s": pct(itl, 0.95), "itl_p99_s": pct(itl, 0.99),
-            "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95)}
+            "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95),
+            "client_cpu_s": cpu1 - cpu0, "server_cpu_s": srv1 - srv0 if pid is not None else None}
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process `pid` so far (0 without one)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ----- profiles -----
@@ -449,14 +511,15 @@ def main(argv=None) -> int:
         # A discarded run first, every profile at the most clients: the first measured setting
         # otherwise ran up to a third slower than its repeat (a cold server: allocator, caches,
         # the profiles' first tables), which inflated every ratio over one client.
-        load(srv.url, clients[-1], mixes["mixed"], prompts, args.seconds, args.max_tokens, False, warmup=0.0)
+        load(srv.url, clients[-1], mixes["mixed"], prompts, args.seconds, args.max_tokens, False, warmup=0.0,
+             pid=srv.proc.pid)
         res["discarded_warmup_run"] = {"clients": clients[-1], "mix": "mixed", "seconds": args.seconds}
         for length in lengths:
             for c in clients:
                 for r in range(args.rounds):
                     for mix in order[r % len(order):] + order[:r % len(order)]:  # each mix leads a round in turn
                         run = load(srv.url, c, mixes[mix], prompts, args.seconds, args.max_tokens,
-                                   length == "ignore_eos", warmup=args.warmup)
+                                   length == "ignore_eos", warmup=args.warmup, pid=srv.proc.pid)
                         res["runs"].append({"server": "ssn", "mix": mix, "lengths": length, "round": r, **run})
                         show("ssn", mix, length, run)
     finally:
@@ -486,7 +549,7 @@ def main(argv=None) -> int:
                 warm(srv.url, served, prompts)
                 for c in clients:
                     run = load(srv.url, c, [served], prompts, args.seconds, args.max_tokens, False,
-                               warmup=args.warmup)
+                               warmup=args.warmup, pid=srv.proc.pid)
                     res["runs"].append({"server": name, "mix": "base", "lengths": "natural", "round": 0, **run})
                     show(name, "base", "natural", run)
             finally:
@@ -531,6 +594,13 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
         s = {f"scaling_{hi}_over_{lo}": base_hi / base_lo if base_hi else None,
              f"mixed_over_base_{hi}": (med("ssn", "mixed", length, hi) or 0) / base_hi if base_hi else None,
              f"control_over_base_{hi}": (med("ssn", "control", length, hi) or 0) / base_hi if base_hi else None}
+        # tokens/s = requests/s x tokens per answer: with natural lengths the profiles answer at
+        # different lengths, and a shorter answer pays its prefill over fewer tokens
+        mixed_ans, base_ans = (med("ssn", m, length, hi, "mean_answer_tokens") for m in ("mixed", "base"))
+        s[f"mixed_over_base_answer_tokens_{hi}"] = mixed_ans / base_ans if mixed_ans and base_ans else None
+        cores = [r["client_cpu_s"] / r["wall_s"] for r in runs if r.get("client_cpu_s") is not None
+                 and (r["server"], r["mix"], r["lengths"], r["clients"]) == ("ssn", "base", length, hi)]
+        s[f"load_client_cores_{hi}"] = statistics.median(cores) if cores else None  # the load's own CPU
         itl_lo, itl_hi = med("ssn", "base", length, lo, "itl_p95_s"), med("ssn", "base", length, hi, "itl_p95_s")
         s[f"itl_p95_{hi}_over_{lo}"] = itl_hi / itl_lo if itl_lo and itl_hi else None
         top = max(clients)

@@ -452,3 +452,42 @@ def test_sigterm_drains_then_cuts_within_the_grace_period(tiny_ckpts):
         assert len(long_lines) < 480  # cut, not finished
     finally:
         server.stop()
+
+
+def test_the_outbox_hands_a_steps_events_to_the_loop_in_one_wake_up_and_in_order():
+    """Events posted from the engine's thread wait until the step-end wake; one wake-up then
+    delivers all of them, each request's in the order posted; a wake with nothing pending, or
+    after the loop closed, does nothing."""
+    import asyncio
+    import threading
+
+    from ssn_runtime.serve.app import _Outbox
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        box, queues = _Outbox(loop), [asyncio.Queue(), asyncio.Queue()]
+        wakes = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakes.append(a), real(*a))[1]
+
+        def engine_step():
+            for k in range(5):
+                for i, q in enumerate(queues):
+                    box.post(q, ("delta", f"{i}:{k}"))
+            box.wake()
+            box.wake()  # a second wake before delivery joins the first
+
+        t = threading.Thread(target=engine_step)
+        t.start()
+        t.join()
+        assert all(q.empty() for q in queues) and len(wakes) == 1
+        got = [[(await asyncio.wait_for(q.get(), 5))[1] for _ in range(5)] for q in queues]
+        assert got == [[f"{i}:{k}" for k in range(5)] for i in range(2)]
+        box.wake()  # nothing pending
+        await asyncio.sleep(0)
+        assert len(wakes) == 1
+        return box
+
+    box = asyncio.run(main())
+    box.post(asyncio.Queue(), ("delta", "late"))
+    box.wake()  # the loop has closed: no error

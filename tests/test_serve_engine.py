@@ -164,6 +164,46 @@ def test_cancel_and_deadline_end_rows_at_the_next_step(tiny_ckpts):
         eng.stop()
 
 
+def test_step_end_hooks_run_after_each_step_on_the_worker_and_a_failing_one_stops_nothing(tiny_ckpts):
+    """The app hands a step's events to its event loop from this hook: it must run on the
+    worker's thread after every step that emitted, and a hook that raises is logged, not fatal."""
+    import threading
+
+    path = tiny_ckpts["llama"]
+    eng = Engine(load_model(path), load_tokenizer(path), max_batch=2, gather_ms=0).start()
+    seen, emitted = [], []
+
+    def hook():
+        seen.append((threading.current_thread().name, len(emitted)))
+
+    def broken():
+        raise RuntimeError("a listener's bug")
+
+    eng.on_step_end(broken)
+    eng.on_step_end(hook)
+    try:
+        c = Collector()
+
+        def sink(ev):
+            emitted.append(ev)
+            c(ev)
+
+        eng.submit(GenRequest(encode(load_tokenizer(path), PROMPTS[0]), max_tokens=5, temperature=0,
+                              ignore_eos=True, sink=sink))
+        assert c.result()[1] == "length"  # the broken hook stopped nothing
+        deadline = time.time() + 10
+        while not any(n == len(emitted) for _, n in seen) and time.time() < deadline:
+            time.sleep(0.01)
+        assert {name for name, _ in seen} == {"ssn-engine-base"}
+        # each call saw every event emitted so far; the last step emits the last delta and "done"
+        # together, and the hook ran once for both (per step, not per event)
+        counts = sorted({n for _, n in seen})
+        assert counts[-1] == len(emitted) and emitted[-1][0] == "done", (counts, emitted)
+        assert len(emitted) - 1 not in counts and len(counts) >= 2, counts
+    finally:
+        eng.stop()
+
+
 @pytest.fixture(scope="module")
 def tok(tiny_ckpts):
     return load_tokenizer(tiny_ckpts["llama"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -43,6 +44,39 @@ class ServerConfig:
     public_metrics: bool = False  # serve /metrics without the API key
     max_body_bytes: int = 8 << 20
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+class _Outbox:
+    """Events from the engine's thread to the event loop, handed over once per engine step.
+
+    `post` only appends; `wake` (the engine's step-end hook) schedules one delivery for all that
+    is pending. Waking the loop writes to its self-pipe, a system call that lets go of the GIL,
+    and the loop's thread, woken, takes it: when every event woke the loop, the engine thread
+    waited for the GIL once per row per step (5-7% of its samples at 16 rows sat in that write,
+    on 2 cores). The loop delivers each request's events in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.items, self.scheduled = loop, threading.Lock(), [], False
+
+    def post(self, queue: asyncio.Queue, event) -> None:
+        with self.lock:
+            self.items.append((queue, event))
+
+    def wake(self) -> None:
+        with self.lock:
+            if self.scheduled or not self.items:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
+            pass
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 def _json_error(err: APIError) -> JSONResponse:
@@ -146,22 +180,20 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    outboxes: dict = {}
+
     async def run(request: Request, kind: str):
         if engine.draining:
             raise APIError(503, "the server is shutting down", error_type(503), code="shutting_down")
         parsed = parse_request(load_json(await read_body(request)), kind, ctx)
         request.state.model = parsed.model
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def sink(ev):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, ev)
-            except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
-                pass
-
+        if outboxes.get("loop") is not loop:  # one per event loop (a test client may start several in turn)
+            outboxes.update(loop=loop, outbox=_Outbox(loop))
+            engine.on_step_end(outboxes["outbox"].wake)
+        post, events = outboxes["outbox"].post, asyncio.Queue()
         req = GenRequest(parsed.prompt_ids, profile=parsed.profile, deadline=time.time() + cfg.request_timeout,
-                         sink=sink, **parsed.params)
+                         sink=lambda ev: post(events, ev), **parsed.params)
         try:
             engine.submit(req)
         except QueueFull:

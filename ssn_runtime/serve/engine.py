@@ -39,6 +39,7 @@ Two KV layouts:
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -54,6 +55,7 @@ from . import packed
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
 
+log = logging.getLogger(__name__)
 SMALL_BATCH_GEMM = ("auto", "on", "off")
 LAYOUTS = ("auto", "packed", "padded")
 _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # packed forwards: a "prepared" mask nobody reads
@@ -245,6 +247,7 @@ class Engine:
         self._idle = threading.Event()
         self._idle.set()
         self._ready, self._failed = threading.Event(), None
+        self._step_hooks: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name=f"ssn-engine-{name}", daemon=True)
 
     # ----- public -----
@@ -347,6 +350,7 @@ class Engine:
                     self._step()
                 except Exception as exc:  # noqa: BLE001 - a failed decode step fails its rows, not the server
                     self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
+                self._end_of_step()
         finally:
             scope.close()
         self._fail_all("the server stopped", 503, "shutting_down")
@@ -354,7 +358,20 @@ class Engine:
             waiting, self._waiting = list(self._waiting), deque()
         for r in waiting:
             r.emit("error", 503, "shutting_down", "the server stopped before this request ran")
+        self._end_of_step()
         self._idle.set()
+
+    def on_step_end(self, hook: Callable[[], None]) -> None:
+        """Call `hook` on the worker's thread after every step (and after its last events at
+        shutdown): a sink that batches what a step emitted hands the batch over there."""
+        self._step_hooks.append(hook)
+
+    def _end_of_step(self) -> None:
+        for hook in tuple(self._step_hooks):  # (appended to from other threads)
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - a listener's failure must not stop the engine
+                log.exception("a step-end hook failed")
 
     @torch.inference_mode()  # the whole step: the KV cache is built, selected and merged in one mode
     def _step(self) -> None:
