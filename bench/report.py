@@ -128,8 +128,12 @@ def _small_batch_linear(d: dict) -> str:
     cases = ", ".join(f"{c['rows']} {_x(c['tall_over_linear'])}" for c in d["cases"])
     control = ", ".join(f"{c['control_over_linear']:.2f}" for c in d["cases"])
     cal = d["calibration"]
+    gemv = [c for c in d["cases"] if "gemv_over_linear" in c]
     return (f"{d['model']} decode step, (W @ x^T)^T time / F.linear time by rows: {cases} (zero-cost control "
-            f"{control}); start-up calibration {_x(cal['4'])} at 4 rows, {_x(cal['16'])} at 16")
+            f"{control})" + "".join(f"; at {c['rows']} row the C++ matrix-vector product / F.linear "
+                                    f"{_x(c['gemv_over_linear'])}" for c in gemv)
+            + f"; start-up calibration {_x(cal['4'])} at 4 rows, {_x(cal['16'])} at 16"
+            + (f", {_x(cal['1'])} at 1 row (C++ product)" if "1" in cal else ""))
 
 
 def _generic(d: dict) -> str:

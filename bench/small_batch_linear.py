@@ -1,6 +1,7 @@
 """Small-batch linear layers as (W @ xᵀ)ᵀ (ssn_runtime/core/small_batch_linear.py): a whole
 decode step of a real model, time with the tall form over time with F.linear, per batch size,
-interleaved, with a zero-cost control (F.linear timed twice: the noise).
+interleaved, with a zero-cost control (F.linear timed twice: the noise). At one row, also the
+C++ matrix-vector product (csrc/gemv.cpp) that the server's one-row steps use.
 
     python bench/small_batch_linear.py                  # SmolLM2-135M-Instruct (pip wheel)
     python bench/small_batch_linear.py --model PATH --rows 1,2,4,8,16
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/...` from a checkout
 
 from ssn_runtime import load_model, load_tokenizer  # noqa: E402
+from ssn_runtime.core import cpp_ops  # noqa: E402
 from ssn_runtime.core import small_batch_linear as sbl  # noqa: E402
 
 from common import compare, device_name, write_results  # noqa: E402
@@ -76,9 +78,9 @@ def main(argv=None) -> int:
         path, label = args.model, Path(args.model).name
     model, tok = load_model(path, dtype="float32").eval(), load_tokenizer(path)
     res = {"device": "cpu", "device_name": device_name("cpu"), "model": label, "threads": torch.get_num_threads(),
-           "calibration": {"4": sbl.calibrate(model, rows=4), "16": sbl.calibrate(model, rows=16)}, "cases": []}
-    print(f"calibrate (the server's 'auto' check): {res['calibration']['4']:.2f}x at 4 rows, "
-          f"{res['calibration']['16']:.2f}x at 16", flush=True)
+           "calibration": {str(r): sbl.calibrate(model, rows=r) for r in (1, 4, 16)}, "cases": []}
+    print(f"calibrate (the server's 'auto' check): {res['calibration']['1']:.2f}x at 1 row (C++ product), "
+          f"{res['calibration']['4']:.2f}x at 4 rows, {res['calibration']['16']:.2f}x at 16", flush=True)
     # the tall form at every row count timed, one row included, so each is measured
     scopes = {}
 
@@ -86,6 +88,9 @@ def main(argv=None) -> int:
         if name == "tall":
             sbl.MIN_ROWS = 1
             scopes[name] = sbl.small_batch_linear(model, max_rows=1 << 30)
+            scopes[name].__enter__()
+        elif name == "gemv":
+            scopes[name] = sbl.small_batch_linear(model, max_rows=0, one_row=True)
             scopes[name].__enter__()
 
     def leave(name):
@@ -95,12 +100,13 @@ def main(argv=None) -> int:
 
     for rows in [int(r) for r in args.rows.split(",")]:
         step = decode_step(model, tok, rows)
-        fns = {"linear": step, "tall": step, "control": step}
+        fns = {"linear": step, "tall": step, **({"gemv": step} if rows == 1 and cpp_ops.available("gemv_f32") else {}),
+               "control": step}
         samples = {}
         compare(fns, "cpu", rounds=args.rounds, setup={n: (lambda n=n: enter(n)) for n in fns},
                 teardown={n: (lambda n=n: leave(n)) for n in fns}, samples_out=samples)
         ratio = {k: statistics.median(t / b for t, b in zip(samples[k], samples["linear"], strict=True))
-                 for k in ("tall", "control")}
+                 for k in fns if k != "linear"}
         case = {"rows": rows, "linear_ms": 1e3 * statistics.median(samples["linear"]),
                 "tall_ms": 1e3 * statistics.median(samples["tall"]), "tall_over_linear": ratio["tall"],
                 "control_over_linear": ratio["control"],
@@ -110,6 +116,9 @@ def main(argv=None) -> int:
         print(f"{rows:>3} rows: F.linear {case['linear_ms']:7.1f} ms, tall {case['tall_ms']:7.1f} ms: "
               f"{ratio['tall']:.2f}x [{case['tall_range'][0]:.2f}-{case['tall_range'][1]:.2f}] "
               f"(control {ratio['control']:.2f}x)", flush=True)
+        if "gemv" in ratio:
+            case.update(gemv_ms=1e3 * statistics.median(samples["gemv"]), gemv_over_linear=ratio["gemv"])
+            print(f"     the C++ matrix-vector product {case['gemv_ms']:7.1f} ms: {ratio['gemv']:.2f}x", flush=True)
     path = write_results(f"small_batch_linear-{label}", res, args.out)
     print(f"wrote {path}")
     return 0

@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "fused_act.h"
+#include "gemv.h"
 #include "row_patch.h"
 #include "transpose.h"
 
@@ -98,6 +99,14 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       "transpose_f32",
       [](uintptr_t src, int64_t rows, int64_t cols, uintptr_t dst, int threads) {
         ssn::transpose_f32(static_cast<const float*>(ptr(src)), rows, cols, static_cast<float*>(ptr(dst)), threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "gemv_f32",
+      [](uintptr_t w, int64_t out_features, int64_t in_features, uintptr_t x, uintptr_t bias, uintptr_t out,
+         int threads) {
+        ssn::gemv_f32(static_cast<const float*>(ptr(w)), out_features, in_features, static_cast<const float*>(ptr(x)),
+                      bias ? static_cast<const float*>(ptr(bias)) : nullptr, static_cast<float*>(ptr(out)), threads);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });

@@ -1,7 +1,8 @@
-"""Small-batch linear layers as (W @ xᵀ)ᵀ (core/small_batch_linear.py): the same product as
-F.linear within float32 rounding at odd shapes; taken only for 2..max_rows rows, only by the thread
-inside the block and only inside it; modules are restored on exit, also when blocks nest and
-overlap across threads; an engine with it on answers what the model answers alone."""
+"""Small-batch linear layers as (W @ xᵀ)ᵀ and one-row ones by the C++ matrix-vector product
+(core/small_batch_linear.py): each the same product as F.linear within float32 rounding at odd
+shapes; taken only for 2..max_rows rows (one row with one_row), only by the thread inside the
+block and only inside it; modules are restored on exit, also when blocks nest and overlap across
+threads; an engine with it on answers what the model answers alone."""
 
 import threading
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 import ssn_runtime.core.small_batch_linear as sbl
+from ssn_runtime.core import cpp_ops
 from ssn_runtime.core.small_batch_linear import calibrate, linear_tall, small_batch_linear
 
 
@@ -62,6 +64,58 @@ def test_the_transposing_copy_equals_torchs(shape):
     out = sbl._transposed(g)  # autograd records through it: torch's copy
     out.sum().backward()
     assert out.grad_fn is not None and torch.equal(g.grad, torch.ones_like(t))
+
+
+needs_gemv = pytest.mark.skipif(not cpp_ops.available("gemv_f32"), reason="the C++ kernels are not built")
+
+
+@needs_gemv
+@pytest.mark.parametrize("shape", [(1, 1), (53, 37), (97, 16), (1536, 576), (576, 1536), (33, 17), (4097, 5),
+                                   (3, 0), (0, 4)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_one_row_product_is_f_linear_within_float32_rounding(shape, bias):
+    out_f, in_f = shape
+    g = torch.Generator().manual_seed(out_f * 7 + in_f)
+    w, b = torch.randn(shape, generator=g), (torch.randn(out_f, generator=g) if bias else None)
+    for x in (torch.randn(in_f, generator=g), torch.randn(1, 1, in_f, generator=g)):
+        ref = (x.double() @ w.double().t() + (b.double() if bias else 0)).float()
+        got = cpp_ops.gemv(x, w, b)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * max(1, in_f) ** 0.5)
+    if out_f > 1 and in_f > 1:  # refused: two rows, float64, a strided weight, wrong sizes
+        x = torch.randn(in_f)
+        for bad in ((torch.randn(2, in_f), w, b), (x.double(), w.double(), b), (x, w.t().contiguous().t(), b),
+                    (torch.randn(in_f + 1), w, b), (x, w, torch.randn(out_f + 1))):
+            with pytest.raises(ValueError, match="gemv"):
+                cpp_ops.gemv(*bad)
+
+
+@needs_gemv
+def test_one_row_calls_take_the_cpp_product_inside_a_one_row_block_only(monkeypatch):
+    calls = []
+    real = cpp_ops.gemv
+    monkeypatch.setattr(cpp_ops, "gemv", lambda x, w, b=None: calls.append(x.numel()) or real(x, w, b))
+    model = _model()
+    x = torch.randn(1, 1, 37)
+    want = model(x)
+    with small_batch_linear(model, max_rows=8):
+        model(x)
+    assert calls == []  # one_row off: F.linear
+    with small_batch_linear(model, max_rows=0, one_row=True):  # no tall form, the one-row product only
+        model(x)  # the weights require grad and autograd records: F.linear
+        assert calls == []
+        with torch.no_grad():  # as in the engine (inference mode)
+            got = model(x)
+            model(torch.randn(2, 37))  # two rows: F.linear (max_rows 0)
+    assert calls == [37, 53]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for bad in (1, -1, True):
+        with pytest.raises(ValueError, match="max_rows"):
+            with small_batch_linear(model, max_rows=bad):
+                pass
+    with pytest.raises(ValueError, match="one_row"):
+        with small_batch_linear(model, one_row=1):
+            pass
 
 
 def test_taken_for_two_to_max_rows_by_the_thread_inside_the_block_only(monkeypatch):
@@ -130,8 +184,11 @@ def test_calibrate_reports_a_positive_time_ratio_and_one_without_eligible_weight
     assert calibrate(_model(), repeats=3) > 0
     lm = load_model(tiny_ckpts["llama"], dtype="float32")
     assert calibrate(lm, rows=16, repeats=1) > 0  # a whole forward of 16 token rows
+    assert calibrate(lm, rows=1, repeats=1) > 0  # one row: the C++ product (1.0 when it is not built)
     assert calibrate(nn.Sequential(nn.ReLU())) == 1.0
     assert calibrate(_model().double()) == 1.0  # float64 weights keep F.linear
+    with pytest.raises(ValueError, match="rows"):
+        calibrate(_model(), rows=0)
 
 
 def test_an_engine_with_it_on_answers_what_the_model_answers_alone(tiny_ckpts):
@@ -147,6 +204,7 @@ def test_an_engine_with_it_on_answers_what_the_model_answers_alone(tiny_ckpts):
     eng = Engine(model, tok, max_batch=8, gather_ms=200, small_batch_gemm="on").start()
     try:
         assert eng.small_batch_rows == SMALL_BATCH_ROWS and eng.small_batch_ratios == {}
+        assert eng.one_row_gemv == cpp_ops.available("gemv_f32")
         cols = []
         for text in PROMPTS:  # decoded together: 2-5 rows per step (and prefills of more)
             c = Collector()

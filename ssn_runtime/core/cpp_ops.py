@@ -231,3 +231,19 @@ def transpose(src: torch.Tensor) -> torch.Tensor:
     if src.numel():
         _ext.transpose_f32(src.data_ptr(), rows, cols, dst.data_ptr(), torch.get_num_threads())
     return dst
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for one row (`x` [..., in] holding in elements) of contiguous
+    float32 CPU tensors, as a [..., out] tensor (csrc/gemv.cpp: the output rows split over the threads)."""
+    ok = all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+             for t in (x, weight, *([bias] if bias is not None else [])))
+    if not ok or weight.dim() != 2 or x.dim() < 1 or x.numel() != weight.shape[1] or x.shape[-1] != weight.shape[1] \
+            or (bias is not None and bias.shape != (weight.shape[0],)):
+        raise ValueError("gemv: x must hold one row [..., in], weight [out, in] and bias [out], contiguous float32 "
+                         "CPU tensors")
+    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+    if out.numel():
+        _ext.gemv_f32(weight.data_ptr(), weight.shape[0], weight.shape[1], x.data_ptr(),
+                      bias.data_ptr() if bias is not None else 0, out.data_ptr(), torch.get_num_threads())
+    return out

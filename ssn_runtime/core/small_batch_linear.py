@@ -17,10 +17,16 @@ the BLAS, the CPU and the row count, so `calibrate` times a whole forward of the
 at a given row count, and the server uses it only as far as it wins clearly
 (`Engine(small_batch_gemm="auto")`).
 
-`small_batch_linear(model, max_rows=8)` is scoped (a `with` block) and per thread: inside it,
-the calling thread's `nn.Linear` calls on CPU float32 weights with 2..max_rows rows take the
-tall form; every other thread, and every call outside the block, runs `F.linear` unchanged.
-Blocks may nest and overlap across threads (a reference count per module).
+One row is a matrix-vector product, bound by streaming the weights from memory, and MKL's
+sgemv behind `F.linear` ran it on one thread here (SmolLM2's weights streamed at 10.9 GB/s with
+two torch threads or one). `one_row=True` sends one-row calls to the C++ product that splits the
+output rows over the threads (csrc/gemv.cpp); `calibrate(model, rows=1)` times it.
+
+`small_batch_linear(model, max_rows=8, one_row=False)` is scoped (a `with` block) and per
+thread: inside it, the calling thread's `nn.Linear` calls on CPU float32 weights with
+2..max_rows rows take the tall form (and one-row calls the C++ product, with `one_row`); every
+other thread, and every call outside the block, runs `F.linear` unchanged. Blocks may nest and
+overlap across threads (a reference count per module).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from . import cpp_ops
 
 MIN_ROWS = 2  # one row is a matrix-vector product: both forms run the same kernel
 _max_rows: ContextVar[int] = ContextVar("ssn_small_batch_linear", default=0)  # 0: not in a block
+_one_row: ContextVar[bool] = ContextVar("ssn_small_batch_linear_one_row", default=False)
 _lock = threading.Lock()
 _refs: dict[int, int] = {}  # id(module) -> open blocks that use its installed forward
 
@@ -91,11 +98,20 @@ def _native_transpose() -> bool:
 
 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    top = _max_rows.get()
-    if top and x.dim() >= 2 and x.dtype == torch.float32 and x.shape[-1]:
-        if MIN_ROWS <= x.numel() // x.shape[-1] <= top:
+    if x.dim() >= 2 and x.dtype == torch.float32 and x.shape[-1]:
+        rows = x.numel() // x.shape[-1]
+        if MIN_ROWS <= rows <= _max_rows.get():
             return linear_tall(x, self.weight, self.bias)
+        if rows == 1 and _one_row.get() and _gemv_applies(x, self.weight, self.bias):
+            return cpp_ops.gemv(x.contiguous(), self.weight, self.bias)
     return F.linear(x, self.weight, self.bias)
+
+
+def _gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The C++ product takes contiguous float32 CPU weights and records no autograd."""
+    return (cpp_ops.available("gemv_f32") and weight.is_contiguous() and (bias is None or bias.is_contiguous())
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad))))
 
 
 def _installed(m: nn.Module) -> bool:
@@ -103,12 +119,15 @@ def _installed(m: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def small_batch_linear(model: nn.Module, max_rows: int = 8):
+def small_batch_linear(model: nn.Module, max_rows: int = 8, one_row: bool = False):
     """Inside the block, this thread's `nn.Linear` calls on `model` with 2..`max_rows` rows run
-    as `(W @ xᵀ)ᵀ` (see the module docstring). Every module is restored when the last block
-    that uses it closes; a module with an instance `forward` of someone else's is left alone."""
-    if not (isinstance(max_rows, int) and max_rows >= MIN_ROWS):
-        raise ValueError(f"max_rows must be an integer >= {MIN_ROWS}, got {max_rows!r}")
+    as `(W @ xᵀ)ᵀ` (0: none do), and with `one_row` its one-row calls as the C++ matrix-vector
+    product (see the module docstring). Every module is restored when the last block that uses
+    it closes; a module with an instance `forward` of someone else's is left alone."""
+    if not (isinstance(max_rows, int) and not isinstance(max_rows, bool) and (max_rows == 0 or max_rows >= MIN_ROWS)):
+        raise ValueError(f"max_rows must be 0 or an integer >= {MIN_ROWS}, got {max_rows!r}")
+    if not isinstance(one_row, bool):
+        raise ValueError(f"one_row must be True or False, got {one_row!r}")
     mine = []
     with _lock:
         for m in model.modules():
@@ -118,10 +137,11 @@ def small_batch_linear(model: nn.Module, max_rows: int = 8):
                 m.forward = types.MethodType(_forward, m)
             _refs[id(m)] = _refs.get(id(m), 0) + 1
             mine.append(m)
-    token = _max_rows.set(max_rows)
+    token, token_one = _max_rows.set(max_rows), _one_row.set(one_row)
     try:
         yield
     finally:
+        _one_row.reset(token_one)
         _max_rows.reset(token)
         with _lock:
             for m in mine:
@@ -144,21 +164,24 @@ def _calibration_input(model: nn.Module, rows: int, first: nn.Linear):
 
 
 def calibrate(model: nn.Module, rows: int = 4, repeats: int = 5) -> float:
-    """Time of one whole forward of `model` on `rows` token rows with the tall form over the same
-    forward with `F.linear` (median of interleaved pairs): below 1 the tall form is faster.
-    1.0 when nothing is eligible.
+    """Time of one whole forward of `model` on `rows` token rows with the tall form (one row: the
+    C++ matrix-vector product) over the same forward with `F.linear` (median of interleaved
+    pairs): below 1 the other form is faster. 1.0 when nothing is eligible (or, at one row,
+    the C++ product is not built).
 
     Why the whole forward: timed alone, each weight stays in cache between repeats and the ratio
     at 16 rows read anywhere from 0.77 to 1.01 on one machine; in a forward the weights stream
     from memory as in a served step, between the attention and element-wise work a step also
     pays, and the same check read 0.78-0.87 (tall) where served 16-row steps ran about 0.8x."""
+    if not (isinstance(rows, int) and rows >= 1):
+        raise ValueError(f"rows must be an integer >= 1, got {rows!r}")
     first = next((m for m in model.modules() if eligible(m)), None)
-    if first is None:
+    if first is None or (rows == 1 and not cpp_ops.available("gemv_f32")):
         return 1.0
     x = _calibration_input(model, rows, first)
 
     def run(tall: bool) -> float:
-        with small_batch_linear(model, max(rows, MIN_ROWS)) if tall else contextlib.nullcontext():
+        with small_batch_linear(model, max(rows, MIN_ROWS), one_row=rows == 1) if tall else contextlib.nullcontext():
             t0 = time.perf_counter()
             model(**x)
             return time.perf_counter() - t0

@@ -100,7 +100,8 @@ def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="a
     timed = (f"; timed {'/'.join(f'{v:.2f}' for v in r.values())}x F.linear's time at "
              f"{'/'.join(map(str, r))} rows") if r else ""
     rows = engine.small_batch_rows
-    print(f"small-batch linear layers as (W @ x^T)^T: {f'on for 2-{rows} rows' if rows else 'off'} "
+    print(f"small-batch linear layers as (W @ x^T)^T: {f'on for 2-{rows} rows' if rows else 'off'}, one row by the "
+          f"C++ matrix-vector product: {'on' if engine.one_row_gemv else 'off'} "
           f"(--small-batch-gemm {config.small_batch_gemm}{timed}); KV layout: {engine.layout}", flush=True)
     serve_forever(app, engine, config.host, config.port, config.shutdown_grace)
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core import cpp_ops
 from ..core.small_batch_linear import calibrate as calibrate_small_batch
 from ..core.small_batch_linear import small_batch_linear
 from ..errors import SSNError
@@ -70,6 +71,9 @@ _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # packed forwards: a "pre
 # "on": up to SMALL_BATCH_ROWS regardless.
 CALIBRATION = ((4, 8, 0.85), (16, 16, 0.95), (64, 64, 0.95))  # (rows timed, up to, the ratio it must beat)
 SMALL_BATCH_ROWS = 64
+# One row (a lone request's decode steps): the C++ matrix-vector product where a forward with it
+# times clearly faster than with F.linear ("on": wherever it is built).
+ONE_ROW_GAIN = 0.9
 
 
 class QueueFull(Exception):
@@ -190,10 +194,11 @@ class Engine:
     chunks; padded: requests admitted per step, at least one).
     `small_batch_gemm`: "on", "off" or "auto" (for as many rows as `calibrate` times it clearly
     faster on this model and machine, up to 64): the worker's linear layers with a few rows run
-    as `(W @ xᵀ)ᵀ` (core/small_batch_linear.py). `layout`: "packed" (each step is one forward of every running
-    row's next token and every joining row's prompt, serve/packed.py), "padded" (a padded
-    batch: joins prefill in a forward of their own) or "auto" (packed where the model's family
-    and attention implementation allow it)."""
+    as `(W @ xᵀ)ᵀ`, and with one row as the C++ matrix-vector product (core/small_batch_linear.py).
+    `layout`: "packed" (each step is one forward of every running row's next token and every
+    joining row's prompt, serve/packed.py), "padded" (a padded batch: joins prefill in a forward
+    of their own) or "auto" (packed where the model's family and attention implementation allow
+    it)."""
 
     def __init__(self, model, tokenizer, handle=None, variants: dict | None = None, max_batch: int = 16,
                  queue_size: int = 64, gather_ms: float = 5.0, max_prefill_tokens: int = 512,
@@ -233,6 +238,7 @@ class Engine:
         self.small_batch_gemm = small_batch_gemm
         self.small_batch_ratios: dict[int, float] = {}  # calibrate()'s time ratio per row count timed ("auto")
         self.small_batch_rows = 0  # the tall form for 2..this many rows (0: off); decided when the worker starts
+        self.one_row_gemv = False  # one-row calls by the C++ matrix-vector product; decided then too
         # waiting requests: a deque under a condition (queue.Queue cannot peek at the next prompt's length)
         self._waiting: deque[GenRequest] = deque()
         self._cv = threading.Condition()
@@ -328,14 +334,17 @@ class Engine:
                 scope.enter_context(self.handle.intervene(variants=self.variants))
             if self.small_batch_gemm == "on":
                 self.small_batch_rows = SMALL_BATCH_ROWS
+                self.one_row_gemv = cpp_ops.available("gemv_f32")
             elif self.small_batch_gemm == "auto":
+                self.small_batch_ratios[1] = calibrate_small_batch(self.model, rows=1)
+                self.one_row_gemv = self.small_batch_ratios[1] < ONE_ROW_GAIN
                 for rows, upto, gain in CALIBRATION:
                     self.small_batch_ratios[rows] = calibrate_small_batch(self.model, rows=rows)
                     if self.small_batch_ratios[rows] >= gain:
                         break
                     self.small_batch_rows = upto
-            if self.small_batch_rows:
-                scope.enter_context(small_batch_linear(self.model, self.small_batch_rows))
+            if self.small_batch_rows or self.one_row_gemv:
+                scope.enter_context(small_batch_linear(self.model, self.small_batch_rows, one_row=self.one_row_gemv))
             if self.layout == "packed":
                 scope.enter_context(packed.packed_attention(self.model))
         except Exception as exc:  # noqa: BLE001 - handed to start()

@@ -1,0 +1,12 @@
+// Matrix-vector product of a contiguous float32 matrix (csrc/gemv.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace ssn {
+
+// out [out_features] = w [out_features, in_features] @ x [in_features] (+ bias, when not null).
+void gemv_f32(const float* w, int64_t out_features, int64_t in_features, const float* x, const float* bias,
+              float* out, int num_threads);
+
+}  // namespace ssn
