@@ -111,15 +111,24 @@ async def _stream(conn: list, host: str, port: int, path: str, body: bytes):
     writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                  f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     await writer.drain()
-    status = int((await reader.readline()).split()[1])
+    line = await reader.readline()
+    if not line:  # a kept-alive connection the server had closed
+        raise ConnectionResetError("the server closed the connection before answering")
+    status = int(line.split()[1])
     headers = {}
     while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
         k, _, v = line.decode("latin-1").partition(":")
         headers[k.strip().lower()] = v.strip().lower()
-    if headers.get("connection") == "close":
-        conn.clear()  # the server closes it after this answer: the next request opens another
+    # the server closes it after this answer (or a body runs to its end): the next request opens another
+    closing = headers.get("connection") == "close"
     if status != 200 or "chunked" not in headers.get("transfer-encoding", ""):
-        data = await reader.readexactly(int(headers.get("content-length", "0")))
+        if "content-length" in headers:
+            data = await reader.readexactly(int(headers["content-length"]))
+        else:  # neither sized nor chunked: the body runs to the end of the connection
+            data, closing = await reader.read(), True
+        if closing:
+            writer.close()
+            conn.clear()
         if status != 200:
             raise ValueError(f"{status}: {data[:200]!r}")
         chunks = [data]
@@ -139,8 +148,11 @@ async def _stream(conn: list, host: str, port: int, path: str, body: bytes):
         else:
             data = chunks.pop() if chunks else None
         if data is None:
+            if closing and conn:
+                writer.close()
+                conn.clear()
             return
-        buf += data
+        buf = (buf + data).replace(b"\r\n", b"\n")  # servers end event lines with either
         while (cut := buf.find(b"\n\n")) >= 0:
             event, buf = buf[:cut], buf[cut + 2:]
             for line in event.split(b"\n"):

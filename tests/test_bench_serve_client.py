@@ -1,0 +1,78 @@
+"""bench/serve.py's load generator speaks HTTP/1.1 by hand (it must cost the 2 cores little):
+against a hand-written server it reads chunked streams whose chunks split events and CRLF line
+ends anywhere, sized error answers (raised, the connection kept), a body that runs to the close
+(the next request reconnects), and a connection the server closed before answering (an error)."""
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+serve = pytest.importorskip("serve")  # bench/serve.py (httpx: a dev dependency)
+
+EVENTS = [{"choices": [{"delta": {"content": f"t{i}"}}]} for i in range(5)] + [
+    {"choices": [], "usage": {"completion_tokens": 5}}]
+
+
+async def _handler(reader, writer):
+    while await reader.readline():  # a request line; empty: the client closed
+        headers = {}
+        while (h := await reader.readline()) not in (b"\r\n", b""):
+            k, _, v = h.decode().partition(":")
+            headers[k.lower()] = v.strip()
+        mode = json.loads(await reader.readexactly(int(headers["content-length"])))["mode"]
+        if mode == "error":
+            b = b'{"error": "nope"}'
+            writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n" % len(b) + b)
+            await writer.drain()
+            continue
+        if mode == "hang_up":
+            writer.close()
+            return
+        text = b"".join(b"data: " + json.dumps(e).encode() + b"\r\n\r\n" for e in EVENTS) + b"data: [DONE]\r\n\r\n"
+        if mode == "close":
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + text)
+            await writer.drain()
+            writer.close()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i in range(0, len(text), 7):  # 7-byte chunks: events and CRLFs split everywhere
+            part = text[i:i + 7]
+            writer.write(b"%x\r\n" % len(part) + part + b"\r\n")
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+
+def test_the_load_generators_http_client_reads_what_servers_send():
+    async def main():
+        srv = await asyncio.start_server(_handler, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        conn, seen = [], []
+
+        async def ask(mode):
+            body = json.dumps({"mode": mode}).encode()
+            return [d async for d in serve._stream(conn, "127.0.0.1", port, "/v1/chat/completions", body)]
+
+        for mode in ("chunked", "chunked", "error", "chunked", "close", "chunked", "hang_up"):
+            first = conn[1] if conn else None
+            try:
+                got = await ask(mode)
+            except (ValueError, ConnectionResetError) as exc:
+                seen.append((mode, type(exc).__name__, str(exc)[:3]))
+                conn.clear()
+                continue
+            assert got[-1] == b"[DONE]" and [json.loads(g) for g in got[:-1]] == EVENTS, (mode, got)
+            seen.append((mode, "kept" if conn else "closed", first is None or (conn and conn[1] is first)))
+        srv.close()
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen[:2] == [("chunked", "kept", True), ("chunked", "kept", True)]  # one connection, reused
+    assert seen[2] == ("error", "ValueError", "400")
+    assert seen[4][:2] == ("close", "closed") and seen[5][:2] == ("chunked", "kept")
+    assert seen[6][:2] == ("hang_up", "ConnectionResetError")
