@@ -5,6 +5,8 @@
 // threads. F.linear is the reference (tests/test_small_batch_linear.py).
 #include "gemv.h"
 
+#include "dot.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -19,19 +21,11 @@ namespace {
 #define SSN_GEMV_CLONES
 #endif
 
-// Rows [r0, r1) of the product; 16 independent partial sums per row, so the compiler
-// vectorises the lanes without reassociating.
+// Rows [r0, r1) of the product.
 SSN_GEMV_CLONES void rows_dot(const float* w, int64_t in, const float* x, const float* bias, float* out, int64_t r0,
                               int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    const float* a = w + r * in;
-    float acc[16] = {0.0f};
-    int64_t j = 0;
-    for (; j + 16 <= in; j += 16)
-      for (int l = 0; l < 16; ++l) acc[l] += a[j + l] * x[j + l];
-    float s = 0.0f;
-    for (int l = 0; l < 16; ++l) s += acc[l];
-    for (; j < in; ++j) s += a[j] * x[j];
+    const float s = dot(w + r * in, x, in);
     out[r] = bias != nullptr ? s + bias[r] : s;
   }
 }

@@ -4,6 +4,8 @@
 // every other case and is the reference (tests/test_row_patch_cpp.py).
 #include "row_patch.h"
 
+#include "dot.h"
+
 #include <omp.h>
 
 namespace ssn {
@@ -15,18 +17,6 @@ namespace {
 #else
 #define SSN_RP_CLONES
 #endif
-
-// 16 independent partial sums: the compiler vectorises the lanes without reassociating.
-inline __attribute__((always_inline)) float dot(const float* a, const float* b, int64_t n) {
-  float acc[16] = {0.0f};
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16)
-    for (int l = 0; l < 16; ++l) acc[l] += a[j + l] * b[j + l];
-  float s = 0.0f;
-  for (int l = 0; l < 16; ++l) s += acc[l];
-  for (; j < n; ++j) s += a[j] * b[j];
-  return s;
-}
 
 bool parallel(int64_t work) { return work >= (int64_t{1} << 18); }  // below: one thread is faster
 
