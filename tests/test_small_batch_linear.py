@@ -191,7 +191,7 @@ def test_calibrate_reports_a_positive_time_ratio_and_one_without_eligible_weight
         calibrate(_model(), rows=0)
 
 
-def test_an_engine_with_it_on_answers_what_the_model_answers_alone(tiny_ckpts):
+def test_an_engine_with_it_on_answers_what_the_model_answers_alone(tiny_ckpts, monkeypatch):
     from serve_helpers import PROMPTS, Collector, encode, reference
 
     from ssn_runtime import load_model, load_tokenizer
@@ -212,6 +212,14 @@ def test_an_engine_with_it_on_answers_what_the_model_answers_alone(tiny_ckpts):
             cols.append(c)
         for text, c in zip(PROMPTS, cols, strict=True):
             assert c.result()[0] == reference(path, encode(tok, text), 10), text
+        # one request alone: its decode steps have one row (the C++ product, where built)
+        calls = []
+        real = cpp_ops.gemv
+        monkeypatch.setattr(cpp_ops, "gemv", lambda x, w, b=None: calls.append(1) or real(x, w, b))
+        c = Collector()
+        eng.submit(GenRequest(encode(tok, PROMPTS[1]), max_tokens=12, temperature=0, sink=c))
+        assert c.result()[0] == reference(path, encode(tok, PROMPTS[1]), 12)
+        assert bool(calls) == cpp_ops.available("gemv_f32")
     finally:
         eng.stop()
     assert all("forward" not in m.__dict__ for m in model.modules())  # restored when the engine stops
