@@ -136,13 +136,22 @@ def _small_batch_linear(d: dict) -> str:
             + (f", {_x(cal['1'])} at 1 row (C++ product)" if "1" in cal else ""))
 
 
+def _gemv(d: dict) -> str:
+    cases = ", ".join(f"{c['shape'][0]}x{c['shape'][1]} {_x(c['gemv_over_linear'])} ({c['gemv_gb_s']:.1f} GB/s, "
+                      f"{c['gemv_fraction_of_copy']:.0%} of copy; F.linear {c['linear_fraction_of_copy']:.0%})"
+                      for c in d["cases"])
+    control = ", ".join(f"{c['control_over_linear']:.2f}" for c in d["cases"])
+    return (f"one-row C++ product / F.linear, SmolLM2 shapes, weights streaming from memory: {cases} "
+            f"(zero-cost control {control})")
+
+
 def _generic(d: dict) -> str:
     heads = {k: v for k, v in d.items() if isinstance(v, int | float) and ("_over_" in k or k.endswith("ratio"))}
     return ", ".join(f"{k} {_x(v)}" for k, v in heads.items()) or "see the JSON file"
 
 
 SUMMARIES = {"mlp": _mlp, "profile": _profile, "intervene": _intervene, "train": _train, "serve": _serve, "moe": _moe,
-             "small_batch_linear": _small_batch_linear}
+             "small_batch_linear": _small_batch_linear, "gemv": _gemv}
 
 
 def environment(d: dict) -> str:
