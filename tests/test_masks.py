@@ -44,7 +44,8 @@ class HookMask:
 
             def pre(module, args, lm=lm):
                 h = args[0].clone()
-                h[..., lm.index] = (h[..., lm.index].float() * lm.scale + lm.bias).to(h.dtype)
+                idx, scale, bias = (t.to(h.device) for t in (lm.index, lm.scale, lm.bias))  # masks live on the CPU
+                h[..., idx] = (h[..., idx].float() * scale + bias).to(h.dtype)
                 return (h,)
             self.handles.append(site.sub(site.style.down).register_forward_pre_hook(pre))
 
