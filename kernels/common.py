@@ -8,6 +8,19 @@ import torch
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "quick_gelu": 4}
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on host integers. Not `triton.cdiv`: in Triton 3.6 that is a JIT
+    function, and calling it from Python cost ~2.5 us a call, 14 calls per launch (measured
+    on an H200: the fused activation's host launch took ~110 us against ~19 us for an empty
+    kernel, most of it in these calls)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), without triton's JIT machinery."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """View `t` as [rows, last_dim] with unit column stride, copying only when its layout forces it.
 

@@ -11,13 +11,15 @@ The Triton interpreter (CPU tests) converts fp32 to bf16 by truncation where a G
 to nearest: bf16 tolerances in tests/kernel_cases.py cover both.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .activations import act_and_grad, act_fn
 from .args import MaskArgs
-from .common import ACT_CODES, as_rows
+from .common import ACT_CODES, as_rows, cdiv, next_pow2
 
 # (BLOCK_M, BLOCK_N, num_warps). A fixed table, not autotune: the compile test builds
 # every entry for sm_80/sm_90, and the choice below is deterministic. Every entry gives
@@ -40,13 +42,14 @@ CONFIGS = (
 _TARGET_PROGRAMS = 264
 
 
+@functools.lru_cache(maxsize=1024)  # host time per launch matters at decode sizes
 def pick_config(M: int, N: int):
     best = CONFIGS[0]
     for cfg in sorted(CONFIGS, key=lambda c: c[0] * c[1], reverse=True):
         bm, bn, _ = cfg
-        if bn > max(512, triton.next_power_of_2(N)):
+        if bn > max(512, next_pow2(N)):
             continue
-        if triton.cdiv(M, bm) * triton.cdiv(N, bn) >= _TARGET_PROGRAMS:
+        if cdiv(M, bm) * cdiv(N, bn) >= _TARGET_PROGRAMS:
             return cfg
         best = cfg
     return best
@@ -125,7 +128,7 @@ def fused_act_forward(x: torch.Tensor, up, act: str, mask: MaskArgs | None = Non
         variant = mask.row_variant if mode == 2 else x2
     if M and N:
         bm, bn, warps = pick_config(M, N)
-        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+        grid = (cdiv(M, bm), cdiv(N, bn))
         fused_act_fwd_kernel[grid](
             x2, u2, out, scale, bias, variant, M, N, x2.stride(0), u2.stride(0), out.stride(0),
             GATED=up is not None, ACT=code, MASK=mode, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
@@ -147,7 +150,7 @@ def fused_act_backward(dout: torch.Tensor, x: torch.Tensor, up, act: str):
         u2, dup = x2, dx
     if M and N:
         bm, bn, warps = pick_config(M, N)
-        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+        grid = (cdiv(M, bm), cdiv(N, bn))
         fused_act_bwd_kernel[grid](
             d2, x2, u2, dx, dup, M, N,
             d2.stride(0), x2.stride(0), u2.stride(0), dx.stride(0), dup.stride(0),

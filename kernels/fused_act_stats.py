@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .activations import act_fn
 from .args import MaskArgs, StatsTarget
-from .common import ACT_CODES, as_rows, num_sms
+from .common import ACT_CODES, as_rows, cdiv, num_sms
 
 # (BLOCK_N, ROWS, num_warps), BLOCK_N = 2 * 32 * num_warps. Register target: <= 64 a
 # thread, i.e. >= 50% occupancy (eight 4-warp CTAs per SM on sm_80/90; full occupancy
@@ -82,10 +82,10 @@ def pick_config(M: int, N: int, device: torch.device):
 def plan_rows(M: int, N: int, block_n: int, device: torch.device) -> int:
     """Rows each program walks: enough programs to keep every SM busy with several CTAs
     (8 per SM), but at least MIN_ROWS_PER_PROGRAM rows so each run's flush is amortised."""
-    strips = triton.cdiv(N, block_n)
+    strips = cdiv(N, block_n)
     want = 8 * num_sms(device)
     progs_m = max(1, want // strips)
-    return min(MAX_ROWS_PER_PROGRAM, max(MIN_ROWS_PER_PROGRAM, triton.cdiv(M, progs_m)))
+    return min(MAX_ROWS_PER_PROGRAM, max(MIN_ROWS_PER_PROGRAM, cdiv(M, progs_m)))
 
 
 @triton.jit
@@ -299,7 +299,7 @@ def fused_act_stats_forward(x: torch.Tensor, up, act: str, target: StatsTarget, 
     if M and N:
         block_n, rows_per_tile, warps = pick_config(M, N, x.device)
         rows = plan_rows(M, N, block_n, x.device)
-        grid = (triton.cdiv(N, block_n), triton.cdiv(M, rows))
+        grid = (cdiv(N, block_n), cdiv(M, rows))
         gate = target.gate_active if target.gate_active is not None else target.sum
         sid = target.seq_ids if target.seq_abs is not None else target.group_ids
         seq = target.seq_abs if target.seq_abs is not None else out
