@@ -63,13 +63,15 @@ def encode_chat(tokenizer, messages: list[dict], chat_template: bool = True) -> 
 def _padded(seqs: list[list[int]], pad: int, left: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     if not seqs:
         raise ValueError("a batch needs at least one sequence")
-    T = max(len(s) for s in seqs)
+    lengths = torch.tensor([len(s) for s in seqs])
+    T = int(lengths.max())
+    cols = torch.arange(T)
+    keep = cols >= T - lengths[:, None] if left else cols < lengths[:, None]
     ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if left else slice(0, len(s))
-        ids[b, sl] = torch.tensor(s, dtype=torch.long)
-        mask[b, sl] = 1
+    # one scatter for the whole batch (row-major order is each row's token order): a per-row
+    # loop cost two small ops per row, ~1 ms a 256-row batch of host time
+    ids[keep] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    mask = keep.to(torch.long)
     return (ids.to(device), mask.to(device)) if device is not None else (ids, mask)
 
 

@@ -339,10 +339,26 @@ class StatsCollector:
     # ----- results -----
     def result(self, meta: dict | None = None) -> NeuronStats:
         """The running totals as NeuronStats on the host (the one copy to the host)."""
+        meta = {**self.meta, **(meta or {})}
+        if self._initial is None and len(self._dev) == 1 and len(self._layer_device) == self.num_layers:
+            # every layer on one device (the usual run): its totals are the whole result, with
+            # no zero tables to allocate and fill row by row (~0.3 GB for an 8B model)
+            return NeuronStats(self.groups, **_to_host(next(iter(self._dev.values())).totals), meta=meta)
         base = self._initial if self._initial is not None else self._empty().tensors()
         out = {k: v.clone() for k, v in base.items()}
-        for layer, dev in self._layer_device.items():
-            tot = self._dev[dev].totals
+        for dev, d in self._dev.items():
+            layers = [layer for layer, at in self._layer_device.items() if at == dev]
+            if not layers:
+                continue
+            host = _to_host({k: d.totals[k] for k in out})
             for k in out:
-                out[k][layer] = tot[k][layer].cpu()
-        return NeuronStats(self.groups, **out, meta={**self.meta, **(meta or {})})
+                out[k][layers] = host[k][layers]
+        return NeuronStats(self.groups, **out, meta=meta)
+
+
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Host copies of one device's tables, one copy per table (not per layer: one `.cpu()`
+    per layer and table waited 48 times for an 8-layer model on an H200, ~29 ms a run).
+    Pageable copies: pinning ~0.3 GB of 8B-model tables would cost more than it saves.
+    Host tables are copied too: the result must not change when later batches add in."""
+    return {k: v.cpu() if v.device.type != "cpu" else v.clone() for k, v in tensors.items()}
