@@ -82,21 +82,29 @@ class _AddColsSparseGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, idx, d):
-        ctx.save_for_backward(h, idx, d)
-        return h.index_select(-1, idx) @ d.t().to(h.dtype)
+        h_sel = h.index_select(-1, idx)  # [..., k]: kept for d's gradient, not gathered again
+        ctx.h_shape, ctx.h_dtype = h.shape, h.dtype
+        ctx.save_for_backward(h_sel, idx, d)
+        return h_sel @ _as(d.t(), h.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        h, idx, d = ctx.saved_tensors
+        h_sel, idx, d = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_h = grad_d = None
         if ctx.needs_input_grad[0]:
-            part = g2 @ d.to(g2.dtype)  # [tokens, k]
-            grad_h = _sparse_columns(part.to(h.dtype), idx, h.shape)
+            part = g2 @ _as(d, g2.dtype)  # [tokens, k]
+            grad_h = _sparse_columns(_as(part, ctx.h_dtype), idx, ctx.h_shape)
         if ctx.needs_input_grad[2]:
-            h_sel = h.reshape(-1, h.shape[-1]).index_select(-1, idx)  # [tokens, k]
-            grad_d = (g2.t() @ h_sel.to(g2.dtype)).to(d.dtype)  # [H, k]
+            h2 = h_sel.reshape(-1, h_sel.shape[-1])  # [tokens, k]
+            grad_d = _as(g2.t() @ _as(h2, g2.dtype), d.dtype)  # [H, k]
         return grad_h, None, grad_d
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`, skipping the call when it already is (host time per op counts at decode
+    sizes: bench/kernels.py's sparse step was launch-bound up to 4096 tokens on an H200)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _sparse_columns(values: torch.Tensor, idx: torch.Tensor, shape: torch.Size) -> torch.Tensor:
