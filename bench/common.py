@@ -139,6 +139,25 @@ def kernel_time(fn, device: str, *, rep_ms: int = 100) -> float:
     return timeit(fn, device, warmup=2, reps=5, min_seconds=rep_ms / 1e3)
 
 
+def device_busy_time(fn, device: str, *, calls: int = 10) -> float | None:
+    """Seconds of device work per call of `fn`: the summed durations of its kernels and copies
+    (torch.profiler), without the gaps where the device waits for the host to launch. What
+    `fn` costs on a GPU that other work keeps busy; `kernel_time` is what it costs alone,
+    launch overhead included. None off CUDA."""
+    if device != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    # self times: a kernel's duration counted once, not again under the op that launched it
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 / calls
+
+
 def copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:
     """Device-to-device copy rate in bytes/s (read + write counted), timed like the kernels."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)

@@ -13,7 +13,8 @@ Per M tokens x N neurons (GPU: M in 1, 64, 4096, 32768; N in 14336, 18944):
   stats_topk                 (sequence lengths ~ lognormal(4, 0.6) in [8, 512], bucket padding)
   sparse_step              neuron-patch products for 1% of neurons, forward + backward, as the
                            runtime runs them, against the same products as bare index_select +
-                           matmul calls (the floor) and plain autograd (the reference backend)
+                           matmul calls (the floor) and plain autograd (the reference backend);
+                           on GPU also the device's busy time per step apart from launch gaps
 plus a zero-cost control (an empty call through the same timer: its floor) and the
 device copy itself. Times: triton.testing.do_bench (median, L2 flushed) on GPU; interleaved
 medians on CPU. Bytes count each tensor read or written once (the minimum traffic); the
@@ -35,7 +36,7 @@ import torch
 
 from ssn_kernels.args import MaskArgs, StatsTarget
 
-from common import copy_bandwidth, device_name, kernel_time, write_results
+from common import copy_bandwidth, device_busy_time, device_name, kernel_time, write_results
 
 GROUPS = 20
 SHAPES = {  # (N neurons, H hidden) per model
@@ -129,10 +130,17 @@ def _bench_shape(M: int, N: int, H: int, k, dtype, dev: str, t, record) -> None:
         record(name, M, N, t(lambda tgt=tgt: k.stats(x, up, "silu", tgt)), 3 * M * N * e + 8 * M, fwd, groups=GROUPS)
     sp = sparse_cases(M, N, H, dtype, dev)
     floor_s = t(sp["floor"][0])
+    floor_dev = device_busy_time(sp["floor"][0], dev)
     for name in ("floor", "ours", "reference"):
         fn, nbytes, flops = sp[name]
         s = floor_s if name == "floor" else t(fn)
-        record(f"sparse_{name}", M, N, s, nbytes, hidden=H, neurons=sp["k"], flops=flops, ratio_to_floor=s / floor_s)
+        extra = {}
+        if floor_dev:  # GPU: the device's own work, apart from the host's launch gaps (the step is
+            # launch-bound up to a few thousand tokens; inside a model's step the GPU stays busy)
+            dev_s = floor_dev if name == "floor" else device_busy_time(fn, dev)
+            extra = {"device_seconds": dev_s, "device_ratio_to_floor": dev_s / floor_dev}
+        record(f"sparse_{name}", M, N, s, nbytes, hidden=H, neurons=sp["k"], flops=flops, ratio_to_floor=s / floor_s,
+               **extra)
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,8 @@ Same model, same token batches, in one run (interleaved rounds, median):
   (c) hooks   forward pre-hooks on every down projection computing the same statistics with torch ops
   (d) nnsight the same statistics from activations saved by nnsight, if it is installed
 Reports tokens/s, (b)/(a) and the added cost of ours against the hooks': (b-a)/(c-a), and
-separately the cost of `StatsCollector.end_batch` inside (b): host time to enqueue it and,
+separately the cost of `StatsCollector.result` (the totals to the host, once a run) and of
+`StatsCollector.end_batch` inside (b): host time to enqueue it and,
 on GPU, its device time (CUDA events around it; the merge stays on the device and adds
 no synchronisation, issue 14).
 Random weights and token ids: throughput does not depend on what the tokens say.
@@ -130,6 +131,29 @@ def nnsight_runner(model, ids, seq_groups, n_groups, batches, device):
     return run
 
 
+class ResultTimer:
+    """Wraps StatsCollector.result: seconds per run to bring the totals to the host (once per
+    run, at the end: a fixed cost that a run of many batches spreads thin)."""
+
+    def __init__(self):
+        self.seconds, self._orig = 0.0, StatsCollector.result
+
+    def __enter__(self):
+        timer = self
+
+        def timed(collector, *a, **kw):
+            t0 = time.perf_counter()
+            out = timer._orig(collector, *a, **kw)
+            timer.seconds += time.perf_counter() - t0
+            return out
+
+        StatsCollector.result = timed
+        return self
+
+    def __exit__(self, *exc):
+        StatsCollector.result = self._orig
+
+
 class EndBatchTimer:
     """Wraps StatsCollector.end_batch: host seconds per call and, on CUDA, device seconds
     from events recorded around it (read once at the end: no synchronisation per batch)."""
@@ -203,15 +227,16 @@ def main(argv=None) -> int:
     runners["plain"]()  # warm-up: allocator, kernels, caches
     runners["ours"]()
     times = {k: [] for k in runners}
-    end_batch = []
+    end_batch, result_s = [], []
     for r in range(args.rounds):
         for name in list(runners)[r % len(runners):] + list(runners)[: r % len(runners)]:
             timer = EndBatchTimer(gpu) if name == "ours" else None
             sync()
             t0 = time.perf_counter()
             if timer is not None:
-                with timer:
+                with timer, ResultTimer() as rt:
                     runners[name]()
+                result_s.append(rt.seconds)
             else:
                 runners[name]()
             sync()
@@ -224,6 +249,7 @@ def main(argv=None) -> int:
            "ours_over_plain": t["ours"] / t["plain"],
            "added_cost_ours_over_hooks": (t["ours"] - t["plain"]) / max(t["hooks"] - t["plain"], 1e-12),
            "hooks_over_plain": t["hooks"] / t["plain"], "nnsight": "nnsight" in runners,
+           "result_share_of_ours": statistics.median(result_s) / t["ours"],
            "end_batch": {"per_round": end_batch,
                          "host_share_of_ours": statistics.median(e["host_s"] for e in end_batch) / t["ours"],
                          "device_share_of_ours": (statistics.median(e["device_s"] for e in end_batch) / t["ours"]
@@ -233,6 +259,7 @@ def main(argv=None) -> int:
     for k, v in t.items():
         print(f"  {k:<8} {tokens / v:>10.0f} tok/s  ({v:.2f} s)")
     eb = res["end_batch"]
+    print(f"result (totals to the host, once a run): {100 * res['result_share_of_ours']:.2f}% of ours")
     print(f"end_batch: {eb['per_round'][-1]['calls']} calls a run, host {100 * eb['host_share_of_ours']:.2f}% of ours"
           + (f", device {100 * eb['device_share_of_ours']:.2f}%" if gpu else ""))
     print(f"ours/plain = {res['ours_over_plain']:.3f}   hooks/plain = {res['hooks_over_plain']:.3f}   "

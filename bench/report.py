@@ -145,13 +145,34 @@ def _gemv(d: dict) -> str:
             f"(zero-cost control {control})")
 
 
+def _kernels(d: dict) -> str:
+    """Each kernel at issue 14's target shape and the largest one measured."""
+    cases = d["cases"]
+    if d.get("device") != "cuda":
+        return f"{len(cases)} cases on CPU (small shapes; see the JSON file)"
+    parts = []
+    for M in (4096, max(c["M"] for c in cases)):
+        at = {c["case"]: c for c in cases if c["M"] == M and c["N"] == 14336}
+        if not at:
+            continue
+        f = lambda name, key, at=at: at[name][key] if name in at and key in at[name] else float("nan")  # noqa: E731
+        sparse_dev = f("sparse_ours", "device_ratio_to_floor")
+        parts.append(f"M={M} N=14336: fwd {_pct(f('fwd', 'fraction_of_copy_bw'))} of copy, bwd "
+                     f"{_pct(f('bwd', 'fraction_of_copy_bw'))}; stats {_x(f('stats', 'ratio_to_fwd'))} fwd (+gate "
+                     f"{_x(f('stats_gate', 'ratio_to_fwd'))}, +top-k {_x(f('stats_topk', 'ratio_to_fwd'))}); "
+                     f"per-row masks of 8 {_x(f('mask_rows_p8', 'ratio_to_fwd'))} fwd; sparse step "
+                     f"{_x(f('sparse_ours', 'ratio_to_floor'))} the index_select+matmul floor"
+                     + (f" (device time {_x(sparse_dev)})" if math.isfinite(sparse_dev) else ""))
+    return f"copy {d['copy_bytes_per_s'] / 1e9:.0f} GB/s; " + "; ".join(parts)
+
+
 def _generic(d: dict) -> str:
     heads = {k: v for k, v in d.items() if isinstance(v, int | float) and ("_over_" in k or k.endswith("ratio"))}
     return ", ".join(f"{k} {_x(v)}" for k, v in heads.items()) or "see the JSON file"
 
 
 SUMMARIES = {"mlp": _mlp, "profile": _profile, "intervene": _intervene, "train": _train, "serve": _serve, "moe": _moe,
-             "small_batch_linear": _small_batch_linear, "gemv": _gemv}
+             "small_batch_linear": _small_batch_linear, "gemv": _gemv, "kernels": _kernels}
 
 
 def environment(d: dict) -> str:

@@ -37,3 +37,16 @@ def test_replace_table_needs_exactly_one_pair_of_markers():
     assert report.replace_table(text, "new\n") == f"a\n{report.BEGIN}\nnew\n{report.END}\nb\n"
     with pytest.raises(SystemExit, match="markers"):
         report.replace_table("no markers", "new\n")
+
+
+def test_kernels_summary_gives_the_issue_14_targets(tmp_path):
+    def case(name, M, **kw):
+        return {"case": name, "M": M, "N": 14336, **kw}
+    cases = [case("fwd", 4096, fraction_of_copy_bw=0.905), case("bwd", 4096, fraction_of_copy_bw=0.5),
+             case("stats", 4096, ratio_to_fwd=1.8), case("mask_rows_p8", 4096, ratio_to_fwd=1.01),
+             case("sparse_ours", 4096, ratio_to_floor=2.5, device_ratio_to_floor=1.04)]
+    (tmp_path / "kernels-gpu.json").write_text(json.dumps(
+        {"benchmark": "kernels", "device": "cuda", "device_name": "GPU", "copy_bytes_per_s": 4.2e12, "cases": cases}))
+    t = report.table(tmp_path)
+    assert ("copy 4200 GB/s; M=4096 N=14336: fwd 90% of copy, bwd 50%; stats 1.80x fwd (+gate n/a, +top-k n/a); "
+            "per-row masks of 8 1.01x fwd; sparse step 2.50x the index_select+matmul floor (device time 1.04x)") in t
