@@ -49,7 +49,7 @@ step() {  # step NAME SECONDS CMD...: run with a hard limit, log under $OUT, rem
   esac
 }
 
-step preamble 15 $PY - "$OUT/gpu_info.json" <<'EOF'
+step preamble 30 $PY - "$OUT/gpu_info.json" <<'EOF'
 import json, subprocess, sys
 import torch
 info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
@@ -71,9 +71,9 @@ json.dump(info, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(info, indent=1))
 EOF
 
-step kernels 50 $PY bench/kernels.py --rep-ms 60 --out "$OUT/kernels.json"
-step mlp 30 $PY bench/mlp.py --out "$OUT/mlp.json"
-step profile 75 $PY bench/profile.py --rounds 2 --seqs 512 --no-nnsight --out "$OUT/profile.json"
+step kernels 45 $PY bench/kernels.py --rep-ms 60 --out "$OUT/kernels.json"
+step mlp 40 $PY bench/mlp.py --out "$OUT/mlp.json"
+step profile 65 $PY bench/profile.py --rounds 2 --seqs 512 --no-nnsight --out "$OUT/profile.json"
 
 # Warm the Triton cache with the shapes the tests use (odd widths; bf16, fp32, fp16; masks;
 # statistics) in three processes at once, then the CUDA-relevant tests (-k "triton or cuda"
@@ -112,7 +112,7 @@ export PY OUT
 step tests 75 bash -c warm_and_test
 
 step intervene 60 $PY bench/intervene.py --rounds 3 --new-tokens 16 --out "$OUT/intervene.json"
-step moe 55 $PY bench/moe.py --rounds 2 --seqs 128 --out "$OUT/moe.json"
+step moe 45 $PY bench/moe.py --rounds 2 --seqs 128 --out "$OUT/moe.json"
 
 rm -rf "$shim"
 STEPS="preamble kernels mlp profile tests intervene moe"
