@@ -48,8 +48,15 @@ def _mlp(d: dict) -> str:
 
 def _profile(d: dict) -> str:
     nn = f", nnsight {_x(d['seconds']['nnsight'] / d['seconds']['plain'])}" if d.get("nnsight") else ""
-    return (f"{d['tokens']} tokens, {d['params'] / 1e6:.0f}M parameters; time / plain forward: ours "
-            f"{_x(d['ours_over_plain'])}, forward hooks {_x(d['hooks_over_plain'])}{nn}")
+    extra = ""
+    if "result_share_of_ours" in d:  # the once-a-run copy of the totals to the host, inside "ours"
+        extra = f" (ours includes {_pct(d['result_share_of_ours'])} for the totals' one copy to the host"
+        eb = d.get("end_batch", {})
+        if isinstance(eb.get("host_share_of_ours"), float):
+            extra += f", {_pct(eb['host_share_of_ours'])} host time enqueueing the per-batch merges"
+        extra += ")"
+    return (f"{d['tokens']} tokens, {d['params'] / 1e6:.0f}M parameters, {d.get('batches', '?')} batches; time / "
+            f"plain forward: ours {_x(d['ours_over_plain'])}, forward hooks {_x(d['hooks_over_plain'])}{nn}{extra}")
 
 
 def _intervene(d: dict) -> str:

@@ -25,7 +25,7 @@ def test_table_reads_each_result_and_names_its_environment(tmp_path):
     (tmp_path / "new-x.json").write_text(json.dumps(
         {"benchmark": "new", "time": "2026-01-02", "device_name": "GPU", "mask_over_plain": 1.25, "label": "x"}))
     t = report.table(tmp_path)
-    assert "77 tokens, 2M parameters; time / plain forward: ours 1.00x, forward hooks 1.50x" in t
+    assert "77 tokens, 2M parameters, ? batches; time / plain forward: ours 1.00x, forward hooks 1.50x" in t
     assert "CPU x3 threads, torch 9.9, 2026-01-02, commit 01234567" in t
     assert "mask_over_plain 1.25x" in t and "commit not recorded" in t
 
