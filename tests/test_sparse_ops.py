@@ -3,6 +3,8 @@ torch on every backend, the forced backend reaching them, in-place updates, the 
 gradient of h accumulating into the down projection's gradient in place, and bf16 staying
 bf16. (Whole-model exactness against dense autograd: tests/test_patches.py, test_train.py.)"""
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -159,3 +161,16 @@ def test_forced_backend_reaches_the_sparse_ops(monkeypatch):
     assert in_place()  # auto: the fast formulation
     assert not in_place(backend="torch") and in_place(backend="cpp")
     assert repr(ADD_COLS) == "AddColsOp('add_cols')" and ADD_ROWS.dispatch("torch") == ADD_ROWS.forward_native
+
+
+@pytest.mark.parametrize("shape", [(7, 10), (2, 3, 10), (2, 3, 4, 10), (0, 10), (3, 0, 10)])
+def test_sparse_columns_places_each_row_at_the_chosen_columns(shape):
+    from ssn_runtime.core.sparse_ops import _sparse_columns
+
+    rows = math.prod(shape[:-1])
+    idx = torch.tensor([1, 4, 7])
+    values = torch.randn(rows, 3)
+    dense = torch.zeros(rows, shape[-1])
+    dense[:, idx] = values
+    sp = _sparse_columns(values, idx, torch.Size(shape))
+    assert sp.is_coalesced() and torch.equal(sp.to_dense(), dense.view(shape))

@@ -118,16 +118,18 @@ def _sparse_columns(values: torch.Tensor, idx: torch.Tensor, shape: torch.Size) 
     Row-major order with unique idx has no duplicate coordinates, hence `is_coalesced`.
     """
     rows, k = values.shape
-    lead = shape[:-1]
     row = torch.arange(rows, device=values.device)
-    coords = []
-    for size in reversed(lead):
+    coords = []  # each leading dimension's index of every row, innermost first: [rows] each
+    for size in reversed(shape[1:-1]):
         coords.append(row % size)
         row = row // size
-    coords = [c.repeat_interleave(k) for c in reversed(coords)]
-    coords.append(idx.to(values.device).repeat(rows))
-    return torch.sparse_coo_tensor(torch.stack(coords), values.reshape(-1), shape, is_coalesced=True,
-                                   check_invariants=False)
+    coords.append(row)
+    # One stack of broadcast views writes all of [ndim, rows, k]: few, small launches matter,
+    # since the step is launch-bound below a few thousand tokens (bench/kernels.py on an H200).
+    parts = [c.unsqueeze(1).expand(rows, k) for c in reversed(coords)]
+    parts.append(idx.to(values.device).unsqueeze(0).expand(rows, k))
+    return torch.sparse_coo_tensor(torch.stack(parts).view(len(parts), -1), values.reshape(-1), shape,
+                                   is_coalesced=True, check_invariants=False)
 
 
 class AddColsOp(KernelOp):
