@@ -298,10 +298,10 @@ def patch_bytes(folder: str) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-def ssn_server(model: str, profiles: dict[str, str], max_batch: int) -> Proc:
+def ssn_server(model: str, profiles: dict[str, str], max_batch: int, extra: list[str] = ()) -> Proc:
     port = free_port()
     args = [sys.executable, "-m", "ssn_runtime", "serve", "--model", model, "--served-name", "m", "--port",
-            str(port), "--max-batch", str(max_batch), "--queue-size", "1024", "--request-timeout", "600"]
+            str(port), "--max-batch", str(max_batch), "--queue-size", "1024", "--request-timeout", "600", *extra]
     for name, path in profiles.items():
         args += ["--profile", f"{name}={path}"]
     return Proc(args, port)
@@ -471,6 +471,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-anchors", action="store_true")
     ap.add_argument("--no-engines", action="store_true", help="skip the in-process engine comparison")
     ap.add_argument("--no-memory", action="store_true", help="skip the resident-memory servers")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
+                    help="a further `ssn serve` flag for every ssn server, e.g. --server-arg=--max-prefill-tokens=32 "
+                         "(repeatable; recorded in the results)")
     ap.add_argument("--quick", action="store_true", help="tiny settings: check that everything runs")
     ap.add_argument("--out", help="JSON file or folder (default bench/results/)")
     args = ap.parse_args(argv)
@@ -487,13 +490,14 @@ def main(argv=None) -> int:
     res = {"device": "cpu", "device_name": device_name("cpu"), "model": label, "checkpoint": model,
            "profiles": {"masks": masks, "patches": patches}, "max_tokens": args.max_tokens, "clients": clients,
            "seconds_per_setting": args.seconds, "warmup_s": args.warmup, "rounds": args.rounds, "quick": args.quick,
+           "server_args": args.server_arg,
            "runs": []}
 
     # Resident memory: base only, + 2 patch profiles, + 2 masks and 2 patches (after a warm-up)
     if not args.no_memory:
         mem = {}
         for name, profs in (("base_only", {}), ("two_patches", {p: profiles[p] for p in patches})):
-            srv = ssn_server(model, profs, args.max_batch)
+            srv = ssn_server(model, profs, args.max_batch, args.server_arg)
             try:
                 warm(srv.url, "m", prompts)
                 time.sleep(0.5)
@@ -506,7 +510,7 @@ def main(argv=None) -> int:
         print(f"resident memory: base {mem['base_only'] / 2**20:.1f} MiB, +2 patches "
               f"{mem['two_patches'] / 2**20:.1f} MiB ({mem['two_patches_over_base']:.3f}x; patch files "
               f"{sum(mem['patch_bytes_each']) / 2**20:.2f} MiB)")
-    srv = ssn_server(model, profiles, args.max_batch)  # every profile
+    srv = ssn_server(model, profiles, args.max_batch, args.server_arg)  # every profile
     warm(srv.url, "m", prompts)
     # what the server chose at start-up (its GEMM form per row count, its KV layout): timed there
     res["ssn_server_startup"] = [ln for ln in Path(srv.log.name).read_text().splitlines()
