@@ -105,7 +105,7 @@ warm_and_test() {
   $PY -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 60)
   $PY -m pytest -q -p no:cacheprovider -m "not slow" --junitxml="$OUT/tests.xml" "${extra[@]}" \
     tests/test_cuda.py tests/test_fused_act_triton.py tests/test_fused_act_stats.py tests/test_fused_act_op.py \
-    tests/test_parity_zoo.py tests/test_masks.py tests/test_patches.py -k "triton or cuda"
+    tests/test_parity_zoo.py tests/test_masks.py tests/test_patches.py tests/test_devices.py -k "triton or cuda"
 }
 export -f warm_and_test
 export PY OUT

@@ -66,6 +66,7 @@ import torch.nn as nn
 from ..errors import SSNError
 from .activations import kernel_activation
 from .adapters import LLAMA_STYLE, NeuronSite, decoder_layers, out_features
+from .devices import to_device
 from .neuron_space import LayerLayout
 
 _LLAMA_LAYERS = ("model.layers", "model.language_model.layers", "language_model.model.layers")
@@ -488,7 +489,7 @@ def expert_table(masks: list, layer: int, lay: LayerLayout, device) -> tuple[tor
         if d is not None:
             scale[p] = d[0][D:D + E * w].view(E, w)
             bias[p] = d[1][D:D + E * w].view(E, w)
-    to = lambda t: t.permute(1, 0, 2).reshape(E * P, w).contiguous().to(device)
+    to = lambda t: to_device(t.permute(1, 0, 2).reshape(E * P, w).contiguous(), device)
     return to(scale), to(bias)
 
 

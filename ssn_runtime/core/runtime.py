@@ -45,6 +45,7 @@ from ..errors import SSNError
 from . import cpp_ops
 from .adapters import GATED, GATED_FUSED, NeuronSite, find_sites
 from .backends import BACKENDS, forced_backend, select_backend
+from .devices import to_device
 from .fused_act import fused_act
 from .sparse_ops import add_cols, add_rows
 
@@ -123,8 +124,8 @@ class _Variants:
             if all(d is None for d in dense):
                 value = None
             else:
-                scale = torch.stack([d[0] if d else torch.ones(n) for d in dense]).to(device).contiguous()
-                bias = torch.stack([d[1] if d else torch.zeros(n) for d in dense]).to(device).contiguous()
+                scale = to_device(torch.stack([d[0] if d else torch.ones(n) for d in dense]), device)
+                bias = to_device(torch.stack([d[1] if d else torch.zeros(n) for d in dense]), device)
                 value = (scale, bias)
             with self._lock:
                 self._tables.setdefault(key, value)
@@ -157,7 +158,7 @@ class Intervention:
             if B == 0 or token_rows % B:
                 raise SSNError(f"per-row variants were given for {B} rows, but the batch has {token_rows} token "
                                "rows; give one variant per batch row (or per token row)")
-            ids = self.rows.repeat_interleave(token_rows // B).to(device)
+            ids = to_device(self.rows.repeat_interleave(token_rows // B), device)
             self.cache[key] = ids
         return ids
 
@@ -730,7 +731,7 @@ def _stack_patches(vs: _Variants, site: NeuronSite, device):
         return None
     dtype = functools.reduce(torch.promote_types, [t.dtype for _, d in items for k, t in d.items() if k != "index"])
     index = torch.cat([d["index"] for _, d in items]).to(device=device, dtype=torch.long)
-    owner = torch.cat([torch.full((d["index"].numel(),), v, dtype=torch.long) for v, d in items]).to(device)
+    owner = to_device(torch.cat([torch.full((d["index"].numel(),), v, dtype=torch.long) for v, d in items]), device)
     layout = tuple((v, d["index"].numel()) for v, d in items)
     H = site.hidden_size
 

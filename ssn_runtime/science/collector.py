@@ -34,18 +34,11 @@ import torch
 
 from ssn_kernels.args import StatsTarget
 
+from ..core.devices import to_device
 from ..errors import SSNError
 from .stats import NeuronStats
 
 _BATCH = ("sum", "sumsq", "abs_sum", "active", "gate_active")
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device` without synchronising: CUDA copies go through pinned memory
-    with non_blocking=True (a pageable copy makes torch wait for the stream)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class _DeviceTables:

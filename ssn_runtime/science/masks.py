@@ -30,6 +30,7 @@ import torch
 from ssn_kernels.args import MaskArgs  # noqa: F401
 
 from ..core.adapters import down_weight_cols
+from ..core.devices import to_device
 from ..core.fingerprint import ForModel, ModelFingerprint, a_fingerprint
 from ..core.neuron_space import check_layer_indices
 from ..errors import SSNError
@@ -160,7 +161,7 @@ class NeuronMask(ForModel):
         bias = torch.zeros(n, dtype=torch.float32)
         scale[lm.index] = lm.scale
         bias[lm.index] = lm.bias
-        return scale.to(device), bias.to(device)
+        return to_device(scale, device), to_device(bias, device)
 
     # ----- persistence -----
     def save(self, folder: str | Path) -> Path:

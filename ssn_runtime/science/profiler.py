@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import batching
+from ..core.devices import to_device
 from ..core.fingerprint import model_fingerprint
 from ..core.loading import default_device
 from ..core.runtime import ensure_attached
@@ -29,7 +30,7 @@ from ..data import Record, encode_prompt, ids_digest, plan_batches
 from ..errors import SSNError
 from ..options import option
 from ..validation import check_int, check_number
-from .collector import StatsCollector, to_device
+from .collector import StatsCollector
 from .stats import NeuronStats, stamp
 
 POSITIONS = ("prompt", "last", "generated")
