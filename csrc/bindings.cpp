@@ -75,24 +75,28 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "row_patch_inputs",
-      [](uintptr_t hidden, int64_t hs, uintptr_t sel, int64_t rows, uintptr_t index, int64_t cols, uintptr_t w,
-         int64_t kinds, int64_t hidden_size, uintptr_t member, uintptr_t out0, int64_t s0, uintptr_t out1, int64_t s1,
-         int threads) {
+      [](int dtype, uintptr_t hidden, int64_t hs, uintptr_t sel, int64_t rows, uintptr_t index, int64_t cols,
+         uintptr_t w, int64_t kinds, int64_t hidden_size, uintptr_t member, uintptr_t out0, int64_t s0, uintptr_t out1,
+         int64_t s1, int64_t own_cols, int threads) {
+        if (dtype != ssn::kRowPatchFloat32 && dtype != ssn::kRowPatchBFloat16)
+          throw std::invalid_argument("unsupported dtype code");
         if (kinds < 1 || kinds > 2) throw std::invalid_argument("kinds must be 1 or 2");
-        ssn::row_patch_inputs(static_cast<const float*>(ptr(hidden)), hs, static_cast<const int64_t*>(ptr(sel)), rows,
+        ssn::row_patch_inputs(dtype, ptr(hidden), hs, static_cast<const int64_t*>(ptr(sel)), rows,
                               static_cast<const int64_t*>(ptr(index)), cols, static_cast<const float*>(ptr(w)), kinds,
-                              hidden_size, static_cast<const float*>(ptr(member)), static_cast<float*>(ptr(out0)), s0,
-                              static_cast<float*>(ptr(out1)), s1, threads);
+                              hidden_size, static_cast<const float*>(ptr(member)), ptr(out0), s0, ptr(out1), s1,
+                              own_cols, threads);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "row_patch_down",
-      [](uintptr_t act, int64_t as, uintptr_t sel, int64_t rows, uintptr_t index, int64_t cols, uintptr_t down,
-         int64_t hidden_size, uintptr_t member, uintptr_t out, int64_t so, int threads) {
-        ssn::row_patch_down(static_cast<const float*>(ptr(act)), as, static_cast<const int64_t*>(ptr(sel)), rows,
+      [](int dtype, uintptr_t act, int64_t as, uintptr_t sel, int64_t rows, uintptr_t index, int64_t cols,
+         uintptr_t down, int64_t hidden_size, uintptr_t member, uintptr_t out, int64_t so, int64_t own_cols,
+         int threads) {
+        if (dtype != ssn::kRowPatchFloat32 && dtype != ssn::kRowPatchBFloat16)
+          throw std::invalid_argument("unsupported dtype code");
+        ssn::row_patch_down(dtype, ptr(act), as, static_cast<const int64_t*>(ptr(sel)), rows,
                             static_cast<const int64_t*>(ptr(index)), cols, static_cast<const float*>(ptr(down)),
-                            hidden_size, static_cast<const float*>(ptr(member)), static_cast<float*>(ptr(out)), so,
-                            threads);
+                            hidden_size, static_cast<const float*>(ptr(member)), ptr(out), so, own_cols, threads);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(

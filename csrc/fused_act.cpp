@@ -1,5 +1,7 @@
 #include "fused_act.h"
 
+#include "bf16.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -15,22 +17,6 @@ namespace {
 #else
 #define SSN_CLONES
 #endif
-
-SSN_INLINE float bf16_to_float(uint16_t v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
-
-// Round to nearest even, as torch does; NaN stays a quiet NaN.
-SSN_INLINE uint16_t float_to_bf16(float f) {
-  uint32_t bits = __builtin_bit_cast(uint32_t, f);
-  uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
-}
-
-template <typename T> SSN_INLINE float load(const T* p, int64_t i);
-template <> SSN_INLINE float load<float>(const float* p, int64_t i) { return p[i]; }
-template <> SSN_INLINE float load<uint16_t>(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
-template <typename T> SSN_INLINE void store(T* p, int64_t i, float v);
-template <> SSN_INLINE void store<float>(float* p, int64_t i, float v) { p[i] = v; }
-template <> SSN_INLINE void store<uint16_t>(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
 // exp without a libm call so that the loops vectorise: Cephes expf polynomial, about
 // 1 ulp. Overflow gives inf and deep underflow 0, so sigmoid saturates to exactly 0 or 1.

@@ -145,20 +145,22 @@ def test_per_row_patches_equal_merged_models(arch, backend):
             assert torch.equal(mixed_gen[i, : len(gen)], gen), name
 
 
-@pytest.mark.parametrize("backend", [b for b in ("torch", "cpp") if b in BACKENDS])
+@pytest.mark.parametrize(("backend", "dtype"), [(b, torch.float32) for b in ("torch", "cpp") if b in BACKENDS]
+                         + [("cpp", torch.bfloat16)] * ("cpp" in BACKENDS))
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_stacked_per_row_patches_with_partial_modules_and_shared_neurons(arch, backend, monkeypatch):
+def test_stacked_per_row_patches_with_partial_modules_and_shared_neurons(arch, backend, dtype, monkeypatch):
     """Per-row patches of one layer run as one stack: patches that change different modules
     (gate only, down only, all) on overlapping neurons each reach exactly their own rows; rows
     of the base model get nothing added (bit for bit what the batch computes without variants).
-    The cpp backend runs the stack in csrc/row_patch.cpp, the torch backend in torch ops."""
+    The cpp backend runs the stack in csrc/row_patch.cpp (float32 and bfloat16 activations),
+    the torch backend in torch ops."""
     from ssn_runtime.core import cpp_ops
 
     calls = []
     for name in ("row_patch_inputs", "row_patch_down"):
         real = getattr(cpp_ops, name)
         monkeypatch.setattr(cpp_ops, name, lambda *a, _real=real, _n=name: (calls.append(_n), _real(*a))[1])
-    model = tiny_model(arch)
+    model = tiny_model(arch, dtype=dtype)
     site = ssn_runtime.find_sites(model)[0]
     fp = ssn_runtime.core.fingerprint.model_fingerprint(model)
     g = torch.Generator().manual_seed(7)
@@ -186,8 +188,10 @@ def test_stacked_per_row_patches_with_partial_modules_and_shared_neurons(arch, b
                 continue
             with h.intervene(patch=patches[name]):
                 alone = model(input_ids=ids[i:i + 1], attention_mask=am[i:i + 1]).logits
-            assert rel_err(mixed[i:i + 1], alone, am[i:i + 1]) <= 1e-5, name
-            assert rel_err(mixed[i:i + 1], plain[i:i + 1], am[i:i + 1]) > 1e-4, name  # the patch does something
+            # bfloat16: the one-patch path rounds its deltas elsewhere (sparse_ops), two layers deep
+            tol, moved = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 5e-2)
+            assert rel_err(mixed[i:i + 1], alone, am[i:i + 1]) <= tol, name
+            assert rel_err(mixed[i:i + 1], plain[i:i + 1], am[i:i + 1]) > moved, name  # the patch does something
 
 
 def test_trainable_per_row_patches_keep_their_gradients():

@@ -2,12 +2,15 @@
 float64 reference at odd shapes: each selected row gets exactly its own patch's deltas where
 its member entry is 1; every other element (other rows, other patches' columns) is untouched
 bit for bit; the same neuron in two patches adds up; rows may be strided views; bad
-arguments are refused before a pointer crosses into C++."""
+arguments are refused before a pointer crosses into C++. In bfloat16 the kernels round as the
+torch path does (a float32 delta rounded to bfloat16, then added to the bfloat16 output) and
+agree with that path to within one bfloat16 rounding of the delta."""
 
 import pytest
 import torch
 
 from ssn_runtime.core import cpp_ops
+from ssn_runtime.core.runtime import _put
 
 pytestmark = pytest.mark.skipif(not cpp_ops.available("row_patch_inputs"), reason="C++ kernels not built")
 
@@ -75,6 +78,58 @@ def test_row_patch_down_equals_a_float64_reference_and_touches_nothing_else():
     assert torch.equal(wide[:, :2], wide[:, :2].clone())  # nothing written outside the view's columns
 
 
+def _bf16_close(got: torch.Tensor, want: torch.Tensor, delta_scale: torch.Tensor) -> None:
+    """Within one bfloat16 rounding of the delta plus one of the sum (the C++ dot product and
+    torch's GEMM sum in different orders, so a delta near a rounding tie may round apart)."""
+    tol = (delta_scale.abs() + want.abs()) * 2.0 ** -7 + 1e-30
+    assert bool(((got.double() - want.double()).abs() <= tol).all())
+
+
+@pytest.mark.parametrize("kinds", [1, 2])
+def test_row_patch_inputs_bfloat16_rounds_as_the_torch_path(kinds):
+    sel, index, member, hidden, w, _ = _case(kinds, seed=3)
+    hidden = hidden.bfloat16()
+    g = torch.Generator().manual_seed(4)
+    wide = torch.randn(M, 2 * N + 3, generator=g).bfloat16()
+    outs = [wide[:, :N], wide[:, N + 3:]][:kinds]
+    before = [o.clone() for o in outs]
+    # the torch path (runtime._RowPatchStack.add_inputs): float32 product, bf16 index_put_ accumulate
+    S = index.numel()
+    prod = hidden.index_select(0, sel).float() @ w.t()
+    want = [o.clone() for o in outs]
+    for k in range(kinds):
+        _put(want[k], (sel.unsqueeze(1), index.unsqueeze(0)), prod[:, k * S:(k + 1) * S] * member)
+    cpp_ops.row_patch_inputs(cpp_ops.RowPatchTables(sel, M, index, N, member, w, None), hidden, outs)
+    scale = torch.zeros(M, N, dtype=torch.float64)
+    for r, row in enumerate(sel.tolist()):
+        for s_, col in enumerate(index.tolist()):
+            scale[row, col] += abs(float(prod[r, s_] * member[r, s_]))
+    for o, b, ref in zip(outs, before, want, strict=True):
+        assert o.dtype == torch.bfloat16
+        _bf16_close(o, ref, scale)
+        assert torch.equal(o[scale == 0], b[scale == 0])  # untouched, bit for bit
+        assert not torch.equal(o, b)
+
+
+def test_row_patch_down_bfloat16_rounds_as_the_torch_path():
+    sel, index, member, hidden, _, down = _case(1, seed=5)
+    g = torch.Generator().manual_seed(6)
+    act = torch.randn(M, N, generator=g).bfloat16()
+    wide = torch.randn(M, H + 5, generator=g).bfloat16()
+    out = wide[:, 2:H + 2]
+    before = out.clone()
+    delta = (act.index_select(0, sel).index_select(1, index).float() * member) @ down
+    want = _put(out.clone(), (sel,), delta)
+    cpp_ops.row_patch_down(cpp_ops.RowPatchTables(sel, M, index, N, member, None, down), act, out)
+    scale = torch.zeros(M, H, dtype=torch.float64)
+    scale[sel] = delta.double().abs()
+    _bf16_close(out, want, scale)
+    others = torch.ones(M, dtype=torch.bool)
+    others[sel] = False
+    assert torch.equal(out[others], before[others])
+    assert torch.equal(wide[:, :2], wide[:, :2].clone())
+
+
 def test_bad_arguments_are_refused_before_the_kernel():
     sel, index, member, hidden, w, down = _case(2)
     Tables = cpp_ops.RowPatchTables
@@ -102,6 +157,8 @@ def test_bad_arguments_are_refused_before_the_kernel():
         cpp_ops.row_patch_inputs(t, hidden[: M - 1], [out, out.clone()])  # fewer rows than sel reaches
     with pytest.raises(ValueError, match="hidden"):
         cpp_ops.row_patch_inputs(t, hidden.double(), [out, out.clone()])
+    with pytest.raises(ValueError, match="one dtype"):  # bfloat16 input, float32 outputs
+        cpp_ops.row_patch_inputs(t, hidden.bfloat16(), [out, out.clone()])
     with pytest.raises(ValueError, match="hidden"):
         cpp_ops.row_patch_inputs(t, hidden, [out[:, : N - 1], out.clone()])  # a column past the end
     with pytest.raises(ValueError, match="hidden"):

@@ -159,6 +159,8 @@ class RowPatchRows:
         if R and (int(sel.min()) < 0 or int(sel.max()) >= sel_hi):
             raise ValueError("row_patch: a row id is outside [0, sel_hi)")
         self.R, self.sel_hi = R, sel_hi
+        # the most columns one row computes (its own patch's): the work that decides on threads
+        self.own = int((member != 0).sum(1).max()) if R and self.S else 0
         self._keep = (sel, member)
         self.sel, self.member = sel.data_ptr(), member.data_ptr()
 
@@ -184,42 +186,45 @@ class RowPatchTables:
         if rows.S != cols.S:
             raise ValueError(f"row_patch: member has {rows.S} columns for {cols.S} neurons")
         self._halves = (rows, cols)  # (keeps their tensors, so the pointers stay valid)
-        self.R, self.S, self.sel_hi, self.index_hi = rows.R, cols.S, rows.sel_hi, cols.index_hi
+        self.R, self.S, self.sel_hi, self.index_hi, self.own = rows.R, cols.S, rows.sel_hi, cols.index_hi, rows.own
         self.kinds, self.H = cols.kinds, cols.H
         self.sel, self.member, self.index, self.w, self.down = rows.sel, rows.member, cols.index, cols.w, cols.down
 
 
-def _rows_ok(t: torch.Tensor, rows: int, cols: int) -> bool:
-    """A 2-D float32 CPU tensor with contiguous columns, at least `rows` x `cols`."""
-    return (t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 2 and t.shape[0] >= rows
+def _rows_ok(t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> bool:
+    """A 2-D `dtype` CPU tensor with contiguous columns, at least `rows` x `cols`."""
+    return (t.dtype == dtype and t.device.type == "cpu" and t.dim() == 2 and t.shape[0] >= rows
             and t.shape[1] >= cols and (t.stride(1) == 1 or t.shape[1] == 1))
 
 
 def row_patch_inputs(tables: RowPatchTables, hidden: torch.Tensor, outs: list[torch.Tensor]) -> None:
     """In place: outs[k][sel[r], index[s]] += member[r, s] * (hidden[sel[r]] @ w[k * S + s]),
-    for the `tables.kinds` outputs [rows, neurons] (kind 0 and 1: gate and up, or up alone)."""
-    t = tables
-    if not t.w or len(outs) != t.kinds or not _rows_ok(hidden, t.sel_hi, t.H) or hidden.shape[1] != t.H \
-            or not all(_rows_ok(o, t.sel_hi, t.index_hi) for o in outs):
+    for the `tables.kinds` outputs [rows, neurons] (kind 0 and 1: gate and up, or up alone).
+    `hidden` and the outputs: float32, or bfloat16 (each delta is rounded to bfloat16 before
+    it is added, as torch's index_put_ adds a float32 delta to a bfloat16 tensor)."""
+    t, dtype = tables, hidden.dtype
+    if not t.w or dtype not in DTYPES or len(outs) != t.kinds or not _rows_ok(hidden, t.sel_hi, t.H, dtype) \
+            or hidden.shape[1] != t.H or not all(_rows_ok(o, t.sel_hi, t.index_hi, dtype) for o in outs):
         raise ValueError("row_patch_inputs: hidden must be [>= sel_hi, H] and each output [>= sel_hi, "
-                         ">= index_hi], float32 CPU with contiguous columns")
+                         ">= index_hi], float32 or bfloat16 (one dtype) CPU with contiguous columns")
     if t.R and t.S:
         o1 = outs[-1]
-        _ext.row_patch_inputs(hidden.data_ptr(), hidden.stride(0), t.sel, t.R, t.index, t.S, t.w, t.kinds, t.H,
-                              t.member, outs[0].data_ptr(), outs[0].stride(0), o1.data_ptr(), o1.stride(0),
-                              torch.get_num_threads())
+        _ext.row_patch_inputs(DTYPES[dtype], hidden.data_ptr(), hidden.stride(0), t.sel, t.R, t.index, t.S, t.w,
+                              t.kinds, t.H, t.member, outs[0].data_ptr(), outs[0].stride(0), o1.data_ptr(),
+                              o1.stride(0), t.own, torch.get_num_threads())
 
 
 def row_patch_down(tables: RowPatchTables, act: torch.Tensor, out: torch.Tensor) -> None:
-    """In place: out[sel[r]] += sum_s member[r, s] * act[sel[r], index[s]] * down[s]."""
-    t = tables
-    if not t.down or not _rows_ok(act, t.sel_hi, t.index_hi) or not _rows_ok(out, t.sel_hi, t.H) \
-            or out.shape[1] != t.H:
-        raise ValueError("row_patch_down: act must be [>= sel_hi, >= index_hi] and out [>= sel_hi, H], float32 CPU "
-                         "with contiguous columns")
+    """In place: out[sel[r]] += sum_s member[r, s] * act[sel[r], index[s]] * down[s]; `act` and
+    `out` float32, or bfloat16 (a row's delta summed in float32, rounded, then added)."""
+    t, dtype = tables, act.dtype
+    if not t.down or dtype not in DTYPES or not _rows_ok(act, t.sel_hi, t.index_hi, dtype) \
+            or not _rows_ok(out, t.sel_hi, t.H, dtype) or out.shape[1] != t.H:
+        raise ValueError("row_patch_down: act must be [>= sel_hi, >= index_hi] and out [>= sel_hi, H], float32 or "
+                         "bfloat16 (one dtype) CPU with contiguous columns")
     if t.R and t.S:
-        _ext.row_patch_down(act.data_ptr(), act.stride(0), t.sel, t.R, t.index, t.S, t.down, t.H, t.member,
-                            out.data_ptr(), out.stride(0), torch.get_num_threads())
+        _ext.row_patch_down(DTYPES[dtype], act.data_ptr(), act.stride(0), t.sel, t.R, t.index, t.S, t.down, t.H,
+                            t.member, out.data_ptr(), out.stride(0), t.own, torch.get_num_threads())
 
 
 def transpose(src: torch.Tensor) -> torch.Tensor:

@@ -603,7 +603,7 @@ class _RowPatchStack:
                 rows = [o.view(-1, o.shape[-1]) for o in outs]
             except RuntimeError:
                 rows = None
-            if rows is not None and all(_f32_cpu(t) for t in (hidden, *outs)):
+            if rows is not None and _native_acts(hidden, *outs):
                 cpp_ops.row_patch_inputs(self.native, hidden.reshape(-1, hidden.shape[-1]), rows)
                 return x, up
         S = self.index.numel()
@@ -620,7 +620,7 @@ class _RowPatchStack:
     def add_down(self, h, out, native: bool = False):
         if self.down is None:
             return out
-        if self._use_native(native, h, out) and _f32_cpu(h) and _f32_cpu(out):
+        if self._use_native(native, h, out) and _native_acts(h, out):
             try:
                 rows = out.view(-1, out.shape[-1])
             except RuntimeError:
@@ -634,6 +634,12 @@ class _RowPatchStack:
 
 def _f32_cpu(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.device.type == "cpu"
+
+
+def _native_acts(*acts: torch.Tensor) -> bool:
+    """Activations the C++ row-patch kernels take: CPU, one dtype, float32 or bfloat16."""
+    dtype = acts[0].dtype
+    return dtype in (torch.float32, torch.bfloat16) and all(t.dtype == dtype and t.device.type == "cpu" for t in acts)
 
 
 def _put(out: torch.Tensor, where: tuple, delta: torch.Tensor) -> torch.Tensor:
