@@ -91,7 +91,7 @@ def _train(d: dict) -> str:
 
 
 def _serve(d: dict) -> str:
-    model = Path(str(d.get("model", "?"))).name
+    model = Path(str(d.get("model", "?"))).name + (f" in {d['dtype']}" if d.get("dtype", "auto") != "auto" else "")
     if "summary" not in d:  # the first layout (the dynamic batcher): headline ratios at the top level
         return (f"{model}: throughput 16 clients / 1 client {_x(d.get('scaling_16_over_1'))}, mixed "
                 f"profiles / base only at 16 clients {_x(d.get('mixed_over_base_16'))}")

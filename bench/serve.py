@@ -298,10 +298,12 @@ def patch_bytes(folder: str) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-def ssn_server(model: str, profiles: dict[str, str], max_batch: int, extra: list[str] = ()) -> Proc:
+def ssn_server(model: str, profiles: dict[str, str], max_batch: int, extra: list[str] = (),
+               dtype: str = "auto") -> Proc:
     port = free_port()
     args = [sys.executable, "-m", "ssn_runtime", "serve", "--model", model, "--served-name", "m", "--port",
-            str(port), "--max-batch", str(max_batch), "--queue-size", "1024", "--request-timeout", "600", *extra]
+            str(port), "--max-batch", str(max_batch), "--queue-size", "1024", "--request-timeout", "600",
+            "--dtype", dtype, *extra]
     for name, path in profiles.items():
         args += ["--profile", f"{name}={path}"]
     return Proc(args, port)
@@ -315,7 +317,8 @@ def warm(url: str, model: str, prompts: list[str]) -> None:
 
 
 # ----- the engine in process vs the transformers continuous-batching manager -----
-def compare_engines(model_path: str, prompts: list[str], n: int, max_tokens: int, rounds: int) -> dict:
+def compare_engines(model_path: str, prompts: list[str], n: int, max_tokens: int, rounds: int,
+                    dtype: str = "auto") -> dict:
     """The same greedy workload (n prompts arriving at once, natural lengths) through our
     engine, transformers' `generate_batch` (continuous batching, paged attention) and a plain
     padded `generate`, in interleaved rounds; with each one's agreement with greedy decoding of
@@ -335,11 +338,11 @@ def compare_engines(model_path: str, prompts: list[str], n: int, max_tokens: int
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     inputs = [enc(prompts[i % len(prompts)]) for i in range(n)]
-    ours_model = load_model(model_path)
+    ours_model = load_model(model_path, dtype=dtype)
     eos = ours_model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     engine = Engine(ours_model, tok, ssn_runtime.attach(ours_model), max_batch=n, queue_size=n, gather_ms=20).start()
-    cb_model = load_model(model_path)
+    cb_model = load_model(model_path, dtype=dtype)
     cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(eos),
                            pad_token_id=tok.pad_token_id)
     # Sized for this workload: by default the manager takes 80-90% of free memory for its KV
@@ -432,7 +435,7 @@ def compare_engines(model_path: str, prompts: list[str], n: int, max_tokens: int
 CB_BLOCK, CB_BATCH_TOKENS = 32, 512  # paged KV block size; tokens per step (as ssn's --max-prefill-tokens default)
 
 
-def transformers_server(model: str, max_clients: int, max_tokens: int) -> Proc | None:
+def transformers_server(model: str, max_clients: int, max_tokens: int, dtype: str = "auto") -> Proc | None:
     exe = Path(sys.executable).with_name("transformers")
     if not exe.exists():
         return None
@@ -442,7 +445,8 @@ def transformers_server(model: str, max_clients: int, max_tokens: int) -> Proc |
     blocks = max_clients * (-(-(256 + max_tokens) // CB_BLOCK) + 1)
     return Proc([str(exe), "serve", model, "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
                  "--port", str(port), "--cb-block-size", str(CB_BLOCK), "--cb-num-blocks", str(blocks),
-                 "--cb-max-batch-tokens", str(CB_BATCH_TOKENS), "--cb-max-memory-percent", "0.1"], port,
+                 "--cb-max-batch-tokens", str(CB_BATCH_TOKENS), "--cb-max-memory-percent", "0.1", "--dtype", dtype],
+                port,
                 ready_path="/health")
 
 
@@ -474,6 +478,9 @@ def main(argv=None) -> int:
     ap.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
                     help="a further `ssn serve` flag for every ssn server, e.g. --server-arg=--max-prefill-tokens=32 "
                          "(repeatable; recorded in the results)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="the weights' dtype in every server and engine (auto: the checkpoint's); a run in another "
+                         "dtype than auto is written as serve-<model>-<dtype>")
     ap.add_argument("--quick", action="store_true", help="tiny settings: check that everything runs")
     ap.add_argument("--out", help="JSON file or folder (default bench/results/)")
     args = ap.parse_args(argv)
@@ -490,14 +497,14 @@ def main(argv=None) -> int:
     res = {"device": "cpu", "device_name": device_name("cpu"), "model": label, "checkpoint": model,
            "profiles": {"masks": masks, "patches": patches}, "max_tokens": args.max_tokens, "clients": clients,
            "seconds_per_setting": args.seconds, "warmup_s": args.warmup, "rounds": args.rounds, "quick": args.quick,
-           "server_args": args.server_arg,
+           "server_args": args.server_arg, "dtype": args.dtype,
            "runs": []}
 
     # Resident memory: base only, + 2 patch profiles, + 2 masks and 2 patches (after a warm-up)
     if not args.no_memory:
         mem = {}
         for name, profs in (("base_only", {}), ("two_patches", {p: profiles[p] for p in patches})):
-            srv = ssn_server(model, profs, args.max_batch, args.server_arg)
+            srv = ssn_server(model, profs, args.max_batch, args.server_arg, args.dtype)
             try:
                 warm(srv.url, "m", prompts)
                 time.sleep(0.5)
@@ -510,7 +517,7 @@ def main(argv=None) -> int:
         print(f"resident memory: base {mem['base_only'] / 2**20:.1f} MiB, +2 patches "
               f"{mem['two_patches'] / 2**20:.1f} MiB ({mem['two_patches_over_base']:.3f}x; patch files "
               f"{sum(mem['patch_bytes_each']) / 2**20:.2f} MiB)")
-    srv = ssn_server(model, profiles, args.max_batch, args.server_arg)  # every profile
+    srv = ssn_server(model, profiles, args.max_batch, args.server_arg, args.dtype)  # every profile
     warm(srv.url, "m", prompts)
     # what the server chose at start-up (its GEMM form per row count, its KV layout): timed there
     res["ssn_server_startup"] = [ln for ln in Path(srv.log.name).read_text().splitlines()
@@ -544,7 +551,7 @@ def main(argv=None) -> int:
     anchors = []
     if not args.no_anchors:
         for name, start in (("transformers_serve_cb", lambda: transformers_server(model, max(clients),
-                                                                                   args.max_tokens)),
+                                                                                   args.max_tokens, args.dtype)),
                             ("llama_cpp_q4", lambda: llamacpp_server(gguf) if gguf else None)):
             try:
                 srv = start()
@@ -574,14 +581,14 @@ def main(argv=None) -> int:
 
     if not args.no_engines:
         n = 8 if args.quick else 32
-        res["engines"] = compare_engines(model, prompts, n, args.max_tokens, 1 if args.quick else 3)
+        res["engines"] = compare_engines(model, prompts, n, args.max_tokens, 1 if args.quick else 3, args.dtype)
         for k, v in res["engines"].items():
             if isinstance(v, dict) and "tokens_per_s" in v:
                 print(f"in process, {n} requests at once: {k:<30} {v['tokens_per_s']:8.1f} tok/s, agrees with solo "
                       f"greedy on {v['agree_with_solo_greedy']}/{v['of']}")
     res["summary"] = summarize(res["runs"], clients)
     print(json.dumps(res["summary"], indent=1))
-    path = write_results(f"serve-{label}", res, args.out)
+    path = write_results(f"serve-{label}" + (f"-{args.dtype}" if args.dtype != "auto" else ""), res, args.out)
     print(f"wrote {path}")
     return 0
 
