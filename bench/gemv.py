@@ -3,9 +3,10 @@ weight shape of SmolLM2-135M, with the weights streaming from memory as in a dec
 many distinct matrices of a shape as the model has, cycled), interleaved with a zero-cost
 control (F.linear timed twice: the noise), and each as a fraction of this machine's measured
 copy bandwidth (a torch copy of as many bytes: read + write) - the limit a one-row product,
-bound by reading its weights, can approach.
+bound by reading its weights, can approach. `--dtype bfloat16`: bfloat16 weights (half the
+bytes; the kernel widens them to float32 as they stream by), written as gemv-bfloat16.
 
-    python bench/gemv.py
+    python bench/gemv.py [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -36,24 +37,28 @@ def contenders(ws: list, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--out", help="JSON file or folder (default bench/results/)")
     args = ap.parse_args(argv)
-    if not cpp_ops.available("gemv_f32"):
+    dtype = getattr(torch, args.dtype)
+    if not cpp_ops.available("gemv_f32" if dtype == torch.float32 else "gemv_bf16"):
         print("error: the C++ kernels are not built (pip install -e .)", file=sys.stderr)
         return 2
     g = torch.Generator().manual_seed(0)
-    res = {"device": "cpu", "device_name": device_name("cpu"), "threads": torch.get_num_threads(), "cases": []}
+    res = {"device": "cpu", "device_name": device_name("cpu"), "threads": torch.get_num_threads(),
+           "dtype": args.dtype, "cases": []}
+    tol = 1e-4 if dtype == torch.float32 else 2 ** -6  # bfloat16: both round once; sums in other orders
     for out_f, in_f, n in SHAPES:
-        ws = [torch.randn(out_f, in_f, generator=g) for _ in range(n)]
-        x = torch.randn(1, in_f, generator=g)
-        src, dst = torch.cat([w.view(-1) for w in ws]), torch.empty(out_f * in_f * n)
+        ws = [torch.randn(out_f, in_f, generator=g).to(dtype) for _ in range(n)]
+        x = torch.randn(1, in_f, generator=g).to(dtype)
+        src, dst = torch.cat([w.view(-1) for w in ws]), torch.empty(out_f * in_f * n, dtype=dtype)
         for w in ws:  # parity first: a benchmark of a wrong product means nothing
-            torch.testing.assert_close(cpp_ops.gemv(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(cpp_ops.gemv(x, w), F.linear(x, w), rtol=tol, atol=tol)
         fns = contenders(ws, x, src, dst)
         samples = {}
         compare(fns, "cpu", rounds=args.rounds, samples_out=samples)
         med = {k: statistics.median(v) for k, v in samples.items()}
-        gb = out_f * in_f * n * 4 / 1e9
+        gb = out_f * in_f * n * ws[0].element_size() / 1e9
         case = {"shape": [out_f, in_f], "matrices": n, "weights_gb": gb,
                 **{f"{k}_ms": 1e3 * v for k, v in med.items()},
                 "gemv_over_linear": statistics.median(a / b for a, b in zip(samples["gemv"], samples["linear"],
@@ -70,7 +75,7 @@ def main(argv=None) -> int:
               f"gemv {case['gemv_ms']:6.2f} ms ({case['gemv_gb_s']:5.1f} GB/s): {case['gemv_over_linear']:.2f}x "
               f"(control {case['control_over_linear']:.2f}x); copy {case['copy_gb_s']:5.1f} GB/s, gemv at "
               f"{case['gemv_fraction_of_copy']:.0%} of it", flush=True)
-    path = write_results("gemv", res, args.out)
+    path = write_results("gemv" + ("-bfloat16" if dtype == torch.bfloat16 else ""), res, args.out)
     print(f"wrote {path}")
     return 0
 

@@ -113,5 +113,14 @@ PYBIND11_MODULE(_cpu_kernels, m) {
                       bias ? static_cast<const float*>(ptr(bias)) : nullptr, static_cast<float*>(ptr(out)), threads);
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "gemv_bf16",
+      [](uintptr_t w, int64_t out_features, int64_t in_features, uintptr_t x, uintptr_t bias, uintptr_t out,
+         int threads) {
+        ssn::gemv_bf16(static_cast<const uint16_t*>(ptr(w)), out_features, in_features,
+                       static_cast<const uint16_t*>(ptr(x)), bias ? static_cast<const uint16_t*>(ptr(bias)) : nullptr,
+                       static_cast<uint16_t*>(ptr(out)), threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
 }

@@ -90,6 +90,49 @@ def test_the_one_row_product_is_f_linear_within_float32_rounding(shape, bias):
                 cpp_ops.gemv(*bad)
 
 
+@pytest.mark.skipif(not cpp_ops.available("gemv_bf16"), reason="the C++ kernels are not built")
+@pytest.mark.parametrize("shape", [(1, 1), (53, 37), (1536, 576), (576, 1536), (33, 17), (4097, 5), (3, 0)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_bfloat16_one_row_product_is_f_linear_within_one_rounding(shape, bias):
+    """bfloat16 weights: summed in float32 and rounded once, so within one bfloat16 rounding
+    of the float64 product of the same bfloat16 values (and of F.linear, which rounds once too)."""
+    out_f, in_f = shape
+    g = torch.Generator().manual_seed(out_f * 5 + in_f)
+    w = torch.randn(shape, generator=g).bfloat16()
+    b = torch.randn(out_f, generator=g).bfloat16() if bias else None
+    x = torch.randn(1, in_f, generator=g).bfloat16()
+    exact = x.double() @ w.double().t() + (b.double() if bias else 0)
+    got = cpp_ops.gemv(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, out_f)
+    scale = x.double().abs() @ w.double().abs().t() + (b.double().abs() if bias else 0)  # the sum's magnitude
+    tol = exact.abs() * 2.0 ** -8 + scale * 2.0 ** -20 + 1e-30  # the rounding, plus float32 summation
+    assert bool(((got.double() - exact).abs() <= tol).all())
+    ref = torch.nn.functional.linear(x, w, b)
+    assert bool(((got.double() - ref.double()).abs() <= 2 * tol + ref.double().abs() * 2.0 ** -8).all())
+    if out_f > 1 and in_f > 1:  # refused: mixed dtypes
+        for bad in ((x, w.float(), None), (x.float(), w, None), (x, w, torch.randn(out_f))):
+            with pytest.raises(ValueError, match="gemv"):
+                cpp_ops.gemv(*bad)
+
+
+@pytest.mark.skipif(not cpp_ops.available("gemv_bf16"), reason="the C++ kernels are not built")
+def test_a_bfloat16_model_takes_the_one_row_product_and_keeps_f_linear_for_more_rows(monkeypatch):
+    calls = []
+    real = cpp_ops.gemv
+    monkeypatch.setattr(cpp_ops, "gemv", lambda x, w, b=None: calls.append(x.dtype) or real(x, w, b))
+    model = _model().bfloat16()
+    x = torch.randn(1, 1, 37).bfloat16()
+    with torch.no_grad():
+        want = model(x)
+        with small_batch_linear(model, max_rows=8, one_row=True):
+            got = model(x)
+            model(torch.randn(3, 37).bfloat16())  # three rows: F.linear (the tall form is float32's)
+    assert calls == [torch.bfloat16, torch.bfloat16]  # the two layers, one row
+    torch.testing.assert_close(got, want, rtol=2 ** -6, atol=2 ** -6)
+    assert calibrate(model, rows=4, repeats=1) == 1.0  # nothing to time: no tall form in bfloat16
+    assert calibrate(model, rows=1, repeats=1) > 0
+
+
 @needs_gemv
 def test_one_row_calls_take_the_cpp_product_inside_a_one_row_block_only(monkeypatch):
     calls = []

@@ -45,8 +45,10 @@ def _mask_args(mask: MaskArgs | None, M: int, N: int) -> tuple[int, int, int, in
     if mask.row_variant is None:
         return 1, mask.scale.data_ptr(), mask.bias.data_ptr(), 0
     rp = mask.row_variant
-    if rp.numel() and (int(rp.min()) < 0 or int(rp.max()) >= mask.scale.shape[0]):
-        raise ValueError("row_variant holds a variant id outside the mask table")
+    if rp.numel():
+        lo, hi = torch.aminmax(rp)  # (one pass: this runs on every layer of every forward)
+        if int(lo) < 0 or int(hi) >= mask.scale.shape[0]:
+            raise ValueError("row_variant holds a variant id outside the mask table")
     return 2, mask.scale.data_ptr(), mask.bias.data_ptr(), rp.data_ptr()
 
 
@@ -240,15 +242,19 @@ def transpose(src: torch.Tensor) -> torch.Tensor:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for one row (`x` [..., in] holding in elements) of contiguous
-    float32 CPU tensors, as a [..., out] tensor (csrc/gemv.cpp: the output rows split over the threads)."""
-    ok = all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-             for t in (x, weight, *([bias] if bias is not None else [])))
+    float32 or bfloat16 CPU tensors of one dtype, as a [..., out] tensor (csrc/gemv.cpp: the
+    output rows split over the threads; bfloat16 summed in float32 and rounded once)."""
+    dtype = x.dtype
+    ok = dtype in (torch.float32, torch.bfloat16) and all(
+        t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+        for t in (x, weight, *([bias] if bias is not None else [])))
     if not ok or weight.dim() != 2 or x.dim() < 1 or x.numel() != weight.shape[1] or x.shape[-1] != weight.shape[1] \
             or (bias is not None and bias.shape != (weight.shape[0],)):
         raise ValueError("gemv: x must hold one row [..., in], weight [out, in] and bias [out], contiguous float32 "
-                         "CPU tensors")
-    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+                         "or bfloat16 CPU tensors of one dtype")
+    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
     if out.numel():
-        _ext.gemv_f32(weight.data_ptr(), weight.shape[0], weight.shape[1], x.data_ptr(),
-                      bias.data_ptr() if bias is not None else 0, out.data_ptr(), torch.get_num_threads())
+        kernel = _ext.gemv_f32 if dtype == torch.float32 else _ext.gemv_bf16
+        kernel(weight.data_ptr(), weight.shape[0], weight.shape[1], x.data_ptr(),
+               bias.data_ptr() if bias is not None else 0, out.data_ptr(), torch.get_num_threads())
     return out

@@ -20,11 +20,16 @@ at a given row count, and the server uses it only as far as it wins clearly
 One row is a matrix-vector product, bound by streaming the weights from memory, and MKL's
 sgemv behind `F.linear` ran it on one thread here (SmolLM2's weights streamed at 10.9 GB/s with
 two torch threads or one). `one_row=True` sends one-row calls to the C++ product that splits the
-output rows over the threads (csrc/gemv.cpp); `calibrate(model, rows=1)` times it.
+output rows over the threads (csrc/gemv.cpp); `calibrate(model, rows=1)` times it. It takes
+bfloat16 weights too (widened to float32 as they stream by, summed in float32, rounded once, as
+F.linear rounds): oneDNN's one-row bfloat16 product streamed SmolLM2's weights at about 9 GB/s
+on this project's Intel CPUs, no faster than float32 at half the bytes. The tall form stays
+float32's.
 
 `small_batch_linear(model, max_rows=8, one_row=False)` is scoped (a `with` block) and per
 thread: inside it, the calling thread's `nn.Linear` calls on CPU float32 weights with
-2..max_rows rows take the tall form (and one-row calls the C++ product, with `one_row`); every
+2..max_rows rows take the tall form (and one-row calls on float32 or bfloat16 weights the C++
+product, with `one_row`); every
 other thread, and every call outside the block, runs `F.linear` unchanged. Blocks may nest and
 overlap across threads (a reference count per module).
 """
@@ -52,9 +57,10 @@ _refs: dict[int, int] = {}  # id(module) -> open blocks that use its installed f
 
 
 def eligible(module: nn.Module) -> bool:
+    """An `nn.Linear` with CPU float32 (both forms) or bfloat16 weights (the one-row product only)."""
     w = getattr(module, "weight", None)
     return (type(module) is nn.Linear and isinstance(w, torch.Tensor) and w.dim() == 2
-            and w.device.type == "cpu" and w.dtype == torch.float32)
+            and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16))
 
 
 def linear_tall(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,9 +104,9 @@ def _native_transpose() -> bool:
 
 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.dim() >= 2 and x.dtype == torch.float32 and x.shape[-1]:
+    if x.dim() >= 2 and x.shape[-1]:
         rows = x.numel() // x.shape[-1]
-        if MIN_ROWS <= rows <= _max_rows.get():
+        if MIN_ROWS <= rows <= _max_rows.get() and x.dtype == torch.float32 == self.weight.dtype:
             return linear_tall(x, self.weight, self.bias)
         if rows == 1 and _one_row.get() and _gemv_applies(x, self.weight, self.bias):
             return cpp_ops.gemv(x.contiguous(), self.weight, self.bias)
@@ -108,10 +114,15 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """The C++ product takes contiguous float32 CPU weights and records no autograd."""
-    return (cpp_ops.available("gemv_f32") and weight.is_contiguous() and (bias is None or bias.is_contiguous())
+    """The C++ product takes contiguous float32 or bfloat16 CPU tensors of one dtype and records
+    no autograd."""
+    return (x.dtype == weight.dtype and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+            and cpp_ops.available(_GEMV.get(x.dtype, "")) and weight.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad))))
+
+
+_GEMV = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16"}  # the C++ one-row product per dtype
 
 
 def _installed(m: nn.Module) -> bool:
@@ -160,7 +171,7 @@ def _calibration_input(model: nn.Module, rows: int, first: nn.Linear):
     if isinstance(vocab, int) and vocab > 0:
         return {"input_ids": torch.randint(vocab, (1, rows), generator=g, device=first.weight.device),
                 "use_cache": False}
-    return {"input": torch.randn(rows, first.in_features, generator=g)}
+    return {"input": torch.randn(rows, first.in_features, generator=g).to(first.weight.dtype)}
 
 
 def calibrate(model: nn.Module, rows: int = 4, repeats: int = 5) -> float:
@@ -176,7 +187,8 @@ def calibrate(model: nn.Module, rows: int = 4, repeats: int = 5) -> float:
     if not (isinstance(rows, int) and rows >= 1):
         raise ValueError(f"rows must be an integer >= 1, got {rows!r}")
     first = next((m for m in model.modules() if eligible(m)), None)
-    if first is None or (rows == 1 and not cpp_ops.available("gemv_f32")):
+    if first is None or (rows == 1 and not cpp_ops.available(_GEMV[first.weight.dtype])) \
+            or (rows > 1 and first.weight.dtype != torch.float32):  # (the tall form is float32's)
         return 1.0
     x = _calibration_input(model, rows, first)
 

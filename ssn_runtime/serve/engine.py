@@ -334,7 +334,7 @@ class Engine:
                 scope.enter_context(self.handle.intervene(variants=self.variants))
             if self.small_batch_gemm == "on":
                 self.small_batch_rows = SMALL_BATCH_ROWS
-                self.one_row_gemv = cpp_ops.available("gemv_f32")
+                self.one_row_gemv = cpp_ops.available("gemv_f32") or cpp_ops.available("gemv_bf16")
             elif self.small_batch_gemm == "auto":
                 self.small_batch_ratios[1] = calibrate_small_batch(self.model, rows=1)
                 self.one_row_gemv = self.small_batch_ratios[1] < ONE_ROW_GAIN
