@@ -115,6 +115,73 @@ def test_handle_scope_is_shared_and_exclusive():
         assert h.state().empty
 
 
+def test_variants_tables_are_reused_across_scopes_until_an_object_or_tensor_changes():
+    """A loop that opens `intervene(variants=..., rows=...)` per batch builds the variants'
+    tables once: the same objects (in a new dict, a Variant made afresh) reuse them. An
+    in-place edit of a mask, another object, or a detach builds them again, and the output
+    follows the edit (the same as a fresh scope over an equal mask)."""
+    model = tiny_model("llama")
+    mask, patch = rich_mask(model, 3), trained_patch(model, 1)
+    ids, am = batch("left")
+    rows = ["m", "base", "p"]
+    with torch.no_grad(), ssn_runtime.attach(model) as h:
+        with h.intervene(variants={"m": mask, "p": Variant(patch=patch)}, rows=rows) as st:
+            first = model(input_ids=ids, attention_mask=am).logits
+            vs = st.variants
+        with h.intervene(variants={"m": mask, "p": Variant(patch=patch)}, rows=rows) as st:
+            assert st.variants is vs  # no rebuild
+            assert torch.equal(model(input_ids=ids, attention_mask=am).logits, first)
+        with h.intervene(variants={"p": Variant(patch=patch), "m": mask}, rows=["p", "base", "m"]) as st:
+            assert st.variants is not vs  # other names at the indices: other tables
+        layer = next(iter(mask.layers))
+        mask.layers[layer].scale.mul_(3.0)  # edited in place between scopes
+        with h.intervene(variants={"m": mask, "p": Variant(patch=patch)}, rows=rows) as st:
+            assert st.variants is not vs
+            edited = model(input_ids=ids, attention_mask=am).logits
+        assert not torch.equal(edited[0], first[0]) and torch.equal(edited[1], first[1])
+        fresh = copy.deepcopy(mask)
+        with h.intervene(variants={"m": fresh, "p": Variant(patch=patch)}, rows=rows):
+            assert torch.equal(model(input_ids=ids, attention_mask=am).logits, edited)
+        h.detach()
+        assert h._last_variants is None  # the tables do not outlive the attachment
+
+
+def test_a_rows_scope_like_the_last_one_is_reused_per_thread():
+    """Consecutive rows-only scopes with the same rows inside the same scope are one state
+    (its caches kept: a server opens one per decode step); other rows, another enclosing
+    scope or another thread get their own, and every answer equals a fresh scope's."""
+    model = tiny_model("llama")
+    mask, patch = rich_mask(model, 3), trained_patch(model, 1)
+    ids, am = batch("left")
+    variants = {"m": mask, "p": Variant(patch=patch)}
+    with torch.no_grad(), ssn_runtime.attach(model) as h, h.intervene(variants=variants) as outer:
+        with h.intervene(rows=["m", "base", "p"]) as a:
+            want = model(input_ids=ids, attention_mask=am).logits
+        with h.intervene(rows=["m", "base", "p"]) as b:
+            assert b is a and b.cache  # the same state, its tables kept
+            assert torch.equal(model(input_ids=ids, attention_mask=am).logits, want)
+        with h.intervene(rows=["p", "base", "m"]) as c:
+            assert c is not a
+            other = model(input_ids=ids, attention_mask=am).logits
+            assert torch.equal(other[1], want[1]) and not torch.equal(other[0], want[0])
+        seen = []
+
+        def other_thread():
+            with torch.no_grad(), h.intervene(variants=variants), h.intervene(rows=["m", "base", "p"]) as x:
+                seen.append((x, model(input_ids=ids, attention_mask=am).logits))
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+        assert seen[0][0] is not a and seen[0][0].variants is a.variants  # its own state, the same tables
+        assert torch.equal(seen[0][1], want)
+        with h.intervene(mask=None), h.intervene(rows=["m", "base", "p"]) as d:
+            assert d is not a  # inside another enclosing scope
+        with h.intervene(rows=["m", "base", "p"]) as e:
+            assert e is not c and e.variants is outer.variants
+            assert torch.equal(model(input_ids=ids, attention_mask=am).logits, want)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_per_row_patches_equal_merged_models(arch, backend):

@@ -193,12 +193,17 @@ class Intervention:
                                         lambda: (table[0][:, :n].contiguous(), table[1][:, :n].contiguous()))
         if table is None:
             return None
-        key = ("prof", token_rows, device)
-        prof = self.cache.get(key)
-        if prof is None:
-            prof = self.row_ids(token_rows, device).to(torch.int32).contiguous()
-            self.cache[key] = prof
-        return MaskArgs(table[0], table[1], prof)
+        key = ("rows_mask", layer, n, token_rows, device)  # checked once per scope, not per forward
+        args = self.cache.get(key)
+        if args is None or args.scale is not table[0]:
+            pkey = ("prof", token_rows, device)
+            prof = self.cache.get(pkey)
+            if prof is None:
+                prof = self.row_ids(token_rows, device).to(torch.int32).contiguous()
+                self.cache[pkey] = prof
+            args = MaskArgs(table[0], table[1], prof)
+            self.cache[key] = args
+        return args
 
 
 _EMPTY = Intervention()
@@ -222,6 +227,9 @@ class RuntimeHandle:
         self._shared_owner: int | None = None  # thread holding the handle-wide state
         self._lock = threading.Lock()
         self._attn_hooks: list = []
+        # the last `variants=` built: (the caller's dict items, their stamp, the _Variants)
+        self._last_variants: tuple | None = None
+        self._last_rows = threading.local()  # per thread: the last rows-only scope (outer, rows, state)
 
     @property
     def num_layers(self) -> int:
@@ -308,11 +316,22 @@ class RuntimeHandle:
         vs = kw.get("variants", outer.variants)
         if rows is not _UNSET:
             kw["rows"] = self._rows(rows, vs) if rows is not None else None
+        # A rows-only scope directly inside the same scope as this thread's last one, with the
+        # same rows, is that one again, caches included: a server opens one per decode step,
+        # and a step's rows often equal the last step's. (Its tables depend on nothing else;
+        # those built from tensors that may change in place carry stamps, _row_patch_stack.)
+        only_rows = list(kw) == ["rows"] and kw["rows"] is not None
+        if only_rows:
+            last = getattr(self._last_rows, "scope", None)
+            if last is not None and last[0] is outer and torch.equal(last[1], kw["rows"]):
+                return last[2]
         new = replace(outer, **kw, cache={})
         if new.mask is not None and new.variants is not None and any(m is not None for m in new.variants.masks):
             raise SSNError("give one mask for every row or per-row variants with masks, not both")
         if new.patch is not None or (new.variants is not None and any(p is not None for p in new.variants.patches)):
             self._ensure_attention_hooks(new)
+        if only_rows:
+            self._last_rows.scope = (outer, kw["rows"], new)
         return new
 
     def _patch_state(self, patch):
@@ -331,10 +350,25 @@ class RuntimeHandle:
         return patch.to(dev)
 
     def _variants(self, variants: dict) -> _Variants:
-        from ..science.masks import NeuronMask
-
+        """The variants' tables, or the last call's when it was given the same objects and none
+        of their tensors changed since: a loop that opens `intervene(variants=..., rows=...)`
+        per batch builds the mask tables, expert tables and patch stacks once, not per batch."""
         if not isinstance(variants, dict):
             raise SSNError("variants must be a dict {name: mask, patch, Variant(mask, patch) or None}")
+        items = tuple(variants.items())
+        stamp = _variants_stamp(items)
+        with self._lock:
+            last = self._last_variants
+        if last is not None and len(last[0]) == len(items) and stamp == last[1] \
+                and all(n == m and _same_variant(v, w) for (n, v), (m, w) in zip(items, last[0], strict=True)):
+            return last[2]
+        vs = self._build_variants(variants)
+        with self._lock:
+            self._last_variants = (items, stamp, vs)  # (holds the objects: their ids stay theirs)
+        return vs
+
+    def _build_variants(self, variants: dict) -> _Variants:
+        from ..science.masks import NeuronMask
         from ..training.patches import NeuronPatch
 
         names, masks, patches, owned = ["base"], [None], [None], [False]
@@ -414,6 +448,7 @@ class RuntimeHandle:
             mod.__dict__.pop(_ATTN_ATTR, None)
         self._attn_hooks = []
         self._shared, self._shared_owner = _EMPTY, None
+        self._last_variants, self._last_rows = None, threading.local()
         for mod, attr, saved in self._saved_forwards:
             if saved is _MISSING:
                 mod.__dict__.pop(attr, None)
@@ -436,7 +471,7 @@ class RuntimeHandle:
         new.backend, new.fingerprint, new.attached = self.backend, self.fingerprint, self.attached
         new._saved_forwards = copy.deepcopy(self._saved_forwards, memo)
         new._shared, new._shared_owner, new._lock = _EMPTY, None, threading.Lock()
-        new._attn_hooks = []
+        new._attn_hooks, new._last_variants, new._last_rows = [], None, threading.local()
         for mod, _ in self._attn_hooks:  # the copied modules carry our hook entries: keep a way to remove them
             twin = copy.deepcopy(mod, memo)
             new._attn_hooks += [(twin, _HookRef(twin, hid)) for hid, fn in twin._forward_hooks.items()
@@ -512,14 +547,15 @@ def _mlp_forward_intervened(mod, handle, site, state: Intervention, hidden, x, u
     token_rows = x.numel() // n
     stack = _row_patch_stack(state, site, token_rows, x.device) if state.rows is not None else None
     row_patches = _row_patches(state, site, token_rows, x.device) if stack is None else []
-    native = handle.backend_for(x, site) == "cpp"
+    backend = handle.backend_for(x, site)
+    native = backend == "cpp"
     if stack is not None:
         x, up = stack.add_inputs(site, hidden, x, up, native)
     elif row_patches:
         x, up = _row_patch_inputs(site, hidden, x, up, row_patches)
     stats = state.collector.target(site, x) if state.collector is not None else None
     mask = state.mask_args(site.layer, n, token_rows, x.device, site.layer_size)
-    h = fused_act(x, up, site.act, getattr(mod, st.act), handle.backend_for(x, site), stats, mask)
+    h = fused_act(x, up, site.act, getattr(mod, st.act), backend, stats, mask)
     out = getattr(mod, st.down)(h)
     if delta is not None and "down" in delta:
         out = out + add_cols(h, delta["index"], delta["down"], backend=handle.backend).to(out.dtype)
@@ -717,6 +753,43 @@ def _row_patch_stack(state: Intervention, site: NeuronSite, token_rows: int, dev
         stack = _RowPatchStack(index, kinds, inputs, down, sel, member, index_hi, token_rows, tables)
     state.cache[key] = (stamp, stack)
     return stack
+
+
+def _version(t: torch.Tensor) -> int:
+    """A tensor's in-place edit counter (-1 for an inference tensor, which keeps none: one
+    made under torch.inference_mode cannot be edited outside it)."""
+    return -1 if t.is_inference() else t._version
+
+
+def _same_variant(v, w) -> bool:
+    """The same objects (a Variant made afresh around the same mask and patch counts as the same)."""
+    if isinstance(v, Variant) and isinstance(w, Variant):
+        return v.mask is w.mask and v.patch is w.patch
+    return v is w
+
+
+def _variants_stamp(items: tuple) -> tuple:
+    """What the tables of `intervene(variants=...)` are built from, beyond the objects
+    themselves: each mask's layer entries and each saved patch's tensors, with their in-place
+    edit counters. A trainable PatchState is read afresh per forward (its stacks carry stamps
+    of their own, `_row_patch_stack`)."""
+    from ..science.masks import NeuronMask
+    from ..training.patches import NeuronPatch
+
+    out = []
+    for _, v in items:
+        parts = [v.mask, v.patch] if isinstance(v, Variant) else [v]
+        for p in parts:
+            if isinstance(p, NeuronMask):
+                out.append(tuple((layer, id(lm), _version(lm.index), _version(lm.scale), _version(lm.bias))
+                                 for layer, lm in p.layers.items()))
+            elif isinstance(p, NeuronPatch):
+                out.append(tuple((k, id(t), _version(t)) for k, t in p.tensors.items()))
+            elif isinstance(p, nn.Module):  # a PatchState: where its parameters live, and their edits
+                out.append(tuple((id(t), t.device, _version(t)) for t in p.parameters()))
+            else:
+                out.append(None)
+    return tuple(out)
 
 
 def _outside_inference(build):
