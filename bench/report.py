@@ -148,7 +148,8 @@ def _gemv(d: dict) -> str:
                       f"{c['gemv_fraction_of_copy']:.0%} of copy; F.linear {c['linear_fraction_of_copy']:.0%})"
                       for c in d["cases"])
     control = ", ".join(f"{c['control_over_linear']:.2f}" for c in d["cases"])
-    return (f"one-row C++ product / F.linear, SmolLM2 shapes, weights streaming from memory: {cases} "
+    return (f"one-row C++ product / F.linear, SmolLM2 shapes, {d.get('dtype', 'float32')} weights streaming from "
+            f"memory: {cases} "
             f"(zero-cost control {control})")
 
 
