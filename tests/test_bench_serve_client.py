@@ -76,3 +76,13 @@ def test_the_load_generators_http_client_reads_what_servers_send():
     assert seen[2] == ("error", "ValueError", "400")
     assert seen[4][:2] == ("close", "closed") and seen[5][:2] == ("chunked", "kept")
     assert seen[6][:2] == ("hang_up", "ConnectionResetError")
+
+
+@pytest.mark.parametrize("bench", ["serve", "gemv"])
+@pytest.mark.parametrize("bad", ["float64", "bf16", ""])
+def test_the_dtype_flag_refuses_what_it_does_not_measure(bench, bad, capsys):
+    """`--dtype` of bench/serve.py and bench/gemv.py: one of its choices, else exit 2 before anything runs."""
+    mod = serve if bench == "serve" else pytest.importorskip("gemv")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--dtype", bad])
+    assert e.value.code == 2 and "--dtype" in capsys.readouterr().err

@@ -22,9 +22,9 @@ sgemv behind `F.linear` ran it on one thread here (SmolLM2's weights streamed at
 two torch threads or one). `one_row=True` sends one-row calls to the C++ product that splits the
 output rows over the threads (csrc/gemv.cpp); `calibrate(model, rows=1)` times it. It takes
 bfloat16 weights too (widened to float32 as they stream by, summed in float32, rounded once, as
-F.linear rounds): oneDNN's one-row bfloat16 product streamed SmolLM2's weights at about 9 GB/s
-on this project's Intel CPUs, no faster than float32 at half the bytes. The tall form stays
-float32's.
+F.linear rounds): oneDNN's one-row bfloat16 product behind F.linear streamed SmolLM2's weights
+well below the copy rate on an Intel CPU with AMX (bench/gemv.py --dtype bfloat16 measures
+both). The tall form stays float32's.
 
 `small_batch_linear(model, max_rows=8, one_row=False)` is scoped (a `with` block) and per
 thread: inside it, the calling thread's `nn.Linear` calls on CPU float32 weights with
