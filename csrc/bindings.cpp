@@ -22,6 +22,7 @@ void check_codes(int dtype, int act) {
 }
 
 void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+const int64_t* i64(uintptr_t p) { return static_cast<const int64_t*>(ptr(p)); }
 
 }  // namespace
 
@@ -75,28 +76,26 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "row_patch_inputs",
-      [](int dtype, uintptr_t hidden, int64_t hs, uintptr_t sel, int64_t rows, uintptr_t index, int64_t cols,
-         uintptr_t w, int64_t kinds, int64_t hidden_size, uintptr_t member, uintptr_t out0, int64_t s0, uintptr_t out1,
-         int64_t s1, int64_t own_cols, int threads) {
+      [](int dtype, uintptr_t hidden, int64_t hs, uintptr_t sel, uintptr_t vid, int64_t rows, uintptr_t index,
+         uintptr_t starts, uintptr_t ends, int64_t cols, uintptr_t w, int64_t kinds, int64_t hidden_size,
+         uintptr_t out0, int64_t s0, uintptr_t out1, int64_t s1, int threads) {
         if (dtype != ssn::kRowPatchFloat32 && dtype != ssn::kRowPatchBFloat16)
           throw std::invalid_argument("unsupported dtype code");
         if (kinds < 1 || kinds > 2) throw std::invalid_argument("kinds must be 1 or 2");
-        ssn::row_patch_inputs(dtype, ptr(hidden), hs, static_cast<const int64_t*>(ptr(sel)), rows,
-                              static_cast<const int64_t*>(ptr(index)), cols, static_cast<const float*>(ptr(w)), kinds,
-                              hidden_size, static_cast<const float*>(ptr(member)), ptr(out0), s0, ptr(out1), s1,
-                              own_cols, threads);
+        ssn::row_patch_inputs(dtype, ptr(hidden), hs, i64(sel), i64(vid), rows, i64(index), i64(starts), i64(ends),
+                              cols, static_cast<const float*>(ptr(w)), kinds, hidden_size, ptr(out0), s0, ptr(out1),
+                              s1, threads);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "row_patch_down",
-      [](int dtype, uintptr_t act, int64_t as, uintptr_t sel, int64_t rows, uintptr_t index, int64_t cols,
-         uintptr_t down, int64_t hidden_size, uintptr_t member, uintptr_t out, int64_t so, int64_t own_cols,
-         int threads) {
+      [](int dtype, uintptr_t act, int64_t as, uintptr_t sel, uintptr_t vid, int64_t rows, uintptr_t index,
+         uintptr_t starts, uintptr_t ends, int64_t cols, uintptr_t down, int64_t hidden_size, uintptr_t out,
+         int64_t so, int threads) {
         if (dtype != ssn::kRowPatchFloat32 && dtype != ssn::kRowPatchBFloat16)
           throw std::invalid_argument("unsupported dtype code");
-        ssn::row_patch_down(dtype, ptr(act), as, static_cast<const int64_t*>(ptr(sel)), rows,
-                            static_cast<const int64_t*>(ptr(index)), cols, static_cast<const float*>(ptr(down)),
-                            hidden_size, static_cast<const float*>(ptr(member)), ptr(out), so, own_cols, threads);
+        ssn::row_patch_down(dtype, ptr(act), as, i64(sel), i64(vid), rows, i64(index), i64(starts), i64(ends), cols,
+                            static_cast<const float*>(ptr(down)), hidden_size, ptr(out), so, threads);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(

@@ -1,6 +1,8 @@
 // Per-row neuron patches on shared weights (the stack in ssn_runtime/core/runtime.py,
-// _RowPatchStack): each selected token row receives only its own patch's deltas, in one call
-// per projection instead of about ten small torch ops. The tables (w, down, member) are
+// _RowPatchStack): each selected token row receives only its own patch's deltas (its variant's
+// run of columns), in one call per projection instead of about ten small torch ops. A batch
+// names each row's variant once for every layer; a layer names each variant's run once for
+// every batch, so nothing is rebuilt per layer and batch. The tables (w, down) are
 // float32; the activations float32 or bfloat16. The torch path serves every other case and is
 // the reference (tests/test_row_patch_cpp.py): in bfloat16 it rounds each delta to bfloat16
 // and adds it to the bfloat16 output (one more rounding), and so does this.
@@ -35,81 +37,87 @@ template <> inline __attribute__((always_inline)) void add_delta<uint16_t>(uint1
   store(o, i, load(o, i) + bf16_to_float(float_to_bf16(delta)));
 }
 
-// One selected row of row_patch_inputs: its own patch's columns only. `h`: the row in float32.
+// One selected row of row_patch_inputs: its own run of columns [c0, c1). `h`: the row in float32.
 template <typename T>
-inline __attribute__((always_inline)) void inputs_row(const float* h, const int64_t* index, int64_t cols,
-                                                      const float* w, int64_t kinds, int64_t hidden_size,
-                                                      const float* member_row, T* o0, T* o1) {
+inline __attribute__((always_inline)) void inputs_row(const float* h, const int64_t* index, int64_t c0, int64_t c1,
+                                                      int64_t cols, const float* w, int64_t kinds, int64_t hidden_size,
+                                                      T* o0, T* o1) {
   for (int64_t k = 0; k < kinds; ++k) {
     T* o = k == 0 ? o0 : o1;
-    for (int64_t s = 0; s < cols; ++s) {
-      const float m = member_row[s];
-      if (m == 0.0f) continue;  // another patch's column: this row is not touched there
-      add_delta(o, index[s], m * dot(h, w + (k * cols + s) * hidden_size, hidden_size));
-    }
+    for (int64_t s = c0; s < c1; ++s) add_delta(o, index[s], dot(h, w + (k * cols + s) * hidden_size, hidden_size));
   }
 }
 
-SSN_RP_CLONES void inputs_f32(const float* hidden, int64_t hs, const int64_t* sel, int64_t r0, int64_t r1,
-                              const int64_t* index, int64_t cols, const float* w, int64_t kinds, int64_t hidden_size,
-                              const float* member, float* out0, int64_t s0, float* out1, int64_t s1) {
+// What every kernel below is given: the selected rows, their variants and the runs.
+struct Runs {
+  const int64_t* sel;
+  const int64_t* vid;
+  const int64_t* index;
+  const int64_t* starts;
+  const int64_t* ends;
+  int64_t cols;
+};
+
+SSN_RP_CLONES void inputs_f32(const float* hidden, int64_t hs, const Runs& p, int64_t r0, int64_t r1, const float* w,
+                              int64_t kinds, int64_t hidden_size, float* out0, int64_t s0, float* out1, int64_t s1) {
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t row = sel[r];
-    inputs_row(hidden + row * hs, index, cols, w, kinds, hidden_size, member + r * cols, out0 + row * s0,
+    const int64_t row = p.sel[r], v = p.vid[r];
+    inputs_row(hidden + row * hs, p.index, p.starts[v], p.ends[v], p.cols, w, kinds, hidden_size, out0 + row * s0,
                out1 + row * s1);
   }
 }
 
-SSN_RP_CLONES void inputs_bf16(const uint16_t* hidden, int64_t hs, const int64_t* sel, int64_t r0, int64_t r1,
-                               const int64_t* index, int64_t cols, const float* w, int64_t kinds,
-                               int64_t hidden_size, const float* member, uint16_t* out0, int64_t s0, uint16_t* out1,
-                               int64_t s1) {
+SSN_RP_CLONES void inputs_bf16(const uint16_t* hidden, int64_t hs, const Runs& p, int64_t r0, int64_t r1,
+                               const float* w, int64_t kinds, int64_t hidden_size, uint16_t* out0, int64_t s0,
+                               uint16_t* out1, int64_t s1) {
   std::vector<float> h(hidden_size);  // the row in float32 (exact), read by every column's dot product
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t row = sel[r];
+    const int64_t row = p.sel[r], v = p.vid[r];
+    if (p.starts[v] == p.ends[v]) continue;
     for (int64_t j = 0; j < hidden_size; ++j) h[j] = bf16_to_float(hidden[row * hs + j]);
-    inputs_row(h.data(), index, cols, w, kinds, hidden_size, member + r * cols, out0 + row * s0, out1 + row * s1);
+    inputs_row(h.data(), p.index, p.starts[v], p.ends[v], p.cols, w, kinds, hidden_size, out0 + row * s0,
+               out1 + row * s1);
   }
 }
 
-// One selected row of row_patch_down (float32: added straight into the row).
-SSN_RP_CLONES void down_f32(const float* act, int64_t as, const int64_t* sel, int64_t r0, int64_t r1,
-                            const int64_t* index, int64_t cols, const float* down, int64_t hidden_size,
-                            const float* member, float* out, int64_t so) {
+SSN_RP_CLONES void down_f32(const float* act, int64_t as, const Runs& p, int64_t r0, int64_t r1, const float* down,
+                            int64_t hidden_size, float* out, int64_t so) {
   for (int64_t r = r0; r < r1; ++r) {
-    const float* a = act + sel[r] * as;
-    float* o = out + sel[r] * so;
-    for (int64_t s = 0; s < cols; ++s) {
-      const float m = member[r * cols + s];
-      if (m == 0.0f) continue;
-      const float v = m * a[index[s]];
+    const float* a = act + p.sel[r] * as;
+    float* o = out + p.sel[r] * so;
+    const int64_t v = p.vid[r];
+    for (int64_t s = p.starts[v]; s < p.ends[v]; ++s) {
+      const float x = a[p.index[s]];
       const float* d = down + s * hidden_size;
-      for (int64_t j = 0; j < hidden_size; ++j) o[j] += v * d[j];
+      for (int64_t j = 0; j < hidden_size; ++j) o[j] += x * d[j];
     }
   }
 }
 
 // bfloat16: the row's delta summed in float32, then added once (as the torch path adds its product).
-SSN_RP_CLONES void down_bf16(const uint16_t* act, int64_t as, const int64_t* sel, int64_t r0, int64_t r1,
-                             const int64_t* index, int64_t cols, const float* down, int64_t hidden_size,
-                             const float* member, uint16_t* out, int64_t so) {
+SSN_RP_CLONES void down_bf16(const uint16_t* act, int64_t as, const Runs& p, int64_t r0, int64_t r1,
+                             const float* down, int64_t hidden_size, uint16_t* out, int64_t so) {
   std::vector<float> acc(hidden_size);
   for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* a = act + sel[r] * as;
-    uint16_t* o = out + sel[r] * so;
-    bool any = false;
+    const int64_t v = p.vid[r];
+    if (p.starts[v] == p.ends[v]) continue;
+    const uint16_t* a = act + p.sel[r] * as;
+    uint16_t* o = out + p.sel[r] * so;
     for (int64_t j = 0; j < hidden_size; ++j) acc[j] = 0.0f;
-    for (int64_t s = 0; s < cols; ++s) {
-      const float m = member[r * cols + s];
-      if (m == 0.0f) continue;
-      any = true;
-      const float v = m * bf16_to_float(a[index[s]]);
+    for (int64_t s = p.starts[v]; s < p.ends[v]; ++s) {
+      const float x = bf16_to_float(a[p.index[s]]);
       const float* d = down + s * hidden_size;
-      for (int64_t j = 0; j < hidden_size; ++j) acc[j] += v * d[j];
+      for (int64_t j = 0; j < hidden_size; ++j) acc[j] += x * d[j];
     }
-    if (any)
-      for (int64_t j = 0; j < hidden_size; ++j) add_delta(o, j, acc[j]);
+    for (int64_t j = 0; j < hidden_size; ++j) add_delta(o, j, acc[j]);
   }
+}
+
+// The columns all selected rows compute together (their runs' lengths): the work that decides on threads.
+int64_t run_columns(const Runs& p, int64_t rows) {
+  int64_t n = 0;
+  for (int64_t r = 0; r < rows; ++r) n += p.ends[p.vid[r]] - p.starts[p.vid[r]];
+  return n;
 }
 
 // Rows [r0, r1) of each thread's share.
@@ -129,30 +137,31 @@ void over_rows(int64_t rows, int64_t work, int num_threads, Fn fn) {
 
 }  // namespace
 
-void row_patch_inputs(int dtype, const void* hidden, int64_t hidden_stride, const int64_t* sel, int64_t rows,
-                      const int64_t* index, int64_t cols, const float* w, int64_t kinds, int64_t hidden_size,
-                      const float* member, void* out0, int64_t out0_stride, void* out1, int64_t out1_stride,
-                      int64_t own_cols, int num_threads) {
-  over_rows(rows, rows * own_cols * kinds * hidden_size, num_threads, [&](int64_t r0, int64_t r1) {
+void row_patch_inputs(int dtype, const void* hidden, int64_t hidden_stride, const int64_t* sel, const int64_t* vid,
+                      int64_t rows, const int64_t* index, const int64_t* starts, const int64_t* ends, int64_t cols,
+                      const float* w, int64_t kinds, int64_t hidden_size, void* out0, int64_t out0_stride, void* out1,
+                      int64_t out1_stride, int num_threads) {
+  const Runs p{sel, vid, index, starts, ends, cols};
+  over_rows(rows, run_columns(p, rows) * kinds * hidden_size, num_threads, [&](int64_t r0, int64_t r1) {
     if (dtype == kRowPatchFloat32)
-      inputs_f32(static_cast<const float*>(hidden), hidden_stride, sel, r0, r1, index, cols, w, kinds, hidden_size,
-                 member, static_cast<float*>(out0), out0_stride, static_cast<float*>(out1), out1_stride);
+      inputs_f32(static_cast<const float*>(hidden), hidden_stride, p, r0, r1, w, kinds, hidden_size,
+                 static_cast<float*>(out0), out0_stride, static_cast<float*>(out1), out1_stride);
     else
-      inputs_bf16(static_cast<const uint16_t*>(hidden), hidden_stride, sel, r0, r1, index, cols, w, kinds,
-                  hidden_size, member, static_cast<uint16_t*>(out0), out0_stride, static_cast<uint16_t*>(out1),
-                  out1_stride);
+      inputs_bf16(static_cast<const uint16_t*>(hidden), hidden_stride, p, r0, r1, w, kinds, hidden_size,
+                  static_cast<uint16_t*>(out0), out0_stride, static_cast<uint16_t*>(out1), out1_stride);
   });
 }
 
-void row_patch_down(int dtype, const void* act, int64_t act_stride, const int64_t* sel, int64_t rows,
-                    const int64_t* index, int64_t cols, const float* down, int64_t hidden_size, const float* member,
-                    void* out, int64_t out_stride, int64_t own_cols, int num_threads) {
-  over_rows(rows, rows * own_cols * hidden_size, num_threads, [&](int64_t r0, int64_t r1) {
+void row_patch_down(int dtype, const void* act, int64_t act_stride, const int64_t* sel, const int64_t* vid,
+                    int64_t rows, const int64_t* index, const int64_t* starts, const int64_t* ends, int64_t cols,
+                    const float* down, int64_t hidden_size, void* out, int64_t out_stride, int num_threads) {
+  const Runs p{sel, vid, index, starts, ends, cols};
+  over_rows(rows, run_columns(p, rows) * hidden_size, num_threads, [&](int64_t r0, int64_t r1) {
     if (dtype == kRowPatchFloat32)
-      down_f32(static_cast<const float*>(act), act_stride, sel, r0, r1, index, cols, down, hidden_size, member,
-               static_cast<float*>(out), out_stride);
+      down_f32(static_cast<const float*>(act), act_stride, p, r0, r1, down, hidden_size, static_cast<float*>(out),
+               out_stride);
     else
-      down_bf16(static_cast<const uint16_t*>(act), act_stride, sel, r0, r1, index, cols, down, hidden_size, member,
+      down_bf16(static_cast<const uint16_t*>(act), act_stride, p, r0, r1, down, hidden_size,
                 static_cast<uint16_t*>(out), out_stride);
   });
 }

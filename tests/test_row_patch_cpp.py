@@ -1,8 +1,8 @@
 """The per-row patch kernels (csrc/row_patch.cpp via ssn_runtime/core/cpp_ops.py) against a
-float64 reference at odd shapes: each selected row gets exactly its own patch's deltas where
-its member entry is 1; every other element (other rows, other patches' columns) is untouched
-bit for bit; the same neuron in two patches adds up; rows may be strided views; bad
-arguments are refused before a pointer crosses into C++. In bfloat16 the kernels round as the
+float64 reference at odd shapes: each selected row gets exactly its own variant's run of
+columns; every other element (other rows, other patches' columns) is untouched bit for bit; a
+variant with no run here leaves its rows alone; the same neuron in two patches adds up; rows
+may be strided views; bad arguments are refused before a pointer crosses into C++. In bfloat16 the kernels round as the
 torch path does (a float32 delta rounded to bfloat16, then added to the bfloat16 output) and
 agree with that path to within one bfloat16 rounding of the delta."""
 
@@ -17,18 +17,26 @@ pytestmark = pytest.mark.skipif(not cpp_ops.available("row_patch_inputs"), reaso
 M, H, N = 11, 37, 53  # token rows, hidden size, neurons: odd on purpose
 
 
+V = 4  # variants: 0 base, 1 and 2 patched here, 3 patched on other layers only (no run here)
+
+
 def _case(kinds: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    sel = torch.tensor([0, 3, 4, 9, 10])  # token rows that use some patch
+    sel = torch.tensor([0, 3, 4, 6, 9, 10])  # token rows that use some patch
+    vid = torch.tensor([1, 2, 2, 3, 1, 2])  # each selected row's variant
     # two patches side by side; neuron 7 is in both (columns 1 and 5)
     index = torch.tensor([2, 7, 19, 52, 0, 7, 31])
+    starts, ends = torch.tensor([0, 0, 4, 7]), torch.tensor([0, 4, 7, 7])  # variant v: columns [starts[v], ends[v])
     owner = torch.tensor([1, 1, 1, 1, 2, 2, 2])
-    variant = torch.tensor([1, 2, 2, 1, 2])  # each selected row's patch
-    member = (variant.unsqueeze(1) == owner.unsqueeze(0)).float()
+    member = (vid.unsqueeze(1) == owner.unsqueeze(0)).float()  # the torch path's view of the same runs
     hidden = torch.randn(M, H, generator=g)
     w = torch.randn(kinds * index.numel(), H, generator=g)
     down = torch.randn(index.numel(), H, generator=g)  # down columns as rows
-    return sel, index, member, hidden, w, down
+    return sel, vid, index, (starts, ends), member, hidden, w, down
+
+
+def _halves(sel, vid, index, runs, w, down):
+    return cpp_ops.RowPatchRows(sel, M, vid, V), cpp_ops.RowPatchColumns(index, N, w, down, *runs)
 
 
 def _reference_inputs(outs, hidden, sel, index, w, member):
@@ -44,13 +52,13 @@ def _reference_inputs(outs, hidden, sel, index, w, member):
 
 @pytest.mark.parametrize("kinds", [1, 2])
 def test_row_patch_inputs_equals_a_float64_reference_and_touches_nothing_else(kinds):
-    sel, index, member, hidden, w, _ = _case(kinds)
+    sel, vid, index, runs, member, hidden, w, _ = _case(kinds)
     g = torch.Generator().manual_seed(1)
     wide = torch.randn(M, 2 * N + 3, generator=g)  # outputs as strided views, like a fused gate_up projection
     outs = [wide[:, :N], wide[:, N + 3:]][:kinds]
     before = [o.clone() for o in outs]
     want = _reference_inputs(outs, hidden, sel, index, w, member)
-    cpp_ops.row_patch_inputs(cpp_ops.RowPatchTables(sel, M, index, N, member, w, None), hidden, outs)
+    cpp_ops.row_patch_inputs(*_halves(sel, vid, index, runs, w, None), hidden, outs)
     for o, b, ref in zip(outs, before, want, strict=True):
         torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
         touched = torch.zeros(M, N, dtype=torch.bool)
@@ -61,7 +69,7 @@ def test_row_patch_inputs_equals_a_float64_reference_and_touches_nothing_else(ki
 
 
 def test_row_patch_down_equals_a_float64_reference_and_touches_nothing_else():
-    sel, index, member, hidden, _, down = _case(1)
+    sel, vid, index, runs, member, hidden, _, down = _case(1)
     g = torch.Generator().manual_seed(2)
     act = torch.randn(M, N, generator=g)
     wide = torch.randn(M, H + 5, generator=g)
@@ -70,10 +78,10 @@ def test_row_patch_down_equals_a_float64_reference_and_touches_nothing_else():
     want = out.double().clone()
     src = act.double()[sel][:, index] * member.double()
     want[sel] += src @ down.double()
-    cpp_ops.row_patch_down(cpp_ops.RowPatchTables(sel, M, index, N, member, None, down), act, out)
+    cpp_ops.row_patch_down(*_halves(sel, vid, index, runs, None, down), act, out)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     others = torch.ones(M, dtype=torch.bool)
-    others[sel] = False
+    others[sel[member.sum(1) > 0]] = False  # (row 6's variant has no run here: untouched too)
     assert torch.equal(out[others], before[others])
     assert torch.equal(wide[:, :2], wide[:, :2].clone())  # nothing written outside the view's columns
 
@@ -87,7 +95,7 @@ def _bf16_close(got: torch.Tensor, want: torch.Tensor, delta_scale: torch.Tensor
 
 @pytest.mark.parametrize("kinds", [1, 2])
 def test_row_patch_inputs_bfloat16_rounds_as_the_torch_path(kinds):
-    sel, index, member, hidden, w, _ = _case(kinds, seed=3)
+    sel, vid, index, runs, member, hidden, w, _ = _case(kinds, seed=3)
     hidden = hidden.bfloat16()
     g = torch.Generator().manual_seed(4)
     wide = torch.randn(M, 2 * N + 3, generator=g).bfloat16()
@@ -99,7 +107,7 @@ def test_row_patch_inputs_bfloat16_rounds_as_the_torch_path(kinds):
     want = [o.clone() for o in outs]
     for k in range(kinds):
         _put(want[k], (sel.unsqueeze(1), index.unsqueeze(0)), prod[:, k * S:(k + 1) * S] * member)
-    cpp_ops.row_patch_inputs(cpp_ops.RowPatchTables(sel, M, index, N, member, w, None), hidden, outs)
+    cpp_ops.row_patch_inputs(*_halves(sel, vid, index, runs, w, None), hidden, outs)
     scale = torch.zeros(M, N, dtype=torch.float64)
     for r, row in enumerate(sel.tolist()):
         for s_, col in enumerate(index.tolist()):
@@ -112,7 +120,7 @@ def test_row_patch_inputs_bfloat16_rounds_as_the_torch_path(kinds):
 
 
 def test_row_patch_down_bfloat16_rounds_as_the_torch_path():
-    sel, index, member, hidden, _, down = _case(1, seed=5)
+    sel, vid, index, runs, member, hidden, _, down = _case(1, seed=5)
     g = torch.Generator().manual_seed(6)
     act = torch.randn(M, N, generator=g).bfloat16()
     wide = torch.randn(M, H + 5, generator=g).bfloat16()
@@ -120,48 +128,56 @@ def test_row_patch_down_bfloat16_rounds_as_the_torch_path():
     before = out.clone()
     delta = (act.index_select(0, sel).index_select(1, index).float() * member) @ down
     want = _put(out.clone(), (sel,), delta)
-    cpp_ops.row_patch_down(cpp_ops.RowPatchTables(sel, M, index, N, member, None, down), act, out)
+    cpp_ops.row_patch_down(*_halves(sel, vid, index, runs, None, down), act, out)
     scale = torch.zeros(M, H, dtype=torch.float64)
     scale[sel] = delta.double().abs()
     _bf16_close(out, want, scale)
     others = torch.ones(M, dtype=torch.bool)
-    others[sel] = False
+    others[sel[member.sum(1) > 0]] = False
     assert torch.equal(out[others], before[others])
     assert torch.equal(wide[:, :2], wide[:, :2].clone())
 
 
 def test_bad_arguments_are_refused_before_the_kernel():
-    sel, index, member, hidden, w, down = _case(2)
-    Tables = cpp_ops.RowPatchTables
+    sel, vid, index, (starts, ends), member, hidden, w, down = _case(2)
+    Rows, Cols = cpp_ops.RowPatchRows, cpp_ops.RowPatchColumns
     with pytest.raises(ValueError, match="outside"):
-        Tables(sel, int(sel.max()), index, N, member, w, down)  # a row id past the bound
-    with pytest.raises(ValueError, match="outside"):
-        Tables(sel, M, index, int(index.max()), member, w, down)
+        Rows(sel, int(sel.max()), vid, V)  # a row id past the bound
+    with pytest.raises(ValueError, match="variant id"):
+        Rows(sel, M, vid, 3)  # a variant past the bound
     with pytest.raises(ValueError, match="int64"):
-        Tables(sel.int(), M, index, N, member, w, down)
+        Rows(sel.int(), M, vid, V)
+    with pytest.raises(ValueError, match="int64"):
+        Rows(sel, M, vid[:-1], V)  # one variant per selected row
+    with pytest.raises(ValueError, match="outside"):
+        Cols(index, int(index.max()), w, down, starts, ends)
     with pytest.raises(ValueError, match="float32"):
-        Tables(sel, M, index, N, member, w.double(), down)
+        Cols(index, N, w.double(), down, starts, ends)
     with pytest.raises(ValueError, match="contiguous"):
-        Tables(sel, M, index, N, member, w, down.t().contiguous().t())
+        Cols(index, N, w, down.t().contiguous().t(), starts, ends)
     with pytest.raises(ValueError, match=r"\[kinds \* S, H\]"):
-        Tables(sel, M, index, N, member, w[:-1], down)
-    with pytest.raises(ValueError, match="columns"):  # halves checked apart must still agree
-        Tables.of(cpp_ops.RowPatchRows(sel, M, member[:, 1:].contiguous()), cpp_ops.RowPatchColumns(index, N, w, down))
+        Cols(index, N, w[:-1], down, starts, ends)
     with pytest.raises(ValueError, match="w or down"):
-        cpp_ops.RowPatchColumns(index, N, None, None)
-    t = Tables(sel, M, index, N, member, w, down)
-    joined = Tables.of(cpp_ops.RowPatchRows(sel, M, member), cpp_ops.RowPatchColumns(index, N, w, down))
-    assert all(getattr(joined, k) == getattr(t, k) for k in ("R", "S", "sel_hi", "index_hi", "kinds", "H"))
+        Cols(index, N, None, None, starts, ends)
+    with pytest.raises(ValueError, match="run"):
+        Cols(index, N, w, down, starts, ends + 1)  # a run past the last column
+    with pytest.raises(ValueError, match="run"):
+        Cols(index, N, w, down, ends, starts)  # a run that ends before it starts
+    rows, cols = Rows(sel, M, vid, V), Cols(index, N, w, down, starts, ends)
     out = torch.zeros(M, N)
+    with pytest.raises(ValueError, match="variants"):  # halves checked apart must still agree
+        cpp_ops.row_patch_inputs(Rows(sel, M, vid, V + 1), cols, hidden, [out, out.clone()])
+    with pytest.raises(ValueError, match="RowPatchRows"):
+        cpp_ops.row_patch_inputs(cols, rows, hidden, [out, out.clone()])
     with pytest.raises(ValueError, match="hidden"):
-        cpp_ops.row_patch_inputs(t, hidden[: M - 1], [out, out.clone()])  # fewer rows than sel reaches
+        cpp_ops.row_patch_inputs(rows, cols, hidden[: M - 1], [out, out.clone()])  # fewer rows than sel reaches
     with pytest.raises(ValueError, match="hidden"):
-        cpp_ops.row_patch_inputs(t, hidden.double(), [out, out.clone()])
+        cpp_ops.row_patch_inputs(rows, cols, hidden.double(), [out, out.clone()])
     with pytest.raises(ValueError, match="one dtype"):  # bfloat16 input, float32 outputs
-        cpp_ops.row_patch_inputs(t, hidden.bfloat16(), [out, out.clone()])
+        cpp_ops.row_patch_inputs(rows, cols, hidden.bfloat16(), [out, out.clone()])
     with pytest.raises(ValueError, match="hidden"):
-        cpp_ops.row_patch_inputs(t, hidden, [out[:, : N - 1], out.clone()])  # a column past the end
+        cpp_ops.row_patch_inputs(rows, cols, hidden, [out[:, : N - 1], out.clone()])  # a column past the end
     with pytest.raises(ValueError, match="hidden"):
-        cpp_ops.row_patch_inputs(t, hidden, [out])  # two kinds, one output
+        cpp_ops.row_patch_inputs(rows, cols, hidden, [out])  # two kinds, one output
     with pytest.raises(ValueError, match="act"):
-        cpp_ops.row_patch_down(t, torch.zeros(M, N), torch.zeros(M, H).t().contiguous().t())
+        cpp_ops.row_patch_down(rows, cols, torch.zeros(M, N), torch.zeros(M, H).t().contiguous().t())

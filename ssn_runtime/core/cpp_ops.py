@@ -115,15 +115,22 @@ def fused_act_stats_forward(x: torch.Tensor, up: torch.Tensor | None, act: str, 
 
 
 
+def _ids(t, name: str, n: int | None = None) -> None:
+    if t.dtype != torch.int64 or t.dim() != 1 or not t.is_contiguous() or t.device.type != "cpu" \
+            or (n is not None and t.numel() != n):
+        raise ValueError(f"row_patch: {name} must be a contiguous int64 CPU tensor" + (f" of {n} ids" if n else ""))
+
+
 class RowPatchColumns:
     """One layer's half of the per-row patch kernels' arguments, checked once per layer (the
     patches' neurons do not change with the batch): neuron columns `index` [S] below
     `index_hi`, gate/up rows `w` [kinds * S, H] and down columns as rows `down` [S, H] (either
-    may be None), contiguous float32 (ids int64) CPU tensors. Raises ValueError otherwise."""
+    may be None), and each of the `V` variants' run of columns, [starts[v], ends[v]) (empty for
+    a variant with no patch here); contiguous float32 (ids int64) CPU tensors. Raises
+    ValueError otherwise."""
 
-    def __init__(self, index, index_hi: int, w, down):
-        if index.dtype != torch.int64 or index.dim() != 1 or not index.is_contiguous() or index.device.type != "cpu":
-            raise ValueError("row_patch: index must be a contiguous int64 CPU tensor of ids")
+    def __init__(self, index, index_hi: int, w, down, starts, ends):
+        _ids(index, "index")
         S = index.numel()
         for name, t in (("w", w), ("down", down)):
             if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()):
@@ -138,59 +145,40 @@ class RowPatchColumns:
         self.H = w.shape[1] if w is not None else down.shape[1]
         if down is not None and down.shape != (S, self.H):
             raise ValueError("row_patch: down must be [S, H]")
-        self.S, self.index_hi = S, index_hi
-        self._keep = (index, w, down)  # the pointers below stay valid while this lives
-        self.index = index.data_ptr()
+        _ids(starts, "starts")
+        _ids(ends, "ends", starts.numel())
+        if starts.numel() and not bool(((starts >= 0) & (starts <= ends) & (ends <= S)).all()):
+            raise ValueError(f"row_patch: each variant's run must satisfy 0 <= start <= end <= {S}")
+        self.S, self.index_hi, self.V = S, index_hi, starts.numel()
+        self._keep = (index, w, down, starts, ends)  # the pointers below stay valid while this lives
+        self.index, self.starts, self.ends = index.data_ptr(), starts.data_ptr(), ends.data_ptr()
         self.w = w.data_ptr() if w is not None else 0
         self.down = down.data_ptr() if down is not None else 0
 
 
 class RowPatchRows:
-    """One batch's half, checked once per batch and patch layout (shared by the layers with
-    that layout): token rows `sel` [R] below `sel_hi` and `member` [R, S], contiguous
-    (int64 ids, float32) CPU tensors. Raises ValueError otherwise."""
+    """One batch's half, checked once per batch (shared by every layer): the token rows that use
+    a patch, `sel` [R] below `sel_hi`, and each one's variant, `vid` [R] below `V`; contiguous
+    int64 CPU tensors. Raises ValueError otherwise."""
 
-    def __init__(self, sel, sel_hi: int, member):
-        if member.dtype != torch.float32 or member.device.type != "cpu" or not member.is_contiguous() \
-                or member.dim() != 2:
-            raise ValueError("row_patch: member must be a contiguous 2-D float32 CPU tensor")
-        R, self.S = member.shape
-        if sel.dtype != torch.int64 or sel.dim() != 1 or sel.numel() != R or not sel.is_contiguous() \
-                or sel.device.type != "cpu":
-            raise ValueError(f"row_patch: sel must be a contiguous int64 CPU tensor of {R} ids")
+    def __init__(self, sel, sel_hi: int, vid, V: int):
+        _ids(sel, "sel")
+        R = sel.numel()
+        _ids(vid, "vid", R)
         if R and (int(sel.min()) < 0 or int(sel.max()) >= sel_hi):
             raise ValueError("row_patch: a row id is outside [0, sel_hi)")
-        self.R, self.sel_hi = R, sel_hi
-        # the most columns one row computes (its own patch's): the work that decides on threads
-        self.own = int((member != 0).sum(1).max()) if R and self.S else 0
-        self._keep = (sel, member)
-        self.sel, self.member = sel.data_ptr(), member.data_ptr()
+        if R and (int(vid.min()) < 0 or int(vid.max()) >= V):
+            raise ValueError(f"row_patch: a variant id is outside [0, {V})")
+        self.R, self.sel_hi, self.V = R, sel_hi, V
+        self._keep = (sel, vid)
+        self.sel, self.vid = sel.data_ptr(), vid.data_ptr()
 
 
-class RowPatchTables:
-    """The fixed arguments of the per-row patch kernels (csrc/row_patch.cpp) for one layer and
-    batch: the checked halves of `RowPatchRows` (sel [R] below `sel_hi`, member [R, S]) and
-    `RowPatchColumns` (index [S] below `index_hi`, w [kinds * S, H], down [S, H]); see `of`
-    to join halves checked earlier. Raises ValueError on any bad argument."""
-
-    def __init__(self, sel, sel_hi: int, index, index_hi: int, member, w, down):
-        if index.dim() != 1 or member.dim() != 2 or index.numel() != member.shape[1]:
-            raise ValueError(f"row_patch: index must be a contiguous int64 CPU tensor of {member.shape[-1]} ids")
-        self._join(RowPatchRows(sel, sel_hi, member), RowPatchColumns(index, index_hi, w, down))
-
-    @classmethod
-    def of(cls, rows: RowPatchRows, cols: RowPatchColumns) -> RowPatchTables:
-        t = cls.__new__(cls)
-        t._join(rows, cols)
-        return t
-
-    def _join(self, rows: RowPatchRows, cols: RowPatchColumns) -> None:
-        if rows.S != cols.S:
-            raise ValueError(f"row_patch: member has {rows.S} columns for {cols.S} neurons")
-        self._halves = (rows, cols)  # (keeps their tensors, so the pointers stay valid)
-        self.R, self.S, self.sel_hi, self.index_hi, self.own = rows.R, cols.S, rows.sel_hi, cols.index_hi, rows.own
-        self.kinds, self.H = cols.kinds, cols.H
-        self.sel, self.member, self.index, self.w, self.down = rows.sel, rows.member, cols.index, cols.w, cols.down
+def _halves(rows: RowPatchRows, cols: RowPatchColumns) -> None:
+    if not isinstance(rows, RowPatchRows) or not isinstance(cols, RowPatchColumns):
+        raise ValueError("row_patch: give a RowPatchRows and a RowPatchColumns")
+    if rows.V != cols.V:
+        raise ValueError(f"row_patch: the rows name {rows.V} variants, the columns' runs {cols.V}")
 
 
 def _rows_ok(t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> bool:
@@ -199,34 +187,37 @@ def _rows_ok(t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> bool:
             and t.shape[1] >= cols and (t.stride(1) == 1 or t.shape[1] == 1))
 
 
-def row_patch_inputs(tables: RowPatchTables, hidden: torch.Tensor, outs: list[torch.Tensor]) -> None:
-    """In place: outs[k][sel[r], index[s]] += member[r, s] * (hidden[sel[r]] @ w[k * S + s]),
-    for the `tables.kinds` outputs [rows, neurons] (kind 0 and 1: gate and up, or up alone).
-    `hidden` and the outputs: float32, or bfloat16 (each delta is rounded to bfloat16 before
-    it is added, as torch's index_put_ adds a float32 delta to a bfloat16 tensor)."""
-    t, dtype = tables, hidden.dtype
-    if not t.w or dtype not in DTYPES or len(outs) != t.kinds or not _rows_ok(hidden, t.sel_hi, t.H, dtype) \
-            or hidden.shape[1] != t.H or not all(_rows_ok(o, t.sel_hi, t.index_hi, dtype) for o in outs):
+def row_patch_inputs(rows: RowPatchRows, cols: RowPatchColumns, hidden: torch.Tensor, outs: list[torch.Tensor]) -> None:
+    """In place: outs[k][sel[r], index[s]] += hidden[sel[r]] @ w[k * S + s] for the columns s of
+    row r's variant, for the `cols.kinds` outputs [rows, neurons] (kind 0 and 1: gate and up, or
+    up alone). `hidden` and the outputs: float32, or bfloat16 (each delta is rounded to bfloat16
+    before it is added, as torch's index_put_ adds a float32 delta to a bfloat16 tensor)."""
+    _halves(rows, cols)
+    t, dtype = cols, hidden.dtype
+    if not t.w or dtype not in DTYPES or len(outs) != t.kinds or not _rows_ok(hidden, rows.sel_hi, t.H, dtype) \
+            or hidden.shape[1] != t.H or not all(_rows_ok(o, rows.sel_hi, t.index_hi, dtype) for o in outs):
         raise ValueError("row_patch_inputs: hidden must be [>= sel_hi, H] and each output [>= sel_hi, "
                          ">= index_hi], float32 or bfloat16 (one dtype) CPU with contiguous columns")
-    if t.R and t.S:
+    if rows.R and t.S:
         o1 = outs[-1]
-        _ext.row_patch_inputs(DTYPES[dtype], hidden.data_ptr(), hidden.stride(0), t.sel, t.R, t.index, t.S, t.w,
-                              t.kinds, t.H, t.member, outs[0].data_ptr(), outs[0].stride(0), o1.data_ptr(),
-                              o1.stride(0), t.own, torch.get_num_threads())
+        _ext.row_patch_inputs(DTYPES[dtype], hidden.data_ptr(), hidden.stride(0), rows.sel, rows.vid, rows.R, t.index,
+                              t.starts, t.ends, t.S, t.w, t.kinds, t.H, outs[0].data_ptr(), outs[0].stride(0),
+                              o1.data_ptr(), o1.stride(0), torch.get_num_threads())
 
 
-def row_patch_down(tables: RowPatchTables, act: torch.Tensor, out: torch.Tensor) -> None:
-    """In place: out[sel[r]] += sum_s member[r, s] * act[sel[r], index[s]] * down[s]; `act` and
-    `out` float32, or bfloat16 (a row's delta summed in float32, rounded, then added)."""
-    t, dtype = tables, act.dtype
-    if not t.down or dtype not in DTYPES or not _rows_ok(act, t.sel_hi, t.index_hi, dtype) \
-            or not _rows_ok(out, t.sel_hi, t.H, dtype) or out.shape[1] != t.H:
+def row_patch_down(rows: RowPatchRows, cols: RowPatchColumns, act: torch.Tensor, out: torch.Tensor) -> None:
+    """In place: out[sel[r]] += sum over the columns s of row r's variant of act[sel[r], index[s]]
+    * down[s]; `act` and `out` float32, or bfloat16 (a row's delta summed in float32, rounded,
+    then added)."""
+    _halves(rows, cols)
+    t, dtype = cols, act.dtype
+    if not t.down or dtype not in DTYPES or not _rows_ok(act, rows.sel_hi, t.index_hi, dtype) \
+            or not _rows_ok(out, rows.sel_hi, t.H, dtype) or out.shape[1] != t.H:
         raise ValueError("row_patch_down: act must be [>= sel_hi, >= index_hi] and out [>= sel_hi, H], float32 or "
                          "bfloat16 (one dtype) CPU with contiguous columns")
-    if t.R and t.S:
-        _ext.row_patch_down(DTYPES[dtype], act.data_ptr(), act.stride(0), t.sel, t.R, t.index, t.S, t.down, t.H,
-                            t.member, out.data_ptr(), out.stride(0), t.own, torch.get_num_threads())
+    if rows.R and t.S:
+        _ext.row_patch_down(DTYPES[dtype], act.data_ptr(), act.stride(0), rows.sel, rows.vid, rows.R, t.index,
+                            t.starts, t.ends, t.S, t.down, t.H, out.data_ptr(), out.stride(0), torch.get_num_threads())
 
 
 def transpose(src: torch.Tensor) -> torch.Tensor:

@@ -605,47 +605,79 @@ def _row_patches(state: Intervention, site: NeuronSite, token_rows: int, device)
 
 
 @dataclass(frozen=True)
-class _RowPatchStack:
-    """Every per-row patch of one layer as one stack, so a batch with P patch profiles costs one
-    product per projection instead of P: the patches' neurons side by side (`index`, `owner`:
-    each column's variant), their gate/up rows stacked (`inputs`, in the order of `kinds`;
-    missing modules as zeros) and their down columns as rows (`down` [S, H]). `member` [R, S] is 1
-    where token row `sel[r]` uses column s's variant, so a row only ever receives its own
-    patch's deltas (the others add exact zeros)."""
+class _RowPatchLayer:
+    """Every per-row patch of one layer as one stack, the same for every batch: the patches'
+    neurons side by side (`index`; `owner`: each column's variant, one run per variant,
+    [starts[v], ends[v])), their gate/up rows stacked (`inputs`, in the order of `kinds`; missing
+    modules as zeros) and their down columns as rows (`down` [S, H])."""
 
     index: torch.Tensor
+    owner: torch.Tensor
     kinds: tuple[str, ...]
     inputs: torch.Tensor | None  # [len(kinds) * S, H]
     down: torch.Tensor | None  # [S, H]: the down columns, stored as rows (a contiguous row per neuron)
-    sel: torch.Tensor  # token rows that use some patch of this layer
-    member: torch.Tensor  # [len(sel), S], in the deltas' dtype
     index_hi: int  # one past the largest neuron id in `index`
+    native: cpp_ops.RowPatchColumns | None  # the C++ kernels' checked half (float32 tables on CPU)
+
+
+@dataclass(frozen=True)
+class _RowPatchBatch:
+    """The token rows of one batch that use some patch (`sel`) and each one's variant (`vid`),
+    the same for every layer."""
+
+    sel: torch.Tensor
+    vid: torch.Tensor
     sel_hi: int  # one past the largest token row `sel` may hold (the batch's token rows)
-    native: cpp_ops.RowPatchTables | None = None  # the C++ kernels' checked tables (float32 on CPU)
+    native: cpp_ops.RowPatchRows | None  # the C++ kernels' checked half
+
+
+@dataclass(frozen=True)
+class _RowPatchStack:
+    """One layer's patches applied to one batch, so a batch with P patch profiles costs one
+    product per projection instead of P: a selected row only ever receives its own patch's
+    deltas (on the torch path, `member` [R, S] is 1 where row sel[r] uses column s's variant and
+    the others add exact zeros)."""
+
+    layer: _RowPatchLayer
+    batch: _RowPatchBatch
+
+    @property
+    def index(self) -> torch.Tensor:
+        return self.layer.index
+
+    @property
+    def sel(self) -> torch.Tensor:
+        return self.batch.sel
+
+    @functools.cached_property
+    def member(self) -> torch.Tensor:  # the torch path's only; the C++ kernels read each row's run
+        t = self.layer.inputs if self.layer.inputs is not None else self.layer.down
+        return (self.batch.vid.unsqueeze(1) == self.layer.owner.unsqueeze(0)).to(t.dtype)
 
     def _use_native(self, native: bool, *tensors) -> bool:
-        """Whether the C++ kernels (csrc/row_patch.cpp) serve this call: the cpp backend, tables
-        built, and nothing for autograd to record (they write in place, untracked)."""
-        if not native or self.native is None:
+        """Whether the C++ kernels (csrc/row_patch.cpp) serve this call: the cpp backend, both
+        halves checked, and nothing for autograd to record (they write in place, untracked)."""
+        if not native or self.layer.native is None or self.batch.native is None:
             return False
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
     def add_inputs(self, site: NeuronSite, hidden, x, up, native: bool = False):
-        if self.inputs is None:
+        lay = self.layer
+        if lay.inputs is None:
             return x, up
-        outs = [x if kind == "gate" or not site.gated else up for kind in self.kinds]
+        outs = [x if kind == "gate" or not site.gated else up for kind in lay.kinds]
         if self._use_native(native, hidden, *outs):
             try:  # in place on the projection outputs (views, never copies)
                 rows = [o.view(-1, o.shape[-1]) for o in outs]
             except RuntimeError:
                 rows = None
             if rows is not None and _native_acts(hidden, *outs):
-                cpp_ops.row_patch_inputs(self.native, hidden.reshape(-1, hidden.shape[-1]), rows)
+                cpp_ops.row_patch_inputs(self.batch.native, lay.native, hidden.reshape(-1, hidden.shape[-1]), rows)
                 return x, up
         S = self.index.numel()
-        src = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.sel).to(self.inputs.dtype)
-        prod = src @ self.inputs.t()
-        for j, kind in enumerate(self.kinds):
+        src = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.sel).to(lay.inputs.dtype)
+        prod = src @ lay.inputs.t()
+        for j, kind in enumerate(lay.kinds):
             part = prod[:, j * S:(j + 1) * S] * self.member
             if kind == "gate" or not site.gated:
                 x = _put(x, (self.sel.unsqueeze(1), self.index.unsqueeze(0)), part)
@@ -654,7 +686,8 @@ class _RowPatchStack:
         return x, up
 
     def add_down(self, h, out, native: bool = False):
-        if self.down is None:
+        down = self.layer.down
+        if down is None:
             return out
         if self._use_native(native, h, out) and _native_acts(h, out):
             try:
@@ -662,10 +695,10 @@ class _RowPatchStack:
             except RuntimeError:
                 rows = None
             if rows is not None:
-                cpp_ops.row_patch_down(self.native, h.reshape(-1, h.shape[-1]), rows)
+                cpp_ops.row_patch_down(self.batch.native, self.layer.native, h.reshape(-1, h.shape[-1]), rows)
                 return out
         src = h.reshape(-1, h.shape[-1]).index_select(0, self.sel).index_select(1, self.index)
-        return _put(out, (self.sel,), (src.to(self.down.dtype) * self.member) @ self.down)
+        return _put(out, (self.sel,), (src.to(down.dtype) * self.member) @ down)
 
 
 def _f32_cpu(t: torch.Tensor) -> bool:
@@ -724,35 +757,30 @@ def _row_patch_stack(state: Intervention, site: NeuronSite, token_rows: int, dev
     held = state.cache.get(key)
     if held is not None and held[0] == stamp:
         return held[1]
-    parts = vs.current(("row_patch_parts", site.layer, site.num_neurons, device), stamp,
+    layer = vs.current(("row_patch_layer", site.layer, site.num_neurons, device), stamp,
                        _outside_inference(lambda: _stack_patches(vs, site, device)))
-    if parts is None:  # no patch changes this layer
-        state.cache[key] = (stamp, None)
-        return None
-    index, owner, layout, kinds, inputs, down, index_hi = parts
-    native = _ROW_PATCH_CPP and all(t is None or _f32_cpu(t) for t in (inputs, down))
-    # which rows use which column: the same for every layer whose patches have the same layout
-    rows_key = ("row_patch_rows", layout, token_rows, device)
-    if rows_key not in state.cache:
-        ids = state.row_ids(token_rows, device)
-        sel = torch.isin(ids, torch.tensor([v for v, _ in layout], device=device)).nonzero().flatten()
-        dtype = (inputs if inputs is not None else down).dtype
-        member = (ids.index_select(0, sel).unsqueeze(1) == owner.unsqueeze(0)).to(dtype)
-        # the C++ kernels' checks of the batch's half: once per batch and layout, not per layer
-        rows = cpp_ops.RowPatchRows(sel, token_rows, member) if native and sel.numel() and _f32_cpu(member) else None
-        state.cache[rows_key] = sel, member, rows
-    sel, member, rows = state.cache[rows_key]
-    if not sel.numel():
-        stack = None
-    else:
-        tables = None
-        if rows is not None:  # the layer's half: checked once while its patches stay the same
-            cols = vs.current(("row_patch_cols", site.layer, site.num_neurons, device), stamp,
-                              _outside_inference(lambda: cpp_ops.RowPatchColumns(index, index_hi, inputs, down)))
-            tables = cpp_ops.RowPatchTables.of(rows, cols)
-        stack = _RowPatchStack(index, kinds, inputs, down, sel, member, index_hi, token_rows, tables)
+    batch = _row_patch_batch(state, token_rows, device) if layer is not None else None
+    stack = _RowPatchStack(layer, batch) if batch is not None else None
     state.cache[key] = (stamp, stack)
     return stack
+
+
+def _row_patch_batch(state: Intervention, token_rows: int, device) -> _RowPatchBatch | None:
+    """Which token rows use a patch, and whose: built and checked once per scope for every layer
+    (None when no row does)."""
+    key = ("row_patch_batch", token_rows, device)
+    if key not in state.cache:
+        vs = state.variants
+        ids = state.row_ids(token_rows, device)
+        sel = torch.isin(ids, torch.tensor(vs.patched, device=device)).nonzero().flatten()
+        vid = ids.index_select(0, sel)
+        batch = None
+        if sel.numel():
+            native = cpp_ops.RowPatchRows(sel, token_rows, vid, len(vs.names)) \
+                if _ROW_PATCH_CPP and device.type == "cpu" else None
+            batch = _RowPatchBatch(sel, vid, token_rows, native)
+        state.cache[key] = batch
+    return state.cache[key]
 
 
 def _version(t: torch.Tensor) -> int:
@@ -802,16 +830,22 @@ def _outside_inference(build):
 
 
 def _stack_patches(vs: _Variants, site: NeuronSite, device):
-    """(index, owner, layout, kinds, inputs, down [S, H], index_hi) of every variant's patch at this site, or None
-    (layout: (variant, neurons) per patch, in column order). The owned patches' deltas of this
-    layer then become views into the stacked tables, so a served patch is held once."""
+    """Every variant's patch at this site side by side (a _RowPatchLayer), or None when no patch
+    changes it. The owned patches' deltas of this layer then become views into the stacked
+    tables, so a served patch is held once."""
     items = [(v, d) for v, p in enumerate(vs.patches) if p is not None and (d := _site_delta(p, site)) is not None]
     if not items:
         return None
     dtype = functools.reduce(torch.promote_types, [t.dtype for _, d in items for k, t in d.items() if k != "index"])
     index = torch.cat([d["index"] for _, d in items]).to(device=device, dtype=torch.long)
     owner = to_device(torch.cat([torch.full((d["index"].numel(),), v, dtype=torch.long) for v, d in items]), device)
-    layout = tuple((v, d["index"].numel()) for v, d in items)
+    # each variant's run of columns (items are in variant order, side by side)
+    ends = torch.zeros(len(vs.names), dtype=torch.long)
+    starts = torch.zeros(len(vs.names), dtype=torch.long)
+    at = 0
+    for v, d in items:
+        starts[v], ends[v] = at, at + d["index"].numel()
+        at += d["index"].numel()
     H = site.hidden_size
 
     def col(d, kind, rows: bool):
@@ -824,7 +858,10 @@ def _stack_patches(vs: _Variants, site: NeuronSite, device):
     down = torch.cat([col(d, "down", False).t() for _, d in items]) if any("down" in d for _, d in items) else None
     if site.layer_neurons is None:  # a whole layer's deltas (not an MoE shared expert's part)
         _share_storage(vs, items, site.layer, kinds, inputs, down)
-    return index, owner, layout, kinds, inputs, down, int(index.max()) + 1
+    index_hi = int(index.max()) + 1
+    native = cpp_ops.RowPatchColumns(index, index_hi, inputs, down, starts, ends) \
+        if _ROW_PATCH_CPP and all(t is None or _f32_cpu(t) for t in (inputs, down)) else None
+    return _RowPatchLayer(index, owner, kinds, inputs, down, index_hi, native)
 
 
 def _share_storage(vs: _Variants, items, layer: int, kinds, inputs, down) -> None:
