@@ -447,6 +447,9 @@ def test_sigterm_drains_then_cuts_within_the_grace_period(tiny_ckpts):
         assert short[-1]["usage"]["completion_tokens"] == 4  # the whole answer, not a cut one
         assert "shutting_down" in long_lines[-2] and long_lines[-1] == "data: [DONE]", long_lines[-3:]
         assert len(long_lines) < 480  # cut, not finished
+        # uvicorn ran its C parser and libuv loop (dependencies: the Python ones cost a small
+        # model much of its step), and the start-up line says so
+        assert "HTTP: httptools parser, uvloop event loop" in server.proc.stdout.read()
     finally:
         server.stop()
 

@@ -9,6 +9,7 @@ No profile copies the weights: adding a patch profile costs the patch's size. On
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 from ..errors import SSNError
@@ -95,7 +96,7 @@ def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="a
     app, engine = build_server(model_path, profiles, config, dtype, device)
     names = ", ".join(["base", *profiles])
     print(f"serving {config.served_name or model_path} ({names}) on http://{config.host}:{config.port}/v1"
-          + (" (API key required)" if config.key() else ""), flush=True)
+          + (" (API key required)" if config.key() else "") + f"; HTTP: {http_stack()}", flush=True)
     r = engine.small_batch_ratios
     timed = (f"; timed {'/'.join(f'{v:.2f}' for v in r.values())}x F.linear's time at "
              f"{'/'.join(map(str, r))} rows") if r else ""
@@ -103,7 +104,21 @@ def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="a
     print(f"small-batch linear layers as (W @ x^T)^T: {f'on for 2-{rows} rows' if rows else 'off'}, one row by the "
           f"C++ matrix-vector product: {'on' if engine.one_row_gemv else 'off'} "
           f"(--small-batch-gemm {config.small_batch_gemm}{timed}); KV layout: {engine.layout}", flush=True)
+    # Everything loaded so far (the model, tokenizer, tables: hundreds of thousands of objects)
+    # lives as long as the server: out of the collector's sight, a full collection scans only
+    # what requests create, instead of stalling every stream at once while it walks them all.
+    gc.collect()
+    gc.freeze()
     serve_forever(app, engine, config.host, config.port, config.shutdown_grace)
+
+
+def http_stack() -> str:
+    """What uvicorn's "auto" settings take here: its C HTTP parser and libuv event loop where
+    installed (dependencies of this package), else its pure-Python parser and asyncio's loop."""
+    from importlib.util import find_spec
+
+    return (f"{'httptools' if find_spec('httptools') else 'h11'} parser, "
+            f"{'uvloop' if find_spec('uvloop') else 'asyncio'} event loop")
 
 
 def serve_forever(app, engine: Engine, host: str, port: int, grace_s: float = 30.0, log_level: str = "warning") -> None:
