@@ -34,6 +34,9 @@ def test_lookup_returns_exactly_the_stored_blocks_and_leaves_a_token_to_compute(
     assert P == 16
     for (k, v), (K, V) in zip(kv, layers, strict=True):
         assert torch.equal(k, K[1:2, :, 6:22]) and torch.equal(v, V[1:2, :, 6:22])
+    # blocks stored by one insert lie side by side in one copy: a lookup is a view of it, not a copy
+    held = {t.untyped_storage().data_ptr() for b in pc._blocks.values() for pair in b.kv for t in pair}
+    assert all(t.untyped_storage().data_ptr() in held for pair in kv for t in pair)
     assert pc.lookup(0, ids[:17])[0] == 16  # 16 cached tokens, one left to compute
     assert pc.lookup(0, ids[:16])[0] == 12  # the last token is always computed
     assert pc.lookup(0, ids[:4]) == (0, None)
@@ -56,7 +59,8 @@ def test_new_blocks_start_at_the_reused_prefix_and_the_budget_holds():
     block_bytes = 2 * LAYERS * HEADS * 4 * DIM * 4  # keys and values of one 4-token block, float32
     pc = PrefixCache(max_bytes=5 * block_bytes, block=4)
     a = list(range(16))
-    pc.insert(0, a, 0, fake_cache(1, 16, 2), row=0, column=0)
+    first = fake_cache(1, 16, 2)
+    pc.insert(0, a, 0, first, row=0, column=0)
     assert pc.nbytes == 4 * block_bytes and len(pc) == 4
     b = a[:8] + [50, 51, 52, 53, 54, 55, 56, 57, 58]  # shares two blocks with a
     P, _ = pc.lookup(0, b)
@@ -66,7 +70,11 @@ def test_new_blocks_start_at_the_reused_prefix_and_the_budget_holds():
     assert pc.nbytes <= 5 * block_bytes and pc.evictions >= 1
     P, kv = pc.lookup(0, b)
     assert P == 16  # b's blocks were used last: they survive
-    assert torch.equal(kv[0][0][:, :, 8:], layers[0][0][:, :, 3 + 8:3 + 16])
+    # its blocks come from two copies (a's, re-copied when a's other blocks went, and b's own)
+    for i in range(LAYERS):
+        for j in range(2):
+            assert torch.equal(kv[i][j][:, :, :8], first[i][j][:, :, :8])
+            assert torch.equal(kv[i][j][:, :, 8:], layers[i][j][:, :, 3 + 8:3 + 16])
     # the bytes counted are those of the copies some block still uses
     live = {id(b.segment): b.segment.nbytes for b in pc._blocks.values()}
     assert pc.nbytes == sum(live.values())

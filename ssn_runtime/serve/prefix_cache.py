@@ -46,6 +46,8 @@ class _Block:
     kv: KV  # views into the segment
     segment: _Segment
     nbytes: int
+    base: KV  # the tensors `kv` views, per layer; the block sits at columns at..at + block of them
+    at: int = 0
 
 
 class PrefixCache:
@@ -85,6 +87,11 @@ class PrefixCache:
         if not found:
             return 0, None
         P = len(found) * self.block
+        base, at = found[0].base, found[0].at
+        if all(b.base is base and b.at == at + i * self.block for i, b in enumerate(found)):
+            # the blocks of one prefill lie side by side in one copy: a view of it, no copy
+            # (a caller only reads it; the cache never writes into a copy it holds)
+            return P, [(k[:, :, at:at + P], v[:, :, at:at + P]) for k, v in base]
         kv = [(torch.cat([b.kv[i][0] for b in found], dim=2), torch.cat([b.kv[i][1] for b in found], dim=2))
               for i in range(len(found[0].kv))]
         return P, kv
@@ -112,7 +119,7 @@ class PrefixCache:
             a = k * self.block - lo
             views = [(key[:, :, a:a + self.block], value[:, :, a:a + self.block]) for key, value in kv]
             self._blocks[(variant, name)] = _Block(tuple(ids[k * self.block:(k + 1) * self.block]), views, segment,
-                                                   per_block)
+                                                   per_block, kv, a)
             segment.blocks.add((variant, name))
         while self.nbytes > self.max_bytes and self._blocks:
             self._evict_oldest()
@@ -128,6 +135,7 @@ class PrefixCache:
         for other in seg.blocks:
             b = self._blocks[other]
             b.kv = [(k.clone(), v.clone()) for k, v in b.kv]
+            b.base, b.at = b.kv, 0
             b.segment = _Segment(b.nbytes, {other})
             self.nbytes += b.nbytes
         self.nbytes -= seg.nbytes
