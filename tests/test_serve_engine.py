@@ -91,6 +91,8 @@ def test_sampling_is_numerically_safe():
     bad = torch.tensor([[0.0, 1.0], [float("nan"), 1.0], [float("inf"), 0.0], [float("-inf"), float("-inf")],
                         [float("-inf"), 2.0]])
     assert unusable_rows(bad).tolist() == [False, True, True, True, False]
+    assert unusable_rows(bad[[0, 0, 4]]).tolist() == [False] * 3  # -inf in a row with finite ones is usable
+    assert unusable_rows(torch.randn(3, 7)).tolist() == [False] * 3  # all finite (the one-pass check)
 
 
 def test_a_row_with_non_finite_logits_fails_alone(tiny_ckpts):

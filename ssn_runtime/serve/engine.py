@@ -126,6 +126,8 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
 
 def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
     """[B] bool: rows with a NaN or +inf logit, or no finite one (no distribution to sample)."""
+    if bool(torch.isfinite(logits).all()):  # the usual step: one pass over the logits, not three
+        return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     return torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
 
 
@@ -499,9 +501,11 @@ class Engine:
             variants += [row.variant] * new
         done = [j for j in joins if j.start + j.new == len(self._rows[j.slot].req.prompt_ids)]
         last = list(range(len(decode))) + [j.off + j.new - 1 for j in done]
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        pos = torch.tensor([positions], dtype=torch.long, device=self.device)
-        last = torch.tensor(last, dtype=torch.long, device=self.device)  # (empty while only chunks run)
+        # one tensor, three views (a torch call costs more than this work); `last` is empty while
+        # only chunks run
+        T = len(tokens)
+        step = torch.tensor(tokens + positions + last, dtype=torch.long, device=self.device)
+        ids, pos, last = step[:T].view(1, T), step[T:2 * T].view(1, T), step[2 * T:]
         kw = {"logits_to_keep": last} if self.keep_logits else {}
         if decode:
             self.metrics.observe_batch(self.name, len(decode))

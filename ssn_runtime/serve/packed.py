@@ -147,19 +147,21 @@ class PackedCache:
                 or any(not 0 <= s < used for s in slots + [j.slot for j in joins]):
             raise ValueError("each decoding or joining row needs a slot of its own, below `used`")
         self._n, self._joins, self._masks, self._used = len(decode), joins, {}, used
-        self._slots = torch.tensor(slots, dtype=torch.long)
-        self._cols = torch.tensor([n for _, n in decode], dtype=torch.long)
         self._dense = slots == list(range(used))
-        after = torch.ones(used, dtype=torch.long)
-        after[self._slots] = self._cols + 1
-        self._after = after
-        self._dec_width = int(after.max()) if decode else 0
+        after = [1] * used  # per slot: the columns a decoding row attends to (others: column 0)
+        for s, n in decode:
+            after[s] = n + 1
+        self._dec_width = max(after) if decode else 0
         self._width = max([self._dec_width] + [j.start + j.new for j in joins])
         # every token row's (slot, column): the step's keys and values land in one write per layer
-        self._tok_slot = torch.tensor(slots + [j.slot for j in joins for _ in range(j.new)], dtype=torch.long)
-        cols = [n for _, n in decode] + [c for j in joins for c in range(j.start, j.start + j.new)]
-        self._tok_col = torch.tensor(cols, dtype=torch.long)
-        self._tok_rows = len(slots) + sum(j.new for j in joins)
+        tok_slot = slots + [j.slot for j in joins for _ in range(j.new)]
+        tok_col = [n for _, n in decode] + [c for j in joins for c in range(j.start, j.start + j.new)]
+        T = self._tok_rows = len(tok_slot)
+        # one tensor, four views: each torch call of a step costs more than its work here
+        ids = torch.tensor(slots + after + tok_slot + tok_col, dtype=torch.long)
+        n, u = len(slots), used
+        self._slots, self._after = ids[:n], ids[n:n + u]
+        self._tok_slot, self._tok_col = ids[n + u:n + u + T], ids[n + u + T:]
         # short chunks attend together (one call per layer, queries padded to the longest); a long
         # one alone, so that a 512-token chunk does not pad every other join to 512 queries
         short = [i for i, j in enumerate(joins) if j.new <= GROUP_TOKENS]
