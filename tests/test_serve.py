@@ -359,6 +359,35 @@ def test_public_metrics_flag(tiny_ckpts):
         engine.stop()
 
 
+def test_event_loops_that_close_leave_no_step_hook_behind(tiny_ckpts):
+    """An app served by one event loop after another (test clients in turn; a server restarted
+    in process) answers on each, and the engine drops the step-end hook of every loop that
+    closed instead of keeping one per loop forever."""
+    from starlette.testclient import TestClient
+
+    from ssn_runtime.serve import Engine, Metrics, ServerConfig, create_app
+
+    model, tok = load_model(tiny_ckpts["llama"]), load_tokenizer(tiny_ckpts["llama"])
+    metrics = Metrics()
+    engine = Engine(model, tok, metrics=metrics).start()
+    try:
+        app = create_app(ServerConfig("tiny", engine), metrics)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 3,
+                "temperature": 0}
+        for _ in range(3):
+            with TestClient(app) as http:
+                r = http.post(CHAT, json=body)
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+                assert 1 <= len(engine._step_hooks) <= 2  # this loop's, and the last one's until its next step end
+        for _ in range(100):  # the idle engine still ends a step every few tens of milliseconds
+            if not engine._step_hooks:
+                break
+            time.sleep(0.02)
+        assert engine._step_hooks == []
+    finally:
+        engine.stop()
+
+
 def _tokens(server, profile):
     return metric(server, "ssn_completion_tokens_total", profile=profile)
 

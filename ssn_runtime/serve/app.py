@@ -64,15 +64,20 @@ class _Outbox:
         with self.lock:
             self.items.append((queue, event))
 
-    def wake(self) -> None:
+    def wake(self) -> bool:
+        """Schedule a delivery (the engine's step-end hook); False once the event loop has
+        closed: nobody is listening, and the engine drops the hook."""
+        if self.loop.is_closed():
+            return False
         with self.lock:
             if self.scheduled or not self.items:
-                return
+                return True
             self.scheduled = True
         try:
             self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
-            pass
+        except RuntimeError:  # the event loop closed just now
+            return False
+        return True
 
     def _deliver(self) -> None:
         with self.lock:
@@ -182,7 +187,7 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    outboxes: dict = {}
+    outboxes: dict = {}  # event loop -> its _Outbox
 
     async def run(request: Request, kind: str):
         if engine.draining:
@@ -190,10 +195,13 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
         parsed = parse_request(load_json(await read_body(request)), kind, ctx)
         request.state.model = parsed.model
         loop = asyncio.get_running_loop()
-        if outboxes.get("loop") is not loop:  # one per event loop (a test client may start several in turn)
-            outboxes.update(loop=loop, outbox=_Outbox(loop))
-            engine.on_step_end(outboxes["outbox"].wake)
-        post, events = outboxes["outbox"].post, asyncio.Queue()
+        box = outboxes.get(loop)
+        if box is None:  # one per event loop (a test client may start several in turn)
+            for old in [k for k in outboxes if k.is_closed()]:  # (their hooks drop themselves)
+                del outboxes[old]
+            box = outboxes[loop] = _Outbox(loop)
+            engine.on_step_end(box.wake)
+        post, events = box.post, asyncio.Queue()
         req = GenRequest(parsed.prompt_ids, profile=parsed.profile, deadline=time.time() + cfg.request_timeout,
                          sink=lambda ev: post(events, ev), **parsed.params)
         try:

@@ -255,7 +255,8 @@ class Engine:
         self._idle = threading.Event()
         self._idle.set()
         self._ready, self._failed = threading.Event(), None
-        self._step_hooks: list[Callable[[], None]] = []
+        self._step_hooks: list[Callable[[], bool | None]] = []
+        self._hooks_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"ssn-engine-{name}", daemon=True)
 
     # ----- public -----
@@ -372,17 +373,23 @@ class Engine:
         self._end_of_step()
         self._idle.set()
 
-    def on_step_end(self, hook: Callable[[], None]) -> None:
+    def on_step_end(self, hook: Callable[[], bool | None]) -> None:
         """Call `hook` on the worker's thread after every step (and after its last events at
-        shutdown): a sink that batches what a step emitted hands the batch over there."""
-        self._step_hooks.append(hook)
+        shutdown): a sink that batches what a step emitted hands the batch over there. A hook
+        that returns False is dropped (its listener is gone: an event loop that closed)."""
+        with self._hooks_lock:
+            self._step_hooks.append(hook)
 
     def _end_of_step(self) -> None:
         for hook in tuple(self._step_hooks):  # (appended to from other threads)
             try:
-                hook()
+                gone = hook() is False
             except Exception:  # noqa: BLE001 - a listener's failure must not stop the engine
                 log.exception("a step-end hook failed")
+                gone = False
+            if gone:
+                with self._hooks_lock:
+                    self._step_hooks.remove(hook)
 
     @torch.inference_mode()  # the whole step: the KV cache is built, selected and merged in one mode
     def _step(self) -> None:
