@@ -114,8 +114,8 @@ def fused_act_stats_forward(x: torch.Tensor, up: torch.Tensor | None, act: str, 
     return out.view(x.shape)
 
 
-
 def _ids(t, name: str, n: int | None = None) -> None:
+    """Raise unless `t` is a contiguous 1-D int64 CPU tensor (of `n` ids, when given)."""
     if t.dtype != torch.int64 or t.dim() != 1 or not t.is_contiguous() or t.device.type != "cpu" \
             or (n is not None and t.numel() != n):
         raise ValueError(f"row_patch: {name} must be a contiguous int64 CPU tensor" + (f" of {n} ids" if n else ""))
