@@ -616,7 +616,6 @@ class _RowPatchLayer:
     kinds: tuple[str, ...]
     inputs: torch.Tensor | None  # [len(kinds) * S, H]
     down: torch.Tensor | None  # [S, H]: the down columns, stored as rows (a contiguous row per neuron)
-    index_hi: int  # one past the largest neuron id in `index`
     native: cpp_ops.RowPatchColumns | None  # the C++ kernels' checked half (float32 tables on CPU)
 
 
@@ -627,7 +626,6 @@ class _RowPatchBatch:
 
     sel: torch.Tensor
     vid: torch.Tensor
-    sel_hi: int  # one past the largest token row `sel` may hold (the batch's token rows)
     native: cpp_ops.RowPatchRows | None  # the C++ kernels' checked half
 
 
@@ -778,7 +776,7 @@ def _row_patch_batch(state: Intervention, token_rows: int, device) -> _RowPatchB
         if sel.numel():
             native = cpp_ops.RowPatchRows(sel, token_rows, vid, len(vs.names)) \
                 if _ROW_PATCH_CPP and device.type == "cpu" else None
-            batch = _RowPatchBatch(sel, vid, token_rows, native)
+            batch = _RowPatchBatch(sel, vid, native)
         state.cache[key] = batch
     return state.cache[key]
 
@@ -861,7 +859,7 @@ def _stack_patches(vs: _Variants, site: NeuronSite, device):
     index_hi = int(index.max()) + 1
     native = cpp_ops.RowPatchColumns(index, index_hi, inputs, down, starts, ends) \
         if _ROW_PATCH_CPP and all(t is None or _f32_cpu(t) for t in (inputs, down)) else None
-    return _RowPatchLayer(index, owner, kinds, inputs, down, index_hi, native)
+    return _RowPatchLayer(index, owner, kinds, inputs, down, native)
 
 
 def _share_storage(vs: _Variants, items, layer: int, kinds, inputs, down) -> None:
