@@ -219,12 +219,12 @@ def test_stacked_per_row_patches_with_partial_modules_and_shared_neurons(arch, b
     """Per-row patches of one layer run as one stack: patches that change different modules
     (gate only, down only, all) on overlapping neurons each reach exactly their own rows; rows
     of the base model get nothing added (bit for bit what the batch computes without variants).
-    The cpp backend runs the stack in csrc/row_patch.cpp (float32 and bfloat16 activations),
-    the torch backend in torch ops."""
+    The cpp backend runs the stack in csrc/row_patch.cpp (float32 and bfloat16 activations,
+    through cpp_ops.fused_act_rows), the torch backend in torch ops."""
     from ssn_runtime.core import cpp_ops
 
     calls = []
-    for name in ("row_patch_inputs", "row_patch_down"):
+    for name in ("fused_act_rows", "row_patch_down"):
         real = getattr(cpp_ops, name)
         monkeypatch.setattr(cpp_ops, name, lambda *a, _real=real, _n=name: (calls.append(_n), _real(*a))[1])
     model = tiny_model(arch, dtype=dtype)
@@ -248,7 +248,7 @@ def test_stacked_per_row_patches_with_partial_modules_and_shared_neurons(arch, b
         plain = model(input_ids=ids, attention_mask=am).logits
         with h.intervene(variants=patches, rows=rows):
             mixed = model(input_ids=ids, attention_mask=am).logits
-        assert set(calls) == ({"row_patch_inputs", "row_patch_down"} if backend == "cpp" else set())
+        assert set(calls) == ({"fused_act_rows", "row_patch_down"} if backend == "cpp" else set())
         for i, name in enumerate(rows):
             if name == "base":
                 assert torch.equal(mixed[i], plain[i])
@@ -259,6 +259,61 @@ def test_stacked_per_row_patches_with_partial_modules_and_shared_neurons(arch, b
             tol, moved = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 5e-2)
             assert rel_err(mixed[i:i + 1], alone, am[i:i + 1]) <= tol, name
             assert rel_err(mixed[i:i + 1], plain[i:i + 1], am[i:i + 1]) > moved, name  # the patch does something
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ kernels not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_cpp_rows_path_computes_what_the_general_path_computes(arch, dtype, monkeypatch):
+    """Per-row masks and served patches on the cpp backend take one lean call per MLP
+    (runtime._cpp_rows_forward, the serving path); every MLP of the forward takes it, on every
+    architecture (gated, fused gate_up, plain) and both dtypes. With masks alone it computes
+    what the general path computes bit for bit (the same kernel); with patches, what its torch
+    stack computes, to rounding (csrc/row_patch.cpp sums each delta in its own order). It steps
+    aside, and the general path serves, where autograd records or a patch is trainable."""
+    from ssn_runtime.core import runtime
+
+    model = tiny_model(arch, dtype=dtype)
+    p1, p2 = trained_patch(model, 1), trained_patch(model, 2, k=3)
+    mask = rich_mask(model, 3)
+    ids, am = batch("left", "cpu")
+    ids, am = torch.cat([ids, ids[:1]]), torch.cat([am, am[:1]])
+    rows = ["both", "base", "m", "p1"]
+    real, seen = runtime._cpp_rows_forward, []
+    monkeypatch.setattr(runtime, "_cpp_rows_forward", lambda *a: seen.append(real(*a)) or seen[-1])
+    n_mlps = len(ssn_runtime.find_sites(model))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with ssn_runtime.attach(model, backend="cpp") as h:
+        with torch.no_grad():
+            plain = model(input_ids=ids, attention_mask=am).logits
+        for variants, exact in (({"m": mask, "both": mask, "p1": None}, True),
+                                ({"p1": p1, "m": mask, "both": Variant(mask=mask, patch=p2)}, False)):
+            with torch.no_grad(), h.intervene(variants=variants, rows=rows):
+                seen.clear()
+                lean = model(input_ids=ids, attention_mask=am).logits
+                assert len(seen) == n_mlps and all(o is not None for o in seen)
+                monkeypatch.setattr(runtime, "_cpp_rows_forward", lambda *a: None)
+                general = model(input_ids=ids, attention_mask=am).logits
+                monkeypatch.setattr(runtime, "_cpp_rows_forward", lambda *a: seen.append(real(*a)) or seen[-1])
+            if exact:
+                assert torch.equal(lean, general)
+            else:
+                assert rel_err(lean, general, am) <= tol
+                assert not torch.equal(lean[3], plain[3])  # (the patch really changes its row)
+            assert torch.equal(lean[1], plain[1])  # the base row: untouched, bit for bit
+        # autograd recording through the weights: the general path (it carries the gradients)
+        with h.intervene(variants={"p1": p1, "m": mask}, rows=["p1", "m", "base", "p1"]):
+            seen.clear()
+            model(input_ids=ids, attention_mask=am).logits.float().sum().backward()
+            assert len(seen) == n_mlps and all(o is None for o in seen)
+        # a trainable PatchState as a variant: the general path (its deltas may change in place)
+        site = ssn_runtime.find_sites(model)[0]
+        state = PatchState(some_neurons(model, 4, 1), site.hidden_size, gated=site.gated,
+                           model_info=ssn_runtime.core.fingerprint.model_fingerprint(model))
+        with torch.no_grad(), h.intervene(variants={"t": state}, rows=["t"] * ids.shape[0]):
+            seen.clear()
+            model(input_ids=ids, attention_mask=am)
+            assert len(seen) == n_mlps and all(o is None for o in seen)
 
 
 def test_trainable_per_row_patches_keep_their_gradients():

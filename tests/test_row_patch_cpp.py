@@ -181,3 +181,95 @@ def test_bad_arguments_are_refused_before_the_kernel():
         cpp_ops.row_patch_inputs(rows, cols, hidden, [out])  # two kinds, one output
     with pytest.raises(ValueError, match="act"):
         cpp_ops.row_patch_down(rows, cols, torch.zeros(M, N), torch.zeros(M, H).t().contiguous().t())
+
+
+def _mask_tables(seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    scale, bias = torch.randn(V, N, generator=g), torch.randn(V, N, generator=g)
+    scale[0], bias[0] = 1.0, 0.0  # the base row: untouched
+    return scale, bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("gated", "kinds"), [(True, ("gate", "up")), (True, ("up",)), (True, ("gate",)),
+                                              (False, ("up",))])
+def test_fused_act_rows_is_patch_inputs_then_the_masked_activation_bit_for_bit(gated, kinds, dtype):
+    """The serving path's one call per layer computes what its two checked ops compute in turn:
+    row_patch_inputs on x / up (each kind into its own output), then fused_act_forward with a
+    table of masks, one per row's variant; on strided views (a fused gate_up projection)."""
+    from ssn_kernels.args import MaskArgs
+
+    sel, vid, index, runs, _, hidden, w, down = _case(len(kinds))
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(M, 2 * N + 3, generator=g).to(dtype)
+    hidden = hidden.to(dtype)
+    scale, bias = _mask_tables()
+    row_variant = torch.tensor([0, 1, 3, 2, 1, 0, 2, 3, 0, 1, 2], dtype=torch.int32)
+    rows, cols = _halves(sel, vid, index, runs, w, down)
+
+    def pick(x, up):
+        return tuple(x if kind == "gate" or not gated else up for kind in kinds)
+
+    x1, up1 = wide[:, :N].clone(), wide[:, N + 3:].clone()
+    cpp_ops.row_patch_inputs(rows, cols, hidden, list(pick(x1, up1)))
+    want = cpp_ops.fused_act_forward(x1, up1 if gated else None, "silu", MaskArgs(scale, bias, row_variant))
+    x2, up2 = wide[:, :N], wide[:, N + 3:]  # strided views, written in place
+    got = cpp_ops.fused_act_rows(x2, up2 if gated else None, "silu", hidden, cpp_ops.RowVariants(row_variant, V),
+                                 (scale, bias), rows, cols, pick(x2, up2))
+    assert torch.equal(got, want)
+    assert torch.equal(x2, x1) and (not gated or torch.equal(up2, up1))
+    plain = cpp_ops.fused_act_rows(x2, up2 if gated else None, "silu", hidden, cpp_ops.RowVariants(row_variant, V),
+                                   None)  # no mask, no patch on this layer: the plain activation
+    assert torch.equal(plain, cpp_ops.fused_act_forward(x2, up2 if gated else None, "silu"))
+
+
+def test_fused_act_rows_refuses_bad_arguments_before_the_kernel():
+    sel, vid, index, runs, _, hidden, w, down = _case(2)
+    rows, cols = _halves(sel, vid, index, runs, w, down)
+    scale, bias = _mask_tables()
+    rv = cpp_ops.RowVariants(torch.zeros(M, dtype=torch.int32), V)
+    x, up = torch.randn(M, N), torch.randn(M, N)
+    with pytest.raises(ValueError, match="outside"):
+        cpp_ops.RowVariants(torch.full((M,), V, dtype=torch.int32), V)  # a variant past the table
+    with pytest.raises(ValueError, match="outside"):
+        cpp_ops.RowVariants(torch.full((M,), -1, dtype=torch.int32), V)
+    with pytest.raises(ValueError, match="int32"):
+        cpp_ops.RowVariants(torch.zeros(M, dtype=torch.int64), V)
+    with pytest.raises(ValueError, match="int32"):
+        cpp_ops.RowVariants(torch.zeros(2 * M, dtype=torch.int32)[::2], V)  # not contiguous
+
+    def call(*a, **k):
+        return cpp_ops.fused_act_rows(*a, **k)
+
+    with pytest.raises(ValueError, match="x and up"):
+        call(x[:-1], up[:-1], "silu", hidden, rv, None)  # fewer rows than the variants name
+    with pytest.raises(ValueError, match="x and up"):
+        call(x.double(), up.double(), "silu", hidden, rv, None)
+    with pytest.raises(ValueError, match="x and up"):
+        call(x, up.bfloat16(), "silu", hidden, rv, None)  # two dtypes
+    with pytest.raises(ValueError, match="x and up"):
+        call(x.t().contiguous().t(), up, "silu", hidden, rv, None)  # strided columns
+    with pytest.raises(ValueError, match="mask tables"):
+        call(x, up, "silu", hidden, rv, (scale[:-1], bias[:-1]))  # fewer masks than variants
+    with pytest.raises(ValueError, match="mask tables"):
+        call(x, up, "silu", hidden, rv, (scale.double(), bias.double()))
+    with pytest.raises(ValueError, match="mask tables"):
+        call(x, up, "silu", hidden, rv, (scale[:, :-1], bias[:, :-1]))
+    with pytest.raises(ValueError, match="halves"):
+        call(x, up, "silu", hidden, rv, None, rows, cols, (x,))  # two kinds, one output
+    with pytest.raises(ValueError, match="halves"):
+        call(x, up, "silu", hidden, rv, None, rows, cols, (x, x.clone()))  # an output that is neither x nor up
+    with pytest.raises(ValueError, match="halves"):
+        call(x, up, "silu", hidden, rv, None, cols, rows, (x, up))  # halves swapped
+    with pytest.raises(ValueError, match="halves"):
+        call(x, up, "silu", hidden, cpp_ops.RowVariants(torch.zeros(M, dtype=torch.int32), V + 1), None, rows, cols,
+             (x, up))  # the rows name another variant count
+    with pytest.raises(ValueError, match="halves"):
+        call(x[:, :-1].contiguous(), up[:, :-1].contiguous(), "silu", hidden, rv, None, rows, cols, (x, up))
+    with pytest.raises(ValueError, match="hidden"):
+        call(x, up, "silu", hidden[:, :-1], rv, None, rows, cols, (x, up))
+    with pytest.raises(ValueError, match="hidden"):
+        call(x, up, "silu", hidden.bfloat16(), rv, None, rows, cols, (x, up))
+    down_only = cpp_ops.RowPatchColumns(index, N, None, down, *runs)
+    with pytest.raises(ValueError, match="gate/up"):
+        call(x, up, "silu", hidden, rv, None, rows, down_only, ())

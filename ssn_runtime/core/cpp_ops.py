@@ -174,6 +174,71 @@ class RowPatchRows:
         self.sel, self.vid = sel.data_ptr(), vid.data_ptr()
 
 
+class RowVariants:
+    """One batch's variant per token row as the masked kernels read it (`ids` [M], contiguous
+    int32 CPU, each below `V`), checked once per batch for every layer: a range check is a
+    tensor op, and on every layer of every step it would cost more than the mask itself.
+    Raises ValueError otherwise."""
+
+    def __init__(self, ids, V: int):
+        if ids.dtype != torch.int32 or ids.dim() != 1 or not ids.is_contiguous() or not ids.is_cpu:
+            raise ValueError("row variants must be a contiguous int32 CPU tensor")
+        if ids.numel():
+            lo, hi = torch.aminmax(ids)
+            if int(lo) < 0 or int(hi) >= V:
+                raise ValueError(f"a row's variant id is outside [0, {V})")
+        self.M, self.V = ids.numel(), V
+        self._keep = ids
+        self.ptr = ids.data_ptr()
+
+
+def _row_view(t: torch.Tensor, dtype: torch.dtype, rows: int, cols: int) -> bool:
+    """A [rows, cols] `dtype` CPU tensor with contiguous columns."""
+    return (t.dtype == dtype and t.is_cpu and t.dim() == 2 and t.shape[0] == rows and t.shape[1] == cols
+            and (t.stride(1) == 1 or cols == 1))
+
+
+def _table(t: torch.Tensor, V: int, N: int) -> bool:
+    return t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() and t.shape == (V, N)
+
+
+def fused_act_rows(x: torch.Tensor, up: torch.Tensor | None, act: str, hidden: torch.Tensor, variants: RowVariants,
+                   mask: tuple[torch.Tensor, torch.Tensor] | None, rows: RowPatchRows | None = None,
+                   cols: RowPatchColumns | None = None, outs: tuple = ()) -> torch.Tensor:
+    """One layer of a batch of per-row variants, with one pass of checks (the serving path:
+    runtime._cpp_rows_forward): each patched row's gate/up deltas added in place, as
+    `row_patch_inputs` (given `rows`, `cols` and `outs`: for each of the columns' kinds, `x` or
+    `up`, the tensor it adds to), then h = act(x) * up (or act(x)) with each row's mask, as
+    `fused_act_forward` with a MaskArgs table (`mask`: [V, N] scale and bias tables, float32;
+    None: no mask on this layer). `x`, `up`: [M, N], `hidden`: [M, H], float32 or bfloat16 (one
+    dtype) CPU with contiguous columns. Returns h [M, N]."""
+    dtype, M = x.dtype, variants.M
+    N = x.shape[-1]
+    if dtype not in DTYPES or not _row_view(x, dtype, M, N) or (up is not None and not _row_view(up, dtype, M, N)):
+        raise ValueError(f"fused_act_rows: x and up must be [{M}, N] float32 or bfloat16 (one dtype) CPU tensors "
+                         "with contiguous columns")
+    if mask is not None and not (_table(mask[0], variants.V, N) and _table(mask[1], variants.V, N)):
+        raise ValueError(f"fused_act_rows: the mask tables must be contiguous float32 [{variants.V}, {N}]")
+    if cols is not None:
+        if not isinstance(rows, RowPatchRows) or not isinstance(cols, RowPatchColumns) or rows.sel_hi != M \
+                or rows.V != variants.V or cols.V != variants.V or cols.index_hi > N or len(outs) != cols.kinds \
+                or not all(o is x or (o is up and up is not None) for o in outs):
+            raise ValueError("fused_act_rows: the patch halves do not fit this batch and layer, or `outs` does not "
+                             "name x or up for each kind")
+        if not cols.w or not _row_view(hidden, dtype, M, cols.H):
+            raise ValueError(f"fused_act_rows: needs gate/up columns and hidden [{M}, {cols.H}] of x's dtype with "
+                             "contiguous columns")
+        _patch_inputs(rows, cols, hidden, outs)
+    out = torch.empty((M, N), dtype=dtype)
+    u = up if up is not None else x
+    if M and N:
+        sc, bi, rv = (mask[0].data_ptr(), mask[1].data_ptr(), variants.ptr) if mask is not None else (0, 0, 0)
+        _ext.fused_act_forward(DTYPES[dtype], ACT_CODES[act], up is not None, x.data_ptr(), x.stride(0), u.data_ptr(),
+                               u.stride(0), out.data_ptr(), out.stride(0), M, N, 2 if mask is not None else 0, sc, bi,
+                               rv, torch.get_num_threads())
+    return out
+
+
 def _halves(rows: RowPatchRows, cols: RowPatchColumns) -> None:
     if not isinstance(rows, RowPatchRows) or not isinstance(cols, RowPatchColumns):
         raise ValueError("row_patch: give a RowPatchRows and a RowPatchColumns")
@@ -198,11 +263,16 @@ def row_patch_inputs(rows: RowPatchRows, cols: RowPatchColumns, hidden: torch.Te
             or hidden.shape[1] != t.H or not all(_rows_ok(o, rows.sel_hi, t.index_hi, dtype) for o in outs):
         raise ValueError("row_patch_inputs: hidden must be [>= sel_hi, H] and each output [>= sel_hi, "
                          ">= index_hi], float32 or bfloat16 (one dtype) CPU with contiguous columns")
-    if rows.R and t.S:
-        o1 = outs[-1]
-        _ext.row_patch_inputs(DTYPES[dtype], hidden.data_ptr(), hidden.stride(0), rows.sel, rows.vid, rows.R, t.index,
-                              t.starts, t.ends, t.S, t.w, t.kinds, t.H, outs[0].data_ptr(), outs[0].stride(0),
-                              o1.data_ptr(), o1.stride(0), torch.get_num_threads())
+    _patch_inputs(rows, cols, hidden, outs)
+
+
+def _patch_inputs(rows: RowPatchRows, cols: RowPatchColumns, hidden: torch.Tensor, outs) -> None:
+    """The kernel call of row_patch_inputs and fused_act_rows, once they have checked it all."""
+    if rows.R and cols.S:
+        o0, o1 = outs[0], outs[-1]
+        _ext.row_patch_inputs(DTYPES[hidden.dtype], hidden.data_ptr(), hidden.stride(0), rows.sel, rows.vid, rows.R,
+                              cols.index, cols.starts, cols.ends, cols.S, cols.w, cols.kinds, cols.H, o0.data_ptr(),
+                              o0.stride(0), o1.data_ptr(), o1.stride(0), torch.get_num_threads())
 
 
 def row_patch_down(rows: RowPatchRows, cols: RowPatchColumns, act: torch.Tensor, out: torch.Tensor) -> None:

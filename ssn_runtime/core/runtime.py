@@ -94,6 +94,7 @@ class _Variants:
         # deltas may live in the stacked per-layer tables (_stack_patches) instead of a copy
         self.owned = owned or [False] * len(patches)
         self.patched = [v for v, p in enumerate(patches) if p is not None]  # variants with a patch
+        self.frozen = all(self.owned[v] for v in self.patched)  # no patch can change in place
         self.index = {n: i for i, n in enumerate(names)}
         self._tables: dict = {}
         self._lock = threading.Lock()
@@ -540,6 +541,10 @@ def _mlp_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _mlp_forward_intervened(mod, handle, site, state: Intervention, hidden, x, up):
     st = site.style
+    if state.rows is not None:
+        out = _cpp_rows_forward(mod, handle, site, state, hidden, x, up)
+        if out is not None:
+            return out
     delta = _site_delta(state.patch, site) if state.patch is not None else None
     if delta is not None:
         x, up = _patch_inputs(site, hidden, x, up, delta, handle.backend)
@@ -548,9 +553,8 @@ def _mlp_forward_intervened(mod, handle, site, state: Intervention, hidden, x, u
     stack = _row_patch_stack(state, site, token_rows, x.device) if state.rows is not None else None
     row_patches = _row_patches(state, site, token_rows, x.device) if stack is None else []
     backend = handle.backend_for(x, site)
-    native = backend == "cpp"
     if stack is not None:
-        x, up = stack.add_inputs(site, hidden, x, up, native)
+        x, up = stack.add_inputs(site, hidden, x, up)
     elif row_patches:
         x, up = _row_patch_inputs(site, hidden, x, up, row_patches)
     stats = state.collector.target(site, x) if state.collector is not None else None
@@ -560,7 +564,7 @@ def _mlp_forward_intervened(mod, handle, site, state: Intervention, hidden, x, u
     if delta is not None and "down" in delta:
         out = out + add_cols(h, delta["index"], delta["down"], backend=handle.backend).to(out.dtype)
     if stack is not None:
-        return stack.add_down(h, out, native)
+        return stack.add_down(h, out)
     for rows, d in row_patches:
         if "down" in d:
             out = _add_rows_at(out, h, rows, d["index"], d["down"], cols=True)
@@ -631,10 +635,11 @@ class _RowPatchBatch:
 
 @dataclass(frozen=True)
 class _RowPatchStack:
-    """One layer's patches applied to one batch, so a batch with P patch profiles costs one
-    product per projection instead of P: a selected row only ever receives its own patch's
-    deltas (on the torch path, `member` [R, S] is 1 where row sel[r] uses column s's variant and
-    the others add exact zeros)."""
+    """One layer's patches applied to one batch in torch ops, so a batch with P patch profiles
+    costs one product per projection instead of P: a selected row only ever receives its own
+    patch's deltas (`member` [R, S] is 1 where row sel[r] uses column s's variant; the others add
+    exact zeros). The reference of the C++ kernels, which serve the cpp backend
+    (_cpp_rows_forward)."""
 
     layer: _RowPatchLayer
     batch: _RowPatchBatch
@@ -648,30 +653,14 @@ class _RowPatchStack:
         return self.batch.sel
 
     @functools.cached_property
-    def member(self) -> torch.Tensor:  # the torch path's only; the C++ kernels read each row's run
+    def member(self) -> torch.Tensor:
         t = self.layer.inputs if self.layer.inputs is not None else self.layer.down
         return (self.batch.vid.unsqueeze(1) == self.layer.owner.unsqueeze(0)).to(t.dtype)
 
-    def _use_native(self, native: bool, *tensors) -> bool:
-        """Whether the C++ kernels (csrc/row_patch.cpp) serve this call: the cpp backend, both
-        halves checked, and nothing for autograd to record (they write in place, untracked)."""
-        if not native or self.layer.native is None or self.batch.native is None:
-            return False
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-
-    def add_inputs(self, site: NeuronSite, hidden, x, up, native: bool = False):
+    def add_inputs(self, site: NeuronSite, hidden, x, up):
         lay = self.layer
         if lay.inputs is None:
             return x, up
-        outs = [x if kind == "gate" or not site.gated else up for kind in lay.kinds]
-        if self._use_native(native, hidden, *outs):
-            try:  # in place on the projection outputs (views, never copies)
-                rows = [o.view(-1, o.shape[-1]) for o in outs]
-            except RuntimeError:
-                rows = None
-            if rows is not None and _native_acts(hidden, *outs):
-                cpp_ops.row_patch_inputs(self.batch.native, lay.native, hidden.reshape(-1, hidden.shape[-1]), rows)
-                return x, up
         S = self.index.numel()
         src = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.sel).to(lay.inputs.dtype)
         prod = src @ lay.inputs.t()
@@ -683,30 +672,16 @@ class _RowPatchStack:
                 up = _put(up, (self.sel.unsqueeze(1), self.index.unsqueeze(0)), part)
         return x, up
 
-    def add_down(self, h, out, native: bool = False):
+    def add_down(self, h, out):
         down = self.layer.down
         if down is None:
             return out
-        if self._use_native(native, h, out) and _native_acts(h, out):
-            try:
-                rows = out.view(-1, out.shape[-1])
-            except RuntimeError:
-                rows = None
-            if rows is not None:
-                cpp_ops.row_patch_down(self.batch.native, self.layer.native, h.reshape(-1, h.shape[-1]), rows)
-                return out
         src = h.reshape(-1, h.shape[-1]).index_select(0, self.sel).index_select(1, self.index)
         return _put(out, (self.sel,), (src.to(down.dtype) * self.member) @ down)
 
 
 def _f32_cpu(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.device.type == "cpu"
-
-
-def _native_acts(*acts: torch.Tensor) -> bool:
-    """Activations the C++ row-patch kernels take: CPU, one dtype, float32 or bfloat16."""
-    dtype = acts[0].dtype
-    return dtype in (torch.float32, torch.bfloat16) and all(t.dtype == dtype and t.device.type == "cpu" for t in acts)
 
 
 def _put(out: torch.Tensor, where: tuple, delta: torch.Tensor) -> torch.Tensor:
@@ -740,7 +715,7 @@ def _row_patch_stack(state: Intervention, site: NeuronSite, token_rows: int, dev
     if not _rows_use_patches(state, token_rows, device):
         return None
     key = ("row_patch_stack", site.layer, site.num_neurons, token_rows, device)
-    if all(vs.owned[v] for v in vs.patched):
+    if vs.frozen:
         stamp = ()  # owned patches are frozen
     else:
         # A caller's PatchState may change in place (an optimizer step), seen in its version
@@ -779,6 +754,81 @@ def _row_patch_batch(state: Intervention, token_rows: int, device) -> _RowPatchB
             batch = _RowPatchBatch(sel, vid, native)
         state.cache[key] = batch
     return state.cache[key]
+
+
+@dataclass(frozen=True)
+class _CppRows:
+    """A scope's per-row variants as the C++ kernels take them, built and checked once for every
+    layer of its forwards (inputs of `dtype`): each token row's variant (`variants`) and the
+    rows that use a patch (`batch`, None when none does)."""
+
+    variants: cpp_ops.RowVariants
+    batch: _RowPatchBatch | None
+    dtype: torch.dtype
+
+
+def _cpp_rows(handle, site: NeuronSite, state: Intervention, x: torch.Tensor, token_rows: int) -> _CppRows | None:
+    """The scope's _CppRows for this input (cached per scope), or None where the C++ path does
+    not apply: another backend or device, trainable patches (their stacks carry edit stamps),
+    no C++ kernels, or one mask, patch or collector for every row."""
+    key = ("cpp_rows", token_rows, x.dtype)
+    plan = state.cache.get(key)
+    if plan is None:
+        vs = state.variants
+        plan = False
+        if _ROW_PATCH_CPP and x.device.type == "cpu" and vs is not None and vs.frozen and state.mask is None \
+                and state.patch is None and state.collector is None \
+                and handle.backend_for(x, site) == "cpp":
+            ids = state.row_ids(token_rows, x.device).to(torch.int32).contiguous()
+            batch = _row_patch_batch(state, token_rows, x.device) if vs.patched else None
+            if batch is None or batch.native is not None:
+                plan = _CppRows(cpp_ops.RowVariants(ids, len(vs.names)), batch, x.dtype)
+        state.cache[key] = plan
+    return plan or None
+
+
+def _cpp_rows_forward(mod, handle, site: NeuronSite, state: Intervention, hidden, x, up):
+    """One MLP of a batch of per-row variants (masks and served patches) on the C++ kernels, with
+    the batch's half checked once per scope and the layer's once per variants: the serving
+    path, where each Python call in a forward costs several times what it costs warm (every
+    layer evicts the caches) and the general path's per-layer bookkeeping cost more than its
+    kernels. Masks: the general path's kernel, bit for bit; patches: csrc/row_patch.cpp, equal
+    to the general path's torch stack to rounding (tests/test_row_patch_cpp.py). None where it
+    does not apply (see _cpp_rows; also a site with an activation the kernels lack, an MoE
+    shared expert's part, autograd recording, a layout the kernels cannot write in place): the
+    general path serves those."""
+    if site.act is None or site.layer_neurons:
+        return None
+    n = x.shape[-1]
+    token_rows = x.numel() // n if n else 0
+    plan = _cpp_rows(handle, site, state, x, token_rows)
+    if plan is None or x.dtype != plan.dtype or (torch.is_grad_enabled() and (
+            x.requires_grad or hidden.requires_grad or (up is not None and up.requires_grad))):
+        return None
+    vs, device = state.variants, x.device
+    lay = None
+    if plan.batch is not None:
+        lay = vs.current(("row_patch_layer", site.layer, site.num_neurons, device), (),
+                         _outside_inference(lambda: _stack_patches(vs, site, device)))
+        if lay is not None and lay.native is None:
+            return None
+    try:  # the patch inputs are added in place: row views of the projection outputs, never copies
+        x2 = x.view(token_rows, n)
+        u2 = up.view(token_rows, n) if up is not None else None
+        h2 = hidden.view(token_rows, hidden.shape[-1])
+    except RuntimeError:
+        return None
+    table = vs.table(site.layer, n, device)
+    if lay is not None and lay.inputs is not None:
+        outs = tuple(x2 if kind == "gate" or not site.gated else u2 for kind in lay.kinds)
+        h = cpp_ops.fused_act_rows(x2, u2, site.act, h2, plan.variants, table, plan.batch.native, lay.native, outs)
+    else:
+        h = cpp_ops.fused_act_rows(x2, u2, site.act, h2, plan.variants, table)
+    out = getattr(mod, site.style.down)(h.view(x.shape))
+    if lay is not None and lay.down is not None:
+        out = out.contiguous()  # (a Linear's output already is: no copy)
+        cpp_ops.row_patch_down(plan.batch.native, lay.native, h, out.view(-1, out.shape[-1]))
+    return out
 
 
 def _version(t: torch.Tensor) -> int:
