@@ -165,10 +165,13 @@ class RowPatchRows:
         _ids(sel, "sel")
         R = sel.numel()
         _ids(vid, "vid", R)
-        if R and (int(sel.min()) < 0 or int(sel.max()) >= sel_hi):
-            raise ValueError("row_patch: a row id is outside [0, sel_hi)")
-        if R and (int(vid.min()) < 0 or int(vid.max()) >= V):
-            raise ValueError(f"row_patch: a variant id is outside [0, {V})")
+        if R:  # (one pass each: a batch's rows change at most steps)
+            lo, hi = torch.aminmax(sel)
+            if int(lo) < 0 or int(hi) >= sel_hi:
+                raise ValueError("row_patch: a row id is outside [0, sel_hi)")
+            lo, hi = torch.aminmax(vid)
+            if int(lo) < 0 or int(hi) >= V:
+                raise ValueError(f"row_patch: a variant id is outside [0, {V})")
         self.R, self.sel_hi, self.V = R, sel_hi, V
         self._keep = (sel, vid)
         self.sel, self.vid = sel.data_ptr(), vid.data_ptr()

@@ -95,6 +95,7 @@ class _Variants:
         self.owned = owned or [False] * len(patches)
         self.patched = [v for v, p in enumerate(patches) if p is not None]  # variants with a patch
         self.frozen = all(self.owned[v] for v in self.patched)  # no patch can change in place
+        self.cpp_layers: dict[int, tuple] = {}  # layer -> its tables on the C++ path (_cpp_layer)
         self.index = {n: i for i, n in enumerate(names)}
         self._tables: dict = {}
         self._lock = threading.Lock()
@@ -787,6 +788,16 @@ def _cpp_rows(handle, site: NeuronSite, state: Intervention, x: torch.Tensor, to
     return plan or None
 
 
+def _cpp_layer(vs: _Variants, site: NeuronSite) -> tuple:
+    """One layer's (patch stack or None, mask tables or None) on CPU for the C++ path, looked up
+    once per variants (a plan's patches are owned, so frozen; its masks give its tables)."""
+    device = torch.device("cpu")
+    lay = vs.current(("row_patch_layer", site.layer, site.num_neurons, device), (),
+                     _outside_inference(lambda: _stack_patches(vs, site, device))) if vs.patched else None
+    got = vs.cpp_layers[site.layer] = (lay, vs.table(site.layer, site.num_neurons, device))
+    return got
+
+
 def _cpp_rows_forward(mod, handle, site: NeuronSite, state: Intervention, hidden, x, up):
     """One MLP of a batch of per-row variants (masks and served patches) on the C++ kernels, with
     the batch's half checked once per scope and the layer's once per variants: the serving
@@ -805,20 +816,18 @@ def _cpp_rows_forward(mod, handle, site: NeuronSite, state: Intervention, hidden
     if plan is None or x.dtype != plan.dtype or (torch.is_grad_enabled() and (
             x.requires_grad or hidden.requires_grad or (up is not None and up.requires_grad))):
         return None
-    vs, device = state.variants, x.device
-    lay = None
-    if plan.batch is not None:
-        lay = vs.current(("row_patch_layer", site.layer, site.num_neurons, device), (),
-                         _outside_inference(lambda: _stack_patches(vs, site, device)))
-        if lay is not None and lay.native is None:
-            return None
+    vs = state.variants
+    lay, table = vs.cpp_layers.get(site.layer) or _cpp_layer(vs, site)
+    if plan.batch is None:
+        lay = None  # (no row of this batch uses a patch)
+    elif lay is not None and lay.native is None:
+        return None
     try:  # the patch inputs are added in place: row views of the projection outputs, never copies
         x2 = x.view(token_rows, n)
         u2 = up.view(token_rows, n) if up is not None else None
         h2 = hidden.view(token_rows, hidden.shape[-1])
     except RuntimeError:
         return None
-    table = vs.table(site.layer, n, device)
     if lay is not None and lay.inputs is not None:
         outs = tuple(x2 if kind == "gate" or not site.gated else u2 for kind in lay.kinds)
         h = cpp_ops.fused_act_rows(x2, u2, site.act, h2, plan.variants, table, plan.batch.native, lay.native, outs)
