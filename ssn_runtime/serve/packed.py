@@ -223,7 +223,9 @@ class PackedCache:
                 if window:
                     m &= cols[None] >= self._after[:, None] - window
                 m = m[:, None, None]
-            else:  # a group of joins (indices): [J, 1, S, W], causal from each chunk's first position
+            else:  # a group of joins (indices) for G query heads per key head: [J, 1, G * S, W], causal
+                # from each chunk's first position; head group g: queries g*S..g*S+S-1
+                which, G = which
                 js = [self._joins[i] for i in which]
                 S, W = max(j.new for j in js), max(j.start + j.new for j in js)
                 t = torch.arange(S)[None, :, None]
@@ -234,6 +236,7 @@ class PackedCache:
                     m &= cols > pos - window
                 # a padding query (t >= the chunk's length) sees column 0 only: finite, and dropped
                 m = torch.where(t >= torch.tensor([j.new for j in js])[:, None, None], cols == 0, m)[:, None]
+                m = m.repeat(1, 1, G, 1)  # (once per step, not per layer)
             self._masks[key] = m
         return m
 
@@ -257,8 +260,12 @@ class PackedCache:
             js = [self._joins[i] for i in group]
             J = len(js)
             q = query[0].index_select(1, rows).view(Hq, J, S, D).transpose(0, 1).reshape(J, Hkv, G * S, D)
-            k, v = K.index_select(0, slots)[:, :, :W], V.index_select(0, slots)[:, :, :W]
-            m = self._mask(group, window).repeat(1, 1, G, 1)  # head group g: queries g*S..g*S+S-1
+            if J == 1:  # (most join steps: the row's columns in place, no copy)
+                s = js[0].slot
+                k, v = K[s:s + 1, :, :W], V[s:s + 1, :, :W]
+            else:  # copies of the joining rows' first W columns only
+                k, v = K[:, :, :W].index_select(0, slots), V[:, :, :W].index_select(0, slots)
+            m = self._mask((group, G), window)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling)  # [J, Hkv, G*S, Dv]
             o = o.view(J, Hq, S, Dv).transpose(1, 2)  # [J, S, Hq, Dv]
             for i, j in enumerate(js):
