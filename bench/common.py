@@ -173,15 +173,17 @@ def peak_bandwidth(device: str) -> dict:
     return {"copy_bytes_per_s": copy_bandwidth(device), "datasheet_bytes_per_s": sheet}
 
 
-def git_commit() -> str | None:
+def git_commit(root: Path | None = None) -> str | None:
     """The checkout's commit, with "+dirty" when tracked files differ from it (None outside git):
-    the results say which code they measured."""
+    the results say which code they measured. Other results (bench/results/, README) do not
+    count: a benchmark run after another has written its file measures the same code."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    root = root or Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results", ":(exclude)README.md"], cwd=root,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None

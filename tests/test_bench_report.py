@@ -50,3 +50,28 @@ def test_kernels_summary_gives_the_issue_14_targets(tmp_path):
     t = report.table(tmp_path)
     assert ("copy 4200 GB/s; M=4096 N=14336: fwd 90% of copy, bwd 50%; stats 1.80x fwd (+gate n/a, +top-k n/a); "
             "per-row masks of 8 1.01x fwd; sparse step 2.50x the index_select+matmul floor (device time 1.04x)") in t
+
+
+def test_results_name_their_commit_dirty_only_when_code_differs(tmp_path):
+    """A result records the commit it measured, "+dirty" when code differs from it; another
+    benchmark's results (or the README table) written since do not make the code dirty."""
+    from common import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "a.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("table\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == head
+    (tmp_path / "bench" / "results" / "a.json").write_text('{"run": 2}')
+    (tmp_path / "README.md").write_text("table, regenerated\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == head + "+dirty"
