@@ -760,12 +760,11 @@ def _row_patch_batch(state: Intervention, token_rows: int, device) -> _RowPatchB
 @dataclass(frozen=True)
 class _CppRows:
     """A scope's per-row variants as the C++ kernels take them, built and checked once for every
-    layer of its forwards (inputs of `dtype`): each token row's variant (`variants`) and the
-    rows that use a patch (`batch`, None when none does)."""
+    layer of its forwards (cached per input dtype): each token row's variant (`variants`) and
+    the rows that use a patch (`batch`, None when none does)."""
 
     variants: cpp_ops.RowVariants
     batch: _RowPatchBatch | None
-    dtype: torch.dtype
 
 
 def _cpp_rows(handle, site: NeuronSite, state: Intervention, x: torch.Tensor, token_rows: int) -> _CppRows | None:
@@ -783,7 +782,7 @@ def _cpp_rows(handle, site: NeuronSite, state: Intervention, x: torch.Tensor, to
             ids = state.row_ids(token_rows, x.device).to(torch.int32).contiguous()
             batch = _row_patch_batch(state, token_rows, x.device) if vs.patched else None
             if batch is None or batch.native is not None:
-                plan = _CppRows(cpp_ops.RowVariants(ids, len(vs.names)), batch, x.dtype)
+                plan = _CppRows(cpp_ops.RowVariants(ids, len(vs.names)), batch)
         state.cache[key] = plan
     return plan or None
 
@@ -813,7 +812,7 @@ def _cpp_rows_forward(mod, handle, site: NeuronSite, state: Intervention, hidden
     n = x.shape[-1]
     token_rows = x.numel() // n if n else 0
     plan = _cpp_rows(handle, site, state, x, token_rows)
-    if plan is None or x.dtype != plan.dtype or (torch.is_grad_enabled() and (
+    if plan is None or (torch.is_grad_enabled() and (
             x.requires_grad or hidden.requires_grad or (up is not None and up.requires_grad))):
         return None
     vs = state.variants
