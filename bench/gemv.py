@@ -1,4 +1,4 @@
-"""The one-row C++ matrix-vector product (csrc/gemv.cpp, `cpp_ops.gemv`) against F.linear, per
+"""The one-row C++ matrix-vector product (csrc/gemv.cpp, `cpp_ops.linear` at one row) against F.linear, per
 weight shape of SmolLM2-135M, with the weights streaming from memory as in a decode step (as
 many distinct matrices of a shape as the model has, cycled), interleaved with a zero-cost
 control (F.linear timed twice: the noise), and each as a fraction of this machine's measured
@@ -30,7 +30,7 @@ SHAPES = [(1536, 576, 60), (576, 1536, 30), (576, 576, 60), (192, 576, 60), (491
 
 
 def contenders(ws: list, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> dict:
-    return {"linear": lambda: [F.linear(x, w) for w in ws], "gemv": lambda: [cpp_ops.gemv(x, w) for w in ws],
+    return {"linear": lambda: [F.linear(x, w) for w in ws], "gemv": lambda: [cpp_ops.linear(x, w) for w in ws],
             "control": lambda: [F.linear(x, w) for w in ws], "copy": lambda: dst.copy_(src)}
 
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="JSON file or folder (default bench/results/)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    if not cpp_ops.available("gemv_f32" if dtype == torch.float32 else "gemv_bf16"):
+    if not cpp_ops.available("linear_f32" if dtype == torch.float32 else "gemv_bf16"):
         print("error: the C++ kernels are not built (pip install -e .)", file=sys.stderr)
         return 2
     g = torch.Generator().manual_seed(0)
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         x = torch.randn(1, in_f, generator=g).to(dtype)
         src, dst = torch.cat([w.view(-1) for w in ws]), torch.empty(out_f * in_f * n, dtype=dtype)
         for w in ws:  # parity first: a benchmark of a wrong product means nothing
-            torch.testing.assert_close(cpp_ops.gemv(x, w), F.linear(x, w), rtol=tol, atol=tol)
+            torch.testing.assert_close(cpp_ops.linear(x, w), F.linear(x, w), rtol=tol, atol=tol)
         fns = contenders(ws, x, src, dst)
         samples = {}
         compare(fns, "cpu", rounds=args.rounds, samples_out=samples)

@@ -132,15 +132,22 @@ def _moe(d: dict) -> str:
 
 
 def _small_batch_linear(d: dict) -> str:
-    cases = ", ".join(f"{c['rows']} {_x(c['tall_over_linear'])}" for c in d["cases"])
     control = ", ".join(f"{c['control_over_linear']:.2f}" for c in d["cases"])
     cal = d["calibration"]
-    gemv = [c for c in d["cases"] if "gemv_over_linear" in c]
-    return (f"{d['model']} decode step, (W @ x^T)^T time / F.linear time by rows: {cases} (zero-cost control "
-            f"{control})" + "".join(f"; at {c['rows']} row the C++ matrix-vector product / F.linear "
-                                    f"{_x(c['gemv_over_linear'])}" for c in gemv)
-            + f"; start-up calibration {_x(cal['4'])} at 4 rows, {_x(cal['16'])} at 16"
-            + (f", {_x(cal['1'])} at 1 row (C++ product)" if "1" in cal else ""))
+    if "tall" not in cal:  # (results written before the C++ small-batch product: one-row product, tall form)
+        gemv = [c for c in d["cases"] if "gemv_over_linear" in c]
+        cases = ", ".join(f"{c['rows']} {_x(c['tall_over_linear'])}" for c in d["cases"])
+        return (f"{d['model']} decode step, (W @ x^T)^T time / F.linear time by rows: {cases} (zero-cost control "
+                f"{control})" + "".join(f"; at {c['rows']} row the C++ matrix-vector product / F.linear "
+                                        f"{_x(c['gemv_over_linear'])}" for c in gemv)
+                + f"; start-up calibration {_x(cal['4'])} at 4 rows, {_x(cal['16'])} at 16"
+                + (f", {_x(cal['1'])} at 1 row (C++ product)" if "1" in cal else ""))
+    forms = [(f, name) for f, name in (("native", "C++ product"), ("tall", "(W @ x^T)^T")) if f in cal]
+    by_form = "; ".join(f"{name} " + ", ".join(f"{c['rows']} {_x(c[f + '_over_linear'])}" for c in d["cases"]
+                                                if f + "_over_linear" in c) for f, name in forms)
+    calib = "; ".join(f"{name} " + ", ".join(f"{_x(v)} at {r}" for r, v in cal[f].items()) for f, name in forms)
+    return (f"{d['model']} decode step, time / F.linear time by rows: {by_form} (zero-cost control {control}); "
+            f"start-up calibration: {calib}")
 
 
 def _gemv(d: dict) -> str:

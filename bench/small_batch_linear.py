@@ -1,15 +1,14 @@
-"""Small-batch linear layers as (W @ xᵀ)ᵀ (ssn_runtime/core/small_batch_linear.py): a whole
-decode step of a real model, time with the tall form over time with F.linear, per batch size,
-interleaved, with a zero-cost control (F.linear timed twice: the noise). At one row, also the
-C++ matrix-vector product (csrc/gemv.cpp) that the server's one-row steps use.
+"""Small-batch linear layers (ssn_runtime/core/small_batch_linear.py): a whole decode step of a
+real model, time with each form over time with F.linear, per batch size, interleaved, with a
+zero-cost control (F.linear timed twice: the noise). The forms: the C++ small-batch product
+(csrc/gemv.cpp, "native") and MKL's (W @ xᵀ)ᵀ ("tall").
 
     python bench/small_batch_linear.py                  # SmolLM2-135M-Instruct (pip wheel)
     python bench/small_batch_linear.py --model PATH --rows 1,2,4,8,16
 
-The server uses the tall form for 2-8 rows. This bench times it at every row count given (one
-row and more than 8 included), so a reader sees where it gains on this machine; the server's
-start-up calibration (`calibrate` at 4 rows, under `--small-batch-gemm auto`) and the same
-timing at 16 rows are recorded beside it.
+This bench times both forms at every row count given (the tall form at one row too), so a
+reader sees where each gains on this machine; the server's start-up calibration (`calibrate`,
+under `--small-batch-gemm auto`) of each form at 1, 4 and 16 rows is recorded beside it.
 """
 
 from __future__ import annotations
@@ -77,20 +76,25 @@ def main(argv=None) -> int:
     else:
         path, label = args.model, Path(args.model).name
     model, tok = load_model(path, dtype="float32").eval(), load_tokenizer(path)
+    native = cpp_ops.available("linear_f32")
     res = {"device": "cpu", "device_name": device_name("cpu"), "model": label, "threads": torch.get_num_threads(),
-           "calibration": {str(r): sbl.calibrate(model, rows=r) for r in (1, 4, 16)}, "cases": []}
-    print(f"calibrate (the server's 'auto' check): {res['calibration']['1']:.2f}x at 1 row (C++ product), "
-          f"{res['calibration']['4']:.2f}x at 4 rows, {res['calibration']['16']:.2f}x at 16", flush=True)
-    # the tall form at every row count timed, one row included, so each is measured
+           "calibration": {form: {str(r): sbl.calibrate(model, rows=r, form=form) for r in (1, 4, 16)
+                                  if not (form == "tall" and r == 1)}
+                           for form in ("native", "tall") if form == "tall" or native},
+           "cases": []}
+    print("calibrate (the server's 'auto' check): " + "; ".join(
+        f"{form} " + ", ".join(f"{v:.2f}x at {r}" for r, v in cal.items()) for form, cal in res["calibration"].items()),
+        flush=True)
+    # each form at every row count timed (the tall form at one row too), so each is measured
     scopes = {}
 
     def enter(name):
         if name == "tall":
             sbl.MIN_ROWS = 1
             scopes[name] = sbl.small_batch_linear(model, max_rows=1 << 30)
-            scopes[name].__enter__()
-        elif name == "gemv":
-            scopes[name] = sbl.small_batch_linear(model, max_rows=0, one_row=True)
+        elif name == "native":
+            scopes[name] = sbl.small_batch_linear(model, max_rows=0, native_rows=1 << 30)
+        if name in scopes:
             scopes[name].__enter__()
 
     def leave(name):
@@ -100,25 +104,23 @@ def main(argv=None) -> int:
 
     for rows in [int(r) for r in args.rows.split(",")]:
         step = decode_step(model, tok, rows)
-        fns = {"linear": step, "tall": step, **({"gemv": step} if rows == 1 and cpp_ops.available("gemv_f32") else {}),
-               "control": step}
+        fns = {"linear": step, "tall": step, **({"native": step} if native else {}), "control": step}
         samples = {}
         compare(fns, "cpu", rounds=args.rounds, setup={n: (lambda n=n: enter(n)) for n in fns},
                 teardown={n: (lambda n=n: leave(n)) for n in fns}, samples_out=samples)
-        ratio = {k: statistics.median(t / b for t, b in zip(samples[k], samples["linear"], strict=True))
-                 for k in fns if k != "linear"}
+        over = {k: [t / b for t, b in zip(samples[k], samples["linear"], strict=True)] for k in fns if k != "linear"}
         case = {"rows": rows, "linear_ms": 1e3 * statistics.median(samples["linear"]),
-                "tall_ms": 1e3 * statistics.median(samples["tall"]), "tall_over_linear": ratio["tall"],
-                "control_over_linear": ratio["control"],
-                "tall_range": [min(t / b for t, b in zip(samples["tall"], samples["linear"], strict=True)),
-                               max(t / b for t, b in zip(samples["tall"], samples["linear"], strict=True))]}
+                "control_over_linear": statistics.median(over["control"])}
+        for form in ("tall", "native"):
+            if form in over:
+                case.update({f"{form}_ms": 1e3 * statistics.median(samples[form]),
+                             f"{form}_over_linear": statistics.median(over[form]),
+                             f"{form}_range": [min(over[form]), max(over[form])]})
         res["cases"].append(case)
-        print(f"{rows:>3} rows: F.linear {case['linear_ms']:7.1f} ms, tall {case['tall_ms']:7.1f} ms: "
-              f"{ratio['tall']:.2f}x [{case['tall_range'][0]:.2f}-{case['tall_range'][1]:.2f}] "
-              f"(control {ratio['control']:.2f}x)", flush=True)
-        if "gemv" in ratio:
-            case.update(gemv_ms=1e3 * statistics.median(samples["gemv"]), gemv_over_linear=ratio["gemv"])
-            print(f"     the C++ matrix-vector product {case['gemv_ms']:7.1f} ms: {ratio['gemv']:.2f}x", flush=True)
+        print(f"{rows:>3} rows: F.linear {case['linear_ms']:7.1f} ms; " + "; ".join(
+            f"{form} {case[f'{form}_ms']:7.1f} ms: {case[f'{form}_over_linear']:.2f}x "
+            f"[{case[f'{form}_range'][0]:.2f}-{case[f'{form}_range'][1]:.2f}]" for form in ("native", "tall")
+            if f"{form}_ms" in case) + f" (control {case['control_over_linear']:.2f}x)", flush=True)
     path = write_results(f"small_batch_linear-{label}", res, args.out)
     print(f"wrote {path}")
     return 0

@@ -105,11 +105,12 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
-      "gemv_f32",
-      [](uintptr_t w, int64_t out_features, int64_t in_features, uintptr_t x, uintptr_t bias, uintptr_t out,
-         int threads) {
-        ssn::gemv_f32(static_cast<const float*>(ptr(w)), out_features, in_features, static_cast<const float*>(ptr(x)),
-                      bias ? static_cast<const float*>(ptr(bias)) : nullptr, static_cast<float*>(ptr(out)), threads);
+      "linear_f32",
+      [](uintptr_t x, int64_t rows, uintptr_t w, int64_t out_features, int64_t in_features, uintptr_t bias,
+         uintptr_t out, int threads) {
+        ssn::linear_f32(static_cast<const float*>(ptr(x)), rows, static_cast<const float*>(ptr(w)), out_features,
+                        in_features, bias ? static_cast<const float*>(ptr(bias)) : nullptr, static_cast<float*>(ptr(out)),
+                        threads);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(

@@ -1,13 +1,15 @@
-// Matrix-vector product of a contiguous float32 or bfloat16 matrix (csrc/gemv.cpp).
+// Small-batch products of contiguous float32 matrices, and the one-row product of bfloat16 ones
+// (csrc/gemv.cpp).
 #pragma once
 
 #include <cstdint>
 
 namespace ssn {
 
-// out [out_features] = w [out_features, in_features] @ x [in_features] (+ bias, when not null).
-void gemv_f32(const float* w, int64_t out_features, int64_t in_features, const float* x, const float* bias,
-              float* out, int num_threads);
+// out [rows, out_features] = x [rows, in_features] @ w [out_features, in_features]ᵀ (+ bias, when
+// not null). Each output element is summed in one order whatever `rows` and the thread count.
+void linear_f32(const float* x, int64_t rows, const float* w, int64_t out_features, int64_t in_features,
+                const float* bias, float* out, int num_threads);
 
 // The same for bfloat16 (as uint16_t bits) `w`, `x`, `bias` and `out`, summed in float32 and
 // rounded once.

@@ -1,8 +1,9 @@
-"""Small-batch linear layers as (W @ xᵀ)ᵀ and one-row ones by the C++ matrix-vector product
-(core/small_batch_linear.py): each the same product as F.linear within float32 rounding at odd
-shapes; taken only for 2..max_rows rows (one row with one_row), only by the thread inside the
-block and only inside it; modules are restored on exit, also when blocks nest and overlap across
-threads; an engine with it on answers what the model answers alone."""
+"""Small-batch linear layers (core/small_batch_linear.py): the C++ product (float32 for any rows,
+bfloat16 for one) and (W @ xᵀ)ᵀ, each the same product as F.linear within float32 rounding at
+odd shapes, the C++ one summed in the same order whatever the rows beside a row and the thread
+count; taken only for the row counts asked, only by the thread inside the block and only inside
+it; modules are restored on exit, also when blocks nest and overlap across threads; an engine
+with them on answers what the model answers alone."""
 
 import threading
 
@@ -66,28 +67,51 @@ def test_the_transposing_copy_equals_torchs(shape):
     assert out.grad_fn is not None and torch.equal(g.grad, torch.ones_like(t))
 
 
-needs_gemv = pytest.mark.skipif(not cpp_ops.available("gemv_f32"), reason="the C++ kernels are not built")
+needs_native = pytest.mark.skipif(not cpp_ops.available("linear_f32"), reason="the C++ kernels are not built")
 
 
-@needs_gemv
+@needs_native
 @pytest.mark.parametrize("shape", [(1, 1), (53, 37), (97, 16), (1536, 576), (576, 1536), (33, 17), (4097, 5),
-                                   (3, 0), (0, 4)])
+                                   (3, 0), (0, 4), (7, 31)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 16, 29, 64])
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_one_row_product_is_f_linear_within_float32_rounding(shape, bias):
+def test_the_cpp_product_is_f_linear_within_float32_rounding(shape, rows, bias):
+    """Odd shapes on purpose: column tails (out % 4), input tails (in % 16), row blocks (rows % 6)."""
     out_f, in_f = shape
-    g = torch.Generator().manual_seed(out_f * 7 + in_f)
+    g = torch.Generator().manual_seed(out_f * 7 + in_f + 1000 * rows)
     w, b = torch.randn(shape, generator=g), (torch.randn(out_f, generator=g) if bias else None)
-    for x in (torch.randn(in_f, generator=g), torch.randn(1, 1, in_f, generator=g)):
+    for x in (torch.randn(rows, in_f, generator=g), torch.randn(1, rows, in_f, generator=g)):
         ref = (x.double() @ w.double().t() + (b.double() if bias else 0)).float()
-        got = cpp_ops.gemv(x, w, b)
-        assert got.shape == ref.shape
+        got = cpp_ops.linear(x, w, b)
+        assert got.shape == ref.shape and got.dtype == torch.float32
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * max(1, in_f) ** 0.5)
-    if out_f > 1 and in_f > 1:  # refused: two rows, float64, a strided weight, wrong sizes
-        x = torch.randn(in_f)
-        for bad in ((torch.randn(2, in_f), w, b), (x.double(), w.double(), b), (x, w.t().contiguous().t(), b),
-                    (torch.randn(in_f + 1), w, b), (x, w, torch.randn(out_f + 1))):
-            with pytest.raises(ValueError, match="gemv"):
-                cpp_ops.gemv(*bad)
+    assert cpp_ops.linear(torch.randn(0, in_f), w, b).shape == (0, out_f)  # no rows: an empty result
+    if out_f > 1 and in_f > 1:  # refused: float64, a strided weight or input, wrong sizes, mixed dtypes
+        x = torch.randn(rows, in_f)
+        for bad in ((x.double(), w.double(), b), (x, w.t().contiguous().t(), b), (torch.randn(rows, in_f + 1), w, b),
+                    (x, w, torch.randn(out_f + 1)), (torch.randn(in_f, 2).t(), w, b),
+                    (x, w.bfloat16(), b), (torch.tensor(1.0), w, b)):
+            with pytest.raises(ValueError, match="linear"):
+                cpp_ops.linear(*bad)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(97, 37), (1536, 576), (5, 33)])
+def test_a_rows_cpp_output_does_not_depend_on_the_rows_beside_it_or_the_threads(shape):
+    """Each output is summed in one order: a row alone, in any batch, at any thread count gives
+    the same bits (F.linear does not promise this)."""
+    g = torch.Generator().manual_seed(shape[0])
+    w, b = torch.randn(shape, generator=g), torch.randn(shape[0], generator=g)
+    x = torch.randn(40, shape[1], generator=g)
+    alone = torch.cat([cpp_ops.linear(x[i:i + 1], w, b) for i in range(40)])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            for lo, hi in ((0, 40), (3, 19), (7, 8), (11, 40)):
+                assert torch.equal(cpp_ops.linear(x[lo:hi], w, b), alone[lo:hi]), (n, lo, hi)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(not cpp_ops.available("gemv_bf16"), reason="the C++ kernels are not built")
@@ -102,63 +126,74 @@ def test_the_bfloat16_one_row_product_is_f_linear_within_one_rounding(shape, bia
     b = torch.randn(out_f, generator=g).bfloat16() if bias else None
     x = torch.randn(1, in_f, generator=g).bfloat16()
     exact = x.double() @ w.double().t() + (b.double() if bias else 0)
-    got = cpp_ops.gemv(x, w, b)
+    got = cpp_ops.linear(x, w, b)
     assert got.dtype == torch.bfloat16 and got.shape == (1, out_f)
     scale = x.double().abs() @ w.double().abs().t() + (b.double().abs() if bias else 0)  # the sum's magnitude
     tol = exact.abs() * 2.0 ** -8 + scale * 2.0 ** -20 + 1e-30  # the rounding, plus float32 summation
     assert bool(((got.double() - exact).abs() <= tol).all())
     ref = torch.nn.functional.linear(x, w, b)
     assert bool(((got.double() - ref.double()).abs() <= 2 * tol + ref.double().abs() * 2.0 ** -8).all())
-    if out_f > 1 and in_f > 1:  # refused: mixed dtypes
-        for bad in ((x, w.float(), None), (x.float(), w, None), (x, w, torch.randn(out_f))):
-            with pytest.raises(ValueError, match="gemv"):
-                cpp_ops.gemv(*bad)
+    if out_f > 1 and in_f > 1:  # refused: mixed dtypes, two bfloat16 rows
+        for bad in ((x, w.float(), None), (x.float(), w, None), (x, w, torch.randn(out_f)), (x.repeat(2, 1), w, b)):
+            with pytest.raises(ValueError, match="linear"):
+                cpp_ops.linear(*bad)
 
 
 @pytest.mark.skipif(not cpp_ops.available("gemv_bf16"), reason="the C++ kernels are not built")
 def test_a_bfloat16_model_takes_the_one_row_product_and_keeps_f_linear_for_more_rows(monkeypatch):
     calls = []
-    real = cpp_ops.gemv
-    monkeypatch.setattr(cpp_ops, "gemv", lambda x, w, b=None: calls.append(x.dtype) or real(x, w, b))
+    real = cpp_ops.linear
+    monkeypatch.setattr(cpp_ops, "linear", lambda x, w, b=None: calls.append(x.dtype) or real(x, w, b))
     model = _model().bfloat16()
     x = torch.randn(1, 1, 37).bfloat16()
     with torch.no_grad():
         want = model(x)
-        with small_batch_linear(model, max_rows=8, one_row=True):
+        with small_batch_linear(model, max_rows=8, native_rows=64):
             got = model(x)
-            model(torch.randn(3, 37).bfloat16())  # three rows: F.linear (the tall form is float32's)
+            model(torch.randn(3, 37).bfloat16())  # three rows: F.linear (both forms are float32's there)
     assert calls == [torch.bfloat16, torch.bfloat16]  # the two layers, one row
     torch.testing.assert_close(got, want, rtol=2 ** -6, atol=2 ** -6)
     assert calibrate(model, rows=4, repeats=1) == 1.0  # nothing to time: no tall form in bfloat16
-    assert calibrate(model, rows=1, repeats=1) > 0
+    assert calibrate(model, rows=4, repeats=1, form="native") == 1.0  # nor a C++ one beyond one row
+    assert calibrate(model, rows=1, repeats=1, form="native") > 0
+    assert sbl.native_form(model) == "one row"
 
 
-@needs_gemv
-def test_one_row_calls_take_the_cpp_product_inside_a_one_row_block_only(monkeypatch):
+@needs_native
+def test_calls_take_the_cpp_product_for_up_to_native_rows_inside_the_block_only(monkeypatch):
     calls = []
-    real = cpp_ops.gemv
-    monkeypatch.setattr(cpp_ops, "gemv", lambda x, w, b=None: calls.append(x.numel()) or real(x, w, b))
+    real = cpp_ops.linear
+    monkeypatch.setattr(cpp_ops, "linear", lambda x, w, b=None: calls.append(x.numel() // x.shape[-1]) or real(x, w, b))
+    tall = []
+    real_tall = sbl.linear_tall
+    monkeypatch.setattr(sbl, "linear_tall",
+                        lambda x, w, b=None: tall.append(x.numel() // x.shape[-1]) or real_tall(x, w, b))
     model = _model()
     x = torch.randn(1, 1, 37)
     want = model(x)
     with small_batch_linear(model, max_rows=8):
         model(x)
-    assert calls == []  # one_row off: F.linear
-    with small_batch_linear(model, max_rows=0, one_row=True):  # no tall form, the one-row product only
+    assert calls == []  # native_rows 0: F.linear
+    with small_batch_linear(model, max_rows=8, native_rows=4):
         model(x)  # the weights require grad and autograd records: F.linear
         assert calls == []
         with torch.no_grad():  # as in the engine (inference mode)
             got = model(x)
-            model(torch.randn(2, 37))  # two rows: F.linear (max_rows 0)
-    assert calls == [37, 53]
+            for rows in (2, 4, 5, 9):
+                model(torch.randn(rows, 37))
+            model(torch.randn(3, 37).t().contiguous().t())  # a strided input: made contiguous, then C++
+    assert calls == [1, 1, 2, 2, 4, 4, 3, 3]  # up to 4 rows; 5 and 8 rows the tall form, 9 F.linear
+    assert tall == [5, 5]
+    assert sbl.native_form(model) == "rows" and sbl.native_form(nn.Sequential(nn.ReLU())) is None
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for bad in (1, -1, True):
         with pytest.raises(ValueError, match="max_rows"):
             with small_batch_linear(model, max_rows=bad):
                 pass
-    with pytest.raises(ValueError, match="one_row"):
-        with small_batch_linear(model, one_row=1):
-            pass
+    for bad in (-1, True, 1.0):
+        with pytest.raises(ValueError, match="native_rows"):
+            with small_batch_linear(model, native_rows=bad):
+                pass
 
 
 def test_taken_for_two_to_max_rows_by_the_thread_inside_the_block_only(monkeypatch):
@@ -227,11 +262,15 @@ def test_calibrate_reports_a_positive_time_ratio_and_one_without_eligible_weight
     assert calibrate(_model(), repeats=3) > 0
     lm = load_model(tiny_ckpts["llama"], dtype="float32")
     assert calibrate(lm, rows=16, repeats=1) > 0  # a whole forward of 16 token rows
-    assert calibrate(lm, rows=1, repeats=1) > 0  # one row: the C++ product (1.0 when it is not built)
+    assert calibrate(lm, rows=1, repeats=1) == 1.0  # the tall form has no one-row form
+    for rows in (1, 16):  # the C++ product (1.0 when it is not built)
+        assert calibrate(lm, rows=rows, repeats=1, form="native") > 0
     assert calibrate(nn.Sequential(nn.ReLU())) == 1.0
     assert calibrate(_model().double()) == 1.0  # float64 weights keep F.linear
     with pytest.raises(ValueError, match="rows"):
         calibrate(_model(), rows=0)
+    with pytest.raises(ValueError, match="form"):
+        calibrate(_model(), form="fast")
 
 
 def test_an_engine_with_it_on_answers_what_the_model_answers_alone(tiny_ckpts, monkeypatch):
@@ -246,8 +285,9 @@ def test_an_engine_with_it_on_answers_what_the_model_answers_alone(tiny_ckpts, m
         Engine(model, tok, small_batch_gemm="fast")
     eng = Engine(model, tok, max_batch=8, gather_ms=200, small_batch_gemm="on").start()
     try:
-        assert eng.small_batch_rows == SMALL_BATCH_ROWS and eng.small_batch_ratios == {}
-        assert eng.one_row_gemv == cpp_ops.available("gemv_f32")
+        built = cpp_ops.available("linear_f32")
+        assert eng.small_batch_ratios == {}  # "on": nothing timed
+        assert (eng.native_rows, eng.small_batch_rows) == ((SMALL_BATCH_ROWS, 0) if built else (0, SMALL_BATCH_ROWS))
         cols = []
         for text in PROMPTS:  # decoded together: 2-5 rows per step (and prefills of more)
             c = Collector()
@@ -257,12 +297,12 @@ def test_an_engine_with_it_on_answers_what_the_model_answers_alone(tiny_ckpts, m
             assert c.result()[0] == reference(path, encode(tok, text), 10), text
         # one request alone: its decode steps have one row (the C++ product, where built)
         calls = []
-        real = cpp_ops.gemv
-        monkeypatch.setattr(cpp_ops, "gemv", lambda x, w, b=None: calls.append(1) or real(x, w, b))
+        real = cpp_ops.linear
+        monkeypatch.setattr(cpp_ops, "linear", lambda x, w, b=None: calls.append(1) or real(x, w, b))
         c = Collector()
         eng.submit(GenRequest(encode(tok, PROMPTS[1]), max_tokens=12, temperature=0, sink=c))
         assert c.result()[0] == reference(path, encode(tok, PROMPTS[1]), 12)
-        assert bool(calls) == cpp_ops.available("gemv_f32")
+        assert bool(calls) == built
     finally:
         eng.stop()
     assert all("forward" not in m.__dict__ for m in model.modules())  # restored when the engine stops

@@ -6,6 +6,8 @@ what it is given.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ssn_kernels.args import MaskArgs, StatsTarget
@@ -304,21 +306,28 @@ def transpose(src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for one row (`x` [..., in] holding in elements) of contiguous
-    float32 or bfloat16 CPU tensors of one dtype, as a [..., out] tensor (csrc/gemv.cpp: the
-    output rows split over the threads; bfloat16 summed in float32 and rounded once)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for contiguous CPU tensors of one dtype, as a [..., out] tensor
+    (csrc/gemv.cpp): float32 for any number of rows (each output summed in one order whatever the
+    rows and threads, so a row's result does not depend on the rows beside it), bfloat16 for one
+    row (summed in float32 and rounded once)."""
+    # (Every check is a cheap attribute read: a decode step calls this ~200 times, and a layer of
+    # a few rows takes only a few microseconds.)
     dtype = x.dtype
-    ok = dtype in (torch.float32, torch.bfloat16) and all(
-        t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
-        for t in (x, weight, *([bias] if bias is not None else [])))
-    if not ok or weight.dim() != 2 or x.dim() < 1 or x.numel() != weight.shape[1] or x.shape[-1] != weight.shape[1] \
-            or (bias is not None and bias.shape != (weight.shape[0],)):
-        raise ValueError("gemv: x must hold one row [..., in], weight [out, in] and bias [out], contiguous float32 "
-                         "or bfloat16 CPU tensors of one dtype")
-    out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
+    out_f, in_f = weight.shape if weight.dim() == 2 else (-1, -1)
+    rows = math.prod(x.shape[:-1]) if x.dim() >= 1 and x.shape[-1] == in_f else -1
+    if not (rows >= 0 and weight.dtype == dtype and (dtype == torch.float32 or (dtype == torch.bfloat16 and rows <= 1))
+            and x.is_cpu and weight.is_cpu and x.is_contiguous() and weight.is_contiguous()
+            and (bias is None or (bias.dtype == dtype and bias.is_cpu and bias.is_contiguous()
+                                  and bias.shape == (out_f,)))):
+        raise ValueError("linear: x must hold rows [..., in] (one row in bfloat16), weight [out, in] and bias [out], "
+                         "contiguous float32 or bfloat16 CPU tensors of one dtype")
+    out = torch.empty((*x.shape[:-1], out_f), dtype=dtype)
     if out.numel():
-        kernel = _ext.gemv_f32 if dtype == torch.float32 else _ext.gemv_bf16
-        kernel(weight.data_ptr(), weight.shape[0], weight.shape[1], x.data_ptr(),
-               bias.data_ptr() if bias is not None else 0, out.data_ptr(), torch.get_num_threads())
+        b = bias.data_ptr() if bias is not None else 0
+        if dtype == torch.float32:
+            _ext.linear_f32(x.data_ptr(), rows, weight.data_ptr(), out_f, in_f, b, out.data_ptr(),
+                            torch.get_num_threads())
+        else:
+            _ext.gemv_bf16(weight.data_ptr(), out_f, in_f, x.data_ptr(), b, out.data_ptr(), torch.get_num_threads())
     return out

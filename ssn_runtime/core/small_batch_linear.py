@@ -1,37 +1,35 @@
-"""Small-batch linear layers on CPU: `(W @ xᵀ)ᵀ` in place of `x @ Wᵀ` for a few rows.
+"""Small-batch linear layers on CPU: a C++ product for one to a few dozen rows, or MKL's
+`(W @ xᵀ)ᵀ` in place of `x @ Wᵀ`.
 
-A decode step multiplies a few rows (one per running request) by every weight matrix. With
-MKL's sgemm on an AMD EPYC (this project's machines), `F.linear`'s short, wide product with a
-transposed operand runs at a few rows far below the rate of the same product written tall and
-narrow, `W @ xᵀ`: a whole SmolLM2-135M decode step takes clearly less time at 2-8 rows
-(bench/small_batch_linear.py times a decode step per row count, interleaved, with a zero-cost
-control; the README's table shows the latest run). At 12-64 rows the padded layout's steps
-showed the two forms trading places from run to run, while the packed layout's steps (no
-padding; serve/packed.py) ran faster with it at 16 and 64 rows (bench/serve.py). One row is a
-matrix-vector product, the same kernel either way. The result is copied to a contiguous
-[rows, out] tensor, so later element-wise ops run on the layout they expect.
+A decode step multiplies a few rows (one per running request) by every weight matrix, and
+torch's `F.linear` runs such short, wide products far below what the CPU can do: MKL repacks
+the whole weight matrix on every call, and at one row its sgemv ran on one thread.
 
-It is the same product; only the summation order inside the BLAS kernel may differ (within
-float32 rounding, as a different batch size already gives). Whether it is faster depends on
-the BLAS, the CPU and the row count, so `calibrate` times a whole forward of the model both ways
-at a given row count, and the server uses it only as far as it wins clearly
+- **The C++ product** (`cpp_ops.linear`, csrc/gemv.cpp), float32 for any row count and bfloat16
+  for one row: each weight tile is read from memory once and kept in L1 while every block of rows
+  runs against it, the output columns split over the threads. On an Intel Xeon with AMX (2
+  threads), SmolLM2's 30 layers of float32 weights streamed by 16 rows took about 0.8x
+  F.linear's time (bench/small_batch_linear.py times whole decode steps). Its float32 outputs
+  are summed in one order whatever the row count and thread count, so a row's result does not
+  depend on the rows that share its call. bfloat16: oneDNN's one-row product behind F.linear
+  streamed SmolLM2's bfloat16 weights well below the copy rate on that CPU (bench/gemv.py
+  --dtype bfloat16 measures both); the C++ product widens each weight to float32 as it streams
+  by, sums in float32 and rounds once, as F.linear rounds.
+- **The tall form** `(W @ xᵀ)ᵀ`, float32: with MKL's sgemm on an AMD EPYC, the same product
+  written tall and narrow ran at a few rows far faster than F.linear's. The result is copied to a
+  contiguous [rows, out] tensor, so later element-wise ops run on the layout they expect.
+
+Each is the same product as F.linear; only the summation order differs (within float32
+rounding, as a different batch size already gives). Which is faster depends on the BLAS, the
+CPU and the row count, so `calibrate` times a whole forward of the model with a form against
+F.linear at a given row count, and the server uses each only as far as it wins clearly
 (`Engine(small_batch_gemm="auto")`).
 
-One row is a matrix-vector product, bound by streaming the weights from memory, and MKL's
-sgemv behind `F.linear` ran it on one thread here (SmolLM2's weights streamed at 10.9 GB/s with
-two torch threads or one). `one_row=True` sends one-row calls to the C++ product that splits the
-output rows over the threads (csrc/gemv.cpp); `calibrate(model, rows=1)` times it. It takes
-bfloat16 weights too (widened to float32 as they stream by, summed in float32, rounded once, as
-F.linear rounds): oneDNN's one-row bfloat16 product behind F.linear streamed SmolLM2's weights
-well below the copy rate on an Intel CPU with AMX (bench/gemv.py --dtype bfloat16 measures
-both). The tall form stays float32's.
-
-`small_batch_linear(model, max_rows=8, one_row=False)` is scoped (a `with` block) and per
-thread: inside it, the calling thread's `nn.Linear` calls on CPU float32 weights with
-2..max_rows rows take the tall form (and one-row calls on float32 or bfloat16 weights the C++
-product, with `one_row`); every
-other thread, and every call outside the block, runs `F.linear` unchanged. Blocks may nest and
-overlap across threads (a reference count per module).
+`small_batch_linear(model, max_rows=8, native_rows=0)` is scoped (a `with` block) and per
+thread: inside it, the calling thread's `nn.Linear` calls on CPU weights with 1..native_rows
+rows take the C++ product (float32; bfloat16 at one row), and other float32 calls with
+2..max_rows rows the tall form; every other thread, and every call outside the block, runs
+`F.linear` unchanged. Blocks may nest and overlap across threads (a reference count per module).
 """
 
 from __future__ import annotations
@@ -50,14 +48,14 @@ from torch import nn
 from . import cpp_ops
 
 MIN_ROWS = 2  # one row is a matrix-vector product: both forms run the same kernel
-_max_rows: ContextVar[int] = ContextVar("ssn_small_batch_linear", default=0)  # 0: not in a block
-_one_row: ContextVar[bool] = ContextVar("ssn_small_batch_linear_one_row", default=False)
+_max_rows: ContextVar[int] = ContextVar("ssn_small_batch_linear", default=0)  # tall form up to; 0: none
+_native_rows: ContextVar[int] = ContextVar("ssn_small_batch_linear_native", default=0)  # C++ product up to
 _lock = threading.Lock()
 _refs: dict[int, int] = {}  # id(module) -> open blocks that use its installed forward
 
 
 def eligible(module: nn.Module) -> bool:
-    """An `nn.Linear` with CPU float32 (both forms) or bfloat16 weights (the one-row product only)."""
+    """An `nn.Linear` with CPU float32 (every form) or bfloat16 weights (the one-row C++ product only)."""
     w = getattr(module, "weight", None)
     return (type(module) is nn.Linear and isinstance(w, torch.Tensor) and w.dim() == 2
             and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16))
@@ -104,25 +102,30 @@ def _native_transpose() -> bool:
 
 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    weight, bias = self._parameters["weight"], self._parameters["bias"]  # (not nn.Module's slow __getattr__)
     if x.dim() >= 2 and x.shape[-1]:
         rows = x.numel() // x.shape[-1]
-        if MIN_ROWS <= rows <= _max_rows.get() and x.dtype == torch.float32 == self.weight.dtype:
-            return linear_tall(x, self.weight, self.bias)
-        if rows == 1 and _one_row.get() and _gemv_applies(x, self.weight, self.bias):
-            return cpp_ops.gemv(x.contiguous(), self.weight, self.bias)
-    return F.linear(x, self.weight, self.bias)
+        if rows <= _native_rows.get() and _native_applies(x, weight, bias, rows):
+            return cpp_ops.linear(x if x.is_contiguous() else x.contiguous(), weight, bias)
+        if MIN_ROWS <= rows <= _max_rows.get() and x.dtype == torch.float32 == weight.dtype:
+            return linear_tall(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
-def _gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """The C++ product takes contiguous float32 or bfloat16 CPU tensors of one dtype and records
-    no autograd."""
-    return (x.dtype == weight.dtype and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
-            and cpp_ops.available(_GEMV.get(x.dtype, "")) and weight.is_contiguous()
+def _native_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> bool:
+    """What the C++ product takes beyond what `cpp_ops.linear` checks (and refuses): float32 (any
+    rows) or bfloat16 (one row) of the weight's dtype, a contiguous weight and bias, a built
+    kernel, and no autograd to record."""
+    dtype = x.dtype
+    return (dtype == weight.dtype and (dtype == torch.float32 or (rows == 1 and dtype == torch.bfloat16))
+            and weight.is_contiguous() and (bias is None or (bias.dtype == dtype and bias.is_contiguous()))
+            and _built[dtype]
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad))))
 
 
-_GEMV = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16"}  # the C++ one-row product per dtype
+NATIVE = {torch.float32: "linear_f32", torch.bfloat16: "gemv_bf16"}  # the C++ product per dtype
+_built = {dtype: cpp_ops.available(kernel) for dtype, kernel in NATIVE.items()}
 
 
 def _installed(m: nn.Module) -> bool:
@@ -130,15 +133,16 @@ def _installed(m: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def small_batch_linear(model: nn.Module, max_rows: int = 8, one_row: bool = False):
-    """Inside the block, this thread's `nn.Linear` calls on `model` with 2..`max_rows` rows run
-    as `(W @ xᵀ)ᵀ` (0: none do), and with `one_row` its one-row calls as the C++ matrix-vector
-    product (see the module docstring). Every module is restored when the last block that uses
-    it closes; a module with an instance `forward` of someone else's is left alone."""
+def small_batch_linear(model: nn.Module, max_rows: int = 8, native_rows: int = 0):
+    """Inside the block, this thread's `nn.Linear` calls on `model` with 1..`native_rows` rows run
+    as the C++ product (float32; bfloat16 at one row), and other float32 ones with 2..`max_rows`
+    rows as `(W @ xᵀ)ᵀ` (0: none; see the module docstring). Every module is restored when the
+    last block that uses it closes; a module with an instance `forward` of someone else's is left
+    alone."""
     if not (isinstance(max_rows, int) and not isinstance(max_rows, bool) and (max_rows == 0 or max_rows >= MIN_ROWS)):
         raise ValueError(f"max_rows must be 0 or an integer >= {MIN_ROWS}, got {max_rows!r}")
-    if not isinstance(one_row, bool):
-        raise ValueError(f"one_row must be True or False, got {one_row!r}")
+    if not (isinstance(native_rows, int) and not isinstance(native_rows, bool) and native_rows >= 0):
+        raise ValueError(f"native_rows must be an integer >= 0, got {native_rows!r}")
     mine = []
     with _lock:
         for m in model.modules():
@@ -148,11 +152,11 @@ def small_batch_linear(model: nn.Module, max_rows: int = 8, one_row: bool = Fals
                 m.forward = types.MethodType(_forward, m)
             _refs[id(m)] = _refs.get(id(m), 0) + 1
             mine.append(m)
-    token, token_one = _max_rows.set(max_rows), _one_row.set(one_row)
+    token, token_native = _max_rows.set(max_rows), _native_rows.set(native_rows)
     try:
         yield
     finally:
-        _one_row.reset(token_one)
+        _native_rows.reset(token_native)
         _max_rows.reset(token)
         with _lock:
             for m in mine:
@@ -174,11 +178,23 @@ def _calibration_input(model: nn.Module, rows: int, first: nn.Linear):
     return {"input": torch.randn(rows, first.in_features, generator=g).to(first.weight.dtype)}
 
 
-def calibrate(model: nn.Module, rows: int = 4, repeats: int = 5) -> float:
-    """Time of one whole forward of `model` on `rows` token rows with the tall form (one row: the
-    C++ matrix-vector product) over the same forward with `F.linear` (median of interleaved
-    pairs): below 1 the other form is faster. 1.0 when nothing is eligible (or, at one row,
-    the C++ product is not built).
+FORMS = ("native", "tall")
+
+
+def native_form(model: nn.Module) -> str | None:
+    """What the C++ product takes of `model`'s eligible layers: "rows" (float32: any row count),
+    "one row" (bfloat16), or None (nothing eligible, or not built)."""
+    first = next((m for m in model.modules() if eligible(m)), None)
+    if first is None or not cpp_ops.available(NATIVE[first.weight.dtype]):
+        return None
+    return "rows" if first.weight.dtype == torch.float32 else "one row"
+
+
+def calibrate(model: nn.Module, rows: int = 4, repeats: int = 5, form: str = "tall") -> float:
+    """Time of one whole forward of `model` on `rows` token rows with `form` ("native": the C++
+    product; "tall": `(W @ xᵀ)ᵀ`, two rows or more) over the same forward with `F.linear` (median
+    of interleaved pairs): below 1 the form is faster. 1.0 when the form does not apply (nothing
+    eligible, the C++ product not built, bfloat16 weights beyond one row, the tall form at one row).
 
     Why the whole forward: timed alone, each weight stays in cache between repeats and the ratio
     at 16 rows read anywhere from 0.77 to 1.01 on one machine; in a forward the weights stream
@@ -186,14 +202,22 @@ def calibrate(model: nn.Module, rows: int = 4, repeats: int = 5) -> float:
     pays, and the same check read 0.78-0.87 (tall) where served 16-row steps ran about 0.8x."""
     if not (isinstance(rows, int) and rows >= 1):
         raise ValueError(f"rows must be an integer >= 1, got {rows!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     first = next((m for m in model.modules() if eligible(m)), None)
-    if first is None or (rows == 1 and not cpp_ops.available(_GEMV[first.weight.dtype])) \
-            or (rows > 1 and first.weight.dtype != torch.float32):  # (the tall form is float32's)
+    if first is None:
+        return 1.0
+    dtype = first.weight.dtype
+    if form == "native" and not (cpp_ops.available(NATIVE[dtype]) and (rows == 1 or dtype == torch.float32)):
+        return 1.0
+    if form == "tall" and (rows < MIN_ROWS or dtype != torch.float32):
         return 1.0
     x = _calibration_input(model, rows, first)
+    scope = {"native": lambda: small_batch_linear(model, 0, native_rows=rows),
+             "tall": lambda: small_batch_linear(model, rows)}[form]
 
-    def run(tall: bool) -> float:
-        with small_batch_linear(model, max(rows, MIN_ROWS), one_row=rows == 1) if tall else contextlib.nullcontext():
+    def run(with_form: bool) -> float:
+        with scope() if with_form else contextlib.nullcontext():
             t0 = time.perf_counter()
             model(**x)
             return time.perf_counter() - t0
@@ -202,6 +226,6 @@ def calibrate(model: nn.Module, rows: int = 4, repeats: int = 5) -> float:
         run(False), run(True)  # warm both paths
         ratios = []
         for i in range(repeats):
-            t = {tall: run(tall) for tall in ((False, True) if i % 2 else (True, False))}
+            t = {f: run(f) for f in ((False, True) if i % 2 else (True, False))}
             ratios.append(t[True] / t[False])
     return statistics.median(ratios)

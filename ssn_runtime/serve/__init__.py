@@ -89,6 +89,16 @@ def build_server(model_path: str, profiles: dict[str, str], config: ServeConfig 
     return create_app(cfg, metrics), engine
 
 
+def small_batch_summary(engine) -> str:
+    """Which small-batch form the engine's linear layers take for which row counts, and what the
+    start-up timing read (core/small_batch_linear.py)."""
+    n, t = engine.native_rows, engine.small_batch_rows
+    parts = ([f"C++ product for 1{f'-{n}' if n > 1 else ''} row{'s' if n > 1 else ''}"] if n else []) \
+        + ([f"(W @ x^T)^T for {max(n + 1, 2)}-{t} rows"] if t > n else [])
+    timed = ", ".join(f"{form} at {rows}: {r:.2f}x" for (form, rows), r in engine.small_batch_ratios.items())
+    return ("; ".join(parts) or "F.linear") + (f" (time over F.linear's: {timed})" if timed else "")
+
+
 def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="auto",
         device: str | None = None) -> None:
     """`ssn serve`: load, say where it serves, serve until SIGTERM/SIGINT (then drain)."""
@@ -97,13 +107,8 @@ def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="a
     names = ", ".join(["base", *profiles])
     print(f"serving {config.served_name or model_path} ({names}) on http://{config.host}:{config.port}/v1"
           + (" (API key required)" if config.key() else "") + f"; HTTP: {http_stack()}", flush=True)
-    r = engine.small_batch_ratios
-    timed = (f"; timed {'/'.join(f'{v:.2f}' for v in r.values())}x F.linear's time at "
-             f"{'/'.join(map(str, r))} rows") if r else ""
-    rows = engine.small_batch_rows
-    print(f"small-batch linear layers as (W @ x^T)^T: {f'on for 2-{rows} rows' if rows else 'off'}, one row by the "
-          f"C++ matrix-vector product: {'on' if engine.one_row_gemv else 'off'} "
-          f"(--small-batch-gemm {config.small_batch_gemm}{timed}); KV layout: {engine.layout}", flush=True)
+    print(f"small-batch linear layers: {small_batch_summary(engine)} (--small-batch-gemm {config.small_batch_gemm}); "
+          f"KV layout: {engine.layout}", flush=True)
     # Everything loaded so far (the model, tokenizer, tables: hundreds of thousands of objects)
     # lives as long as the server: out of the collector's sight, a full collection scans only
     # what requests create, instead of stalling every stream at once while it walks them all.

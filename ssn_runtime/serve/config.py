@@ -29,9 +29,10 @@ class ServeConfig:
                                      "steps; padded: requests admitted per step, at least one)")
     prefix_cache_mb: float = option(256.0, "memory for the keys and values of prompt prefixes, reused by later "
                                     "prompts that start with the same tokens under the same profile (0: off)")
-    small_batch_gemm: str = option("auto", "small-batch linear layers as (W @ x^T)^T and one-row ones by a "
-                                   "threaded C++ matrix-vector product, faster with some BLAS libraries: on, off, "
-                                   "or auto (each where it times clearly faster at start)",
+    small_batch_gemm: str = option("auto", "linear layers of one to 64 rows (decode steps) by a threaded C++ "
+                                   "small-batch product or as (W @ x^T)^T, faster than F.linear with some BLAS "
+                                   "libraries: on, off, or auto (each for the row counts where it times clearly "
+                                   "faster at start)",
                                    choices=("auto", "on", "off"))
     layout: str = option("auto", "KV layout: packed (one forward per step for running rows and joining prompts, "
                          "a cache slot per row), padded (joins prefill in a forward of their own), or auto (packed "

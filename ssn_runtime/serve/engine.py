@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core import cpp_ops
 from ..core.small_batch_linear import calibrate as calibrate_small_batch
+from ..core.small_batch_linear import native_form as small_batch_native
 from ..core.small_batch_linear import small_batch_linear
 from ..errors import SSNError
 from . import packed
@@ -60,20 +60,25 @@ log = logging.getLogger(__name__)
 SMALL_BATCH_GEMM = ("auto", "on", "off")
 LAYOUTS = ("auto", "packed", "padded")
 _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # packed forwards: a "prepared" mask nobody reads
-# "auto" times a whole forward with the tall form against F.linear at each row count of this
-# ladder, in order, and takes it up to the paired count while it keeps winning by the step's
-# margin. The first step needs a clear margin (calibration is a short timing on a possibly busy
-# machine): at 4 rows the tall form took 0.56-0.62x F.linear's time on SmolLM2. Once it has shown
-# that this BLAS favors the tall form, a smaller gain counts: at 16 rows a forward timed
-# 0.78-0.87x, and a 16-client in-process load ran 104-109 tok/s with it up to 64 rows against 92
-# with it up to 8; at 64 rows it timed 0.85-1.07x. (Timing each weight shape alone, as this did
-# before, read 0.77-1.01x at 16 rows, so a server sometimes stopped at 8 rows.)
-# "on": up to SMALL_BATCH_ROWS regardless.
-CALIBRATION = ((4, 8, 0.85), (16, 16, 0.95), (64, 64, 0.95))  # (rows timed, up to, the ratio it must beat)
+# "auto" times a whole forward with each small-batch form against F.linear at the row counts of
+# a ladder, in order, and takes the form up to the paired count while it keeps winning by the
+# step's margin (core/small_batch_linear.py). The C++ product first, from one row (a lone
+# request's decode steps); then the tall form for the row counts beyond it. The tall form's first
+# step needs a clear margin (calibration is a short timing on a possibly busy machine): at 4 rows
+# it took 0.56-0.62x F.linear's time on SmolLM2 on an AMD EPYC. Once it has shown that this BLAS
+# favors it, a smaller gain counts: at 16 rows a forward timed 0.78-0.87x, and a 16-client
+# in-process load ran 104-109 tok/s with it up to 64 rows against 92 with it up to 8; at 64 rows
+# it timed 0.85-1.07x. (Timing each weight shape alone, as this did before, read 0.77-1.01x at
+# 16 rows, so a server sometimes stopped at 8 rows.)
+# "on": the C++ product up to SMALL_BATCH_ROWS where it is built, else the tall form.
+NATIVE_CALIBRATION = ((4, 8, 0.9), (16, 16, 0.95), (32, 32, 0.95), (64, 64, 0.95))  # (rows timed, up to, to beat)
+CALIBRATION = ((4, 8, 0.85), (16, 16, 0.95), (64, 64, 0.95))  # the tall form's
+# One row (a lone request's decode steps) by the C++ product: in bfloat16 (its only row count)
+# where a forward times clearly faster; in float32 where it is not clearly slower, because then a
+# request's linear layers are summed the same way alone as in a batch (the product's order does
+# not depend on the rows; a one-row SmolLM2 forward timed 0.97-1.02x F.linear's on an Intel Xeon).
+ONE_ROW_GAIN = {"rows": 1.05, "one row": 0.9}
 SMALL_BATCH_ROWS = 64
-# One row (a lone request's decode steps): the C++ matrix-vector product where a forward with it
-# times clearly faster than with F.linear ("on": wherever it is built).
-ONE_ROW_GAIN = 0.9
 
 
 class QueueFull(Exception):
@@ -194,9 +199,10 @@ class Engine:
     `submit` raises QueueFull. `gather_ms`: how long an idle engine lets the first request wait
     for others. `max_prefill_tokens`: prompt tokens computed per step (packed: longer prompts in
     chunks; padded: requests admitted per step, at least one).
-    `small_batch_gemm`: "on", "off" or "auto" (for as many rows as `calibrate` times it clearly
-    faster on this model and machine, up to 64): the worker's linear layers with a few rows run
-    as `(W @ xᵀ)ᵀ`, and with one row as the C++ matrix-vector product (core/small_batch_linear.py).
+    `small_batch_gemm`: "on", "off" or "auto" (each form for as many rows as `calibrate` times it
+    clearly faster on this model and machine, up to 64): the worker's linear layers with one to a
+    few dozen rows run as the C++ small-batch product or as `(W @ xᵀ)ᵀ`
+    (core/small_batch_linear.py).
     `layout`: "packed" (each step is one forward of every running row's next token and every
     joining row's prompt, serve/packed.py), "padded" (a padded batch: joins prefill in a forward
     of their own) or "auto" (packed where the model's family and attention implementation allow
@@ -238,9 +244,10 @@ class Engine:
         self.keep_logits = bool(getattr(model, "_supports_logits_to_keep", lambda: False)())
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.small_batch_gemm = small_batch_gemm
-        self.small_batch_ratios: dict[int, float] = {}  # calibrate()'s time ratio per row count timed ("auto")
-        self.small_batch_rows = 0  # the tall form for 2..this many rows (0: off); decided when the worker starts
-        self.one_row_gemv = False  # one-row calls by the C++ matrix-vector product; decided then too
+        # calibrate()'s time ratio per (form, row count) timed ("auto")
+        self.small_batch_ratios: dict[tuple[str, int], float] = {}
+        self.native_rows = 0  # the C++ product for 1..this many rows (0: off); decided when the worker starts
+        self.small_batch_rows = 0  # the tall form for the rest of 2..this many rows (0: off); decided then too
         # waiting requests: a deque under a condition (queue.Queue cannot peek at the next prompt's length)
         self._waiting: deque[GenRequest] = deque()
         self._cv = threading.Condition()
@@ -327,6 +334,19 @@ class Engine:
             else:
                 raise RuntimeError(f"{ev[1]} {ev[2]}: {ev[3]}")
 
+    def _calibrated(self, form: str, ladder, start: int) -> int:
+        """How many rows `form` takes: up to each rung's count while it times faster than that
+        rung's margin (rungs at or below `start` rows are another form's and skipped); 0: none."""
+        upto = 0
+        for rows, top, gain in ladder:
+            if rows <= start:
+                continue
+            self.small_batch_ratios[form, rows] = calibrate_small_batch(self.model, rows=rows, form=form)
+            if self.small_batch_ratios[form, rows] >= gain:
+                break
+            upto = top
+        return upto
+
     # ----- worker -----
     def _run(self) -> None:
         # Interventions and the small-batch GEMM form are bound to the thread that enters them:
@@ -336,18 +356,16 @@ class Engine:
             if self.variants:
                 scope.enter_context(self.handle.intervene(variants=self.variants))
             if self.small_batch_gemm == "on":
-                self.small_batch_rows = SMALL_BATCH_ROWS
-                self.one_row_gemv = cpp_ops.available("gemv_f32") or cpp_ops.available("gemv_bf16")
+                native = small_batch_native(self.model)
+                self.native_rows = (SMALL_BATCH_ROWS if native == "rows" else 1) if native else 0
+                self.small_batch_rows = 0 if native == "rows" else SMALL_BATCH_ROWS
             elif self.small_batch_gemm == "auto":
-                self.small_batch_ratios[1] = calibrate_small_batch(self.model, rows=1)
-                self.one_row_gemv = self.small_batch_ratios[1] < ONE_ROW_GAIN
-                for rows, upto, gain in CALIBRATION:
-                    self.small_batch_ratios[rows] = calibrate_small_batch(self.model, rows=rows)
-                    if self.small_batch_ratios[rows] >= gain:
-                        break
-                    self.small_batch_rows = upto
-            if self.small_batch_rows or self.one_row_gemv:
-                scope.enter_context(small_batch_linear(self.model, self.small_batch_rows, one_row=self.one_row_gemv))
+                if native := small_batch_native(self.model):
+                    ladder = ((1, 1, ONE_ROW_GAIN[native]), *NATIVE_CALIBRATION)
+                    self.native_rows = self._calibrated("native", ladder, 0)
+                self.small_batch_rows = self._calibrated("tall", CALIBRATION, self.native_rows)
+            if self.small_batch_rows or self.native_rows:
+                scope.enter_context(small_batch_linear(self.model, self.small_batch_rows, self.native_rows))
             if self.layout == "packed":
                 scope.enter_context(packed.packed_attention(self.model))
         except Exception as exc:  # noqa: BLE001 - handed to start()
