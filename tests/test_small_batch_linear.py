@@ -306,3 +306,21 @@ def test_an_engine_with_it_on_answers_what_the_model_answers_alone(tiny_ckpts, m
     finally:
         eng.stop()
     assert all("forward" not in m.__dict__ for m in model.modules())  # restored when the engine stops
+
+
+def test_the_start_up_line_names_each_form_with_its_rows_and_timings():
+    from types import SimpleNamespace
+
+    from ssn_runtime.serve import small_batch_summary
+
+    def line(native, tall, ratios=None):
+        return small_batch_summary(SimpleNamespace(native_rows=native, small_batch_rows=tall,
+                                                   small_batch_ratios=ratios or {}))
+
+    assert line(0, 0) == "F.linear"
+    assert line(1, 0) == "C++ product for 1 row"
+    assert line(16, 64, {("native", 1): 0.98, ("native", 4): 0.61, ("tall", 64): 0.9}) == (
+        "C++ product for 1-16 rows; (W @ x^T)^T for 17-64 rows (time over F.linear's: native at 1: 0.98x, "
+        "native at 4: 0.61x, tall at 64: 0.90x)")
+    assert line(0, 8) == "(W @ x^T)^T for 2-8 rows"
+    assert line(64, 64) == "C++ product for 1-64 rows"  # the tall form has no rows left

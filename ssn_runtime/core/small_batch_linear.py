@@ -8,8 +8,9 @@ the whole weight matrix on every call, and at one row its sgemv ran on one threa
 - **The C++ product** (`cpp_ops.linear`, csrc/gemv.cpp), float32 for any row count and bfloat16
   for one row: each weight tile is read from memory once and kept in L1 while every block of rows
   runs against it, the output columns split over the threads. On an Intel Xeon with AMX (2
-  threads), SmolLM2's 30 layers of float32 weights streamed by 16 rows took about 0.8x
-  F.linear's time (bench/small_batch_linear.py times whole decode steps). Its float32 outputs
+  threads) a whole float32 SmolLM2 decode step took 0.65-0.85x F.linear's time at 4-16 rows,
+  about the same at 1-2 and 32, and more at 64 (bench/small_batch_linear.py; the README's table
+  shows the latest run). Its float32 outputs
   are summed in one order whatever the row count and thread count, so a row's result does not
   depend on the rows that share its call. bfloat16: oneDNN's one-row product behind F.linear
   streamed SmolLM2's bfloat16 weights well below the copy rate on that CPU (bench/gemv.py
