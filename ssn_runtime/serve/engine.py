@@ -81,7 +81,7 @@ ONE_ROW_GAIN = {"rows": 1.05, "one row": 0.9}
 SMALL_BATCH_ROWS = 64
 # Interleaved pairs per rung (their median counts): with 5, one served SmolLM2 start-up read the C++
 # product at 16 rows as 1.04x F.linear's time where four other start-ups on the same machine read
-# 0.82-0.84x, and the ladder stopped at 8 rows. Nine add four forwards per rung to the start-up.
+# 0.82-0.84x, and the ladder stopped at 8 rows. Nine add eight forwards per rung to the start-up.
 CALIBRATION_REPEATS = 9
 
 
