@@ -113,6 +113,7 @@ PYBIND11_MODULE(_cpu_kernels, m) {
                         threads);
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def("linear_f32_variant", []() { return std::string(ssn::linear_f32_variant()); });
   m.def(
       "gemv_bf16",
       [](uintptr_t w, int64_t out_features, int64_t in_features, uintptr_t x, uintptr_t bias, uintptr_t out,

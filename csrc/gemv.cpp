@@ -18,6 +18,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 namespace ssn {
@@ -34,106 +36,169 @@ namespace {
 //
 // A decode step multiplies a few token rows by every weight matrix. MKL's sgemm repacks the
 // weights on every call and ran such products at 90-125 GFLOP/s at 16 rows on an Intel Xeon
-// with AMX (2 threads); here each weight tile (4 rows of w) is read once from memory, kept in
-// L1 while every 6-row block of x runs against it, and the next tile is prefetched meanwhile.
+// with AMX (2 threads); here each weight tile (NR rows of w) is read once from memory, kept in
+// L1 while every MR-row block of x runs against it, and the next tile is prefetched meanwhile.
 //
 // Every output element is summed in one fixed order, whatever the number of rows, the tile it
-// falls in, the thread count or the instruction set (AVX2 or AVX-512 runs the same 16 lanes):
-// lane l sums x[k] * w[k] for k = l mod 16 over the whole 16-element blocks, the 16 lanes are
-// added as a tree (hsum), then the leftover k in order, then the bias. So a row's output does
-// not depend on which other rows share its call: a served request's numbers do not depend on
-// its batch (F.linear's do).
+// falls in, the thread count or the instruction set (AVX2 and AVX-512 run the same 16 lanes,
+// with fused multiply-adds): lane l sums x[k] * w[k] for k = l mod 16 over the whole 16-element
+// blocks, the 16 lanes are added as a tree (total), then the leftover k in order, then the bias.
+// So a row's output does not depend on which other rows share its call: a served request's
+// numbers do not depend on its batch (F.linear's do). (x86-64 without AVX2/FMA, before 2013,
+// multiplies and adds separately: other bits there.)
 typedef float v16f __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 
 // The 16 lanes' sum as a tree of vector adds (16 dependent scalar adds per output cost as much
-// as streaming a short row itself).
-inline __attribute__((always_inline)) float hsum(v16f v) {
-  v8f a, b;
-  __builtin_memcpy(&a, &v, sizeof a);
-  __builtin_memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
-  a += b;
+// as streaming a short row itself): the two 8-lane halves, then 4 + 4, then pairs.
+inline __attribute__((always_inline)) float total8(v8f a) {
   v4f c, d;
   __builtin_memcpy(&c, &a, sizeof c);
   __builtin_memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof c, sizeof d);
   c += d;
   return (c[0] + c[2]) + (c[1] + c[3]);
 }
+inline __attribute__((always_inline)) float total(const v16f* a) {
+  v8f lo, hi;
+  __builtin_memcpy(&lo, a, sizeof lo);
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(a) + sizeof lo, sizeof hi);
+  return total8(lo + hi);
+}
+inline __attribute__((always_inline)) float total(const v8f* a) { return total8(a[0] + a[1]); }
 
-inline __attribute__((always_inline)) v16f load16(const float* p) {
-  v16f v;
+template <typename V>
+inline __attribute__((always_inline)) V load(const float* p) {
+  V v;
   __builtin_memcpy(&v, p, sizeof v);
   return v;
 }
 
-// MR rows of x against NR rows of w (MR * NR accumulators of 16 lanes: 24 fill 24 of AVX-512's
-// 32 registers). Rows n of `pf` (the next tile) with n % blocks == block, when pf is not null,
-// are prefetched alongside w: each of a tile's `blocks` row blocks fetches its share, so the
-// next tile streams in evenly while this one computes (fetched all in the first block, a 16-row
-// product of SmolLM2's weights ran about 10% slower).
-template <int MR, int NR>
+// The 16 lanes are V registers, H of them: one 16-float register with AVX-512, two 8-float halves
+// with AVX2 (16 registers: 16-float vectors there spilled to the stack and ran 3-4x slower).
+// MR rows of x against NR rows of w: MR * NR * H accumulators (AVX-512 6x4: 24 of its 32
+// registers; AVX2 3x2: 12 of 16, each half computed in turn). Rows n of `pf` (the next tile)
+// with n % blocks == block, when pf is not null, are prefetched alongside w: each of a tile's
+// `blocks` row blocks fetches its share, so the next tile streams in evenly while this one
+// computes (fetched all in the first block, a 16-row product of SmolLM2's weights ran ~10% slower).
+template <typename V, int H, int MR, int NR>
 inline __attribute__((always_inline)) void tile(const float* x, const float* w, int64_t in, const float* bias,
                                                 float* out, int64_t out_stride, const float* pf, int block,
                                                 int blocks) {
-  v16f acc[MR][NR] = {};
+  constexpr int kLanes = 16 / H;
+  V acc[MR][NR][H] = {};
   int64_t k = 0;
   for (; k + 16 <= in; k += 16) {
-    v16f wv[NR];
 #pragma GCC unroll 8
-    for (int n = 0; n < NR; ++n) {
+    for (int n = 0; n < NR; ++n)
       if (pf != nullptr && n % blocks == block) __builtin_prefetch(pf + n * in + k, 0, 2);
-      wv[n] = load16(w + n * in + k);
-    }
+#pragma GCC unroll 2
+    for (int h = 0; h < H; ++h) {
+      V wv[NR];
 #pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      const v16f xv = load16(x + m * in + k);
+      for (int n = 0; n < NR; ++n) wv[n] = load<V>(w + n * in + k + h * kLanes);
 #pragma GCC unroll 8
-      for (int n = 0; n < NR; ++n) acc[m][n] += xv * wv[n];
+      for (int m = 0; m < MR; ++m) {
+        const V xv = load<V>(x + m * in + k + h * kLanes);
+#pragma GCC unroll 8
+        for (int n = 0; n < NR; ++n) acc[m][n][h] += xv * wv[n];
+      }
     }
   }
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) {
-      float s = hsum(acc[m][n]);
-      for (int64_t j = k; j < in; ++j) s += x[m * in + j] * w[n * in + j];
+      float s = total(acc[m][n]);
+      // (fused by name: the compiler contracts `s += a * b` in some tile shapes and builds and not
+      // in others, which changed the last bit between the AVX2 and AVX-512 builds)
+      for (int64_t j = k; j < in; ++j) s = __builtin_fmaf(x[m * in + j], w[n * in + j], s);
       if (bias != nullptr) s += bias[n];
       out[m * out_stride + n] = s;
     }
 }
 
-// Every row of x against NR rows of w, 6 rows at a time, prefetching `pf` (see tile).
-template <int NR>
-inline __attribute__((always_inline)) void tile_rows(const float* x, int64_t rows, const float* w, int64_t in,
-                                                     const float* bias, float* out, int64_t out_stride,
-                                                     const float* pf) {
-  const int blocks = static_cast<int>((rows + 5) / 6);
-  int64_t m = 0;
-  int b = 0;
-  for (; m + 6 <= rows; m += 6, ++b) tile<6, NR>(x + m * in, w, in, bias, out + m * out_stride, out_stride, pf, b, blocks);
-  const float* xm = x + m * in;
-  float* om = out + m * out_stride;
-  switch (rows - m) {
-    case 5: tile<5, NR>(xm, w, in, bias, om, out_stride, pf, b, blocks); break;
-    case 4: tile<4, NR>(xm, w, in, bias, om, out_stride, pf, b, blocks); break;
-    case 3: tile<3, NR>(xm, w, in, bias, om, out_stride, pf, b, blocks); break;
-    case 2: tile<2, NR>(xm, w, in, bias, om, out_stride, pf, b, blocks); break;
-    case 1: tile<1, NR>(xm, w, in, bias, om, out_stride, pf, b, blocks); break;
-    default: break;
+// The last rows - m < MR rows of a block (R counts down to the one that matches).
+template <typename V, int H, int R, int NR>
+inline __attribute__((always_inline)) void tail(int64_t left, const float* x, const float* w, int64_t in,
+                                                const float* bias, float* out, int64_t out_stride, const float* pf,
+                                                int block, int blocks) {
+  if constexpr (R > 0) {
+    if (left == R)
+      tile<V, H, R, NR>(x, w, in, bias, out, out_stride, pf, block, blocks);
+    else
+      tail<V, H, R - 1, NR>(left, x, w, in, bias, out, out_stride, pf, block, blocks);
   }
 }
 
-// Output columns [n0, n1) of the product, 4 weight rows at a time (then one at a time).
-SSN_GEMV_CLONES void columns(const float* x, int64_t rows, const float* w, int64_t n_total, int64_t in,
-                             const float* bias, float* out, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4)
-    tile_rows<4>(x, rows, w + n * in, in, bias != nullptr ? bias + n : nullptr, out + n, n_total,
-                 n + 8 <= n_total ? w + (n + 4) * in : nullptr);
-  for (; n < n1; ++n)
-    tile_rows<1>(x, rows, w + n * in, in, bias != nullptr ? bias + n : nullptr, out + n, n_total, nullptr);
+// Every row of x against NR rows of w, MR rows at a time, prefetching `pf` (see tile).
+template <typename V, int H, int MR, int NR>
+inline __attribute__((always_inline)) void tile_rows(const float* x, int64_t rows, const float* w, int64_t in,
+                                                     const float* bias, float* out, int64_t out_stride,
+                                                     const float* pf) {
+  const int blocks = static_cast<int>((rows + MR - 1) / MR);
+  int64_t m = 0;
+  int b = 0;
+  for (; m + MR <= rows; m += MR, ++b)
+    tile<V, H, MR, NR>(x + m * in, w, in, bias, out + m * out_stride, out_stride, pf, b, blocks);
+  tail<V, H, MR - 1, NR>(rows - m, x + m * in, w, in, bias, out + m * out_stride, out_stride, pf, b, blocks);
 }
 
-// bfloat16: the widening of 16 bfloat16 is a shift of each into the high half.
+// Output columns [n0, n1) of the product, NR weight rows at a time (then one at a time).
+template <typename V, int H, int MR, int NR>
+inline __attribute__((always_inline)) void columns(const float* x, int64_t rows, const float* w, int64_t n_total,
+                                                   int64_t in, const float* bias, float* out, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR)
+    tile_rows<V, H, MR, NR>(x, rows, w + n * in, in, bias != nullptr ? bias + n : nullptr, out + n, n_total,
+                            n + 2 * NR <= n_total ? w + (n + NR) * in : nullptr);
+  for (; n < n1; ++n)
+    tile_rows<V, H, MR, 1>(x, rows, w + n * in, in, bias != nullptr ? bias + n : nullptr, out + n, n_total, nullptr);
+}
+
+typedef void (*ColumnsFn)(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t,
+                          int64_t);
+
+#if defined(__x86_64__) && !defined(SSN_NO_CLONES)
+__attribute__((target("arch=x86-64-v4"))) void columns_avx512(const float* x, int64_t rows, const float* w,
+                                                              int64_t n_total, int64_t in, const float* bias,
+                                                              float* out, int64_t n0, int64_t n1) {
+  columns<v16f, 1, 6, 4>(x, rows, w, n_total, in, bias, out, n0, n1);
+}
+__attribute__((target("arch=x86-64-v3"))) void columns_avx2(const float* x, int64_t rows, const float* w,
+                                                            int64_t n_total, int64_t in, const float* bias, float* out,
+                                                            int64_t n0, int64_t n1) {
+  columns<v8f, 2, 3, 2>(x, rows, w, n_total, in, bias, out, n0, n1);
+}
+#endif
+void columns_baseline(const float* x, int64_t rows, const float* w, int64_t n_total, int64_t in, const float* bias,
+                      float* out, int64_t n0, int64_t n1) {
+  columns<v8f, 2, 3, 2>(x, rows, w, n_total, in, bias, out, n0, n1);
+}
+
+// The widest variant this CPU runs, or a narrower one named by SSN_CPU_CAPABILITY (avx2,
+// default: as torch's ATEN_CPU_CAPABILITY; tests compare the variants' bits with it).
+struct Variant {
+  ColumnsFn fn;
+  const char* name;
+};
+
+Variant pick_variant() {
+  const char* cap = std::getenv("SSN_CPU_CAPABILITY");
+  const std::string want = cap != nullptr ? cap : "";
+#if defined(__x86_64__) && !defined(SSN_NO_CLONES)
+  __builtin_cpu_init();
+  if (want != "avx2" && want != "default" && __builtin_cpu_supports("x86-64-v4")) return {columns_avx512, "avx512"};
+  if (want != "default" && __builtin_cpu_supports("x86-64-v3")) return {columns_avx2, "avx2"};
+#endif
+  return {columns_baseline, "default"};
+}
+
+const Variant& variant() {
+  static const Variant v = pick_variant();
+  return v;
+}
+
+// --- bfloat16, one row ---
+// The widening of 16 bfloat16 is a shift of each into the high half.
 typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 
@@ -168,7 +233,8 @@ SSN_GEMV_CLONES void rows_dot_bf16(const uint16_t* w, int64_t in, const float* x
       __builtin_memcpy(&xv, x + j, sizeof xv);
       acc[0] += widen(wr + j) * xv;
     }
-    float s = hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    const v16f sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    float s = total(&sum);
     for (; j < in; ++j) s += bf16_to_float(wr[j]) * x[j];
     if (bias != nullptr) s += bf16_to_float(bias[r]);  // (F.linear adds the bias before its one rounding)
     out[r] = float_to_bf16(s);
@@ -190,12 +256,15 @@ void gemv_bf16(const uint16_t* w, int64_t out_features, int64_t in_features, con
 
 void linear_f32(const float* x, int64_t rows, const float* w, int64_t out_features, int64_t in_features,
                 const float* bias, float* out, int num_threads) {
+  const ColumnsFn columns_fn = variant().fn;
   constexpr int64_t kBlock = 32;  // output columns per task
   const int64_t blocks = (out_features + kBlock - 1) / kBlock;
   // Below a quarter of a megabyte of weights (at one row) one thread is faster than waking the others.
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * out_features * in_features >= (int64_t{1} << 16))
   for (int64_t b = 0; b < blocks; ++b)
-    columns(x, rows, w, out_features, in_features, bias, out, b * kBlock, std::min(out_features, (b + 1) * kBlock));
+    columns_fn(x, rows, w, out_features, in_features, bias, out, b * kBlock, std::min(out_features, (b + 1) * kBlock));
 }
+
+const char* linear_f32_variant() { return variant().name; }
 
 }  // namespace ssn

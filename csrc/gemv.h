@@ -11,6 +11,10 @@ namespace ssn {
 void linear_f32(const float* x, int64_t rows, const float* w, int64_t out_features, int64_t in_features,
                 const float* bias, float* out, int num_threads);
 
+// Which build of it runs on this CPU: "avx512", "avx2" or "default" (SSN_CPU_CAPABILITY may
+// name a narrower one).
+const char* linear_f32_variant();
+
 // The same for bfloat16 (as uint16_t bits) `w`, `x`, `bias` and `out`, summed in float32 and
 // rounded once.
 void gemv_bf16(const uint16_t* w, int64_t out_features, int64_t in_features, const uint16_t* x, const uint16_t* bias,

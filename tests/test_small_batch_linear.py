@@ -114,6 +114,42 @@ def test_a_rows_cpp_output_does_not_depend_on_the_rows_beside_it_or_the_threads(
         torch.set_num_threads(threads)
 
 
+_VARIANT_SCRIPT = """
+import sys, torch
+from ssn_runtime.core import cpp_ops
+g = torch.Generator().manual_seed(7)
+outs = []
+for rows, out_f, in_f in ((1, 97, 37), (5, 53, 576), (16, 130, 1536), (23, 9, 16)):
+    x, w, b = (torch.randn(rows, in_f, generator=g), torch.randn(out_f, in_f, generator=g),
+               torch.randn(out_f, generator=g))
+    outs.append(cpp_ops.linear(x, w, b).flatten())
+torch.save({"variant": cpp_ops.linear_variant(), "out": torch.cat(outs)}, sys.argv[1])
+"""
+
+
+@needs_native
+def test_the_avx2_and_avx512_builds_sum_in_the_same_order_and_the_baseline_within_rounding(tmp_path):
+    """SSN_CPU_CAPABILITY picks a narrower build in a fresh process: AVX2 (two 8-lane halves)
+    gives the AVX-512 build's bits (16 lanes in one register), so results do not depend on the
+    CPU's vector width; the baseline build (no FMA) is F.linear's product within rounding."""
+    import os
+    import subprocess
+    import sys
+
+    got = {}
+    for cap in ("", "avx2", "default"):
+        path = tmp_path / f"{cap or 'native'}.pt"
+        subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT, str(path)], check=True, timeout=120,
+                       env={**os.environ, "SSN_CPU_CAPABILITY": cap})
+        got[cap or "native"] = torch.load(path)
+    assert got["native"]["variant"] == cpp_ops.linear_variant()
+    assert got["default"]["variant"] == "default"
+    if got["native"]["variant"] in ("avx512", "avx2"):
+        assert got["avx2"]["variant"] == "avx2"
+        assert torch.equal(got["avx2"]["out"], got["native"]["out"])
+    torch.testing.assert_close(got["default"]["out"], got["native"]["out"], rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.skipif(not cpp_ops.available("gemv_bf16"), reason="the C++ kernels are not built")
 @pytest.mark.parametrize("shape", [(1, 1), (53, 37), (1536, 576), (576, 1536), (33, 17), (4097, 5), (3, 0)])
 @pytest.mark.parametrize("bias", [True, False])

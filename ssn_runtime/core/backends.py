@@ -45,7 +45,9 @@ def interpreting() -> bool:
 
 def cpp_status() -> tuple[bool, str]:
     if cpp_ops.available():
-        return True, "C++ kernels built (ssn_runtime._cpu_kernels)"
+        variant = cpp_ops.linear_variant()
+        return True, "C++ kernels built (ssn_runtime._cpu_kernels" + (
+            f"; small-batch product: {variant} build)" if variant else ")")
     return False, f"C++ kernels not built ({cpp_ops.IMPORT_ERROR}); reinstall with a C++17 compiler"
 
 

@@ -306,6 +306,13 @@ def transpose(src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
+def linear_variant() -> str | None:
+    """Which build of the float32 small-batch product runs on this CPU ("avx512", "avx2",
+    "default"; the environment variable SSN_CPU_CAPABILITY may name a narrower one), or None
+    when it is not built."""
+    return _ext.linear_f32_variant() if available("linear_f32_variant") else None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for contiguous CPU tensors of one dtype, as a [..., out] tensor
     (csrc/gemv.cpp): float32 for any number of rows (each output summed in one order whatever the
