@@ -114,6 +114,25 @@ def test_a_rows_cpp_output_does_not_depend_on_the_rows_beside_it_or_the_threads(
         torch.set_num_threads(threads)
 
 
+def test_an_unknown_cpu_capability_is_refused_by_the_library_and_by_ssn_info(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from ssn_runtime.errors import SSNError
+
+    monkeypatch.setenv("SSN_CPU_CAPABILITY", "sse9")
+    with pytest.raises(SSNError, match="SSN_CPU_CAPABILITY='sse9' is not a CPU capability"):
+        with small_batch_linear(_model(), native_rows=4):
+            pass
+    with small_batch_linear(_model(), max_rows=8):  # no C++ product asked: nothing to refuse
+        pass
+    r = subprocess.run([sys.executable, "-m", "ssn_runtime", "info"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "SSN_CPU_CAPABILITY": "sse9"})
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and lines[-1].startswith("error: SSN_CPU_CAPABILITY='sse9'"), r.stderr
+
+
 _VARIANT_SCRIPT = """
 import sys, torch
 from ssn_runtime.core import cpp_ops

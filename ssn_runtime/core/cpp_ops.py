@@ -7,11 +7,14 @@ what it is given.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from ssn_kernels.args import MaskArgs, StatsTarget
 from ssn_kernels.common import ACT_CODES, as_rows
+
+from ..errors import SSNError
 
 try:
     from .. import _cpu_kernels as _ext
@@ -306,10 +309,22 @@ def transpose(src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
+CPU_CAPABILITIES = ("avx512", "avx2", "default")  # SSN_CPU_CAPABILITY: the widest build to run
+
+
+def check_cpu_capability() -> None:
+    """Refuse an SSN_CPU_CAPABILITY the C++ kernels do not know (they would ignore it)."""
+    value = os.environ.get("SSN_CPU_CAPABILITY", "")
+    if value and value not in CPU_CAPABILITIES:
+        raise SSNError(f"SSN_CPU_CAPABILITY={value!r} is not a CPU capability; use one of "
+                       f"{', '.join(CPU_CAPABILITIES)} or leave it unset")
+
+
 def linear_variant() -> str | None:
     """Which build of the float32 small-batch product runs on this CPU ("avx512", "avx2",
     "default"; the environment variable SSN_CPU_CAPABILITY may name a narrower one), or None
     when it is not built."""
+    check_cpu_capability()
     return _ext.linear_f32_variant() if available("linear_f32_variant") else None
 
 

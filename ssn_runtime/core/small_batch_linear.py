@@ -144,6 +144,8 @@ def small_batch_linear(model: nn.Module, max_rows: int = 8, native_rows: int = 0
         raise ValueError(f"max_rows must be 0 or an integer >= {MIN_ROWS}, got {max_rows!r}")
     if not (isinstance(native_rows, int) and not isinstance(native_rows, bool) and native_rows >= 0):
         raise ValueError(f"native_rows must be an integer >= 0, got {native_rows!r}")
+    if native_rows:
+        cpp_ops.check_cpu_capability()
     mine = []
     with _lock:
         for m in model.modules():
