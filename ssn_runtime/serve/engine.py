@@ -76,7 +76,7 @@ CALIBRATION = ((4, 8, 0.85), (16, 16, 0.95), (64, 64, 0.95))  # the tall form's
 # One row (a lone request's decode steps) by the C++ product: in bfloat16 (its only row count)
 # where a forward times clearly faster; in float32 where it is not clearly slower, because then a
 # request's linear layers are summed the same way alone as in a batch (the product's order does
-# not depend on the rows; a one-row SmolLM2 forward timed 0.97-1.02x F.linear's on an Intel Xeon).
+# not depend on the rows; a one-row SmolLM2 forward timed 0.96-1.02x F.linear's on an Intel Xeon).
 ONE_ROW_GAIN = {"rows": 1.05, "one row": 0.9}
 SMALL_BATCH_ROWS = 64
 # Interleaved pairs per rung (their median counts): with 5, one served SmolLM2 start-up read the C++
