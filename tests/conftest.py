@@ -37,6 +37,17 @@ def tiny_ckpts(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def long_ckpt(tmp_path_factory):
+    """A tiny llama checkpoint with an 8192-token context, for tests that need a row still
+    decoding after a timeout, grace period or disconnect: the 512-token one writes its whole
+    context in under half a second on a fast machine (about 1 ms a step), so a row of 4000
+    tokens takes seconds there and the timed event always lands mid-row."""
+    from tiny_ckpt import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("long") / "llama", "llama", max_position_embeddings=8192)
+
+
+@pytest.fixture(scope="session")
 def prompts_jsonl(tmp_path_factory):
     from tiny_ckpt import write_prompts
 

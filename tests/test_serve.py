@@ -300,8 +300,8 @@ def test_extreme_but_valid_values_answer_and_leave_the_batch_alone(served):
     assert "non_finite_logits" in lines[-2] and lines[-1] == "data: [DONE]"
 
 
-def test_api_key_queue_limit_and_timeout(tiny_ckpts):
-    server = Server(["--model", str(tiny_ckpts["llama"]), "--served-name", "tiny", "--queue-size", "1",
+def test_api_key_queue_limit_and_timeout(long_ckpt):
+    server = Server(["--model", str(long_ckpt), "--served-name", "tiny", "--queue-size", "1",
                      "--max-batch", "1", "--request-timeout", "0.25"], env={"SSN_API_KEY": "s3cr\u00e9t"})
     try:
         url = server.url
@@ -316,7 +316,7 @@ def test_api_key_queue_limit_and_timeout(tiny_ckpts):
             r = httpx.get(url + "/metrics", headers=[(b"authorization", token)])
             assert r.status_code == status, (token, r.text)
         headers = [(b"authorization", b"Bearer s3cr\xc3\xa9t")]
-        body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 480,
+        body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4000,
                 "temperature": 1.0, "seed": 1, "ignore_eos": True}
 
         def post(_):
@@ -330,7 +330,7 @@ def test_api_key_queue_limit_and_timeout(tiny_ckpts):
         for r in replies:
             if r.status_code == 429:
                 assert r.json()["error"]["type"] == "rate_limit_error"
-        # 480 decode steps take longer than the 0.25 s timeout: 408, and not an invalid request
+        # 4000 decode steps take longer than the 0.25 s timeout: 408, and not an invalid request
         r = post(0)
         assert r.status_code == 408, r.text
         assert r.json()["error"]["code"] == "timeout" and r.json()["error"]["type"] == "timeout_error"
@@ -437,18 +437,19 @@ def test_a_non_streaming_client_that_disconnects_stops_its_row(served):
     assert metric(server, "ssn_requests_total", endpoint=CHAT, status="499") >= 1
 
 
-def test_sigterm_drains_then_cuts_within_the_grace_period(tiny_ckpts):
+def test_sigterm_drains_then_cuts_within_the_grace_period(long_ckpt):
     """SIGTERM: no new connections; a short row accepted before the signal finishes; a long one
     is cut (503 on its stream) when the grace period ends; the process exits 0 soon after.
     The signal goes out once the short request is accepted (its stream has begun, so it is
     queued or running), not after polling for it: four tokens can come and go between polls.
-    The long row needs 480 decode steps: with a 0.3 s grace period (as in the engine's own drain
-    test) it is still running when the grace ends even on a fast, quiet machine (a 1 s grace
-    once let it finish first), while the short row needs only 3 more steps."""
+    The long row needs 4000 decode steps (a checkpoint with a long context): with a 0.3 s grace
+    period (as in the engine's own drain test) it is still running when the grace ends even on a
+    fast, quiet machine (480 steps with a 1 s grace once let it finish first), while the short row
+    needs only 3 more steps."""
     import signal
     import threading
 
-    server = Server(["--model", str(tiny_ckpts["llama"]), "--served-name", "tiny", "--shutdown-grace", "0.3"])
+    server = Server(["--model", str(long_ckpt), "--served-name", "tiny", "--shutdown-grace", "0.3"])
     try:
         url = server.url + CHAT
         long_lines, short_lines = [], []
@@ -461,7 +462,7 @@ def test_sigterm_drains_then_cuts_within_the_grace_period(tiny_ckpts):
                         lines.append(line)
                         seen.set()
 
-        t_long = threading.Thread(target=stream, args=(chat_body(max_tokens=480, temperature=0, ignore_eos=True,
+        t_long = threading.Thread(target=stream, args=(chat_body(max_tokens=4000, temperature=0, ignore_eos=True,
                                                                  stream=True), long_lines, long_started))
         t_long.start()
         assert long_started.wait(60)
@@ -487,7 +488,7 @@ def test_sigterm_drains_then_cuts_within_the_grace_period(tiny_ckpts):
         assert [c["choices"][0]["finish_reason"] for c in short if c["choices"]][-1] == "length"
         assert short[-1]["usage"]["completion_tokens"] == 4  # the whole answer, not a cut one
         assert "shutting_down" in long_lines[-2] and long_lines[-1] == "data: [DONE]", long_lines[-3:]
-        assert len(long_lines) < 480  # cut, not finished
+        assert len(long_lines) < 4000  # cut, not finished
         # uvicorn ran its C parser and libuv loop (dependencies: the Python ones cost a small
         # model much of its step), and the start-up line says so
         assert "HTTP: httptools parser, uvloop event loop" in server.proc.stdout.read()

@@ -119,8 +119,8 @@ def test_a_row_with_non_finite_logits_fails_alone(tiny_ckpts):
             eng.stop()
 
 
-def test_drain_refuses_new_requests_and_cuts_rows_after_the_grace_period(tiny_ckpts):
-    path = tiny_ckpts["llama"]
+def test_drain_refuses_new_requests_and_cuts_rows_after_the_grace_period(long_ckpt):
+    path = long_ckpt
     model = load_model(path)
     tok = load_tokenizer(path)
     eng = Engine(model, tok, max_batch=2, gather_ms=0).start()
@@ -128,7 +128,7 @@ def test_drain_refuses_new_requests_and_cuts_rows_after_the_grace_period(tiny_ck
         ids = encode(tok, PROMPTS[0])
         short, long = Collector(), Collector()
         eng.submit(GenRequest(ids, max_tokens=3, temperature=0, ignore_eos=True, sink=short))
-        eng.submit(GenRequest(ids, max_tokens=400, temperature=0, ignore_eos=True, sink=long))
+        eng.submit(GenRequest(ids, max_tokens=4000, temperature=0, ignore_eos=True, sink=long))
         assert long.first.wait(60)
         eng.drain(0.3)
         with pytest.raises(Draining):
@@ -141,17 +141,17 @@ def test_drain_refuses_new_requests_and_cuts_rows_after_the_grace_period(tiny_ck
         eng.stop()
 
 
-def test_cancel_and_deadline_end_rows_at_the_next_step(tiny_ckpts):
-    path = tiny_ckpts["llama"]
+def test_cancel_and_deadline_end_rows_at_the_next_step(long_ckpt):
+    path = long_ckpt
     model = load_model(path)
     tok = load_tokenizer(path)
     eng = Engine(model, tok, max_batch=4, gather_ms=0).start()
     try:
         ids = encode(tok, PROMPTS[2])
         a, b = Collector(), Collector()
-        ra = GenRequest(ids, max_tokens=400, temperature=0, ignore_eos=True, sink=a)
+        ra = GenRequest(ids, max_tokens=4000, temperature=0, ignore_eos=True, sink=a)
         eng.submit(ra)
-        eng.submit(GenRequest(ids, max_tokens=400, temperature=0, ignore_eos=True, sink=b,
+        eng.submit(GenRequest(ids, max_tokens=4000, temperature=0, ignore_eos=True, sink=b,
                               deadline=time.time() + 0.3))
         assert a.first.wait(60)
         ra.cancelled.set()

@@ -69,10 +69,10 @@ def make_checkpoint(path: Path, arch: str = "llama", seed: int = 0, **config) ->
     common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id)
     if arch == "gpt2":
-        cfg = AutoConfig.for_model("gpt2", n_layer=2, n_embd=48, n_head=4, n_inner=53, n_positions=512,
-                                   **{**common, **config})
+        cfg = AutoConfig.for_model("gpt2", **{**dict(n_layer=2, n_embd=48, n_head=4, n_inner=53, n_positions=512),
+                                              **common, **config})
     else:
-        cfg = AutoConfig.for_model(arch, num_hidden_layers=2, hidden_size=48, intermediate_size=53,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   **{**common, **config})
+        cfg = AutoConfig.for_model(arch, **{**dict(num_hidden_layers=2, hidden_size=48, intermediate_size=53,
+                                                   num_attention_heads=4, num_key_value_heads=2,
+                                                   max_position_embeddings=512), **common, **config})
     return save_random_checkpoint(cfg, tok, path, seed)
