@@ -102,7 +102,8 @@ class Server:
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})})
         self.url = f"http://127.0.0.1:{self.port}"
-        for _ in range(300):
+        end = time.monotonic() + 180  # imports, the model load and the GEMM calibration, on a loaded machine
+        while time.monotonic() < end:
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return

@@ -39,13 +39,16 @@ def test_rows_join_and_leave_mid_generation_and_match_their_solo_answers(setup):
     profiles = {"base": (None, None), "amp": (setup["mask"], None), "tuned": (None, setup["patch"]),
                 "both": (setup["mask"], setup["patch"])}
     # a long row first; the others join while it decodes (max_batch 4: some also wait for a free row)
-    jobs = [(PROMPTS[0], "tuned", 40, True)] + [(PROMPTS[i % len(PROMPTS)], p, 6 + 3 * i, False)
-                                                 for i, p in enumerate(["base", "amp", "both", "tuned", "base", "amp"])]
+    # (the long row's 150 steps leave ample slack for the others to arrive on a loaded machine;
+    # prompts are encoded before the first submit, so nothing but submits runs while it decodes)
+    later = ["base", "amp", "both", "tuned", "base", "amp"]
+    jobs = [(PROMPTS[0], "tuned", 150, True)] + [(PROMPTS[i % len(PROMPTS)], p, 6 + 3 * i, False)
+                                                  for i, p in enumerate(later)]
+    encoded = [encode(tok, text) for text, *_ in jobs]
     cols = []
-    for k, (text, profile, n, ignore_eos) in enumerate(jobs):
+    for k, ((_, profile, n, ignore_eos), ids) in enumerate(zip(jobs, encoded, strict=True)):
         c = Collector()
-        eng.submit(GenRequest(encode(tok, text), profile=profile, max_tokens=n, temperature=0, sink=c,
-                              ignore_eos=ignore_eos))
+        eng.submit(GenRequest(ids, profile=profile, max_tokens=n, temperature=0, sink=c, ignore_eos=ignore_eos))
         cols.append(c)
         if k == 0:
             assert c.first.wait(60)  # the first row is mid-generation before the others arrive
@@ -230,7 +233,8 @@ def test_prefill_computes_logits_for_the_last_position_only(tiny_ckpts, layout):
     tok = load_tokenizer(path)
     seen = []
     hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
-    eng = Engine(model, tok, max_batch=4, gather_ms=50, layout=layout).start()
+    # the gather ends once both prompts wait (max_batch 2), however late the second one comes
+    eng = Engine(model, tok, max_batch=2, gather_ms=30_000, layout=layout).start()
     seen.clear()  # the start-up GEMM calibration's forwards
     try:
         ids = [encode(tok, PROMPTS[3]), encode(tok, PROMPTS[2])]
