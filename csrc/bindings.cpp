@@ -7,6 +7,7 @@
 
 #include <stdexcept>
 
+#include "attention.h"
 #include "fused_act.h"
 #include "gemv.h"
 #include "row_patch.h"
@@ -121,6 +122,27 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         ssn::gemv_bf16(static_cast<const uint16_t*>(ptr(w)), out_features, in_features,
                        static_cast<const uint16_t*>(ptr(x)), bias ? static_cast<const uint16_t*>(ptr(bias)) : nullptr,
                        static_cast<uint16_t*>(ptr(out)), threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "decode_attention",
+      [](int dtype, uintptr_t q, int64_t q_row, int64_t q_head, uintptr_t k, int64_t k_slot, int64_t k_head,
+         int64_t k_col, uintptr_t v, int64_t v_slot, int64_t v_head, int64_t v_col, uintptr_t slots,
+         uintptr_t lengths, int64_t n, int64_t kv_heads, int64_t group, int64_t dim, int64_t dim_v, int64_t window,
+         float scale, uintptr_t out, int64_t out_row, int64_t out_head, int threads) {
+        if (dtype != ssn::kFloat32 && dtype != ssn::kBFloat16) throw std::invalid_argument("unsupported dtype code");
+        ssn::decode_attention(dtype, ptr(q), q_row, q_head, {ptr(k), k_slot, k_head, k_col},
+                              {ptr(v), v_slot, v_head, v_col}, i64(slots), i64(lengths), n, kv_heads, group, dim,
+                              dim_v, window, scale, ptr(out), out_row, out_head, threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "scatter_kv",
+      [](int dtype, uintptr_t src, int64_t src_head, int64_t src_tok, uintptr_t dst, int64_t d_slot, int64_t d_head,
+         int64_t d_col, uintptr_t slots, uintptr_t cols, int64_t tokens, int64_t heads, int64_t dim) {
+        if (dtype != ssn::kFloat32 && dtype != ssn::kBFloat16) throw std::invalid_argument("unsupported dtype code");
+        ssn::scatter_kv(dtype, ptr(src), src_head, src_tok, {ptr(dst), d_slot, d_head, d_col}, i64(slots), i64(cols),
+                        tokens, heads, dim);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });

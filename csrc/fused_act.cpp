@@ -1,5 +1,7 @@
 #include "fused_act.h"
 
+#include "exp_approx.h"
+
 #include "bf16.h"
 
 #include <omp.h>
@@ -17,29 +19,6 @@ namespace {
 #else
 #define SSN_CLONES
 #endif
-
-// exp without a libm call so that the loops vectorise: Cephes expf polynomial, about
-// 1 ulp. Overflow gives inf and deep underflow 0, so sigmoid saturates to exactly 0 or 1.
-// Written branch-free (selects, magic-number rounding, bit casts): GCC only
-// if-converts and vectorises it in that form (with -fno-trapping-math).
-SSN_INLINE float exp_approx(float x_in) {
-  float x = x_in < -87.0f ? -87.0f : x_in;
-  x = x > 88.3f ? 88.3f : x;
-  const float fn = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const int32_t n = static_cast<int32_t>(fn);
-  float r = x - fn * 0.693359375f;
-  r = r + fn * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  float y = p * __builtin_bit_cast(float, static_cast<uint32_t>(n + 127) << 23);
-  y = x_in > 88.72f ? __builtin_inff() : y;
-  return x_in < -87.0f ? 0.0f : y;
-}
 
 SSN_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 SSN_INLINE float tanh_approx(float x) { return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f); }

@@ -14,6 +14,7 @@
 #include "gemv.h"
 
 #include "bf16.h"
+#include "vec.h"
 
 #include <omp.h>
 
@@ -46,26 +47,7 @@ namespace {
 // So a row's output does not depend on which other rows share its call: a served request's
 // numbers do not depend on its batch (F.linear's do). (x86-64 without AVX2/FMA, before 2013,
 // multiplies and adds separately: other bits there.)
-typedef float v16f __attribute__((vector_size(64)));
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-
-// The 16 lanes' sum as a tree of vector adds (16 dependent scalar adds per output cost as much
-// as streaming a short row itself): the two 8-lane halves, then 4 + 4, then pairs.
-inline __attribute__((always_inline)) float total8(v8f a) {
-  v4f c, d;
-  __builtin_memcpy(&c, &a, sizeof c);
-  __builtin_memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof c, sizeof d);
-  c += d;
-  return (c[0] + c[2]) + (c[1] + c[3]);
-}
-inline __attribute__((always_inline)) float total(const v16f* a) {
-  v8f lo, hi;
-  __builtin_memcpy(&lo, a, sizeof lo);
-  __builtin_memcpy(&hi, reinterpret_cast<const char*>(a) + sizeof lo, sizeof hi);
-  return total8(lo + hi);
-}
-inline __attribute__((always_inline)) float total(const v8f* a) { return total8(a[0] + a[1]); }
+// (vector types, `total` and `widen`: vec.h)
 
 template <typename V>
 inline __attribute__((always_inline)) V load(const float* p) {
@@ -198,19 +180,6 @@ const Variant& variant() {
 }
 
 // --- bfloat16, one row ---
-// The widening of 16 bfloat16 is a shift of each into the high half.
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-
-inline __attribute__((always_inline)) v16f widen(const uint16_t* p) {
-  v16h h;
-  __builtin_memcpy(&h, p, sizeof h);
-  v16u u = __builtin_convertvector(h, v16u) << 16;
-  v16f f;
-  __builtin_memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 // Rows [r0, r1) of the bfloat16 product: x (already float32) against each weight row. Four
 // independent sums per row, so the adds do not wait on each other (one chain ran at half
 // the memory's rate).

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ssn_runtime.core import cpp_ops
 from ssn_runtime.serve import packed
 from ssn_runtime.serve.engine import Engine, GenRequest
 
@@ -39,12 +40,17 @@ def _model(arch: str, window: bool):
 CASES = [(a, False) for a in ARCHS] + [(a, True) for a in sorted(SLIDING)]
 
 
+NATIVE = [False] + ([True] if cpp_ops.available("decode_attention") else [])
+
+
+@pytest.mark.parametrize("native", NATIVE, ids=lambda v: "cpp" if v else "torch")
 @pytest.mark.parametrize("group_tokens", [64, 5], ids=["joins-attend-together", "long-joins-alone"])
 @pytest.mark.parametrize("arch,window", CASES, ids=[f"{a}{'-window' if w else ''}" for a, w in CASES])
 @torch.inference_mode()
-def test_packed_steps_equal_each_row_alone(arch, window, group_tokens, monkeypatch):
+def test_packed_steps_equal_each_row_alone(arch, window, group_tokens, native, monkeypatch):
     """Joins of up to `GROUP_TOKENS` tokens attend in one call (queries padded to the longest);
-    at 5, step 1 has one join in each kind."""
+    at 5, step 1 has one join in each kind. `native`: decode attention and the key/value writes
+    in the C++ kernels (csrc/attention.cpp), or all in torch."""
     monkeypatch.setattr(packed, "GROUP_TOKENS", group_tokens)
     model = _model(arch, window)
     g = torch.Generator().manual_seed(5)
@@ -64,7 +70,7 @@ def test_packed_steps_equal_each_row_alone(arch, window, group_tokens, monkeypat
         torch.testing.assert_close(got, alone(ids), rtol=1e-4, atol=1e-5)
 
     with packed.packed_attention(model):
-        kv = packed.PackedCache(4)
+        kv = packed.PackedCache(4, native=native)
         a, b, c = seqs["a"], seqs["b"], seqs["c"]
         # step 1: rows a and b join together
         got = step(kv, [], [packed.Join(0, 0, len(a), 0), packed.Join(1, 0, len(b), len(a))], a + b,
@@ -73,7 +79,7 @@ def test_packed_steps_equal_each_row_alone(arch, window, group_tokens, monkeypat
         close(got[1], b)
         # step 2: a and b decode while c joins with 4 tokens from a prefix cache (its own keys)
         # (the prefix cache's copies come from packed storage too: a sliding DynamicCache keeps less)
-        pre = packed.PackedCache(1)
+        pre = packed.PackedCache(1, native=native)
         step(pre, [], [packed.Join(0, 0, 4, 0)], c[:4], [0, 1, 2, 3], [3], 1)
         prefix = [(k[:1, :, :4].clone(), v[:1, :, :4].clone()) for k, v in pre.layers.values()]
         tokens = [nxt["a"][0], nxt["b"][0], *c[4:]]
@@ -82,6 +88,7 @@ def test_packed_steps_equal_each_row_alone(arch, window, group_tokens, monkeypat
         close(got[0], a + nxt["a"][:1])
         close(got[1], b + nxt["b"][:1])
         close(got[2], c)
+        assert (kv._cpp_dec is not None and kv._cpp_all is not None) == native  # the path asked for ran
         # b leaves: c moves into its slot; a and c decode on
         order = kv.keep([0, 2], [len(a) + 1, len(b) + 1, len(c)])
         assert order == [0, 2]
@@ -99,6 +106,16 @@ def test_packed_steps_equal_each_row_alone(arch, window, group_tokens, monkeypat
                    [len(a) + 2, *range(6, len(d))], [0, len(d) - 6], 3)
         close(got[0], a + nxt["a"][:3])
         close(got[1], d)
+
+
+@torch.inference_mode()
+def test_requiring_the_cpp_cache_kernels_refuses_what_they_do_not_take():
+    model = tiny_model("llama", dtype=torch.float64)
+    with packed.packed_attention(model):
+        kv = packed.PackedCache(2, native=True)
+        with kv.forward([], [packed.Join(0, 0, 4, 0)], 1), pytest.raises(ValueError, match="C\\+\\+ cache kernels"):
+            model(input_ids=torch.tensor([[5, 6, 7, 8]]), attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool),
+                  position_ids=torch.tensor([[0, 1, 2, 3]]), past_key_values=kv, use_cache=True)
 
 
 def test_the_attention_switch_changes_nothing_for_other_callers_and_is_restored():

@@ -353,3 +353,73 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         else:
             _ext.gemv_bf16(weight.data_ptr(), out_f, in_f, x.data_ptr(), b, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+class CacheRows:
+    """One packed step's token rows as the cache kernels read them, checked once per step for
+    every layer (csrc/attention.cpp): token row t is in slot `slots[t]` at column `cols[t]`
+    (contiguous int64 CPU tensors of one length, slots >= 0, cols >= 0). For decode attention,
+    `cols[t] + 1` columns of its slot are its keys. Raises ValueError otherwise."""
+
+    def __init__(self, slots: torch.Tensor, cols: torch.Tensor):
+        _ids(slots, "slots")
+        _ids(cols, "cols", slots.numel())
+        self.n = slots.numel()
+        self.max_slot, self.max_col = -1, -1
+        if self.n:
+            lo, hi = torch.aminmax(slots)
+            clo, chi = torch.aminmax(cols)
+            if int(lo) < 0 or int(clo) < 0:
+                raise ValueError("cache rows: a slot or column is negative")
+            self.max_slot, self.max_col = int(hi), int(chi)
+        self._keep = (slots, cols)
+        self.lengths = cols + 1  # (decode: a row attends to its columns up to its own)
+        self.slots, self.cols, self.lengths_ptr = slots.data_ptr(), cols.data_ptr(), self.lengths.data_ptr()
+
+
+def _cache_ok(t: torch.Tensor, dtype: torch.dtype, rows: CacheRows) -> bool:
+    """A [slots, heads, cols, dim] cache tensor of `dtype` with a contiguous last dimension that
+    holds every slot and column of `rows`."""
+    return (t.dtype == dtype and t.is_cpu and t.dim() == 4 and t.stride(3) == 1 and rows.max_slot < t.shape[0]
+            and rows.max_col < t.shape[2])
+
+
+def decode_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: CacheRows, window: int,
+                     scale: float, out: torch.Tensor) -> None:
+    """Attention of decoding token rows over their own cache columns, into `out[:rows.n]`
+    (csrc/attention.cpp): query [Hq, ≥n, D] (token row t at [:, t]), cache k [slots, Hkv,
+    cols, D] and v [slots, Hkv, cols, Dv] (Hq a multiple of Hkv: query heads h*G..h*G+G-1 read
+    key head h), out [≥n, Hq, Dv]; float32 or bfloat16, one dtype, last dimensions contiguous.
+    Token row t reads columns [len - window, len) of slot rows.slots[t] (all of 0..len-1 when
+    window is 0), len = rows.cols[t] + 1: sdpa's result over the same columns, to rounding."""
+    dtype = query.dtype
+    n = rows.n
+    Hq, D = (query.shape[0], query.shape[2]) if query.dim() == 3 else (0, 0)
+    Hkv, Dv = (k.shape[1], v.shape[3]) if k.dim() == 4 and v.dim() == 4 else (0, 0)
+    if not (dtype in DTYPES and query.is_cpu and query.dim() == 3 and query.stride(2) == 1 and query.shape[1] >= n
+            and _cache_ok(k, dtype, rows) and _cache_ok(v, dtype, rows) and k.shape[:3] == v.shape[:3]
+            and k.shape[3] == D and Hkv > 0 and Hq % Hkv == 0 and out.dtype == dtype and out.is_cpu
+            and out.dim() == 3 and out.shape[0] >= n and out.shape[1:] == (Hq, Dv) and out.stride(2) == 1
+            and window >= 0 and math.isfinite(scale)):
+        raise ValueError("decode_attention: query [Hq, >=n, D], k [slots, Hkv, cols, D], v [slots, Hkv, cols, Dv] "
+                         "holding every row's slot and columns, out [>=n, Hq, Dv]; one dtype (float32 or bfloat16), "
+                         "CPU, last dimensions contiguous; window >= 0 and a finite scale")
+    if n:
+        _ext.decode_attention(DTYPES[dtype], query.data_ptr(), query.stride(1), query.stride(0), k.data_ptr(),
+                              k.stride(0), k.stride(1), k.stride(2), v.data_ptr(), v.stride(0), v.stride(1),
+                              v.stride(2), rows.slots, rows.lengths_ptr, n, Hkv, Hq // Hkv, D, Dv, window, scale,
+                              out.data_ptr(), out.stride(0), out.stride(1), torch.get_num_threads())
+
+
+def scatter_kv(src: torch.Tensor, dst: torch.Tensor, rows: CacheRows) -> None:
+    """dst[rows.slots[t], h, rows.cols[t], :] = src[h, t, :] for every token row t (csrc/attention.cpp):
+    src [H, n, D], dst a [slots, H, cols, D] cache; one dtype (float32 or bfloat16), CPU, last
+    dimensions contiguous."""
+    dtype = src.dtype
+    if not (dtype in DTYPES and src.is_cpu and src.dim() == 3 and src.shape[1] == rows.n and src.stride(2) == 1
+            and _cache_ok(dst, dtype, rows) and dst.shape[1] == src.shape[0] and dst.shape[3] == src.shape[2]):
+        raise ValueError("scatter_kv: src [H, n, D] and a cache dst [slots, H, cols, D] holding every row's slot "
+                         "and column; one dtype (float32 or bfloat16), CPU, last dimensions contiguous")
+    if rows.n:
+        _ext.scatter_kv(DTYPES[dtype], src.data_ptr(), src.stride(0), src.stride(1), dst.data_ptr(), dst.stride(0),
+                        dst.stride(1), dst.stride(2), rows.slots, rows.cols, rows.n, src.shape[0], src.shape[2])

@@ -13,6 +13,11 @@ for every caller, except a thread inside `PackedCache.forward()`, whose attentio
 writes the slots. The model's own code computes everything else (norms, rotary embeddings from
 the given position ids, projections, the MLP with its per-token-row variants).
 
+On CPU (float32, bfloat16) the decode rows' attention and the step's key/value writes run as C++
+kernels (csrc/attention.cpp: each row reads its own columns in place; sdpa's CPU kernel cost more
+than the math at a few dozen columns); elsewhere, and for joining rows, torch's sdpa and index
+writes. `PackedCache(native=False)` keeps torch everywhere (the kernels' reference in tests).
+
 Attention math is the sdpa path's: the same scaling and sliding window (a query at position p
 sees keys at positions p - window < k <= p), and, as transformers' sdpa path, no logit
 soft-capping. A row's tokens sit in its slot at column = position (no gaps), so its mask is its
@@ -29,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..core import cpp_ops
 
 NAME = "ssn_packed"
 GROUP_TOKENS = 64  # joins computing at most this many prompt tokens in a step attend in one call
@@ -122,8 +129,12 @@ class PackedCache:
     t sits in column t. Passed as `past_key_values`; the model calls `update` once per layer,
     and the attention implementation calls `attend`."""
 
-    def __init__(self, slots: int, max_cols: int = 0):
+    def __init__(self, slots: int, max_cols: int = 0, native: bool | None = None):
         self.slots, self.max_cols = slots, max_cols  # max_cols: the context (0: unbounded)
+        # the C++ cache kernels: None where they apply (CPU float32/bfloat16, built), True to
+        # require them, False for torch
+        self.native = native
+        self._cpp_all = self._cpp_dec = None
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._n = 0
         self._joins: list[Join] = []
@@ -167,6 +178,7 @@ class PackedCache:
         short = [i for i, j in enumerate(joins) if j.new <= GROUP_TOKENS]
         groups = ([short] if short else []) + [[i] for i, j in enumerate(joins) if j.new > GROUP_TOKENS]
         self._groups = [self._group(g) for g in groups]  # the same for every layer: built once per step
+        self._cpp_all = self._cpp_dec = None  # the C++ kernels' checked rows: on first use, then every layer
         token = _ACTIVE.set(self)
         try:
             yield self
@@ -181,6 +193,16 @@ class PackedCache:
         S, W = max(j.new for j in js), max(j.start + j.new for j in js)
         rows = torch.tensor([j.off + min(t, j.new - 1) for j in js for t in range(S)])
         return tuple(group), rows, torch.tensor([j.slot for j in js]), S, W
+
+    def _native(self, t: torch.Tensor) -> bool:
+        """Whether the C++ cache kernels take this layer's tensors."""
+        if self.native is False:
+            return False
+        ok = t.is_cpu and t.dtype in cpp_ops.DTYPES and cpp_ops.available("decode_attention")
+        if self.native and not ok:
+            raise ValueError(f"the C++ cache kernels take float32 or bfloat16 CPU tensors (built), not {t.dtype} "
+                             f"on {t.device}")
+        return ok
 
     def _storage(self, layer: int, key: torch.Tensor, value: torch.Tensor):
         # Grown on demand, in both slots and columns, at least doubling (so a growing batch or
@@ -209,8 +231,14 @@ class PackedCache:
         if key.shape[2] != self._tok_rows:
             raise ValueError(f"the forward has {key.shape[2]} token rows; the step planned {self._tok_rows}")
         if self._tok_rows:
-            K[self._tok_slot, :, self._tok_col] = key[0].transpose(0, 1)
-            V[self._tok_slot, :, self._tok_col] = value[0].transpose(0, 1)
+            if self._native(key):
+                if self._cpp_all is None:
+                    self._cpp_all = cpp_ops.CacheRows(self._tok_slot, self._tok_col)
+                for src, dst in ((key[0], K), (value[0], V)):
+                    cpp_ops.scatter_kv(src if src.stride(2) == 1 else src.contiguous(), dst, self._cpp_all)
+            else:
+                K[self._tok_slot, :, self._tok_col] = key[0].transpose(0, 1)
+                V[self._tok_slot, :, self._tok_col] = value[0].transpose(0, 1)
         return key, value
 
     def _mask(self, which, window):
@@ -248,7 +276,13 @@ class PackedCache:
         G = Hq // Hkv
         out = query.new_empty((T, Hq, Dv))
         n = self._n
-        if n:
+        if n and self._native(query):
+            if self._cpp_dec is None:
+                self._cpp_dec = cpp_ops.CacheRows(self._tok_slot[:n], self._tok_col[:n])
+            q = query[0] if query.stride(3) == 1 else query[0].contiguous()
+            cpp_ops.decode_attention(q, K, V, self._cpp_dec, window or 0, scaling if scaling is not None else D ** -0.5,
+                                     out)
+        elif n:
             q = query[0, :, :n].transpose(0, 1).reshape(n, Hkv, G, D)
             if not self._dense:
                 q = q.new_zeros((self._used, Hkv, G, D)).index_copy_(0, self._slots, q)
