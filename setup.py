@@ -28,7 +28,7 @@ class OptionalBuildExt(build_ext):
 ext_modules = [
     Pybind11Extension(
         "ssn_runtime._cpu_kernels",
-        ["csrc/attention.cpp", "csrc/bindings.cpp", "csrc/fused_act.cpp", "csrc/gemv.cpp", "csrc/row_patch.cpp",
+        ["csrc/packed_cache.cpp", "csrc/bindings.cpp", "csrc/fused_act.cpp", "csrc/gemv.cpp", "csrc/row_patch.cpp",
          "csrc/transpose.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,

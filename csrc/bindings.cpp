@@ -7,7 +7,7 @@
 
 #include <stdexcept>
 
-#include "attention.h"
+#include "packed_cache.h"
 #include "fused_act.h"
 #include "gemv.h"
 #include "row_patch.h"
@@ -143,6 +143,15 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         if (dtype != ssn::kFloat32 && dtype != ssn::kBFloat16) throw std::invalid_argument("unsupported dtype code");
         ssn::scatter_kv(dtype, ptr(src), src_head, src_tok, {ptr(dst), d_slot, d_head, d_col}, i64(slots), i64(cols),
                         tokens, heads, dim);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "move_slots",
+      [](int64_t size, uintptr_t t, int64_t t_slot, int64_t t_head, int64_t t_col, int64_t rows, int64_t heads,
+         int64_t dim, uintptr_t dst, uintptr_t src, int64_t moves, uintptr_t lengths, int64_t slots,
+         int64_t vacate_from) {
+        ssn::move_slots(size, {ptr(t), t_slot, t_head, t_col}, rows, heads, dim, i64(dst), i64(src), moves,
+                        i64(lengths), slots, vacate_from);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });

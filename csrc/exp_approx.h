@@ -1,4 +1,4 @@
-// exp without a libm call, shared by the C++ kernels (fused_act.cpp, attention.cpp).
+// exp without a libm call, shared by the C++ kernels (fused_act.cpp, packed_cache.cpp).
 #pragma once
 
 #include <cstdint>

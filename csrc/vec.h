@@ -1,4 +1,4 @@
-// GCC vector types and the lane reductions the C++ kernels share (gemv.cpp, attention.cpp).
+// GCC vector types and the lane reductions the C++ kernels share (gemv.cpp, packed_cache.cpp).
 // Always inlined, so each caller's target clone (AVX2, AVX-512) compiles them for its target.
 #pragma once
 

@@ -50,7 +50,7 @@ NATIVE = [False] + ([True] if cpp_ops.available("decode_attention") else [])
 def test_packed_steps_equal_each_row_alone(arch, window, group_tokens, native, monkeypatch):
     """Joins of up to `GROUP_TOKENS` tokens attend in one call (queries padded to the longest);
     at 5, step 1 has one join in each kind. `native`: decode attention and the key/value writes
-    in the C++ kernels (csrc/attention.cpp), or all in torch."""
+    in the C++ kernels (csrc/packed_cache.cpp), or all in torch."""
     monkeypatch.setattr(packed, "GROUP_TOKENS", group_tokens)
     model = _model(arch, window)
     g = torch.Generator().manual_seed(5)

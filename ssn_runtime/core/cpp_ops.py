@@ -357,7 +357,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 class CacheRows:
     """One packed step's token rows as the cache kernels read them, checked once per step for
-    every layer (csrc/attention.cpp): token row t is in slot `slots[t]` at column `cols[t]`
+    every layer (csrc/packed_cache.cpp): token row t is in slot `slots[t]` at column `cols[t]`
     (contiguous int64 CPU tensors of one length, slots >= 0, cols >= 0). For decode attention,
     `cols[t] + 1` columns of its slot are its keys. Raises ValueError otherwise."""
 
@@ -387,7 +387,7 @@ def _cache_ok(t: torch.Tensor, dtype: torch.dtype, rows: CacheRows) -> bool:
 def decode_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: CacheRows, window: int,
                      scale: float, out: torch.Tensor) -> None:
     """Attention of decoding token rows over their own cache columns, into `out[:rows.n]`
-    (csrc/attention.cpp): query [Hq, ≥n, D] (token row t at [:, t]), cache k [slots, Hkv,
+    (csrc/packed_cache.cpp): query [Hq, ≥n, D] (token row t at [:, t]), cache k [slots, Hkv,
     cols, D] and v [slots, Hkv, cols, Dv] (Hq a multiple of Hkv: query heads h*G..h*G+G-1 read
     key head h), out [≥n, Hq, Dv]; float32 or bfloat16, one dtype, last dimensions contiguous.
     Token row t reads columns [len - window, len) of slot rows.slots[t] (all of 0..len-1 when
@@ -412,7 +412,7 @@ def decode_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows
 
 
 def scatter_kv(src: torch.Tensor, dst: torch.Tensor, rows: CacheRows) -> None:
-    """dst[rows.slots[t], h, rows.cols[t], :] = src[h, t, :] for every token row t (csrc/attention.cpp):
+    """dst[rows.slots[t], h, rows.cols[t], :] = src[h, t, :] for every token row t (csrc/packed_cache.cpp):
     src [H, n, D], dst a [slots, H, cols, D] cache; one dtype (float32 or bfloat16), CPU, last
     dimensions contiguous."""
     dtype = src.dtype
@@ -423,3 +423,38 @@ def scatter_kv(src: torch.Tensor, dst: torch.Tensor, rows: CacheRows) -> None:
     if rows.n:
         _ext.scatter_kv(DTYPES[dtype], src.data_ptr(), src.stride(0), src.stride(1), dst.data_ptr(), dst.stride(0),
                         dst.stride(1), dst.stride(2), rows.slots, rows.cols, rows.n, src.shape[0], src.shape[2])
+
+
+class SlotMoves:
+    """A leave's slot moves in the packed cache (PackedCache.keep), checked once for every layer:
+    moves (dst[m], src[m]) in ascending dst, then the slots from `vacate_from` on are emptied;
+    `lengths[s]`: the columns slot s holds (one count per slot). Raises ValueError otherwise."""
+
+    def __init__(self, dst: list[int], src: list[int], lengths: list[int], vacate_from: int):
+        slots = len(lengths)
+        ints = all(type(v) is int for v in (*dst, *src, *lengths, vacate_from))
+        if not (ints and len(dst) == len(src) and all(0 <= v < slots for v in (*dst, *src))
+                and all(a < b for a, b in zip(dst, dst[1:], strict=False)) and all(v >= 0 for v in lengths)
+                and 0 <= vacate_from <= slots):
+            raise ValueError("slot moves: int slots below len(lengths), dst ascending, lengths >= 0 and "
+                             "0 <= vacate_from <= len(lengths)")
+        ids = torch.tensor(dst + src + lengths, dtype=torch.int64)
+        self.moves, self.slots, self.vacate_from = len(dst), slots, vacate_from
+        self.max_len = max(lengths, default=0)
+        self._keep = ids
+        base, step = ids.data_ptr(), ids.element_size()
+        self.dst, self.src, self.lengths = base, base + step * len(dst), base + step * 2 * len(dst)
+
+
+def move_slots(t: torch.Tensor, moves: SlotMoves) -> None:
+    """Apply `moves` to one [rows, heads, cols, dim] cache tensor in place (csrc/packed_cache.cpp):
+    for each move, in order, until a dst without a row here: zero the dst slot's columns, copy
+    the src slot's there (when it has a row here); then zero the vacated slots' columns. The
+    same as PackedCache.keep's torch loop, bit for bit. CPU, float32 or bfloat16, last dimension
+    contiguous, at least moves.max_len columns."""
+    if not (t.dtype in DTYPES and t.is_cpu and t.dim() == 4 and t.stride(3) == 1 and moves.max_len <= t.shape[2]):
+        raise ValueError("move_slots: a [rows, heads, cols, dim] float32 or bfloat16 CPU cache with a contiguous "
+                         "last dimension and every slot's columns")
+    if t.numel():
+        _ext.move_slots(t.element_size(), t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.shape[0], t.shape[1],
+                        t.shape[3], moves.dst, moves.src, moves.moves, moves.lengths, moves.slots, moves.vacate_from)

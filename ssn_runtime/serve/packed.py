@@ -13,9 +13,10 @@ for every caller, except a thread inside `PackedCache.forward()`, whose attentio
 writes the slots. The model's own code computes everything else (norms, rotary embeddings from
 the given position ids, projections, the MLP with its per-token-row variants).
 
-On CPU (float32, bfloat16) the decode rows' attention and the step's key/value writes run as C++
-kernels (csrc/attention.cpp: each row reads its own columns in place; sdpa's CPU kernel cost more
-than the math at a few dozen columns); elsewhere, and for joining rows, torch's sdpa and index
+On CPU (float32, bfloat16) the decode rows' attention, the step's key/value writes and the slot
+moves when rows leave run as C++ kernels (csrc/packed_cache.cpp: each row reads its own columns in
+place; sdpa's CPU kernel cost more than the math at a few dozen columns, and torch copies cost
+more per call than the data they move); elsewhere, and for joining rows, torch's sdpa and index
 writes. `PackedCache(native=False)` keeps torch everywhere (the kernels' reference in tests).
 
 Attention math is the sdpa path's: the same scaling and sliding window (a query at position p
@@ -317,7 +318,14 @@ class PackedCache:
         tail = [i for i in keep if i >= n]
         order = [i if i in kept else tail.pop(0) for i in range(n)]
         moves = [(i, o) for i, o in enumerate(order) if i != o]
+        checked = None  # the C++ kernel's moves, checked once for every layer
         for K, V in self.layers.values():
+            if self._native(K):
+                if checked is None:
+                    checked = cpp_ops.SlotMoves([d for d, _ in moves], [s for _, s in moves], list(lengths), n)
+                cpp_ops.move_slots(K, checked)
+                cpp_ops.move_slots(V, checked)
+                continue
             rows = K.shape[0]  # (a row admitted in a step that failed before any layer ran has no slot yet)
             for dst, src in moves:  # dst: a dropped slot below n
                 if dst >= rows:

@@ -1,4 +1,5 @@
-// Attention over the packed serving cache (csrc/attention.cpp; ssn_runtime/serve/packed.py).
+// Kernels of the packed serving cache (csrc/packed_cache.cpp; ssn_runtime/serve/packed.py):
+// decode attention, the step's key/value writes, and the slot moves when rows leave.
 // Storage is float32 or bfloat16 (`dtype`, one for q, the cache and out); arithmetic is float32.
 // Every index and size is checked by the caller (ssn_runtime/core/cpp_ops.py).
 #pragma once
@@ -27,5 +28,13 @@ void decode_attention(int dtype, const void* q, int64_t q_row, int64_t q_head, C
 // goes to cache[slots[t], h, cols[t], :] for t < tokens.
 void scatter_kv(int dtype, const void* src, int64_t src_head, int64_t src_tok, CacheView dst, const int64_t* slots,
                 const int64_t* cols, int64_t tokens, int64_t heads, int64_t dim);
+
+// When rows leave (PackedCache.keep), on one [rows, heads, cols, dim] cache tensor of element
+// size `size` bytes: for each move (dst[m], src[m]), in order, stopping at the first dst >=
+// rows: zero columns 0..lengths[dst]-1 of slot dst, then (src < rows) copy columns
+// 0..lengths[src]-1 of slot src there; then zero columns 0..lengths[s]-1 of each slot s in
+// [vacate_from, min(slots, rows)) (`lengths` holds `slots` counts).
+void move_slots(int64_t size, CacheView t, int64_t rows, int64_t heads, int64_t dim, const int64_t* dst,
+                const int64_t* src, int64_t moves, const int64_t* lengths, int64_t slots, int64_t vacate_from);
 
 }  // namespace ssn

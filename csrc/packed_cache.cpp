@@ -1,13 +1,13 @@
-// Decode attention and the key/value scatter of the packed serving cache, on CPU
+// Decode attention, the key/value scatter and the slot moves of the packed serving cache, on CPU
 // (ssn_runtime/serve/packed.py; reference: torch's scaled_dot_product_attention over the same
-// columns, tests/test_packed_attention_cpp.py).
+// columns, tests/test_packed_cache_cpp.py).
 //
 // Why: a decode step of SmolLM2 at 16 rows spent ~7.6 ms of its ~50 ms in sdpa's CPU flash kernel
 // (30 calls of ~175 us for ~2 MFLOP each: its blocking and buffers cost more than the math at
 // a few dozen columns), and ~1.9 ms scattering the step's keys and values with index_put.
 // Here each (token row, key head) pair is one work item: the group's scores over the row's own
 // columns, a softmax, the weighted sum of values; nothing is copied or padded.
-#include "attention.h"
+#include "packed_cache.h"
 
 #include "bf16.h"
 #include "exp_approx.h"
@@ -168,6 +168,41 @@ void scatter_kv(int dtype, const void* src, int64_t src_head, int64_t src_tok, C
     for (int64_t h = 0; h < heads; ++h)
       std::memcpy(d + (slots[t] * dst.slot + h * dst.head + cols[t] * dst.col) * size,
                   s + (h * src_head + t * src_tok) * size, dim * size);
+}
+
+// (a leave moved rows with four torch copies per move per layer: 8 rows leaving 16 cost ~8 ms
+// on SmolLM2's 30 layers, most of it per-op overhead)
+void move_slots(int64_t size, CacheView t, int64_t rows, int64_t heads, int64_t dim, const int64_t* dst,
+                const int64_t* src, int64_t moves, const int64_t* lengths, int64_t slots, int64_t vacate_from) {
+  char* base = static_cast<char*>(const_cast<void*>(t.ptr));
+  auto at = [&](int64_t slot, int64_t h) { return base + (slot * t.slot + h * t.head) * size; };
+  // columns 0..n-1 of one head: contiguous when a column is exactly `dim` elements
+  auto zero = [&](int64_t slot, int64_t from, int64_t to) {  // columns [from, to)
+    for (int64_t h = 0; h < heads; ++h) {
+      if (t.col == dim) {
+        if (to > from) std::memset(at(slot, h) + from * dim * size, 0, (to - from) * dim * size);
+      } else {
+        for (int64_t c = from; c < to; ++c) std::memset(at(slot, h) + c * t.col * size, 0, dim * size);
+      }
+    }
+  };
+  for (int64_t m = 0; m < moves; ++m) {
+    if (dst[m] >= rows) break;  // (moves are in ascending dst: the rest have no slot either)
+    int64_t n = 0;  // (zeroing only the columns the copy leaves: the same bits, less memory traffic)
+    if (src[m] < rows) {
+      n = lengths[src[m]];
+      for (int64_t h = 0; h < heads; ++h) {
+        if (t.col == dim) {
+          std::memcpy(at(dst[m], h), at(src[m], h), n * dim * size);
+        } else {
+          for (int64_t c = 0; c < n; ++c)
+            std::memcpy(at(dst[m], h) + c * t.col * size, at(src[m], h) + c * t.col * size, dim * size);
+        }
+      }
+    }
+    zero(dst[m], n, lengths[dst[m]]);
+  }
+  for (int64_t s = vacate_from; s < std::min(slots, rows); ++s) zero(s, 0, lengths[s]);
 }
 
 }  // namespace ssn

@@ -1,9 +1,10 @@
-"""The packed cache's C++ kernels (csrc/attention.cpp via ssn_runtime/core/cpp_ops.py): decode
+"""The packed cache's C++ kernels (csrc/packed_cache.cpp via ssn_runtime/core/cpp_ops.py): decode
 attention equals attention over the same columns in float64 (float32 to 1e-5, bfloat16 to its
 rounding), for head sizes on the vector path (64, 128, 256) and off it (12, 20), grouped heads,
 sliding windows, rows in any slots; each row's result is the same bits whatever the thread
-count and whichever rows share the call; the key/value scatter equals torch's index writes bit
-for bit; every bad argument is refused before a pointer crosses into C++."""
+count and whichever rows share the call; the key/value scatter equals torch's index writes and
+the slot moves of a leave equal PackedCache.keep's torch loop, bit for bit; every bad argument
+is refused before a pointer crosses into C++."""
 
 import pytest
 import torch
@@ -117,3 +118,51 @@ def test_bad_arguments_are_refused():
             cpp_ops.scatter_kv(a, b, rows)
     with pytest.raises(ValueError):
         cpp_ops.scatter_kv(src[:, :1], K, far)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("keep", [[0, 2, 5, 7], [0, 1, 2], [6], [3, 4, 5, 6, 7], list(range(8))],
+                         ids=["holes", "tail-leaves", "one-stays", "head-leaves", "none-leave"])
+def test_slot_moves_equal_the_torch_keep(dtype, keep):
+    """PackedCache.keep with the C++ moves leaves every layer's keys and values exactly as its
+    torch loop does (a layer with fewer slots than the others too: a row whose step failed
+    before that layer ran)."""
+    from ssn_runtime.serve import packed
+
+    g = torch.Generator().manual_seed(11)
+    lengths = [5, 17, 1, 30, 9, 22, 3, 12]
+    layers = {}
+    for layer, rows in enumerate((8, 8, 6)):
+        kv = []
+        for _ in range(2):
+            t = torch.randn(rows, 3, 32, 20, generator=g)
+            for s in range(rows):  # columns past a row's length are zero, as the cache keeps them
+                t[s, :, lengths[s]:] = 0
+            kv.append(t.to(dtype))
+        layers[layer] = tuple(kv)
+    caches = []
+    for native in (False, True):
+        kv = packed.PackedCache(8, native=native)
+        kv.layers = {i: (k.clone(), v.clone()) for i, (k, v) in layers.items()}
+        caches.append((kv, kv.keep(list(keep), list(lengths))))
+    (torch_kv, torch_order), (cpp_kv, cpp_order) = caches
+    assert torch_order == cpp_order
+    for i in layers:
+        for a, b in zip(torch_kv.layers[i], cpp_kv.layers[i], strict=True):
+            assert torch.equal(a, b), i
+
+
+def test_slot_moves_refuse_bad_arguments():
+    lengths = [3, 4, 5, 6]
+    cpp_ops.SlotMoves([0, 1], [3, 2], lengths, 2)
+    for args in (([1, 0], [3, 2], lengths, 2), ([0], [4], lengths, 1), ([-1], [3], lengths, 1),
+                 ([0], [3], [3, -1, 5, 6], 1), ([0], [3.0], lengths, 1), ([0], [3], lengths, 5),
+                 ([0, 1], [3], lengths, 2), ([True], [3], lengths, 1)):
+        with pytest.raises(ValueError):
+            cpp_ops.SlotMoves(*args)
+    moves = cpp_ops.SlotMoves([0], [3], lengths, 1)
+    cpp_ops.move_slots(torch.zeros(4, 2, 6, 8), moves)
+    for t in (torch.zeros(4, 2, 5, 8), torch.zeros(4, 2, 6, 8, dtype=torch.float64),
+              torch.zeros(4, 2, 8, 6).transpose(2, 3), torch.zeros(4, 2, 6)):
+        with pytest.raises(ValueError):
+            cpp_ops.move_slots(t, moves)
