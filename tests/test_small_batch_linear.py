@@ -135,6 +135,7 @@ def test_an_unknown_cpu_capability_is_refused_by_the_library_and_by_ssn_info(mon
 
 _VARIANT_SCRIPT = """
 import sys, torch
+from safetensors.torch import save_file
 from ssn_runtime.core import cpp_ops
 g = torch.Generator().manual_seed(7)
 outs = []
@@ -142,7 +143,7 @@ for rows, out_f, in_f in ((1, 97, 37), (5, 53, 576), (16, 130, 1536), (23, 9, 16
     x, w, b = (torch.randn(rows, in_f, generator=g), torch.randn(out_f, in_f, generator=g),
                torch.randn(out_f, generator=g))
     outs.append(cpp_ops.linear(x, w, b).flatten())
-torch.save({"variant": cpp_ops.linear_variant(), "out": torch.cat(outs)}, sys.argv[1])
+save_file({"out": torch.cat(outs)}, sys.argv[1], metadata={"variant": cpp_ops.linear_variant()})
 """
 
 
@@ -155,12 +156,15 @@ def test_the_avx2_and_avx512_builds_sum_in_the_same_order_and_the_baseline_withi
     import subprocess
     import sys
 
+    from safetensors import safe_open
+
     got = {}
     for cap in ("", "avx2", "default"):
-        path = tmp_path / f"{cap or 'native'}.pt"
+        path = tmp_path / f"{cap or 'native'}.safetensors"
         subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT, str(path)], check=True, timeout=120,
                        env={**os.environ, "SSN_CPU_CAPABILITY": cap})
-        got[cap or "native"] = torch.load(path)
+        with safe_open(str(path), "pt") as f:  # (safetensors and JSON only are loaded)
+            got[cap or "native"] = {"variant": f.metadata()["variant"], "out": f.get_tensor("out")}
     assert got["native"]["variant"] == cpp_ops.linear_variant()
     assert got["default"]["variant"] == "default"
     if got["native"]["variant"] in ("avx512", "avx2"):
