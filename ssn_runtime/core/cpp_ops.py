@@ -119,11 +119,11 @@ def fused_act_stats_forward(x: torch.Tensor, up: torch.Tensor | None, act: str, 
     return out.view(x.shape)
 
 
-def _ids(t, name: str, n: int | None = None) -> None:
+def _ids(t, name: str, n: int | None = None, owner: str = "row_patch") -> None:
     """Raise unless `t` is a contiguous 1-D int64 CPU tensor (of `n` ids, when given)."""
     if t.dtype != torch.int64 or t.dim() != 1 or not t.is_contiguous() or t.device.type != "cpu" \
             or (n is not None and t.numel() != n):
-        raise ValueError(f"row_patch: {name} must be a contiguous int64 CPU tensor" + (f" of {n} ids" if n else ""))
+        raise ValueError(f"{owner}: {name} must be a contiguous int64 CPU tensor" + (f" of {n} ids" if n else ""))
 
 
 class RowPatchColumns:
@@ -362,8 +362,8 @@ class CacheRows:
     `cols[t] + 1` columns of its slot are its keys. Raises ValueError otherwise."""
 
     def __init__(self, slots: torch.Tensor, cols: torch.Tensor):
-        _ids(slots, "slots")
-        _ids(cols, "cols", slots.numel())
+        _ids(slots, "slots", owner="cache rows")
+        _ids(cols, "cols", slots.numel(), owner="cache rows")
         self.n = slots.numel()
         self.max_slot, self.max_col = -1, -1
         if self.n:
