@@ -31,12 +31,14 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -q
 
-# The wheel as a user gets it: built, installed into a fresh venv, run from outside the tree
-# (an editable install hides packages the wheel leaves out).
+# The wheel as a user gets it: an sdist, the wheel built from that sdist (not from the tree, whose
+# files an sdist may leave out), installed into a fresh venv, run from outside the tree (an editable
+# install hides packages the wheel leaves out).
 WHEEL_DIR := build/wheel-check
 wheel-check: setup
 	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
-	$(BIN)/python -m pip wheel -q --no-deps -w $(WHEEL_DIR) .
+	$(BIN)/python -m build -q --sdist --outdir $(WHEEL_DIR) .
+	$(BIN)/python -m pip wheel -q --no-deps -w $(WHEEL_DIR) $(WHEEL_DIR)/*.tar.gz
 	$(PYTHON) -m venv $(WHEEL_DIR)/venv
 	$(WHEEL_DIR)/venv/bin/python -m pip install -q torch==2.13.0
 	$(WHEEL_DIR)/venv/bin/python -m pip install -q -c constraints.txt $(WHEEL_DIR)/*.whl

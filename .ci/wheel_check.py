@@ -2,7 +2,8 @@
 
 An editable install hides what a wheel leaves out (a hand-kept package list once shipped
 neither `ssn_runtime.serve` nor `ssn_runtime.organism`): import every module of the
-installed package, find its resources, and run the console script's main commands.
+installed package, check that its C++ kernels were built, find its resources, and run the
+console script's main commands.
 """
 
 import importlib
@@ -32,6 +33,12 @@ for name in modules:
 import ssn_kernels.args  # noqa: E402,F401  (kernels/ installs as ssn_kernels)
 import ssn_kernels.reference  # noqa: E402,F401
 
+# The C++ kernels build optionally (no compiler: the torch backend), so a build that fails for
+# want of a file (a header the sdist left out) fails silently; CI has a compiler, so it must build.
+from ssn_runtime.core import cpp_ops  # noqa: E402
+
+assert cpp_ops.available(), f"the C++ kernels were not built into the wheel: {cpp_ops.IMPORT_ERROR}"
+
 resources = installed / "resources"
 assert (resources / "refusal_lexicon.json").is_file(), "resources/refusal_lexicon.json is missing from the wheel"
 
@@ -40,4 +47,5 @@ assert ssn, "the `ssn` console script was not installed"
 for args in (["info"], ["demo", "--help"], ["serve", "--help"], ["profile", "--help"]):
     r = subprocess.run([ssn, *args], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"ssn {' '.join(args)} failed: {r.stderr[-2000:]}"
-print(f"wheel check: {len(modules)} modules import from {installed}; ssn info/demo/serve/profile --help run")
+print(f"wheel check: {len(modules)} modules import from {installed}; C++ kernels built; "
+      "ssn info/demo/serve/profile --help run")
