@@ -11,12 +11,18 @@ kept beside them in the JSON.
     python bench/serve.py                         # the built-in organism (built if missing)
     python bench/serve.py --model smollm2         # SmolLM2-135M-Instruct (pip wheel, converted once)
     python bench/serve.py --model PATH [--gguf FILE.gguf]
+    python bench/serve.py --model smollm2 --llamacpp-python VENV/bin/python --llama-server BIN
     python bench/serve.py --quick                 # tiny settings: checks that everything runs
 
-Anchors: `transformers serve --continuous-batching` on the same checkpoint (same prompts, same
-clients; it has no ignore_eos, so natural lengths only), and llama-cpp-python's OpenAI server on
-the GGUF (SmolLM2 ships as Q4_1: a 4-bit model, not the fp32 one ssn serves) when llama_cpp is
-importable. Each server runs alone; ssn's mixed, base-only and control mixes (the control sends
+Anchors, natural lengths only (transformers serve has no ignore_eos): `transformers serve
+--continuous-batching` on the same checkpoint, same prompts and clients; and, given a GGUF,
+llama.cpp twice: llama-cpp-python's OpenAI server (one request at a time) and llama.cpp's own
+`llama-server` (C++, continuous batching over one slot per client). SmolLM2 ships as Q4_1, a
+4-bit model with 8-bit activations in llama.cpp's products; ssn serves its weights dequantized,
+so each llama.cpp server also runs a GGUF of exactly those weights in ssn's precision
+(bench/gguf_dequant.py): that anchor compares engines, the Q4_1 one a quantized deployment. The
+anchors' names carry their GGUF type, and `anchor_models` in the JSON names each file. Each
+server runs alone; ssn's mixed, base-only and control mixes (the control sends
 exactly what base-only sends: its ratio to base-only is the measurement's noise floor) take turns
 leading each round.
 
@@ -31,6 +37,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -40,6 +47,7 @@ import time
 from pathlib import Path
 
 import httpx
+from gguf_dequant import dequantize_gguf, file_type
 
 from common import device_name, write_results
 
@@ -105,14 +113,27 @@ async def _stream(conn: list, host: str, port: int, path: str, body: bytes):
     generator shares the 2 cores with the server it measures, so it must cost little (16
     httpx client threads took 0.4 of a core at 16 clients, and a thread that waited for the
     GIL stamped its tokens late, which widened the inter-token figures)."""
-    if not conn:
-        conn.extend(await asyncio.open_connection(host, port))
-    reader, writer = conn
-    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                 f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-    await writer.drain()
-    line = await reader.readline()
-    if not line:  # a kept-alive connection the server had closed
+    request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+               f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    for fresh in (not conn, True):
+        if fresh:
+            if conn:
+                conn[1].close()
+                conn.clear()
+            conn.extend(await asyncio.open_connection(host, port))
+        reader, writer = conn
+        try:
+            writer.write(request)
+            await writer.drain()
+            line = await reader.readline()
+        except (ConnectionResetError, BrokenPipeError):
+            line = b""
+        # Nothing back on a kept-alive connection: the server closed it after its last answer
+        # without saying so (llama.cpp's server does), and the close had not reached us before
+        # this request went out. Sent again on a new connection, as HTTP clients do.
+        if line or fresh:
+            break
+    if not line:
         raise ConnectionResetError("the server closed the connection before answering")
     status = int(line.split()[1])
     headers = {}
@@ -450,20 +471,74 @@ def transformers_server(model: str, max_clients: int, max_tokens: int, dtype: st
                 ready_path="/health")
 
 
-def llamacpp_server(gguf: str) -> Proc | None:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
+def llamacpp_python_server(python: str, gguf: str) -> Proc | None:
+    """llama-cpp-python's OpenAI server (`python -m llama_cpp.server`); None when `python` cannot
+    import it. It runs one request at a time (no batching across requests), and by default ends
+    a streaming answer early when another request waits (`interrupt_requests`): off here, or its
+    answers under load would be cut short and its tokens/s not comparable."""
+    if subprocess.run([python, "-c", "import llama_cpp.server"], capture_output=True).returncode != 0:
         return None
     port = free_port()
-    return Proc([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port",
-                 str(port), "--n_threads", str(os.cpu_count() or 1)], port, ready_path="/v1/models")
+    return Proc([python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port",
+                 str(port), "--n_threads", str(os.cpu_count() or 1), "--interrupt_requests", "False"], port,
+                ready_path="/v1/models")
+
+
+def llama_server(binary: str | None, gguf: str, max_clients: int, max_tokens: int) -> Proc | None:
+    """llama.cpp's own server (`llama-server`, C++): continuous batching over `max_clients` slots,
+    each with room for a prompt (< 256 tokens) and its answer; None without the binary."""
+    if not binary:
+        return None
+    port = free_port()
+    slots = max_clients
+    return Proc([binary, "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
+                 "--threads", str(os.cpu_count() or 1), "--parallel", str(slots),
+                 "--ctx-size", str(slots * (256 + max_tokens)), "--cont-batching", "--jinja", "--no-webui"],
+                port, ready_path="/health")
+
+
+def llamacpp_ggufs(gguf: str | None, dtype: str, model: str) -> list[str]:
+    """The GGUF files the llama.cpp anchors serve: the given (or shipped) one and, when it is
+    quantized, the same weights dequantized to the precision ssn serves (bench/gguf_dequant.py),
+    so one anchor compares engines on identical weights and precision."""
+    if not gguf:
+        return []
+    out = [gguf]
+    ftype = file_type(gguf)
+    if ftype not in ("ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"):
+        to = "BF16" if dtype == "bfloat16" or (dtype == "auto" and _checkpoint_dtype(model) == "bfloat16") else "F32"
+        from ssn_runtime.cache import cache_root
+
+        dst = cache_root() / "gguf-dequant" / f"{Path(gguf).stem}.{to}.gguf"
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dequantize_gguf(gguf, dst, to)
+        out.append(str(dst))
+    return out
+
+
+def _checkpoint_dtype(model: str) -> str | None:
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("dtype") or cfg.get("torch_dtype")
+
+
+def gguf_label(gguf: str) -> str:
+    """"Q4_1", "F32", "BF16": the file type without llama.cpp's MOSTLY_/ALL_ prefix."""
+    return file_type(gguf).removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="checkpoint folder or 'smollm2' (default: the built-in organism, seed 0)")
-    ap.add_argument("--gguf", help="GGUF file of the same model, for the llama.cpp anchor")
+    ap.add_argument("--gguf", help="GGUF file of the same model, for the llama.cpp anchors (smollm2: the shipped "
+                                   "Q4_1 file); a quantized one is also served dequantized to ssn's precision")
+    ap.add_argument("--llamacpp-python", default=sys.executable, metavar="PYTHON",
+                    help="a Python that imports llama_cpp.server (llama-cpp-python[server]), for its anchor")
+    ap.add_argument("--llama-server", default=shutil.which("llama-server"), metavar="BINARY",
+                    help="llama.cpp's llama-server binary, for its anchor (default: on PATH)")
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--seconds", type=float, default=20.0, help="per setting and round, warm-up included")
     ap.add_argument("--warmup", type=float, default=5.0,
@@ -550,9 +625,18 @@ def main(argv=None) -> int:
 
     anchors = []
     if not args.no_anchors:
-        for name, start in (("transformers_serve_cb", lambda: transformers_server(model, max(clients),
-                                                                                   args.max_tokens, args.dtype)),
-                            ("llama_cpp_q4", lambda: llamacpp_server(gguf) if gguf else None)):
+        starts = [("transformers_serve_cb", lambda: transformers_server(model, max(clients), args.max_tokens,
+                                                                        args.dtype))]
+        res["anchor_models"] = {}
+        for g in llamacpp_ggufs(gguf, args.dtype, model):
+            kind = gguf_label(g)
+            for name, start in ((f"llama_cpp_python_{kind}",
+                                 lambda g=g: llamacpp_python_server(args.llamacpp_python, g)),
+                                (f"llama_server_{kind}",
+                                 lambda g=g: llama_server(args.llama_server, g, max(clients), args.max_tokens))):
+                starts.append((name, start))
+                res["anchor_models"][name] = {"gguf": g, "file_type": file_type(g), "bytes": Path(g).stat().st_size}
+        for name, start in starts:
             try:
                 srv = start()
             except RuntimeError as exc:
@@ -566,7 +650,7 @@ def main(argv=None) -> int:
             anchors.append(name)
             try:
                 # transformers serve answers for the checkpoint path it loaded (its /v1/models scans the hub
-                # cache instead); llama.cpp's server names its one model in /v1/models
+                # cache instead); llama.cpp's servers name their one model in /v1/models
                 served = model if name.startswith("transformers") else \
                     httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
                 warm(srv.url, served, prompts)

@@ -1,7 +1,8 @@
 """bench/serve.py's load generator speaks HTTP/1.1 by hand (it must cost the 2 cores little):
 against a hand-written server it reads chunked streams whose chunks split events and CRLF line
 ends anywhere, sized error answers (raised, the connection kept), a body that runs to the close
-(the next request reconnects), and a connection the server closed before answering (an error)."""
+(the next request reconnects), a connection closed after an answer that did not say so (the next
+request goes again on a new one), and a connection the server closed before answering (an error)."""
 
 import asyncio
 import json
@@ -46,6 +47,9 @@ async def _handler(reader, writer):
             await writer.drain()
         writer.write(b"0\r\n\r\n")
         await writer.drain()
+        if mode == "chunked_then_close":  # kept-alive by its headers, closed anyway (llama.cpp's server)
+            writer.close()
+            return
 
 
 def test_the_load_generators_http_client_reads_what_servers_send():
@@ -58,7 +62,8 @@ def test_the_load_generators_http_client_reads_what_servers_send():
             body = json.dumps({"mode": mode}).encode()
             return [d async for d in serve._stream(conn, "127.0.0.1", port, "/v1/chat/completions", body)]
 
-        for mode in ("chunked", "chunked", "error", "chunked", "close", "chunked", "hang_up"):
+        for mode in ("chunked", "chunked", "error", "chunked", "close", "chunked", "hang_up", "chunked_then_close",
+                     "chunked", "chunked"):
             first = conn[1] if conn else None
             try:
                 got = await ask(mode)
@@ -75,7 +80,10 @@ def test_the_load_generators_http_client_reads_what_servers_send():
     assert seen[:2] == [("chunked", "kept", True), ("chunked", "kept", True)]  # one connection, reused
     assert seen[2] == ("error", "ValueError", "400")
     assert seen[4][:2] == ("close", "closed") and seen[5][:2] == ("chunked", "kept")
-    assert seen[6][:2] == ("hang_up", "ConnectionResetError")
+    assert seen[6][:2] == ("hang_up", "ConnectionResetError")  # (on a new connection too: not retried forever)
+    # a connection closed after an answer without notice: the next request is sent again on a new one
+    assert seen[7][:2] == ("chunked_then_close", "kept") and seen[8] == ("chunked", "kept", False)
+    assert seen[9] == ("chunked", "kept", True)
 
 
 @pytest.mark.parametrize("bench", ["serve", "gemv"])
