@@ -116,6 +116,8 @@ BAD_OPTIONS = [
     (["serve", "--model", "none", "--small-batch-gemm", "fast"], "invalid choice: 'fast'"),
     (["serve", "--model", "none", "--layout", "paged"], "invalid choice: 'paged'"),
     (["serve", "--model", "none", "--max-prefill-tokens", "0"], "max_prefill_tokens: 0 is out of range"),
+    (["serve", "--model", "none", "--prefill-steps", "0"], "prefill_steps: 0 is out of range"),
+    (["serve", "--model", "none", "--prefill-steps", "2.5"], "prefill-steps"),
     (["serve", "--model", "none", "--request-timeout", "0"], "request_timeout: 0.0 is out of range"),
     (["serve", "--model", "none", "--port", "70000"], "port: 70000 is out of range"),
     (["serve", "--model", "none", "--profile", "nopath"], "--profile takes NAME=PATH"),

@@ -242,6 +242,45 @@ def test_long_prompts_prefill_in_chunks_and_answer_as_alone(tiny_ckpts):
         assert answer == reference(path, encode(tok, text), 7, *profiles[profile]), profile
 
 
+def test_prefill_steps_spread_a_joining_prompt_while_others_decode(tiny_ckpts):
+    """`prefill_steps` 3: a prompt that joins while a row decodes is computed in three chunks of
+    at most a third of it, one per step beside the decoding row, and answers as it would alone;
+    a prompt that arrives to an idle engine is computed in one step."""
+    from serve_helpers import PROMPTS, Collector, encode, reference
+
+    from ssn_runtime import load_model, load_tokenizer
+
+    path = tiny_ckpts["llama"]
+    model, tok = load_model(path), load_tokenizer(path)
+    widths = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kw: widths.append(kw["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    first, second = encode(tok, PROMPTS[0]), encode(tok, PROMPTS[1])
+    eng = Engine(model, tok, max_batch=2, gather_ms=0, prefix_cache_mb=0, prefill_steps=3, layout="packed",
+                 small_batch_gemm="off").start()
+    b = Collector()
+
+    class JoinAtFirstToken(Collector):  # the second prompt arrives while the first row decodes
+        def __call__(self, ev):
+            if ev[0] == "delta" and self.deltas == 0:
+                eng.submit(GenRequest(second, max_tokens=6, temperature=0, sink=b))
+            super().__call__(ev)
+
+    a = JoinAtFirstToken()
+    try:
+        eng.submit(GenRequest(first, max_tokens=12, temperature=0, ignore_eos=True, sink=a))
+        got_a, got_b = a.result(), b.result()
+    finally:
+        eng.stop()
+        hook.remove()
+    assert widths[0] == len(first)  # alone: the whole prompt in one step
+    chunk = -(-len(second) // 3)
+    assert len(second) >= 6 and widths[1:4] == [1 + chunk, 1 + chunk, 1 + len(second) - 2 * chunk], widths
+    assert set(widths[4:]) <= {1, 2}  # then both decode
+    assert got_a[0] == reference(path, first, 12) or got_a[1] == "length"
+    assert got_b[0] == reference(path, second, 6)
+
+
 @torch.inference_mode()
 def test_the_cache_grows_in_slots_and_columns_as_rows_join_and_lengthen():
     model = tiny_model("llama")

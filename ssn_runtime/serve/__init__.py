@@ -80,7 +80,8 @@ def build_server(model_path: str, profiles: dict[str, str], config: ServeConfig 
     metrics = Metrics()
     handle = attach(model)
     engine = Engine(model, tok, handle, variants, max_batch=config.max_batch, queue_size=config.queue_size,
-                    gather_ms=config.gather_ms, max_prefill_tokens=config.max_prefill_tokens, metrics=metrics,
+                    gather_ms=config.gather_ms, max_prefill_tokens=config.max_prefill_tokens,
+                    prefill_steps=config.prefill_steps, metrics=metrics,
                     name="base", prefix_cache_mb=config.prefix_cache_mb,
                     small_batch_gemm=config.small_batch_gemm, layout=config.layout).start()
     cfg = ServerConfig(base_name=config.served_name or Path(str(model_path)).name, engine=engine,

@@ -27,6 +27,9 @@ class ServeConfig:
     max_prefill_tokens: int = option(512, "prompt tokens computed per step, bounding how long joins stall running "
                                      "rows (packed layout: a longer prompt is computed in chunks over several "
                                      "steps; padded: requests admitted per step, at least one)")
+    prefill_steps: int = option(1, "while rows decode, a joining prompt is computed over this many steps (packed "
+                                "layout), so running rows keep their pace instead of stalling behind a whole "
+                                "prompt: a smoother stream for them, a later first token for the joiner")
     prefix_cache_mb: float = option(256.0, "memory for the keys and values of prompt prefixes, reused by later "
                                     "prompts that start with the same tokens under the same profile (0: off)")
     small_batch_gemm: str = option("auto", "linear layers of one to 64 rows (decode steps) by a threaded C++ "
@@ -41,7 +44,7 @@ class ServeConfig:
     public_metrics: bool = option(False, "serve /metrics without the API key")
 
     def __post_init__(self):
-        for key in ("max_batch", "queue_size", "default_max_tokens", "max_prefill_tokens"):
+        for key in ("max_batch", "queue_size", "default_max_tokens", "max_prefill_tokens", "prefill_steps"):
             check_int(getattr(self, key), WHERE, key, 1)
         check_int(self.port, WHERE, "port", 1, 65535)
         check_number(self.request_timeout, WHERE, "request_timeout", 0.0, lo_open=True)

@@ -6,8 +6,9 @@ step the worker
 1. drops the rows whose client went away or whose deadline passed (each gets its own answer);
 2. admits waiting requests while there is room (`max_batch` rows) and computes at most
    `max_prefill_tokens` prompt tokens per step, so a burst of long prompts cannot stall running
-   rows for long (packed: a longer prompt is computed in chunks over several steps; padded: the
-   requests admitted per step are bounded, at least one). Only the prompt tokens past the
+   rows for long (packed: a longer prompt is computed in chunks over several steps, and with
+   `prefill_steps` N a prompt that joins while rows decode in N chunks, one per step; padded:
+   the requests admitted per step are bounded, at least one). Only the prompt tokens past the
    longest prefix the prefix cache holds for the row's variant are computed (prefix_cache.py; a
    chat template's system prompt is computed once), and logits for the last position only;
 3. decodes one token for every running row and samples the first token of each new one.
@@ -192,6 +193,7 @@ class _Row:
     cached: int = 0
     prefix: list | None = None
     cols: int = 0
+    chunk: int = 0  # prompt tokens computed per step while other rows decode (Engine.prefill_steps)
 
 
 class Engine:
@@ -202,7 +204,9 @@ class Engine:
     per step. `max_batch`: rows decoded together. `queue_size`: waiting requests before
     `submit` raises QueueFull. `gather_ms`: how long an idle engine lets the first request wait
     for others. `max_prefill_tokens`: prompt tokens computed per step (packed: longer prompts in
-    chunks; padded: requests admitted per step, at least one).
+    chunks; padded: requests admitted per step, at least one). `prefill_steps` (packed): a
+    prompt that joins while other rows decode is computed over this many steps, about 1/N of it
+    per step, so the running rows' tokens keep an ordinary step's pace (1: at once).
     `small_batch_gemm`: "on", "off" or "auto" (each form for as many rows as `calibrate` times it
     clearly faster on this model and machine, up to 64): the worker's linear layers with one to a
     few dozen rows run as the C++ small-batch product or as `(W @ xᵀ)ᵀ`
@@ -215,10 +219,11 @@ class Engine:
     def __init__(self, model, tokenizer, handle=None, variants: dict | None = None, max_batch: int = 16,
                  queue_size: int = 64, gather_ms: float = 5.0, max_prefill_tokens: int = 512,
                  metrics: Metrics | None = None, name: str = "base", prefix_cache_mb: float = 256.0,
-                 small_batch_gemm: str = "auto", layout: str = "auto"):
-        if max_batch < 1 or queue_size < 1 or gather_ms < 0 or max_prefill_tokens < 1 or prefix_cache_mb < 0:
-            raise ValueError("max_batch, queue_size and max_prefill_tokens must be >= 1, gather_ms and "
-                             "prefix_cache_mb >= 0")
+                 small_batch_gemm: str = "auto", layout: str = "auto", prefill_steps: int = 1):
+        if (max_batch < 1 or queue_size < 1 or gather_ms < 0 or max_prefill_tokens < 1 or prefix_cache_mb < 0
+                or prefill_steps < 1):
+            raise ValueError("max_batch, queue_size, max_prefill_tokens and prefill_steps must be >= 1, gather_ms "
+                             "and prefix_cache_mb >= 0")
         if small_batch_gemm not in SMALL_BATCH_GEMM:
             raise ValueError(f"small_batch_gemm must be one of {SMALL_BATCH_GEMM}, got {small_batch_gemm!r}")
         if layout not in LAYOUTS:
@@ -234,7 +239,7 @@ class Engine:
         self.profiles = ["base", *self.variants]  # index = variant id (0: the unmodified model)
         self.index = {p: i for i, p in enumerate(self.profiles)}
         self.max_batch, self.queue_size, self.gather_s = max_batch, queue_size, gather_ms / 1000
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens, self.prefill_steps = max_prefill_tokens, prefill_steps
         self.metrics = metrics or Metrics()
         self.name = name
         self.device = next(model.parameters()).device
@@ -509,6 +514,7 @@ class Engine:
             if self.prefix_cache is not None:
                 row.filled, row.prefix = self.prefix_cache.lookup(row.variant, r.prompt_ids)
                 row.cached = row.filled
+            row.chunk = -(-(len(r.prompt_ids) - row.filled) // self.prefill_steps)
             self._rows.append(row)  # its slot: its index
         if self._kv is None:
             self._kv = packed.PackedCache(self.max_batch, max_cols=self.context)
@@ -523,7 +529,9 @@ class Engine:
                 break
             row = self._rows[i]
             ids = row.req.prompt_ids
-            new = min(len(ids) - row.filled, budget)
+            # while others decode, a prompt is spread over `prefill_steps` steps: their tokens
+            # keep coming at the pace of an ordinary step instead of stalling behind a whole prompt
+            new = min(len(ids) - row.filled, budget, row.chunk if decode else budget)
             budget -= new
             joins.append(packed.Join(i, row.filled, new, len(tokens), row.prefix))
             tokens += ids[row.filled:row.filled + new]
