@@ -28,8 +28,8 @@ class OptionalBuildExt(build_ext):
 ext_modules = [
     Pybind11Extension(
         "ssn_runtime._cpu_kernels",
-        ["csrc/packed_cache.cpp", "csrc/bindings.cpp", "csrc/fused_act.cpp", "csrc/gemv.cpp", "csrc/row_patch.cpp",
-         "csrc/transpose.cpp"],
+        ["csrc/packed_cache.cpp", "csrc/bindings.cpp", "csrc/fused_act.cpp", "csrc/gemv.cpp", "csrc/logits_scan.cpp",
+         "csrc/row_patch.cpp", "csrc/transpose.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
         # -fno-trapping-math lets GCC if-convert the branch-free exp and vectorise it.

@@ -10,6 +10,7 @@
 #include "packed_cache.h"
 #include "fused_act.h"
 #include "gemv.h"
+#include "logits_scan.h"
 #include "row_patch.h"
 #include "transpose.h"
 
@@ -152,6 +153,13 @@ PYBIND11_MODULE(_cpu_kernels, m) {
          int64_t vacate_from) {
         ssn::move_slots(size, {ptr(t), t_slot, t_head, t_col}, rows, heads, dim, i64(dst), i64(src), moves,
                         i64(lengths), slots, vacate_from);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "logits_scan",
+      [](uintptr_t x, int64_t rows, int64_t n, int64_t stride, uintptr_t argmax, uintptr_t usable, int threads) {
+        ssn::logits_scan(static_cast<const float*>(ptr(x)), rows, n, stride, static_cast<int64_t*>(ptr(argmax)),
+                         static_cast<uint8_t*>(ptr(usable)), threads);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });

@@ -458,3 +458,19 @@ def move_slots(t: torch.Tensor, moves: SlotMoves) -> None:
     if t.numel():
         _ext.move_slots(t.element_size(), t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.shape[0], t.shape[1],
                         t.shape[3], moves.dst, moves.src, moves.moves, moves.lengths, moves.slots, moves.vacate_from)
+
+
+def logits_scan(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax [B] int64, usable [B] bool) of float32 CPU logits [B, V] (rows contiguous), in one
+    pass (csrc/logits_scan.cpp): each row's first largest value, as torch.argmax, and whether it
+    holds no NaN, no +inf and some finite value (the rows serve.engine.unusable_rows keeps)."""
+    if not (logits.dtype == torch.float32 and logits.is_cpu and logits.dim() == 2 and logits.shape[1] > 0
+            and logits.stride(1) == 1):
+        raise ValueError("logits_scan: float32 CPU logits [B, V], V > 0, each row contiguous")
+    rows = logits.shape[0]
+    argmax = torch.empty(rows, dtype=torch.int64)
+    usable = torch.empty(rows, dtype=torch.bool)
+    if rows:
+        _ext.logits_scan(logits.data_ptr(), rows, logits.shape[1], logits.stride(0), argmax.data_ptr(),
+                         usable.data_ptr(), torch.get_num_threads())
+    return argmax, usable
