@@ -91,7 +91,8 @@ def _train(d: dict) -> str:
 
 
 def _serve(d: dict) -> str:
-    model = Path(str(d.get("model", "?"))).name + (f" in {d['dtype']}" if d.get("dtype", "auto") != "auto" else "")
+    model = Path(str(d.get("model", "?"))).name + (f" in {d['dtype']}" if d.get("dtype", "auto") != "auto" else "") \
+        + (f" (ssn serve {' '.join(d['server_args'])})" if d.get("server_args") else "")
     if "summary" not in d:  # the first layout (the dynamic batcher): headline ratios at the top level
         return (f"{model}: throughput 16 clients / 1 client {_x(d.get('scaling_16_over_1'))}, mixed "
                 f"profiles / base only at 16 clients {_x(d.get('mixed_over_base_16'))}")
@@ -114,6 +115,9 @@ def _serve(d: dict) -> str:
     # ssn's tokens/s over each anchor server's, at the most clients, per length (bench/serve.py summarize)
     vs = [f"ssn / {k.removeprefix('ssn_over_').rsplit('_', 1)[0]} at {k.rsplit('_', 1)[1]} clients {_x(v)}"
           for s in d["summary"].values() for k, v in s.items() if k.startswith("ssn_over_")]
+    # a second ssn server with further flags (bench/serve.py --variant-arg), base only, natural lengths
+    variant = [f"{k.partition(':')[0]}: {k.partition(': ')[2].replace('_over_', ' / ')} {_x(v)}"
+               for s in d["summary"].values() for k, v in s.items() if k.startswith("variant ")]
     anchors = ("no anchor servers" if not d.get("anchors") else
                f"anchor servers {', '.join(d['anchors'])}" + (f": {', '.join(vs)}" if vs else ""))
     # since the steady-state window: rates and latencies counted after a warm-up, before the drain
@@ -121,7 +125,8 @@ def _serve(d: dict) -> str:
               else " (whole run, ramp and drain included)")
     return (f"{model}, {d.get('rounds')} rounds x {d.get('seconds_per_setting')} s{window}: " + "; ".join(parts)
             + f"; resident memory with two patch profiles / base {_x(mem)}"
-            + (f"; in process, {engines.get('requests')} requests: {eng}" if eng else "") + f"; {anchors}")
+            + (f"; in process, {engines.get('requests')} requests: {eng}" if eng else "") + f"; {anchors}"
+            + (f"; {', '.join(variant)}" if variant else ""))
 
 
 def _moe(d: dict) -> str:

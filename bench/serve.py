@@ -553,6 +553,11 @@ def main(argv=None) -> int:
     ap.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
                     help="a further `ssn serve` flag for every ssn server, e.g. --server-arg=--max-prefill-tokens=32 "
                          "(repeatable; recorded in the results)")
+    ap.add_argument("--variant-arg", action="append", default=[], metavar="FLAG",
+                    help="also measure base-only at the fewest clients and 16 on a second ssn server with these "
+                         "further flags (e.g. --variant-arg=--prefill-steps=3; repeatable), beside the main server "
+                         "in the same run: its tokens/s, p95 inter-token latency and median time to first token "
+                         "over the main server's go in the summary")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                     help="the weights' dtype in every server and engine (auto: the checkpoint's); a run in another "
                          "dtype than auto is written as serve-<model>-<dtype>")
@@ -622,6 +627,21 @@ def main(argv=None) -> int:
                         show("ssn", mix, length, run)
     finally:
         srv.stop()
+
+    if args.variant_arg:  # the same base-only load on a server with the further flags, same rounds
+        name = "ssn " + " ".join(args.variant_arg)
+        res["variant"] = {"server": name, "server_args": args.variant_arg}
+        srv = ssn_server(model, {}, args.max_batch, args.server_arg + args.variant_arg, args.dtype)
+        try:
+            warm(srv.url, "m", prompts)
+            for c in sorted({min(clients), 16 if 16 in clients else max(clients)}):
+                for r in range(args.rounds):
+                    run = load(srv.url, c, ["m"], prompts, args.seconds, args.max_tokens, False,
+                               warmup=args.warmup, pid=srv.proc.pid)
+                    res["runs"].append({"server": name, "mix": "base", "lengths": "natural", "round": r, **run})
+                    show(name, "base", "natural", run)
+        finally:
+            srv.stop()
 
     anchors = []
     if not args.no_anchors:
@@ -714,8 +734,18 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
         if top > hi:  # the most clients measured, beside the targets' 16
             base_top = med("ssn", "base", length, top)
             s[f"scaling_{top}_over_{lo}"] = base_top / base_lo if base_top else None
+        for variant in sorted({r["server"] for r in runs if r["server"].startswith("ssn ")}):
+            lo_itl, hi_itl = (med(variant, "base", length, c, "itl_p95_s") for c in (lo, hi))
+            if lo_itl and hi_itl:
+                tag = variant.removeprefix("ssn ")
+                s[f"variant {tag}: itl_p95_{hi}_over_{lo}"] = hi_itl / lo_itl
+                for k in ("tokens_per_s", "ttft_p50_s", "itl_p95_s"):
+                    ours, theirs = med("ssn", "base", length, hi, k), med(variant, "base", length, hi, k)
+                    s[f"variant {tag}: {k}_{hi}_over_ssn"] = theirs / ours if ours and theirs else None
         for anchor in sorted({r["server"] for r in runs} - {"ssn"}):
-            for c in sorted({hi, top}):
+            if anchor.startswith("ssn "):
+                continue
+            for c in sorted({lo, hi, top}):
                 a, ours = med(anchor, "base", length, c), med("ssn", "base", length, c)
                 if a and ours:
                     s[f"ssn_over_{anchor}_{c}"] = ours / a

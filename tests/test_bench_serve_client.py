@@ -94,3 +94,24 @@ def test_the_dtype_flag_refuses_what_it_does_not_measure(bench, bad, capsys):
     with pytest.raises(SystemExit) as e:
         mod.main(["--dtype", bad])
     assert e.value.code == 2 and "--dtype" in capsys.readouterr().err
+
+
+def test_the_summary_sets_a_variant_server_and_anchors_beside_ssn():
+    """`--variant-arg` runs (server "ssn FLAGS") are compared with the main server at 16 clients and
+    get their own latency ratio; anchors are compared at 1, 16 and the most clients; neither
+    enters ssn's own ratios."""
+    runs = []
+    for srv, scale in (("ssn", 1.0), ("ssn --prefill-steps=3", 0.9), ("llama_server_F32", 0.5)):
+        for c, tps, itl, ttft in ((1, 40.0, 0.03, 0.04), (16, 270.0, 0.075, 0.16), (64, 350.0, 0.2, 0.6)):
+            for mix in ("base", "mixed", "control") if srv == "ssn" else ("base",):
+                runs.append({"server": srv, "mix": mix, "lengths": "natural", "clients": c,
+                             "tokens_per_s": tps * scale, "itl_p95_s": itl * (scale if c == 16 else 1),
+                             "ttft_p50_s": ttft * 2 if scale < 1 else ttft, "mean_answer_tokens": 20,
+                             "client_cpu_s": 1.0, "wall_s": 20.0})
+    s = serve.summarize(runs, [1, 16, 64])["natural"]
+    assert s["scaling_16_over_1"] == pytest.approx(270 / 40) and s["itl_p95_16_over_1"] == pytest.approx(2.5)
+    assert s["variant --prefill-steps=3: itl_p95_16_over_1"] == pytest.approx(0.9 * 2.5)
+    assert s["variant --prefill-steps=3: tokens_per_s_16_over_ssn"] == pytest.approx(0.9)
+    assert s["variant --prefill-steps=3: ttft_p50_s_16_over_ssn"] == pytest.approx(2.0)
+    assert {k for k in s if k.startswith("ssn_over_")} == {f"ssn_over_llama_server_F32_{c}" for c in (1, 16, 64)}
+    assert s["ssn_over_llama_server_F32_1"] == pytest.approx(2.0)
