@@ -139,7 +139,7 @@ def _moe(d: dict) -> str:
 def _small_batch_linear(d: dict) -> str:
     control = ", ".join(f"{c['control_over_linear']:.2f}" for c in d["cases"])
     cal = d["calibration"]
-    if "tall" not in cal:  # (results written before the C++ small-batch product: one-row product, tall form)
+    if not ({"native", "tall"} & set(cal)):  # (results from before the C++ small-batch product: by rows)
         gemv = [c for c in d["cases"] if "gemv_over_linear" in c]
         cases = ", ".join(f"{c['rows']} {_x(c['tall_over_linear'])}" for c in d["cases"])
         return (f"{d['model']} decode step, (W @ x^T)^T time / F.linear time by rows: {cases} (zero-cost control "
@@ -151,7 +151,8 @@ def _small_batch_linear(d: dict) -> str:
     by_form = "; ".join(f"{name} " + ", ".join(f"{c['rows']} {_x(c[f + '_over_linear'])}" for c in d["cases"]
                                                 if f + "_over_linear" in c) for f, name in forms)
     calib = "; ".join(f"{name} " + ", ".join(f"{_x(v)} at {r}" for r, v in cal[f].items()) for f, name in forms)
-    return (f"{d['model']} decode step, time / F.linear time by rows: {by_form} (zero-cost control {control}); "
+    model = d["model"] + (f" in {d['dtype']}" if d.get("dtype", "float32") != "float32" else "")
+    return (f"{model} decode step, time / F.linear time by rows: {by_form} (zero-cost control {control}); "
             f"start-up calibration: {calib}")
 
 

@@ -5,6 +5,7 @@ zero-cost control (F.linear timed twice: the noise). The forms: the C++ small-ba
 
     python bench/small_batch_linear.py                  # SmolLM2-135M-Instruct (pip wheel)
     python bench/small_batch_linear.py --model PATH --rows 1,2,4,8,16
+    python bench/small_batch_linear.py --dtype bfloat16  # the C++ product only (no tall form there)
 
 This bench times both forms at every row count given (the tall form at one row too), so a
 reader sees where each gains on this machine; the server's start-up calibration (`calibrate`,
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2", help="checkpoint folder or 'smollm2'")
     ap.add_argument("--rows", default="1,2,3,4,6,8,12,16,32,64")
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the weights' dtype (bfloat16: written as small_batch_linear-<model>-bfloat16)")
     ap.add_argument("--out", help="JSON file or folder (default bench/results/)")
     args = ap.parse_args(argv)
     if args.model == "smollm2":
@@ -75,12 +78,15 @@ def main(argv=None) -> int:
         path, label = str(smollm2_checkpoint()), "smollm2"
     else:
         path, label = args.model, Path(args.model).name
-    model, tok = load_model(path, dtype="float32").eval(), load_tokenizer(path)
-    native = cpp_ops.available("linear_f32")
-    res = {"device": "cpu", "device_name": device_name("cpu"), "model": label, "threads": torch.get_num_threads(),
+    model, tok = load_model(path, dtype=args.dtype).eval(), load_tokenizer(path)
+    dtype = getattr(torch, args.dtype)
+    native = cpp_ops.available(sbl.NATIVE[dtype])
+    tall = dtype == torch.float32  # (the tall form is float32's)
+    res = {"device": "cpu", "device_name": device_name("cpu"), "model": label, "dtype": args.dtype,
+           "native_form": sbl.native_form(model), "threads": torch.get_num_threads(),
            "calibration": {form: {str(r): sbl.calibrate(model, rows=r, form=form) for r in (1, 4, 16)
                                   if not (form == "tall" and r == 1)}
-                           for form in ("native", "tall") if form == "tall" or native},
+                           for form, runs in (("native", native), ("tall", tall)) if runs},
            "cases": []}
     print("calibrate (the server's 'auto' check): " + "; ".join(
         f"{form} " + ", ".join(f"{v:.2f}x at {r}" for r, v in cal.items()) for form, cal in res["calibration"].items()),
@@ -104,7 +110,8 @@ def main(argv=None) -> int:
 
     for rows in [int(r) for r in args.rows.split(",")]:
         step = decode_step(model, tok, rows)
-        fns = {"linear": step, "tall": step, **({"native": step} if native else {}), "control": step}
+        fns = {"linear": step, **({"tall": step} if tall else {}), **({"native": step} if native else {}),
+               "control": step}
         samples = {}
         compare(fns, "cpu", rounds=args.rounds, setup={n: (lambda n=n: enter(n)) for n in fns},
                 teardown={n: (lambda n=n: leave(n)) for n in fns}, samples_out=samples)
@@ -121,7 +128,8 @@ def main(argv=None) -> int:
             f"{form} {case[f'{form}_ms']:7.1f} ms: {case[f'{form}_over_linear']:.2f}x "
             f"[{case[f'{form}_range'][0]:.2f}-{case[f'{form}_range'][1]:.2f}]" for form in ("native", "tall")
             if f"{form}_ms" in case) + f" (control {case['control_over_linear']:.2f}x)", flush=True)
-    path = write_results(f"small_batch_linear-{label}", res, args.out)
+    path = write_results(f"small_batch_linear-{label}" + ("-bfloat16" if args.dtype == "bfloat16" else ""), res,
+                         args.out)
     print(f"wrote {path}")
     return 0
 

@@ -126,6 +126,17 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(
+      "linear_bf16",
+      [](uintptr_t x, int64_t rows, uintptr_t w, int64_t out_features, int64_t in_features, uintptr_t bias,
+         uintptr_t out, int threads) {
+        if (!ssn::linear_bf16_supported()) throw std::runtime_error("linear_bf16: this CPU lacks AVX512_BF16");
+        ssn::linear_bf16(static_cast<const uint16_t*>(ptr(x)), rows, static_cast<const uint16_t*>(ptr(w)),
+                         out_features, in_features, bias ? static_cast<const uint16_t*>(ptr(bias)) : nullptr,
+                         static_cast<uint16_t*>(ptr(out)), threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def("linear_bf16_supported", &ssn::linear_bf16_supported);
+  m.def(
       "decode_attention",
       [](int dtype, uintptr_t q, int64_t q_row, int64_t q_head, uintptr_t k, int64_t k_slot, int64_t k_head,
          int64_t k_col, uintptr_t v, int64_t v_slot, int64_t v_head, int64_t v_col, uintptr_t slots,

@@ -192,30 +192,113 @@ def test_the_bfloat16_one_row_product_is_f_linear_within_one_rounding(shape, bia
     assert bool(((got.double() - exact).abs() <= tol).all())
     ref = torch.nn.functional.linear(x, w, b)
     assert bool(((got.double() - ref.double()).abs() <= 2 * tol + ref.double().abs() * 2.0 ** -8).all())
-    if out_f > 1 and in_f > 1:  # refused: mixed dtypes, two bfloat16 rows
-        for bad in ((x, w.float(), None), (x.float(), w, None), (x, w, torch.randn(out_f)), (x.repeat(2, 1), w, b)):
+    if out_f > 1 and in_f > 1:  # refused: mixed dtypes (and two bfloat16 rows without AVX512_BF16)
+        bad_args = [(x, w.float(), None), (x.float(), w, None), (x, w, torch.randn(out_f))]
+        if not cpp_ops.linear_bf16_rows():
+            bad_args.append((x.repeat(2, 1), w, b))
+        for bad in bad_args:
             with pytest.raises(ValueError, match="linear"):
                 cpp_ops.linear(*bad)
 
 
+needs_bf16_rows = pytest.mark.skipif(not (cpp_ops.available("linear_bf16") and cpp_ops.linear_bf16_rows()),
+                                     reason="the bfloat16 rows product needs AVX512_BF16 and the C++ kernels")
+
+
+@needs_bf16_rows
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 16, 64])
+@pytest.mark.parametrize("shape", [(97, 37), (1536, 576), (576, 1536), (5, 33), (53, 17), (4, 64)])
+def test_the_bfloat16_rows_product_is_f_linear_within_one_rounding(rows, shape):
+    """AVX512_BF16: bfloat16 pairs multiplied exactly and summed in float32, rounded once: within
+    one bfloat16 rounding of the float64 product of the same values, at row counts around the
+    6-row tile and in-features that leave a partial 32-wide block."""
+    out_f, in_f = shape
+    g = torch.Generator().manual_seed(out_f * 3 + in_f + 100 * rows)
+    w = torch.randn(shape, generator=g).bfloat16()
+    b = torch.randn(out_f, generator=g).bfloat16()
+    x = torch.randn(rows, in_f, generator=g).bfloat16()
+    for bias in (b, None):
+        exact = x.double() @ w.double().t() + (bias.double() if bias is not None else 0)
+        got = cpp_ops.linear(x, w, bias)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, out_f)
+        scale = x.double().abs() @ w.double().abs().t() + (bias.double().abs() if bias is not None else 0)
+        tol = exact.abs() * 2.0 ** -8 + scale * 2.0 ** -20 + 1e-30
+        assert bool(((got.double() - exact).abs() <= tol).all())
+    assert torch.equal(cpp_ops.linear(x.view(1, rows, in_f), w, b), cpp_ops.linear(x, w, b).view(1, rows, out_f))
+
+
+@needs_bf16_rows
+@pytest.mark.parametrize("shape", [(97, 37), (1536, 576), (5, 33)])
+def test_a_bfloat16_rows_output_does_not_depend_on_the_rows_beside_it_or_the_threads(shape):
+    """As in float32: a row alone (one row included: the same kernel), in any batch, at any
+    thread count gives the same bits."""
+    g = torch.Generator().manual_seed(shape[0])
+    w, b = torch.randn(shape, generator=g).bfloat16(), torch.randn(shape[0], generator=g).bfloat16()
+    x = torch.randn(40, shape[1], generator=g).bfloat16()
+    alone = torch.cat([cpp_ops.linear(x[i:i + 1], w, b) for i in range(40)])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            for lo, hi in ((0, 40), (3, 19), (7, 8), (11, 40)):
+                assert torch.equal(cpp_ops.linear(x[lo:hi], w, b), alone[lo:hi]), (n, lo, hi)
+    finally:
+        torch.set_num_threads(threads)
+
+
+_BF16_SCRIPT = """
+import json, torch
+from ssn_runtime.core import cpp_ops
+import ssn_runtime.core.small_batch_linear as sbl
+model = torch.nn.Sequential(torch.nn.Linear(37, 53), torch.nn.Linear(53, 11)).bfloat16()
+try:
+    cpp_ops.linear(torch.randn(2, 37).bfloat16(), model[0].weight, model[0].bias)
+    two_rows = "taken"
+except ValueError:
+    two_rows = "refused"
+print(json.dumps({"rows": cpp_ops.linear_bf16_rows(), "form": sbl.native_form(model), "two_rows": two_rows}))
+"""
+
+
 @pytest.mark.skipif(not cpp_ops.available("gemv_bf16"), reason="the C++ kernels are not built")
-def test_a_bfloat16_model_takes_the_one_row_product_and_keeps_f_linear_for_more_rows(monkeypatch):
+@pytest.mark.parametrize("cap", ["avx2", "default", ""])
+def test_a_narrower_cpu_capability_keeps_bfloat16_to_one_row(cap):
+    """SSN_CPU_CAPABILITY=avx2 or default (no AVX-512): the bfloat16 product takes one row only,
+    and a model's native form says so; unset: any rows where the CPU has AVX512_BF16."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _BF16_SCRIPT], capture_output=True, text=True, timeout=120, check=True,
+                       env={**os.environ, "SSN_CPU_CAPABILITY": cap})
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = bool(cap == "" and cpp_ops.linear_bf16_rows())
+    assert got == {"rows": rows, "form": "rows" if rows else "one row", "two_rows": "taken" if rows else "refused"}
+
+
+@pytest.mark.skipif(not cpp_ops.available("gemv_bf16"), reason="the C++ kernels are not built")
+def test_a_bfloat16_model_takes_the_cpp_product_where_it_applies_and_f_linear_elsewhere(monkeypatch):
+    """One row always; more rows too with AVX512_BF16 (else F.linear: both small-batch forms
+    are float32's there), and calibration times what applies."""
     calls = []
     real = cpp_ops.linear
-    monkeypatch.setattr(cpp_ops, "linear", lambda x, w, b=None: calls.append(x.dtype) or real(x, w, b))
+    monkeypatch.setattr(cpp_ops, "linear", lambda x, w, b=None: calls.append(x.numel() // x.shape[-1]) or real(x, w, b))
     model = _model().bfloat16()
     x = torch.randn(1, 1, 37).bfloat16()
+    rows = cpp_ops.linear_bf16_rows()
     with torch.no_grad():
-        want = model(x)
+        want, want3 = model(x), model(torch.randn(3, 37, generator=torch.Generator().manual_seed(1)).bfloat16())
         with small_batch_linear(model, max_rows=8, native_rows=64):
             got = model(x)
-            model(torch.randn(3, 37).bfloat16())  # three rows: F.linear (both forms are float32's there)
-    assert calls == [torch.bfloat16, torch.bfloat16]  # the two layers, one row
+            got3 = model(torch.randn(3, 37, generator=torch.Generator().manual_seed(1)).bfloat16())
+    assert calls == ([1, 1, 3, 3] if rows else [1, 1])  # the two layers, one row (and three)
     torch.testing.assert_close(got, want, rtol=2 ** -6, atol=2 ** -6)
+    torch.testing.assert_close(got3, want3, rtol=2 ** -6, atol=2 ** -6)
     assert calibrate(model, rows=4, repeats=1) == 1.0  # nothing to time: no tall form in bfloat16
-    assert calibrate(model, rows=4, repeats=1, form="native") == 1.0  # nor a C++ one beyond one row
+    assert (calibrate(model, rows=4, repeats=1, form="native") == 1.0) != rows  # a C++ one beyond one row?
     assert calibrate(model, rows=1, repeats=1, form="native") > 0
-    assert sbl.native_form(model) == "one row"
+    assert sbl.native_form(model) == ("rows" if rows else "one row")
 
 
 @needs_native

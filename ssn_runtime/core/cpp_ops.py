@@ -328,28 +328,47 @@ def linear_variant() -> str | None:
     return _ext.linear_f32_variant() if available("linear_f32_variant") else None
 
 
+_BF16_ROWS: list[bool] = []  # linear_bf16_rows(), asked once
+
+
+def linear_bf16_rows() -> bool:
+    """Whether the bfloat16 product takes any number of rows on this CPU (AVX-512 with
+    AVX512_BF16, csrc/gemv.cpp linear_bf16), not only one; SSN_CPU_CAPABILITY=avx2 or default
+    turns it off as it narrows the float32 product."""
+    if not _BF16_ROWS:
+        check_cpu_capability()
+        _BF16_ROWS.append(available("linear_bf16_supported") and bool(_ext.linear_bf16_supported()))
+    return _BF16_ROWS[0]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for contiguous CPU tensors of one dtype, as a [..., out] tensor
     (csrc/gemv.cpp): float32 for any number of rows (each output summed in one order whatever the
-    rows and threads, so a row's result does not depend on the rows beside it), bfloat16 for one
-    row (summed in float32 and rounded once)."""
+    rows and threads, so a row's result does not depend on the rows beside it); bfloat16 for any
+    number of rows where `linear_bf16_rows()` (bfloat16 pairs multiplied and summed in float32 in
+    one order whatever the rows, rounded once), else for one row (summed in float32, rounded once)."""
     # (Every check is a cheap attribute read: a decode step calls this ~200 times, and a layer of
     # a few rows takes only a few microseconds.)
     dtype = x.dtype
     out_f, in_f = weight.shape if weight.dim() == 2 else (-1, -1)
     rows = math.prod(x.shape[:-1]) if x.dim() >= 1 and x.shape[-1] == in_f else -1
-    if not (rows >= 0 and weight.dtype == dtype and (dtype == torch.float32 or (dtype == torch.bfloat16 and rows <= 1))
+    bf16_rows = dtype == torch.bfloat16 and linear_bf16_rows()
+    if not (rows >= 0 and weight.dtype == dtype
+            and (dtype == torch.float32 or (dtype == torch.bfloat16 and (rows <= 1 or bf16_rows)))
             and x.is_cpu and weight.is_cpu and x.is_contiguous() and weight.is_contiguous()
             and (bias is None or (bias.dtype == dtype and bias.is_cpu and bias.is_contiguous()
                                   and bias.shape == (out_f,)))):
-        raise ValueError("linear: x must hold rows [..., in] (one row in bfloat16), weight [out, in] and bias [out], "
-                         "contiguous float32 or bfloat16 CPU tensors of one dtype")
+        raise ValueError("linear: x must hold rows [..., in] (one row in bfloat16 without AVX512_BF16), weight "
+                         "[out, in] and bias [out], contiguous float32 or bfloat16 CPU tensors of one dtype")
     out = torch.empty((*x.shape[:-1], out_f), dtype=dtype)
     if out.numel():
         b = bias.data_ptr() if bias is not None else 0
         if dtype == torch.float32:
             _ext.linear_f32(x.data_ptr(), rows, weight.data_ptr(), out_f, in_f, b, out.data_ptr(),
                             torch.get_num_threads())
+        elif bf16_rows:
+            _ext.linear_bf16(x.data_ptr(), rows, weight.data_ptr(), out_f, in_f, b, out.data_ptr(),
+                             torch.get_num_threads())
         else:
             _ext.gemv_bf16(weight.data_ptr(), out_f, in_f, x.data_ptr(), b, out.data_ptr(), torch.get_num_threads())
     return out

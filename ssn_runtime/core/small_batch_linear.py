@@ -6,9 +6,10 @@ torch's `F.linear` runs such short, wide products far below what the CPU can do:
 the whole weight matrix on every call, and at one row its sgemv ran on one thread.
 
 - **The C++ product** (`cpp_ops.linear`, csrc/gemv.cpp), float32 for any row count and bfloat16
-  for one row: each weight tile is read from memory once and kept in L1 while every block of rows
-  runs against it, the output columns split over the threads (an AVX-512 or AVX2 build, picked
-  at load time: `cpp_ops.linear_variant()`). On an Intel Xeon with AMX (2 threads) a whole
+  for any row count on CPUs with AVX512_BF16 (else one row): each weight tile is read from
+  memory once and kept in L1 while every block of rows runs against it, the output columns
+  split over the threads (an AVX-512 or AVX2 build, picked at load time:
+  `cpp_ops.linear_variant()`). On an Intel Xeon with AMX (2 threads) a whole
   float32 SmolLM2 decode step took 0.65-0.85x F.linear's time at 4-16 rows, about the same at
   1-2 and 32, and more at 64 (bench/small_batch_linear.py; the README's table shows the latest
   run). Its float32 outputs are summed in one order whatever the row count, thread count and
@@ -16,6 +17,9 @@ the whole weight matrix on every call, and at one row its sgemv ran on one threa
   oneDNN's one-row product behind F.linear streamed SmolLM2's bfloat16 weights well below the
   copy rate on that CPU (bench/gemv.py --dtype bfloat16 measures both); the C++ product widens
   each weight to float32 as it streams by, sums in float32 and rounds once, as F.linear rounds.
+  With AVX512_BF16 (AMD Zen 4, Intel Sapphire Rapids and later) it multiplies bfloat16 pairs
+  with vdpbf16ps (twice the float32 FMA rate) for every row count, one row included, summed in
+  float32 in one order whatever the rows (`cpp_ops.linear_bf16_rows()`).
 - **The tall form** `(W @ xᵀ)ᵀ`, float32: with MKL's sgemm on an AMD EPYC, the same product
   written tall and narrow ran at a few rows far faster than F.linear's. The result is copied to a
   contiguous [rows, out] tensor, so later element-wise ops run on the layout they expect.
@@ -28,8 +32,8 @@ F.linear at a given row count, and the server uses each only as far as it wins c
 
 `small_batch_linear(model, max_rows=8, native_rows=0)` is scoped (a `with` block) and per
 thread: inside it, the calling thread's `nn.Linear` calls on CPU weights with 1..native_rows
-rows take the C++ product (float32; bfloat16 at one row), and other float32 calls with
-2..max_rows rows the tall form; every other thread, and every call outside the block, runs
+rows take the C++ product (float32; bfloat16 at one row, or any rows with AVX512_BF16), and other
+float32 calls with 2..max_rows rows the tall form; every other thread, and every call outside the block, runs
 `F.linear` unchanged. Blocks may nest and overlap across threads (a reference count per module).
 """
 
@@ -56,7 +60,7 @@ _refs: dict[int, int] = {}  # id(module) -> open blocks that use its installed f
 
 
 def eligible(module: nn.Module) -> bool:
-    """An `nn.Linear` with CPU float32 (every form) or bfloat16 weights (the one-row C++ product only)."""
+    """An `nn.Linear` with CPU float32 (every form) or bfloat16 weights (the C++ product only)."""
     w = getattr(module, "weight", None)
     return (type(module) is nn.Linear and isinstance(w, torch.Tensor) and w.dim() == 2
             and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16))
@@ -115,10 +119,11 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def _native_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> bool:
     """What the C++ product takes beyond what `cpp_ops.linear` checks (and refuses): float32 (any
-    rows) or bfloat16 (one row) of the weight's dtype, a contiguous weight and bias, a built
-    kernel, and no autograd to record."""
+    rows) or bfloat16 (any rows with AVX512_BF16, else one) of the weight's dtype, a contiguous
+    weight and bias, a built kernel, and no autograd to record."""
     dtype = x.dtype
-    return (dtype == weight.dtype and (dtype == torch.float32 or (rows == 1 and dtype == torch.bfloat16))
+    return (dtype == weight.dtype
+            and (dtype == torch.float32 or (dtype == torch.bfloat16 and (rows == 1 or cpp_ops.linear_bf16_rows())))
             and weight.is_contiguous() and (bias is None or (bias.dtype == dtype and bias.is_contiguous()))
             and _built[dtype]
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
@@ -136,8 +141,8 @@ def _installed(m: nn.Module) -> bool:
 @contextlib.contextmanager
 def small_batch_linear(model: nn.Module, max_rows: int = 8, native_rows: int = 0):
     """Inside the block, this thread's `nn.Linear` calls on `model` with 1..`native_rows` rows run
-    as the C++ product (float32; bfloat16 at one row), and other float32 ones with 2..`max_rows`
-    rows as `(W @ xᵀ)ᵀ` (0: none; see the module docstring). Every module is restored when the
+    as the C++ product (float32; bfloat16 at one row, or any with AVX512_BF16), and other float32
+    ones with 2..`max_rows` rows as `(W @ xᵀ)ᵀ` (0: none; see the module docstring). Every module is restored when the
     last block that uses it closes; a module with an instance `forward` of someone else's is left
     alone."""
     if not (isinstance(max_rows, int) and not isinstance(max_rows, bool) and (max_rows == 0 or max_rows >= MIN_ROWS)):
@@ -186,18 +191,19 @@ FORMS = ("native", "tall")
 
 def native_form(model: nn.Module) -> str | None:
     """What the C++ product takes of `model`'s eligible layers: "rows" (float32: any row count),
-    "one row" (bfloat16), or None (nothing eligible, or not built)."""
+    "one row" (bfloat16 without AVX512_BF16), or None (nothing eligible, or not built)."""
     first = next((m for m in model.modules() if eligible(m)), None)
     if first is None or not cpp_ops.available(NATIVE[first.weight.dtype]):
         return None
-    return "rows" if first.weight.dtype == torch.float32 else "one row"
+    return "rows" if first.weight.dtype == torch.float32 or cpp_ops.linear_bf16_rows() else "one row"
 
 
 def calibrate(model: nn.Module, rows: int = 4, repeats: int = 5, form: str = "tall") -> float:
     """Time of one whole forward of `model` on `rows` token rows with `form` ("native": the C++
     product; "tall": `(W @ xᵀ)ᵀ`, two rows or more) over the same forward with `F.linear` (median
     of interleaved pairs): below 1 the form is faster. 1.0 when the form does not apply (nothing
-    eligible, the C++ product not built, bfloat16 weights beyond one row, the tall form at one row).
+    eligible, the C++ product not built, bfloat16 weights beyond one row without AVX512_BF16, the
+    tall form at one row).
 
     Why the whole forward: timed alone, each weight stays in cache between repeats and the ratio
     at 16 rows read anywhere from 0.77 to 1.01 on one machine; in a forward the weights stream
@@ -211,7 +217,8 @@ def calibrate(model: nn.Module, rows: int = 4, repeats: int = 5, form: str = "ta
     if first is None:
         return 1.0
     dtype = first.weight.dtype
-    if form == "native" and not (cpp_ops.available(NATIVE[dtype]) and (rows == 1 or dtype == torch.float32)):
+    if form == "native" and not (cpp_ops.available(NATIVE[dtype])
+                                 and (rows == 1 or dtype == torch.float32 or cpp_ops.linear_bf16_rows())):
         return 1.0
     if form == "tall" and (rows < MIN_ROWS or dtype != torch.float32):
         return 1.0
