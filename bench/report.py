@@ -106,6 +106,8 @@ def _serve(d: dict) -> str:
                      f"{_x(s.get('itl_p95_16_over_1'))}"
                      + (f", mixed answers' length / base {_x(s['mixed_over_base_answer_tokens_16'])}"
                         if s.get("mixed_over_base_answer_tokens_16") else "")
+                     + (f", mixed requests/s / base {_x(s['mixed_over_base_requests_16'])}"
+                        if s.get("mixed_over_base_requests_16") else "")
                      + (f", the load generator's own CPU at 16 clients {s['load_client_cores_16']:.2f} cores"
                         if s.get("load_client_cores_16") is not None else ""))
     mem = d.get("resident_memory", {}).get("two_patches_over_base")

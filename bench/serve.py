@@ -725,6 +725,11 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
         # different lengths, and a shorter answer pays its prefill over fewer tokens
         mixed_ans, base_ans = (med("ssn", m, length, hi, "mean_answer_tokens") for m in ("mixed", "base"))
         s[f"mixed_over_base_answer_tokens_{hi}"] = mixed_ans / base_ans if mixed_ans and base_ans else None
+        # so requests answered per second (whole run) sets throughput apart from answer length
+        rps = {m: [r["requests"] / r["wall_s"] for r in runs if (r["server"], r["mix"], r["lengths"], r["clients"])
+                   == ("ssn", m, length, hi) and r.get("requests") and r.get("wall_s")] for m in ("mixed", "base")}
+        s[f"mixed_over_base_requests_{hi}"] = (statistics.median(rps["mixed"]) / statistics.median(rps["base"])
+                                               if rps["mixed"] and rps["base"] else None)
         cores = [r["client_cpu_s"] / r["wall_s"] for r in runs if r.get("client_cpu_s") is not None
                  and (r["server"], r["mix"], r["lengths"], r["clients"]) == ("ssn", "base", length, hi)]
         s[f"load_client_cores_{hi}"] = statistics.median(cores) if cores else None  # the load's own CPU

@@ -107,9 +107,10 @@ def test_the_summary_sets_a_variant_server_and_anchors_beside_ssn():
                 runs.append({"server": srv, "mix": mix, "lengths": "natural", "clients": c,
                              "tokens_per_s": tps * scale, "itl_p95_s": itl * (scale if c == 16 else 1),
                              "ttft_p50_s": ttft * 2 if scale < 1 else ttft, "mean_answer_tokens": 20,
-                             "client_cpu_s": 1.0, "wall_s": 20.0})
+                             "client_cpu_s": 1.0, "wall_s": 20.0, "requests": 30 if mix == "mixed" else 20})
     s = serve.summarize(runs, [1, 16, 64])["natural"]
     assert s["scaling_16_over_1"] == pytest.approx(270 / 40) and s["itl_p95_16_over_1"] == pytest.approx(2.5)
+    assert s["mixed_over_base_requests_16"] == pytest.approx(1.5)  # requests per second, whatever their length
     assert s["variant --prefill-steps=3: itl_p95_16_over_1"] == pytest.approx(0.9 * 2.5)
     assert s["variant --prefill-steps=3: tokens_per_s_16_over_ssn"] == pytest.approx(0.9)
     assert s["variant --prefill-steps=3: ttft_p50_s_16_over_ssn"] == pytest.approx(2.0)
