@@ -95,14 +95,21 @@ def test_the_cpp_product_is_f_linear_within_float32_rounding(shape, rows, bias):
                 cpp_ops.linear(*bad)
 
 
+_needs_bf16_rows = pytest.mark.skipif(not (cpp_ops.available("linear_bf16") and cpp_ops.linear_bf16_rows()),
+                                      reason="the bfloat16 rows product needs AVX512_BF16 and the C++ kernels")
+
+
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=_needs_bf16_rows)],
+                         ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape", [(97, 37), (1536, 576), (5, 33)])
-def test_a_rows_cpp_output_does_not_depend_on_the_rows_beside_it_or_the_threads(shape):
+def test_a_rows_cpp_output_does_not_depend_on_the_rows_beside_it_or_the_threads(shape, dtype):
     """Each output is summed in one order: a row alone, in any batch, at any thread count gives
-    the same bits (F.linear does not promise this)."""
+    the same bits (F.linear does not promise this); bfloat16 too, where the CPU runs its rows
+    product (one row included: the same kernel)."""
     g = torch.Generator().manual_seed(shape[0])
-    w, b = torch.randn(shape, generator=g), torch.randn(shape[0], generator=g)
-    x = torch.randn(40, shape[1], generator=g)
+    w, b = torch.randn(shape, generator=g).to(dtype), torch.randn(shape[0], generator=g).to(dtype)
+    x = torch.randn(40, shape[1], generator=g).to(dtype)
     alone = torch.cat([cpp_ops.linear(x[i:i + 1], w, b) for i in range(40)])
     threads = torch.get_num_threads()
     try:
@@ -201,11 +208,7 @@ def test_the_bfloat16_one_row_product_is_f_linear_within_one_rounding(shape, bia
                 cpp_ops.linear(*bad)
 
 
-needs_bf16_rows = pytest.mark.skipif(not (cpp_ops.available("linear_bf16") and cpp_ops.linear_bf16_rows()),
-                                     reason="the bfloat16 rows product needs AVX512_BF16 and the C++ kernels")
-
-
-@needs_bf16_rows
+@_needs_bf16_rows
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 16, 64])
 @pytest.mark.parametrize("shape", [(97, 37), (1536, 576), (576, 1536), (5, 33), (53, 17), (4, 64)])
 def test_the_bfloat16_rows_product_is_f_linear_within_one_rounding(rows, shape):
@@ -225,25 +228,6 @@ def test_the_bfloat16_rows_product_is_f_linear_within_one_rounding(rows, shape):
         tol = exact.abs() * 2.0 ** -8 + scale * 2.0 ** -20 + 1e-30
         assert bool(((got.double() - exact).abs() <= tol).all())
     assert torch.equal(cpp_ops.linear(x.view(1, rows, in_f), w, b), cpp_ops.linear(x, w, b).view(1, rows, out_f))
-
-
-@needs_bf16_rows
-@pytest.mark.parametrize("shape", [(97, 37), (1536, 576), (5, 33)])
-def test_a_bfloat16_rows_output_does_not_depend_on_the_rows_beside_it_or_the_threads(shape):
-    """As in float32: a row alone (one row included: the same kernel), in any batch, at any
-    thread count gives the same bits."""
-    g = torch.Generator().manual_seed(shape[0])
-    w, b = torch.randn(shape, generator=g).bfloat16(), torch.randn(shape[0], generator=g).bfloat16()
-    x = torch.randn(40, shape[1], generator=g).bfloat16()
-    alone = torch.cat([cpp_ops.linear(x[i:i + 1], w, b) for i in range(40)])
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            for lo, hi in ((0, 40), (3, 19), (7, 8), (11, 40)):
-                assert torch.equal(cpp_ops.linear(x[lo:hi], w, b), alone[lo:hi]), (n, lo, hi)
-    finally:
-        torch.set_num_threads(threads)
 
 
 _BF16_SCRIPT = """
