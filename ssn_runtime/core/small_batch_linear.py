@@ -32,9 +32,9 @@ F.linear at a given row count, and the server uses each only as far as it wins c
 
 `small_batch_linear(model, max_rows=8, native_rows=0)` is scoped (a `with` block) and per
 thread: inside it, the calling thread's `nn.Linear` calls on CPU weights with 1..native_rows
-rows take the C++ product (float32; bfloat16 at one row, or any rows with AVX512_BF16), and other
-float32 calls with 2..max_rows rows the tall form; every other thread, and every call outside the block, runs
-`F.linear` unchanged. Blocks may nest and overlap across threads (a reference count per module).
+rows take the C++ product (float32; bfloat16 at one row, or any rows with AVX512_BF16), and
+other float32 calls with 2..max_rows rows the tall form; every other thread, and every call
+outside the block, runs `F.linear` unchanged. Blocks may nest and overlap across threads (a reference count per module).
 """
 
 from __future__ import annotations
@@ -142,9 +142,9 @@ def _installed(m: nn.Module) -> bool:
 def small_batch_linear(model: nn.Module, max_rows: int = 8, native_rows: int = 0):
     """Inside the block, this thread's `nn.Linear` calls on `model` with 1..`native_rows` rows run
     as the C++ product (float32; bfloat16 at one row, or any with AVX512_BF16), and other float32
-    ones with 2..`max_rows` rows as `(W @ xᵀ)ᵀ` (0: none; see the module docstring). Every module is restored when the
-    last block that uses it closes; a module with an instance `forward` of someone else's is left
-    alone."""
+    ones with 2..`max_rows` rows as `(W @ xᵀ)ᵀ` (0: none; see the module docstring). Every module
+    is restored when the last block that uses it closes; a module with an instance `forward` of
+    someone else's is left alone."""
     if not (isinstance(max_rows, int) and not isinstance(max_rows, bool) and (max_rows == 0 or max_rows >= MIN_ROWS)):
         raise ValueError(f"max_rows must be 0 or an integer >= {MIN_ROWS}, got {max_rows!r}")
     if not (isinstance(native_rows, int) and not isinstance(native_rows, bool) and native_rows >= 0):
