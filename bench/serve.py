@@ -490,10 +490,9 @@ def llama_server(binary: str | None, gguf: str, max_clients: int, max_tokens: in
     if not binary:
         return None
     port = free_port()
-    slots = max_clients
     return Proc([binary, "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
-                 "--threads", str(os.cpu_count() or 1), "--parallel", str(slots),
-                 "--ctx-size", str(slots * (256 + max_tokens)), "--cont-batching", "--jinja", "--no-webui"],
+                 "--threads", str(os.cpu_count() or 1), "--parallel", str(max_clients),
+                 "--ctx-size", str(max_clients * (256 + max_tokens)), "--cont-batching", "--jinja", "--no-webui"],
                 port, ready_path="/health")
 
 
@@ -509,7 +508,8 @@ def llamacpp_ggufs(gguf: str | None, dtype: str, model: str) -> list[str]:
         to = "BF16" if dtype == "bfloat16" or (dtype == "auto" and _checkpoint_dtype(model) == "bfloat16") else "F32"
         from ssn_runtime.cache import cache_root
 
-        dst = cache_root() / "gguf-dequant" / f"{Path(gguf).stem}.{to}.gguf"
+        st = Path(gguf).stat()  # (named by the source's size and time too: a replaced file is converted again)
+        dst = cache_root() / "gguf-dequant" / f"{Path(gguf).stem}.{st.st_size}-{st.st_mtime_ns}.{to}.gguf"
         if not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
             dequantize_gguf(gguf, dst, to)
@@ -568,6 +568,11 @@ def main(argv=None) -> int:
         args.clients, args.seconds, args.warmup, args.rounds, args.max_tokens = "1,4", 2.0, 0.5, 1, 8
     if not 0 <= args.warmup < args.seconds:
         ap.error(f"--warmup must be in [0, --seconds), got {args.warmup}")
+    for flag, path in (("--llamacpp-python", args.llamacpp_python), ("--llama-server", args.llama_server)):
+        if path and not (Path(path).is_file() and os.access(path, os.X_OK)):  # (before any server starts)
+            ap.error(f"{flag} must name an executable file, got {path!r}")
+    if args.gguf and not Path(args.gguf).is_file():
+        ap.error(f"--gguf must name a GGUF file, got {args.gguf!r}")
     clients = [int(c) for c in args.clients.split(",")]
     lengths = args.lengths.split(",")
     model, gguf, prompts, label = resolve_model(args.model, args.gguf)

@@ -116,3 +116,11 @@ def test_the_summary_sets_a_variant_server_and_anchors_beside_ssn():
     assert s["variant --prefill-steps=3: ttft_p50_s_16_over_ssn"] == pytest.approx(2.0)
     assert {k for k in s if k.startswith("ssn_over_")} == {f"ssn_over_llama_server_F32_{c}" for c in (1, 16, 64)}
     assert s["ssn_over_llama_server_F32_1"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("flag,value", [("--llama-server", "/nonexistent/llama-server"),
+                                        ("--llamacpp-python", "/nonexistent/python"), ("--gguf", "/nonexistent.gguf")])
+def test_the_anchor_flags_refuse_a_missing_file_before_anything_runs(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        serve.main([flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err

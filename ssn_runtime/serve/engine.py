@@ -144,8 +144,8 @@ def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
 
 def scan_logits(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
     """(each row's greedy token, whether the row is unusable) for float32 logits [B, V]: one
-    C++ pass where built (cpp_ops.logits_scan: 0.2 ms for 16 x 49152 logits against torch's
-    1.7), else argmax and unusable_rows; the same answers either way."""
+    C++ pass where built (cpp_ops.logits_scan: 0.2 ms for 16 x 49152 logits on a 2-core AMD
+    EPYC against torch's 1.1-1.7), else argmax and unusable_rows; the same answers either way."""
     if cpp_ops.available("logits_scan") and logits.is_cpu and logits.dtype == torch.float32 \
             and logits.shape[-1] > 0 and logits.stride(-1) == 1:
         greedy, usable = cpp_ops.logits_scan(logits)
