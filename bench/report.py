@@ -108,6 +108,16 @@ def _serve(d: dict) -> str:
                         if s.get("mixed_over_base_answer_tokens_16") else "")
                      + (f", mixed requests/s / base {_x(s['mixed_over_base_requests_16'])}"
                         if s.get("mixed_over_base_requests_16") else "")
+                     + (f", mixed / base serving the mixed answers' lengths {_x(s['mixed_over_base_mixed_lengths_16'])}"
+                        f" (that base run / base {_x(s.get('base_mixed_lengths_over_base_16'))})"
+                        if s.get("mixed_over_base_mixed_lengths_16") else "")
+                     + (f", answers cut at max_tokens: base {_pct(s['base_capped_fraction_16'])}, mixed "
+                        f"{_pct(s.get('mixed_capped_fraction_16'))}; rows joining per join step: base "
+                        f"{s.get('base_rows_per_join_step_16') or 0:.1f}, mixed "
+                        f"{s.get('mixed_rows_per_join_step_16') or 0:.1f}"
+                        if s.get("base_capped_fraction_16") is not None else "")
+                     + (f", median inter-token latency 16 / 1 {_x(s['itl_p50_16_over_1'])}"
+                        if s.get("itl_p50_16_over_1") else "")
                      + (f", the load generator's own CPU at 16 clients {s['load_client_cores_16']:.2f} cores"
                         if s.get("load_client_cores_16") is not None else ""))
     mem = d.get("resident_memory", {}).get("two_patches_over_base")

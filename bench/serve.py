@@ -182,7 +182,8 @@ async def _stream(conn: list, host: str, port: int, path: str, body: bytes):
 
 
 def load(url: str, clients: int, models: list[str], prompts: list[str], seconds: float, max_tokens: int,
-         ignore_eos: bool, extra: dict | None = None, warmup: float = 0.0, pid: int | None = None) -> dict:
+         ignore_eos: bool, extra: dict | None = None, warmup: float = 0.0, pid: int | None = None,
+         lengths_of: dict[tuple[str, str], int] | None = None, send_as: str | None = None) -> dict:
     """Closed loop: `clients` streaming clients each send requests back to back for `seconds`
     (one asyncio loop in this process, a kept-alive connection per client).
 
@@ -193,22 +194,29 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
     that straddles an edge counts the share of its tokens streamed inside. The whole-run
     figures (ramp and drain included, as earlier runs reported) are kept beside them.
     The CPU seconds this client used (and the server's, given its `pid`) are reported too: on
-    a 2-core machine they are the measurement's own cost."""
+    a 2-core machine they are the measurement's own cost.
+
+    `lengths_of` {(model, prompt): tokens} and `send_as`: each request goes to `send_as` instead,
+    asking for exactly the tokens that its model answered to its prompt (`ignore_eos`): the same
+    requests, in the same order, with the same answer lengths, on another profile."""
     host, _, port = url.removeprefix("http://").partition(":")
-    ttft, itl, lat, toks, errors = [], [], [], [], []
+    ttft, itl, lat, toks, errors, capped = [], [], [], [], [], [0]
     in_window = [0.0]
 
     async def client(i: int, open_at: float, stop_at: float) -> None:
         k, conn = 0, []
         while time.perf_counter() < stop_at:
-            body = {"model": models[(i + k) % len(models)], "max_tokens": max_tokens, "temperature": 0,
+            name, prompt = models[(i + k) % len(models)], prompts[(i * 7 + k) % len(prompts)]
+            body = {"model": send_as or name, "max_tokens": max_tokens, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True},
-                    "messages": [{"role": "user", "content": prompts[(i * 7 + k) % len(prompts)]}], **(extra or {})}
+                    "messages": [{"role": "user", "content": prompt}], **(extra or {})}
             if ignore_eos:
                 body["ignore_eos"] = True
+            if lengths_of is not None:
+                body["max_tokens"], body["ignore_eos"] = lengths_of[name, prompt], True
             k += 1
             t0 = time.perf_counter()
-            first, last, gaps, chunks, usage, err = None, None, [], 0, None, None
+            first, last, gaps, chunks, usage, err, reason = None, None, [], 0, None, None, None
             inside = 0  # content chunks streamed inside the window
             try:
                 async with asyncio.timeout(300):
@@ -223,6 +231,7 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
                         if ev.get("usage"):
                             usage = ev["usage"]["completion_tokens"]
                         for ch in ev.get("choices") or []:
+                            reason = ch.get("finish_reason") or reason
                             if (ch.get("delta") or {}).get("content"):
                                 now = time.perf_counter()
                                 counted = open_at <= now <= stop_at
@@ -243,6 +252,7 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
                 errors.append(err)
                 continue
             lat.append(done - t0)
+            capped[0] += reason == "length"
             n = usage if usage is not None else chunks
             toks.append(n)
             if chunks:  # a chunk may carry more than one token: the usage is shared out
@@ -265,10 +275,56 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
             "tokens_per_s": in_window[0] / (seconds - warmup),
             "tokens": sum(toks), "wall_s": wall, "tokens_per_s_whole_run": sum(toks) / wall,
             "mean_answer_tokens": statistics.mean(toks) if toks else None,
+            # answers cut by max_tokens: where most are, "natural" lengths are mostly the cap
+            "capped_fraction": capped[0] / len(lat) if lat else None,
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95), "ttft_p99_s": pct(ttft, 0.99),
             "itl_p50_s": pct(itl, 0.5), "itl_p95_s": pct(itl, 0.95), "itl_p99_s": pct(itl, 0.99),
             "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95),
             "client_cpu_s": cpu1 - cpu0, "server_cpu_s": srv1 - srv0 if pid is not None else None}
+
+
+def answer_lengths(url: str, models: list[str], prompts: list[str], max_tokens: int) -> dict[tuple[str, str], int]:
+    """{(model, prompt): completion tokens} of every model's greedy answer to every prompt, within
+    `max_tokens` (16 requests at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(pair):
+        with httpx.Client(timeout=300) as c:
+            r = c.post(url + "/v1/chat/completions", json={
+                "model": pair[0], "max_tokens": max_tokens, "temperature": 0,
+                "messages": [{"role": "user", "content": pair[1]}]})
+            r.raise_for_status()
+            return pair, r.json()["usage"]["completion_tokens"]
+
+    pairs = [(m, p) for m in models for p in prompts]
+    with ThreadPoolExecutor(16) as pool:
+        return dict(pool.map(one, pairs))
+
+
+def engine_counts(url: str) -> dict[str, float]:
+    """The server's decode-step and join counters (/metrics), summed over its engines."""
+    return parse_counts(httpx.get(url + "/metrics", timeout=30).text)
+
+
+def parse_counts(text: str) -> dict[str, float]:
+    wanted = ("ssn_batch_size_sum", "ssn_batch_size_count", "ssn_prefill_rows_sum", "ssn_prefill_rows_count")
+    out = dict.fromkeys(wanted, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            out[name] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def step_stats(before: dict, after: dict) -> dict:
+    """What the engine did during one load: rows per decode step, rows joining per step that
+    had joins (answers ending on the same step rejoin together: a base-only load whose answers
+    all reach max_tokens does so far more than a mixed one), and join steps per decode step."""
+    d = {k: after[k] - before[k] for k in after}
+    steps, join_steps = d["ssn_batch_size_count"], d["ssn_prefill_rows_count"]
+    return {"decode_rows_per_step": d["ssn_batch_size_sum"] / steps if steps else None,
+            "rows_per_join_step": d["ssn_prefill_rows_sum"] / join_steps if join_steps else None,
+            "join_steps_per_decode_step": join_steps / steps if steps else None}
 
 
 def _cpu_seconds(pid: int | None) -> float:
@@ -615,7 +671,16 @@ def main(argv=None) -> int:
         # spread of control/base is the noise floor that a mixed/base ratio must be read against
         # (a mixed run 0.97x base means nothing if control/base itself moves by 5%).
         mixes = {"base": ["m"], "mixed": ["m"] + [f"m:{p}" for p in masks + patches], "control": ["m"]}
-        order = list(mixes)
+        # "base, mixed lengths": the mixed load's requests in its order, all sent to the base
+        # profile, each asking for exactly the tokens its own profile answers (ignore_eos). With
+        # natural lengths the profiles answer at different lengths and so end on different steps,
+        # which a base-only load (most answers reaching max_tokens together) does not: this
+        # run does the mixed run's work and has its timing, so mixed over it is what serving the
+        # profiles itself costs.
+        same = {}
+        if "natural" in lengths:
+            same = answer_lengths(srv.url, mixes["mixed"], prompts, args.max_tokens)
+            res["mixed_answer_lengths"] = {f"{m} | {p}": n for (m, p), n in same.items()}
         # A discarded run first, every profile at the most clients: the first measured setting
         # otherwise ran up to a third slower than its repeat (a cold server: allocator, caches,
         # the profiles' first tables), which inflated every ratio over one client.
@@ -623,11 +688,16 @@ def main(argv=None) -> int:
              pid=srv.proc.pid)
         res["discarded_warmup_run"] = {"clients": clients[-1], "mix": "mixed", "seconds": args.seconds}
         for length in lengths:
+            order = list(mixes) + (["base_mixed_lengths"] if length == "natural" else [])
             for c in clients:
                 for r in range(args.rounds):
                     for mix in order[r % len(order):] + order[:r % len(order)]:  # each mix leads a round in turn
-                        run = load(srv.url, c, mixes[mix], prompts, args.seconds, args.max_tokens,
-                                   length == "ignore_eos", warmup=args.warmup, pid=srv.proc.pid)
+                        replay = mix == "base_mixed_lengths"
+                        before = engine_counts(srv.url)
+                        run = load(srv.url, c, mixes["mixed" if replay else mix], prompts, args.seconds,
+                                   args.max_tokens, length == "ignore_eos", warmup=args.warmup, pid=srv.proc.pid,
+                                   lengths_of=same if replay else None, send_as="m" if replay else None)
+                        run.update(step_stats(before, engine_counts(srv.url)))
                         res["runs"].append({"server": "ssn", "mix": mix, "lengths": length, "round": r, **run})
                         show("ssn", mix, length, run)
     finally:
@@ -714,7 +784,7 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
     """The issue's target ratios, from the medians over rounds."""
     def med(server, mix, length, c, key="tokens_per_s"):
         v = [r[key] for r in runs if (r["server"], r["mix"], r["lengths"], r["clients"]) == (server, mix, length, c)
-             and r[key] is not None]
+             and r.get(key) is not None]
         return statistics.median(v) if v else None
 
     out = {}
@@ -726,6 +796,10 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
         s = {f"scaling_{hi}_over_{lo}": base_hi / base_lo if base_hi else None,
              f"mixed_over_base_{hi}": (med("ssn", "mixed", length, hi) or 0) / base_hi if base_hi else None,
              f"control_over_base_{hi}": (med("ssn", "control", length, hi) or 0) / base_hi if base_hi else None}
+        same_hi = med("ssn", "base_mixed_lengths", length, hi)
+        if same_hi:  # the same requests, lengths and timing as mixed, on the base profile
+            s[f"mixed_over_base_mixed_lengths_{hi}"] = (med("ssn", "mixed", length, hi) or 0) / same_hi
+            s[f"base_mixed_lengths_over_base_{hi}"] = same_hi / base_hi if base_hi else None
         # tokens/s = requests/s x tokens per answer: with natural lengths the profiles answer at
         # different lengths, and a shorter answer pays its prefill over fewer tokens
         mixed_ans, base_ans = (med("ssn", m, length, hi, "mean_answer_tokens") for m in ("mixed", "base"))
@@ -740,6 +814,12 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
         s[f"load_client_cores_{hi}"] = statistics.median(cores) if cores else None  # the load's own CPU
         itl_lo, itl_hi = med("ssn", "base", length, lo, "itl_p95_s"), med("ssn", "base", length, hi, "itl_p95_s")
         s[f"itl_p95_{hi}_over_{lo}"] = itl_hi / itl_lo if itl_lo and itl_hi else None
+        # the median step's ratio: where it is near 2 already, a 2x p95 target leaves no room for joins
+        p50_lo, p50_hi = med("ssn", "base", length, lo, "itl_p50_s"), med("ssn", "base", length, hi, "itl_p50_s")
+        s[f"itl_p50_{hi}_over_{lo}"] = p50_hi / p50_lo if p50_lo and p50_hi else None
+        for m in ("base", "mixed"):
+            for k in ("capped_fraction", "rows_per_join_step"):
+                s[f"{m}_{k}_{hi}"] = med("ssn", m, length, hi, k)
         top = max(clients)
         if top > hi:  # the most clients measured, beside the targets' 16
             base_top = med("ssn", "base", length, top)

@@ -124,3 +124,81 @@ def test_the_anchor_flags_refuse_a_missing_file_before_anything_runs(flag, value
     with pytest.raises(SystemExit) as e:
         serve.main([flag, value])
     assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_the_same_lengths_replay_sends_the_mixed_requests_to_base_at_their_lengths():
+    """`load(lengths_of=..., send_as="m")` sends the mixed load's requests in its order, each to
+    "m" with max_tokens = the tokens its own profile answered and ignore_eos; answers that end by
+    length are counted."""
+    bodies = []
+
+    async def handler(reader, writer):
+        while await reader.readline():
+            headers = {}
+            while (h := await reader.readline()) not in (b"\r\n", b""):
+                k, _, v = h.decode().partition(":")
+                headers[k.lower()] = v.strip()
+            body = json.loads(await reader.readexactly(int(headers["content-length"])))
+            bodies.append(body)
+            events = [{"choices": [{"delta": {"content": "x"}, "finish_reason": None}]}] * 2 + [
+                {"choices": [{"delta": {}, "finish_reason": "length" if body["model"] == "m" else "stop"}]},
+                {"choices": [], "usage": {"completion_tokens": 2}}]
+            text = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(text) + text)
+            await writer.drain()
+
+    async def start():
+        srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+        return srv, srv.sockets[0].getsockname()[1]
+
+    import threading
+    loop = asyncio.new_event_loop()
+    srv, port = loop.run_until_complete(start())
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        models, prompts = ["m", "m:a"], ["p0", "p1", "p2"]
+        lengths = {(m, p): 3 + i for i, (m, p) in enumerate((m, p) for m in models for p in prompts)}
+        run = serve.load(f"http://127.0.0.1:{port}", 2, models, prompts, 0.3, 9, False, lengths_of=lengths,
+                         send_as="m")
+        replayed = list(bodies)
+        plain = serve.load(f"http://127.0.0.1:{port}", 2, models, prompts, 0.3, 9, False)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+    assert run["requests"] > 2 and run["errors"] == 0 and run["capped_fraction"] == 1.0
+    assert {b["model"] for b in replayed} == {"m"} and all(b["ignore_eos"] is True for b in replayed)
+    # every request asked for its own model's length for its prompt (the table's values are distinct)
+    inverse = {n: mp for mp, n in lengths.items()}
+    assert {inverse[b["max_tokens"]][0] for b in replayed} == set(models)
+    assert all(inverse[b["max_tokens"]][1] == b["messages"][0]["content"] for b in replayed)
+    assert 0 < plain["capped_fraction"] < 1  # "m" answers end by length, "m:a" by a stop here
+
+
+def test_the_step_counters_read_the_servers_metrics():
+    text = "\n".join(['# HELP ssn_batch_size Rows per decode step.', 'ssn_batch_size_sum{engine="base"} 30',
+                      'ssn_batch_size_count{engine="base"} 3', 'ssn_batch_size_count{engine="moe"} 1',
+                      'ssn_prefill_rows_sum{engine="base"} 8', 'ssn_prefill_rows_count{engine="base"} 2',
+                      'ssn_prefill_rows_bucket{engine="base",le="1"} 1'])
+    after = serve.parse_counts(text)
+    assert after == {"ssn_batch_size_sum": 30, "ssn_batch_size_count": 4, "ssn_prefill_rows_sum": 8,
+                     "ssn_prefill_rows_count": 2}
+    s = serve.step_stats(dict.fromkeys(after, 0.0), after)
+    assert s == {"decode_rows_per_step": 7.5, "rows_per_join_step": 4.0, "join_steps_per_decode_step": 0.5}
+
+
+def test_the_summary_compares_mixed_with_base_at_the_mixed_lengths():
+    runs = []
+    for mix, tps, capped, joins in (("base", 300.0, 0.9, 5.0), ("mixed", 270.0, 0.4, 1.5),
+                                    ("control", 297.0, 0.9, 5.0), ("base_mixed_lengths", 275.0, 1.0, 1.6)):
+        for c in (1, 16):
+            runs.append({"server": "ssn", "mix": mix, "lengths": "natural", "clients": c, "tokens_per_s": tps,
+                         "itl_p95_s": 0.07 if c == 16 else 0.03, "itl_p50_s": 0.05 if c == 16 else 0.024,
+                         "mean_answer_tokens": 26 if mix != "base" else 29, "capped_fraction": capped,
+                         "rows_per_join_step": joins, "wall_s": 20.0, "requests": 200})
+    s = serve.summarize(runs, [1, 16])["natural"]
+    assert s["mixed_over_base_16"] == pytest.approx(0.9)
+    assert s["mixed_over_base_mixed_lengths_16"] == pytest.approx(270 / 275)
+    assert s["base_mixed_lengths_over_base_16"] == pytest.approx(275 / 300)
+    assert s["base_capped_fraction_16"] == 0.9 and s["mixed_rows_per_join_step_16"] == 1.5
+    assert s["itl_p50_16_over_1"] == pytest.approx(0.05 / 0.024)
