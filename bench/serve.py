@@ -375,6 +375,21 @@ def patch_bytes(folder: str) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
+def bad_serve_flags(flags: list[str]) -> str | None:
+    """Why `ssn serve` would refuse these further flags (its own parser and option checks), or None."""
+    from ssn_runtime.cli import build_parser
+    from ssn_runtime.errors import SSNError
+    from ssn_runtime.options import from_args
+
+    try:
+        parsed = build_parser().parse_args(["serve", "--model", "m", *flags])
+        for cls in parsed.configs:
+            from_args(cls, parsed)
+    except SSNError as exc:
+        return str(exc)
+    return None
+
+
 def ssn_server(model: str, profiles: dict[str, str], max_batch: int, extra: list[str] = (),
                dtype: str = "auto") -> Proc:
     port = free_port()
@@ -629,6 +644,8 @@ def main(argv=None) -> int:
             ap.error(f"{flag} must name an executable file, got {path!r}")
     if args.gguf and not Path(args.gguf).is_file():
         ap.error(f"--gguf must name a GGUF file, got {args.gguf!r}")
+    if why := bad_serve_flags(args.server_arg + args.variant_arg):  # (not mid-run, after servers started)
+        ap.error(f"--server-arg/--variant-arg: {why}")
     clients = [int(c) for c in args.clients.split(",")]
     lengths = args.lengths.split(",")
     model, gguf, prompts, label = resolve_model(args.model, args.gguf)

@@ -202,3 +202,16 @@ def test_the_summary_compares_mixed_with_base_at_the_mixed_lengths():
     assert s["base_mixed_lengths_over_base_16"] == pytest.approx(275 / 300)
     assert s["base_capped_fraction_16"] == 0.9 and s["mixed_rows_per_join_step_16"] == 1.5
     assert s["itl_p50_16_over_1"] == pytest.approx(0.05 / 0.024)
+
+
+@pytest.mark.parametrize("flag", ["--variant-arg=--prefill-steps=0", "--server-arg=--no-such-flag",
+                                  "--variant-arg=--max-batch=x"])
+def test_further_server_flags_are_checked_before_anything_runs(flag, capsys):
+    """A flag `ssn serve` would refuse fails the bench at once (exit 2), not mid-run."""
+    with pytest.raises(SystemExit) as e:
+        serve.main([flag])
+    assert e.value.code == 2 and "--server-arg/--variant-arg" in capsys.readouterr().err
+
+
+def test_good_further_server_flags_pass_the_check():
+    assert serve.bad_serve_flags(["--prefill-steps=3", "--max-prefill-tokens=32"]) is None
