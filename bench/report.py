@@ -100,15 +100,21 @@ def _serve(d: dict) -> str:
     for length, s in d["summary"].items():
         more = "".join(f", {k.split('_')[1]} clients / 1 {_x(v)}" for k, v in s.items()
                        if k.startswith("scaling_") and k != "scaling_16_over_1")
+        def r(key, s=s):  # the ratio's lowest and highest single round, where recorded
+            v = s.get(key + "_rounds")
+            return f" [rounds {v[0]:.2f}-{v[1]:.2f}]" if v else ""
+
         parts.append(f"{length} lengths: tokens/s 16 clients / 1 {_x(s.get('scaling_16_over_1'))}{more}, mixed "
-                     f"profiles (2 masks + 2 patches) / base {_x(s.get('mixed_over_base_16'))} (zero-cost control "
-                     f"{_x(s.get('control_over_base_16'))}), p95 inter-token latency 16 / 1 "
-                     f"{_x(s.get('itl_p95_16_over_1'))}"
+                     f"profiles (2 masks + 2 patches) / base {_x(s.get('mixed_over_base_16'))}"
+                     f"{r('mixed_over_base_16')} (zero-cost control "
+                     f"{_x(s.get('control_over_base_16'))}{r('control_over_base_16')}), p95 inter-token latency "
+                     f"16 / 1 {_x(s.get('itl_p95_16_over_1'))}{r('itl_p95_16_over_1')}"
                      + (f", mixed answers' length / base {_x(s['mixed_over_base_answer_tokens_16'])}"
                         if s.get("mixed_over_base_answer_tokens_16") else "")
                      + (f", mixed requests/s / base {_x(s['mixed_over_base_requests_16'])}"
                         if s.get("mixed_over_base_requests_16") else "")
                      + (f", mixed / base serving the mixed answers' lengths {_x(s['mixed_over_base_mixed_lengths_16'])}"
+                        f"{r('mixed_over_base_mixed_lengths_16')}"
                         f" (that base run / base {_x(s.get('base_mixed_lengths_over_base_16'))})"
                         if s.get("mixed_over_base_mixed_lengths_16") else "")
                      + (f", answers cut at max_tokens: base {_pct(s['base_capped_fraction_16'])}, mixed "

@@ -804,6 +804,16 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
              and r.get(key) is not None]
         return statistics.median(v) if v else None
 
+    def rounds(num, den, length, key="tokens_per_s"):
+        """[lowest, highest] over rounds of one round's num over the same round's den (each a
+        (mix, clients)): how far a ratio moved between rounds, beside the ratio of medians."""
+        by = {}
+        for r in runs:
+            if r["server"] == "ssn" and r["lengths"] == length and r.get(key):
+                by.setdefault(r.get("round", 0), {})[r["mix"], r["clients"]] = r[key]
+        v = [d[num] / d[den] for d in by.values() if num in d and den in d]
+        return [min(v), max(v)] if v else None
+
     out = {}
     lo, hi = min(clients), (16 if 16 in clients else max(clients))
     for length in ("natural", "ignore_eos"):
@@ -813,6 +823,11 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
         s = {f"scaling_{hi}_over_{lo}": base_hi / base_lo if base_hi else None,
              f"mixed_over_base_{hi}": (med("ssn", "mixed", length, hi) or 0) / base_hi if base_hi else None,
              f"control_over_base_{hi}": (med("ssn", "control", length, hi) or 0) / base_hi if base_hi else None}
+        for mix, den in (("mixed", "base"), ("control", "base"), ("mixed", "base_mixed_lengths")):
+            if v := rounds((mix, hi), (den, hi), length):
+                s[f"{mix}_over_{den}_{hi}_rounds"] = v
+        if v := rounds(("base", hi), ("base", lo), length, "itl_p95_s"):
+            s[f"itl_p95_{hi}_over_{lo}_rounds"] = v
         same_hi = med("ssn", "base_mixed_lengths", length, hi)
         if same_hi:  # the same requests, lengths and timing as mixed, on the base profile
             s[f"mixed_over_base_mixed_lengths_{hi}"] = (med("ssn", "mixed", length, hi) or 0) / same_hi

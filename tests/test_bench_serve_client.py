@@ -204,6 +204,22 @@ def test_the_summary_compares_mixed_with_base_at_the_mixed_lengths():
     assert s["itl_p50_16_over_1"] == pytest.approx(0.05 / 0.024)
 
 
+def test_the_summary_gives_each_ratio_its_spread_over_rounds():
+    """Beside the ratio of medians, the lowest and highest ratio of one round's runs."""
+    runs = []
+    for rnd, (base, mixed, control) in enumerate(((300.0, 270.0, 291.0), (280.0, 266.0, 294.0))):
+        for mix, tps in (("base", base), ("mixed", mixed), ("control", control)):
+            for c in (1, 16):
+                runs.append({"server": "ssn", "mix": mix, "lengths": "natural", "clients": c, "round": rnd,
+                             "tokens_per_s": tps / (8 if c == 1 else 1),
+                             "itl_p95_s": 0.03 + 0.04 * (c == 16) + rnd / 100})
+    s = serve.summarize(runs, [1, 16])["natural"]
+    assert s["mixed_over_base_16_rounds"] == pytest.approx([0.9, 0.95])
+    assert s["control_over_base_16_rounds"] == pytest.approx([0.97, 1.05])
+    assert s["itl_p95_16_over_1_rounds"] == pytest.approx([0.08 / 0.04, 0.07 / 0.03])
+    assert "mixed_over_base_mixed_lengths_16_rounds" not in s  # no such runs
+
+
 @pytest.mark.parametrize("flag", ["--variant-arg=--prefill-steps=0", "--server-arg=--no-such-flag",
                                   "--variant-arg=--max-batch=x"])
 def test_further_server_flags_are_checked_before_anything_runs(flag, capsys):
