@@ -24,7 +24,9 @@ so each llama.cpp server also runs a GGUF of exactly those weights in ssn's prec
 anchors' names carry their GGUF type, and `anchor_models` in the JSON names each file. Each
 server runs alone; ssn's mixed, base-only and control mixes (the control sends
 exactly what base-only sends: its ratio to base-only is the measurement's noise floor) take turns
-leading each round.
+leading each round, with natural lengths beside a fourth, `base_mixed_lengths`: the mixed
+load's requests sent to the base profile, each for exactly as many tokens as its own profile
+answers (the same work and timing as mixed: mixed over it is the profiles' own cost).
 
 Targets (issue 15): 16 clients >= 6x the tokens/s of 1 client; mixed >= 0.95x base-only with
 natural lengths; p95 inter-token latency at 16 clients <= 2x the 1-client figure; resident memory
