@@ -215,7 +215,8 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
             if ignore_eos:
                 body["ignore_eos"] = True
             if lengths_of is not None:
-                body["max_tokens"], body["ignore_eos"] = lengths_of[name, prompt], True
+                # (an answer that ended at once is asked for one token: a request needs at least one)
+                body["max_tokens"], body["ignore_eos"] = max(1, lengths_of[name, prompt]), True
             k += 1
             t0 = time.perf_counter()
             first, last, gaps, chunks, usage, err, reason = None, None, [], 0, None, None, None
