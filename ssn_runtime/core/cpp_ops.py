@@ -341,6 +341,12 @@ def linear_bf16_rows() -> bool:
     return _BF16_ROWS[0]
 
 
+def linear_takes(dtype: torch.dtype, rows: int) -> bool:
+    """Whether `linear` takes `rows` rows of `dtype`: float32 any, bfloat16 one, or any where
+    `linear_bf16_rows()` (the rule's one home: the small-batch layer asks it too)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and (rows <= 1 or linear_bf16_rows()))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for contiguous CPU tensors of one dtype, as a [..., out] tensor
     (csrc/gemv.cpp): float32 for any number of rows (each output summed in one order whatever the
@@ -353,8 +359,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out_f, in_f = weight.shape if weight.dim() == 2 else (-1, -1)
     rows = math.prod(x.shape[:-1]) if x.dim() >= 1 and x.shape[-1] == in_f else -1
     bf16_rows = dtype == torch.bfloat16 and linear_bf16_rows()
-    if not (rows >= 0 and weight.dtype == dtype
-            and (dtype == torch.float32 or (dtype == torch.bfloat16 and (rows <= 1 or bf16_rows)))
+    if not (rows >= 0 and weight.dtype == dtype and linear_takes(dtype, rows)
             and x.is_cpu and weight.is_cpu and x.is_contiguous() and weight.is_contiguous()
             and (bias is None or (bias.dtype == dtype and bias.is_cpu and bias.is_contiguous()
                                   and bias.shape == (out_f,)))):

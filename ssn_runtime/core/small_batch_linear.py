@@ -123,7 +123,7 @@ def _native_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     weight and bias, a built kernel, and no autograd to record."""
     dtype = x.dtype
     return (dtype == weight.dtype
-            and (dtype == torch.float32 or (dtype == torch.bfloat16 and (rows == 1 or cpp_ops.linear_bf16_rows())))
+            and cpp_ops.linear_takes(dtype, rows)
             and weight.is_contiguous() and (bias is None or (bias.dtype == dtype and bias.is_contiguous()))
             and _built[dtype]
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
@@ -195,7 +195,7 @@ def native_form(model: nn.Module) -> str | None:
     first = next((m for m in model.modules() if eligible(m)), None)
     if first is None or not cpp_ops.available(NATIVE[first.weight.dtype]):
         return None
-    return "rows" if first.weight.dtype == torch.float32 or cpp_ops.linear_bf16_rows() else "one row"
+    return "rows" if cpp_ops.linear_takes(first.weight.dtype, 2) else "one row"
 
 
 def calibrate(model: nn.Module, rows: int = 4, repeats: int = 5, form: str = "tall") -> float:
@@ -217,8 +217,7 @@ def calibrate(model: nn.Module, rows: int = 4, repeats: int = 5, form: str = "ta
     if first is None:
         return 1.0
     dtype = first.weight.dtype
-    if form == "native" and not (cpp_ops.available(NATIVE[dtype])
-                                 and (rows == 1 or dtype == torch.float32 or cpp_ops.linear_bf16_rows())):
+    if form == "native" and not (cpp_ops.available(NATIVE[dtype]) and cpp_ops.linear_takes(dtype, rows)):
         return 1.0
     if form == "tall" and (rows < MIN_ROWS or dtype != torch.float32):
         return 1.0
