@@ -297,7 +297,11 @@ def answer_lengths(url: str, models: list[str], prompts: list[str], max_tokens: 
                 "model": pair[0], "max_tokens": max_tokens, "temperature": 0,
                 "messages": [{"role": "user", "content": pair[1]}]})
             r.raise_for_status()
-            return pair, r.json()["usage"]["completion_tokens"]
+            n = (r.json().get("usage") or {}).get("completion_tokens")
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= max_tokens:
+                raise ValueError(f"{url}: usage.completion_tokens of {pair[0]!r} must be an integer in "
+                                 f"[0, {max_tokens}], got {n!r}")
+            return pair, n
 
     pairs = [(m, p) for m in models for p in prompts]
     with ThreadPoolExecutor(16) as pool:

@@ -231,3 +231,35 @@ def test_further_server_flags_are_checked_before_anything_runs(flag, capsys):
 
 def test_good_further_server_flags_pass_the_check():
     assert serve.bad_serve_flags(["--prefill-steps=3", "--max-prefill-tokens=32"]) is None
+
+
+@pytest.mark.parametrize("usage", [{"completion_tokens": 2.0}, {"completion_tokens": -1}, {"completion_tokens": 9},
+                                   {"completion_tokens": True}, {}])
+def test_answer_lengths_refuses_a_usage_it_cannot_replay(usage, monkeypatch):
+    """The lengths the same-work run replays come from the server's answers: a non-integer, a
+    negative or a count beyond max_tokens stops the bench with the server and value named."""
+    class Answer:
+        def raise_for_status(self):
+            pass
+
+        def json(self):
+            return {"usage": usage}
+
+    class Client:
+        def __init__(self, **kw):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def post(self, url, json):
+            return Answer()
+
+    monkeypatch.setattr(serve.httpx, "Client", Client)
+    with pytest.raises(ValueError, match="completion_tokens"):
+        serve.answer_lengths("http://127.0.0.1:1", ["m"], ["p"], 8)
+    monkeypatch.setattr(Answer, "json", lambda self: {"usage": {"completion_tokens": 8}})
+    assert serve.answer_lengths("http://127.0.0.1:1", ["m", "m:a"], ["p"], 8) == {("m", "p"): 8, ("m:a", "p"): 8}
