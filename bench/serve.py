@@ -397,6 +397,13 @@ def bad_serve_flags(flags: list[str]) -> str | None:
     return None
 
 
+def startup_lines(srv: Proc) -> list[str]:
+    """What an ssn server said it serves and how (its HTTP stack, small-batch forms, KV layout,
+    decode worker threads)."""
+    return [ln for ln in Path(srv.log.name).read_text().splitlines()
+            if ln.startswith(("serving ", "small-batch ", "decode worker threads"))]
+
+
 def ssn_server(model: str, profiles: dict[str, str], max_batch: int, extra: list[str] = (),
                dtype: str = "auto") -> Proc:
     port = free_port()
@@ -685,8 +692,7 @@ def main(argv=None) -> int:
     srv = ssn_server(model, profiles, args.max_batch, args.server_arg, args.dtype)  # every profile
     warm(srv.url, "m", prompts)
     # what the server chose at start-up (its GEMM form per row count, its KV layout): timed there
-    res["ssn_server_startup"] = [ln for ln in Path(srv.log.name).read_text().splitlines()
-                                 if ln.startswith(("serving ", "small-batch "))]
+    res["ssn_server_startup"] = startup_lines(srv)
     print("\n".join(res["ssn_server_startup"]))
     res["resident_memory_all_profiles"] = rss_bytes(srv.proc.pid)
 
@@ -732,6 +738,7 @@ def main(argv=None) -> int:
         res["variant"] = {"server": name, "server_args": args.variant_arg}
         srv = ssn_server(model, {}, args.max_batch, args.server_arg + args.variant_arg, args.dtype)
         try:
+            res["variant"]["startup"] = startup_lines(srv)
             warm(srv.url, "m", prompts)
             for c in sorted({min(clients), 16 if 16 in clients else max(clients)}):
                 for r in range(args.rounds):
