@@ -639,10 +639,10 @@ def main(argv=None) -> int:
                     help="a further `ssn serve` flag for every ssn server, e.g. --server-arg=--max-prefill-tokens=32 "
                          "(repeatable; recorded in the results)")
     ap.add_argument("--variant-arg", action="append", default=[], metavar="FLAG",
-                    help="also measure base-only at the fewest clients and 16 on a second ssn server with these "
-                         "further flags (e.g. --variant-arg=--prefill-steps=3; repeatable), beside the main server "
-                         "in the same run: its tokens/s, p95 inter-token latency and median time to first token "
-                         "over the main server's go in the summary")
+                    help="also measure base-only at the fewest clients and 16, for each --lengths, on a second ssn "
+                         "server with the same profiles and these further flags (e.g. --variant-arg=--prefill-steps=3; "
+                         "repeatable), after the main server in the same run: its tokens/s, p95 inter-token latency "
+                         "and median time to first token over the main server's go in the summary")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                     help="the weights' dtype in every server and engine (auto: the checkpoint's); a run in another "
                          "dtype than auto is written as serve-<model>-<dtype>")
@@ -736,16 +736,18 @@ def main(argv=None) -> int:
     if args.variant_arg:  # the same base-only load on a server with the further flags, same rounds
         name = "ssn " + " ".join(args.variant_arg)
         res["variant"] = {"server": name, "server_args": args.variant_arg}
-        srv = ssn_server(model, {}, args.max_batch, args.server_arg + args.variant_arg, args.dtype)
+        # with the same profiles loaded: the base runs it is compared with ran on a server holding them
+        srv = ssn_server(model, profiles, args.max_batch, args.server_arg + args.variant_arg, args.dtype)
         try:
             res["variant"]["startup"] = startup_lines(srv)
             warm(srv.url, "m", prompts)
-            for c in sorted({min(clients), 16 if 16 in clients else max(clients)}):
-                for r in range(args.rounds):
-                    run = load(srv.url, c, ["m"], prompts, args.seconds, args.max_tokens, False,
-                               warmup=args.warmup, pid=srv.proc.pid)
-                    res["runs"].append({"server": name, "mix": "base", "lengths": "natural", "round": r, **run})
-                    show(name, "base", "natural", run)
+            for length in lengths:
+                for c in sorted({min(clients), 16 if 16 in clients else max(clients)}):
+                    for r in range(args.rounds):
+                        run = load(srv.url, c, ["m"], prompts, args.seconds, args.max_tokens, length == "ignore_eos",
+                                   warmup=args.warmup, pid=srv.proc.pid)
+                        res["runs"].append({"server": name, "mix": "base", "lengths": length, "round": r, **run})
+                        show(name, "base", length, run)
         finally:
             srv.stop()
 

@@ -17,7 +17,15 @@ from ssn_runtime.core.fingerprint import model_fingerprint
 from ssn_runtime.core.runtime import Variant
 from ssn_runtime.science.masks import NeuronMask
 from ssn_runtime.science.neuron_sets import NeuronSet
-from ssn_runtime.serve.engine import Detokenizer, Draining, Engine, GenRequest, sample_token, unusable_rows
+from ssn_runtime.serve.engine import (
+    Detokenizer,
+    Draining,
+    Engine,
+    GenRequest,
+    backend_decode,
+    sample_token,
+    unusable_rows,
+)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -224,6 +232,32 @@ def test_incremental_detokenization_equals_a_full_decode(tok, data):
     d.flush()
     assert d.text == tok.decode(ids, skip_special_tokens=True)
     assert all(seen[i + 1].startswith(seen[i]) for i in range(len(seen) - 1))  # text only ever grows
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_the_rust_decode_the_detokenizer_calls_equals_the_tokenizers_decode(tok, data):
+    """The detokenizer calls the Rust tokenizer's decode directly (transformers' wrapper costs
+    several times more per short window); only where that returns exactly `tok.decode`'s text."""
+    fast = backend_decode(tok)
+    assert fast is not None  # this tokenizer takes the direct path
+    ids = data.draw(st.lists(st.integers(0, len(tok) - 1), max_size=12))
+    assert fast(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_the_detokenizer_keeps_the_wrapper_where_the_tokenizer_cleans_up_spaces(tiny_ckpts):
+    tok = load_tokenizer(tiny_ckpts["llama"])
+    tok.clean_up_tokenization_spaces = True
+    assert backend_decode(tok) is None
+
+    class Custom(type(tok)):
+        def _decode(self, *a, **k):
+            return "custom"
+
+    tok.clean_up_tokenization_spaces = False
+    tok.__class__ = Custom
+    assert backend_decode(tok) is None
+    assert Detokenizer(tok)._decode([1, 2]) == "custom"
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])

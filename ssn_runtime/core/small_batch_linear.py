@@ -174,7 +174,7 @@ def small_batch_linear(model: nn.Module, max_rows: int = 8, native_rows: int = 0
                     del m.forward
 
 
-def calibration_input(model: nn.Module, rows: int, first: nn.Linear):
+def _calibration_input(model: nn.Module, rows: int, first: nn.Linear):
     """One forward's input of `rows` token rows: token ids for a language model (a single
     sequence, so every linear layer sees `rows` rows, as in a packed decode step), else rows
     for the first linear layer."""
@@ -221,7 +221,7 @@ def calibrate(model: nn.Module, rows: int = 4, repeats: int = 5, form: str = "ta
         return 1.0
     if form == "tall" and (rows < MIN_ROWS or dtype != torch.float32):
         return 1.0
-    x = calibration_input(model, rows, first)
+    x = _calibration_input(model, rows, first)
     scope = {"native": lambda: small_batch_linear(model, 0, native_rows=rows),
              "tall": lambda: small_batch_linear(model, rows)}[form]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import SSNError
 from .app import ServerConfig, create_app
 from .config import ServeConfig, parse_profile_args
-from .engine import THREAD_ROWS, Draining, Engine, GenRequest, QueueFull
+from .engine import Draining, Engine, GenRequest, QueueFull
 from .metrics import Metrics
 
 __all__ = ["Draining", "Engine", "GenRequest", "Metrics", "QueueFull", "ServeConfig", "ServerConfig",
@@ -84,7 +84,7 @@ def build_server(model_path: str, profiles: dict[str, str], config: ServeConfig 
                     prefill_steps=config.prefill_steps, metrics=metrics,
                     name="base", prefix_cache_mb=config.prefix_cache_mb,
                     small_batch_gemm=config.small_batch_gemm, layout=config.layout,
-                    threads=config.thread_count()).start()
+                    threads=config.threads).start()
     cfg = ServerConfig(base_name=config.served_name or Path(str(model_path)).name, engine=engine,
                        api_key=config.key(), request_timeout=config.request_timeout,
                        default_max_tokens=config.default_max_tokens, public_metrics=config.public_metrics)
@@ -101,18 +101,6 @@ def small_batch_summary(engine) -> str:
     return ("; ".join(parts) or "F.linear") + (f" (time over F.linear's: {timed})" if timed else "")
 
 
-def threads_summary(engine) -> str:
-    """The worker's intra-op threads and, where timed ("auto"), each count's forward time over the
-    fastest's (core/threads.py)."""
-    times = engine.thread_times
-    if not times:
-        return str(engine.threads)
-    best = min(times.values())
-    timed = ", ".join(f"{n}: {t / best:.2f}x" for n, t in times.items())
-    rows = min(THREAD_ROWS, engine.max_batch)
-    return f"{engine.threads} (a {rows}-row forward's time over the fastest count's: {timed})"
-
-
 def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="auto",
         device: str | None = None) -> None:
     """`ssn serve`: load, say where it serves, serve until SIGTERM/SIGINT (then drain)."""
@@ -123,7 +111,8 @@ def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="a
           + (" (API key required)" if config.key() else "") + f"; HTTP: {http_stack()}", flush=True)
     print(f"small-batch linear layers: {small_batch_summary(engine)} (--small-batch-gemm {config.small_batch_gemm}); "
           f"KV layout: {engine.layout}", flush=True)
-    print(f"decode worker threads: {threads_summary(engine)} (--threads {config.threads})", flush=True)
+    print(f"decode worker threads: {engine.threads}"
+          + (" (--threads)" if config.threads else " (torch's default; --threads sets it)"), flush=True)
     # Everything loaded so far (the model, tokenizer, tables: hundreds of thousands of objects)
     # lives as long as the server: out of the collector's sight, a full collection scans only
     # what requests create, instead of stalling every stream at once while it walks them all.

@@ -4,10 +4,8 @@ checked before the model is read."""
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
-from ..core.threads import available_cores
 from ..errors import SSNError
 from ..options import option
 from ..validation import check_int, check_number
@@ -42,9 +40,10 @@ class ServeConfig:
     layout: str = option("auto", "KV layout: packed (one forward per step for running rows and joining prompts, "
                          "a cache slot per row), padded (joins prefill in a forward of their own), or auto (packed "
                          "where the model family allows)", choices=("auto", "packed", "padded"))
-    threads: str = option("auto", "intra-op threads of the decode worker: a count, or auto (the fewest whose "
-                          "16-row forward times within 10%% of the fastest count, timed at start; a core "
-                          "left to the HTTP front end and the clients where more threads buy little)")
+    threads: int | None = option(None, "intra-op threads of the decode worker (default: torch's, from "
+                                 "OMP_NUM_THREADS or the machine's cores); fewer leave cores to the HTTP front end "
+                                 "and the clients, which can pay on models too small to split (bench/serve.py "
+                                 "--variant-arg=--threads=N measures it)")
     shutdown_grace: float = option(30.0, "on SIGTERM: seconds in-flight rows may run on before they are cut (503)")
     public_metrics: bool = option(False, "serve /metrics without the API key")
 
@@ -59,24 +58,22 @@ class ServeConfig:
             raise SSNError(f"{WHERE}: small_batch_gemm must be auto, on or off, got {self.small_batch_gemm!r}")
         if self.layout not in ("auto", "packed", "padded"):
             raise SSNError(f"{WHERE}: layout must be auto, packed or padded, got {self.layout!r}")
-        self.thread_count()
+        if self.threads is not None:
+            check_int(self.threads, WHERE, "threads", 1, available_cores())
         if self.api_key is not None and not (self.api_key and self.api_key.isprintable()):
             raise SSNError(f"{WHERE}: api_key must be a non-empty printable string")
-
-    def thread_count(self) -> int | str:
-        """`threads` as the engine takes it: "auto" or a count in [1, the cores this process may use]."""
-        if self.threads == "auto":
-            return "auto"
-        cores = available_cores()
-        if not (isinstance(self.threads, str) and re.fullmatch(r"[1-9][0-9]*", self.threads)
-                and int(self.threads) <= cores):
-            raise SSNError(f"{WHERE}: threads must be auto or an integer in [1, {cores}] (the cores this process "
-                           f"may use), got {self.threads!r}")
-        return int(self.threads)
 
     def key(self) -> str | None:
         """The API key to require: --api-key, else $SSN_API_KEY, else none."""
         return self.api_key or os.environ.get("SSN_API_KEY") or None
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def parse_profile_args(specs: list[str]) -> dict[str, str]:

@@ -53,7 +53,6 @@ from ..core import cpp_ops
 from ..core.small_batch_linear import calibrate as calibrate_small_batch
 from ..core.small_batch_linear import native_form as small_batch_native
 from ..core.small_batch_linear import small_batch_linear
-from ..core.threads import calibrate_threads, fewest_threads
 from ..errors import SSNError
 from . import packed
 from .metrics import Metrics
@@ -86,8 +85,6 @@ SMALL_BATCH_ROWS = 64
 # product at 16 rows as 1.04x F.linear's time where four other start-ups on the same machine read
 # 0.82-0.84x, and the ladder stopped at 8 rows. Nine add eight forwards per rung to the start-up.
 CALIBRATION_REPEATS = 9
-# The rows a thread count is timed at ("auto"): a loaded server's decode step (16 clients).
-THREAD_ROWS = 16
 
 
 class QueueFull(Exception):
@@ -156,6 +153,25 @@ def scan_logits(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
     return logits.argmax(-1).tolist(), unusable_rows(logits).tolist()
 
 
+def backend_decode(tokenizer):
+    """The Rust tokenizer's own `decode` where `tokenizer.decode` returns exactly what it returns
+    (a transformers fast tokenizer whose `_decode` is the library's and that cleans up no
+    spaces), else None. Two decodes per row per step go through it: transformers' wrapper
+    (converting every id, then dispatching) took several times the Rust call on short windows."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # (another transformers layout: the wrapper, always right)
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._decode is TokenizersBackend._decode
+            and type(tokenizer).decode is PreTrainedTokenizerBase.decode
+            and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False
+            and callable(getattr(backend, "decode", None))):
+        return backend.decode
+    return None
+
+
 class Detokenizer:
     """Incremental detokenization (as vLLM does it): decode a short window of tokens that
     ends at the newest one and take what it adds to the window's earlier text, so spacing and
@@ -164,12 +180,15 @@ class Detokenizer:
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
+        self._decode_fast = backend_decode(tokenizer)
         self.ids: list[int] = []
         self.prefix = self.read = 0
         self.prefix_text = ""
         self.text = ""
 
     def _decode(self, ids) -> str:
+        if self._decode_fast is not None:
+            return self._decode_fast(ids, skip_special_tokens=True)
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def add(self, token: int) -> None:
@@ -230,18 +249,15 @@ class Engine:
     joining row's prompt, serve/packed.py), "padded" (a padded batch: joins prefill in a forward
     of their own) or "auto" (packed where the model's family and attention implementation allow
     it).
-    `threads`: intra-op threads while the engine runs: None (torch's setting, unchanged), a count,
-    or "auto" (CPU: the fewest on a ladder whose decode-shaped forward times within
-    core/threads.py's margin of the fastest, a core left to the HTTP front end and clients where
-    more threads buy little; other devices: unchanged). torch's count is process-wide, so a
-    count is for a process that serves (`ssn serve`); the worker restores the count it found
-    when it stops."""
+    `threads`: intra-op threads while the engine runs: None (torch's setting, unchanged) or a
+    count. torch's count is process-wide, so a count is for a process that serves (`ssn serve
+    --threads`); the worker restores the count it found when it stops."""
 
     def __init__(self, model, tokenizer, handle=None, variants: dict | None = None, max_batch: int = 16,
                  queue_size: int = 64, gather_ms: float = 5.0, max_prefill_tokens: int = 512,
                  metrics: Metrics | None = None, name: str = "base", prefix_cache_mb: float = 256.0,
                  small_batch_gemm: str = "auto", layout: str = "auto", prefill_steps: int = 1,
-                 threads: int | str | None = None):
+                 threads: int | None = None):
         if (max_batch < 1 or queue_size < 1 or gather_ms < 0 or max_prefill_tokens < 1 or prefix_cache_mb < 0
                 or prefill_steps < 1):
             raise ValueError("max_batch, queue_size, max_prefill_tokens and prefill_steps must be >= 1, gather_ms "
@@ -250,9 +266,8 @@ class Engine:
             raise ValueError(f"small_batch_gemm must be one of {SMALL_BATCH_GEMM}, got {small_batch_gemm!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        if not (threads is None or threads == "auto"
-                or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1)):
-            raise ValueError(f"threads must be None, 'auto' or an integer >= 1, got {threads!r}")
+        if not (threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1)):
+            raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
         why = packed.supported(model)
         if layout == "packed" and why is not None:
             raise SSNError(f"layout 'packed' is not available for this model: {why}")  # (a user's choice: one line)
@@ -284,7 +299,6 @@ class Engine:
         self.small_batch_rows = 0  # the tall form for the rest of 2..this many rows (0: off); decided then too
         self.threads_setting = threads
         self.threads: int | None = None  # the worker's intra-op threads, read when it starts
-        self.thread_times: dict[int, float] = {}  # calibrate_threads()'s seconds per count ("auto" on CPU)
         # waiting requests: a deque under a condition (queue.Queue cannot peek at the next prompt's length)
         self._waiting: deque[GenRequest] = deque()
         self._cv = threading.Condition()
@@ -385,24 +399,17 @@ class Engine:
             upto = top
         return upto
 
-    def _set_threads(self) -> None:
-        """The worker's intra-op threads (see `threads`): timed with the small-batch forms this
-        worker uses, at a decode step's row count."""
-        if self.threads_setting == "auto" and self.device.type == "cpu":
-            self.thread_times = calibrate_threads(self.model, rows=min(THREAD_ROWS, self.max_batch),
-                                                  repeats=CALIBRATION_REPEATS)
-            if self.thread_times:
-                torch.set_num_threads(fewest_threads(self.thread_times))
-        elif isinstance(self.threads_setting, int):
-            torch.set_num_threads(self.threads_setting)
-        self.threads = torch.get_num_threads()
-
     # ----- worker -----
     def _run(self) -> None:
         # Interventions and the small-batch GEMM form are bound to the thread that enters them:
         # this one, for its whole life.
         scope = contextlib.ExitStack()
         try:
+            # (first: the small-batch forms below are timed at the count the steps will run at)
+            scope.callback(torch.set_num_threads, torch.get_num_threads())  # the count it found, back at stop
+            if self.threads_setting is not None:
+                torch.set_num_threads(self.threads_setting)
+            self.threads = torch.get_num_threads()
             if self.variants:
                 scope.enter_context(self.handle.intervene(variants=self.variants))
             if self.small_batch_gemm == "on":
@@ -416,8 +423,6 @@ class Engine:
                 self.small_batch_rows = self._calibrated("tall", CALIBRATION, self.native_rows)
             if self.small_batch_rows or self.native_rows:
                 scope.enter_context(small_batch_linear(self.model, self.small_batch_rows, self.native_rows))
-            scope.callback(torch.set_num_threads, torch.get_num_threads())  # (the count it found, at stop)
-            self._set_threads()
             if self.layout == "packed":
                 scope.enter_context(packed.packed_attention(self.model))
         except Exception as exc:  # noqa: BLE001 - handed to start()
