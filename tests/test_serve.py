@@ -399,6 +399,36 @@ def test_event_loops_that_close_leave_no_step_hook_behind(tiny_ckpts):
         engine.stop()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stuck_engine_gets_408_from_the_front_end_past_the_deadline(tiny_ckpts, monkeypatch, stream):
+    """The front end's own guard: an engine that never ends a row (here: never started) is
+    answered 408 a grace period after the request's deadline (at least 1 s after it arrived),
+    and the row is cancelled."""
+    from starlette.testclient import TestClient
+
+    import ssn_runtime.serve.app as app_module
+    from ssn_runtime.serve import Engine, Metrics, ServerConfig, create_app
+
+    monkeypatch.setattr(app_module, "STUCK_GRACE_S", 0.0)
+    model, tok = load_model(tiny_ckpts["llama"]), load_tokenizer(tiny_ckpts["llama"])
+    metrics = Metrics()
+    engine = Engine(model, tok, metrics=metrics)  # not started: nothing ever runs
+    app = create_app(ServerConfig("tiny", engine, request_timeout=0.1), metrics)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 3, "stream": stream}
+    with TestClient(app) as http:
+        t0 = time.monotonic()
+        r = http.post(CHAT, json=body)
+        waited = time.monotonic() - t0
+    assert 0.9 <= waited < 5, waited
+    if stream:
+        assert r.status_code == 200
+        events = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+        assert json.loads(events[-2])["error"]["code"] == "timeout" and events[-1] == "[DONE]", events
+    else:
+        assert r.status_code == 408 and r.json()["error"]["code"] == "timeout", r.text
+    assert all(req.cancelled.is_set() for req in engine._waiting) and len(engine._waiting) == 1
+
+
 def _tokens(server, profile):
     return metric(server, "ssn_completion_tokens_total", profile=profile)
 
