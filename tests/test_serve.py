@@ -11,6 +11,8 @@ import time
 import httpx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from serve_helpers import Server, encode, make_profiles, reference
 
 from ssn_runtime import load_model, load_tokenizer
@@ -580,3 +582,29 @@ def test_the_outbox_hands_a_steps_events_to_the_loop_in_one_wake_up_and_in_order
     box = asyncio.run(main())
     box.post(asyncio.Queue(), ("delta", "late"))
     box.wake()  # the loop has closed: no error
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(), model=st.text(min_size=1, max_size=20))
+def test_a_stream_chunk_from_its_template_equals_the_rendered_chunk(text, model):
+    """Each streamed token's chunk is built around its text alone (app.delta_template): the same
+    bytes as rendering the whole chunk, for any text and model name."""
+    from ssn_runtime.serve.app import delta_template
+
+    for chat in (True, False):
+        def render(t, chat=chat):
+            choice = {"index": 0, "delta": {"content": t}} if chat else {"index": 0, "text": t}
+            payload = {"id": "chatcmpl-x", "object": "o", "created": 1, "model": model,
+                       "choices": [{**choice, "finish_reason": None, "logprobs": None}]}
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        assert delta_template(render)(text) == render(text)
+
+
+def test_a_chunk_template_falls_back_to_rendering_where_the_marker_is_not_unique():
+    from ssn_runtime.serve.app import delta_template
+
+    def render(t):
+        return json.dumps({"model": "\x00ssn-text\x00", "text": t}, ensure_ascii=False)
+
+    assert delta_template(render) is render
