@@ -404,8 +404,8 @@ def test_event_loops_that_close_leave_no_step_hook_behind(tiny_ckpts):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_stuck_engine_gets_408_from_the_front_end_past_the_deadline(tiny_ckpts, monkeypatch, stream):
     """The front end's own guard: an engine that never ends a row (here: never started) is
-    answered 408 a grace period after the request's deadline (at least 1 s after it arrived),
-    and the row is cancelled."""
+    answered 408 a grace period after the request's deadline (at least 1 s of silence), and the
+    row is cancelled."""
     from starlette.testclient import TestClient
 
     import ssn_runtime.serve.app as app_module
