@@ -49,8 +49,9 @@ NATIVE = [False] + ([True] if cpp_ops.available("decode_attention") else [])
 @torch.inference_mode()
 def test_packed_steps_equal_each_row_alone(arch, window, group_tokens, native, monkeypatch):
     """Joins of up to `GROUP_TOKENS` tokens attend in one call (queries padded to the longest);
-    at 5, step 1 has one join in each kind. `native`: decode attention and the key/value writes
-    in the C++ kernels (csrc/packed_cache.cpp), or all in torch."""
+    at 5, step 1 has one join in each kind. `native`: decode attention (and with short chunks
+    only, the joins' too) and the key/value writes in the C++ kernels (csrc/packed_cache.cpp),
+    or all in torch."""
     monkeypatch.setattr(packed, "GROUP_TOKENS", group_tokens)
     model = _model(arch, window)
     g = torch.Generator().manual_seed(5)
@@ -88,7 +89,11 @@ def test_packed_steps_equal_each_row_alone(arch, window, group_tokens, native, m
         close(got[0], a + nxt["a"][:1])
         close(got[1], b + nxt["b"][:1])
         close(got[2], c)
-        assert (kv._cpp_dec is not None and kv._cpp_all is not None) == native  # the path asked for ran
+        # the path asked for ran: with the C++ kernels, decode rows and short chunks in one call
+        # per layer (rows written and read through `_cpp_all`), a longer chunk by sdpa beside
+        # the decode rows' call (`_cpp_dec`)
+        assert (kv._cpp_all is not None) == native
+        assert (kv._cpp_dec is not None) == (native and len(c) - 4 > group_tokens)
         # b leaves: c moves into its slot; a and c decode on
         order = kv.keep([0, 2], [len(a) + 1, len(b) + 1, len(c)])
         assert order == [0, 2]

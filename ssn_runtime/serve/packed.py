@@ -16,8 +16,11 @@ the given position ids, projections, the MLP with its per-token-row variants).
 On CPU (float32, bfloat16) the decode rows' attention, the step's key/value writes and the slot
 moves when rows leave run as C++ kernels (csrc/packed_cache.cpp: each row reads its own columns in
 place; sdpa's CPU kernel cost more than the math at a few dozen columns, and torch copies cost
-more per call than the data they move); elsewhere, and for joining rows, torch's sdpa and index
-writes. `PackedCache(native=False)` keeps torch everywhere (the kernels' reference in tests).
+more per call than the data they move); so does the attention of joining rows in a step whose
+chunks are all short (`GROUP_TOKENS`; each prompt token reads its slot's columns up to its
+position, as a decoding token does). Elsewhere, and for a step with a longer chunk, torch's sdpa
+(the joins; a long chunk's queries are many and share keys) and index writes.
+`PackedCache(native=False)` keeps torch everywhere (the kernels' reference in tests).
 
 Attention math is the sdpa path's: the same scaling and sliding window (a query at position p
 sees keys at positions p - window < k <= p), and, as transformers' sdpa path, no logit
@@ -39,7 +42,9 @@ import torch.nn.functional as F
 from ..core import cpp_ops
 
 NAME = "ssn_packed"
-GROUP_TOKENS = 64  # joins computing at most this many prompt tokens in a step attend in one call
+# joins computing at most this many prompt tokens in a step attend in one call (sdpa), or beside
+# the decode rows in the C++ kernel where it applies
+GROUP_TOKENS = 64
 BASE = "sdpa"  # the implementation the packed one stands in for (and computes like)
 # Families whose attention modules call `past_key_values.update(k, v, layer_idx)` and then the
 # attention interface with `sliding_window` as their only extra: each is checked against the
@@ -174,18 +179,24 @@ class PackedCache:
         n, u = len(slots), used
         self._slots, self._after = ids[:n], ids[n:n + u]
         self._tok_slot, self._tok_col = ids[n + u:n + u + T], ids[n + u + T:]
-        # short chunks attend together (one call per layer, queries padded to the longest); a long
-        # one alone, so that a 512-token chunk does not pad every other join to 512 queries
-        short = [i for i, j in enumerate(joins) if j.new <= GROUP_TOKENS]
-        groups = ([short] if short else []) + [[i] for i, j in enumerate(joins) if j.new > GROUP_TOKENS]
-        self._groups = [self._group(g) for g in groups]  # the same for every layer: built once per step
+        self._short = all(j.new <= GROUP_TOKENS for j in joins)
+        self._groups = None  # sdpa's join groups: built on first use, then the same for every layer
         self._cpp_all = self._cpp_dec = None  # the C++ kernels' checked rows: on first use, then every layer
         token = _ACTIVE.set(self)
         try:
             yield self
         finally:
             _ACTIVE.reset(token)
-            self._joins, self._groups = [], []  # drop the prefix copies
+            self._joins, self._groups = [], None  # drop the prefix copies
+
+    def _join_groups(self) -> list[tuple]:
+        """Short chunks attend together (one sdpa call per layer, queries padded to the longest);
+        a long one alone, so that a 512-token chunk does not pad every other join to 512 queries."""
+        if self._groups is None:
+            short = [i for i, j in enumerate(self._joins) if j.new <= GROUP_TOKENS]
+            groups = ([short] if short else []) + [[i] for i, j in enumerate(self._joins) if j.new > GROUP_TOKENS]
+            self._groups = [self._group(g) for g in groups]
+        return self._groups
 
     def _group(self, group: list[int]) -> tuple:
         """(join indices, token rows of each chunk padded with its last [J * S] (a padding query's
@@ -277,7 +288,17 @@ class PackedCache:
         G = Hq // Hkv
         out = query.new_empty((T, Hq, Dv))
         n = self._n
-        if n and self._native(query):
+        native = self._native(query)
+        if native and self._short:
+            # Every token row reads its own slot's columns up to its position (a prompt token
+            # of a short chunk as a decoding token does; its keys were written by `update`):
+            # one C++ call per layer for the whole step, where sdpa per join group cost a mask,
+            # a gather and a copy per join (~0.1 ms a layer on the organism's 4-layer steps)
+            q = query[0] if query.stride(3) == 1 else query[0].contiguous()
+            cpp_ops.decode_attention(q, K, V, self._cpp_all, window or 0, scaling if scaling is not None else D ** -0.5,
+                                     out)
+            return out.unsqueeze(0)
+        if n and native:
             if self._cpp_dec is None:
                 self._cpp_dec = cpp_ops.CacheRows(self._tok_slot[:n], self._tok_col[:n])
             q = query[0] if query.stride(3) == 1 else query[0].contiguous()
@@ -291,7 +312,7 @@ class PackedCache:
             o = F.scaled_dot_product_attention(q, K[:u, :, :w], V[:u, :, :w], attn_mask=self._mask("decode", window),
                                                scale=scaling)
             out[:n] = (o if self._dense else o[self._slots]).reshape(n, Hq, Dv)
-        for group, rows, slots, S, W in self._groups:
+        for group, rows, slots, S, W in self._join_groups():
             js = [self._joins[i] for i in group]
             J = len(js)
             q = query[0].index_select(1, rows).view(Hq, J, S, D).transpose(0, 1).reshape(J, Hkv, G * S, D)
