@@ -24,8 +24,13 @@ from ssn_runtime.training.patches import NeuronPatch
 openai = pytest.importorskip("openai")
 
 
-@pytest.fixture(scope="module")
-def served(long_ckpt, tmp_path_factory):
+# Every server test runs against both front-end/engine arrangements: the engine's thread in the
+# server's process, and the engine in a process of its own (engine_process.py).
+MODES = {"in-process": "--no-engine-process", "engine-process": "--engine-process"}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def served(long_ckpt, tmp_path_factory, request):
     root = tmp_path_factory.mktemp("serve")
     path = long_ckpt  # (a long context: the disconnect tests need rows that outlast a hang-up)
     model = load_model(path)
@@ -39,7 +44,8 @@ def served(long_ckpt, tmp_path_factory):
     NeuronMask.from_values(every, model, big, big, name="boom").save(root / "boom")
     server = Server(["--model", str(path), "--served-name", "tiny", "--profile", f"amp={root / 'amp'}",
                      "--profile", f"tuned={root / 'tuned'}", "--profile", f"both={root / 'amp'},{root / 'tuned'}",
-                     "--profile", f"boom={root / 'boom'}", "--request-timeout", "30", "--gather-ms", "20"])
+                     "--profile", f"boom={root / 'boom'}", "--request-timeout", "30", "--gather-ms", "20",
+                     MODES[request.param]])
     yield {"server": server, "path": path, "mask": mask, "patch": NeuronPatch.load(root / "tuned"), "root": root}
     server.stop()
 
@@ -302,9 +308,10 @@ def test_extreme_but_valid_values_answer_and_leave_the_batch_alone(served):
     assert "non_finite_logits" in lines[-2] and lines[-1] == "data: [DONE]"
 
 
-def test_api_key_queue_limit_and_timeout(long_ckpt):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_api_key_queue_limit_and_timeout(long_ckpt, mode):
     server = Server(["--model", str(long_ckpt), "--served-name", "tiny", "--queue-size", "1",
-                     "--max-batch", "1", "--request-timeout", "2"], env={"SSN_API_KEY": "s3cr\u00e9t"})
+                     "--max-batch", "1", "--request-timeout", "2", MODES[mode]], env={"SSN_API_KEY": "s3cr\u00e9t"})
     try:
         url = server.url
         h = httpx.get(url + "/health")
@@ -481,7 +488,8 @@ def test_a_non_streaming_client_that_disconnects_stops_its_row(served):
     assert metric(server, "ssn_requests_total", endpoint=CHAT, status="499") >= 1
 
 
-def test_sigterm_drains_then_cuts_within_the_grace_period(long_ckpt):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sigterm_drains_then_cuts_within_the_grace_period(long_ckpt, mode):
     """SIGTERM: no new connections; a short row accepted before the signal finishes; a long one
     is cut (503 on its stream) when the grace period ends; the process exits 0 soon after.
     The signal goes out once the short request is accepted (its stream has begun, so it is
@@ -493,7 +501,7 @@ def test_sigterm_drains_then_cuts_within_the_grace_period(long_ckpt):
     import signal
     import threading
 
-    server = Server(["--model", str(long_ckpt), "--served-name", "tiny", "--shutdown-grace", "1"])
+    server = Server(["--model", str(long_ckpt), "--served-name", "tiny", "--shutdown-grace", "1", MODES[mode]])
     try:
         url = server.url + CHAT
         long_lines, short_lines = [], []

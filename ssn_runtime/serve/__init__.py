@@ -19,8 +19,8 @@ from .engine import Draining, Engine, GenRequest, QueueFull
 from .metrics import Metrics
 
 __all__ = ["Draining", "Engine", "GenRequest", "Metrics", "QueueFull", "ServeConfig", "ServerConfig",
-           "build_server", "create_app", "load_variants", "parse_profile_args", "parse_profiles", "profile_kind",
-           "run", "serve_forever"]
+           "build_server", "create_app", "load_engine", "load_variants", "parse_profile_args", "parse_profiles",
+           "profile_kind", "run", "serve_forever"]
 
 
 def profile_kind(path: str | Path) -> str:
@@ -66,25 +66,37 @@ def load_variants(profiles: dict[str, str], model) -> dict:
             for name, f in parse_profiles(profiles).items()}
 
 
-def build_server(model_path: str, profiles: dict[str, str], config: ServeConfig | None = None, dtype="auto",
-                 device: str | None = None):
-    """(FastAPI app, engine): everything validated and loaded, the engine started."""
+def load_engine(model_path: str, profiles: dict[str, str], config: ServeConfig, dtype="auto",
+                device: str | None = None, metrics: Metrics | None = None) -> Engine:
+    """The model, its tokenizer and profiles loaded and validated, and an engine started on them."""
     from ..core.loading import load_model, load_tokenizer
     from ..core.runtime import attach
 
-    config = config or ServeConfig()
     parse_profiles(profiles)  # a bad spec fails before the model is loaded
     model = load_model(model_path, dtype=dtype, device=device)
     tok = load_tokenizer(model_path)
     variants = load_variants(profiles, model)
+    return Engine(model, tok, attach(model), variants, max_batch=config.max_batch, queue_size=config.queue_size,
+                  gather_ms=config.gather_ms, max_prefill_tokens=config.max_prefill_tokens,
+                  prefill_steps=config.prefill_steps, metrics=metrics or Metrics(),
+                  name="base", prefix_cache_mb=config.prefix_cache_mb,
+                  small_batch_gemm=config.small_batch_gemm, layout=config.layout,
+                  threads=config.threads).start()
+
+
+def build_server(model_path: str, profiles: dict[str, str], config: ServeConfig | None = None, dtype="auto",
+                 device: str | None = None):
+    """(FastAPI app, engine): everything validated and loaded, the engine started (in a process
+    of its own with `config.engine_process`)."""
+    config = config or ServeConfig()
+    parse_profiles(profiles)  # a bad spec fails before the model is loaded
     metrics = Metrics()
-    handle = attach(model)
-    engine = Engine(model, tok, handle, variants, max_batch=config.max_batch, queue_size=config.queue_size,
-                    gather_ms=config.gather_ms, max_prefill_tokens=config.max_prefill_tokens,
-                    prefill_steps=config.prefill_steps, metrics=metrics,
-                    name="base", prefix_cache_mb=config.prefix_cache_mb,
-                    small_batch_gemm=config.small_batch_gemm, layout=config.layout,
-                    threads=config.threads).start()
+    if config.engine_process:
+        from .engine_process import EngineProcess
+
+        engine = EngineProcess(model_path, profiles, config, dtype, device, metrics)
+    else:
+        engine = load_engine(model_path, profiles, config, dtype, device, metrics)
     cfg = ServerConfig(base_name=config.served_name or Path(str(model_path)).name, engine=engine,
                        api_key=config.key(), request_timeout=config.request_timeout,
                        default_max_tokens=config.default_max_tokens, public_metrics=config.public_metrics)
@@ -112,7 +124,9 @@ def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="a
     print(f"small-batch linear layers: {small_batch_summary(engine)} (--small-batch-gemm {config.small_batch_gemm}); "
           f"KV layout: {engine.layout}", flush=True)
     print(f"decode worker threads: {engine.threads}"
-          + (" (--threads)" if config.threads else " (torch's default; --threads sets it)"), flush=True)
+          + (" (--threads)" if config.threads else " (torch's default; --threads sets it)")
+          + (f"; engine in a process of its own (pid {engine.pid})" if config.engine_process
+             else "; engine in the front end's process"), flush=True)
     # Everything loaded so far (the model, tokenizer, tables: hundreds of thousands of objects)
     # lives as long as the server: out of the collector's sight, a full collection scans only
     # what requests create, instead of stalling every stream at once while it walks them all.

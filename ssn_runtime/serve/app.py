@@ -3,7 +3,8 @@
     GET  /v1/models             the base model and every profile, as "<base>:<profile>"
     POST /v1/chat/completions   OpenAI chat completions (stream: server-sent events)
     POST /v1/completions        OpenAI text completions
-    GET  /health                {"status": "ok"} (503 {"status": "draining"} while shutting down); nothing else
+    GET  /health                {"status": "ok"} (503 {"status": "draining"} while shutting down, 503
+                                {"status": "down", "reason": ...} once the engine cannot serve); nothing else
     GET  /metrics               Prometheus text (behind the API key unless public_metrics)
 
 A profile is chosen by the model field ("<base>:<profile>") or an extra body field "profile".
@@ -184,12 +185,15 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if engine.down:
+            return JSONResponse({"status": "down", "reason": engine.down}, status_code=503)
         if engine.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def prometheus():
+        await engine.refresh_metrics()  # (an engine in another process sends its tables)
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def read_body(request: Request) -> bytes:
@@ -207,6 +211,9 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
     outboxes: dict = {}  # event loop -> its _Outbox
 
     async def run(request: Request, kind: str):
+        if engine.down:
+            raise APIError(503, f"the server cannot answer: {engine.down}; restart it", error_type(503),
+                           code="engine_down")
         if engine.draining:
             raise APIError(503, "the server is shutting down", error_type(503), code="shutting_down")
         parsed = parse_request(load_json(await read_body(request)), kind, ctx)

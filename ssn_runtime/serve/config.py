@@ -44,6 +44,10 @@ class ServeConfig:
                                  "OMP_NUM_THREADS or the machine's cores); fewer leave cores to the HTTP front end "
                                  "and the clients, which can pay on models too small to split (bench/serve.py "
                                  "--variant-arg=--threads=N measures it)")
+    engine_process: bool = option(True, "run the engine in a process of its own (as vLLM runs its engine "
+                                  "core): the HTTP front end (parsing, chat templates, tokenization, streaming) "
+                                  "and the engine's steps then share no interpreter lock; --no-engine-process "
+                                  "keeps the engine as a thread of the server's process")
     shutdown_grace: float = option(30.0, "on SIGTERM: seconds in-flight rows may run on before they are cut (503)")
     public_metrics: bool = option(False, "serve /metrics without the API key")
 

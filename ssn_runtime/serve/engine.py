@@ -314,6 +314,7 @@ class Engine:
         self._idle.set()
         self._ready, self._failed = threading.Event(), None
         self._step_hooks: list[Callable[[], bool | None]] = []
+        self._admit_hooks: list[Callable[[list[GenRequest]], None]] = []
         self._hooks_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"ssn-engine-{name}", daemon=True)
 
@@ -358,6 +359,12 @@ class Engine:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    @property
+    def down(self) -> str | None:
+        """Why the engine can no longer serve (None: it can). The worker thread outlives any
+        failed step; an engine in a process of its own can die with its process."""
+        return None
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
@@ -455,6 +462,16 @@ class Engine:
         with self._hooks_lock:
             self._step_hooks.append(hook)
 
+    def on_admit(self, hook: Callable[[list[GenRequest]], None]) -> None:
+        """Call `hook` on the worker's thread with the requests that leave the queue for a row
+        (a front end in another process counts what still waits; engine_process.py)."""
+        with self._hooks_lock:
+            self._admit_hooks.append(hook)
+
+    async def refresh_metrics(self) -> None:
+        """Nothing to fetch: the engine writes the server's metrics itself (an engine in another
+        process sends its tables; engine_process.py)."""
+
     def _end_of_step(self) -> None:
         for hook in tuple(self._step_hooks):  # (appended to from other threads)
             try:
@@ -531,7 +548,9 @@ class Engine:
                     out.append(r)
                     tokens += len(r.prompt_ids)
             self.metrics.set_queue_depth(self.name, len(self._waiting))
-            return out
+        for hook in self._admit_hooks:
+            hook(out)
+        return out
 
     def _rows_scope(self, variants: list[int]):
         if not self.variants:

@@ -28,6 +28,13 @@ class _Histogram:
         return out
 
 
+# The tables the engine writes (the rest are the HTTP front end's): what an engine in a process of
+# its own reports to the front end's /metrics (engine_process.py); histograms with their buckets.
+ENGINE_TABLES = ("prompt_tokens", "completion_tokens", "batch", "ttft", "itl", "prefill_rows", "prefill_tokens",
+                 "cached_tokens", "row_failures", "queue_depth", "running")
+HISTOGRAMS = {"batch": BATCH_BUCKETS, "ttft": LATENCY_BUCKETS, "itl": TOKEN_BUCKETS, "prefill_rows": BATCH_BUCKETS}
+
+
 class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
@@ -92,6 +99,35 @@ class Metrics:
             key = (engine, profile)
             self.prompt_tokens[key] = self.prompt_tokens.get(key, 0) + prompt
             self.completion_tokens[key] = self.completion_tokens.get(key, 0) + completion
+
+    def export(self) -> dict:
+        """The engine's tables as JSON values: {table: [[[label, ...], value], ...]}, a
+        histogram's value [bucket counts, sum, count]."""
+        with self._lock:
+            out = {}
+            for name in ENGINE_TABLES:
+                out[name] = [[list(k) if isinstance(k, tuple) else [k],
+                              [list(v.counts), v.sum, v.n] if name in HISTOGRAMS else v]
+                             for k, v in getattr(self, name).items()]
+            return out
+
+    def take(self, snapshot: dict) -> None:
+        """Replace the engine's tables with `snapshot` (`export()`'s, from the engine's process;
+        the front end's own tables stay)."""
+        tables = {}
+        for name in ENGINE_TABLES:
+            table = {}
+            for labels, value in snapshot[name]:
+                key = tuple(labels) if len(labels) > 1 else labels[0]
+                if name in HISTOGRAMS:
+                    h = _Histogram(HISTOGRAMS[name])
+                    h.counts, h.sum, h.n = list(value[0]), float(value[1]), int(value[2])
+                    value = h
+                table[key] = value
+            tables[name] = table
+        with self._lock:
+            for name, table in tables.items():
+                setattr(self, name, table)
 
     def render(self) -> str:
         with self._lock:

@@ -1,0 +1,364 @@
+"""The engine in a process of its own (`ssn serve --engine-process`), as vLLM runs its engine core.
+
+Why: in one process the HTTP front end (parsing, validation, chat template, tokenization,
+streaming) and the engine's steps take turns on one interpreter lock. Measured on the organism at
+16 clients with one decode thread, the engine thread and the event loop used 0.67 and 0.32 of a
+core: together one core, on a 2-core machine with most of the other idle. In two processes each
+has a lock of its own.
+
+`EngineProcess` is what the app sees of an `Engine` (submit, drain, draining, on_step_end, stop,
+refresh_metrics, and the facts the front end reads: profiles, context, vocabulary, the start-up
+settings). The child process loads the model, its profiles and a tokenizer (detokenization and
+stop strings stay with the rows, in the engine), runs an ordinary `Engine`, and answers over one
+duplex pipe in JSON frames (never pickles):
+
+    front end -> engine   ["submit", rid, {request fields}]  ["cancel", rid]  ["drain", grace_s]
+                          ["metrics", n]  ["stop"]
+    engine -> front end   ["ready", facts] or ["failed", is_user_error, message]   (once)
+                          ["step", [[rid, *event], ...], [admitted rid, ...]]      (a step's news)
+                          ["metrics", n, tables]
+
+A step's events travel in one message, written by the engine's thread at the end of the step; a
+thread of the front end receives it and hands each event to its request's sink, then runs the
+step-end hooks, as the engine's thread does in one process. The queue bound is kept by the
+front end: it counts the requests it sent that the engine has not yet admitted (each step names
+the requests it admitted; an answer that ends in the queue ends its count), never fewer than the
+engine's own queue holds, so the engine never refuses what the front end accepted. If the
+engine process dies, every open request gets a 500 and the server refuses new ones (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import signal
+import threading
+from dataclasses import fields
+
+from ..errors import SSNError
+from .config import ServeConfig
+from .engine import Draining, GenRequest, QueueFull
+from .metrics import Metrics
+
+# the ServeConfig fields the engine takes (the rest are the front end's)
+ENGINE_SETTINGS = ("max_batch", "queue_size", "gather_ms", "max_prefill_tokens", "prefill_steps", "prefix_cache_mb",
+                   "small_batch_gemm", "layout", "threads")
+REQUEST_FIELDS = ("prompt_ids", "profile", "max_tokens", "temperature", "top_p", "stop", "seed", "ignore_eos",
+                  "deadline", "created")
+TERMINAL = ("done", "error")
+METRICS_WAIT_S = 5.0  # /metrics answers with the tables it last had if the engine takes longer
+
+
+def _frame(msg) -> bytes:
+    return json.dumps(msg, separators=(",", ":")).encode()
+
+
+class _Cancel(threading.Event):
+    """A request's `cancelled` flag that also tells the engine (once, while the request is open)."""
+
+    def __init__(self, owner: EngineProcess, rid: int):
+        super().__init__()
+        self._owner, self._rid = owner, rid
+
+    def set(self) -> None:
+        if not self.is_set():
+            super().set()
+            self._owner._cancel(self._rid)
+
+
+class EngineProcess:
+    def __init__(self, model_path: str, profiles: dict[str, str], config: ServeConfig, dtype="auto",
+                 device: str | None = None, metrics: Metrics | None = None):
+        from ..core.loading import load_tokenizer
+
+        self.metrics = metrics or Metrics()
+        self.tok = load_tokenizer(model_path)
+        self.queue_size = config.queue_size
+        settings = {k: getattr(config, k) for k in ENGINE_SETTINGS}
+        ctx = mp.get_context("spawn")  # (a fork would copy this process's threads' locks mid-use)
+        self._conn, child = ctx.Pipe(duplex=True)
+        self._proc = ctx.Process(target=_child_main, args=(child, str(model_path), dict(profiles), settings, dtype,
+                                                           device, _progress_bars()), name="ssn-engine", daemon=True)
+        self._proc.start()
+        child.close()
+        self.pid = self._proc.pid
+        self._send_lock, self._lock = threading.Lock(), threading.Lock()
+        self._pending: dict[int, GenRequest] = {}  # rid -> request, until its last event
+        self._waiting: set[int] = set()  # sent, not yet admitted by the engine
+        self._rid = 0
+        self._draining = self._stopping = False
+        self._dead: str | None = None
+        self._step_hooks: list = []
+        self._metric_calls: dict[int, tuple] = {}
+        self._metric_seq = 0
+        facts = self._first_message()
+        self.profiles = facts["profiles"]
+        self.index = {p: i for i, p in enumerate(self.profiles)}
+        self.context, self.vocab_size, self.layout = facts["context"], facts["vocab_size"], facts["layout"]
+        self.threads, self.native_rows = facts["threads"], facts["native_rows"]
+        self.small_batch_rows = facts["small_batch_rows"]
+        self.small_batch_ratios = {(form, rows): r for form, rows, r in facts["small_batch_ratios"]}
+        self._receiver = threading.Thread(target=self._receive, name="ssn-engine-receiver", daemon=True)
+        self._receiver.start()
+
+    def _first_message(self) -> dict:
+        while not self._conn.poll(0.2):
+            if not self._proc.is_alive():
+                raise SSNError(f"the engine process exited while loading (exit code {self._proc.exitcode})")
+        try:
+            msg = json.loads(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            self._proc.join(5)
+            raise SSNError(f"the engine process exited while loading (exit code {self._proc.exitcode})") from None
+        if msg[0] == "failed":
+            self._proc.join(10)
+            if msg[1]:
+                raise SSNError(msg[2])  # a user's mistake (a bad profile folder, say): its one line
+            raise RuntimeError(f"the engine process failed to start: {msg[2]}")
+        return msg[1]
+
+    # ----- what the app calls -----
+    def submit(self, req: GenRequest) -> None:
+        if req.profile not in self.index:
+            raise ValueError(f"unknown profile {req.profile!r}")
+        with self._lock:
+            if self._draining or self._dead is not None:  # (the app asks `down` first and says why)
+                raise Draining()
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull()
+            self._rid += 1
+            rid = self._rid
+            req.cancelled = _Cancel(self, rid)
+            self._pending[rid] = req
+            self._waiting.add(rid)
+        self._send(["submit", rid, {k: getattr(req, k) for k in REQUEST_FIELDS}])
+
+    def drain(self, grace_s: float) -> None:
+        with self._lock:
+            self._draining = True
+        self._send(["drain", grace_s])
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def down(self) -> str | None:
+        """Why the engine can no longer serve ("the engine process exited (code -9)"), else None."""
+        return None if self._dead is None or self._stopping else f"the engine process {self._dead}"
+
+    def on_step_end(self, hook) -> None:
+        with self._lock:
+            self._step_hooks.append(hook)
+
+    async def refresh_metrics(self) -> None:
+        """Copy the engine's tables into the front end's metrics (a round trip to the engine)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._lock:
+            self._metric_seq += 1
+            n = self._metric_seq
+            self._metric_calls[n] = (loop, fut)
+        self._send(["metrics", n])
+        try:
+            self.metrics.take(await asyncio.wait_for(fut, METRICS_WAIT_S))
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._metric_calls.pop(n, None)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the engine (open rows end with 503) and its process."""
+        self._stopping = True
+        self._send(["stop"])
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        self._receiver.join(timeout)
+
+    # ----- the pipe -----
+    def _send(self, msg) -> None:
+        data = _frame(msg)
+        try:
+            with self._send_lock:
+                self._conn.send_bytes(data)
+        except (OSError, ValueError):  # the engine is gone: _receive fails the open requests
+            pass
+
+    def _cancel(self, rid: int) -> None:
+        if rid in self._pending:
+            self._send(["cancel", rid])
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                msg = json.loads(self._conn.recv_bytes())
+                if msg[0] == "step":
+                    self._step(msg[1], msg[2])
+                elif msg[0] == "metrics":
+                    with self._lock:
+                        call = self._metric_calls.pop(msg[1], None)
+                    if call is not None:
+                        call[0].call_soon_threadsafe(_resolve, call[1], msg[2])
+        except (EOFError, OSError):
+            pass
+        self._lost()
+
+    def _step(self, events: list, admitted: list) -> None:
+        out = []
+        with self._lock:
+            self._waiting.difference_update(admitted)
+            for rid, *ev in events:
+                req = self._pending.get(rid)
+                if req is None:
+                    continue
+                if ev[0] in TERMINAL:
+                    del self._pending[rid]
+                    self._waiting.discard(rid)
+                out.append((req, tuple(ev)))
+            hooks = tuple(self._step_hooks)
+        for req, ev in out:
+            req.emit(*ev)
+        self._run_hooks(hooks)
+
+    def _run_hooks(self, hooks) -> None:
+        for hook in hooks:
+            try:
+                gone = hook() is False
+            except Exception:  # noqa: BLE001 - a listener's failure must not stop the others
+                gone = False
+            if gone:
+                with self._lock:
+                    self._step_hooks.remove(hook)
+
+    def _lost(self) -> None:
+        """The pipe closed: the engine stopped (or died). Every open request gets its answer."""
+        self._proc.join(5)
+        with self._lock:
+            self._dead = "stopped" if self._stopping else f"exited (code {self._proc.exitcode})"
+            pending, self._pending, self._waiting = list(self._pending.values()), {}, set()
+            hooks = tuple(self._step_hooks)
+        for req in pending:
+            if self._stopping:
+                req.emit("error", 503, "shutting_down", "the server stopped before this answer was done")
+            else:
+                req.emit("error", 500, "server_error", f"the engine process {self._dead}")
+        self._run_hooks(hooks)
+
+
+def _resolve(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _progress_bars() -> bool:
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return False
+    return hf_logging.is_progress_bar_enabled()
+
+
+def _child_main(conn, model_path: str, profiles: dict, settings: dict, dtype, device, progress_bars: bool) -> None:
+    """The engine process: load, say "ready", then serve the pipe until "stop" or until the
+    front end is gone (its end of the pipe closed)."""
+    import gc
+
+    from transformers.utils import logging as hf_logging
+
+    from . import load_engine
+
+    if not progress_bars:  # (as the front end's process: the CLI turns transformers' bars off)
+        hf_logging.disable_progress_bar()
+
+    # The front end takes the signals (a terminal's Ctrl-C and a service manager's SIGTERM reach the
+    # whole process group) and says "drain", then "stop"; a front end that dies closes the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    send_lock = threading.Lock()
+
+    def send(msg) -> None:
+        data = _frame(msg)
+        with send_lock:
+            conn.send_bytes(data)
+
+    try:
+        config = ServeConfig(**{f.name: settings[f.name] for f in fields(ServeConfig) if f.name in settings})
+        engine = load_engine(model_path, profiles, config, dtype, device, Metrics())
+    except BaseException as exc:  # noqa: BLE001 - reported to the front end, which raises it
+        send(["failed", isinstance(exc, SSNError), str(exc) if isinstance(exc, SSNError)
+              else f"{type(exc).__name__}: {exc}"])
+        conn.close()
+        return
+    lock = threading.Lock()
+    news: list = []  # [rid, *event] this step
+    admitted: list[int] = []
+    open_reqs: dict[int, GenRequest] = {}
+
+    def sink_for(rid: int):
+        def sink(ev) -> None:
+            with lock:
+                news.append([rid, *ev])
+            if ev[0] in TERMINAL:
+                open_reqs.pop(rid, None)
+        return sink
+
+    def on_admit(reqs) -> None:
+        with lock:
+            admitted.extend(r.rid for r in reqs)
+
+    def end_of_step() -> bool:
+        with lock:
+            if not news and not admitted:
+                return True
+            msg = ["step", news[:], admitted[:]]
+            news.clear()
+            admitted.clear()
+        try:
+            send(msg)
+        except (OSError, ValueError):
+            return False  # the front end is gone
+        return True
+
+    engine.on_admit(on_admit)
+    engine.on_step_end(end_of_step)
+    ratios = [[form, rows, r] for (form, rows), r in engine.small_batch_ratios.items()]
+    send(["ready", {"profiles": engine.profiles, "context": engine.context, "vocab_size": engine.vocab_size,
+                    "layout": engine.layout, "threads": engine.threads, "native_rows": engine.native_rows,
+                    "small_batch_rows": engine.small_batch_rows, "small_batch_ratios": ratios}])
+    gc.collect()
+    gc.freeze()  # (as the server does: what loading made lives as long as the process)
+    try:
+        while True:
+            try:
+                msg = json.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                break
+            kind = msg[0]
+            if kind == "submit":
+                rid, f = msg[1], msg[2]
+                req = GenRequest(**{k: f[k] for k in REQUEST_FIELDS}, sink=sink_for(rid))
+                req.rid = rid  # (for on_admit: a GenRequest is not hashable)
+                open_reqs[rid] = req
+                try:
+                    engine.submit(req)
+                except (QueueFull, Draining):  # (the front end counted and refused first; a race at shutdown)
+                    req.emit("error", 503, "shutting_down", "the server is shutting down")
+                    end_of_step()
+            elif kind == "cancel":
+                req = open_reqs.get(msg[1])
+                if req is not None:
+                    req.cancelled.set()
+            elif kind == "drain":
+                engine.drain(msg[1])
+            elif kind == "metrics":
+                send(["metrics", msg[1], engine.metrics.export()])
+            elif kind == "stop":
+                break
+    finally:
+        engine.stop()  # open rows end (503) and their events go out with the last step
+        end_of_step()
+        conn.close()
