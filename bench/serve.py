@@ -64,11 +64,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a server may run its engine in a process of its own)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+        except OSError:  # (it exited meanwhile)
+            pass
+    return out
+
+
+def memory_bytes(pid: int) -> int:
+    """The server's proportional set size (PSS), summed over its processes: a page shared by two
+    of them (the torch library both map) counts once in all, not once in each (as RSS would)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
 
 
 class Proc:
@@ -335,11 +356,17 @@ def step_stats(before: dict, after: dict) -> dict:
 
 
 def _cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of process `pid` so far (0 without one)."""
+    """User + system CPU seconds so far of process `pid` and its descendants (0 without one)."""
     if pid is None:
         return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # ----- profiles -----
@@ -680,11 +707,12 @@ def main(argv=None) -> int:
             try:
                 warm(srv.url, "m", prompts)
                 time.sleep(0.5)
-                mem[name] = rss_bytes(srv.proc.pid)
+                mem[name] = memory_bytes(srv.proc.pid)
             finally:
                 srv.stop()
         mem["patch_bytes_each"] = [patch_bytes(profiles[p]) for p in patches]
         mem["two_patches_over_base"] = mem["two_patches"] / mem["base_only"]
+        mem["measure"] = "PSS summed over the server's processes (smaps_rollup)"
         res["resident_memory"] = mem
         print(f"resident memory: base {mem['base_only'] / 2**20:.1f} MiB, +2 patches "
               f"{mem['two_patches'] / 2**20:.1f} MiB ({mem['two_patches_over_base']:.3f}x; patch files "
@@ -694,7 +722,7 @@ def main(argv=None) -> int:
     # what the server chose at start-up (its GEMM form per row count, its KV layout): timed there
     res["ssn_server_startup"] = startup_lines(srv)
     print("\n".join(res["ssn_server_startup"]))
-    res["resident_memory_all_profiles"] = rss_bytes(srv.proc.pid)
+    res["resident_memory_all_profiles"] = memory_bytes(srv.proc.pid)
 
     try:  # srv: the server with every profile
         # "control" sends exactly what "base" sends: an A/A run that costs nothing extra, so the
