@@ -153,7 +153,10 @@ class EngineProcess:
             self._step_hooks.append(hook)
 
     async def refresh_metrics(self) -> None:
-        """Copy the engine's tables into the front end's metrics (a round trip to the engine)."""
+        """Copy the engine's tables into the front end's metrics (a round trip to the engine; the
+        tables it last sent once the engine is gone)."""
+        if self._dead is not None:
+            return
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         with self._lock:
@@ -326,9 +329,13 @@ def _child_main(conn, model_path: str, profiles: dict, settings: dict, dtype, de
     engine.on_admit(on_admit)
     engine.on_step_end(end_of_step)
     ratios = [[form, rows, r] for (form, rows), r in engine.small_batch_ratios.items()]
-    send(["ready", {"profiles": engine.profiles, "context": engine.context, "vocab_size": engine.vocab_size,
-                    "layout": engine.layout, "threads": engine.threads, "native_rows": engine.native_rows,
-                    "small_batch_rows": engine.small_batch_rows, "small_batch_ratios": ratios}])
+    try:
+        send(["ready", {"profiles": engine.profiles, "context": engine.context, "vocab_size": engine.vocab_size,
+                        "layout": engine.layout, "threads": engine.threads, "native_rows": engine.native_rows,
+                        "small_batch_rows": engine.small_batch_rows, "small_batch_ratios": ratios}])
+    except OSError:  # the front end went away while the model loaded
+        engine.stop()
+        return
     gc.collect()
     gc.freeze()  # (as the server does: what loading made lives as long as the process)
     try:
