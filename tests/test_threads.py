@@ -1,4 +1,5 @@
-"""The decode worker's intra-op thread count (Engine(threads=...), ssn serve --threads)."""
+"""The decode worker's intra-op thread count (Engine(threads=...), ssn serve --threads), and the
+calibrated pick behind `--threads auto` (core/threads.py)."""
 
 import threading
 
@@ -7,6 +8,7 @@ import torch
 from serve_helpers import PROMPTS, encode, reference
 
 from ssn_runtime import load_model, load_tokenizer
+from ssn_runtime.core.threads import MARGIN, calibrate_threads, fewest_threads, thread_ladder
 from ssn_runtime.errors import SSNError
 from ssn_runtime.serve.config import ServeConfig, available_cores
 from ssn_runtime.serve.engine import Engine
@@ -34,20 +36,64 @@ def test_a_count_holds_while_the_engine_runs_and_is_restored_when_it_stops(tiny_
     assert torch.get_num_threads() == before
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.0, True, "2", "auto"])
+@pytest.mark.parametrize("bad", [0, -1, 1.0, True, "2", "Auto"])
 def test_engine_refuses_a_bad_thread_count(tiny_ckpts, bad):
     path = tiny_ckpts["llama"]
     with pytest.raises(ValueError, match="threads"):
         Engine(load_model(path), load_tokenizer(path), threads=bad)
 
 
-def test_serve_config_takes_a_count_of_this_process_cores():
-    assert ServeConfig().threads is None
+def test_serve_config_takes_auto_or_a_count_of_this_process_cores():
+    assert ServeConfig().threads == "auto"
     assert ServeConfig(threads=1).threads == 1
+    assert ServeConfig(threads="1").threads == 1  # (the command line's text)
     assert ServeConfig(threads=available_cores()).threads == available_cores()
-    for bad in (0, -1, 1.5, True, "1", available_cores() + 1):
+    for bad in (0, -1, 1.5, True, "01", "1.0", " 1", "x", None, available_cores() + 1, str(available_cores() + 1)):
         with pytest.raises(SSNError, match="threads"):
             ServeConfig(threads=bad)
+
+
+def test_the_ladder_and_the_fewest_threads_within_the_margin():
+    assert thread_ladder(1) == [1] and thread_ladder(2) == [2, 1] and thread_ladder(16) == [16, 8, 4, 2, 1]
+    assert thread_ladder(6) == [6, 3, 1]
+    assert fewest_threads({2: 1.0, 1: MARGIN * 0.99}) == 1  # one thread nearly as fast: a core given back
+    assert fewest_threads({2: 1.0, 1: MARGIN * 1.01}) == 2
+    assert fewest_threads({16: 1.0, 8: 1.1, 4: 1.3, 2: 2.0, 1: 4.0}) == 8
+    assert fewest_threads({2: 1.5, 1: 1.0}) == 1  # more threads slower: the fewest
+    for bad in ({}, {0: 1.0}, {True: 1.0}, {2: 0.0}, {2: float("inf")}, {2: float("nan")}, {2: 1}):
+        with pytest.raises(ValueError):
+            fewest_threads(bad)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError):
+            thread_ladder(bad)
+
+
+def test_calibration_times_every_count_on_the_ladder_and_restores_the_callers(tiny_ckpts):
+    model = load_model(tiny_ckpts["llama"]).eval()
+    before = torch.get_num_threads()
+    times = calibrate_threads(model, rows=4, repeats=2, cores=2)
+    assert set(times) == {2, 1} and all(isinstance(t, float) and t > 0 for t in times.values())
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError):
+        calibrate_threads(model, rows=0)
+
+
+def test_auto_runs_the_worker_at_the_calibrated_pick_and_restores_the_count(tiny_ckpts):
+    path = tiny_ckpts["llama"]
+    model, tok = load_model(path).eval(), load_tokenizer(path)
+    before = torch.get_num_threads()
+    seen = {}
+    eng = Engine(model, tok, max_batch=4, gather_ms=0, threads="auto")
+    eng.on_step_end(lambda: seen.setdefault("threads", torch.get_num_threads()))
+    eng.start()
+    try:
+        ids = encode(tok, PROMPTS[0])
+        assert eng.generate(ids, max_tokens=4, temperature=0)[0] == reference(path, ids, 4)
+        assert set(eng.thread_times) == set(thread_ladder(available_cores()))
+        assert eng.threads == fewest_threads(eng.thread_times) == seen["threads"]
+    finally:
+        eng.stop()
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "x", str(available_cores() + 1)])

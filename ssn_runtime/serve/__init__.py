@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import SSNError
 from .app import ServerConfig, create_app
 from .config import ServeConfig, parse_profile_args
-from .engine import Draining, Engine, GenRequest, QueueFull
+from .engine import THREAD_ROWS, Draining, Engine, GenRequest, QueueFull
 from .metrics import Metrics
 
 __all__ = ["Draining", "Engine", "GenRequest", "Metrics", "QueueFull", "ServeConfig", "ServerConfig",
@@ -113,6 +113,18 @@ def small_batch_summary(engine) -> str:
     return ("; ".join(parts) or "F.linear") + (f" (time over F.linear's: {timed})" if timed else "")
 
 
+def threads_summary(engine) -> str:
+    """The worker's intra-op threads and, where timed ("auto"), each count's forward time over the
+    fastest's (core/threads.py)."""
+    times = engine.thread_times
+    if not times:
+        return str(engine.threads)
+    best = min(times.values())
+    timed = ", ".join(f"{n}: {t / best:.2f}x" for n, t in times.items())
+    return f"{engine.threads} (a {min(THREAD_ROWS, engine.max_batch)}-row forward's time over the fastest count's: " \
+        f"{timed})"
+
+
 def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="auto",
         device: str | None = None) -> None:
     """`ssn serve`: load, say where it serves, serve until SIGTERM/SIGINT (then drain)."""
@@ -123,8 +135,7 @@ def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="a
           + (" (API key required)" if config.key() else "") + f"; HTTP: {http_stack()}", flush=True)
     print(f"small-batch linear layers: {small_batch_summary(engine)} (--small-batch-gemm {config.small_batch_gemm}); "
           f"KV layout: {engine.layout}", flush=True)
-    print(f"decode worker threads: {engine.threads}"
-          + (" (--threads)" if config.threads else " (torch's default; --threads sets it)")
+    print(f"decode worker threads: {threads_summary(engine)} (--threads {config.threads})"
           + (f"; engine in a process of its own (pid {engine.pid})" if config.engine_process
              else "; engine in the front end's process"), flush=True)
     # Everything loaded so far (the model, tokenizer, tables: hundreds of thousands of objects)

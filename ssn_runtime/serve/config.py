@@ -4,8 +4,10 @@ checked before the model is read."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
+from ..core.threads import available_cores
 from ..errors import SSNError
 from ..options import option
 from ..validation import check_int, check_number
@@ -40,10 +42,10 @@ class ServeConfig:
     layout: str = option("auto", "KV layout: packed (one forward per step for running rows and joining prompts, "
                          "a cache slot per row), padded (joins prefill in a forward of their own), or auto (packed "
                          "where the model family allows)", choices=("auto", "packed", "padded"))
-    threads: int | None = option(None, "intra-op threads of the decode worker (default: torch's, from "
-                                 "OMP_NUM_THREADS or the machine's cores); fewer leave cores to the HTTP front end "
-                                 "and the clients, which can pay on models too small to split (bench/serve.py "
-                                 "--variant-arg=--threads=N measures it)")
+    threads: str = option("auto", "intra-op threads of the decode worker: a count, or auto (the fewest whose "
+                          "16-row forward times within 1.25x of the fastest count's, timed at start: a core left "
+                          "to the HTTP front end and the clients where more threads buy little; "
+                          "bench/serve.py --variant-arg=--threads=N measures a choice)")
     engine_process: bool = option(True, "run the engine in a process of its own (as vLLM runs its engine "
                                   "core): the HTTP front end (parsing, chat templates, tokenization, streaming) "
                                   "and the engine's steps then share no interpreter lock; --no-engine-process "
@@ -62,8 +64,7 @@ class ServeConfig:
             raise SSNError(f"{WHERE}: small_batch_gemm must be auto, on or off, got {self.small_batch_gemm!r}")
         if self.layout not in ("auto", "packed", "padded"):
             raise SSNError(f"{WHERE}: layout must be auto, packed or padded, got {self.layout!r}")
-        if self.threads is not None:
-            check_int(self.threads, WHERE, "threads", 1, available_cores())
+        self.threads = thread_setting(self.threads)
         if self.api_key is not None and not (self.api_key and self.api_key.isprintable()):
             raise SSNError(f"{WHERE}: api_key must be a non-empty printable string")
 
@@ -72,12 +73,18 @@ class ServeConfig:
         return self.api_key or os.environ.get("SSN_API_KEY") or None
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its affinity), else the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+def thread_setting(value) -> int | str:
+    """`threads` as the engine takes it: "auto", or a count in [1, the cores this process may
+    use] (an int, or its decimal digits as the command line gives them)."""
+    cores = available_cores()
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and re.fullmatch(r"[1-9][0-9]{0,5}", value):
+        value = int(value)
+    if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= cores):
+        raise SSNError(f"{WHERE}: threads must be auto or an integer in [1, {cores}] (the cores this process may "
+                       f"use), got {value!r}")
+    return value
 
 
 def parse_profile_args(specs: list[str]) -> dict[str, str]:

@@ -53,6 +53,7 @@ from ..core import cpp_ops
 from ..core.small_batch_linear import calibrate as calibrate_small_batch
 from ..core.small_batch_linear import native_form as small_batch_native
 from ..core.small_batch_linear import small_batch_linear
+from ..core.threads import calibrate_threads, fewest_threads
 from ..errors import SSNError
 from . import packed
 from .metrics import Metrics
@@ -85,6 +86,8 @@ SMALL_BATCH_ROWS = 64
 # product at 16 rows as 1.04x F.linear's time where four other start-ups on the same machine read
 # 0.82-0.84x, and the ladder stopped at 8 rows. Nine add eight forwards per rung to the start-up.
 CALIBRATION_REPEATS = 9
+# The rows a thread count is timed at (threads "auto"): a loaded server's decode step (16 clients).
+THREAD_ROWS = 16
 
 
 class QueueFull(Exception):
@@ -249,15 +252,17 @@ class Engine:
     joining row's prompt, serve/packed.py), "padded" (a padded batch: joins prefill in a forward
     of their own) or "auto" (packed where the model's family and attention implementation allow
     it).
-    `threads`: intra-op threads while the engine runs: None (torch's setting, unchanged) or a
-    count. torch's count is process-wide, so a count is for a process that serves (`ssn serve
+    `threads`: intra-op threads while the engine runs: None (torch's setting, unchanged), a
+    count, or "auto" (on CPU: the fewest on a ladder whose 16-row forward times within
+    core/threads.py's margin of the fastest, timed when the worker starts; elsewhere unchanged).
+    torch's count is process-wide, so a count is for a process that serves (`ssn serve
     --threads`); the worker restores the count it found when it stops."""
 
     def __init__(self, model, tokenizer, handle=None, variants: dict | None = None, max_batch: int = 16,
                  queue_size: int = 64, gather_ms: float = 5.0, max_prefill_tokens: int = 512,
                  metrics: Metrics | None = None, name: str = "base", prefix_cache_mb: float = 256.0,
                  small_batch_gemm: str = "auto", layout: str = "auto", prefill_steps: int = 1,
-                 threads: int | None = None):
+                 threads: int | str | None = None):
         if (max_batch < 1 or queue_size < 1 or gather_ms < 0 or max_prefill_tokens < 1 or prefix_cache_mb < 0
                 or prefill_steps < 1):
             raise ValueError("max_batch, queue_size, max_prefill_tokens and prefill_steps must be >= 1, gather_ms "
@@ -266,8 +271,9 @@ class Engine:
             raise ValueError(f"small_batch_gemm must be one of {SMALL_BATCH_GEMM}, got {small_batch_gemm!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        if not (threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1)):
-            raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
+        if not (threads is None or threads == "auto"
+                or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1)):
+            raise ValueError(f"threads must be None, 'auto' or an integer >= 1, got {threads!r}")
         why = packed.supported(model)
         if layout == "packed" and why is not None:
             raise SSNError(f"layout 'packed' is not available for this model: {why}")  # (a user's choice: one line)
@@ -299,6 +305,7 @@ class Engine:
         self.small_batch_rows = 0  # the tall form for the rest of 2..this many rows (0: off); decided then too
         self.threads_setting = threads
         self.threads: int | None = None  # the worker's intra-op threads, read when it starts
+        self.thread_times: dict[int, float] = {}  # calibrate_threads()'s seconds per count ("auto" on CPU)
         # waiting requests: a deque under a condition (queue.Queue cannot peek at the next prompt's length)
         self._waiting: deque[GenRequest] = deque()
         self._cv = threading.Condition()
@@ -414,7 +421,11 @@ class Engine:
         try:
             # (first: the small-batch forms below are timed at the count the steps will run at)
             scope.callback(torch.set_num_threads, torch.get_num_threads())  # the count it found, back at stop
-            if self.threads_setting is not None:
+            if self.threads_setting == "auto" and self.device.type == "cpu":
+                self.thread_times = calibrate_threads(self.model, rows=min(THREAD_ROWS, self.max_batch))
+                if self.thread_times:
+                    torch.set_num_threads(fewest_threads(self.thread_times))
+            elif isinstance(self.threads_setting, int):
                 torch.set_num_threads(self.threads_setting)
             self.threads = torch.get_num_threads()
             if self.variants:

@@ -99,6 +99,8 @@ class EngineProcess:
         self.threads, self.native_rows = facts["threads"], facts["native_rows"]
         self.small_batch_rows = facts["small_batch_rows"]
         self.small_batch_ratios = {(form, rows): r for form, rows, r in facts["small_batch_ratios"]}
+        self.thread_times = {int(n): t for n, t in facts["thread_times"]}
+        self.max_batch = config.max_batch
         self._receiver = threading.Thread(target=self._receive, name="ssn-engine-receiver", daemon=True)
         self._receiver.start()
 
@@ -332,7 +334,8 @@ def _child_main(conn, model_path: str, profiles: dict, settings: dict, dtype, de
     try:
         send(["ready", {"profiles": engine.profiles, "context": engine.context, "vocab_size": engine.vocab_size,
                         "layout": engine.layout, "threads": engine.threads, "native_rows": engine.native_rows,
-                        "small_batch_rows": engine.small_batch_rows, "small_batch_ratios": ratios}])
+                        "small_batch_rows": engine.small_batch_rows, "small_batch_ratios": ratios,
+                        "thread_times": [[n, t] for n, t in engine.thread_times.items()]}])
     except OSError:  # the front end went away while the model loaded
         engine.stop()
         return

@@ -1,0 +1,92 @@
+"""How many intra-op threads a served decode step uses on CPU (`ssn serve --threads auto`): the
+fewest that keep a decode-shaped forward within `MARGIN` of the fastest count's time.
+
+A serving engine shares the machine's cores with the HTTP front end (a process of its own by
+default) and often with the clients. A thread that barely speeds a step takes a core from them,
+and after each parallel region it spins waiting for the next one (OpenMP's wait policy), so that
+core stays busy whether or not the work needed it. On the built-in organism (hidden size 96: too
+small to split) a second thread made a 16-row forward only a little faster, while served on 2
+cores with the engine in its own process one thread ran 1.10x (natural lengths) and 1.52x
+(fixed lengths) the tokens/s of two, with 0.71x and 0.59x the p95 inter-token latency at 16
+clients (bench/results/serve-organism-*.json, its `variant`). On SmolLM2-135M one thread made
+the same forward 1.6x as long: there the threads pay.
+
+`calibrate_threads` times a whole forward at a decode step's row count for each count on a
+ladder (every core, then halving to one), the counts interleaved in each repeat, and
+`fewest_threads` picks the fewest within `MARGIN` of the fastest. torch's count is process-wide
+(every C++ kernel here is passed `torch.get_num_threads()`), so the choice is for a process that
+serves; the engine sets it while its worker runs and restores the count it found when it stops.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+# Fewer threads are taken while a forward stays within this factor of the fastest count's time:
+# a core given back is worth more to the front end and the clients than the last quarter of a
+# step's speed (the organism above, well inside; SmolLM2's 1.6x, well outside).
+MARGIN = 1.25
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def thread_ladder(cores: int) -> list[int]:
+    """Counts to time, most first: every core, then halving down to one."""
+    if not (isinstance(cores, int) and not isinstance(cores, bool) and cores >= 1):
+        raise ValueError(f"cores must be an integer >= 1, got {cores!r}")
+    out, n = [cores], cores
+    while n > 1:
+        n //= 2
+        out.append(n)
+    return out
+
+
+def fewest_threads(times: dict[int, float], margin: float = MARGIN) -> int:
+    """The fewest threads whose time is within `margin` of the fastest count's."""
+    if not times or any(not (isinstance(n, int) and not isinstance(n, bool) and n >= 1) for n in times) \
+            or any(not (isinstance(t, float) and 0 < t < float("inf")) for t in times.values()):
+        raise ValueError(f"times must map thread counts >= 1 to positive finite seconds, got {times!r}")
+    best = min(times.values())
+    return min(n for n, t in times.items() if t <= margin * best)
+
+
+def calibrate_threads(model: nn.Module, rows: int = 16, repeats: int = 5,
+                      cores: int | None = None) -> dict[int, float]:
+    """{threads: median seconds of one forward of `model` on `rows` token rows (one sequence)}
+    for every count on `thread_ladder(cores)` (default: `available_cores()`), the counts
+    interleaved in turn within each repeat after a warm-up round. The calling thread's count is
+    restored after. Empty when the model has no CPU parameters (nothing here to time)."""
+    if not (isinstance(rows, int) and rows >= 1 and isinstance(repeats, int) and repeats >= 1):
+        raise ValueError(f"rows and repeats must be integers >= 1, got {rows!r}, {repeats!r}")
+    param = next(model.parameters(), None)
+    if param is None or param.device.type != "cpu":
+        return {}
+    ladder = thread_ladder(available_cores() if cores is None else cores)
+    vocab = int(getattr(model.config, "vocab_size", 0) or 2)
+    ids = torch.randint(1, max(2, vocab), (1, rows), generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    samples: dict[int, list[float]] = {n: [] for n in ladder}
+    try:
+        with torch.inference_mode():
+            for i in range(repeats + 1):  # the first round warms each count's thread pool
+                order = ladder[i % len(ladder):] + ladder[:i % len(ladder)]
+                for n in order:
+                    torch.set_num_threads(n)
+                    t0 = time.perf_counter()
+                    model(input_ids=ids, use_cache=False)
+                    if i:
+                        samples[n].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return {n: statistics.median(v) for n, v in samples.items()}
