@@ -4,7 +4,8 @@ Every profile is a per-row variant of the one loaded model (runtime `intervene(v
 a mask is applied inside the fused kernels, a patch adds its gate/up row deltas and down column
 deltas for the rows that use it, and a profile may hold one of each (they compose per row).
 No profile copies the weights: adding a patch profile costs the patch's size. One engine
-(engine.py) batches the requests of all profiles together with continuous batching.
+(engine.py) batches the requests of all profiles together with continuous batching; by default
+it runs in a process of its own beside the HTTP front end (engine_process.py).
 """
 
 from __future__ import annotations
