@@ -5,11 +5,11 @@ A serving engine shares the machine's cores with the HTTP front end (a process o
 default) and often with the clients. A thread that barely speeds a step takes a core from them,
 and after each parallel region it spins waiting for the next one (OpenMP's wait policy), so that
 core stays busy whether or not the work needed it. On the built-in organism (hidden size 96: too
-small to split) a second thread made a 16-row forward only a little faster, while served on 2
-cores with the engine in its own process one thread ran 1.10x (natural lengths) and 1.52x
-(fixed lengths) the tokens/s of two, with 0.71x and 0.59x the p95 inter-token latency at 16
-clients (bench/results/serve-organism-*.json, its `variant`). On SmolLM2-135M one thread made
-the same forward 1.6x as long: there the threads pay.
+small to split) a second thread made a 16-row forward no faster, and served on 2 cores with the
+engine in its own process two threads ran 1.04x (natural lengths) and 0.67x (fixed lengths) the
+tokens/s of one, with 1.14x and 1.66x the p95 inter-token latency at 16 clients
+(bench/results/serve-organism-AMD_EPYC_x2_threads.json, its `variant`). On SmolLM2-135M one
+thread made the same forward 1.6x as long: there the threads pay.
 
 `calibrate_threads` times a whole forward at a decode step's row count for each count on a
 ladder (every core, then halving to one), the counts interleaved in each repeat, and
