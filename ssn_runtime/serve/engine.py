@@ -233,6 +233,21 @@ class _Row:
     chunk: int = 0  # prompt tokens computed per step while other rows decode (Engine.prefill_steps)
 
 
+def run_step_hooks(hooks: list[Callable[[], bool | None]], lock: threading.Lock) -> None:
+    """Call every step-end hook once (over a copy: other threads append to `hooks`); drop, under
+    `lock`, each that returns False (its listener is gone); a hook that raises is logged and kept,
+    and never stops the others or the engine."""
+    for hook in tuple(hooks):
+        try:
+            gone = hook() is False
+        except Exception:  # noqa: BLE001 - a listener's failure must not stop the engine
+            log.exception("a step-end hook failed")
+            gone = False
+        if gone:
+            with lock:
+                hooks.remove(hook)
+
+
 class Engine:
     """Continuous batching with per-row variants on one model.
 
@@ -484,15 +499,7 @@ class Engine:
         process sends its tables; engine_process.py)."""
 
     def _end_of_step(self) -> None:
-        for hook in tuple(self._step_hooks):  # (appended to from other threads)
-            try:
-                gone = hook() is False
-            except Exception:  # noqa: BLE001 - a listener's failure must not stop the engine
-                log.exception("a step-end hook failed")
-                gone = False
-            if gone:
-                with self._hooks_lock:
-                    self._step_hooks.remove(hook)
+        run_step_hooks(self._step_hooks, self._hooks_lock)
 
     @torch.inference_mode()  # the whole step: the KV cache is built, selected and merged in one mode
     def _step(self) -> None:

@@ -38,7 +38,7 @@ from dataclasses import fields
 
 from ..errors import SSNError
 from .config import ServeConfig
-from .engine import Draining, GenRequest, QueueFull
+from .engine import Draining, GenRequest, QueueFull, run_step_hooks
 from .metrics import Metrics
 
 # the ServeConfig fields the engine takes (the rest are the front end's)
@@ -224,20 +224,9 @@ class EngineProcess:
                     del self._pending[rid]
                     self._waiting.discard(rid)
                 out.append((req, tuple(ev)))
-            hooks = tuple(self._step_hooks)
         for req, ev in out:
             req.emit(*ev)
-        self._run_hooks(hooks)
-
-    def _run_hooks(self, hooks) -> None:
-        for hook in hooks:
-            try:
-                gone = hook() is False
-            except Exception:  # noqa: BLE001 - a listener's failure must not stop the others
-                gone = False
-            if gone:
-                with self._lock:
-                    self._step_hooks.remove(hook)
+        run_step_hooks(self._step_hooks, self._lock)
 
     def _lost(self) -> None:
         """The pipe closed: the engine stopped (or died). Every open request gets its answer."""
@@ -245,13 +234,12 @@ class EngineProcess:
         with self._lock:
             self._dead = "stopped" if self._stopping else f"exited (code {self._proc.exitcode})"
             pending, self._pending, self._waiting = list(self._pending.values()), {}, set()
-            hooks = tuple(self._step_hooks)
         for req in pending:
             if self._stopping:
                 req.emit("error", 503, "shutting_down", "the server stopped before this answer was done")
             else:
                 req.emit("error", 500, "server_error", f"the engine process {self._dead}")
-        self._run_hooks(hooks)
+        run_step_hooks(self._step_hooks, self._lock)
 
 
 def _resolve(fut: asyncio.Future, value) -> None:

@@ -289,21 +289,22 @@ class PackedCache:
         out = query.new_empty((T, Hq, Dv))
         n = self._n
         native = self._native(query)
-        if native and self._short:
-            # Every token row reads its own slot's columns up to its position (a prompt token
-            # of a short chunk as a decoding token does; its keys were written by `update`):
-            # one C++ call per layer for the whole step, where sdpa per join group cost a mask,
-            # a gather and a copy per join (~0.1 ms a layer on the organism's 4-layer steps)
+        if native and (self._short or n):
+            # Short chunks only: every token row reads its own slot's columns up to its position
+            # (a prompt token of a short chunk as a decoding token does; its keys were written by
+            # `update`): one C++ call per layer for the whole step, where sdpa per join group cost
+            # a mask, a gather and a copy per join (~0.1 ms a layer on the organism's 4-layer
+            # steps). Otherwise the call takes the decoding rows, and sdpa the joins below.
+            if self._short:
+                rows = self._cpp_all
+            else:
+                if self._cpp_dec is None:
+                    self._cpp_dec = cpp_ops.CacheRows(self._tok_slot[:n], self._tok_col[:n])
+                rows = self._cpp_dec
             q = query[0] if query.stride(3) == 1 else query[0].contiguous()
-            cpp_ops.decode_attention(q, K, V, self._cpp_all, window or 0, scaling if scaling is not None else D ** -0.5,
-                                     out)
-            return out.unsqueeze(0)
-        if n and native:
-            if self._cpp_dec is None:
-                self._cpp_dec = cpp_ops.CacheRows(self._tok_slot[:n], self._tok_col[:n])
-            q = query[0] if query.stride(3) == 1 else query[0].contiguous()
-            cpp_ops.decode_attention(q, K, V, self._cpp_dec, window or 0, scaling if scaling is not None else D ** -0.5,
-                                     out)
+            cpp_ops.decode_attention(q, K, V, rows, window or 0, scaling if scaling is not None else D ** -0.5, out)
+            if self._short:
+                return out.unsqueeze(0)
         elif n:
             q = query[0, :, :n].transpose(0, 1).reshape(n, Hkv, G, D)
             if not self._dense:
