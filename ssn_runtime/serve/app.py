@@ -30,7 +30,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Draining, Engine, GenRequest, QueueFull
 from .metrics import Metrics
-from .protocol import APIError, ServeContext, error_type, load_json, model_ids, parse_request
+from .protocol import (
+    APIError,
+    ServeContext,
+    chat_logprobs,
+    completion_logprobs,
+    error_type,
+    load_json,
+    model_ids,
+    parse_request,
+)
 
 # Past a request's deadline by this much without a word from the engine, the front end answers
 # 408 itself (a stuck engine).
@@ -273,12 +282,32 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
     def usage(n_prompt: int, n_out: int) -> dict:
         return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
 
+    def token_text():
+        """One token's text alone (special tokens by name), decoded once per id per answer."""
+        seen = {}
+
+        def text(t: int) -> str:
+            s = seen.get(t)
+            if s is None:
+                s = seen[t] = ctx.tokenizer.decode([t])
+            return s
+        return text
+
+    def logprobs_of(parsed, entries: list, text, offset: int = 0):
+        if parsed.params["logprobs"] is None:
+            return None
+        label = (lambda t: f"token_id:{t}") if parsed.token_ids else None
+        return chat_logprobs(entries, text, label) if parsed.kind == "chat" \
+            else completion_logprobs(entries, text, offset, label)
+
     async def collect(req: GenRequest, events: asyncio.Queue, rid: str, parsed):
-        text = []
+        text, entries = [], []
         while True:
             ev = await next_event(req, events)
             if ev[0] == "delta":
                 text.append(ev[1])
+            elif ev[0] == "logprob":
+                entries.append(ev[1:])
             elif ev[0] == "gone":
                 return Response(status_code=499)  # nobody reads it; counted as "client closed request"
             elif ev[0] == "error":
@@ -286,11 +315,12 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             else:
                 _, reason, n_prompt, n_out = ev
                 content = "".join(text)
+                lps = logprobs_of(parsed, entries, token_text())
                 if parsed.kind == "chat":
                     choice = {"index": 0, "message": {"role": "assistant", "content": content},
-                              "finish_reason": finish_reason(reason), "logprobs": None}
+                              "finish_reason": finish_reason(reason), "logprobs": lps}
                 else:
-                    choice = {"index": 0, "text": content, "finish_reason": finish_reason(reason), "logprobs": None}
+                    choice = {"index": 0, "text": content, "finish_reason": finish_reason(reason), "logprobs": lps}
                 return {"id": rid, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
                         "created": int(req.created), "model": parsed.model, "choices": [choice],
                         "usage": usage(n_prompt, n_out)}
@@ -299,30 +329,45 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
         chat = parsed.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta_or_text, finish=None):
+        def chunk(delta_or_text, finish=None, logprobs=None):
             if chat:
-                choice = {"index": 0, "delta": delta_or_text, "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "delta": delta_or_text, "finish_reason": finish, "logprobs": logprobs}
             else:
-                choice = {"index": 0, "text": delta_or_text, "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "text": delta_or_text, "finish_reason": finish, "logprobs": logprobs}
             payload = {"id": rid, "object": obj, "created": int(req.created), "model": parsed.model,
                        "choices": [choice]}
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         delta = delta_template(lambda text: chunk({"content": text} if chat else text))
+        # with log-probabilities: each token's entry rides on the chunk that carries its text (or
+        # on a later one, where the text is held back: a partial character or a possible stop
+        # string), the rest on the last chunk; a completion's text_offset runs on across chunks
+        wants, entries, offset, text = parsed.params["logprobs"] is not None, [], 0, token_text()
+
+        def take_logprobs():
+            nonlocal entries, offset
+            lps = logprobs_of(parsed, entries, text, offset)
+            offset += sum(len(text(t)) for t, _, _ in entries)
+            entries = []
+            return lps
+
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""})
             while True:
                 ev = await next_event(req, events)
                 if ev[0] == "delta":
-                    yield delta(ev[1])
+                    yield chunk({"content": ev[1]} if chat else ev[1], logprobs=take_logprobs()) if wants \
+                        else delta(ev[1])
+                elif ev[0] == "logprob":
+                    entries.append(ev[1:])
                 elif ev[0] == "error":
                     err = APIError(ev[1], ev[3], error_type(ev[1]), code=ev[2])
                     yield f"data: {json.dumps(err.body())}\n\n"
                     break
                 else:
                     _, reason, n_prompt, n_out = ev
-                    yield chunk({} if chat else "", finish_reason(reason))
+                    yield chunk({} if chat else "", finish_reason(reason), take_logprobs() if entries else None)
                     if parsed.include_usage:
                         payload = {"id": rid, "object": obj, "created": int(req.created), "model": parsed.model,
                                    "choices": [], "usage": usage(n_prompt, n_out)}

@@ -98,7 +98,9 @@ class Draining(Exception):
     """The engine is shutting down and accepts no new requests."""
 
 
-Event = tuple  # ("delta", text) | ("done", reason, prompt_tokens, completion_tokens) | ("error", status, code, message)
+# ("delta", text) | ("logprob", token, logprob, [[id, logprob], ...]) (requests with logprobs, before the
+# token's text) | ("done", reason, prompt_tokens, completion_tokens) | ("error", status, code, message)
+Event = tuple
 
 
 @dataclass
@@ -111,6 +113,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM allows
+    logprobs: int | None = None  # log-probabilities of each answer token and this many alternatives (None: none)
     deadline: float = float("inf")  # time.time() after which the row ends with 408
     sink: Callable[[Event], None] | None = None  # receives events, from the engine's thread
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -136,6 +139,19 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
         keep = sp.cumsum(0) - sp < top_p  # the smallest set whose mass reaches top_p (the first always kept)
         probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[list]]:
+    """(log-probability of `token`, the `top` most likely tokens as [[id, log-probability], ...]
+    in descending order) under the distribution of one row of float32 logits [V]: the model's
+    own distribution under the row's profile, before temperature and top_p (what vLLM returns
+    by default), so that the same answer reads the same whatever it was sampled with."""
+    lp = torch.log_softmax(logits, dim=-1)
+    alts = []
+    if top:
+        v, i = torch.topk(lp, min(top, lp.numel()))
+        alts = [[a, b] for a, b in zip(i.tolist(), v.tolist(), strict=True)]
+    return float(lp[token]), alts
 
 
 def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -763,6 +779,8 @@ class Engine:
                 reason = "stop"
             else:
                 row.n += 1
+                if r.logprobs is not None:  # (before the token's text: a stream carries both in one chunk)
+                    r.emit("logprob", t, *token_logprobs(logits[j], t, r.logprobs))
                 row.detok.add(t)
                 if self._check_stop(row) == "stop":
                     self._finish(row, "stop", flush=False)

@@ -3,7 +3,7 @@
 Every field is checked for type and range as OpenAI documents it (temperature 0..2, top_p in
 (0, 1], seed a signed 64-bit integer, integers never accepted as floats, booleans only as JSON
 booleans), every string for lone UTF-16 surrogates, and fields this server does not implement
-(logprobs, tools, response_format, ...) are refused by name instead of ignored; unknown fields
+(tools, response_format, penalties, ...) are refused by name instead of ignored; unknown fields
 are refused like OpenAI refuses them. The result is a `ParsedRequest` the engine can run, or an
 `APIError` with a 4xx status: no row is generated for a request that is rejected.
 """
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 MAX_STOP = 4  # stop sequences per request (OpenAI's limit)
 MAX_STOP_CHARS = 256  # characters per stop sequence
 MAX_MESSAGES = 1024
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's chat limit; its legacy completions allowed 5)
 INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
@@ -45,19 +46,17 @@ def bad(message: str, param: str | None = None, code: str | None = None, status:
 # clients send by default), anything else refused as unsupported; unknown names are refused too.
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n", "user",
           "profile", "ignore_eos", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
-          "logit_bias"}
+          "logit_bias", "return_tokens_as_token_ids"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "tools", "tool_choice", "functions", "function_call",
                  "parallel_tool_calls", "response_format", "metadata", "store", "audio", "modalities", "prediction",
                  "reasoning_effort", "web_search_options", "service_tier"}
 COMPLETION = COMMON | {"prompt", "best_of", "echo", "suffix"}
-NOOP = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
-        "logit_bias": ({},), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
+NOOP = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],),
+        "functions": ([],), "tool_choice": ("none",),
         "function_call": ("none",), "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},),
         "store": (False,), "modalities": (["text"],), "best_of": (1,), "echo": (False,), "suffix": ("",),
         "service_tier": ("auto", "default")}
 UNSUPPORTED_WHY = {
-    "logprobs": "log probabilities are not returned by this server",
-    "top_logprobs": "log probabilities are not returned by this server",
     "tools": "tool calling is not supported", "tool_choice": "tool calling is not supported",
     "functions": "function calling is not supported", "function_call": "function calling is not supported",
     "parallel_tool_calls": "tool calling is not supported",
@@ -94,6 +93,7 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     params: dict = field(default_factory=dict)  # GenRequest keyword arguments
+    token_ids: bool = False  # log-probabilities name tokens "token_id:N" (vLLM's return_tokens_as_token_ids)
 
 
 def load_json(raw: bytes) -> dict:
@@ -239,6 +239,23 @@ def stream_flags(body: dict) -> tuple[bool, bool]:
     return stream, boolean(opts, "include_usage")
 
 
+def logprob_count(body: dict, kind: str) -> int | None:
+    """How many alternatives per answer token a request asks log-probabilities for (0: the
+    chosen token's only), or None (no log-probabilities). Chat: `logprobs` true, and optionally
+    `top_logprobs` 0..20 (which needs `logprobs` true, as OpenAI requires); completions:
+    `logprobs` an integer 0..20 (the legacy API's form; `top_logprobs` is chat's)."""
+    if kind == "chat":
+        wanted = boolean(body, "logprobs")
+        top = integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top is not None and not wanted:
+            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return (top or 0) if wanted else None
+    if body.get("top_logprobs") is not None:
+        raise bad("'top_logprobs' is a chat parameter; completions take 'logprobs': an integer "
+                  f"0..{MAX_TOP_LOGPROBS}", "top_logprobs")
+    return integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+
+
 def _text_content(content, where: str) -> str:
     if isinstance(content, str):
         return content
@@ -318,7 +335,7 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
     params = {"temperature": number(body, "temperature", 1.0, 0.0, 2.0),
               "top_p": number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
               "seed": integer(body, "seed", *INT64), "stop": stop_sequences(body),
-              "ignore_eos": boolean(body, "ignore_eos")}
+              "ignore_eos": boolean(body, "ignore_eos"), "logprobs": logprob_count(body, kind)}
     ids = chat_ids(body, ctx.tokenizer) if kind == "chat" else prompt_ids(body, ctx.tokenizer, ctx.vocab_size)
     where = "messages" if kind == "chat" else "prompt"
     if not ids:
@@ -329,4 +346,51 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
     if room < 1 or max_tokens > room:
         raise bad(f"this model's context is {ctx.context} tokens; the prompt has {len(ids)} and {budget} asks for "
                   f"{max_tokens} more", where, "context_length_exceeded")
-    return ParsedRequest(kind, model, profile, ids, stream, include_usage, {"max_tokens": max_tokens, **params})
+    token_ids = boolean(body, "return_tokens_as_token_ids")
+    return ParsedRequest(kind, model, profile, ids, stream, include_usage, {"max_tokens": max_tokens, **params},
+                         token_ids)
+
+
+# ----- log-probabilities in OpenAI's answer shapes -----
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token of probability zero reports this, as vLLM does
+
+
+def _lp(v: float) -> float:
+    return v if v > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+def chat_logprobs(entries: list, text, label=None) -> dict:
+    """A chat choice's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}, ...]}, one
+    entry per answer token. `entries`: (token id, its log-probability, [[id, logprob], ...] the
+    most likely first) per token, as the engine emits them; `text(id)`: one token's text alone
+    (its `bytes`); `label(id)`: the `token` shown, where not the text ("token_id:N": distinct
+    even where several tokens decode to the same text, as byte tokens of a partial character do)."""
+    label = label or text
+
+    def one(t, lp):
+        return {"token": label(t), "logprob": _lp(lp), "bytes": list(text(t).encode("utf-8"))}
+
+    return {"content": [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]} for t, lp, top in entries]}
+
+
+def completion_logprobs(entries: list, text, offset: int = 0, label=None) -> dict:
+    """A completion choice's `logprobs` in the legacy shape: tokens, token_logprobs, top_logprobs
+    (per token {token: logprob} of the most likely and the chosen token, so up to k + 1 as OpenAI
+    documents) and text_offset (each token's character offset in the answer, counting from
+    `offset`: where an earlier chunk of a stream ended). `text` and `label` as chat_logprobs'."""
+    label = label or text
+    tokens, offsets = [], []
+    for t, _, _ in entries:
+        offsets.append(offset)
+        tokens.append(label(t))
+        offset += len(text(t))
+    tops = []
+    for (_, lp, top), s in zip(entries, tokens, strict=True):
+        d = {}
+        for a, b in top:  # (tokens of one text: the most likely one's; "token_id:N" labels keep them apart)
+            d.setdefault(label(a), _lp(b))
+        d.setdefault(s, _lp(lp))
+        tops.append(d)
+    return {"tokens": tokens, "token_logprobs": [_lp(lp) for _, lp, _ in entries], "top_logprobs": tops,
+            "text_offset": offsets}
+

@@ -1,0 +1,190 @@
+"""Log-probabilities through the API (chat `logprobs`/`top_logprobs`, completions `logprobs`), on
+the real server in both arrangements: each answer token's log-probability and its alternatives
+equal a float64 log-softmax of the offline model's logits (the profile's patch merged, its mask
+applied) at that position; streamed entries equal the whole answer's; the legacy completions
+shape is consistent; bad values are refused by name; a request with log-probabilities in a
+shared batch leaves the other rows' answers unchanged."""
+
+import concurrent.futures as cf
+import json
+
+import httpx
+import pytest
+import torch
+from serve_helpers import Server, encode, make_profiles
+
+import ssn_runtime
+from ssn_runtime import load_model, load_tokenizer
+from ssn_runtime.serve.engine import token_logprobs
+from ssn_runtime.serve.protocol import LOGPROB_FLOOR, completion_logprobs
+from ssn_runtime.training.patches import NeuronPatch, merge_patch
+
+openai = pytest.importorskip("openai")
+
+MODES = {"in-process": "--no-engine-process", "engine-process": "--engine-process"}
+PROMPT = "How do I bake bread at home?"
+TOP = 5
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def served(tiny_ckpts, tmp_path_factory, request):
+    root = tmp_path_factory.mktemp("logprobs")
+    path = tiny_ckpts["llama"]
+    mask, patch = make_profiles(load_model(path))
+    mask.save(root / "amp")
+    patch.save(root / "tuned")
+    server = Server(["--model", str(path), "--served-name", "tiny", "--profile", f"amp={root / 'amp'}",
+                     "--profile", f"tuned={root / 'tuned'}", "--gather-ms", "20", MODES[request.param]])
+    yield {"server": server, "path": path, "mask": mask, "patch": NeuronPatch.load(root / "tuned")}
+    server.stop()
+
+
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+
+def offline_logprobs(served, profile: str, answer_ids: list[int]) -> torch.Tensor:
+    """float64 log-softmax of the offline model's logits at each answer position [n, V]: the
+    prompt and the answer in one teacher-forced forward, the profile's patch merged."""
+    tok = load_tokenizer(served["path"])
+    ids = encode(tok, PROMPT)
+    model = load_model(served["path"])
+    if profile == "tuned":
+        merge_patch(model, served["patch"])
+    mask = served["mask"] if profile == "amp" else None
+    with torch.no_grad(), ssn_runtime.attach(model) as h, h.intervene(mask=mask):
+        logits = model(input_ids=torch.tensor([ids + answer_ids])).logits[0].double()
+    return torch.log_softmax(logits[len(ids) - 1:len(ids) - 1 + len(answer_ids)], dim=-1)
+
+
+def token_id(label: str) -> int:
+    assert label.startswith("token_id:"), label
+    return int(label[len("token_id:"):])
+
+
+IDS = {"return_tokens_as_token_ids": True}  # (byte tokens of a partial character all read "\ufffd")
+
+
+@pytest.mark.parametrize("profile", ["", "amp", "tuned"])
+def test_each_answer_tokens_logprob_and_alternatives_equal_the_offline_models(served, profile):
+    c = client(served["server"])
+    model = "tiny" + (f":{profile}" if profile else "")
+    kw = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8, "temperature": 0,
+          "logprobs": True, "top_logprobs": TOP}
+    r = c.chat.completions.create(**kw, extra_body=IDS)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens > 0
+    tok = load_tokenizer(served["path"])
+    ids = [token_id(e.token) for e in entries]
+    want = offline_logprobs(served, profile, ids)
+    for i, e in enumerate(entries):
+        assert e.logprob == pytest.approx(float(want[i, ids[i]]), abs=1e-4)
+        assert e.bytes == list(tok.decode([ids[i]]).encode("utf-8"))
+        top_v, top_i = torch.topk(want[i], TOP)
+        assert [token_id(a.token) for a in e.top_logprobs] == top_i.tolist()
+        assert [a.logprob for a in e.top_logprobs] == pytest.approx(top_v.tolist(), abs=1e-4)
+        assert e.token == e.top_logprobs[0].token and e.logprob == e.top_logprobs[0].logprob  # greedy: the top one
+    # by default each token reads as its text
+    texts = c.chat.completions.create(**kw).choices[0].logprobs.content
+    assert [e.token for e in texts] == [tok.decode([t]) for t in ids]
+    assert [e.logprob for e in texts] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+
+
+def test_streamed_entries_equal_the_whole_answers_and_sampling_reads_the_raw_distribution(served):
+    c = client(served["server"])
+    kw = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8, "logprobs": True,
+          "top_logprobs": 2}
+    whole = c.chat.completions.create(temperature=0, **kw)
+    chunks = list(c.chat.completions.create(temperature=0, stream=True, **kw))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    # the same tokens and alternatives; the numbers to float32 rounding (a repeat's prompt comes
+    # partly from the prefix cache: a prefill of another shape)
+    flat = [(e.token, e.bytes, [(a.token, a.bytes) for a in e.top_logprobs]) for e in streamed]
+    assert flat == [(e.token, e.bytes, [(a.token, a.bytes) for a in e.top_logprobs])
+                    for e in whole.choices[0].logprobs.content]
+    values = [[e.logprob] + [a.logprob for a in e.top_logprobs] for e in streamed]
+    assert values == [pytest.approx([e.logprob] + [a.logprob for a in e.top_logprobs], abs=1e-5)
+                      for e in whole.choices[0].logprobs.content]
+    # a sampled answer reports the model's own distribution (before temperature): the same
+    # numbers as teacher forcing its tokens, whatever the temperature it was drawn with
+    hot = c.chat.completions.create(temperature=1.7, seed=3, **kw, extra_body=IDS)
+    entries = hot.choices[0].logprobs.content
+    ids = [token_id(e.token) for e in entries]
+    want = offline_logprobs(served, "", ids)
+    assert [e.logprob for e in entries] == pytest.approx([float(want[i, t]) for i, t in enumerate(ids)], abs=1e-4)
+    plain = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=8,
+                                      temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completions_take_the_legacy_shape_in_whole_and_streamed_answers(served):
+    c = client(served["server"])
+    kw = {"model": "tiny", "prompt": "hello world", "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    whole = c.completions.create(**kw, extra_body=IDS)
+    lp = whole.choices[0].logprobs
+    n = whole.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n > 0
+    tok = load_tokenizer(served["path"])
+    texts = [tok.decode([token_id(t)]) for t in lp.tokens]
+    assert lp.text_offset == [sum(len(t) for t in texts[:i]) for i in range(n)]  # offsets in the text
+    for t, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top[t] == v and len(top) == 3 and max(top.values()) == v  # greedy: the chosen is the most likely
+    assert c.completions.create(**kw).choices[0].logprobs.tokens == texts  # by default: each token's text
+    chunks = list(c.completions.create(**kw, stream=True, extra_body=IDS))
+    parts = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == lp.tokens
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset  # offsets run on across chunks
+    assert [v for p in parts for v in p.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
+
+
+BAD = [
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2.0}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": 3}, "logprobs"),  # chat's is a boolean
+    ("/v1/completions", {"logprobs": True}, "logprobs"),  # completions' is an integer
+    ("/v1/completions", {"logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"logprobs": 2, "top_logprobs": 2}, "top_logprobs"),  # a chat parameter
+]
+
+
+@pytest.mark.parametrize("path,fields,param", BAD)
+def test_bad_logprob_values_are_refused_by_name(served, path, fields, param):
+    body = {"model": "tiny", "max_tokens": 2, **fields}
+    body.update({"messages": [{"role": "user", "content": PROMPT}]} if "chat" in path else {"prompt": "x"})
+    r = httpx.post(served["server"].url + path, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_a_request_with_logprobs_leaves_its_batch_neighbours_answers_unchanged(served):
+    url = served["server"].url + "/v1/chat/completions"
+    plain = {"model": "tiny", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+             "max_tokens": 8, "temperature": 0}
+    alone = httpx.post(url, json=plain, timeout=60).json()["choices"][0]["message"]["content"]
+    with cf.ThreadPoolExecutor(6) as pool:
+        rich = [pool.submit(httpx.post, url, json={**plain, "messages": [{"role": "user", "content": PROMPT}],
+                                                   "logprobs": True, "top_logprobs": 20}, timeout=60)
+                for _ in range(3)]
+        others = [pool.submit(httpx.post, url, json=plain, timeout=60) for _ in range(3)]
+        assert all(f.result().status_code == 200 for f in rich)
+        assert [f.result().json()["choices"][0]["message"]["content"] for f in others] == [alone] * 3
+    assert json.dumps(rich[0].result().json())  # plain JSON: no NaN or Infinity literals
+
+
+def test_token_logprobs_is_the_log_softmax_and_its_top_tokens_in_order():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=g) * 5
+    logits[7] = float("-inf")  # a token the profile rules out: probability zero
+    lp, top = token_logprobs(logits, 3, 4)
+    ref = torch.log_softmax(logits.double(), -1)
+    assert lp == pytest.approx(float(ref[3]), abs=1e-5)
+    v, i = torch.topk(ref, 4)
+    assert [t for t, _ in top] == i.tolist() and [x for _, x in top] == pytest.approx(v.tolist(), abs=1e-5)
+    assert token_logprobs(logits, 3, 0)[1] == []
+    lp7, _ = token_logprobs(logits, 7, 0)
+    assert lp7 == float("-inf")
+    # JSON has no -inf: the answer reports the floor (as vLLM does)
+    out = completion_logprobs([(7, lp7, [[3, lp]])], lambda t: f"<{t}>")
+    assert out["token_logprobs"] == [LOGPROB_FLOOR] and out["top_logprobs"] == [{"<3>": lp, "<7>": LOGPROB_FLOOR}]
