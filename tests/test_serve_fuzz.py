@@ -82,28 +82,31 @@ def bodies(draw):
 
 
 def check_answer(server, chat, body, r):
-    """A 200 must be a well-formed answer within its budget; greedy and unconstrained, it must
-    be exactly the answer this prompt gets alone with the same budget."""
+    """A 200 must be a well-formed answer within its budget, with `n` choices; greedy and
+    unconstrained, choice 0 must be exactly the answer this prompt gets alone with the same budget."""
     stream = body.get("stream") is True
+    n = body.get("n") if isinstance(body.get("n"), int) else 1
     if stream:
         lines = [x for x in r.text.splitlines() if x.startswith("data:")]
         assert lines[-1] == "data: [DONE]", r.text[-300:]
         chunks = [json.loads(x[5:]) for x in lines[:-1]]
         assert all("error" not in c for c in chunks), chunks[-1]
         content = "".join((c["choices"][0]["delta"].get("content", "") if chat else c["choices"][0]["text"])
-                          for c in chunks if c["choices"])
-        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
-        assert finish and finish[-1] in ("stop", "length")
+                          for c in chunks if c["choices"] and c["choices"][0]["index"] == 0)
+        finish = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"] for c in chunks
+                  if c["choices"] and c["choices"][0]["finish_reason"]}
+        assert sorted(finish) == list(range(n)) and set(finish.values()) <= {"stop", "length"}
     else:
         out = r.json()
         assert out["object"] == ("chat.completion" if chat else "text_completion")
+        assert [c["index"] for c in out["choices"]] == list(range(n))
+        assert all(c["finish_reason"] in ("stop", "length") for c in out["choices"])
         choice = out["choices"][0]
         content = choice["message"]["content"] if chat else choice["text"]
-        assert choice["finish_reason"] in ("stop", "length")
         usage = out["usage"]
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
         budget = body.get("max_tokens")
-        assert usage["completion_tokens"] <= (budget if isinstance(budget, int) else 8)
+        assert usage["completion_tokens"] <= n * (budget if isinstance(budget, int) else 8)
     assert isinstance(content, str)
     same_prompt = body.get("messages") == [{"role": "user", "content": PROMPT}]
     if chat and same_prompt and body.get("temperature") == 0 and body.get("profile") in (None, "base") \

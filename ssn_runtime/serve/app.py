@@ -34,6 +34,7 @@ from .protocol import (
     APIError,
     ServeContext,
     chat_logprobs,
+    choice_seed,
     completion_logprobs,
     error_type,
     load_json,
@@ -235,10 +236,18 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             box = outboxes[loop] = _Outbox(loop)
             engine.on_step_end(box.wake)
         post, events = box.post, asyncio.Queue()
-        req = GenRequest(parsed.prompt_ids, profile=parsed.profile, deadline=time.time() + cfg.request_timeout,
-                         sink=lambda ev: post(events, ev), **parsed.params)
+        n = parsed.n
+        if n > engine.queue_size:
+            raise APIError(400, f"n={n} is more than this server queues at once ({engine.queue_size})",
+                           param="n", code="unsupported_parameter")
+        deadline = time.time() + cfg.request_timeout
+        params = dict(parsed.params)
+        seed = params.pop("seed")
+        # one row per choice; each event reaches the loop tagged with its choice's index
+        reqs = [GenRequest(parsed.prompt_ids, profile=parsed.profile, deadline=deadline, seed=choice_seed(seed, i),
+                           sink=lambda ev, i=i: post(events, (i, ev)), **params) for i in range(n)]
         try:
-            engine.submit(req)
+            engine.submit(*reqs)  # (all or none)
         except QueueFull:
             raise APIError(429, "the server is busy: the request queue is full; retry later", "rate_limit_error",
                            code="queue_full") from None
@@ -246,24 +255,29 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             raise APIError(503, "the server is shutting down", error_type(503), code="shutting_down") from None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         if parsed.stream:
-            return StreamingResponse(stream(req, events, rid, parsed, request), media_type="text/event-stream")
-        watcher = asyncio.create_task(watch_disconnect(request, req, events))
+            return StreamingResponse(stream(reqs, events, rid, parsed), media_type="text/event-stream")
+        watcher = asyncio.create_task(watch_disconnect(request, reqs, events))
         try:
-            return await collect(req, events, rid, parsed)
+            return await collect(reqs, events, rid, parsed)
         finally:
             watcher.cancel()
-            req.cancelled.set()  # whatever happened, the row stops (a no-op once it is done)
+            cancel(reqs)  # whatever happened, the rows stop (a no-op once they are done)
 
-    async def watch_disconnect(request: Request, req: GenRequest, events: asyncio.Queue) -> None:
+    def cancel(reqs: list[GenRequest]) -> None:
+        for req in reqs:
+            req.cancelled.set()
+
+    async def watch_disconnect(request: Request, reqs: list[GenRequest], events: asyncio.Queue) -> None:
         """Notice a non-streaming client that goes away at once (not after the next token)."""
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                req.cancelled.set()
-                events.put_nowait(("gone",))
+                cancel(reqs)
+                events.put_nowait((None, ("gone",)))
                 return
 
-    async def next_event(req: GenRequest, events: asyncio.Queue):
+    async def next_event(reqs: list[GenRequest], events: asyncio.Queue):
+        """(choice index, event); index None: the whole request's (a timeout, a disconnect)."""
         if not events.empty():  # tokens of one decode step arrive together: no timer per event then
             return events.get_nowait()
         # The engine ends every row by its deadline; the margin only guards against a stuck engine.
@@ -271,10 +285,11 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
         # served the organism at 16 clients 0.91x the tokens/s in three interleaved A/B runs:
         # likely because the loop then hands the interpreter lock back to the engine less often.)
         try:
-            return await asyncio.wait_for(events.get(), timeout=max(1.0, req.deadline - time.time() + STUCK_GRACE_S))
+            return await asyncio.wait_for(events.get(),
+                                          timeout=max(1.0, reqs[0].deadline - time.time() + STUCK_GRACE_S))
         except TimeoutError:
-            req.cancelled.set()
-            return ("error", 408, "timeout", "the request timed out")
+            cancel(reqs)
+            return None, ("error", 408, "timeout", "the request timed out")
 
     def finish_reason(reason: str) -> str:
         return reason if reason in ("stop", "length") else "stop"
@@ -300,82 +315,89 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
         return chat_logprobs(entries, text, label) if parsed.kind == "chat" \
             else completion_logprobs(entries, text, offset, label)
 
-    async def collect(req: GenRequest, events: asyncio.Queue, rid: str, parsed):
-        text, entries = [], []
-        while True:
-            ev = await next_event(req, events)
+    async def collect(reqs: list[GenRequest], events: asyncio.Queue, rid: str, parsed):
+        n = len(reqs)
+        texts, entries, choices = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+        n_prompt, n_out, left, text = 0, 0, n, token_text()
+        while left:
+            i, ev = await next_event(reqs, events)
             if ev[0] == "delta":
-                text.append(ev[1])
+                texts[i].append(ev[1])
             elif ev[0] == "logprob":
-                entries.append(ev[1:])
+                entries[i].append(ev[1:])
             elif ev[0] == "gone":
                 return Response(status_code=499)  # nobody reads it; counted as "client closed request"
-            elif ev[0] == "error":
+            elif ev[0] == "error":  # (one choice that fails fails the request: the others stop)
                 raise APIError(ev[1], ev[3], error_type(ev[1]), code=ev[2])
             else:
-                _, reason, n_prompt, n_out = ev
-                content = "".join(text)
-                lps = logprobs_of(parsed, entries, token_text())
+                _, reason, n_prompt, out = ev
+                n_out, left = n_out + out, left - 1
+                content, lps = "".join(texts[i]), logprobs_of(parsed, entries[i], text)
                 if parsed.kind == "chat":
-                    choice = {"index": 0, "message": {"role": "assistant", "content": content},
-                              "finish_reason": finish_reason(reason), "logprobs": lps}
+                    choices[i] = {"index": i, "message": {"role": "assistant", "content": content},
+                                  "finish_reason": finish_reason(reason), "logprobs": lps}
                 else:
-                    choice = {"index": 0, "text": content, "finish_reason": finish_reason(reason), "logprobs": lps}
-                return {"id": rid, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
-                        "created": int(req.created), "model": parsed.model, "choices": [choice],
-                        "usage": usage(n_prompt, n_out)}
+                    choices[i] = {"index": i, "text": content, "finish_reason": finish_reason(reason),
+                                  "logprobs": lps}
+        # (the prompt once, as OpenAI counts it; every choice's answer)
+        return {"id": rid, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
+                "created": int(reqs[0].created), "model": parsed.model, "choices": choices,
+                "usage": usage(n_prompt, n_out)}
 
-    async def stream(req: GenRequest, events: asyncio.Queue, rid: str, parsed, request: Request):
+    async def stream(reqs: list[GenRequest], events: asyncio.Queue, rid: str, parsed):
         chat = parsed.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
+        n, created = len(reqs), int(reqs[0].created)
 
-        def chunk(delta_or_text, finish=None, logprobs=None):
+        def chunk(i, delta_or_text, finish=None, logprobs=None):
             if chat:
-                choice = {"index": 0, "delta": delta_or_text, "finish_reason": finish, "logprobs": logprobs}
+                choice = {"index": i, "delta": delta_or_text, "finish_reason": finish, "logprobs": logprobs}
             else:
-                choice = {"index": 0, "text": delta_or_text, "finish_reason": finish, "logprobs": logprobs}
-            payload = {"id": rid, "object": obj, "created": int(req.created), "model": parsed.model,
-                       "choices": [choice]}
+                choice = {"index": i, "text": delta_or_text, "finish_reason": finish, "logprobs": logprobs}
+            payload = {"id": rid, "object": obj, "created": created, "model": parsed.model, "choices": [choice]}
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-        delta = delta_template(lambda text: chunk({"content": text} if chat else text))
+        deltas = [delta_template(lambda text, i=i: chunk(i, {"content": text} if chat else text)) for i in range(n)]
         # with log-probabilities: each token's entry rides on the chunk that carries its text (or
         # on a later one, where the text is held back: a partial character or a possible stop
-        # string), the rest on the last chunk; a completion's text_offset runs on across chunks
-        wants, entries, offset, text = parsed.params["logprobs"] is not None, [], 0, token_text()
+        # string), the rest on the choice's last chunk; a completion's text_offset runs on across
+        # chunks
+        wants, text = parsed.params["logprobs"] is not None, token_text()
+        entries, offsets = [[] for _ in range(n)], [0] * n
 
-        def take_logprobs():
-            nonlocal entries, offset
-            lps = logprobs_of(parsed, entries, text, offset)
-            offset += sum(len(text(t)) for t, _, _ in entries)
-            entries = []
+        def take_logprobs(i):
+            lps = logprobs_of(parsed, entries[i], text, offsets[i])
+            offsets[i] += sum(len(text(t)) for t, _, _ in entries[i])
+            entries[i] = []
             return lps
 
+        n_prompt, n_out, left = 0, 0, n
         try:
             if chat:
-                yield chunk({"role": "assistant", "content": ""})
-            while True:
-                ev = await next_event(req, events)
+                for i in range(n):
+                    yield chunk(i, {"role": "assistant", "content": ""})
+            while left:
+                i, ev = await next_event(reqs, events)
                 if ev[0] == "delta":
-                    yield chunk({"content": ev[1]} if chat else ev[1], logprobs=take_logprobs()) if wants \
-                        else delta(ev[1])
+                    yield chunk(i, {"content": ev[1]} if chat else ev[1], logprobs=take_logprobs(i)) if wants \
+                        else deltas[i](ev[1])
                 elif ev[0] == "logprob":
-                    entries.append(ev[1:])
-                elif ev[0] == "error":
+                    entries[i].append(ev[1:])
+                elif ev[0] == "error":  # (one choice that fails ends the stream: the others stop)
                     err = APIError(ev[1], ev[3], error_type(ev[1]), code=ev[2])
                     yield f"data: {json.dumps(err.body())}\n\n"
                     break
                 else:
-                    _, reason, n_prompt, n_out = ev
-                    yield chunk({} if chat else "", finish_reason(reason), take_logprobs() if entries else None)
-                    if parsed.include_usage:
-                        payload = {"id": rid, "object": obj, "created": int(req.created), "model": parsed.model,
-                                   "choices": [], "usage": usage(n_prompt, n_out)}
-                        yield f"data: {json.dumps(payload)}\n\n"
-                    break
+                    _, reason, n_prompt, out = ev
+                    n_out, left = n_out + out, left - 1
+                    yield chunk(i, {} if chat else "", finish_reason(reason), take_logprobs(i) if entries[i] else None)
+            if not left and parsed.include_usage:
+                payload = {"id": rid, "object": obj, "created": created, "model": parsed.model, "choices": [],
+                           "usage": usage(n_prompt, n_out)}
+                yield f"data: {json.dumps(payload)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            req.cancelled.set()  # a client that went away mid-stream stops its row
+            cancel(reqs)  # a client that went away mid-stream stops its rows
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

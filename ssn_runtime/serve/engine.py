@@ -373,15 +373,17 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout=timeout)
 
-    def submit(self, req: GenRequest) -> None:
-        if req.profile not in self.index:
-            raise ValueError(f"unknown profile {req.profile!r}")
+    def submit(self, *reqs: GenRequest) -> None:
+        """Queue the requests (the choices of one API request: all of them, or none and QueueFull)."""
+        for req in reqs:
+            if req.profile not in self.index:
+                raise ValueError(f"unknown profile {req.profile!r}")
         with self._cv:
             if self._draining:
                 raise Draining()
-            if len(self._waiting) >= self.queue_size:
+            if len(self._waiting) + len(reqs) > self.queue_size:
                 raise QueueFull()
-            self._waiting.append(req)
+            self._waiting.extend(reqs)
             self._idle.clear()
             self.metrics.set_queue_depth(self.name, len(self._waiting))
             self._cv.notify()

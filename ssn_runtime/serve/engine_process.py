@@ -121,20 +121,25 @@ class EngineProcess:
         return msg[1]
 
     # ----- what the app calls -----
-    def submit(self, req: GenRequest) -> None:
-        if req.profile not in self.index:
-            raise ValueError(f"unknown profile {req.profile!r}")
+    def submit(self, *reqs: GenRequest) -> None:
+        """Queue the requests (the choices of one API request: all of them, or none and QueueFull)."""
+        for req in reqs:
+            if req.profile not in self.index:
+                raise ValueError(f"unknown profile {req.profile!r}")
         with self._lock:
             if self._draining or self._dead is not None:  # (the app asks `down` first and says why)
                 raise Draining()
-            if len(self._waiting) >= self.queue_size:
+            if len(self._waiting) + len(reqs) > self.queue_size:
                 raise QueueFull()
-            self._rid += 1
-            rid = self._rid
-            req.cancelled = _Cancel(self, rid)
-            self._pending[rid] = req
-            self._waiting.add(rid)
-        self._send(["submit", rid, {k: getattr(req, k) for k in REQUEST_FIELDS}])
+            rids = []
+            for req in reqs:
+                self._rid += 1
+                rids.append(self._rid)
+                req.cancelled = _Cancel(self, self._rid)
+                self._pending[self._rid] = req
+                self._waiting.add(self._rid)
+        for rid, req in zip(rids, reqs, strict=True):
+            self._send(["submit", rid, {k: getattr(req, k) for k in REQUEST_FIELDS}])
 
     def drain(self, grace_s: float) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ are refused like OpenAI refuses them. The result is a `ParsedRequest` the engine
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 MAX_STOP = 4  # stop sequences per request (OpenAI's limit)
 MAX_STOP_CHARS = 256  # characters per stop sequence
 MAX_MESSAGES = 1024
+MAX_N = 128  # choices per request (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's chat limit; its legacy completions allowed 5)
 INT64 = (-(1 << 63), (1 << 63) - 1)
 
@@ -94,6 +96,7 @@ class ParsedRequest:
     include_usage: bool = False
     params: dict = field(default_factory=dict)  # GenRequest keyword arguments
     token_ids: bool = False  # log-probabilities name tokens "token_id:N" (vLLM's return_tokens_as_token_ids)
+    n: int = 1  # choices: one row each
 
 
 def load_json(raw: bytes) -> dict:
@@ -323,8 +326,7 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
     check_fields(body, kind)
     model, profile = resolve_model(body, ctx)
     stream, include_usage = stream_flags(body)
-    if integer(body, "n", 1, 1 << 20, 1) != 1:
-        raise bad("only n=1 is supported (send several requests)", "n", "unsupported_parameter")
+    n = integer(body, "n", 1, MAX_N, 1)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad(f"'user' must be a string, not {_type_name(user)}", "user")
@@ -348,7 +350,16 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
                   f"{max_tokens} more", where, "context_length_exceeded")
     token_ids = boolean(body, "return_tokens_as_token_ids")
     return ParsedRequest(kind, model, profile, ids, stream, include_usage, {"max_tokens": max_tokens, **params},
-                         token_ids)
+                         token_ids, n)
+
+
+def choice_seed(seed: int | None, i: int) -> int | None:
+    """The seed of a request's choice i: the request's own for the first (so n=1 and choice 0
+    of n answer alike), and for the others a hash of (seed, i), so that no choice of one seed
+    repeats a choice of another (seed + i would: choice 1 of seed 7 = choice 0 of seed 8)."""
+    if seed is None or i == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{i}".encode()).digest()[:8], "big") >> 1
 
 
 # ----- log-probabilities in OpenAI's answer shapes -----
