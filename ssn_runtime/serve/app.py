@@ -8,7 +8,10 @@
     GET  /metrics               Prometheus text (behind the API key unless public_metrics)
 
 A profile is chosen by the model field ("<base>:<profile>") or an extra body field "profile".
-Extra body field "ignore_eos" (as in vLLM) generates exactly max_tokens. Bodies are validated
+Extra body fields as in vLLM: "ignore_eos" generates exactly max_tokens; "return_tokens_as_token_ids"
+names log-probability tokens "token_id:N". `n` choices run as one row each (their events reach
+the loop tagged with the choice's index); `logprobs` entries ride on the chunks that carry their
+tokens' text. Bodies are validated
 whole (protocol.py) before anything is queued. Every error, unknown paths and wrong methods
 included, uses OpenAI's shape {"error": {"message", "type", "param", "code"}}, and none stops
 the server.

@@ -35,6 +35,13 @@ ENGINE_TABLES = ("prompt_tokens", "completion_tokens", "batch", "ttft", "itl", "
 HISTOGRAMS = {"batch": BATCH_BUCKETS, "ttft": LATENCY_BUCKETS, "itl": TOKEN_BUCKETS, "prefill_rows": BATCH_BUCKETS}
 
 
+def _hist(table: dict, key: str, buckets) -> _Histogram:
+    h = table.get(key)  # (not setdefault: it would build a histogram on every call)
+    if h is None:
+        h = table[key] = _Histogram(buckets)
+    return h
+
+
 class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
@@ -59,25 +66,25 @@ class Metrics:
 
     def observe_latency(self, endpoint: str, seconds: float) -> None:
         with self._lock:
-            self.latency.setdefault(endpoint, _Histogram(LATENCY_BUCKETS)).observe(seconds)
+            _hist(self.latency, endpoint, LATENCY_BUCKETS).observe(seconds)
 
     def observe_batch(self, engine: str, size: int) -> None:
         with self._lock:
-            self.batch.setdefault(engine, _Histogram(BATCH_BUCKETS)).observe(size)
+            _hist(self.batch, engine, BATCH_BUCKETS).observe(size)
 
     def observe_ttft(self, engine: str, seconds: float) -> None:
         with self._lock:
-            self.ttft.setdefault(engine, _Histogram(LATENCY_BUCKETS)).observe(seconds)
+            _hist(self.ttft, engine, LATENCY_BUCKETS).observe(seconds)
 
     def observe_itl(self, engine: str, seconds: float) -> None:
         with self._lock:
-            self.itl.setdefault(engine, _Histogram(TOKEN_BUCKETS)).observe(seconds)
+            _hist(self.itl, engine, TOKEN_BUCKETS).observe(seconds)
 
     def observe_prefill(self, engine: str, rows: int, tokens: int, cached: int = 0) -> None:
         """A prefill of `rows` rows that computed `tokens` prompt tokens and took `cached` more
         from the prefix cache."""
         with self._lock:
-            self.prefill_rows.setdefault(engine, _Histogram(BATCH_BUCKETS)).observe(rows)
+            _hist(self.prefill_rows, engine, BATCH_BUCKETS).observe(rows)
             self.prefill_tokens[engine] = self.prefill_tokens.get(engine, 0) + tokens
             self.cached_tokens[engine] = self.cached_tokens.get(engine, 0) + cached
 
