@@ -221,7 +221,7 @@ BAD = [
     ("POST", CHAT, chat_body(logit_bias={"5": 10}), 400, "unsupported_parameter", "logit_bias"),
     ("POST", CHAT, chat_body(presence_penalty=0.5), 400, "unsupported_parameter", "presence_penalty"),
     ("POST", CHAT, chat_body(temprature=0.5), 400, "unknown_parameter", "temprature"),
-    ("POST", COMP, {"model": "tiny", "prompt": "x", "echo": True}, 400, "unsupported_parameter", "echo"),
+    ("POST", COMP, {"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "unsupported_parameter", "suffix"),
     ("POST", CHAT, chat_body(stop=["x"] * 5), 400, None, "stop"),
     ("POST", CHAT, chat_body(stop="y" * 300), 400, None, "stop"),
     ("POST", CHAT, chat_body(stop=[""]), 400, None, "stop"),

@@ -49,6 +49,7 @@ FIELD_VALUES = {
     "ignore_eos": st.sampled_from([True, False, "yes", 1]),
     "logprobs": st.sampled_from([True, False, None, 3]),
     "top_logprobs": st.sampled_from([0, 2, None]),
+    "echo": st.sampled_from([True, False, "yes", None]),
     "tools": st.sampled_from([None, [], [{"type": "function", "function": {"name": "f"}}]]),
     "response_format": st.sampled_from([None, {"type": "text"}, {"type": "json_object"}]),
     "stream_options": st.sampled_from([None, {"include_usage": True}, "x", {"bogus": 1}]),

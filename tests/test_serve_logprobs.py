@@ -188,3 +188,110 @@ def test_token_logprobs_is_the_log_softmax_and_its_top_tokens_in_order():
     # JSON has no -inf: the answer reports the floor (as vLLM does)
     out = completion_logprobs([(7, lp7, [[3, lp]])], lambda t: f"<{t}>")
     assert out["token_logprobs"] == [LOGPROB_FLOOR] and out["top_logprobs"] == [{"<3>": lp, "<7>": LOGPROB_FLOOR}]
+
+
+def offline_prompt_logprobs(path, ids: list[int], mask=None, patch=None) -> torch.Tensor:
+    """float64 log-softmax of the offline model's logits at every prompt position [len(ids), V]."""
+    model = load_model(path)
+    if patch is not None:
+        merge_patch(model, patch)
+    with torch.no_grad(), ssn_runtime.attach(model) as h, h.intervene(mask=mask):
+        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+
+
+TEXT = "Refusing is the right answer here: I cannot help with that."
+
+
+def check_scored(lp, path, ids, want_top=3, mask=None, patch=None):
+    """A scored prompt: every token after the first equals the offline log-softmax at the
+    position before it; the first has none."""
+    ref = offline_prompt_logprobs(path, ids, mask, patch)
+    assert [token_id(t) for t in lp["tokens"]] == ids
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx([float(ref[p, ids[p + 1]]) for p in range(len(ids) - 1)],
+                                                     abs=1e-4)
+    for p in range(len(ids) - 1):
+        top = lp["top_logprobs"][p + 1]
+        v, i = torch.topk(ref[p], want_top)
+        assert {token_id(k) for k in top} >= set(i.tolist())  # (and the prompt's token itself)
+        assert [top[f"token_id:{j}"] for j in i.tolist()] == pytest.approx(v.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("profile", ["", "amp", "tuned"])
+def test_echo_scores_a_text_under_each_profile_as_the_offline_model_does(served, profile):
+    """`echo` with `max_tokens: 0` and `logprobs`: the log-probability of every token of a given
+    text (a refusal, say) under the profile, without generating; computed whole even when the
+    prompt's prefix sits in the prefix cache (a plain request for it went first)."""
+    url = served["server"].url + "/v1/completions"
+    model = "tiny" + (f":{profile}" if profile else "")
+    httpx.post(url, json={"model": model, "prompt": TEXT, "max_tokens": 2}, timeout=60)  # fills the prefix cache
+    r = httpx.post(url, json={"model": model, "prompt": TEXT, "echo": True, "max_tokens": 0, "logprobs": 3, **IDS},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    choice = out["choices"][0]
+    assert choice["text"] == TEXT and choice["finish_reason"] == "length"
+    assert out["usage"]["completion_tokens"] == 0
+    ids = list(load_tokenizer(served["path"])(TEXT)["input_ids"])
+    assert out["usage"]["prompt_tokens"] == len(ids)
+    check_scored(choice["logprobs"], served["path"], ids, mask=served["mask"] if profile == "amp" else None,
+                 patch=served["patch"] if profile == "tuned" else None)
+
+
+def test_echo_puts_the_prompt_before_the_answer_in_whole_and_streamed_answers(served):
+    url = served["server"].url + "/v1/completions"
+    kw = {"model": "tiny", "prompt": "hello world", "max_tokens": 4, "temperature": 0}
+    plain = httpx.post(url, json=kw, timeout=60).json()["choices"][0]
+    whole = httpx.post(url, json={**kw, "echo": True, "logprobs": 1, **IDS}, timeout=60).json()
+    choice = whole["choices"][0]
+    assert choice["text"] == "hello world" + plain["text"]
+    lp = choice["logprobs"]
+    n_prompt = whole["usage"]["prompt_tokens"]
+    assert len(lp["tokens"]) == n_prompt + whole["usage"]["completion_tokens"]
+    assert lp["token_logprobs"][0] is None and all(v is not None for v in lp["token_logprobs"][1:])
+    with httpx.stream("POST", url, json={**kw, "echo": True, "logprobs": 1, "stream": True, **IDS}, timeout=60) as r:
+        chunks = [json.loads(x[5:]) for x in r.iter_lines() if x.startswith("data:") and x != "data: [DONE]"]
+    assert chunks[0]["choices"][0]["text"] == "hello world"  # the prompt first, with its entries
+    assert len(chunks[0]["choices"][0]["logprobs"]["tokens"]) == n_prompt
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert [t for p in streamed for t in p["tokens"]] == lp["tokens"]
+    assert [o for p in streamed for o in p["text_offset"]] == lp["text_offset"]
+    # without log-probabilities the prompt still comes first
+    with httpx.stream("POST", url, json={**kw, "echo": True, "stream": True}, timeout=60) as r:
+        chunks = [json.loads(x[5:]) for x in r.iter_lines() if x.startswith("data:") and x != "data: [DONE]"]
+    assert chunks[0]["choices"][0]["text"] == "hello world"
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+
+
+@pytest.mark.parametrize("path,fields,param", [
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens"),  # nothing to answer without echo
+    ("/v1/completions", {"echo": "yes"}, "echo"),
+    ("/v1/chat/completions", {"echo": True}, "echo"),  # a completions parameter
+])
+def test_bad_echo_requests_are_refused_by_name(served, path, fields, param):
+    body = {"model": "tiny", "max_tokens": 2, **fields}
+    body.update({"messages": [{"role": "user", "content": PROMPT}]} if "chat" in path else {"prompt": "x"})
+    r = httpx.post(served["server"].url + path, json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_echo_scores_alike_in_the_padded_layout(tiny_ckpts):
+    """The padded layout (architectures without packed attention) scores a prompt from the same
+    forward it prefills with, beside a row that takes its prompt from the prefix cache."""
+    path = tiny_ckpts["llama"]
+    server = Server(["--model", str(path), "--served-name", "tiny", "--layout", "padded", "--gather-ms", "50"])
+    try:
+        url = server.url + "/v1/completions"
+        httpx.post(url, json={"model": "tiny", "prompt": TEXT, "max_tokens": 2}, timeout=60)
+        with cf.ThreadPoolExecutor(2) as pool:  # a cached row and a scoring row, one prefill
+            other = pool.submit(httpx.post, url, json={"model": "tiny", "prompt": TEXT + " More.", "max_tokens": 3},
+                                timeout=60)
+            r = httpx.post(url, json={"model": "tiny", "prompt": TEXT, "echo": True, "max_tokens": 0, "logprobs": 3,
+                                      **IDS}, timeout=60)
+            assert other.result().status_code == 200
+        assert r.status_code == 200, r.text
+        ids = list(load_tokenizer(path)(TEXT)["input_ids"])
+        check_scored(r.json()["choices"][0]["logprobs"], path, ids)
+    finally:
+        server.stop()

@@ -318,6 +318,11 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
         return chat_logprobs(entries, text, label) if parsed.kind == "chat" \
             else completion_logprobs(entries, text, offset, label)
 
+    def prompt_part(parsed, scored: list) -> list:
+        """An echoed prompt's log-probability entries: its first token (nothing predicts it) and
+        the engine's entries of the others."""
+        return [(parsed.prompt_ids[0], None, None), *map(tuple, scored)]
+
     async def collect(reqs: list[GenRequest], events: asyncio.Queue, rid: str, parsed):
         n = len(reqs)
         texts, entries, choices = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
@@ -328,6 +333,8 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
                 texts[i].append(ev[1])
             elif ev[0] == "logprob":
                 entries[i].append(ev[1:])
+            elif ev[0] == "prompt_logprobs":  # (before the answer's first token)
+                entries[i] = prompt_part(parsed, ev[1]) + entries[i]
             elif ev[0] == "gone":
                 return Response(status_code=499)  # nobody reads it; counted as "client closed request"
             elif ev[0] == "error":  # (one choice that fails fails the request: the others stop)
@@ -335,7 +342,7 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             else:
                 _, reason, n_prompt, out = ev
                 n_out, left = n_out + out, left - 1
-                content, lps = "".join(texts[i]), logprobs_of(parsed, entries[i], text)
+                content, lps = (parsed.echo or "") + "".join(texts[i]), logprobs_of(parsed, entries[i], text)
                 if parsed.kind == "chat":
                     choices[i] = {"index": i, "message": {"role": "assistant", "content": content},
                                   "finish_reason": finish_reason(reason), "logprobs": lps}
@@ -379,6 +386,9 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             if chat:
                 for i in range(n):
                     yield chunk(i, {"role": "assistant", "content": ""})
+            elif parsed.echo is not None and not wants:  # (with log-probabilities: when they arrive)
+                for i in range(n):
+                    yield chunk(i, parsed.echo)
             while left:
                 i, ev = await next_event(reqs, events)
                 if ev[0] == "delta":
@@ -386,6 +396,9 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
                         else deltas[i](ev[1])
                 elif ev[0] == "logprob":
                     entries[i].append(ev[1:])
+                elif ev[0] == "prompt_logprobs":  # the echoed prompt and its entries, before the answer
+                    entries[i] = prompt_part(parsed, ev[1])
+                    yield chunk(i, parsed.echo, logprobs=take_logprobs(i))
                 elif ev[0] == "error":  # (one choice that fails ends the stream: the others stop)
                     err = APIError(ev[1], ev[3], error_type(ev[1]), code=ev[2])
                     yield f"data: {json.dumps(err.body())}\n\n"

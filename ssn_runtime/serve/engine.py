@@ -99,7 +99,8 @@ class Draining(Exception):
 
 
 # ("delta", text) | ("logprob", token, logprob, [[id, logprob], ...]) (requests with logprobs, before the
-# token's text) | ("done", reason, prompt_tokens, completion_tokens) | ("error", status, code, message)
+# token's text) | ("prompt_logprobs", [[token, logprob, [[id, logprob], ...]], ...]) (prompt tokens 1..,
+# before any answer token) | ("done", reason, prompt_tokens, completion_tokens) | ("error", status, code, message)
 Event = tuple
 
 
@@ -114,6 +115,9 @@ class GenRequest:
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM allows
     logprobs: int | None = None  # log-probabilities of each answer token and this many alternatives (None: none)
+    # ... and of each prompt token after the first (a completion's `echo`: scoring a text); its
+    # prompt is then computed whole, never taken from the prefix cache
+    prompt_logprobs: int | None = None
     deadline: float = float("inf")  # time.time() after which the row ends with 408
     sink: Callable[[Event], None] | None = None  # receives events, from the engine's thread
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -247,6 +251,8 @@ class _Row:
     prefix: list | None = None
     cols: int = 0
     chunk: int = 0  # prompt tokens computed per step while other rows decode (Engine.prefill_steps)
+    prompt_entries: list | None = None  # prompt_logprobs: the prompt tokens' entries so far
+    prompt_finite: bool = True  # (and whether every position's logits were usable)
 
 
 def run_step_hooks(hooks: list[Callable[[], bool | None]], lock: threading.Lock) -> None:
@@ -604,7 +610,8 @@ class Engine:
                 gen.seed()  # fresh entropy: unseeded requests differ
         self._seq += 1
         return _Row(r, self.index[r.profile], gen, Detokenizer(self.tok), max((len(s) for s in r.stop), default=0),
-                    pos=len(r.prompt_ids) - 1, seq=self._seq)
+                    pos=len(r.prompt_ids) - 1, seq=self._seq,
+                    prompt_entries=None if r.prompt_logprobs is None else [])
 
     def _packed_step(self, reqs: list[GenRequest]) -> None:
         """One forward: the next token of every decoding row (token rows 0..n-1), then up to
@@ -613,7 +620,7 @@ class Engine:
         for every decoding row and every row whose prompt is complete."""
         for r in reqs:
             row = self._new_row(r)
-            if self.prefix_cache is not None:
+            if self.prefix_cache is not None and r.prompt_logprobs is None:
                 row.filled, row.prefix = self.prefix_cache.lookup(row.variant, r.prompt_ids)
                 row.cached = row.filled
             row.chunk = -(-(len(r.prompt_ids) - row.filled) // self.prefill_steps)
@@ -641,6 +648,12 @@ class Engine:
             variants += [row.variant] * new
         done = [j for j in joins if j.start + j.new == len(self._rows[j.slot].req.prompt_ids)]
         last = list(range(len(decode))) + [j.off + j.new - 1 for j in done]
+        sampled = len(last)
+        # rows scoring their prompt: the logits of every position that predicts a prompt token
+        scored = [(self._rows[j.slot], p) for j in joins if self._rows[j.slot].prompt_entries is not None
+                  for p in range(j.start, min(j.start + j.new, len(self._rows[j.slot].req.prompt_ids) - 1))]
+        last += [j.off + p - j.start for j in joins if self._rows[j.slot].prompt_entries is not None
+                 for p in range(j.start, min(j.start + j.new, len(self._rows[j.slot].req.prompt_ids) - 1))]
         # one tensor, three views (a torch call costs more than this work); `last` is empty while
         # only chunks run
         T = len(tokens)
@@ -675,12 +688,31 @@ class Engine:
         for j in joins:
             row = self._rows[j.slot]
             row.filled, row.prefix = j.start + j.new, None
+        if scored:
+            self._score_prompts(logits[sampled:], scored, [self._rows[j.slot] for j in done])
         if self.prefix_cache is not None and done:
             layers = [self._kv.layers[i] for i in range(len(self._kv.layers))]
             for j in done:
                 row = self._rows[j.slot]
                 self.prefix_cache.insert(row.variant, row.req.prompt_ids, row.cached, layers, j.slot, 0)
-        self._advance(logits.float(), decode + [j.slot for j in done])
+        self._advance(logits[:sampled].float(), decode + [j.slot for j in done])
+
+    def _score_prompts(self, logits: torch.Tensor, scored: list[tuple[_Row, int]], complete: list[_Row]) -> None:
+        """Prompt log-probabilities: logits[k] (at position p of a row, scored[k]) predicts prompt
+        token p + 1. A row whose prompt is now complete sends its entries, before its first
+        answer token; one with unusable logits at any position fails then (in _advance)."""
+        bad = unusable_rows(logits).tolist()
+        for k, (row, p) in enumerate(scored):
+            r = row.req
+            if bad[k]:
+                row.prompt_finite = False
+            elif row.prompt_finite:
+                t = r.prompt_ids[p + 1]
+                row.prompt_entries.append([t, *token_logprobs(logits[k].float(), t, r.prompt_logprobs)])
+        for row in complete:
+            if row.prompt_entries is not None and row.prompt_finite:
+                row.req.emit("prompt_logprobs", row.prompt_entries)
+                row.prompt_entries = None
 
     def _join(self, reqs: list[GenRequest]) -> None:
         """Prefill the new rows together, sample their first token, merge them into the batch."""
@@ -695,7 +727,8 @@ class Engine:
         # the cache (its keys and values for positions 0..P-1, right-aligned in a Pmax-wide
         # region before the computed columns). Reusing less costs nothing: those columns would
         # be padding otherwise.
-        hits = [self.prefix_cache.lookup(row.variant, r.prompt_ids) if self.prefix_cache else (0, None)
+        hits = [self.prefix_cache.lookup(row.variant, r.prompt_ids)
+                if self.prefix_cache and r.prompt_logprobs is None else (0, None)
                 for row, r in zip(rows, reqs, strict=True)]
         J = len(rows)
         L = [len(r.prompt_ids) for r in reqs]
@@ -720,7 +753,8 @@ class Engine:
                 layers.append((k, v))
             cache = DynamicCache(layers)
         ids, attn = ids.to(self.device), attn.to(self.device)
-        kw = {"logits_to_keep": 1} if self.keep_logits else {}
+        scoring = [b for b, row in enumerate(rows) if row.prompt_entries is not None]
+        kw = {"logits_to_keep": 1} if self.keep_logits and not scoring else {}
         try:
             with self._rows_scope([row.variant for row in rows]):
                 out = self.model(input_ids=ids, attention_mask=attn,
@@ -736,6 +770,10 @@ class Engine:
                 # token t of the prompt sits at column Pmax + Smax - L + t
                 self.prefix_cache.insert(row.variant, r.prompt_ids, hits[b][0], layers, b, Pmax + Smax - L[b])
         self.metrics.observe_prefill(self.name, J, sum(S), sum(P))
+        if scoring:  # (a scoring row takes nothing from the cache: prompt token t at column Smax - L + t)
+            at = [(b, t) for b in scoring for t in range(L[b] - 1)]
+            self._score_prompts(out.logits[[b for b, _ in at], [Smax - L[b] + t for b, t in at]],
+                                [(rows[b], t) for b, t in at], [rows[b] for b in scoring])
         n_old = len(self._rows)
         if self._cache is None:
             self._cache, self._attn, self._rows = out.past_key_values, attn, rows
@@ -766,8 +804,12 @@ class Engine:
         for j, i in enumerate(which):
             row = self._rows[i]
             r = row.req
-            if bad[j]:
+            if bad[j] or not row.prompt_finite:
                 self._finish(row, "non_finite")
+                done.add(i)
+                continue
+            if r.max_tokens == 0:  # (a completion that only scores its echoed prompt)
+                self._finish(row, "length")
                 done.add(i)
                 continue
             t = greedy[j] if r.temperature <= 0 else sample_token(logits[j], r.temperature, r.top_p, row.gen)

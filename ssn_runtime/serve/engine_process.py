@@ -45,7 +45,7 @@ from .metrics import Metrics
 ENGINE_SETTINGS = ("max_batch", "queue_size", "gather_ms", "max_prefill_tokens", "prefill_steps", "prefix_cache_mb",
                    "small_batch_gemm", "layout", "threads")
 REQUEST_FIELDS = ("prompt_ids", "profile", "max_tokens", "temperature", "top_p", "stop", "seed", "ignore_eos",
-                  "logprobs", "deadline", "created")
+                  "logprobs", "prompt_logprobs", "deadline", "created")
 TERMINAL = ("done", "error")
 METRICS_WAIT_S = 5.0  # /metrics answers with the tables it last had if the engine takes longer
 

@@ -56,7 +56,7 @@ COMPLETION = COMMON | {"prompt", "best_of", "echo", "suffix"}
 NOOP = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],),
         "functions": ([],), "tool_choice": ("none",),
         "function_call": ("none",), "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},),
-        "store": (False,), "modalities": (["text"],), "best_of": (1,), "echo": (False,), "suffix": ("",),
+        "store": (False,), "modalities": (["text"],), "best_of": (1,), "suffix": ("",),
         "service_tier": ("auto", "default")}
 UNSUPPORTED_WHY = {
     "tools": "tool calling is not supported", "tool_choice": "tool calling is not supported",
@@ -65,7 +65,7 @@ UNSUPPORTED_WHY = {
     "response_format": "structured output (response_format) is not supported; only plain text",
     "logit_bias": "logit_bias is not supported", "presence_penalty": "presence_penalty must be 0 (not supported)",
     "frequency_penalty": "frequency_penalty must be 0 (not supported)", "best_of": "best_of must be 1",
-    "echo": "echo is not supported", "suffix": "suffix (insertion) is not supported",
+"suffix": "suffix (insertion) is not supported",
     "audio": "audio output is not supported", "modalities": "only the text modality is supported",
     "prediction": "predicted outputs are not supported", "reasoning_effort": "reasoning_effort is not supported",
     "web_search_options": "web search is not supported", "metadata": "metadata needs store, which is not supported",
@@ -97,6 +97,7 @@ class ParsedRequest:
     params: dict = field(default_factory=dict)  # GenRequest keyword arguments
     token_ids: bool = False  # log-probabilities name tokens "token_id:N" (vLLM's return_tokens_as_token_ids)
     n: int = 1  # choices: one row each
+    echo: str | None = None  # a completion's `echo`: the prompt's text, put before each answer
 
 
 def load_json(raw: bytes) -> dict:
@@ -333,11 +334,13 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if budget == "max_completion_tokens" and body.get("max_tokens") is not None:
         raise bad("give max_tokens or max_completion_tokens, not both", "max_tokens")
-    max_tokens = integer(body, budget, 1, 1 << 31)
+    echo = kind == "completion" and boolean(body, "echo")
+    max_tokens = integer(body, budget, 0 if echo else 1, 1 << 31)  # (0 with echo: score the prompt only)
     params = {"temperature": number(body, "temperature", 1.0, 0.0, 2.0),
               "top_p": number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
               "seed": integer(body, "seed", *INT64), "stop": stop_sequences(body),
               "ignore_eos": boolean(body, "ignore_eos"), "logprobs": logprob_count(body, kind)}
+    params["prompt_logprobs"] = params["logprobs"] if echo else None
     ids = chat_ids(body, ctx.tokenizer) if kind == "chat" else prompt_ids(body, ctx.tokenizer, ctx.vocab_size)
     where = "messages" if kind == "chat" else "prompt"
     if not ids:
@@ -345,12 +348,17 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
     room = ctx.context - len(ids)
     if max_tokens is None:
         max_tokens = min(ctx.default_max_tokens, room)  # as OpenAI: by default, up to what the context allows
-    if room < 1 or max_tokens > room:
+    if max_tokens > room or (room < 1 and not (echo and max_tokens == 0)):  # (scoring alone fits a full context)
         raise bad(f"this model's context is {ctx.context} tokens; the prompt has {len(ids)} and {budget} asks for "
                   f"{max_tokens} more", where, "context_length_exceeded")
     token_ids = boolean(body, "return_tokens_as_token_ids")
+    shown = None
+    if echo:  # the prompt as sent (text), or its tokens' text
+        p = body["prompt"]
+        p = p[0] if isinstance(p, list) and p and isinstance(p[0], str | list) else p
+        shown = p if isinstance(p, str) else ctx.tokenizer.decode(ids)
     return ParsedRequest(kind, model, profile, ids, stream, include_usage, {"max_tokens": max_tokens, **params},
-                         token_ids, n)
+                         token_ids, n, shown)
 
 
 def choice_seed(seed: int | None, i: int) -> int | None:
@@ -366,8 +374,8 @@ def choice_seed(seed: int | None, i: int) -> int | None:
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token of probability zero reports this, as vLLM does
 
 
-def _lp(v: float) -> float:
-    return v if v > LOGPROB_FLOOR else LOGPROB_FLOOR
+def _lp(v: float | None) -> float | None:
+    return v if v is None or v > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 def chat_logprobs(entries: list, text, label=None) -> dict:
@@ -388,7 +396,9 @@ def completion_logprobs(entries: list, text, offset: int = 0, label=None) -> dic
     """A completion choice's `logprobs` in the legacy shape: tokens, token_logprobs, top_logprobs
     (per token {token: logprob} of the most likely and the chosen token, so up to k + 1 as OpenAI
     documents) and text_offset (each token's character offset in the answer, counting from
-    `offset`: where an earlier chunk of a stream ended). `text` and `label` as chat_logprobs'."""
+    `offset`: where an earlier chunk of a stream ended). `text` and `label` as chat_logprobs'.
+    An echoed prompt's first token has no log-probability (nothing predicts it): its entry is
+    (token, None, None), and it reads null in token_logprobs and top_logprobs."""
     label = label or text
     tokens, offsets = [], []
     for t, _, _ in entries:
@@ -397,6 +407,9 @@ def completion_logprobs(entries: list, text, offset: int = 0, label=None) -> dic
         offset += len(text(t))
     tops = []
     for (_, lp, top), s in zip(entries, tokens, strict=True):
+        if lp is None:
+            tops.append(None)
+            continue
         d = {}
         for a, b in top:  # (tokens of one text: the most likely one's; "token_id:N" labels keep them apart)
             d.setdefault(label(a), _lp(b))
