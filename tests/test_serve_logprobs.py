@@ -34,7 +34,8 @@ def served(tiny_ckpts, tmp_path_factory, request):
     mask.save(root / "amp")
     patch.save(root / "tuned")
     server = Server(["--model", str(path), "--served-name", "tiny", "--profile", f"amp={root / 'amp'}",
-                     "--profile", f"tuned={root / 'tuned'}", "--gather-ms", "20", MODES[request.param]])
+                     "--profile", f"tuned={root / 'tuned'}", "--gather-ms", "20", "--prefill-steps", "3",
+                     MODES[request.param]])
     yield {"server": server, "path": path, "mask": mask, "patch": NeuronPatch.load(root / "tuned")}
     server.stop()
 
@@ -295,3 +296,43 @@ def test_echo_scores_alike_in_the_padded_layout(tiny_ckpts):
         check_scored(r.json()["choices"][0]["logprobs"], path, ids)
     finally:
         server.stop()
+
+
+def prefill_steps(server) -> float:
+    for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("ssn_prefill_rows_count"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_prompt_scored_in_chunks_beside_decoding_rows_scores_as_a_whole_one(served):
+    """While another row decodes, a joining prompt is computed over three steps (the fixture's
+    --prefill-steps): each step scores its chunk's positions, and together they are the
+    offline model's."""
+    import threading
+
+    server = served["server"]
+    url = server.url + "/v1/completions"
+    started = threading.Event()
+
+    def long_row():
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 480, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", url, json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    started.set()
+
+    t = threading.Thread(target=long_row)
+    t.start()
+    assert started.wait(60)
+    before = prefill_steps(server)
+    text = TEXT + " " + TEXT  # (a prompt the prefix cache has not seen)
+    r = httpx.post(url, json={"model": "tiny", "prompt": text, "echo": True, "max_tokens": 0, "logprobs": 3, **IDS},
+                   timeout=60)
+    chunks = prefill_steps(server) - before
+    t.join(120)
+    assert r.status_code == 200, r.text
+    assert chunks >= 3  # (the prompt's three steps; the test's own rows add none while it decodes)
+    ids = list(load_tokenizer(served["path"])(text)["input_ids"])
+    check_scored(r.json()["choices"][0]["logprobs"], served["path"], ids)
