@@ -3,7 +3,9 @@ the real server in both arrangements: each answer token's log-probability and it
 equal a float64 log-softmax of the offline model's logits (the profile's patch merged, its mask
 applied) at that position; streamed entries equal the whole answer's; the legacy completions
 shape is consistent; bad values are refused by name; a request with log-probabilities in a
-shared batch leaves the other rows' answers unchanged."""
+shared batch leaves the other rows' answers unchanged. Scoring a text (completions `echo` with
+`max_tokens: 0`): every prompt token's log-probability equals the offline model's under each
+profile, past the prefix cache, in chunks beside decoding rows, and in the padded layout."""
 
 import concurrent.futures as cf
 import json
