@@ -648,12 +648,13 @@ class Engine:
             variants += [row.variant] * new
         done = [j for j in joins if j.start + j.new == len(self._rows[j.slot].req.prompt_ids)]
         last = list(range(len(decode))) + [j.off + j.new - 1 for j in done]
-        sampled = len(last)
-        # rows scoring their prompt: the logits of every position that predicts a prompt token
-        scored = [(self._rows[j.slot], p) for j in joins if self._rows[j.slot].prompt_entries is not None
-                  for p in range(j.start, min(j.start + j.new, len(self._rows[j.slot].req.prompt_ids) - 1))]
-        last += [j.off + p - j.start for j in joins if self._rows[j.slot].prompt_entries is not None
-                 for p in range(j.start, min(j.start + j.new, len(self._rows[j.slot].req.prompt_ids) - 1))]
+        sampled, scored = len(last), []
+        for j in joins:  # rows scoring their prompt: the logits of every position that predicts a prompt token
+            row = self._rows[j.slot]
+            if row.prompt_entries is not None:
+                for p in range(j.start, min(j.start + j.new, len(row.req.prompt_ids) - 1)):
+                    scored.append((row, p))
+                    last.append(j.off + p - j.start)
         # one tensor, three views (a torch call costs more than this work); `last` is empty while
         # only chunks run
         T = len(tokens)
