@@ -339,3 +339,20 @@ def test_a_prompt_scored_in_chunks_beside_decoding_rows_scores_as_a_whole_one(se
     assert chunks >= 3  # (the prompt's three steps; the test's own rows add none while it decodes)
     ids = list(load_tokenizer(served["path"])(text)["input_ids"])
     check_scored(r.json()["choices"][0]["logprobs"], served["path"], ids)
+
+
+def test_a_reply_is_scored_after_its_conversation_from_token_ids(served):
+    """How likely a refusal is as the assistant's reply, per profile: the conversation rendered by
+    the chat template and sent as token ids (README's recipe); the reply's entries are the last
+    ones, and equal the offline model's."""
+    tok = load_tokenizer(served["path"])
+    ids = list(tok.apply_chat_template([{"role": "user", "content": PROMPT},
+                                        {"role": "assistant", "content": "I cannot help with that."}],
+                                       tokenize=True, return_dict=True)["input_ids"])
+    r = httpx.post(served["server"].url + "/v1/completions",
+                   json={"model": "tiny:tuned", "prompt": ids, "echo": True, "max_tokens": 0, "logprobs": 0, **IDS},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == tok.decode(ids)  # (token ids echo as their text)
+    check_scored(choice["logprobs"], served["path"], ids, want_top=0, patch=served["patch"])
