@@ -122,3 +122,20 @@ class Server:
             self.proc.kill()
 
 
+
+
+def check_top(returned: list[tuple[int, float]], ref_row: torch.Tensor, k: int, abs_tol: float,
+              rel_tol: float = 0.0) -> None:
+    """Returned alternatives [(token id, log-probability)] against a reference log-softmax row:
+    k of them, most likely first, each value the reference's for its token, and no other token
+    more likely than the least of them beyond the tolerance (two tokens within rounding of each
+    other may come in either order)."""
+    import pytest
+
+    assert len(returned) == k
+    values = [v for _, v in returned]
+    assert values == sorted(values, reverse=True)
+    assert values == pytest.approx([float(ref_row[t]) for t, _ in returned], abs=abs_tol, rel=rel_tol)
+    if k:
+        kth = float(torch.topk(ref_row, k).values[-1])
+        assert min(values) >= kth - max(abs_tol, rel_tol * abs(kth))
