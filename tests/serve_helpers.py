@@ -89,6 +89,16 @@ class Collector:
                 return ev
 
 
+def metric(server, name, headers=None, **labels) -> float:
+    """Sum of a Prometheus counter's (or gauge's) samples whose labels include `labels`."""
+    total = 0.0
+    for line in httpx.get(server.url + "/metrics", headers=headers, timeout=30).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.split()[-1])
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from serve_helpers import Server, encode, make_profiles, reference
+from serve_helpers import Server, encode, make_profiles, metric, reference
 
 from ssn_runtime import load_model, load_tokenizer
 from ssn_runtime.core.fingerprint import model_fingerprint
@@ -62,16 +62,6 @@ def offline(served, profile="", max_new_tokens=10, prompt=PROMPT):
     ids = encode(load_tokenizer(served["path"]), prompt)
     return reference(served["path"], ids, max_new_tokens, served["mask"] if profile in ("amp", "both") else None,
                      served["patch"] if profile in ("tuned", "both") else None)
-
-
-def metric(server, name, headers=None, **labels) -> float:
-    """Sum of a Prometheus counter's samples whose labels include `labels`."""
-    total = 0.0
-    for line in httpx.get(server.url + "/metrics", headers=headers).text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.split()[-1])
-    return total
 
 
 def chat_body(**kw):

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 import torch
-from serve_helpers import Server
+from serve_helpers import Server, metric
 
 from ssn_runtime import load_model, load_tokenizer
 from ssn_runtime.serve.engine import Engine, GenRequest, QueueFull
@@ -109,13 +109,6 @@ def test_bad_n_is_refused_by_name_and_n_over_the_queue_is_a_400_not_a_retry(serv
     assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
 
 
-def running_rows(server) -> float:
-    for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("ssn_running_rows"):
-            return float(line.split()[-1])
-    return 0.0
-
-
 def test_a_client_that_goes_away_stops_every_choices_row(server):
     body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4000, "n": 3,
             "temperature": 1.0, "ignore_eos": True, "stream": True}
@@ -124,10 +117,10 @@ def test_a_client_that_goes_away_stops_every_choices_row(server):
             if line.startswith("data:") and '"content"' in line and '"role"' not in line:
                 break  # away after the first token
     for _ in range(200):
-        if running_rows(server) == 0:
+        if metric(server, "ssn_running_rows") == 0:
             break
         time.sleep(0.05)
-    assert running_rows(server) == 0
+    assert metric(server, "ssn_running_rows") == 0
 
 
 def test_the_engine_queues_a_requests_choices_whole_or_refuses_them_whole(tiny_ckpts):

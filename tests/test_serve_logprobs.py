@@ -13,7 +13,7 @@ import json
 import httpx
 import pytest
 import torch
-from serve_helpers import Server, check_top, encode, make_profiles
+from serve_helpers import Server, check_top, encode, make_profiles, metric
 
 import ssn_runtime
 from ssn_runtime import load_model, load_tokenizer
@@ -147,6 +147,8 @@ BAD = [
     ("/v1/completions", {"logprobs": 21}, "logprobs"),
     ("/v1/completions", {"logprobs": -1}, "logprobs"),
     ("/v1/completions", {"logprobs": 2, "top_logprobs": 2}, "top_logprobs"),  # a chat parameter
+    ("/v1/chat/completions", {"logprobs": True, "return_tokens_as_token_ids": 1}, "return_tokens_as_token_ids"),
+    ("/v1/completions", {"logprobs": 1, "return_tokens_as_token_ids": "true"}, "return_tokens_as_token_ids"),
 ]
 
 
@@ -300,13 +302,6 @@ def test_echo_scores_alike_in_the_padded_layout(tiny_ckpts):
         server.stop()
 
 
-def prefill_steps(server) -> float:
-    for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("ssn_prefill_rows_count"):
-            return float(line.split()[-1])
-    return 0.0
-
-
 def test_a_prompt_scored_in_chunks_beside_decoding_rows_scores_as_a_whole_one(served):
     """While another row decodes, a joining prompt is computed over three steps (the fixture's
     --prefill-steps): each step scores its chunk's positions, and together they are the
@@ -328,11 +323,11 @@ def test_a_prompt_scored_in_chunks_beside_decoding_rows_scores_as_a_whole_one(se
     t = threading.Thread(target=long_row)
     t.start()
     assert started.wait(60)
-    before = prefill_steps(server)
+    before = metric(server, "ssn_prefill_rows_count")
     text = TEXT + " " + TEXT  # (a prompt the prefix cache has not seen)
     r = httpx.post(url, json={"model": "tiny", "prompt": text, "echo": True, "max_tokens": 0, "logprobs": 3, **IDS},
                    timeout=60)
-    chunks = prefill_steps(server) - before
+    chunks = metric(server, "ssn_prefill_rows_count") - before
     t.join(120)
     assert r.status_code == 200, r.text
     assert chunks >= 3  # (the prompt's three steps; the test's own rows add none while it decodes)
