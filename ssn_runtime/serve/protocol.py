@@ -65,7 +65,7 @@ UNSUPPORTED_WHY = {
     "response_format": "structured output (response_format) is not supported; only plain text",
     "logit_bias": "logit_bias is not supported", "presence_penalty": "presence_penalty must be 0 (not supported)",
     "frequency_penalty": "frequency_penalty must be 0 (not supported)", "best_of": "best_of must be 1",
-"suffix": "suffix (insertion) is not supported",
+    "suffix": "suffix (insertion) is not supported",
     "audio": "audio output is not supported", "modalities": "only the text modality is supported",
     "prediction": "predicted outputs are not supported", "reasoning_effort": "reasoning_effort is not supported",
     "web_search_options": "web search is not supported", "metadata": "metadata needs store, which is not supported",
