@@ -50,6 +50,9 @@ FIELD_VALUES = {
     "logprobs": st.sampled_from([True, False, None, 3]),
     "top_logprobs": st.sampled_from([0, 2, None]),
     "echo": st.sampled_from([True, False, "yes", None]),
+    "prompt_logprobs": st.sampled_from([0, 2, -1, 21, True, None]),
+    "add_generation_prompt": st.sampled_from([True, False, "no", None]),
+    "continue_final_message": st.sampled_from([True, False, 1, None]),
     "tools": st.sampled_from([None, [], [{"type": "function", "function": {"name": "f"}}]]),
     "response_format": st.sampled_from([None, {"type": "text"}, {"type": "json_object"}]),
     "stream_options": st.sampled_from([None, {"include_usage": True}, "x", {"bogus": 1}]),
@@ -108,10 +111,18 @@ def check_answer(server, chat, body, r):
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
         budget = body.get("max_tokens")
         assert usage["completion_tokens"] <= n * (budget if isinstance(budget, int) else 8)
+        if body.get("prompt_logprobs") is not None:  # (vLLM's places: the chat answer's, each completion choice's)
+            for items in [out["prompt_logprobs"]] if chat else [c["prompt_logprobs"] for c in out["choices"]]:
+                assert len(items) == usage["prompt_tokens"] and items[0] is None
+                assert all(len(d) in (body["prompt_logprobs"], body["prompt_logprobs"] + 1) for d in items[1:])
     assert isinstance(content, str)
+    if body.get("max_tokens") == 0:  # (a prompt scored only: nothing answered)
+        assert content == "" or not chat
+        return
     same_prompt = body.get("messages") == [{"role": "user", "content": PROMPT}]
     if chat and same_prompt and body.get("temperature") == 0 and body.get("profile") in (None, "base") \
-            and not body.get("stop") and body.get("model") in ("tiny", "base") and body.get("ignore_eos") is not True:
+            and not body.get("stop") and body.get("model") in ("tiny", "base") and body.get("ignore_eos") is not True \
+            and body.get("add_generation_prompt") is not False:
         assert content == alone_answer(server, body.get("max_tokens")), (content, server.greedy)
 
 

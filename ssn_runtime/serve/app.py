@@ -43,6 +43,7 @@ from .protocol import (
     load_json,
     model_ids,
     parse_request,
+    prompt_logprobs,
 )
 
 # Past a request's deadline by this much without a word from the engine, the front end answers
@@ -319,13 +320,24 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             else completion_logprobs(entries, text, offset, label)
 
     def prompt_part(parsed, scored: list) -> list:
-        """An echoed prompt's log-probability entries: its first token (nothing predicts it) and
-        the engine's entries of the others."""
-        return [(parsed.prompt_ids[0], None, None), *map(tuple, scored)]
+        """An echoed prompt's log-probability entries (where it asks for them; else none): its
+        first token (nothing predicts it) and the engine's entries of the others, with as many
+        alternatives as `logprobs` asks (the engine computed the most either field asks)."""
+        k = parsed.params["logprobs"]
+        if parsed.echo is None or k is None:
+            return []
+        return [(parsed.prompt_ids[0], None, None), *((t, lp, alts[:k]) for t, lp, alts, _ in scored)]
+
+    def prompt_items(parsed, scored: list, text) -> list | None:
+        """vLLM's `prompt_logprobs` of a request that asks for them."""
+        if parsed.prompt_top is None:
+            return None
+        return prompt_logprobs(scored, parsed.prompt_top, (lambda t: f"token_id:{t}") if parsed.token_ids else text)
 
     async def collect(reqs: list[GenRequest], events: asyncio.Queue, rid: str, parsed):
         n = len(reqs)
         texts, entries, choices = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+        scored = [None] * n  # vLLM's prompt_logprobs, per choice (the same prompt: the same items)
         n_prompt, n_out, left, text = 0, 0, n, token_text()
         while left:
             i, ev = await next_event(reqs, events)
@@ -335,6 +347,7 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
                 entries[i].append(ev[1:])
             elif ev[0] == "prompt_logprobs":  # (before the answer's first token)
                 entries[i] = prompt_part(parsed, ev[1]) + entries[i]
+                scored[i] = prompt_items(parsed, ev[1], text)
             elif ev[0] == "gone":
                 return Response(status_code=499)  # nobody reads it; counted as "client closed request"
             elif ev[0] == "error":  # (one choice that fails fails the request: the others stop)
@@ -349,10 +362,15 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
                 else:
                     choices[i] = {"index": i, "text": content, "finish_reason": finish_reason(reason),
                                   "logprobs": lps}
+                    if parsed.prompt_top is not None:  # (vLLM: a completion choice's own field)
+                        choices[i]["prompt_logprobs"] = scored[i]
         # (the prompt once, as OpenAI counts it; every choice's answer)
-        return {"id": rid, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
-                "created": int(reqs[0].created), "model": parsed.model, "choices": choices,
-                "usage": usage(n_prompt, n_out)}
+        out = {"id": rid, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
+               "created": int(reqs[0].created), "model": parsed.model, "choices": choices,
+               "usage": usage(n_prompt, n_out)}
+        if parsed.kind == "chat" and parsed.prompt_top is not None:  # (vLLM: the chat response's field)
+            out["prompt_logprobs"] = scored[0]
+        return out
 
     async def stream(reqs: list[GenRequest], events: asyncio.Queue, rid: str, parsed):
         chat = parsed.kind == "chat"
@@ -397,6 +415,7 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
                 elif ev[0] == "logprob":
                     entries[i].append(ev[1:])
                 elif ev[0] == "prompt_logprobs":  # the echoed prompt and its entries, before the answer
+                    # (only an echo with logprobs streams them: prompt_logprobs are refused with stream)
                     entries[i] = prompt_part(parsed, ev[1])
                     yield chunk(i, parsed.echo, logprobs=take_logprobs(i))
                 elif ev[0] == "error":  # (one choice that fails ends the stream: the others stop)

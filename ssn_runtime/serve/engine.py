@@ -99,8 +99,8 @@ class Draining(Exception):
 
 
 # ("delta", text) | ("logprob", token, logprob, [[id, logprob], ...]) (requests with logprobs, before the
-# token's text) | ("prompt_logprobs", [[token, logprob, [[id, logprob], ...]], ...]) (prompt tokens 1..,
-# before any answer token) | ("done", reason, prompt_tokens, completion_tokens) | ("error", status, code, message)
+# token's text) | ("prompt_logprobs", [[token, logprob, [[id, logprob], ...], rank], ...]) (prompt tokens
+# 1.., before any answer token) | ("done", reason, prompt_tokens, completion_tokens) | ("error", status, code, message)
 Event = tuple
 
 
@@ -115,8 +115,9 @@ class GenRequest:
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM allows
     logprobs: int | None = None  # log-probabilities of each answer token and this many alternatives (None: none)
-    # ... and of each prompt token after the first (a completion's `echo`: scoring a text); its
-    # prompt is then computed whole, never taken from the prefix cache
+    # ... and of each prompt token after the first, with their ranks (a completion's `echo`, vLLM's
+    # `prompt_logprobs`: scoring a text); its prompt is then computed whole, never taken from the
+    # prefix cache
     prompt_logprobs: int | None = None
     deadline: float = float("inf")  # time.time() after which the row ends with 408
     sink: Callable[[Event], None] | None = None  # receives events, from the engine's thread
@@ -145,16 +146,21 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[list]]:
+def token_logprobs(logits: torch.Tensor, token: int, top: int, rank: bool = False) -> tuple:
     """(log-probability of `token`, the `top` most likely tokens as [[id, log-probability], ...]
-    in descending order) under the distribution of one row of float32 logits [V]: the model's
-    own distribution under the row's profile, before temperature and top_p (what vLLM returns
-    by default), so that the same answer reads the same whatever it was sampled with."""
+    in descending order[, with `rank`: the token's rank, the count of tokens whose
+    log-probability is at least its own, as vLLM counts: 1 for the most likely, and a tie ranks
+    last among its equals]) under the distribution of one row of
+    float32 logits [V]: the model's own distribution under the row's profile, before temperature
+    and top_p (what vLLM returns by default), so that the same answer reads the same whatever it
+    was sampled with."""
     lp = torch.log_softmax(logits, dim=-1)
     alts = []
     if top:
         v, i = torch.topk(lp, min(top, lp.numel()))
         alts = [[a, b] for a, b in zip(i.tolist(), v.tolist(), strict=True)]
+    if rank:
+        return float(lp[token]), alts, int((lp >= lp[token]).sum())
     return float(lp[token]), alts
 
 
@@ -709,7 +715,7 @@ class Engine:
                 row.prompt_finite = False
             elif row.prompt_finite:
                 t = r.prompt_ids[p + 1]
-                row.prompt_entries.append([t, *token_logprobs(logits[k].float(), t, r.prompt_logprobs)])
+                row.prompt_entries.append([t, *token_logprobs(logits[k].float(), t, r.prompt_logprobs, rank=True)])
         for row in complete:
             if row.prompt_entries is not None and row.prompt_finite:
                 row.req.emit("prompt_logprobs", row.prompt_entries)

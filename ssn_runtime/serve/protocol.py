@@ -48,10 +48,11 @@ def bad(message: str, param: str | None = None, code: str | None = None, status:
 # clients send by default), anything else refused as unsupported; unknown names are refused too.
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n", "user",
           "profile", "ignore_eos", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
-          "logit_bias", "return_tokens_as_token_ids"}
+          "logit_bias", "return_tokens_as_token_ids", "prompt_logprobs"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "tools", "tool_choice", "functions", "function_call",
                  "parallel_tool_calls", "response_format", "metadata", "store", "audio", "modalities", "prediction",
-                 "reasoning_effort", "web_search_options", "service_tier"}
+                 "reasoning_effort", "web_search_options", "service_tier", "add_generation_prompt",
+                 "continue_final_message"}
 COMPLETION = COMMON | {"prompt", "best_of", "echo", "suffix"}
 NOOP = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],),
         "functions": ([],), "tool_choice": ("none",),
@@ -98,6 +99,7 @@ class ParsedRequest:
     token_ids: bool = False  # log-probabilities name tokens "token_id:N" (vLLM's return_tokens_as_token_ids)
     n: int = 1  # choices: one row each
     echo: str | None = None  # a completion's `echo`: the prompt's text, put before each answer
+    prompt_top: int | None = None  # vLLM's `prompt_logprobs`: alternatives per prompt token (None: not asked)
 
 
 def load_json(raw: bytes) -> dict:
@@ -276,6 +278,15 @@ def _text_content(content, where: str) -> str:
 
 
 def chat_ids(body: dict, tokenizer) -> list[int]:
+    """The conversation's token ids through the model's chat template. As vLLM and transformers:
+    `add_generation_prompt` (default true) ends them with the assistant's turn opened;
+    `continue_final_message` (default false) leaves the last message, an assistant's, open, so
+    that the answer continues it (and a scored reply's tokens are the last ones)."""
+    gen = boolean(body, "add_generation_prompt", True)
+    cont = boolean(body, "continue_final_message")
+    if gen and cont and body.get("add_generation_prompt") is not None:
+        raise bad("give add_generation_prompt or continue_final_message, not both", "continue_final_message")
+    gen = gen and not cont
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
@@ -297,9 +308,13 @@ def chat_ids(body: dict, tokenizer) -> list[int]:
             raise bad(f"'{where}.name' must be a string", f"{where}.name")
         conv.append({"role": "system" if role == "developer" else role,
                      "content": _text_content(m.get("content"), f"{where}.content")})
+    if cont and conv[-1]["role"] != "assistant":
+        raise bad("continue_final_message continues the last message, which must be the assistant's",
+                  "continue_final_message")
     if getattr(tokenizer, "chat_template", None):
         try:
-            ids = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+            ids = tokenizer.apply_chat_template(conv, add_generation_prompt=gen, continue_final_message=cont,
+                                                tokenize=True)
         except Exception as exc:  # noqa: BLE001 - templates raise what they like (e.g. roles must alternate)
             raise bad(f"the chat template refused these messages: {exc}", "messages") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -335,12 +350,19 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
     if budget == "max_completion_tokens" and body.get("max_tokens") is not None:
         raise bad("give max_tokens or max_completion_tokens, not both", "max_tokens")
     echo = kind == "completion" and boolean(body, "echo")
-    max_tokens = integer(body, budget, 0 if echo else 1, 1 << 31)  # (0 with echo: score the prompt only)
+    # vLLM's prompt_logprobs: every prompt token's log-probability and rank, and this many alternatives
+    prompt_top = integer(body, "prompt_logprobs", 0, MAX_TOP_LOGPROBS)
+    if prompt_top is not None and stream:  # (as vLLM: they would all come before the first token anyway)
+        raise bad("'prompt_logprobs' is not available with 'stream': true", "prompt_logprobs")
+    scoring = echo or prompt_top is not None
+    max_tokens = integer(body, budget, 0 if scoring else 1, 1 << 31)  # (0: score the prompt only)
     params = {"temperature": number(body, "temperature", 1.0, 0.0, 2.0),
               "top_p": number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
               "seed": integer(body, "seed", *INT64), "stop": stop_sequences(body),
               "ignore_eos": boolean(body, "ignore_eos"), "logprobs": logprob_count(body, kind)}
-    params["prompt_logprobs"] = params["logprobs"] if echo else None
+    # the engine scores the prompt with the most alternatives either asks for; each takes its own
+    wanted = [k for k in (params["logprobs"] if echo else None, prompt_top) if k is not None]
+    params["prompt_logprobs"] = max(wanted) if wanted else None
     ids = chat_ids(body, ctx.tokenizer) if kind == "chat" else prompt_ids(body, ctx.tokenizer, ctx.vocab_size)
     where = "messages" if kind == "chat" else "prompt"
     if not ids:
@@ -348,7 +370,7 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
     room = ctx.context - len(ids)
     if max_tokens is None:
         max_tokens = min(ctx.default_max_tokens, room)  # as OpenAI: by default, up to what the context allows
-    if max_tokens > room or (room < 1 and not (echo and max_tokens == 0)):  # (scoring alone fits a full context)
+    if max_tokens > room or (room < 1 and max_tokens > 0):  # (scoring alone fits a full context)
         raise bad(f"this model's context is {ctx.context} tokens; the prompt has {len(ids)} and {budget} asks for "
                   f"{max_tokens} more", where, "context_length_exceeded")
     token_ids = boolean(body, "return_tokens_as_token_ids")
@@ -358,7 +380,7 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
         p = p[0] if isinstance(p, list) and p and isinstance(p[0], str | list) else p
         shown = p if isinstance(p, str) else ctx.tokenizer.decode(ids)
     return ParsedRequest(kind, model, profile, ids, stream, include_usage, {"max_tokens": max_tokens, **params},
-                         token_ids, n, shown)
+                         token_ids, n, shown, prompt_top)
 
 
 def choice_seed(seed: int | None, i: int) -> int | None:
@@ -390,6 +412,22 @@ def chat_logprobs(entries: list, text, label=None) -> dict:
         return {"token": label(t), "logprob": _lp(lp), "bytes": list(text(t).encode("utf-8"))}
 
     return {"content": [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]} for t, lp, top in entries]}
+
+
+def prompt_logprobs(entries: list, top: int, label) -> list:
+    """vLLM's `prompt_logprobs`: one item per prompt token, None for the first (nothing predicts
+    it), then {"<id>": {"logprob", "rank", "decoded_token"}} holding the prompt's own token first
+    (its rank: the tokens at least as likely, as vLLM counts) and the `top` most likely (ranks
+    1..top, as vLLM numbers them).
+    `entries`: the engine's (token, logprob, [[id, logprob], ...], rank) of tokens 1..;
+    `label(id)`: the decoded token shown."""
+    out: list = [None]
+    for t, lp, alts, rank in entries:
+        d = {str(t): {"logprob": _lp(lp), "rank": rank, "decoded_token": label(t)}}
+        for r, (a, b) in enumerate(alts[:top], 1):
+            d.setdefault(str(a), {"logprob": _lp(b), "rank": r, "decoded_token": label(a)})
+        out.append(d)
+    return out
 
 
 def completion_logprobs(entries: list, text, offset: int = 0, label=None) -> dict:
