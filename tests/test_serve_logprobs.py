@@ -491,3 +491,29 @@ def test_bad_prompt_logprobs_and_template_flags_are_refused_by_name(served, path
     r = httpx.post(served["server"].url + path, json=body, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("length", [1, 2, 4, 5, 9])
+def test_every_prompt_chunking_sends_its_scores_even_a_last_chunk_of_one_token(tiny_ckpts, length):
+    """With 4 prompt tokens a step, a prompt of 5 or 9 tokens completes in a step that scores
+    nothing (its last token predicts no prompt token), and a one-token prompt scores nothing at
+    all: each still sends its entries (length - 1 of them), equal to the offline model's."""
+    from serve_helpers import Collector
+
+    from ssn_runtime.serve.engine import Engine, GenRequest
+
+    path = tiny_ckpts["llama"]
+    model = load_model(path)
+    ids = list(range(5, 5 + length))
+    with ssn_runtime.attach(model) as h:
+        eng = Engine(model, load_tokenizer(path), h, {}, max_prefill_tokens=4, gather_ms=0).start()
+        try:
+            got = Collector()
+            eng.submit(GenRequest(ids, max_tokens=0, prompt_logprobs=1, sink=got))
+            ev = got.result()
+        finally:
+            eng.stop()
+    assert ev[0] == "prompt_logprobs" and len(ev[1]) == length - 1, ev
+    ref = offline_prompt_logprobs(path, ids)
+    assert [e[0] for e in ev[1]] == ids[1:]
+    assert [e[1] for e in ev[1]] == pytest.approx([float(ref[p, ids[p + 1]]) for p in range(length - 1)], abs=1e-4)

@@ -695,8 +695,11 @@ class Engine:
         for j in joins:
             row = self._rows[j.slot]
             row.filled, row.prefix = j.start + j.new, None
-        if scored:
-            self._score_prompts(logits[sampled:], scored, [self._rows[j.slot] for j in done])
+        complete = [self._rows[j.slot] for j in done]
+        # (also when this step scored nothing: a prompt whose last chunk is its last token, or a
+        # one-token prompt, completes here and sends what earlier steps scored)
+        if scored or any(row.prompt_entries is not None for row in complete):
+            self._score_prompts(logits[sampled:], scored, complete)
         if self.prefix_cache is not None and done:
             layers = [self._kv.layers[i] for i in range(len(self._kv.layers))]
             for j in done:
