@@ -93,6 +93,16 @@ def test_chat_matches_offline_generation(served, profile):
     assert text == want
     assert any(ch.choices and ch.choices[0].finish_reason for ch in chunks)
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # as OpenAI: with include_usage every other chunk carries "usage": null; without, none does
+    for opts in ({"include_usage": True}, None):
+        body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, "stream": True,
+                **({"stream_options": opts} if opts else {})}
+        with httpx.stream("POST", served["server"].url + "/v1/chat/completions", json=body, timeout=60) as resp:
+            raw = [json.loads(x[5:]) for x in resp.iter_lines() if x.startswith("data:") and x != "data: [DONE]"]
+        if opts:
+            assert all("usage" in x and x["usage"] is None for x in raw[:-1]) and raw[-1]["usage"]["total_tokens"]
+        else:
+            assert not any("usage" in x for x in raw)
 
 
 def test_profile_by_body_field_and_completions(served):

@@ -21,6 +21,7 @@ import ssn_runtime
 from ssn_runtime import load_model, load_tokenizer
 from ssn_runtime.serve.engine import token_logprobs
 from ssn_runtime.serve.protocol import LOGPROB_FLOOR, completion_logprobs
+from ssn_runtime.serve.tokens import TokenBytes
 from ssn_runtime.training.patches import NeuronPatch, merge_patch
 
 openai = pytest.importorskip("openai")
@@ -84,7 +85,8 @@ def test_each_answer_tokens_logprob_and_alternatives_equal_the_offline_models(se
     want = offline_logprobs(served, profile, ids)
     for i, e in enumerate(entries):
         assert e.logprob == pytest.approx(float(want[i, ids[i]]), abs=1e-4)
-        assert e.bytes == list(tok.decode([ids[i]]).encode("utf-8"))
+        if "\ufffd" not in tok.decode([ids[i]]):  # (a token of part of a character: the multi-byte test's)
+            assert e.bytes == list(tok.decode([ids[i]]).encode("utf-8"))
         check_top([(token_id(a.token), a.logprob) for a in e.top_logprobs], want[i], TOP, 1e-4)
         assert e.token == e.top_logprobs[0].token and e.logprob == e.top_logprobs[0].logprob  # greedy: the top one
     # by default each token reads as its text
@@ -129,7 +131,7 @@ def test_completions_take_the_legacy_shape_in_whole_and_streamed_answers(served)
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n > 0
     tok = load_tokenizer(served["path"])
     texts = [tok.decode([token_id(t)]) for t in lp.tokens]
-    assert lp.text_offset == [sum(len(t) for t in texts[:i]) for i in range(n)]  # offsets in the text
+    check_offsets(tok, whole.choices[0].text, [token_id(t) for t in lp.tokens], lp.text_offset)
     for t, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert top[t] == v and len(top) == 3 and max(top.values()) == v  # greedy: the chosen is the most likely
     assert c.completions.create(**kw).choices[0].logprobs.tokens == texts  # by default: each token's text
@@ -138,6 +140,59 @@ def test_completions_take_the_legacy_shape_in_whole_and_streamed_answers(served)
     assert [t for p in parts for t in p.tokens] == lp.tokens
     assert [o for p in parts for o in p.text_offset] == lp.text_offset  # offsets run on across chunks
     assert [v for p in parts for v in p.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
+
+
+def check_offsets(tok, text: str, ids: list[int], offsets: list[int]) -> None:
+    """A completion's text_offset: each token's count of whole characters before its first
+    byte in `text`, whose bytes are the tokens' own joined (special tokens, which an answer's
+    text skips, add none): a UTF-8 decoder fed token by token says which are whole."""
+    import codecs
+
+    bytes_of = TokenBytes(tok)
+    assert bytes_of.exact  # (the tiny tokenizer is byte-level BPE)
+    dec, whole, joined, want = codecs.getincrementaldecoder("utf-8")("replace"), 0, b"", []
+    for t in ids:
+        want.append(whole)
+        if t not in bytes_of.special:
+            whole += len(dec.decode(bytes_of(t)))
+            joined += bytes_of(t)
+    assert joined.decode("utf-8", "replace") == text
+    assert offsets == want
+
+
+MULTI = "Ünïcödé hé — 你好 ✓ done"  # (characters of two, three and four bytes: split across byte tokens)
+
+
+def test_offsets_and_bytes_follow_the_returned_text_through_characters_split_across_tokens(served):
+    """A completion's text_offset counts characters in its text (an echoed prompt's and the
+    answer's), the byte tokens of one character all at that character; a chat answer's tokens'
+    `bytes` join into its text; streamed offsets equal whole ones."""
+    tok = load_tokenizer(served["path"])
+    ids = list(tok(MULTI)["input_ids"])
+    assert any("\ufffd" in tok.decode([t]) for t in ids)  # (the case: tokens holding part of a character)
+    url = served["server"].url
+    kw = {"model": "tiny", "prompt": MULTI, "max_tokens": 12, "temperature": 0, "echo": True, "logprobs": 1, **IDS}
+    whole = httpx.post(url + "/v1/completions", json=kw, timeout=60).json()["choices"][0]
+    got = [token_id(t) for t in whole["logprobs"]["tokens"]]
+    assert got[:len(ids)] == ids and whole["text"].startswith(MULTI)
+    check_offsets(tok, whole["text"], got, whole["logprobs"]["text_offset"])
+    with httpx.stream("POST", url + "/v1/completions", json={**kw, "stream": True}, timeout=60) as r:
+        chunks = [json.loads(x[5:]) for x in r.iter_lines() if x.startswith("data:") and x != "data: [DONE]"]
+    assert [o for c in chunks if c["choices"][0]["logprobs"] for o in c["choices"][0]["logprobs"]["text_offset"]] \
+        == whole["logprobs"]["text_offset"]
+    # token ids echo as their text, and the offsets count in it
+    by_ids = httpx.post(url + "/v1/completions", json={**kw, "prompt": ids, "max_tokens": 0}, timeout=60).json()
+    assert by_ids["choices"][0]["text"] == tok.decode(ids)
+    check_offsets(tok, by_ids["choices"][0]["text"], ids, by_ids["choices"][0]["logprobs"]["text_offset"])
+    # a chat answer's bytes, joined and decoded, are its text (special tokens, skipped in the text, aside)
+    chat = httpx.post(url + "/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": MULTI}], "max_tokens": 24, "temperature": 0.9,
+        "seed": 1, "logprobs": True, **IDS}, timeout=60).json()["choices"][0]
+    special = set(tok.all_special_ids)
+    entries = chat["logprobs"]["content"]
+    joined = b"".join(bytes(e["bytes"]) for e in entries if token_id(e["token"]) not in special)
+    assert joined.decode("utf-8", "replace") == chat["message"]["content"]  # (a stray byte reads U+FFFD in both)
+    assert chat["logprobs"]["refusal"] is None
 
 
 BAD = [
@@ -191,8 +246,15 @@ def test_token_logprobs_is_the_log_softmax_and_its_top_tokens_in_order():
     lp7, _ = token_logprobs(logits, 7, 0)
     assert lp7 == float("-inf")
     # JSON has no -inf: the answer reports the floor (as vLLM does)
-    out = completion_logprobs([(7, lp7, [[3, lp]])], lambda t: f"<{t}>")
+    out = completion_logprobs([(7, lp7, [[3, lp]], 0)], lambda t: f"<{t}>")
     assert out["token_logprobs"] == [LOGPROB_FLOOR] and out["top_logprobs"] == [{"<3>": lp, "<7>": LOGPROB_FLOOR}]
+    # two tokens of one text (byte tokens of a partial character): the chosen one's own value shows
+    same = completion_logprobs([(5, -3.0, [[6, -1.0]], 0)], lambda t: "\ufffd")
+    assert same["token_logprobs"] == [-3.0] and same["top_logprobs"] == [{"\ufffd": -3.0}]
+    # rank: the tokens at least as likely as the token (vLLM's count)
+    for t in (int(i[0]), int(i[3]), 7):
+        assert token_logprobs(logits, t, 2, rank=True)[2] == int((ref >= ref[t]).sum())
+    assert token_logprobs(logits, int(i[0]), 0, rank=True)[2] == 1
 
 
 def offline_prompt_logprobs(path, ids: list[int], mask=None, patch=None) -> torch.Tensor:

@@ -105,3 +105,25 @@ def test_answer_logprobs_and_reply_scores_equal_the_offline_model(served, profil
     assert [token_id(t) for t in lp["tokens"]] == ids and lp["token_logprobs"][0] is None
     assert lp["token_logprobs"][1:] == pytest.approx([float(ref[p, ids[p + 1]]) for p in range(len(ids) - 1)],
                                                      **TOL)
+
+
+@pytest.mark.slow
+def test_smollm2s_token_bytes_join_into_any_text(served):
+    """SmolLM2's tokenizer (converted from GGUF: byte fallback, a U+2581 replacement and byte-level
+    BPE in one decoder): every token's own bytes join into the text it encodes, characters split
+    across tokens included, and its decode is those bytes (so offsets count from them)."""
+    from ssn_runtime.serve.tokens import TokenBytes, backend_decode
+
+    tok = load_tokenizer(served["path"])
+    tb = TokenBytes(tok)
+    assert tb.exact
+    fast = backend_decode(tok)  # (it asks for a space clean-up that transformers skips for BPE: the Rust decode)
+    assert fast is not None
+    for text in ["Ünïcödé hé — 你好 ✓ done", "Привет, мир! 🙂🙃 ¿Qué tal?", "  two  spaces\n\ttab  , . ?"]:
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        assert b"".join(tb(t) for t in ids) == text.encode("utf-8")
+        assert tok.decode(ids) == fast(ids, skip_special_tokens=False) == text
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(0, len(tok), (12,), generator=g).tolist()
+        assert fast(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)

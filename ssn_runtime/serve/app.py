@@ -45,6 +45,7 @@ from .protocol import (
     parse_request,
     prompt_logprobs,
 )
+from .tokens import TokenBytes
 
 # Past a request's deadline by this much without a word from the engine, the front end answers
 # 408 itself (a stuck engine).
@@ -169,8 +170,9 @@ class _AuthAndCount:
 def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
     app = FastAPI(title="ssn-runtime", docs_url=None, redoc_url=None, openapi_url=None)
     engine = cfg.engine
+    bytes_of = TokenBytes(engine.tok)  # (a chat log-probability's `bytes`, echo's offsets: built once)
     ctx = ServeContext(cfg.base_name, engine.profiles, engine.tok, engine.context, engine.vocab_size,
-                       cfg.default_max_tokens)
+                       cfg.default_max_tokens, bytes_of)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
@@ -312,21 +314,28 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             return s
         return text
 
-    def logprobs_of(parsed, entries: list, text, offset: int = 0):
+    def logprobs_of(parsed, entries: list, text):
         if parsed.params["logprobs"] is None:
             return None
         label = (lambda t: f"token_id:{t}") if parsed.token_ids else None
-        return chat_logprobs(entries, text, label) if parsed.kind == "chat" \
-            else completion_logprobs(entries, text, offset, label)
+        return chat_logprobs(entries, text, bytes_of, label) if parsed.kind == "chat" \
+            else completion_logprobs(entries, text, label)
+
+    def answer_entry(parsed, ev) -> tuple:
+        """An answer token's (token, logprob, alternatives, character offset in the choice's
+        text: past an echoed prompt) from the engine's event."""
+        t, lp, alts, offset = ev[1:]
+        return t, lp, alts, offset + (len(parsed.echo) if parsed.echo is not None else 0)
 
     def prompt_part(parsed, scored: list) -> list:
         """An echoed prompt's log-probability entries (where it asks for them; else none): its
         first token (nothing predicts it) and the engine's entries of the others, with as many
         alternatives as `logprobs` asks (the engine computed the most either field asks)."""
-        k = parsed.params["logprobs"]
+        k, offsets = parsed.params["logprobs"], parsed.echo_offsets
         if parsed.echo is None or k is None:
             return []
-        return [(parsed.prompt_ids[0], None, None), *((t, lp, alts[:k]) for t, lp, alts, _ in scored)]
+        return [(parsed.prompt_ids[0], None, None, offsets[0]),
+                *((t, lp, alts[:k], offsets[q + 1]) for q, (t, lp, alts, _) in enumerate(scored))]
 
     def prompt_items(parsed, scored: list, text) -> list | None:
         """vLLM's `prompt_logprobs` of a request that asks for them."""
@@ -344,7 +353,7 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             if ev[0] == "delta":
                 texts[i].append(ev[1])
             elif ev[0] == "logprob":
-                entries[i].append(ev[1:])
+                entries[i].append(answer_entry(parsed, ev))
             elif ev[0] == "prompt_logprobs":  # (before the answer's first token)
                 entries[i] = prompt_part(parsed, ev[1]) + entries[i]
                 scored[i] = prompt_items(parsed, ev[1], text)
@@ -383,19 +392,20 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             else:
                 choice = {"index": i, "text": delta_or_text, "finish_reason": finish, "logprobs": logprobs}
             payload = {"id": rid, "object": obj, "created": created, "model": parsed.model, "choices": [choice]}
+            if parsed.include_usage:  # (OpenAI: every chunk has the field, null but in the last)
+                payload["usage"] = None
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         deltas = [delta_template(lambda text, i=i: chunk(i, {"content": text} if chat else text)) for i in range(n)]
         # with log-probabilities: each token's entry rides on the chunk that carries its text (or
         # on a later one, where the text is held back: a partial character or a possible stop
-        # string), the rest on the choice's last chunk; a completion's text_offset runs on across
-        # chunks
+        # string), the rest on the choice's last chunk; a completion's text_offset counts in the
+        # choice's whole text, across chunks
         wants, text = parsed.params["logprobs"] is not None, token_text()
-        entries, offsets = [[] for _ in range(n)], [0] * n
+        entries = [[] for _ in range(n)]
 
         def take_logprobs(i):
-            lps = logprobs_of(parsed, entries[i], text, offsets[i])
-            offsets[i] += sum(len(text(t)) for t, _, _ in entries[i])
+            lps = logprobs_of(parsed, entries[i], text)
             entries[i] = []
             return lps
 
@@ -413,7 +423,7 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
                     yield chunk(i, {"content": ev[1]} if chat else ev[1], logprobs=take_logprobs(i)) if wants \
                         else deltas[i](ev[1])
                 elif ev[0] == "logprob":
-                    entries[i].append(ev[1:])
+                    entries[i].append(answer_entry(parsed, ev))
                 elif ev[0] == "prompt_logprobs":  # the echoed prompt and its entries, before the answer
                     # (only an echo with logprobs streams them: prompt_logprobs are refused with stream)
                     entries[i] = prompt_part(parsed, ev[1])

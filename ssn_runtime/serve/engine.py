@@ -58,6 +58,7 @@ from ..errors import SSNError
 from . import packed
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
+from .tokens import Detokenizer, TokenBytes
 
 log = logging.getLogger(__name__)
 SMALL_BATCH_GEMM = ("auto", "on", "off")
@@ -98,9 +99,12 @@ class Draining(Exception):
     """The engine is shutting down and accepts no new requests."""
 
 
-# ("delta", text) | ("logprob", token, logprob, [[id, logprob], ...]) (requests with logprobs, before the
-# token's text) | ("prompt_logprobs", [[token, logprob, [[id, logprob], ...], rank], ...]) (prompt tokens
-# 1.., before any answer token) | ("done", reason, prompt_tokens, completion_tokens) | ("error", status, code, message)
+# ("delta", text)
+# | ("logprob", token, logprob, [[id, logprob], ...], offset): requests with logprobs, before the token's
+#   text; offset: its character offset in the answer (tokens.py)
+# | ("prompt_logprobs", [[token, logprob, [[id, logprob], ...], rank], ...]): prompt tokens 1.., before
+#   any answer token
+# | ("done", reason, prompt_tokens, completion_tokens) | ("error", status, code, message)
 Event = tuple
 
 
@@ -180,60 +184,6 @@ def scan_logits(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
         greedy, usable = cpp_ops.logits_scan(logits)
         return greedy.tolist(), (~usable).tolist()
     return logits.argmax(-1).tolist(), unusable_rows(logits).tolist()
-
-
-def backend_decode(tokenizer):
-    """The Rust tokenizer's own `decode` where `tokenizer.decode` returns exactly what it returns
-    (a transformers fast tokenizer whose `_decode` is the library's and that cleans up no
-    spaces), else None. Two decodes per row per step go through it: transformers' wrapper
-    (converting every id, then dispatching) took several times the Rust call on short windows."""
-    try:
-        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-    except ImportError:  # (another transformers layout: the wrapper, always right)
-        return None
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if (isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._decode is TokenizersBackend._decode
-            and type(tokenizer).decode is PreTrainedTokenizerBase.decode
-            and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False
-            and callable(getattr(backend, "decode", None))):
-        return backend.decode
-    return None
-
-
-class Detokenizer:
-    """Incremental detokenization (as vLLM does it): decode a short window of tokens that
-    ends at the newest one and take what it adds to the window's earlier text, so spacing and
-    multi-token characters come out as in a full decode without re-decoding the whole answer
-    every step. Text is held back while it ends in a partial UTF-8 character."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self._decode_fast = backend_decode(tokenizer)
-        self.ids: list[int] = []
-        self.prefix = self.read = 0
-        self.prefix_text = ""
-        self.text = ""
-
-    def _decode(self, ids) -> str:
-        if self._decode_fast is not None:
-            return self._decode_fast(ids, skip_special_tokens=True)
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def add(self, token: int) -> None:
-        self.ids.append(token)
-        new = self._decode(self.ids[self.prefix:])
-        if len(new) > len(self.prefix_text) and not new.endswith("\ufffd"):
-            self.text += new[len(self.prefix_text):]
-            self.prefix, self.read = self.read, len(self.ids)
-            self.prefix_text = self._decode(self.ids[self.prefix:self.read])
-
-    def flush(self) -> None:
-        """At the end: whatever is left, partial characters included."""
-        new = self._decode(self.ids[self.prefix:])
-        if len(new) > len(self.prefix_text):
-            self.text += new[len(self.prefix_text):]
-        self.prefix, self.read, self.prefix_text = len(self.ids), len(self.ids), ""
 
 
 @dataclass
@@ -324,6 +274,7 @@ class Engine:
         if variants and handle is None:
             raise ValueError("variants need an attached handle")
         self.model, self.tok, self.handle = model, tokenizer, handle
+        self._token_bytes = TokenBytes(tokenizer)  # (the detokenizers' hold-back and offsets; built once)
         self.variants = dict(variants or {})
         self.profiles = ["base", *self.variants]  # index = variant id (0: the unmodified model)
         self.index = {p: i for i, p in enumerate(self.profiles)}
@@ -615,7 +566,8 @@ class Engine:
             else:
                 gen.seed()  # fresh entropy: unseeded requests differ
         self._seq += 1
-        return _Row(r, self.index[r.profile], gen, Detokenizer(self.tok), max((len(s) for s in r.stop), default=0),
+        detok = Detokenizer(self.tok, token_bytes=self._token_bytes)
+        return _Row(r, self.index[r.profile], gen, detok, max((len(s) for s in r.stop), default=0),
                     pos=len(r.prompt_ids) - 1, seq=self._seq,
                     prompt_entries=None if r.prompt_logprobs is None else [])
 
@@ -834,7 +786,8 @@ class Engine:
             else:
                 row.n += 1
                 if r.logprobs is not None:  # (before the token's text: a stream carries both in one chunk)
-                    r.emit("logprob", t, *token_logprobs(logits[j], t, r.logprobs))
+                    # (with the token's character offset in the answer: the whole characters before it)
+                    r.emit("logprob", t, *token_logprobs(logits[j], t, r.logprobs), row.detok.offset)
                 row.detok.add(t)
                 if self._check_stop(row) == "stop":
                     self._finish(row, "stop", flush=False)

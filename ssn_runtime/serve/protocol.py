@@ -15,6 +15,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from .tokens import echo_text_and_offsets
+
 MAX_STOP = 4  # stop sequences per request (OpenAI's limit)
 MAX_STOP_CHARS = 256  # characters per stop sequence
 MAX_MESSAGES = 1024
@@ -85,6 +87,7 @@ class ServeContext:
     context: int  # tokens per sequence (prompt + answer)
     vocab_size: int
     default_max_tokens: int = 64
+    token_bytes: object = None  # tokens.TokenBytes of the tokenizer (echo's offsets), built once
 
 
 @dataclass
@@ -100,6 +103,7 @@ class ParsedRequest:
     n: int = 1  # choices: one row each
     echo: str | None = None  # a completion's `echo`: the prompt's text, put before each answer
     prompt_top: int | None = None  # vLLM's `prompt_logprobs`: alternatives per prompt token (None: not asked)
+    echo_offsets: list[int] | None = None  # with echo: each prompt token's character offset in `echo`
 
 
 def load_json(raw: bytes) -> dict:
@@ -368,19 +372,19 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
     if not ids:
         raise bad("the prompt is empty (it encodes to no tokens)", where, "empty_prompt")
     room = ctx.context - len(ids)
-    if max_tokens is None:
-        max_tokens = min(ctx.default_max_tokens, room)  # as OpenAI: by default, up to what the context allows
-    if max_tokens > room or (room < 1 and max_tokens > 0):  # (scoring alone fits a full context)
+    if max_tokens is None:  # as OpenAI: by default, up to what the context allows (and at least one)
+        max_tokens = max(1, min(ctx.default_max_tokens, room))
+    if max_tokens > room or (room < 1 and max_tokens > 0):  # (scoring alone, max_tokens 0, fits a full context)
         raise bad(f"this model's context is {ctx.context} tokens; the prompt has {len(ids)} and {budget} asks for "
                   f"{max_tokens} more", where, "context_length_exceeded")
     token_ids = boolean(body, "return_tokens_as_token_ids")
-    shown = None
-    if echo:  # the prompt as sent (text), or its tokens' text
+    shown = offsets = None
+    if echo:  # the prompt as sent (text), or its tokens' text; where each token sits in it
         p = body["prompt"]
         p = p[0] if isinstance(p, list) and p and isinstance(p[0], str | list) else p
-        shown = p if isinstance(p, str) else ctx.tokenizer.decode(ids)
+        shown, offsets = echo_text_and_offsets(p, ids, ctx.tokenizer, ctx.token_bytes)
     return ParsedRequest(kind, model, profile, ids, stream, include_usage, {"max_tokens": max_tokens, **params},
-                         token_ids, n, shown, prompt_top)
+                         token_ids, n, shown, prompt_top, offsets)
 
 
 def choice_seed(seed: int | None, i: int) -> int | None:
@@ -400,18 +404,21 @@ def _lp(v: float | None) -> float | None:
     return v if v is None or v > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
-def chat_logprobs(entries: list, text, label=None) -> dict:
-    """A chat choice's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}, ...]}, one
-    entry per answer token. `entries`: (token id, its log-probability, [[id, logprob], ...] the
-    most likely first) per token, as the engine emits them; `text(id)`: one token's text alone
-    (its `bytes`); `label(id)`: the `token` shown, where not the text ("token_id:N": distinct
-    even where several tokens decode to the same text, as byte tokens of a partial character do)."""
+def chat_logprobs(entries: list, text, bytes_of, label=None) -> dict:
+    """A chat choice's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}, ...],
+    "refusal": null}, one entry per answer token. `entries`: (token id, its log-probability,
+    [[id, logprob], ...] the most likely first, its offset) per token; `text(id)`: one token's
+    text alone; `bytes_of(id)`: its own bytes (tokens.token_bytes: those of a partial character
+    too, so that the answer's bytes join into its text); `label(id)`: the `token` shown, where
+    not the text ("token_id:N": distinct even where several tokens decode to the same text, as
+    byte tokens of a partial character do)."""
     label = label or text
 
     def one(t, lp):
-        return {"token": label(t), "logprob": _lp(lp), "bytes": list(text(t).encode("utf-8"))}
+        return {"token": label(t), "logprob": _lp(lp), "bytes": list(bytes_of(t))}
 
-    return {"content": [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]} for t, lp, top in entries]}
+    return {"content": [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]} for t, lp, top, _ in entries],
+            "refusal": None}
 
 
 def prompt_logprobs(entries: list, top: int, label) -> list:
@@ -430,29 +437,26 @@ def prompt_logprobs(entries: list, top: int, label) -> list:
     return out
 
 
-def completion_logprobs(entries: list, text, offset: int = 0, label=None) -> dict:
+def completion_logprobs(entries: list, text, label=None) -> dict:
     """A completion choice's `logprobs` in the legacy shape: tokens, token_logprobs, top_logprobs
     (per token {token: logprob} of the most likely and the chosen token, so up to k + 1 as OpenAI
-    documents) and text_offset (each token's character offset in the answer, counting from
-    `offset`: where an earlier chunk of a stream ended). `text` and `label` as chat_logprobs'.
-    An echoed prompt's first token has no log-probability (nothing predicts it): its entry is
-    (token, None, None), and it reads null in token_logprobs and top_logprobs."""
+    documents) and text_offset (each token's character offset in the choice's text: the entry's
+    own, tokens.py says how it counts). `entries`: (token, logprob, alternatives, offset);
+    `text` and `label` as chat_logprobs'. An echoed prompt's first token has no log-probability
+    (nothing predicts it): its entry is (token, None, None, 0), and it reads null in
+    token_logprobs and top_logprobs."""
     label = label or text
-    tokens, offsets = [], []
-    for t, _, _ in entries:
-        offsets.append(offset)
-        tokens.append(label(t))
-        offset += len(text(t))
+    tokens = [label(t) for t, _, _, _ in entries]
     tops = []
-    for (_, lp, top), s in zip(entries, tokens, strict=True):
+    for (_, lp, top, _), s in zip(entries, tokens, strict=True):
         if lp is None:
             tops.append(None)
             continue
         d = {}
         for a, b in top:  # (tokens of one text: the most likely one's; "token_id:N" labels keep them apart)
             d.setdefault(label(a), _lp(b))
-        d.setdefault(s, _lp(lp))
+        d[s] = _lp(lp)  # (the chosen token's own value, as OpenAI promises, where its text is another's too)
         tops.append(d)
-    return {"tokens": tokens, "token_logprobs": [_lp(lp) for _, lp, _ in entries], "top_logprobs": tops,
-            "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": [_lp(lp) for _, lp, _, _ in entries], "top_logprobs": tops,
+            "text_offset": [o for _, _, _, o in entries]}
 
