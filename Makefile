@@ -8,11 +8,16 @@ STAMP  := $(VENV)/.ssn-installed
 
 setup: $(STAMP)
 
-# torch first, from the pinned CPU build: left to the resolver, a fresh venv would pull
-# a multi-GB CUDA build.
+# torch first, alone and pinned: left to the resolver with the rest, a fresh venv may pull a
+# multi-GB CUDA build. It comes from the index pip is configured with (on the project's
+# machines, a local CPU wheel); where that is PyPI, which serves Linux the CUDA build,
+# `make TORCH_INDEX=https://download.pytorch.org/whl/cpu demo` asks PyTorch's CPU index.
+TORCH_INDEX ?=
+TORCH := torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+
 $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
@@ -40,7 +45,7 @@ wheel-check: setup
 	$(BIN)/python -m build -q --sdist --outdir $(WHEEL_DIR) .
 	$(BIN)/python -m pip wheel -q --no-deps -w $(WHEEL_DIR) $(WHEEL_DIR)/*.tar.gz
 	$(PYTHON) -m venv $(WHEEL_DIR)/venv
-	$(WHEEL_DIR)/venv/bin/python -m pip install -q torch==2.13.0
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q $(TORCH)
 	$(WHEEL_DIR)/venv/bin/python -m pip install -q -c constraints.txt $(WHEEL_DIR)/*.whl
 	cd $(WHEEL_DIR) && venv/bin/python $(CURDIR)/.ci/wheel_check.py
 

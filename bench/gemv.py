@@ -35,7 +35,7 @@ def contenders(ws: list, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--out", help="JSON file or folder (default bench/results/)")

@@ -73,7 +73,7 @@ def dequantize_gguf(src: str | Path, dst: str | Path, to: str = "F32") -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--type", default="F32", choices=TYPES)

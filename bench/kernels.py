@@ -144,7 +144,7 @@ def _bench_shape(M: int, N: int, H: int, k, dtype, dev: str, t, record) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="M in (1, 4096) and one N only")
     ap.add_argument("--rep-ms", type=int, default=100, help="timing budget per case (do_bench rep)")

@@ -101,7 +101,7 @@ def bench_case(tokens: int, hidden: int, inter: int, dtype: torch.dtype, device:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tokens", type=int, nargs="*", help="token counts (default: GPU 4096 and 16; CPU 512 and 8)")
     ap.add_argument("--hidden", type=int)

@@ -71,7 +71,7 @@ def expert_mask(model, seed: int, share: float = 0.01) -> NeuronMask:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a toy shape and few prompts: a smoke run of the script")
     ap.add_argument("--seqs", type=int, help="prompts (default: tiny 16, CPU 48, GPU 512)")

@@ -190,7 +190,7 @@ class EndBatchTimer:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seqs", type=int, help="number of prompts (default: CPU 96, GPU 1024)")
     ap.add_argument("--rounds", type=int, default=3)

@@ -243,7 +243,7 @@ def replace_table(text: str, new: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--write", action="store_true", help="rewrite the README's table")
     ap.add_argument("--check", action="store_true", help="exit 1 if the README's table is not what the results give")
     args = ap.parse_args(argv)

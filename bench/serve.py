@@ -643,7 +643,7 @@ def gguf_label(gguf: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="checkpoint folder or 'smollm2' (default: the built-in organism, seed 0)")
     ap.add_argument("--gguf", help="GGUF file of the same model, for the llama.cpp anchors (smollm2: the shipped "
                                    "Q4_1 file); a quantized one is also served dequantized to ssn's precision")

@@ -64,7 +64,7 @@ def decode_step(model, tok, rows: int):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", help="checkpoint folder or 'smollm2'")
     ap.add_argument("--rows", default="1,2,3,4,6,8,12,16,32,64")
     ap.add_argument("--rounds", type=int, default=9)

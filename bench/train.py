@@ -237,7 +237,7 @@ CASES = ("organism", "smollm2", "large")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=100, help="steps of the organism case")
     ap.add_argument("--batch-size", type=int, default=16, help="batch size of the organism case")

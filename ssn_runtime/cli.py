@@ -27,7 +27,7 @@ FLAGS = {
     "stats": {"help": "statistics file (ssn profile)"},
     "out": {"help": "output path"},
     "dtype": {"default": "auto", "help": "auto (the checkpoint's), float32, bfloat16, float16"},
-    "device": {"help": "cpu, cuda, cuda:1"},
+    "device": {"help": "cpu, cuda, cuda:1 (default: cpu)"},
     "quiet": {"action": "store_true", "help": "no progress bars"},
 }
 
@@ -322,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "both (composed per row); repeatable; every profile shares the one copy of the weights")
 
     p = command("organism", cmd_organism, "build or locate the built-in model organism")
-    p.add_argument("action", choices=["build", "path"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--small", action="store_true")
+    p.add_argument("action", choices=["build", "path"], help="build: train it (again) and save it; path: print "
+                   "where it is kept")
+    p.add_argument("--seed", type=int, default=0, help="the organism's seed (default: 0, the demo's first)")
+    p.add_argument("--small", action="store_true", help="the seconds-to-build variant the tests use")
     p.add_argument("--out", help="checkpoint folder (default: the user cache)")
     for p in sub.choices.values():
         for cls in p.get_default("configs"):

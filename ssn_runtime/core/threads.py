@@ -5,11 +5,11 @@ A serving engine shares the machine's cores with the HTTP front end (a process o
 default) and often with the clients. A thread that barely speeds a step takes a core from them,
 and after each parallel region it spins waiting for the next one (OpenMP's wait policy), so that
 core stays busy whether or not the work needed it. On the built-in organism (hidden size 96: too
-small to split) a second thread made a 16-row forward no faster, and served on 2 cores with the
-engine in its own process two threads ran 1.04x (natural lengths) and 0.67x (fixed lengths) the
-tokens/s of one, with 1.14x and 1.66x the p95 inter-token latency at 16 clients
-(bench/results/serve-organism-AMD_EPYC_x2_threads.json, its `variant`). On SmolLM2-135M one
-thread made the same forward 1.6x as long: there the threads pay.
+small to split) a second thread makes a 16-row forward no faster, and served on 2 cores it costs
+tokens/s and inter-token latency (the `variant` of
+bench/results/serve-organism-AMD_EPYC_x2_threads.json, the README's serve-organism row). On
+SmolLM2-135M one thread makes the same forward far slower (the start-up line's times): there the
+threads pay.
 
 `calibrate_threads` times a whole forward at a decode step's row count for each count on a
 ladder (every core, then halving to one), the counts interleaved in each repeat, and
@@ -29,7 +29,7 @@ from torch import nn
 
 # Fewer threads are taken while a forward stays within this factor of the fastest count's time:
 # a core given back is worth more to the front end and the clients than the last quarter of a
-# step's speed (the organism above, well inside; SmolLM2's 1.6x, well outside).
+# step's speed (the organism above, well inside; SmolLM2, well outside).
 MARGIN = 1.25
 
 

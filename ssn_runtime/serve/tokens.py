@@ -11,17 +11,7 @@ import codecs
 import json
 import re
 
-
-def cleans_up(tokenizer) -> bool:
-    """Whether the tokenizer's decode cleans up spaces (" ." -> "."), changing the Rust
-    tokenizer's text: where asked to, except for a BPE model in a transformers that skips the
-    cleanup there (it strips real spaces: SmolLM2's tokenizer asks for it, and gets none)."""
-    if not getattr(tokenizer, "clean_up_tokenization_spaces", True):
-        return False
-    force = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return not (hasattr(tokenizer, force) and not getattr(tokenizer, force)
-                and type(getattr(backend, "model", None)).__name__ == "BPE")
+from ..core.loading import cleans_up
 
 
 def backend_decode(tokenizer):
