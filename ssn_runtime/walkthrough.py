@@ -835,6 +835,7 @@ def main(argv: list[str] | None = None) -> int:
                 if load_results(res)["plan"] != asdict(Plan()):
                     raise SSNError(f"{res}: not the full walkthrough's plan (a --reduced run?); the README shows the "
                                    "full one")
+                render_readme(res, args.readme, check=True)  # (a README without the block: nothing is copied)
                 atomic_write_text(Path(args.results), res.read_text(encoding="utf-8"))
             changed = render_readme(args.results, args.readme, args.check)
             print(f"{'out of date' if args.check else 'rewrote'}: {args.readme}" if changed

@@ -15,3 +15,20 @@ def test_the_readme_block_is_the_rendering_of_the_committed_results():
     res = load_results(RESULTS)
     assert res["plan"] == asdict(Plan())
     assert not render_readme(RESULTS, README, check=True)
+
+
+def test_render_readme_copies_a_full_runs_results_as_the_blocks_source(tmp_path):
+    """`--render-readme` after a full run: the run's results.json becomes the committed source
+    (here a copy in tmp_path, never the repository's) and the block is rendered from it."""
+    from ssn_runtime.walkthrough import main
+
+    out, readme, source = tmp_path / "run", tmp_path / "README.md", tmp_path / "real-demo.json"
+    out.mkdir()
+    (out / "results.json").write_text(RESULTS.read_text(encoding="utf-8"), encoding="utf-8")
+    text = README.read_text(encoding="utf-8")
+    head, rest = text.split("<!-- real-demo: generated", 1)
+    readme.write_text(head + "<!-- real-demo: generated" + rest.replace("| base |", "| stale |", 1), encoding="utf-8")
+    assert main(["--render-readme", "--out", str(out), "--readme", str(readme), "--results", str(source)]) == 0
+    assert source.read_text(encoding="utf-8") == RESULTS.read_text(encoding="utf-8")
+    assert readme.read_text(encoding="utf-8") == text
+    assert main(["--render-readme", "--check", "--readme", str(readme), "--results", str(source)]) == 0

@@ -108,7 +108,9 @@ def test_readme_block_needs_a_full_current_run(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("no markers\n")
     out = tmp_path / "run"
-    assert main(["--render-readme", "--out", str(out), "--readme", str(readme)]) == 2
+    committed = tmp_path / "committed.json"  # (never the repository's docs/results/real-demo.json)
+    source = ["--results", str(committed)]
+    assert main(["--render-readme", "--out", str(out), "--readme", str(readme), *source]) == 2
     assert "run `make real-demo` first" in capsys.readouterr().err
     out.mkdir()
     (out / "results.json").write_text(json.dumps({"model": "x"}))
@@ -126,12 +128,13 @@ def test_readme_block_needs_a_full_current_run(tmp_path, capsys):
         load_results(out / "results.json")
     res["steps_total_seconds"] = 60.0
     (out / "results.json").write_text(json.dumps(res))
-    assert main(["--render-readme", "--out", str(out), "--readme", str(readme)]) == 2
+    assert main(["--render-readme", "--out", str(out), "--readme", str(readme), *source]) == 2
     assert "not the full walkthrough's plan" in capsys.readouterr().err
     res["plan"] = asdict(Plan())
     (out / "results.json").write_text(json.dumps(res))
-    assert main(["--render-readme", "--out", str(out), "--readme", str(readme)]) == 2
+    assert main(["--render-readme", "--out", str(out), "--readme", str(readme), *source]) == 2
     assert "expected one '<!-- real-demo" in capsys.readouterr().err
-    assert main(["--render-readme", "--out", str(out), "--readme", str(tmp_path / "none.md")]) == 2
+    assert main(["--render-readme", "--out", str(out), "--readme", str(tmp_path / "none.md"), *source]) == 2
+    assert not committed.exists()  # refused results are never copied as the block's source
     assert "none.md not found" in capsys.readouterr().err
     assert readme.read_text() == "no markers\n"

@@ -305,6 +305,13 @@ def test_extreme_but_valid_values_answer_and_leave_the_batch_alone(served):
     with httpx.stream("POST", url, json={**boom, "stream": True}, timeout=60) as r:
         lines = [x for x in r.iter_lines() if x.startswith("data:")]
     assert "non_finite_logits" in lines[-2] and lines[-1] == "data: [DONE]"
+    # n choices: the failing rows fail the whole request, whole or streamed (the others stop)
+    many = post({**boom, "n": 3})
+    assert many.status_code == 500 and many.json()["error"]["code"] == "non_finite_logits", many.text
+    with httpx.stream("POST", url, json={**boom, "n": 3, "stream": True}, timeout=60) as r:
+        lines = [x for x in r.iter_lines() if x.startswith("data:")]
+    assert "non_finite_logits" in lines[-2] and lines[-1] == "data: [DONE]"
+    assert post(good).json()["choices"][0]["message"]["content"] == want  # (and the server serves on)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
