@@ -99,6 +99,29 @@ def test_streamed_choices_equal_the_whole_answers_each_with_its_finish_and_logpr
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
 
 
+def test_echoed_choices_each_stream_the_prompt_first_with_offsets_across_the_choices_text(server):
+    """A completion with `echo` and `n`: every choice's first chunk is the prompt with its entries,
+    and each choice's text_offset runs through its own text (the prompt's, then its answer's),
+    streamed as whole; the numbers equal the whole answer's."""
+    kw = {"temperature": 0.8, "seed": 5, "n": 3, "echo": True, "logprobs": 1, "max_tokens": 6}
+    whole = post(server, COMP, **kw)
+    chunks = sse(server, COMP, **kw)
+    firsts, offsets, values = {}, {}, {}
+    for ch in chunks:
+        (c,) = ch["choices"]
+        i = c["index"]
+        firsts.setdefault(i, c["text"])
+        if c["logprobs"]:
+            offsets.setdefault(i, []).extend(c["logprobs"]["text_offset"])
+            values.setdefault(i, []).extend(c["logprobs"]["token_logprobs"])
+    assert firsts == {0: "hello world", 1: "hello world", 2: "hello world"}
+    for i, c in enumerate(whole["choices"]):
+        assert c["text"].startswith("hello world")
+        assert offsets[i] == c["logprobs"]["text_offset"] and offsets[i] == sorted(offsets[i])
+        assert values[i][0] is None and values[i][1:] == pytest.approx(c["logprobs"]["token_logprobs"][1:], abs=1e-5)
+    assert len({c["text"] for c in whole["choices"]}) > 1  # (seeded choices differ)
+
+
 def test_bad_n_is_refused_by_name_and_n_over_the_queue_is_a_400_not_a_retry(server):
     for n in (0, 129, 2.0, True, "2"):
         r = httpx.post(server.url + CHAT, json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
