@@ -142,6 +142,28 @@ def test_completions_take_the_legacy_shape_in_whole_and_streamed_answers(served)
     assert [v for p in parts for v in p.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
 
 
+def test_a_stop_string_cuts_the_text_and_its_tokens_stay_in_the_entries(served):
+    """As vLLM: the tokens up to the one that completes a stop string keep their entries and
+    count in completion_tokens, while the text ends before the stop string; the entries are
+    the plain answer's first ones."""
+    url = served["server"].url + "/v1/completions"
+    # (a prompt the tiny model answers with some letters: most of its answers are stray bytes)
+    kw = {"model": "tiny", "prompt": "a b c d", "max_tokens": 16, "temperature": 0, "logprobs": 0, **IDS}
+    plain = httpx.post(url, json=kw, timeout=60).json()["choices"][0]
+    text = plain["text"]
+    stop = next((text[i:i + 2] for i in range(3, len(text) - 2) if "\ufffd" not in text[i:i + 2]
+                 and text.find(text[i:i + 2]) == i), None)
+    if stop is None:
+        pytest.skip(f"no usable stop string in {text!r}")
+    r = httpx.post(url, json={**kw, "stop": [stop]}, timeout=60).json()
+    cut = r["choices"][0]
+    assert cut["text"] == text[:text.index(stop)] and cut["finish_reason"] == "stop"
+    lp = cut["logprobs"]
+    assert len(lp["tokens"]) == r["usage"]["completion_tokens"]
+    assert lp["tokens"] == plain["logprobs"]["tokens"][:len(lp["tokens"])]
+    assert lp["text_offset"] == plain["logprobs"]["text_offset"][:len(lp["tokens"])]
+
+
 def check_offsets(tok, text: str, ids: list[int], offsets: list[int]) -> None:
     """A completion's text_offset: each token's count of whole characters before its first
     byte in `text`, whose bytes are the tokens' own joined (special tokens, which an answer's
