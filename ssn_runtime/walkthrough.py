@@ -764,11 +764,11 @@ def ability_markdown(res: dict, plan: Plan) -> list[str]:
     if tc:
         eval_part = ("" if tc.get("eval_relative_difference") is None else
                      f", and the eval step, where base shared its batches with the masked rows, read "
-                     f"{tc['perplexity_in_eval']:.6g} (relative difference {tc['eval_relative_difference']:.1e})")
+                     f"{tc['perplexity_in_eval']:.12g} (relative difference {tc['eval_relative_difference']:.1e})")
         lines += ["", "Perplexities are float32 sums: their last digits move with the thread count and with the rows "
                   "that share a batch (another CPU's kernels move them too). Measured in this run: the base model's "
-                  f"held-out perplexity over all languages, computed again alone, read {tc['perplexity']:.6g} with "
-                  f"{tc['threads']} torch threads and {tc['perplexity_1_thread']:.6g} with 1 (relative difference "
+                  f"held-out perplexity over all languages, computed again alone, read {tc['perplexity']:.12g} with "
+                  f"{tc['threads']} torch threads and {tc['perplexity_1_thread']:.12g} with 1 (relative difference "
                   f"{tc['relative_difference']:.1e}){eval_part}."]
     return lines
 
@@ -824,12 +824,16 @@ def main(argv: list[str] | None = None) -> int:
                     "full run) to --results, and rewrite the README's real-model block from it")
     ap.add_argument("--check", action="store_true", help="with --render-readme: copy nothing; exit 1 if the block "
                     "differs from the rendering of --results")
-    ap.add_argument("--results", default=str(RESULTS), help="with --render-readme: the block's committed source "
-                    f"(default: {RESULTS.relative_to(_REPO)})")
+    ap.add_argument("--results", help="with --render-readme: the block's committed source (default, for the "
+                    f"repository's README only: {RESULTS.relative_to(_REPO)})")
     ap.add_argument("--readme", default=str(_REPO / "README.md"), help="with --render-readme: the README to rewrite")
     args = ap.parse_args(argv)
     try:
         if args.render_readme:
+            if args.results is None:  # (another README never takes the repository's source by default)
+                if Path(args.readme).resolve() != (_REPO / "README.md").resolve():
+                    raise SSNError("with --readme, give --results too (the file the block is rendered from)")
+                args.results = str(RESULTS)
             if not args.check:  # the run's results become the block's committed source
                 res = Path(args.out) / "results.json"
                 if load_results(res)["plan"] != asdict(Plan()):

@@ -237,6 +237,43 @@ def test_incremental_detokenization_equals_a_full_decode(tok, data, exact):
     assert all(seen[i + 1].startswith(seen[i]) for i in range(len(seen) - 1))  # text only ever grows
 
 
+def test_token_bytes_are_exact_only_where_a_decode_is_the_bytes_joined(tiny_ckpts):
+    """`exact` (the bytes decide offsets and hold-back) only for a byte-level decoder whose
+    decode is its tokens' bytes joined: not with an added token outside the byte-level alphabet
+    (fused with its neighbours, it turns the run's decode to raw text), not for a byte-fallback
+    vocabulary (a run of <0xNN> that is not UTF-8 decodes to one U+FFFD per byte); and every
+    added token marked special counts as special (a decode skips it), named or not."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    from ssn_runtime.serve.tokens import TokenBytes
+
+    tok = load_tokenizer(tiny_ckpts["llama"])
+    assert TokenBytes(tok).exact
+    tok.add_tokens([AddedToken("<x_sep>", special=True)])
+    sep = tok.convert_tokens_to_ids("<x_sep>")
+    tb = TokenBytes(tok)
+    assert tb.exact and sep in tb.special and sep not in tok.all_special_ids
+    ids = tok("ab", add_special_tokens=False)["input_ids"]
+    assert tok.decode([*ids, sep, *ids], skip_special_tokens=True) == "abab"
+    d = Detokenizer(tok, token_bytes=tb)
+    offsets = []
+    for t in [*ids, sep, *ids]:
+        offsets.append(d.offset)
+        d.add(t)
+    assert d.text == "abab" and offsets[len(ids) + 1] == 2  # (the skipped token adds no characters)
+    tok.add_tokens(["foo bar"])  # (a space: outside the byte-level alphabet)
+    assert not TokenBytes(tok).exact
+    # a sentencepiece-style byte-fallback decoder, no byte-level table
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": b + 1 for b in range(256)}, "\u2581a": 257}
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    sp = PreTrainedTokenizerFast(tokenizer_object=raw)
+    tb = TokenBytes(sp)
+    assert not tb.exact and tb(0xE2 + 1) == b"\xe2" and tb(257) == b" a"
+
+
 def test_with_the_tokens_bytes_a_stray_byte_is_text_at_once_and_a_split_character_waits(tok):
     """A byte that can begin no character reads U+FFFD at once (the text no longer waits for
     the end of the answer); the first bytes of a character wait for the rest."""

@@ -142,7 +142,9 @@ class Metrics:
                    "# TYPE ssn_requests_total counter"]
             out += [f'ssn_requests_total{{endpoint="{e}",model="{m}",status="{s}"}} {v}'
                     for (e, m, s), v in sorted(self.requests.items())]
-            for name, table, help_ in (("ssn_prompt_tokens_total", self.prompt_tokens, "Prompt tokens processed."),
+            prompt_help = ("Prompt tokens of the rows that ended (each of a request's n choices is a row with "
+                           "the prompt; prefix-cache hits included).")
+            for name, table, help_ in (("ssn_prompt_tokens_total", self.prompt_tokens, prompt_help),
                                        ("ssn_completion_tokens_total", self.completion_tokens, "Tokens generated.")):
                 out += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
                 out += [f'{name}{{engine="{e}",profile="{p}"}} {v}' for (e, p), v in sorted(table.items())]

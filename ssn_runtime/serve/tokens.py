@@ -107,9 +107,13 @@ class TokenBytes:
     byte-level BPE symbols map back to their bytes; any other token, and a tokenizer without a
     `tokenizers` backend, gives its text alone, encoded. Cached per id.
 
-    `exact`: the tokenizer's decode is its tokens' bytes joined and decoded (a byte-level or
-    byte-fallback decoder with nothing that strips or cleans up), so the bytes say which
-    characters are whole (Detokenizer's offsets and hold-back); `special`: the special ids."""
+    `exact`: the tokenizer's decode is its tokens' bytes joined and decoded, so the bytes say
+    which characters are whole (Detokenizer's offsets and hold-back): a byte-level BPE decoder
+    (with string replacements and fusing at most), the library's own decode with no clean-up,
+    no byte-fallback tokens in the vocabulary (a run of them that is not valid UTF-8 decodes to
+    one U+FFFD per byte, not as Python's decoder reads it) and no added token outside the
+    byte-level alphabet (fused with its neighbours, it would turn the whole run's decode to raw
+    text). `special`: the ids a decode that skips special tokens skips."""
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
@@ -124,11 +128,17 @@ class TokenBytes:
         self._byte_of = _byte_level_chars() if "ByteLevel" in kinds else None
         self._fallback = "ByteFallback" in kinds
         self._tokens = bool(decoders)
-        self.exact = bool(kinds & {"ByteLevel", "ByteFallback"}) \
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self.exact = self._byte_of is not None \
             and kinds <= {"ByteLevel", "ByteFallback", "Fuse", "Replace"} \
             and len(self._replace) == sum(d.get("type") == "Replace" for d in decoders) \
-            and not cleans_up(tokenizer)
-        self.special = frozenset(getattr(tokenizer, "all_special_ids", None) or ())
+            and backend_decode(tokenizer) is not None \
+            and not (self._fallback and any(re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", k) for k in tokenizer.get_vocab())) \
+            and all(ch in self._byte_of for a in added.values() for ch in getattr(a, "content", str(a)))
+        # (transformers' all_special_ids names the named special tokens only; a decode skips every
+        # added token marked special: Llama 3's headers, SmolLM2's <file_sep>)
+        self.special = frozenset(getattr(tokenizer, "all_special_ids", None) or ()) \
+            | {i for i, a in added.items() if getattr(a, "special", False)}
         self._cache: dict[int, bytes] = {}
 
     def __call__(self, t: int) -> bytes:
@@ -151,23 +161,26 @@ class TokenBytes:
 
 def echo_text_and_offsets(prompt, ids: list[int], tokenizer, token_bytes: TokenBytes | None = None
                           ) -> tuple[str, list[int]]:
-    """An echoed prompt's text and each of its tokens' character offset in it. A prompt sent as
-    text echoes as sent, with offsets from the tokenizer's offset mapping where it has one (a
-    special token the tokenizer added, such as BOS, sits at 0 with no text); token ids echo as
-    their incremental decode (special tokens shown), with each token's offset in it."""
-    if isinstance(prompt, str):
-        try:
-            enc = tokenizer(prompt, return_offsets_mapping=True)
-            if list(enc["input_ids"]) == list(ids):
-                return prompt, [int(a) for a, _ in enc["offset_mapping"]]
-        except (NotImplementedError, ValueError, TypeError):  # (a tokenizer without offsets: decode below)
-            pass
-    detok = Detokenizer(tokenizer, skip_special=isinstance(prompt, str), token_bytes=token_bytes)
+    """An echoed prompt's text and each of its tokens' character offset in it, counted as the
+    answer's are (Detokenizer.offset). Token ids echo as their incremental decode (special
+    tokens shown). A prompt sent as text echoes as sent: where its decode (special tokens
+    skipped) is that text, the decode's offsets; else the tokenizer's offset mapping where it
+    has one (a special token the tokenizer added, such as BOS, sits at 0); else the decode's,
+    kept within the text."""
+    text = isinstance(prompt, str)
+    detok = Detokenizer(tokenizer, skip_special=text, token_bytes=token_bytes)
     offsets = []
     for t in ids:
         offsets.append(detok.offset)
         detok.add(t)
     detok.flush()
-    if isinstance(prompt, str):  # (as sent; the offsets from the decode: the same text, or as near as it gets)
-        return prompt, [min(o, len(prompt)) for o in offsets]
-    return detok.text, offsets
+    if not text:
+        return detok.text, offsets
+    if detok.text != prompt:  # (normalized, or a prefix space added: the mapping says where each token sits)
+        try:
+            enc = tokenizer(prompt, return_offsets_mapping=True)
+            if list(enc["input_ids"]) == list(ids):
+                return prompt, [int(a) for a, _ in enc["offset_mapping"]]
+        except (NotImplementedError, ValueError, TypeError):  # (a tokenizer without offsets)
+            pass
+    return prompt, [min(o, len(prompt)) for o in offsets]
