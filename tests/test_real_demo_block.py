@@ -32,3 +32,16 @@ def test_render_readme_copies_a_full_runs_results_as_the_blocks_source(tmp_path)
     assert source.read_text(encoding="utf-8") == RESULTS.read_text(encoding="utf-8")
     assert readme.read_text(encoding="utf-8") == text
     assert main(["--render-readme", "--check", "--readme", str(readme), "--results", str(source)]) == 0
+
+
+def test_another_readme_needs_its_own_results(tmp_path, capsys):
+    """The repository's source is the default for the repository's README only: rendering
+    another README without --results is refused, and nothing is copied or written."""
+    from ssn_runtime.walkthrough import main
+
+    before = RESULTS.read_bytes()
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n")
+    assert main(["--render-readme", "--out", str(tmp_path / "run"), "--readme", str(readme)]) == 2
+    assert "give --results too" in capsys.readouterr().err
+    assert RESULTS.read_bytes() == before and readme.read_text() == "x\n"
