@@ -256,45 +256,40 @@ class Steps:
         print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", flush=True)
 
     def run(self, name: str, argv: list[str], outputs: list[Path]) -> None:
+        """An `ssn` command, skipped when re-run with the same command and plan and its outputs there."""
         from .cli import main
 
+        def command() -> None:
+            rc = main(argv)
+            if rc != 0:
+                raise SSNError(f"step {name} failed (exit status {rc}); finished steps are kept: re-run to continue")
+
         key = " ".join(shlex.quote(a) for a in argv)
+        self._step(name, key, f"ssn {key}", command, all(p.exists() for p in outputs))
+
+    def compute(self, name: str, key: str, fn):
+        """An in-process step: `fn()`'s JSON result, recorded like a command's (skipped when
+        re-run with the same key and plan)."""
+        return self._step(name, key, key, fn, "result" in self.done.get(name, {}))
+
+    def _step(self, name: str, key: str, shown: str, fn, kept: bool):
         prev = self.done.get(name, {})
-        if prev.get("command") == key and prev.get("plan") == self.plan and all(p.exists() for p in outputs):
+        if kept and prev.get("command") == key and prev.get("plan") == self.plan:
             self.say(f"{name}: done before, skipped")
-            self.seconds[name] = self.done[name]["seconds"]
-            return
-        self.say(f"{name}: ssn {key}")
+            self.seconds[name] = prev["seconds"]
+            return prev.get("result")
+        self.say(f"{name}: {shown}")
         import torch
 
         t, cpu, load = time.perf_counter(), time.process_time(), _loadavg()
-        rc = main(argv)
-        if rc != 0:
-            raise SSNError(f"step {name} failed (exit status {rc}); finished steps are kept: re-run to continue")
+        result = fn()
         self.seconds[name] = round(time.perf_counter() - t, 1)
         # CPU time (all threads of this process) and the 1-minute load average before and after:
         # a step's wall time means little without what else the machine was running.
         self.done[name] = {"command": key, "plan": self.plan, "seconds": self.seconds[name],
                            "cpu_seconds": round(time.process_time() - cpu, 1), "load": [load, _loadavg()],
-                           "torch_threads": torch.get_num_threads()}
-        atomic_write_text(self.file, json.dumps(self.done, indent=1))
-
-
-    def compute(self, name: str, key: str, fn):
-        """An in-process step: `fn()`'s JSON result, recorded like a command's (skipped when
-        re-run with the same key and plan)."""
-        prev = self.done.get(name, {})
-        if prev.get("command") == key and prev.get("plan") == self.plan and "result" in prev:
-            self.say(f"{name}: done before, skipped")
-            self.seconds[name] = prev["seconds"]
-            return prev["result"]
-        self.say(f"{name}: {key}")
-        t, cpu, load = time.perf_counter(), time.process_time(), _loadavg()
-        result = fn()
-        self.seconds[name] = round(time.perf_counter() - t, 1)
-        self.done[name] = {"command": key, "plan": self.plan, "seconds": self.seconds[name],
-                           "cpu_seconds": round(time.process_time() - cpu, 1), "load": [load, _loadavg()],
-                           "result": result}
+                           "torch_threads": torch.get_num_threads(),
+                           **({"result": result} if result is not None else {})}
         atomic_write_text(self.file, json.dumps(self.done, indent=1))
         return result
 

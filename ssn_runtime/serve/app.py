@@ -314,12 +314,15 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             return s
         return text
 
+    def label_of(parsed):
+        """How a token is named where not by its text (vLLM's return_tokens_as_token_ids), else None."""
+        return (lambda t: f"token_id:{t}") if parsed.token_ids else None
+
     def logprobs_of(parsed, entries: list, text):
         if parsed.params["logprobs"] is None:
             return None
-        label = (lambda t: f"token_id:{t}") if parsed.token_ids else None
-        return chat_logprobs(entries, text, bytes_of, label) if parsed.kind == "chat" \
-            else completion_logprobs(entries, text, label)
+        return chat_logprobs(entries, text, bytes_of, label_of(parsed)) if parsed.kind == "chat" \
+            else completion_logprobs(entries, text, label_of(parsed))
 
     def answer_entry(parsed, ev) -> tuple:
         """An answer token's (token, logprob, alternatives, character offset in the choice's
@@ -341,7 +344,7 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
         """vLLM's `prompt_logprobs` of a request that asks for them."""
         if parsed.prompt_top is None:
             return None
-        return prompt_logprobs(scored, parsed.prompt_top, (lambda t: f"token_id:{t}") if parsed.token_ids else text)
+        return prompt_logprobs(scored, parsed.prompt_top, label_of(parsed) or text)
 
     async def collect(reqs: list[GenRequest], events: asyncio.Queue, rid: str, parsed):
         n = len(reqs)
