@@ -9,9 +9,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import httpx
 import torch
+from transformers import LogitsProcessor
 
 import ssn_runtime
 from ssn_runtime import load_model, load_tokenizer
@@ -43,20 +45,51 @@ def make_profiles(model, seed=0):
     return mask, state.to_patch()
 
 
-def reference(path, ids, max_new, mask=None, patch=None):
-    """Greedy answer of one prompt alone, on a fresh model with the patch merged (the ground truth)."""
+def reference(path, ids, max_new, mask=None, patch=None, stop_ids=(), **generate):
+    """Greedy answer of one prompt alone, on a fresh model with the patch merged (the ground truth).
+    `generate`: more of model.generate's arguments (logits processors); `stop_ids`: tokens that
+    end the answer as EOS does."""
     model = load_model(path)
     tok = load_tokenizer(path)
     if patch is not None:
         merge_patch(model, patch)
     with ssn_runtime.attach(model) as h, h.intervene(mask=mask):
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=max_new, pad_token_id=tok.pad_token_id)
+                             do_sample=False, max_new_tokens=max_new, pad_token_id=tok.pad_token_id, **generate)
     cont = out[0, len(ids):].tolist()
     eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = set(eos if isinstance(eos, list) else [eos]) | set(stop_ids)
     cut = next((j for j, t in enumerate(cont) if t in eos), len(cont))
     return tok.decode(cont[:cut], skip_special_tokens=True)
+
+
+class FormulaProcessor(LogitsProcessor):
+    """vLLM's documented order, in float64 with plain Python loops (not serve/sampling.py's code):
+    min_tokens bans EOS and the stop ids, logit_bias adds, repetition_penalty divides positive
+    logits of every token of the prompt and answer and multiplies the others, frequency and
+    presence penalties subtract per occurrence in the answer and once."""
+
+    def __init__(self, prompt_len, eos=(), stop_token_ids=(), min_tokens=0, logit_bias=(), repetition_penalty=1.0,
+                 frequency_penalty=0.0, presence_penalty=0.0, **_):
+        self.prompt_len, self.banned = prompt_len, set(eos) | set(stop_token_ids)
+        self.min_tokens, self.bias = min_tokens, dict(logit_bias)
+        self.rep, self.freq, self.pres = repetition_penalty, frequency_penalty, presence_penalty
+
+    def __call__(self, input_ids, scores):
+        assert input_ids.shape[0] == 1
+        x = scores[0].double().tolist()
+        answer = input_ids[0, self.prompt_len:].tolist()
+        if len(answer) < self.min_tokens:
+            for t in self.banned:
+                x[t] = float("-inf")
+        for t, b in self.bias.items():
+            x[t] += b
+        if self.rep != 1.0:
+            for t in set(input_ids[0].tolist()):
+                x[t] = x[t] / self.rep if x[t] > 0 else x[t] * self.rep
+        for t, c in Counter(answer).items():
+            x[t] -= self.freq * c + self.pres
+        return torch.tensor([x], dtype=torch.float64).to(scores.dtype)
 
 
 class Collector:

@@ -13,7 +13,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from serve_helpers import Server, encode, make_profiles, metric, reference
+from serve_helpers import FormulaProcessor, Server, encode, make_profiles, metric, reference
+from transformers import LogitsProcessorList
 
 from ssn_runtime import load_model, load_tokenizer
 from ssn_runtime.core.fingerprint import model_fingerprint
@@ -103,6 +104,55 @@ def test_chat_matches_offline_generation(served, profile):
             assert all("usage" in x and x["usage"] is None for x in raw[:-1]) and raw[-1]["usage"]["total_tokens"]
         else:
             assert not any("usage" in x for x in raw)
+
+
+def test_sampling_parameters_through_the_openai_client(served):
+    """OpenAI's logit_bias and penalties, and vLLM's extensions through `extra_body`, reach the
+    row (both arrangements: the engine in its own process receives them over its pipe): a greedy
+    answer equals the offline model under an independent processor of the formulas;
+    stop_token_ids end an answer, min_tokens holds them back; streamed equals whole."""
+    c, path = client(served["server"]), served["path"]
+    tok = load_tokenizer(path)
+    ids = encode(tok, PROMPT)
+    eos = load_model(path).generation_config.eos_token_id
+    msgs = [{"role": "user", "content": PROMPT}]
+    shaping = {"min_tokens": 2, "logit_bias": [[7, 3.0], [9, -100.0]], "repetition_penalty": 1.3,
+               "frequency_penalty": 0.8, "presence_penalty": 0.4}
+    want = reference(path, ids, 10, patch=served["patch"], logits_processor=LogitsProcessorList(
+        [FormulaProcessor(len(ids), eos=[eos], **shaping)]))
+    assert want != offline(served, "tuned")  # (they change this answer)
+    kw = {"logit_bias": {"7": 3, "9": -100}, "presence_penalty": 0.4, "frequency_penalty": 0.8,
+          "extra_body": {"repetition_penalty": 1.3, "min_tokens": 2, "top_k": 40, "min_p": 0.01}}
+    r = c.chat.completions.create(model="tiny:tuned", messages=msgs, max_tokens=10, temperature=0, **kw)
+    assert r.choices[0].message.content == want
+    streamed = c.chat.completions.create(model="tiny:tuned", messages=msgs, max_tokens=10, temperature=0,
+                                         stream=True, **kw)
+    assert "".join(x.choices[0].delta.content or "" for x in streamed if x.choices) == want
+    comp = c.completions.create(model="tiny:tuned", prompt=ids, max_tokens=10, temperature=0, **kw)
+    assert comp.choices[0].text == want  # (the same ids: the completions endpoint shapes alike)
+    # stop_token_ids: the plain answer's first token ends it at once; min_tokens 1 lets one token through
+    first = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0, logprobs=True,
+                                      extra_body={"return_tokens_as_token_ids": True})
+    t0 = int(first.choices[0].logprobs.content[0].token.removeprefix("token_id:"))
+    stopped = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0,
+                                        extra_body={"stop_token_ids": [t0]})
+    assert (stopped.choices[0].message.content, stopped.choices[0].finish_reason) == ("", "stop")
+    assert stopped.usage.completion_tokens == 0  # (as an EOS: no text, not counted)
+    assert stopped.choices[0].model_extra["stop_reason"] == t0  # (vLLM's field: which stop ended it)
+    plain = offline(served)
+    cut = next(ch for ch in plain[1:] if ch.strip() and ch != "\ufffd")  # a character the answer has
+    whole = httpx.post(served["server"].url + CHAT, timeout=60, json={
+        "model": "tiny", "messages": msgs, "max_tokens": 10, "temperature": 0, "stop": ["\u0000", cut]}).json()
+    assert (whole["choices"][0]["finish_reason"], whole["choices"][0]["stop_reason"]) == ("stop", cut)
+    assert whole["choices"][0]["message"]["content"] == plain[:plain.index(cut)]
+    with httpx.stream("POST", served["server"].url + CHAT, timeout=60, json={
+            "model": "tiny", "messages": msgs, "max_tokens": 3, "temperature": 0, "stream": True,
+            "stop_token_ids": [t0]}) as resp:
+        chunks = [json.loads(x[5:]) for x in resp.iter_lines() if x.startswith("data:") and x != "data: [DONE]"]
+    assert [c["choices"][0]["stop_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [t0]
+    held = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0,
+                                     extra_body={"stop_token_ids": [t0], "min_tokens": 1})
+    assert held.usage.completion_tokens >= 1 and held.choices[0].message.content
 
 
 def test_profile_by_body_field_and_completions(served):
@@ -218,8 +268,33 @@ BAD = [
     ("POST", CHAT, chat_body(tool_choice="auto"), 400, "unsupported_parameter", "tool_choice"),
     ("POST", CHAT, chat_body(response_format={"type": "json_object"}), 400, "unsupported_parameter",
      "response_format"),
-    ("POST", CHAT, chat_body(logit_bias={"5": 10}), 400, "unsupported_parameter", "logit_bias"),
-    ("POST", CHAT, chat_body(presence_penalty=0.5), 400, "unsupported_parameter", "presence_penalty"),
+    ("POST", CHAT, chat_body(logit_bias={"5": 101}), 400, None, "logit_bias"),
+    ("POST", CHAT, chat_body(logit_bias={"5": True}), 400, None, "logit_bias"),
+    ("POST", CHAT, chat_body(logit_bias={"05": 1}), 400, None, "logit_bias"),  # (token 5 named a second way)
+    ("POST", CHAT, chat_body(logit_bias={"-1": 1}), 400, None, "logit_bias"),
+    ("POST", CHAT, chat_body(logit_bias={"x": 1}), 400, None, "logit_bias"),
+    ("POST", CHAT, chat_body(logit_bias={"384": 1}), 400, None, "logit_bias"),  # (vocabulary 0..383)
+    ("POST", CHAT, chat_body(logit_bias=[[5, 1]]), 400, None, "logit_bias"),
+    ("POST", CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 1, "5": 2}}',
+     400, None, None),  # (a key given twice: refused, not the last one kept)
+    ("POST", CHAT, b'{"model": "tiny", "model": "tiny", "messages": [{"role": "user", "content": "x"}]}', 400, None,
+     None),
+    ("POST", CHAT, chat_body(presence_penalty=2.5), 400, None, "presence_penalty"),
+    ("POST", CHAT, chat_body(frequency_penalty=-2.01), 400, None, "frequency_penalty"),
+    ("POST", CHAT, chat_body(frequency_penalty="1"), 400, None, "frequency_penalty"),
+    ("POST", CHAT, chat_body(repetition_penalty=0), 400, None, "repetition_penalty"),
+    ("POST", CHAT, chat_body(repetition_penalty=2.5), 400, None, "repetition_penalty"),
+    ("POST", CHAT, chat_body(top_k=-2), 400, None, "top_k"),
+    ("POST", CHAT, chat_body(top_k=5.0), 400, None, "top_k"),
+    ("POST", CHAT, chat_body(min_p=1.5), 400, None, "min_p"),
+    ("POST", CHAT, chat_body(min_p=-0.1), 400, None, "min_p"),
+    ("POST", CHAT, chat_body(min_tokens=5), 400, None, "min_tokens"),  # (more than max_tokens 4)
+    ("POST", CHAT, chat_body(min_tokens=-1), 400, None, "min_tokens"),
+    ("POST", CHAT, chat_body(min_tokens=1.0), 400, None, "min_tokens"),
+    ("POST", CHAT, chat_body(stop_token_ids=[5, 5]), 400, None, "stop_token_ids"),
+    ("POST", CHAT, chat_body(stop_token_ids=[384]), 400, None, "stop_token_ids"),
+    ("POST", CHAT, chat_body(stop_token_ids=[5.0]), 400, None, "stop_token_ids"),
+    ("POST", CHAT, chat_body(stop_token_ids=5), 400, None, "stop_token_ids"),
     ("POST", CHAT, chat_body(temprature=0.5), 400, "unknown_parameter", "temprature"),
     ("POST", COMP, {"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "unsupported_parameter", "suffix"),
     ("POST", CHAT, chat_body(stop=["x"] * 5), 400, None, "stop"),
@@ -281,7 +356,11 @@ def test_extreme_but_valid_values_answer_and_leave_the_batch_alone(served):
            chat_body(stop=["\ufffd", "a" * 256, "b", "c"]), chat_body(max_tokens=1),
            chat_body(messages=[{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
                                {"role": "user", "content": "x", "name": "bob"}], logprobs=False, n=1,
-                     presence_penalty=0, user="u1", tools=None, stream=False)]
+                     presence_penalty=0, user="u1", tools=None, stream=False),
+           chat_body(temperature=2, top_k=1, min_p=1.0, repetition_penalty=2.0, frequency_penalty=-2,
+                     presence_penalty=2, logit_bias={str(t): 100 for t in range(384)}, min_tokens=4,
+                     stop_token_ids=list(range(384))),  # (every token banned by min_tokens: the ban yields)
+           chat_body(logit_bias={"0": -100}, top_k=2 ** 31 - 1, min_p=0, seed=3, temperature=1)]
     boom = chat_body(model="tiny:boom", max_tokens=10, temperature=0.5)
 
     def post(body):

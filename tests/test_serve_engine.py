@@ -17,7 +17,8 @@ from ssn_runtime.core.fingerprint import model_fingerprint
 from ssn_runtime.core.runtime import Variant
 from ssn_runtime.science.masks import NeuronMask
 from ssn_runtime.science.neuron_sets import NeuronSet
-from ssn_runtime.serve.engine import Draining, Engine, GenRequest, sample_token, unusable_rows
+from ssn_runtime.serve.engine import Draining, Engine, GenRequest, unusable_rows
+from ssn_runtime.serve.sampling import sample_token
 from ssn_runtime.serve.tokens import Detokenizer, TokenBytes, backend_decode
 
 

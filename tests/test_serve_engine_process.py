@@ -128,3 +128,16 @@ def test_the_engines_metric_tables_cross_the_pipe_unchanged():
     assert front.render() == one.render()
     front.take(Metrics().export())  # a later snapshot replaces the engine's tables, not the front end's
     assert 'status="200"' in front.render() and "ssn_running_rows{" not in front.render()
+
+
+def test_every_request_field_crosses_the_pipe():
+    """The engine process rebuilds each GenRequest from REQUEST_FIELDS: a field left out of it
+    would silently take its default there (a penalty or a bias dropped, an answer unshaped)."""
+    from dataclasses import fields
+
+    from ssn_runtime.serve.engine import GenRequest
+    from ssn_runtime.serve.engine_process import REQUEST_FIELDS
+
+    local = {"sink", "cancelled"}  # (the front end's: a callback, and a cancel that travels as its own message)
+    assert sorted(REQUEST_FIELDS) == sorted(f.name for f in fields(GenRequest) if f.name not in local)
+    assert len(set(REQUEST_FIELDS)) == len(REQUEST_FIELDS)

@@ -365,15 +365,15 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             elif ev[0] == "error":  # (one choice that fails fails the request: the others stop)
                 raise APIError(ev[1], ev[3], error_type(ev[1]), code=ev[2])
             else:
-                _, reason, n_prompt, out = ev
+                _, reason, n_prompt, out, stop_reason = ev
                 n_out, left = n_out + out, left - 1
                 content, lps = (parsed.echo or "") + "".join(texts[i]), logprobs_of(parsed, entries[i], text)
                 if parsed.kind == "chat":
                     choices[i] = {"index": i, "message": {"role": "assistant", "content": content},
-                                  "finish_reason": finish_reason(reason), "logprobs": lps}
+                                  "finish_reason": finish_reason(reason), "stop_reason": stop_reason, "logprobs": lps}
                 else:
                     choices[i] = {"index": i, "text": content, "finish_reason": finish_reason(reason),
-                                  "logprobs": lps}
+                                  "stop_reason": stop_reason, "logprobs": lps}
                     if parsed.prompt_top is not None:  # (vLLM: a completion choice's own field)
                         choices[i]["prompt_logprobs"] = scored[i]
         # (the prompt once, as OpenAI counts it; every choice's answer)
@@ -389,11 +389,13 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
         obj = "chat.completion.chunk" if chat else "text_completion"
         n, created = len(reqs), int(reqs[0].created)
 
-        def chunk(i, delta_or_text, finish=None, logprobs=None):
+        def chunk(i, delta_or_text, finish=None, logprobs=None, stop_reason=None):
             if chat:
-                choice = {"index": i, "delta": delta_or_text, "finish_reason": finish, "logprobs": logprobs}
+                choice = {"index": i, "delta": delta_or_text, "finish_reason": finish, "stop_reason": stop_reason,
+                          "logprobs": logprobs}
             else:
-                choice = {"index": i, "text": delta_or_text, "finish_reason": finish, "logprobs": logprobs}
+                choice = {"index": i, "text": delta_or_text, "finish_reason": finish, "stop_reason": stop_reason,
+                          "logprobs": logprobs}
             payload = {"id": rid, "object": obj, "created": created, "model": parsed.model, "choices": [choice]}
             if parsed.include_usage:  # (OpenAI: every chunk has the field, null but in the last)
                 payload["usage"] = None
@@ -436,9 +438,10 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
                     yield f"data: {json.dumps(err.body())}\n\n"
                     break
                 else:
-                    _, reason, n_prompt, out = ev
+                    _, reason, n_prompt, out, stop_reason = ev
                     n_out, left = n_out + out, left - 1
-                    yield chunk(i, {} if chat else "", finish_reason(reason), take_logprobs(i) if entries[i] else None)
+                    yield chunk(i, {} if chat else "", finish_reason(reason), take_logprobs(i) if entries[i] else None,
+                                stop_reason)
             if not left and parsed.include_usage:
                 payload = {"id": rid, "object": obj, "created": created, "model": parsed.model, "choices": [],
                            "usage": usage(n_prompt, n_out)}

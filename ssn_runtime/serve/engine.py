@@ -55,9 +55,10 @@ from ..core.small_batch_linear import native_form as small_batch_native
 from ..core.small_batch_linear import small_batch_linear
 from ..core.threads import calibrate_threads, fewest_threads
 from ..errors import SSNError
-from . import packed
+from . import packed, sampling
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
+from .sampling import Shaper, sample_token
 from .tokens import Detokenizer, TokenBytes
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ class Draining(Exception):
 #   text; offset: its character offset in the answer (tokens.py)
 # | ("prompt_logprobs", [[token, logprob, [[id, logprob], ...], rank], ...]): prompt tokens 1.., before
 #   any answer token
-# | ("done", reason, prompt_tokens, completion_tokens) | ("error", status, code, message)
+# | ("done", reason, prompt_tokens, completion_tokens, stop_reason) | ("error", status, code, message);
+#   stop_reason (vLLM's): the stop string or stop token id that ended the answer, else None
 Event = tuple
 
 
@@ -115,7 +117,18 @@ class GenRequest:
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
+    # vLLM's and OpenAI's logits processing (sampling.py): the answer's first min_tokens tokens
+    # cannot end it; [[token id, bias], ...] added to those tokens' logits; penalties on tokens
+    # already seen; min_p and top_k after the temperature
+    top_k: int = 0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logit_bias: list = field(default_factory=list)
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # tokens that end the answer as EOS does (vLLM's)
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM allows
     logprobs: int | None = None  # log-probabilities of each answer token and this many alternatives (None: none)
@@ -131,23 +144,6 @@ class GenRequest:
     def emit(self, *event) -> None:
         if self.sink is not None:
             self.sink(event)
-
-
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token from a row of logits, numerically safe for every temperature in [0, 2] and
-    top_p in (0, 1]: the maximum is subtracted before dividing by the temperature (so a tiny
-    temperature gives -inf, never NaN), and the most likely token always survives top_p.
-    The caller has checked the row is usable (`unusable_rows`)."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    x = logits.double()
-    x = (x - x.max()) / temperature
-    probs = torch.softmax(x, dim=-1)
-    if top_p < 1.0:
-        sp, si = probs.sort(descending=True)
-        keep = sp.cumsum(0) - sp < top_p  # the smallest set whose mass reaches top_p (the first always kept)
-        probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int, rank: bool = False) -> tuple:
@@ -209,6 +205,8 @@ class _Row:
     chunk: int = 0  # prompt tokens computed per step while other rows decode (Engine.prefill_steps)
     prompt_entries: list | None = None  # prompt_logprobs: the prompt tokens' entries so far
     prompt_finite: bool = True  # (and whether every position's logits were usable)
+    shaper: Shaper | None = None  # the row's logits processing, where it asked for any
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended the answer
 
 
 def run_step_hooks(hooks: list[Callable[[], bool | None]], lock: threading.Lock) -> None:
@@ -341,6 +339,7 @@ class Engine:
         for req in reqs:
             if req.profile not in self.index:
                 raise ValueError(f"unknown profile {req.profile!r}")
+            sampling.check(req, self.vocab_size)
         with self._cv:
             if self._draining:
                 raise Draining()
@@ -538,7 +537,7 @@ class Engine:
                     break
                 self._waiting.popleft()
                 if r.cancelled.is_set():
-                    r.emit("done", "cancelled", len(r.prompt_ids), 0)
+                    r.emit("done", "cancelled", len(r.prompt_ids), 0, None)
                 elif now > r.deadline:
                     r.emit("error", 408, "timeout", "the request timed out while waiting in the queue")
                 elif now > self._cut_at:
@@ -569,7 +568,8 @@ class Engine:
         detok = Detokenizer(self.tok, token_bytes=self._token_bytes)
         return _Row(r, self.index[r.profile], gen, detok, max((len(s) for s in r.stop), default=0),
                     pos=len(r.prompt_ids) - 1, seq=self._seq,
-                    prompt_entries=None if r.prompt_logprobs is None else [])
+                    prompt_entries=None if r.prompt_logprobs is None else [],
+                    shaper=Shaper(r, self.eos) if Shaper.wanted(r) else None)
 
     def _packed_step(self, reqs: list[GenRequest]) -> None:
         """One forward: the next token of every decoding row (token rows 0..n-1), then up to
@@ -774,7 +774,13 @@ class Engine:
                 self._finish(row, "length")
                 done.add(i)
                 continue
-            t = greedy[j] if r.temperature <= 0 else sample_token(logits[j], r.temperature, r.top_p, row.gen)
+            x = logits[j] if row.shaper is None else row.shaper.apply(logits[j], row.n)
+            if r.temperature > 0:
+                t = sample_token(x, r.temperature, r.top_p, row.gen, r.top_k, r.min_p)
+            else:
+                t = greedy[j] if row.shaper is None else int(x.argmax())
+            if row.shaper is not None:
+                row.shaper.observe(t)
             if row.n == 0:
                 self.metrics.observe_ttft(self.name, now - r.created)
             else:
@@ -783,6 +789,8 @@ class Engine:
             reason = None
             if t in self.eos and not r.ignore_eos:
                 reason = "stop"
+            elif t in r.stop_token_ids:
+                reason, row.stop_reason = "stop", t  # (as an EOS: no text, not counted)
             else:
                 row.n += 1
                 if r.logprobs is not None:  # (before the token's text: a stream carries both in one chunk)
@@ -808,11 +816,15 @@ class Engine:
         r, text = row.req, row.detok.text
         if not r.stop:
             return None
+        if row.n < r.min_tokens:  # (as vLLM: no stop string before min_tokens; what is passed stays passed)
+            row.checked = len(text)
+            return None
         start = max(0, row.checked - row.max_stop + 1)
-        hits = [h for h in (text.find(s, start) for s in r.stop) if h >= 0]
+        hits = [(h, s) for s in r.stop if (h := text.find(s, start)) >= 0]
         row.checked = len(text)
         if hits:
-            row.detok.text = text[:min(hits)]
+            h, row.stop_reason = min(hits, key=lambda hit: hit[0])  # (the earliest; a tie: the first listed)
+            row.detok.text = text[:h]
             return "stop"
         return None
 
@@ -835,9 +847,9 @@ class Engine:
             if len(text) > row.sent:
                 r.emit("delta", text[row.sent:])
                 row.sent = len(text)
-            r.emit("done", reason, len(r.prompt_ids), row.n)
+            r.emit("done", reason, len(r.prompt_ids), row.n, row.stop_reason)
         elif reason == "cancelled":
-            r.emit("done", "cancelled", len(r.prompt_ids), row.n)
+            r.emit("done", "cancelled", len(r.prompt_ids), row.n, None)
         elif reason == "timeout":
             r.emit("error", 408, "timeout", "the request timed out during generation")
         elif reason == "shutdown":

@@ -44,8 +44,9 @@ from .metrics import Metrics
 # the ServeConfig fields the engine takes (the rest are the front end's)
 ENGINE_SETTINGS = ("max_batch", "queue_size", "gather_ms", "max_prefill_tokens", "prefill_steps", "prefix_cache_mb",
                    "small_batch_gemm", "layout", "threads")
-REQUEST_FIELDS = ("prompt_ids", "profile", "max_tokens", "temperature", "top_p", "stop", "seed", "ignore_eos",
-                  "logprobs", "prompt_logprobs", "deadline", "created")
+REQUEST_FIELDS = ("prompt_ids", "profile", "max_tokens", "temperature", "top_p", "top_k", "min_p", "min_tokens",
+                  "logit_bias", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop",
+                  "stop_token_ids", "seed", "ignore_eos", "logprobs", "prompt_logprobs", "deadline", "created")
 TERMINAL = ("done", "error")
 METRICS_WAIT_S = 5.0  # /metrics answers with the tables it last had if the engine takes longer
 

@@ -2,10 +2,13 @@
 
 Every field is checked for type and range as OpenAI documents it (temperature 0..2, top_p in
 (0, 1], seed a signed 64-bit integer, integers never accepted as floats, booleans only as JSON
-booleans), every string for lone UTF-16 surrogates, and fields this server does not implement
-(tools, response_format, penalties, ...) are refused by name instead of ignored; unknown fields
-are refused like OpenAI refuses them. The result is a `ParsedRequest` the engine can run, or an
-`APIError` with a 4xx status: no row is generated for a request that is rejected.
+booleans), every string for lone UTF-16 surrogates, a key given twice in an object is refused
+(a JSON parser would keep the last one silently), and fields this server does not implement
+(tools, response_format, ...) are refused by name instead of ignored; unknown fields are refused
+like OpenAI refuses them. OpenAI's penalties and logit_bias and vLLM's sampling extensions
+(top_k, min_p, repetition_penalty, min_tokens, stop_token_ids) are implemented (sampling.py).
+The result is a `ParsedRequest` the engine can run, or an `APIError` with a 4xx status: no row
+is generated for a request that is rejected.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ MAX_STOP_CHARS = 256  # characters per stop sequence
 MAX_MESSAGES = 1024
 MAX_N = 128  # choices per request (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's chat limit; its legacy completions allowed 5)
+MAX_LOGIT_BIAS = 1024  # tokens a logit_bias may name
+MAX_STOP_TOKEN_IDS = 1024
 INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
@@ -50,13 +55,15 @@ def bad(message: str, param: str | None = None, code: str | None = None, status:
 # clients send by default), anything else refused as unsupported; unknown names are refused too.
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n", "user",
           "profile", "ignore_eos", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
-          "logit_bias", "return_tokens_as_token_ids", "prompt_logprobs"}
+          "logit_bias", "return_tokens_as_token_ids", "prompt_logprobs",
+          # vLLM's sampling extensions
+          "top_k", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "tools", "tool_choice", "functions", "function_call",
                  "parallel_tool_calls", "response_format", "metadata", "store", "audio", "modalities", "prediction",
                  "reasoning_effort", "web_search_options", "service_tier", "add_generation_prompt",
                  "continue_final_message"}
 COMPLETION = COMMON | {"prompt", "best_of", "echo", "suffix"}
-NOOP = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],),
+NOOP = {"tools": ([],),
         "functions": ([],), "tool_choice": ("none",),
         "function_call": ("none",), "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},),
         "store": (False,), "modalities": (["text"],), "best_of": (1,), "suffix": ("",),
@@ -66,8 +73,7 @@ UNSUPPORTED_WHY = {
     "functions": "function calling is not supported", "function_call": "function calling is not supported",
     "parallel_tool_calls": "tool calling is not supported",
     "response_format": "structured output (response_format) is not supported; only plain text",
-    "logit_bias": "logit_bias is not supported", "presence_penalty": "presence_penalty must be 0 (not supported)",
-    "frequency_penalty": "frequency_penalty must be 0 (not supported)", "best_of": "best_of must be 1",
+    "best_of": "best_of must be 1",
     "suffix": "suffix (insertion) is not supported",
     "audio": "audio output is not supported", "modalities": "only the text modality is supported",
     "prediction": "predicted outputs are not supported", "reasoning_effort": "reasoning_effort is not supported",
@@ -118,8 +124,17 @@ def load_json(raw: bytes) -> dict:
             raise ValueError(f"number {text} is out of range")
         return v
 
+    def unique_keys(pairs):
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise ValueError(f"the key {json.dumps(k)[:60]} appears twice in one object")
+            out[k] = v
+        return out
+
     try:
-        body = json.loads(raw.decode("utf-8") if raw else "null", parse_constant=constant, parse_float=parse_float)
+        body = json.loads(raw.decode("utf-8") if raw else "null", parse_constant=constant, parse_float=parse_float,
+                          object_pairs_hook=unique_keys)
     except UnicodeDecodeError as exc:
         raise bad(f"the body is not UTF-8: {exc}") from None
     except (json.JSONDecodeError, ValueError, RecursionError) as exc:
@@ -266,6 +281,48 @@ def logprob_count(body: dict, kind: str) -> int | None:
     return integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
 
 
+def logit_bias(body: dict, vocab_size: int) -> list[list]:
+    """OpenAI's `logit_bias`: {"<token id>": bias -100..100} as [[id, bias], ...]. A key is a
+    token id of the vocabulary written as a decimal integer ("007" would name token 7 a second
+    way, so it is refused)."""
+    v = body.get("logit_bias")
+    if v is None:
+        return []
+    if not isinstance(v, dict):
+        raise bad(f"'logit_bias' must be an object mapping token ids to numbers, not {_type_name(v)}", "logit_bias")
+    if len(v) > MAX_LOGIT_BIAS:
+        raise bad(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} tokens, got {len(v)}", "logit_bias")
+    out = []
+    for k, b in v.items():
+        if not (k.isascii() and k.isdigit()) or str(int(k)) != k:
+            raise bad(f"'logit_bias' keys must be token ids written as decimal integers (\"42\"), got "
+                      f"{json.dumps(k)[:40]}", "logit_bias")
+        if int(k) >= vocab_size:
+            raise bad(f"'logit_bias' token id {k} is outside the vocabulary (0..{vocab_size - 1})", "logit_bias")
+        if isinstance(b, bool) or not isinstance(b, int | float) or not -100 <= b <= 100:
+            raise bad(f"'logit_bias' value for token {k} must be a number from -100 to 100, got {json.dumps(b)[:40]}",
+                      "logit_bias")
+        out.append([int(k), float(b)])
+    return out
+
+
+def stop_token_ids(body: dict, vocab_size: int) -> list[int]:
+    """vLLM's `stop_token_ids`: distinct token ids of the vocabulary that end the answer."""
+    v = body.get("stop_token_ids")
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        raise bad("'stop_token_ids' must be a list of token ids (integers)", "stop_token_ids")
+    if len(v) > MAX_STOP_TOKEN_IDS:
+        raise bad(f"'stop_token_ids' takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(v)}", "stop_token_ids")
+    for t in v:
+        if not 0 <= t < vocab_size:
+            raise bad(f"'stop_token_ids' id {t} is outside the vocabulary (0..{vocab_size - 1})", "stop_token_ids")
+    if len(set(v)) != len(v):
+        raise bad("'stop_token_ids' names a token twice", "stop_token_ids")
+    return list(v)
+
+
 def _text_content(content, where: str) -> str:
     if isinstance(content, str):
         return content
@@ -363,7 +420,16 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
     params = {"temperature": number(body, "temperature", 1.0, 0.0, 2.0),
               "top_p": number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
               "seed": integer(body, "seed", *INT64), "stop": stop_sequences(body),
-              "ignore_eos": boolean(body, "ignore_eos"), "logprobs": logprob_count(body, kind)}
+              "ignore_eos": boolean(body, "ignore_eos"), "logprobs": logprob_count(body, kind),
+              # OpenAI's and vLLM's logits processing (sampling.py), with their ranges
+              "top_k": integer(body, "top_k", -1, (1 << 31) - 1, 0),  # (-1 and 0: every token, as vLLM)
+              "min_p": number(body, "min_p", 0.0, 0.0, 1.0),
+              "repetition_penalty": number(body, "repetition_penalty", 1.0, 0.0, 2.0, lo_open=True),
+              "frequency_penalty": number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+              "presence_penalty": number(body, "presence_penalty", 0.0, -2.0, 2.0),
+              "logit_bias": logit_bias(body, ctx.vocab_size),
+              "stop_token_ids": stop_token_ids(body, ctx.vocab_size)}
+    min_tokens = integer(body, "min_tokens", 0, 1 << 31, 0)
     # the engine scores the prompt with the most alternatives either asks for; each takes its own
     wanted = [k for k in (params["logprobs"] if echo else None, prompt_top) if k is not None]
     params["prompt_logprobs"] = max(wanted) if wanted else None
@@ -377,13 +443,17 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
     if max_tokens > room or (room < 1 and max_tokens > 0):  # (scoring alone, max_tokens 0, fits a full context)
         raise bad(f"this model's context is {ctx.context} tokens; the prompt has {len(ids)} and {budget} asks for "
                   f"{max_tokens} more", where, "context_length_exceeded")
+    if min_tokens > max_tokens:
+        raise bad(f"'min_tokens' ({min_tokens}) must be at most the answer's budget ({budget}: {max_tokens}"
+                  f"{'' if body.get(budget) is not None else ', the default'})", "min_tokens")
     token_ids = boolean(body, "return_tokens_as_token_ids")
     shown = offsets = None
     if echo:  # the prompt as sent (text), or its tokens' text; where each token sits in it
         p = body["prompt"]
         p = p[0] if isinstance(p, list) and p and isinstance(p[0], str | list) else p
         shown, offsets = echo_text_and_offsets(p, ids, ctx.tokenizer, ctx.token_bytes)
-    return ParsedRequest(kind, model, profile, ids, stream, include_usage, {"max_tokens": max_tokens, **params},
+    return ParsedRequest(kind, model, profile, ids, stream, include_usage,
+                         {"max_tokens": max_tokens, "min_tokens": min_tokens, **params},
                          token_ids, n, shown, prompt_top, offsets)
 
 
