@@ -155,6 +155,52 @@ def test_sampling_parameters_through_the_openai_client(served):
     assert held.usage.completion_tokens >= 1 and held.choices[0].message.content
 
 
+def test_tokenize_and_detokenize_name_the_ids_the_model_sees(served):
+    """vLLM's /tokenize and /detokenize: a text's ids as the completions endpoint encodes them,
+    a conversation's as the chat endpoint sends them to the model (and bills them), every flag."""
+    url, tok = served["server"].url, load_tokenizer(served["path"])
+    msgs = [{"role": "user", "content": PROMPT}]
+    with httpx.Client(timeout=60) as http:
+        r = http.post(url + "/tokenize", json={"model": "tiny", "prompt": "hello world"}).json()
+        assert r == {"count": len(r["tokens"]), "max_model_len": 8192, "tokens": tok("hello world")["input_ids"],
+                     "token_strs": None}
+        r = http.post(url + "/tokenize", json={"model": "tiny", "prompt": "hello world", "add_special_tokens": False,
+                                               "return_token_strs": True}).json()
+        assert r["tokens"] == tok("hello world", add_special_tokens=False)["input_ids"]
+        assert r["token_strs"] == tok.convert_ids_to_tokens(r["tokens"])
+        chat = http.post(url + "/tokenize", json={"model": "tiny:amp", "messages": msgs}).json()
+        assert chat["tokens"] == encode(tok, PROMPT)
+        billed = http.post(url + CHAT, json={"model": "tiny", "messages": msgs, "max_tokens": 1}).json()["usage"]
+        assert billed["prompt_tokens"] == chat["count"]
+        conv = msgs + [{"role": "assistant", "content": "I cannot"}]
+        for flags in ({"continue_final_message": True}, {"add_generation_prompt": False}):
+            got = http.post(url + "/tokenize", json={"model": "tiny", "messages": conv, **flags}).json()["tokens"]
+            want = tok.apply_chat_template(conv, tokenize=True, return_dict=True,
+                                           **{"add_generation_prompt": False, **flags})["input_ids"]
+            assert got == list(want), flags
+        assert http.post(url + "/detokenize", json={"model": "tiny", "tokens": chat["tokens"]}).json() == \
+            {"prompt": tok.decode(chat["tokens"])}
+        for path, body, status, param in [
+                ("/tokenize", {"model": "tiny"}, 400, "prompt"),
+                ("/tokenize", {"model": "tiny", "prompt": "x", "messages": msgs}, 400, "prompt"),
+                ("/tokenize", {"model": "tiny", "prompt": ["x"]}, 400, "prompt"),
+                ("/tokenize", {"model": "tiny", "prompt": "x", "add_generation_prompt": True}, 400,
+                 "add_generation_prompt"),
+                ("/tokenize", {"model": "tiny", "messages": msgs, "add_special_tokens": True}, 400,
+                 "add_special_tokens"),
+                ("/tokenize", {"model": "tiny", "prompt": "x", "add_special_tokens": 1}, 400, "add_special_tokens"),
+                ("/tokenize", {"model": "tiny", "prompt": "x", "bogus": 1}, 400, "bogus"),
+                ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+                ("/tokenize", {"model": "tiny", "messages": [{"role": "x", "content": "y"}]}, 400,
+                 "messages[0].role"),
+                ("/detokenize", {"model": "tiny", "tokens": [384]}, 400, "tokens"),
+                ("/detokenize", {"model": "tiny", "tokens": [1.0]}, 400, "tokens"),
+                ("/detokenize", {"model": "tiny"}, 400, "tokens"),
+                ("/detokenize", {"model": "tiny", "tokens": [1], "prompt": "x"}, 400, "prompt")]:
+            r = http.post(url + path, json=body)
+            assert (r.status_code, r.json()["error"]["param"]) == (status, param), (path, body, r.text)
+
+
 def test_profile_by_body_field_and_completions(served):
     c = client(served["server"])
     a = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=10,
@@ -404,6 +450,8 @@ def test_api_key_queue_limit_and_timeout(long_ckpt, mode):
         for path in ("/metrics", "/v1/models", "/nowhere"):
             r = httpx.get(url + path)
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", path
+        r = httpx.post(url + "/tokenize", json={"model": "tiny", "prompt": "x"})
+        assert r.status_code == 401, r.text
         # a non-ASCII key, right or wrong, is compared as bytes: a JSON 401 or success, never a 500
         for token, status in ((b"Bearer s3cr\xc3\xa9t", 200), (b"Bearer s3cr\xe9t", 401),
                               (b"Bearer \xf0\x9f\x94\x91", 401), (b"Basic abc", 401)):

@@ -130,3 +130,22 @@ def test_smollm2s_token_bytes_join_into_any_text(served):
     for _ in range(20):
         ids = torch.randint(0, len(tok), (12,), generator=g).tolist()
         assert fast(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_the_logit_bias_recipe_on_the_real_model(served):
+    """README's recipe: /tokenize names a reply's first token; a -100 bias on the answer's own
+    first token makes the offline model's next most likely token the first one instead."""
+    tok, url = load_tokenizer(served["path"]), served["server"].url
+    r = httpx.post(url + "/tokenize", json={"model": "smol", "prompt": REPLY, "add_special_tokens": False},
+                   timeout=60).json()
+    assert r["tokens"] == tok(REPLY, add_special_tokens=False)["input_ids"] and r["count"] == len(r["tokens"])
+    body = {"model": "smol", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 1, "temperature": 0,
+            "logprobs": True, **IDS}
+    first = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
+    t0 = token_id(first["choices"][0]["logprobs"]["content"][0]["token"])
+    biased = httpx.post(url + "/v1/chat/completions", json={**body, "logit_bias": {str(t0): -100}}, timeout=120).json()
+    entry = biased["choices"][0]["logprobs"]["content"][0]
+    ref = offline(served, "", encode(tok, QUESTION))[-1]
+    assert token_id(entry["token"]) == int(torch.topk(ref, 2).indices[1]) != t0
+    assert entry["logprob"] == pytest.approx(float(torch.topk(ref, 2).values[1]), **TOL)  # (the raw distribution's)

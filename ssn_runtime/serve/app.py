@@ -42,7 +42,9 @@ from .protocol import (
     error_type,
     load_json,
     model_ids,
+    parse_detokenize,
     parse_request,
+    parse_tokenize,
     prompt_logprobs,
 )
 from .tokens import TokenBytes
@@ -50,7 +52,8 @@ from .tokens import TokenBytes
 # Past a request's deadline by this much without a word from the engine, the front end answers
 # 408 itself (a stuck engine).
 STUCK_GRACE_S = 5.0
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
+             "/metrics")
 
 
 @dataclass
@@ -181,7 +184,8 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:
-            err = APIError(404, f"unknown path {request.url.path[:200]}; the API is under /v1", "not_found_error",
+            err = APIError(404, f"unknown path {request.url.path[:200]}; the API is under /v1 (and /tokenize, "
+                           "/detokenize)", "not_found_error",
                            code="unknown_url")
         elif exc.status_code == 405:
             err = APIError(405, f"method {request.method} is not allowed on {request.url.path}",
@@ -449,6 +453,14 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             yield "data: [DONE]\n\n"
         finally:
             cancel(reqs)  # a client that went away mid-stream stops its rows
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):  # (vLLM's: the ids a logit_bias or stop_token_ids names)
+        return parse_tokenize(load_json(await read_body(request)), ctx)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return parse_detokenize(load_json(await read_body(request)), ctx)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

@@ -457,6 +457,54 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
                          token_ids, n, shown, prompt_top, offsets)
 
 
+TOKENIZE = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "continue_final_message",
+            "return_token_strs"}
+
+
+def parse_tokenize(body: dict, ctx: ServeContext) -> dict:
+    """vLLM's `POST /tokenize`: a text `prompt` (with the tokenizer's special tokens unless
+    `add_special_tokens` is false) or chat `messages` (the ids a chat request sends the model,
+    with `add_generation_prompt` and `continue_final_message` as there) as
+    {"count", "max_model_len", "tokens", "token_strs"} (the tokens' vocabulary strings where
+    `return_token_strs`, else null): the ids a logit_bias or stop_token_ids names."""
+    for k in body:
+        if k not in TOKENIZE:
+            raise bad(f"unrecognized request argument supplied: {k!r}", k, "unknown_parameter")
+    resolve_model(body, ctx)
+    if ("prompt" in body) == ("messages" in body):
+        raise bad("give 'prompt' (a text) or 'messages' (a conversation), one of them", "prompt")
+    if "prompt" in body:
+        if not isinstance(body["prompt"], str):
+            raise bad(f"'prompt' must be a string, not {_type_name(body['prompt'])}", "prompt")
+        for k in ("add_generation_prompt", "continue_final_message"):
+            if body.get(k) is not None:
+                raise bad(f"'{k}' is for 'messages'", k)
+        ids = list(ctx.tokenizer(body["prompt"], add_special_tokens=boolean(body, "add_special_tokens", True))
+                   ["input_ids"])
+    else:
+        if boolean(body, "add_special_tokens"):  # (the template writes them; vLLM's default for messages too)
+            raise bad("'add_special_tokens' with 'messages' is not supported: the chat template writes them",
+                      "add_special_tokens", "unsupported_parameter")
+        ids = chat_ids(body, ctx.tokenizer)
+    strs = ctx.tokenizer.convert_ids_to_tokens(ids) if boolean(body, "return_token_strs") else None
+    return {"count": len(ids), "max_model_len": ctx.context, "tokens": ids, "token_strs": strs}
+
+
+def parse_detokenize(body: dict, ctx: ServeContext) -> dict:
+    """vLLM's `POST /detokenize`: {"model", "tokens": [ids]} as {"prompt": their text}."""
+    for k in body:
+        if k not in ("model", "tokens"):
+            raise bad(f"unrecognized request argument supplied: {k!r}", k, "unknown_parameter")
+    resolve_model(body, ctx)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise bad("'tokens' must be a list of token ids (integers)", "tokens")
+    for t in tokens:
+        if not 0 <= t < ctx.vocab_size:
+            raise bad(f"'tokens' id {t} is outside the vocabulary (0..{ctx.vocab_size - 1})", "tokens")
+    return {"prompt": ctx.tokenizer.decode(tokens)}
+
+
 def choice_seed(seed: int | None, i: int) -> int | None:
     """The seed of a request's choice i: the request's own for the first (so n=1 and choice 0
     of n answer alike), and for the others a hash of (seed, i), so that no choice of one seed
