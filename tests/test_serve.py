@@ -286,7 +286,8 @@ BAD = [
     ("POST", CHAT, chat_body(model="tiny:amp", profile="tuned"), 400, None, "profile"),
     ("POST", COMP, {"model": "tiny", "prompt": ""}, 400, "empty_prompt", "prompt"),
     ("POST", COMP, {"model": "tiny", "prompt": []}, 400, None, "prompt"),
-    ("POST", COMP, {"model": "tiny", "prompt": ["a", "b"]}, 400, None, "prompt"),
+    ("POST", COMP, {"model": "tiny", "prompt": ["a", [1]]}, 400, None, "prompt"),  # (a batch of one kind)
+    ("POST", COMP, {"model": "tiny", "prompt": ["a", ""]}, 400, "empty_prompt", "prompt"),
     ("POST", COMP, {"model": "tiny", "prompt": [1, 99999]}, 400, None, "prompt"),
     ("POST", COMP, {"model": "tiny", "prompt": [1.0, 2.0]}, 400, None, "prompt"),
     ("POST", CHAT, chat_body(temperature=5), 400, None, "temperature"),

@@ -168,3 +168,55 @@ def test_choice_seeds_keep_the_requests_for_choice_0_and_never_repeat_across_see
     assert all(0 <= s < 1 << 63 for s in seeds)  # a signed 64-bit seed, as the API takes
     g = [torch.Generator().manual_seed(choice_seed(1, i)) for i in (1, 2)]
     assert torch.rand(4, generator=g[0]).tolist() != torch.rand(4, generator=g[1]).tolist()
+
+
+def test_a_batch_of_prompts_answers_each_as_alone_in_openais_order(server, long_ckpt):
+    """A completion's `prompt` as a list of texts or of token-id lists (lm-evaluation-harness
+    sends its loglikelihood requests so): choice p * n + j is prompt p's choice j and equals that
+    prompt's answer alone (text, echo, log-probabilities, whole and streamed); usage counts each
+    prompt once; one bad prompt refuses the whole request, naming it."""
+    tok = load_tokenizer(long_ckpt)
+    texts = ["hello world", "How do I bake bread at home?", "x"]
+    ids = [tok(t)["input_ids"] for t in texts]
+
+    def one(prompt, **kw):
+        r = httpx.post(server.url + COMP, json={"model": "tiny", "prompt": prompt, **kw}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    kw = {"max_tokens": 5, "temperature": 0, "echo": True, "logprobs": 2}
+    alone = [one(t, **kw)["choices"][0] for t in texts]
+    for batch in (texts, ids):
+        got = one(batch, n=2, **kw)
+        assert [c["index"] for c in got["choices"]] == list(range(6))
+        for c in got["choices"]:
+            want = alone[c["index"] // 2]
+            assert c["text"] == want["text"] and c["finish_reason"] == want["finish_reason"]
+            assert c["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+            assert c["logprobs"]["text_offset"] == want["logprobs"]["text_offset"]
+            assert c["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=1e-5)
+        assert got["usage"]["prompt_tokens"] == sum(len(i) for i in ids)  # (once per prompt, not per choice)
+        answers = sum(len(c["logprobs"]["tokens"]) - len(ids[c["index"] // 2]) for c in got["choices"])
+        assert got["usage"]["completion_tokens"] == answers
+    # lm-evaluation-harness's loglikelihood shape: token ids, echo, max_tokens 0, one alternative
+    scored = one(ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    for c in scored["choices"]:
+        assert c["logprobs"]["tokens"] == [tok.decode([t]) for t in ids[c["index"]]]
+        assert c["logprobs"]["token_logprobs"][1:] == pytest.approx(
+            alone[c["index"]]["logprobs"]["token_logprobs"][1:len(ids[c["index"]])], abs=1e-5)
+    # streamed: each choice's chunks join into its whole text
+    body = {"model": "tiny", "prompt": texts, "max_tokens": 5, "temperature": 0, "n": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + COMP, json=body, timeout=120) as r:
+        chunks = [json.loads(x[5:]) for x in r.iter_lines() if x.startswith("data:") and x != "data: [DONE]"]
+    joined = {}
+    for ch in chunks:
+        for c in ch["choices"]:
+            joined[c["index"]] = joined.get(c["index"], "") + c["text"]
+    assert joined == {i: alone[i // 2]["text"][len(texts[i // 2]):] for i in range(6)}
+    assert chunks[-1]["usage"]["prompt_tokens"] == sum(len(i) for i in ids)
+    for batch, param_text in ((["ok", ""], "prompt[1]"), ([[1, 2], [99999]], "prompt[1]"), (["a", [1]], "prompt"),
+                              (["a"] * 5, "prompt")):  # (5 prompts x n 2 rows: more than the queue's 8)
+        r = httpx.post(server.url + COMP, json={"model": "tiny", "prompt": batch, "n": 2, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", (batch, r.text)
+        assert param_text in r.json()["error"]["message"] or param_text == "prompt", r.text

@@ -236,7 +236,8 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
                            code="engine_down")
         if engine.draining:
             raise APIError(503, "the server is shutting down", error_type(503), code="shutting_down")
-        parsed = parse_request(load_json(await read_body(request)), kind, ctx)
+        parts = parse_request(load_json(await read_body(request)), kind, ctx)  # (a completion's batch: several)
+        parsed = parts[0]  # (what they share: the model, stream, n, log-probability settings)
         request.state.model = parsed.model
         loop = asyncio.get_running_loop()
         box = outboxes.get(loop)
@@ -247,15 +248,21 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             engine.on_step_end(box.wake)
         post, events = box.post, asyncio.Queue()
         n = parsed.n
-        if n > engine.queue_size:
-            raise APIError(400, f"n={n} is more than this server queues at once ({engine.queue_size})",
-                           param="n", code="unsupported_parameter")
+        if n * len(parts) > engine.queue_size:
+            what = f"n={n}" if len(parts) == 1 else f"{len(parts)} prompts x n={n}"
+            raise APIError(400, f"{what} is more than this server queues at once ({engine.queue_size})",
+                           param="n" if len(parts) == 1 else "prompt", code="unsupported_parameter")
         deadline = time.time() + cfg.request_timeout
-        params = dict(parsed.params)
-        seed = params.pop("seed")
-        # one row per choice; each event reaches the loop tagged with its choice's index
-        reqs = [GenRequest(parsed.prompt_ids, profile=parsed.profile, deadline=deadline, seed=choice_seed(seed, i),
-                           sink=lambda ev, i=i: post(events, (i, ev)), **params) for i in range(n)]
+        # one row per choice (n per prompt, the prompts in order: OpenAI's choice indices); each
+        # event reaches the loop tagged with its choice's index
+        reqs = []
+        for k, part in enumerate(parts):
+            params = dict(part.params)
+            seed = params.pop("seed")
+            for j in range(n):
+                reqs.append(GenRequest(part.prompt_ids, profile=part.profile, deadline=deadline,
+                                       seed=choice_seed(seed, j), sink=lambda ev, c=k * n + j: post(events, (c, ev)),
+                                       **params))
         try:
             engine.submit(*reqs)  # (all or none)
         except QueueFull:
@@ -264,11 +271,12 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
         except Draining:
             raise APIError(503, "the server is shutting down", error_type(503), code="shutting_down") from None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        of = [parts[c // n] for c in range(len(reqs))]  # each choice's prompt
         if parsed.stream:
-            return StreamingResponse(stream(reqs, events, rid, parsed), media_type="text/event-stream")
+            return StreamingResponse(stream(reqs, events, rid, of), media_type="text/event-stream")
         watcher = asyncio.create_task(watch_disconnect(request, reqs, events))
         try:
-            return await collect(reqs, events, rid, parsed)
+            return await collect(reqs, events, rid, of)
         finally:
             watcher.cancel()
             cancel(reqs)  # whatever happened, the rows stop (a no-op once they are done)
@@ -350,28 +358,33 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             return None
         return prompt_logprobs(scored, parsed.prompt_top, label_of(parsed) or text)
 
-    async def collect(reqs: list[GenRequest], events: asyncio.Queue, rid: str, parsed):
-        n = len(reqs)
+    def prompt_tokens(of: list) -> int:
+        """Usage's prompt tokens: each prompt once, however many choices it has (as OpenAI counts)."""
+        return sum(len(p.prompt_ids) for p in {id(p): p for p in of}.values())
+
+    async def collect(reqs: list[GenRequest], events: asyncio.Queue, rid: str, of: list):
+        """The whole answer; `of[i]`: choice i's ParsedRequest (its prompt's)."""
+        n, parsed = len(reqs), of[0]
         texts, entries, choices = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
         scored = [None] * n  # vLLM's prompt_logprobs, per choice (the same prompt: the same items)
-        n_prompt, n_out, left, text = 0, 0, n, token_text()
+        n_out, left, text = 0, n, token_text()
         while left:
             i, ev = await next_event(reqs, events)
             if ev[0] == "delta":
                 texts[i].append(ev[1])
             elif ev[0] == "logprob":
-                entries[i].append(answer_entry(parsed, ev))
+                entries[i].append(answer_entry(of[i], ev))
             elif ev[0] == "prompt_logprobs":  # (before the answer's first token)
-                entries[i] = prompt_part(parsed, ev[1]) + entries[i]
-                scored[i] = prompt_items(parsed, ev[1], text)
+                entries[i] = prompt_part(of[i], ev[1]) + entries[i]
+                scored[i] = prompt_items(of[i], ev[1], text)
             elif ev[0] == "gone":
                 return Response(status_code=499)  # nobody reads it; counted as "client closed request"
             elif ev[0] == "error":  # (one choice that fails fails the request: the others stop)
                 raise APIError(ev[1], ev[3], error_type(ev[1]), code=ev[2])
             else:
-                _, reason, n_prompt, out, stop_reason = ev
+                _, reason, _, out, stop_reason = ev
                 n_out, left = n_out + out, left - 1
-                content, lps = (parsed.echo or "") + "".join(texts[i]), logprobs_of(parsed, entries[i], text)
+                content, lps = (of[i].echo or "") + "".join(texts[i]), logprobs_of(parsed, entries[i], text)
                 if parsed.kind == "chat":
                     choices[i] = {"index": i, "message": {"role": "assistant", "content": content},
                                   "finish_reason": finish_reason(reason), "stop_reason": stop_reason, "logprobs": lps}
@@ -383,12 +396,14 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
         # (the prompt once, as OpenAI counts it; every choice's answer)
         out = {"id": rid, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
                "created": int(reqs[0].created), "model": parsed.model, "choices": choices,
-               "usage": usage(n_prompt, n_out)}
+               "usage": usage(prompt_tokens(of), n_out)}
         if parsed.kind == "chat" and parsed.prompt_top is not None:  # (vLLM: the chat response's field)
             out["prompt_logprobs"] = scored[0]
         return out
 
-    async def stream(reqs: list[GenRequest], events: asyncio.Queue, rid: str, parsed):
+    async def stream(reqs: list[GenRequest], events: asyncio.Queue, rid: str, of: list):
+        """The answer as server-sent events; `of[i]`: choice i's ParsedRequest (its prompt's)."""
+        parsed = of[0]
         chat = parsed.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
         n, created = len(reqs), int(reqs[0].created)
@@ -418,37 +433,37 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             entries[i] = []
             return lps
 
-        n_prompt, n_out, left = 0, 0, n
+        n_out, left = 0, n
         try:
             if chat:
                 for i in range(n):
                     yield chunk(i, {"role": "assistant", "content": ""})
             elif parsed.echo is not None and not wants:  # (with log-probabilities: when they arrive)
                 for i in range(n):
-                    yield chunk(i, parsed.echo)
+                    yield chunk(i, of[i].echo)
             while left:
                 i, ev = await next_event(reqs, events)
                 if ev[0] == "delta":
                     yield chunk(i, {"content": ev[1]} if chat else ev[1], logprobs=take_logprobs(i)) if wants \
                         else deltas[i](ev[1])
                 elif ev[0] == "logprob":
-                    entries[i].append(answer_entry(parsed, ev))
+                    entries[i].append(answer_entry(of[i], ev))
                 elif ev[0] == "prompt_logprobs":  # the echoed prompt and its entries, before the answer
                     # (only an echo with logprobs streams them: prompt_logprobs are refused with stream)
-                    entries[i] = prompt_part(parsed, ev[1])
-                    yield chunk(i, parsed.echo, logprobs=take_logprobs(i))
+                    entries[i] = prompt_part(of[i], ev[1])
+                    yield chunk(i, of[i].echo, logprobs=take_logprobs(i))
                 elif ev[0] == "error":  # (one choice that fails ends the stream: the others stop)
                     err = APIError(ev[1], ev[3], error_type(ev[1]), code=ev[2])
                     yield f"data: {json.dumps(err.body())}\n\n"
                     break
                 else:
-                    _, reason, n_prompt, out, stop_reason = ev
+                    _, reason, _, out, stop_reason = ev
                     n_out, left = n_out + out, left - 1
                     yield chunk(i, {} if chat else "", finish_reason(reason), take_logprobs(i) if entries[i] else None,
                                 stop_reason)
             if not left and parsed.include_usage:
                 payload = {"id": rid, "object": obj, "created": created, "model": parsed.model, "choices": [],
-                           "usage": usage(n_prompt, n_out)}
+                           "usage": usage(prompt_tokens(of), n_out)}
                 yield f"data: {json.dumps(payload)}\n\n"
             yield "data: [DONE]\n\n"
         finally:

@@ -382,24 +382,32 @@ def chat_ids(body: dict, tokenizer) -> list[int]:
     return list(tokenizer("\n".join(m["content"] for m in conv))["input_ids"])
 
 
-def prompt_ids(body: dict, tokenizer, vocab_size: int) -> list[int]:
+def prompt_batch(body: dict) -> list:
+    """A completion's prompts: a list of texts or a list of token-id lists is a batch (as OpenAI
+    and vLLM take it, lm-evaluation-harness sends it), anything else one prompt (checked by
+    prompt_ids)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
-        if len(prompt) > 1:
-            raise bad("one prompt per request (send several requests; they are batched together)", "prompt")
-        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt)
+                                                or all(isinstance(p, list) for p in prompt)):
+        return prompt
+    return [prompt]
+
+
+def prompt_ids(prompt, tokenizer, vocab_size: int, where: str = "prompt") -> list[int]:
     if isinstance(prompt, str):
         return list(tokenizer(prompt)["input_ids"])
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         for t in prompt:
             if not 0 <= t < vocab_size:
-                raise bad(f"'prompt' token id {t} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
+                raise bad(f"'{where}' token id {t} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
         return list(prompt)
-    raise bad("'prompt' must be a string or a list of token ids (integers)", "prompt")
+    raise bad(f"'{where}' must be a string or a list of token ids (integers), or 'prompt' a list of them", "prompt")
 
 
-def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
-    """Validate a whole request body; raises APIError (4xx)."""
+def parse_request(body: dict, kind: str, ctx: ServeContext) -> list[ParsedRequest]:
+    """Validate a whole request body; raises APIError (4xx). One ParsedRequest per prompt: a
+    chat's one, or each of a completion's batch (the same settings, each its own prompt, budget
+    and echo), in order."""
     check_fields(body, kind)
     model, profile = resolve_model(body, ctx)
     stream, include_usage = stream_flags(body)
@@ -416,7 +424,7 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
     if prompt_top is not None and stream:  # (as vLLM: they would all come before the first token anyway)
         raise bad("'prompt_logprobs' is not available with 'stream': true", "prompt_logprobs")
     scoring = echo or prompt_top is not None
-    max_tokens = integer(body, budget, 0 if scoring else 1, 1 << 31)  # (0: score the prompt only)
+    asked = integer(body, budget, 0 if scoring else 1, 1 << 31)  # (0: score the prompt only)
     params = {"temperature": number(body, "temperature", 1.0, 0.0, 2.0),
               "top_p": number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
               "seed": integer(body, "seed", *INT64), "stop": stop_sequences(body),
@@ -433,28 +441,33 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> ParsedRequest:
     # the engine scores the prompt with the most alternatives either asks for; each takes its own
     wanted = [k for k in (params["logprobs"] if echo else None, prompt_top) if k is not None]
     params["prompt_logprobs"] = max(wanted) if wanted else None
-    ids = chat_ids(body, ctx.tokenizer) if kind == "chat" else prompt_ids(body, ctx.tokenizer, ctx.vocab_size)
-    where = "messages" if kind == "chat" else "prompt"
-    if not ids:
-        raise bad("the prompt is empty (it encodes to no tokens)", where, "empty_prompt")
-    room = ctx.context - len(ids)
-    if max_tokens is None:  # as OpenAI: by default, up to what the context allows (and at least one)
-        max_tokens = max(1, min(ctx.default_max_tokens, room))
-    if max_tokens > room or (room < 1 and max_tokens > 0):  # (scoring alone, max_tokens 0, fits a full context)
-        raise bad(f"this model's context is {ctx.context} tokens; the prompt has {len(ids)} and {budget} asks for "
-                  f"{max_tokens} more", where, "context_length_exceeded")
-    if min_tokens > max_tokens:
-        raise bad(f"'min_tokens' ({min_tokens}) must be at most the answer's budget ({budget}: {max_tokens}"
-                  f"{'' if body.get(budget) is not None else ', the default'})", "min_tokens")
     token_ids = boolean(body, "return_tokens_as_token_ids")
-    shown = offsets = None
-    if echo:  # the prompt as sent (text), or its tokens' text; where each token sits in it
-        p = body["prompt"]
-        p = p[0] if isinstance(p, list) and p and isinstance(p[0], str | list) else p
-        shown, offsets = echo_text_and_offsets(p, ids, ctx.tokenizer, ctx.token_bytes)
-    return ParsedRequest(kind, model, profile, ids, stream, include_usage,
-                         {"max_tokens": max_tokens, "min_tokens": min_tokens, **params},
-                         token_ids, n, shown, prompt_top, offsets)
+    prompts = [None] if kind == "chat" else prompt_batch(body)
+    out = []
+    for k, p in enumerate(prompts):
+        named = "prompt" if len(prompts) == 1 else f"prompt[{k}]"  # (how messages name the one at fault)
+        ids = chat_ids(body, ctx.tokenizer) if kind == "chat" else prompt_ids(p, ctx.tokenizer, ctx.vocab_size, named)
+        where = "messages" if kind == "chat" else "prompt"
+        if not ids:
+            raise bad(f"the {'prompt' if kind == 'chat' else named} is empty (it encodes to no tokens)", where,
+                      "empty_prompt")
+        room = ctx.context - len(ids)
+        max_tokens = asked
+        if max_tokens is None:  # as OpenAI: by default, up to what the context allows (and at least one)
+            max_tokens = max(1, min(ctx.default_max_tokens, room))
+        if max_tokens > room or (room < 1 and max_tokens > 0):  # (scoring alone, max_tokens 0, fits a full context)
+            raise bad(f"this model's context is {ctx.context} tokens; the {'prompt' if kind == 'chat' else named} "
+                      f"has {len(ids)} and {budget} asks for {max_tokens} more", where, "context_length_exceeded")
+        if min_tokens > max_tokens:
+            raise bad(f"'min_tokens' ({min_tokens}) must be at most the answer's budget ({budget}: {max_tokens}"
+                      f"{'' if asked is not None else ', the default'})", "min_tokens")
+        shown = offsets = None
+        if echo:  # the prompt as sent (text), or its tokens' text; where each token sits in it
+            shown, offsets = echo_text_and_offsets(p, ids, ctx.tokenizer, ctx.token_bytes)
+        out.append(ParsedRequest(kind, model, profile, ids, stream, include_usage,
+                                 {"max_tokens": max_tokens, "min_tokens": min_tokens, **params},
+                                 token_ids, n, shown, prompt_top, offsets))
+    return out
 
 
 TOKENIZE = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "continue_final_message",
