@@ -321,6 +321,7 @@ BAD = [
     ("POST", CHAT, chat_body(logit_bias={"-1": 1}), 400, None, "logit_bias"),
     ("POST", CHAT, chat_body(logit_bias={"x": 1}), 400, None, "logit_bias"),
     ("POST", CHAT, chat_body(logit_bias={"384": 1}), 400, None, "logit_bias"),  # (vocabulary 0..383)
+    ("POST", CHAT, chat_body(logit_bias={"9" * 5000: 1}), 400, None, "logit_bias"),  # (past int()'s digit limit)
     ("POST", CHAT, chat_body(logit_bias=[[5, 1]]), 400, None, "logit_bias"),
     ("POST", CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 1, "5": 2}}',
      400, None, None),  # (a key given twice: refused, not the last one kept)

@@ -141,3 +141,33 @@ def test_every_request_field_crosses_the_pipe():
     local = {"sink", "cancelled"}  # (the front end's: a callback, and a cancel that travels as its own message)
     assert sorted(REQUEST_FIELDS) == sorted(f.name for f in fields(GenRequest) if f.name not in local)
     assert len(set(REQUEST_FIELDS)) == len(REQUEST_FIELDS)
+
+
+def test_a_request_the_engine_cannot_run_fails_alone_and_the_process_lives(tiny_ckpts):
+    """Bad sampling settings are refused where the caller hears them (EngineProcess.submit), and
+    one that reaches the engine's process anyway (a caller past that check) fails alone with a
+    400 instead of taking the process, and every open request, down."""
+    import queue
+    from unittest import mock
+
+    from ssn_runtime.serve import sampling
+    from ssn_runtime.serve.config import ServeConfig
+    from ssn_runtime.serve.engine import GenRequest
+    from ssn_runtime.serve.engine_process import EngineProcess
+
+    ep = EngineProcess(str(tiny_ckpts["llama"]), {}, ServeConfig(small_batch_gemm="off", threads="1", gather_ms=0))
+    try:
+        for bad in ({"logit_bias": [[ep.vocab_size, 1.0]]}, {"top_k": 2.5}, {"repetition_penalty": float("inf")}):
+            with pytest.raises(ValueError):
+                ep.submit(GenRequest([1, 2, 3], **bad))
+        events = queue.Queue()
+        with mock.patch.object(sampling, "check"):  # (the front end's check skipped: the process's own holds)
+            ep.submit(GenRequest([1, 2, 3], logit_bias=[[ep.vocab_size + 5, 1.0]], sink=events.put))
+        ev = events.get(timeout=60)
+        assert ev[0] == "error" and ev[1] == 400, ev
+        ep.submit(GenRequest([1, 2, 3], max_tokens=3, temperature=0, sink=events.put))
+        while (ev := events.get(timeout=60))[0] not in ("done", "error"):
+            pass
+        assert ev[0] == "done" and ep.down is None, ev
+    finally:
+        ep.stop()

@@ -119,7 +119,10 @@ def test_transformers_own_processors_agree(setup):
     assert got[3] == ("", "stop", 0, None)  # and without it the answer ends at once
 
 
-def test_min_tokens_defers_stop_strings_and_what_passed_stays_passed(setup):
+@pytest.mark.parametrize("k", [1, 3])
+def test_min_tokens_defers_stop_strings_and_what_passed_stays_passed(setup, k):
+    """As vLLM: no stop string is looked for in the first k tokens' text, nor later (the search
+    goes on from the end of that text, less each stop string's length)."""
     tok, eng = setup["tok"], setup["engine"]
     for prompt in PROMPTS:  # a prompt whose answer starts with a token of whole characters: its text stops it
         ids = encode(tok, prompt)
@@ -130,14 +133,14 @@ def test_min_tokens_defers_stop_strings_and_what_passed_stays_passed(setup):
     else:
         pytest.skip("no answer of this tiny model starts with a whole character")
     plain = tok.decode(tokens)
-    k = 3
-    before = len(tok.decode(tokens[:k - 1]))  # searched from here (less the stop string's length) once k are in
-    hit = plain.find(stop, max(0, before - len(stop) + 1))
+    passed = len(tok.decode(tokens[:k]))
+    hit = plain.find(stop, max(0, passed - len(stop) + 1))
     got = run(eng, [(ids, {"max_tokens": 10, "stop": [stop]}),
                     (ids, {"max_tokens": 10, "stop": [stop], "min_tokens": k})])
     assert got[0][:2] == ("", "stop") and got[0][3] == stop  # the first token's text is the stop string
     assert got[1][0] == (plain[:hit] if hit >= 0 else plain), (plain, stop)
-    assert got[1][2] >= k and got[1][3] == (stop if hit >= 0 else None)
+    assert len(got[1][0]) >= passed and got[1][2] >= k + (hit >= 0)
+    assert got[1][3] == (stop if hit >= 0 else None)
 
 
 def test_top_k_1_and_min_p_1_draw_the_greedy_answer(setup):
@@ -166,6 +169,8 @@ def test_sample_token_min_p_and_top_k_keep_what_they_promise():
     assert set(draws(min_p=0.45, top_k=4, top_p=0.4)) == {0}
     # top_p counts the mass top_k left, renormalised: 0.4 / 0.7 = 0.57 reaches 0.5 (0.4 of the whole would not)
     assert set(draws(top_k=2, top_p=0.5)) == {0}
+    # ... and the mass min_p left: 0.4 / 0.9 + 0.3 / 0.9 = 0.78 reaches 0.75 with two tokens (the whole's three)
+    assert set(draws(min_p=0.45, top_p=0.75)) == {0, 1}
     assert set(draws(top_k=-1)) == set(draws(top_k=0)) == {0, 1, 2, 3, 4}  # off
     assert set(draws(top_k=99)) == {0, 1, 2, 3, 4}
     tied = torch.tensor([1.0, 2.0, 2.0, 0.0])
@@ -178,6 +183,30 @@ def test_the_engine_refuses_settings_it_cannot_run(setup):
     eng, ids = setup["engine"], [1, 2, 3]
     for kw in ({"logit_bias": [[384, 1.0]]}, {"logit_bias": [[True, 1.0]]}, {"stop_token_ids": [-1]},
                {"logit_bias": [[5, float("nan")]]}, {"repetition_penalty": 0.0}, {"min_tokens": -1},
-               {"top_k": -2}, {"min_p": 1.5}, {"presence_penalty": float("inf")}):
+               {"top_k": -2}, {"min_p": 1.5}, {"presence_penalty": float("inf")}, {"top_k": 2.5},
+               {"min_tokens": 1.5}, {"repetition_penalty": float("inf")}, {"min_p": True}):
         with pytest.raises(ValueError):
             eng.submit(GenRequest(ids, **kw))
+
+
+def test_a_shaped_logit_at_float32s_limit_stays_the_largest_and_a_ban_nothing_escapes_yields():
+    from types import SimpleNamespace
+
+    from ssn_runtime.serve.sampling import Shaper
+
+    def req(**kw):
+        base = {"min_tokens": 0, "stop_token_ids": [], "ignore_eos": False, "logit_bias": [], "repetition_penalty": 1.0,
+                "frequency_penalty": 0.0, "presence_penalty": 0.0, "prompt_ids": [0]}
+        return SimpleNamespace(**{**base, **kw})
+
+    big = torch.finfo(torch.float32).max
+    logits = torch.tensor([big, 1.0, -2.0, float("-inf")])
+    x = Shaper(req(logit_bias=[[0, 100.0]], repetition_penalty=0.5), eos=set()).apply(logits, 0)
+    assert torch.isfinite(x[:3]).all() and int(x.argmax()) == 0 and x[3] == float("-inf")
+    assert sample_token(x, 1.0, 1.0, torch.Generator().manual_seed(0)) == 0  # (no NaN from an overflow)
+    only = torch.tensor([float("-inf"), 3.0, float("-inf")])  # the model leaves one token: the ban yields
+    assert torch.equal(Shaper(req(min_tokens=2, stop_token_ids=[1]), eos=set()).apply(only, 0), only)
+    banned = Shaper(req(min_tokens=2, stop_token_ids=[1]), eos={2}).apply(torch.tensor([0.5, 3.0, 9.0]), 1)
+    assert banned.tolist() == [0.5, float("-inf"), float("-inf")]
+    assert Shaper(req(min_tokens=2, stop_token_ids=[1]), eos={2}).apply(torch.tensor([0.5, 3.0, 9.0]), 2).tolist() \
+        == [0.5, 3.0, 9.0]  # (min_tokens reached)

@@ -207,6 +207,7 @@ class _Row:
     prompt_finite: bool = True  # (and whether every position's logits were usable)
     shaper: Shaper | None = None  # the row's logits processing, where it asked for any
     stop_reason: str | int | None = None  # the stop string or stop token id that ended the answer
+    stop_ids: frozenset = frozenset()  # the request's stop_token_ids
 
 
 def run_step_hooks(hooks: list[Callable[[], bool | None]], lock: threading.Lock) -> None:
@@ -569,7 +570,7 @@ class Engine:
         return _Row(r, self.index[r.profile], gen, detok, max((len(s) for s in r.stop), default=0),
                     pos=len(r.prompt_ids) - 1, seq=self._seq,
                     prompt_entries=None if r.prompt_logprobs is None else [],
-                    shaper=Shaper(r, self.eos) if Shaper.wanted(r) else None)
+                    shaper=Shaper(r, self.eos) if Shaper.wanted(r) else None, stop_ids=frozenset(r.stop_token_ids))
 
     def _packed_step(self, reqs: list[GenRequest]) -> None:
         """One forward: the next token of every decoding row (token rows 0..n-1), then up to
@@ -789,7 +790,7 @@ class Engine:
             reason = None
             if t in self.eos and not r.ignore_eos:
                 reason = "stop"
-            elif t in r.stop_token_ids:
+            elif t in row.stop_ids:
                 reason, row.stop_reason = "stop", t  # (as an EOS: no text, not counted)
             else:
                 row.n += 1
@@ -816,11 +817,11 @@ class Engine:
         r, text = row.req, row.detok.text
         if not r.stop:
             return None
-        if row.n < r.min_tokens:  # (as vLLM: no stop string before min_tokens; what is passed stays passed)
+        if row.n <= r.min_tokens:  # (as vLLM: the first min_tokens tokens' text is passed, for good)
             row.checked = len(text)
             return None
-        start = max(0, row.checked - row.max_stop + 1)
-        hits = [(h, s) for s in r.stop if (h := text.find(s, start)) >= 0]
+        # a stop string ending in the new text (as vLLM looks: each from its own length back)
+        hits = [(h, s) for s in r.stop if (h := text.find(s, max(0, row.checked - len(s) + 1))) >= 0]
         row.checked = len(text)
         if hits:
             h, row.stop_reason = min(hits, key=lambda hit: hit[0])  # (the earliest; a tie: the first listed)

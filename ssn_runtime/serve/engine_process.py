@@ -37,6 +37,7 @@ import threading
 from dataclasses import fields
 
 from ..errors import SSNError
+from . import sampling
 from .config import ServeConfig
 from .engine import Draining, GenRequest, QueueFull, run_step_hooks
 from .metrics import Metrics
@@ -127,6 +128,7 @@ class EngineProcess:
         for req in reqs:
             if req.profile not in self.index:
                 raise ValueError(f"unknown profile {req.profile!r}")
+            sampling.check(req, self.vocab_size)  # (here, where the caller hears it: not in the engine's process)
         with self._lock:
             if self._draining or self._dead is not None:  # (the app asks `down` first and says why)
                 raise Draining()
@@ -351,6 +353,9 @@ def _child_main(conn, model_path: str, profiles: dict, settings: dict, dtype, de
                     engine.submit(req)
                 except (QueueFull, Draining):  # (the front end counted and refused first; a race at shutdown)
                     req.emit("error", 503, "shutting_down", "the server is shutting down")
+                    end_of_step()
+                except ValueError as exc:  # (the front end checked first): this request fails, not the process
+                    req.emit("error", 400, None, str(exc))
                     end_of_step()
             elif kind == "cancel":
                 req = open_reqs.get(msg[1])

@@ -294,11 +294,12 @@ def logit_bias(body: dict, vocab_size: int) -> list[list]:
         raise bad(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} tokens, got {len(v)}", "logit_bias")
     out = []
     for k, b in v.items():
-        if not (k.isascii() and k.isdigit()) or str(int(k)) != k:
+        if not (k.isascii() and k.isdigit()) or (k[0] == "0" and k != "0"):
             raise bad(f"'logit_bias' keys must be token ids written as decimal integers (\"42\"), got "
                       f"{json.dumps(k)[:40]}", "logit_bias")
-        if int(k) >= vocab_size:
-            raise bad(f"'logit_bias' token id {k} is outside the vocabulary (0..{vocab_size - 1})", "logit_bias")
+        if len(k) > len(str(vocab_size)) or int(k) >= vocab_size:  # (the length first: int() of 5000 digits raises)
+            raise bad(f"'logit_bias' token id {k[:40]}{'...' if len(k) > 40 else ''} is outside the vocabulary "
+                      f"(0..{vocab_size - 1})", "logit_bias")
         if isinstance(b, bool) or not isinstance(b, int | float) or not -100 <= b <= 100:
             raise bad(f"'logit_bias' value for token {k} must be a number from -100 to 100, got {json.dumps(b)[:40]}",
                       "logit_bias")

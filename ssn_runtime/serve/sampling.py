@@ -27,16 +27,25 @@ import torch
 
 def check(req, vocab_size: int) -> None:
     """ValueError for sampling settings a row cannot run (the server refuses them first, with a
-    400 naming the field: protocol.py); for callers of the engine's own API."""
+    400 naming the field: protocol.py); for callers of the engine's own API and the engine
+    process's pipe, so that a bad row is refused alone instead of failing its batch."""
+
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def real(v):
+        return (isinstance(v, float) or integer(v)) and math.isfinite(v)
+
     ids = [t for t, _ in req.logit_bias] + list(req.stop_token_ids)
-    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+    if not all(integer(t) and 0 <= t < vocab_size for t in ids):
         raise ValueError(f"logit_bias and stop_token_ids take token ids 0..{vocab_size - 1}")
-    if not all(math.isfinite(b) for _, b in req.logit_bias):
-        raise ValueError("logit_bias values must be finite")
-    if not (req.repetition_penalty > 0 and req.min_tokens >= 0 and req.top_k >= -1 and 0 <= req.min_p <= 1
-            and math.isfinite(req.frequency_penalty) and math.isfinite(req.presence_penalty)):
-        raise ValueError("sampling settings out of range: repetition_penalty must be > 0, min_tokens >= 0, "
-                         "top_k >= -1, min_p in [0, 1], penalties finite")
+    if not all(real(b) for _, b in req.logit_bias):
+        raise ValueError("logit_bias values must be finite numbers")
+    if not (integer(req.top_k) and req.top_k >= -1 and integer(req.min_tokens) and req.min_tokens >= 0
+            and real(req.min_p) and 0 <= req.min_p <= 1 and real(req.repetition_penalty) and req.repetition_penalty > 0
+            and real(req.frequency_penalty) and real(req.presence_penalty)):
+        raise ValueError("sampling settings out of range: top_k an integer >= -1, min_tokens an integer >= 0, "
+                         "min_p in [0, 1], repetition_penalty > 0, penalties finite")
 
 
 class Shaper:
@@ -70,8 +79,6 @@ class Shaper:
         V = x.shape[-1]
         if generated < self.min_tokens and self.banned.numel():
             x[self.banned[self.banned < V]] = float("-inf")
-            if not bool(torch.isfinite(x).any()):  # (the model gives nothing else a chance: the ban cannot hold)
-                x = logits.clone()
         if self.bias is not None:
             ids, values = self.bias
             x.index_add_(0, ids, values)  # (the ids are in the vocabulary: checked at the request)
@@ -85,6 +92,13 @@ class Shaper:
             if self.counts is None:
                 self.counts = torch.zeros(V, dtype=torch.float32)
             x -= self.frequency * self.counts + self.presence * (self.counts > 0).float()
+        # A logit near float32's limit can overflow under a bias or a penalty below 1: it stays the
+        # largest, not +inf (whose softmax is NaN). Where nothing is left finite (every other
+        # token banned by min_tokens, or pushed below float32's range), the row takes its own
+        # logits: a ban the model leaves no way around cannot hold.
+        x.clamp_(max=torch.finfo(x.dtype).max)
+        if not bool(torch.isfinite(x).any()):
+            return logits.clone()
         return x
 
     def observe(self, token: int) -> None:
