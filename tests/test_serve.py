@@ -72,6 +72,10 @@ def chat_body(**kw):
 def test_models_and_minimal_health(served):
     c = client(served["server"])
     assert [m.id for m in c.models.list().data] == ["tiny", "tiny:amp", "tiny:tuned", "tiny:both", "tiny:boom"]
+    assert c.models.retrieve("tiny:amp").model_dump() == c.models.list().data[1].model_dump()
+    with pytest.raises(openai.NotFoundError) as err:
+        c.models.retrieve("tiny:ghost")
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
     h = httpx.get(served["server"].url + "/health")
     assert h.status_code == 200 and h.json() == {"status": "ok"}  # no model names, no counts
 
@@ -180,6 +184,10 @@ def test_tokenize_and_detokenize_name_the_ids_the_model_sees(served):
             assert got == list(want), flags
         assert http.post(url + "/detokenize", json={"model": "tiny", "tokens": chat["tokens"]}).json() == \
             {"prompt": tok.decode(chat["tokens"])}
+        # `model` is optional (as vLLM: lm-evaluation-harness's remote tokenizer sends none)
+        assert http.post(url + "/tokenize", json={"prompt": "hello world"}).json()["tokens"] == \
+            tok("hello world")["input_ids"]
+        assert http.post(url + "/detokenize", json={"tokens": [5, 6]}).json() == {"prompt": tok.decode([5, 6])}
         for path, body, status, param in [
                 ("/tokenize", {"model": "tiny"}, 400, "prompt"),
                 ("/tokenize", {"model": "tiny", "prompt": "x", "messages": msgs}, 400, "prompt"),
@@ -199,6 +207,30 @@ def test_tokenize_and_detokenize_name_the_ids_the_model_sees(served):
                 ("/detokenize", {"model": "tiny", "tokens": [1], "prompt": "x"}, 400, "prompt")]:
             r = http.post(url + path, json=body)
             assert (r.status_code, r.json()["error"]["param"]) == (status, param), (path, body, r.text)
+
+
+def test_a_text_prompt_with_or_without_the_tokenizers_special_tokens(tiny_ckpts):
+    """vLLM's `add_special_tokens` on a completion and on /tokenize, with a tokenizer that adds
+    BOS: a client that counts a text's tokens without it (lm-evaluation-harness's `ctxlen`)
+    can ask the server to encode so; the default keeps the tokenizer's."""
+    from tokenizers.processors import TemplateProcessing
+
+    from ssn_runtime.serve.protocol import ServeContext, parse_request, parse_tokenize
+
+    tok = load_tokenizer(tiny_ckpts["llama"])
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    ctx = ServeContext("tiny", ["base"], tok, 512, len(tok), max_rows=8)
+    bare = tok("hello world", add_special_tokens=False)["input_ids"]
+    assert tok("hello world")["input_ids"] == [tok.bos_token_id, *bare]  # (this tokenizer adds BOS)
+    for flag, want in ((None, [tok.bos_token_id, *bare]), (True, [tok.bos_token_id, *bare]), (False, bare)):
+        extra = {} if flag is None else {"add_special_tokens": flag}
+        parts = parse_request({"model": "tiny", "prompt": ["hello world", "hello world"], "echo": True, **extra},
+                              "completion", ctx)
+        assert [p.prompt_ids for p in parts] == [want, want]
+        assert all(p.echo == "hello world" and len(p.echo_offsets) == len(want) for p in parts)
+        assert parse_tokenize({"prompt": "hello world", **extra}, ctx)["tokens"] == want
+    with pytest.raises(Exception, match="more rows than"):  # (refused before anything is tokenized)
+        parse_request({"model": "tiny", "prompt": ["x"] * 3, "n": 3}, "completion", ctx)
 
 
 def test_profile_by_body_field_and_completions(served):
@@ -287,6 +319,10 @@ BAD = [
     ("POST", COMP, {"model": "tiny", "prompt": ""}, 400, "empty_prompt", "prompt"),
     ("POST", COMP, {"model": "tiny", "prompt": []}, 400, None, "prompt"),
     ("POST", COMP, {"model": "tiny", "prompt": ["a", [1]]}, 400, None, "prompt"),  # (a batch of one kind)
+    ("POST", COMP, {"model": "tiny", "prompt": [[1, 2], []]}, 400, "empty_prompt", "prompt"),
+    ("POST", COMP, {"model": "tiny", "prompt": ["a"] * 1_000_000}, 400, "unsupported_parameter", "prompt"),
+    ("POST", COMP, {"model": "tiny", "prompt": "x", "add_special_tokens": "no"}, 400, None, "add_special_tokens"),
+    ("POST", CHAT, chat_body(add_special_tokens=False), 400, "unknown_parameter", "add_special_tokens"),
     ("POST", COMP, {"model": "tiny", "prompt": ["a", ""]}, 400, "empty_prompt", "prompt"),
     ("POST", COMP, {"model": "tiny", "prompt": [1, 99999]}, 400, None, "prompt"),
     ("POST", COMP, {"model": "tiny", "prompt": [1.0, 2.0]}, 400, None, "prompt"),
@@ -345,7 +381,7 @@ BAD = [
     ("POST", CHAT, chat_body(stop_token_ids=5), 400, None, "stop_token_ids"),
     ("POST", CHAT, chat_body(temprature=0.5), 400, "unknown_parameter", "temprature"),
     ("POST", COMP, {"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "unsupported_parameter", "suffix"),
-    ("POST", CHAT, chat_body(stop=["x"] * 5), 400, None, "stop"),
+    ("POST", CHAT, chat_body(stop=["x"] * 33), 400, None, "stop"),
     ("POST", CHAT, chat_body(stop="y" * 300), 400, None, "stop"),
     ("POST", CHAT, chat_body(stop=[""]), 400, None, "stop"),
     ("POST", CHAT, chat_body(stop=[1]), 400, None, "stop"),
@@ -482,6 +518,7 @@ def test_api_key_queue_limit_and_timeout(long_ckpt, mode):
             assert gauge("ssn_queue_depth", 1)
             r = post()
             assert r.status_code == 429, r.text  # a bounded queue refuses what it cannot hold
+            assert r.headers["retry-after"] == "1"
             assert r.json()["error"]["type"] == "rate_limit_error"
             # both time out: the running row during generation, the queued one in the queue or
             # soon after it starts; a timeout is 408, not an invalid request

@@ -173,8 +173,9 @@ def test_choice_seeds_keep_the_requests_for_choice_0_and_never_repeat_across_see
 def test_a_batch_of_prompts_answers_each_as_alone_in_openais_order(server, long_ckpt):
     """A completion's `prompt` as a list of texts or of token-id lists (lm-evaluation-harness
     sends its loglikelihood requests so): choice p * n + j is prompt p's choice j and equals that
-    prompt's answer alone (text, echo, log-probabilities, whole and streamed); usage counts each
-    prompt once; one bad prompt refuses the whole request, naming it."""
+    choice of the prompt sent alone (text, echo, log-probabilities and offsets, a seeded draw;
+    whole and streamed); usage counts each prompt once; one bad prompt refuses the whole request,
+    naming it."""
     tok = load_tokenizer(long_ckpt)
     texts = ["hello world", "How do I bake bread at home?", "x"]
     ids = [tok(t)["input_ids"] for t in texts]
@@ -184,13 +185,15 @@ def test_a_batch_of_prompts_answers_each_as_alone_in_openais_order(server, long_
         assert r.status_code == 200, r.text
         return r.json()
 
-    kw = {"max_tokens": 5, "temperature": 0, "echo": True, "logprobs": 2}
-    alone = [one(t, **kw)["choices"][0] for t in texts]
+    # seeded draws: choice j of each prompt is choice j of that prompt alone (not choice p * n + j)
+    kw = {"max_tokens": 5, "temperature": 1.3, "seed": 7, "n": 2, "echo": True, "logprobs": 2}
+    alone = [one(t, **kw)["choices"] for t in texts]
+    assert alone[1][0]["text"] != alone[1][1]["text"]  # (the draws differ: a swap would show)
     for batch in (texts, ids):
-        got = one(batch, n=2, **kw)
+        got = one(batch, **kw)
         assert [c["index"] for c in got["choices"]] == list(range(6))
         for c in got["choices"]:
-            want = alone[c["index"] // 2]
+            want = alone[c["index"] // 2][c["index"] % 2]
             assert c["text"] == want["text"] and c["finish_reason"] == want["finish_reason"]
             assert c["logprobs"]["tokens"] == want["logprobs"]["tokens"]
             assert c["logprobs"]["text_offset"] == want["logprobs"]["text_offset"]
@@ -198,25 +201,31 @@ def test_a_batch_of_prompts_answers_each_as_alone_in_openais_order(server, long_
         assert got["usage"]["prompt_tokens"] == sum(len(i) for i in ids)  # (once per prompt, not per choice)
         answers = sum(len(c["logprobs"]["tokens"]) - len(ids[c["index"] // 2]) for c in got["choices"])
         assert got["usage"]["completion_tokens"] == answers
-    # lm-evaluation-harness's loglikelihood shape: token ids, echo, max_tokens 0, one alternative
-    scored = one(ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    # lm-evaluation-harness's loglikelihood request: token ids, echo, one token, one alternative;
+    # it reads token_logprobs[ctxlen:-1] and whether each is the most likely of top_logprobs
+    scored = one(ids, max_tokens=1, echo=True, logprobs=1, temperature=0, seed=1234)
     for c in scored["choices"]:
-        assert c["logprobs"]["tokens"] == [tok.decode([t]) for t in ids[c["index"]]]
-        assert c["logprobs"]["token_logprobs"][1:] == pytest.approx(
-            alone[c["index"]]["logprobs"]["token_logprobs"][1:len(ids[c["index"]])], abs=1e-5)
-    # streamed: each choice's chunks join into its whole text
-    body = {"model": "tiny", "prompt": texts, "max_tokens": 5, "temperature": 0, "n": 2, "stream": True,
-            "stream_options": {"include_usage": True}}
+        p = c["index"]
+        assert c["logprobs"]["tokens"][:len(ids[p])] == [tok.decode([t]) for t in ids[p]]
+        assert c["logprobs"]["token_logprobs"][1:len(ids[p])] == pytest.approx(
+            alone[p][0]["logprobs"]["token_logprobs"][1:len(ids[p])], abs=1e-5)
+        assert len(c["logprobs"]["tokens"]) == len(ids[p]) + 1  # (the prompt, then its one answer token)
+    # streamed, echoed: each choice's chunks join into its whole text
+    body = {"model": "tiny", "prompt": texts, "stream": True, "stream_options": {"include_usage": True},
+            **{k: v for k, v in kw.items() if k != "logprobs"}}
     with httpx.stream("POST", server.url + COMP, json=body, timeout=120) as r:
         chunks = [json.loads(x[5:]) for x in r.iter_lines() if x.startswith("data:") and x != "data: [DONE]"]
     joined = {}
     for ch in chunks:
         for c in ch["choices"]:
             joined[c["index"]] = joined.get(c["index"], "") + c["text"]
-    assert joined == {i: alone[i // 2]["text"][len(texts[i // 2]):] for i in range(6)}
+    assert joined == {i: alone[i // 2][i % 2]["text"] for i in range(6)}
     assert chunks[-1]["usage"]["prompt_tokens"] == sum(len(i) for i in ids)
-    for batch, param_text in ((["ok", ""], "prompt[1]"), ([[1, 2], [99999]], "prompt[1]"), (["a", [1]], "prompt"),
-                              (["a"] * 5, "prompt")):  # (5 prompts x n 2 rows: more than the queue's 8)
+    assert chunks[-1]["usage"]["completion_tokens"] == sum(
+        len(alone[i // 2][i % 2]["logprobs"]["tokens"]) - len(ids[i // 2]) for i in range(6))
+    for batch, code, said in ((["ok", ""], "empty_prompt", "prompt[1]"), ([[1, 2], [99999]], None, "prompt[1]"),
+                              ([[1, 2], []], "empty_prompt", "prompt[1]"), (["a", [1]], None, "not both"),
+                              (["a"] * 5, "unsupported_parameter", "5 prompts x n=2")):  # (10 rows: the queue holds 8)
         r = httpx.post(server.url + COMP, json={"model": "tiny", "prompt": batch, "n": 2, "max_tokens": 2}, timeout=60)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", (batch, r.text)
-        assert param_text in r.json()["error"]["message"] or param_text == "prompt", r.text
+        err = r.json()["error"]
+        assert (r.status_code, err["param"], err["code"]) == (400, "prompt", code) and said in err["message"], r.text

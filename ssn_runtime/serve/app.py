@@ -54,6 +54,7 @@ from .tokens import TokenBytes
 STUCK_GRACE_S = 5.0
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
              "/metrics")
+COUNTED = ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize")  # (POSTs: requests, latency)
 
 
 @dataclass
@@ -123,7 +124,8 @@ def delta_template(render):
 
 
 def _json_error(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    # (a full queue: when to try again, as a client that backs off reads it)
+    return JSONResponse(err.body(), status_code=err.status, headers={"Retry-After": "1"} if err.status == 429 else None)
 
 
 class _AuthAndCount:
@@ -159,14 +161,14 @@ class _AuthAndCount:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             elif message["type"] == "http.response.body" and not message.get("more_body") \
-                    and endpoint.startswith("/v1/") and scope["method"] == "POST":
+                    and endpoint in COUNTED and scope["method"] == "POST":
                 self.metrics.observe_latency(endpoint, time.perf_counter() - t0)
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            if endpoint.startswith("/v1/") and scope["method"] == "POST":
+            if endpoint in COUNTED and scope["method"] == "POST":
                 self.metrics.count_request(endpoint, scope.get("state", {}).get("model", "-"), status[0])
 
 
@@ -175,7 +177,7 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
     engine = cfg.engine
     bytes_of = TokenBytes(engine.tok)  # (a chat log-probability's `bytes`, echo's offsets: built once)
     ctx = ServeContext(cfg.base_name, engine.profiles, engine.tok, engine.context, engine.vocab_size,
-                       cfg.default_max_tokens, bytes_of)
+                       cfg.default_max_tokens, bytes_of, engine.queue_size)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
@@ -198,10 +200,20 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
     async def _unexpected(request: Request, exc: Exception):
         return _json_error(APIError(500, f"internal error: {type(exc).__name__}", "server_error"))
 
+    def model_card(m: str) -> dict:
+        return {"id": m, "object": "model", "created": cfg.created, "owned_by": "ssn-runtime"}
+
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": cfg.created,
-                                            "owned_by": "ssn-runtime"} for m in model_ids(ctx)]}
+        return {"object": "list", "data": [model_card(m) for m in model_ids(ctx)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str):  # (OpenAI's models.retrieve)
+        if model_id not in model_ids(ctx):
+            shown = model_id if len(model_id) <= 200 else model_id[:200] + "..."
+            raise APIError(404, f"the model '{shown}' does not exist; available: {', '.join(model_ids(ctx))}",
+                           "not_found_error", "model", "model_not_found")
+        return model_card(model_id)
 
     @app.get("/health")
     async def health():
@@ -247,11 +259,7 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             box = outboxes[loop] = _Outbox(loop)
             engine.on_step_end(box.wake)
         post, events = box.post, asyncio.Queue()
-        n = parsed.n
-        if n * len(parts) > engine.queue_size:
-            what = f"n={n}" if len(parts) == 1 else f"{len(parts)} prompts x n={n}"
-            raise APIError(400, f"{what} is more than this server queues at once ({engine.queue_size})",
-                           param="n" if len(parts) == 1 else "prompt", code="unsupported_parameter")
+        n = parsed.n  # (prompts x n is within the queue's size: parse_request checked)
         deadline = time.time() + cfg.request_timeout
         # one row per choice (n per prompt, the prompts in order: OpenAI's choice indices); each
         # event reaches the loop tagged with its choice's index

@@ -775,12 +775,13 @@ class Engine:
                 self._finish(row, "length")
                 done.add(i)
                 continue
-            x = logits[j] if row.shaper is None else row.shaper.apply(logits[j], row.n)
-            if r.temperature > 0:
-                t = sample_token(x, r.temperature, r.top_p, row.gen, r.top_k, r.min_p)
+            if row.shaper is None:  # (the usual row: greedy from the batch's one scan, no tensor of its own)
+                t = greedy[j] if r.temperature <= 0 else sample_token(logits[j], r.temperature, r.top_p, row.gen,
+                                                                      r.top_k, r.min_p)
             else:
-                t = greedy[j] if row.shaper is None else int(x.argmax())
-            if row.shaper is not None:
+                x = row.shaper.apply(logits[j], row.n)
+                t = int(x.argmax()) if r.temperature <= 0 else sample_token(x, r.temperature, r.top_p, row.gen,
+                                                                            r.top_k, r.min_p)
                 row.shaper.observe(t)
             if row.n == 0:
                 self.metrics.observe_ttft(self.name, now - r.created)

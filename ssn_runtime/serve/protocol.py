@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 
 from .tokens import echo_text_and_offsets
 
-MAX_STOP = 4  # stop sequences per request (OpenAI's limit)
+# stop sequences per request: OpenAI allows 4, vLLM any number; lm-evaluation-harness sends a
+# task's stop strings and the end-of-sequence token's text (humaneval: 6)
+MAX_STOP = 32
 MAX_STOP_CHARS = 256  # characters per stop sequence
 MAX_MESSAGES = 1024
 MAX_N = 128  # choices per request (OpenAI's limit)
@@ -62,7 +64,7 @@ CHAT = COMMON | {"messages", "max_completion_tokens", "tools", "tool_choice", "f
                  "parallel_tool_calls", "response_format", "metadata", "store", "audio", "modalities", "prediction",
                  "reasoning_effort", "web_search_options", "service_tier", "add_generation_prompt",
                  "continue_final_message"}
-COMPLETION = COMMON | {"prompt", "best_of", "echo", "suffix"}
+COMPLETION = COMMON | {"prompt", "best_of", "echo", "suffix", "add_special_tokens"}
 NOOP = {"tools": ([],),
         "functions": ([],), "tool_choice": ("none",),
         "function_call": ("none",), "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},),
@@ -94,6 +96,7 @@ class ServeContext:
     vocab_size: int
     default_max_tokens: int = 64
     token_bytes: object = None  # tokens.TokenBytes of the tokenizer (echo's offsets), built once
+    max_rows: int = 1 << 31  # rows one request may ask for (prompts x n): the engine's queue holds no more
 
 
 @dataclass
@@ -394,14 +397,20 @@ def prompt_batch(body: dict) -> list:
     return [prompt]
 
 
-def prompt_ids(prompt, tokenizer, vocab_size: int, where: str = "prompt") -> list[int]:
+def prompt_ids(prompt, tokenizer, vocab_size: int, where: str = "prompt", special: bool = True) -> list[int]:
+    """One prompt's ids: a text's (with the tokenizer's special tokens, such as BOS, unless
+    `special` is false), or token ids as sent."""
     if isinstance(prompt, str):
-        return list(tokenizer(prompt)["input_ids"])
+        return list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
+    if prompt == []:
+        raise bad(f"'{where}' is empty (no token ids)", "prompt", "empty_prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         for t in prompt:
             if not 0 <= t < vocab_size:
                 raise bad(f"'{where}' token id {t} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
         return list(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
+        raise bad("a batch of prompts is a list of texts or a list of token-id lists, not both", "prompt")
     raise bad(f"'{where}' must be a string or a list of token ids (integers), or 'prompt' a list of them", "prompt")
 
 
@@ -443,11 +452,17 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> list[ParsedReques
     wanted = [k for k in (params["logprobs"] if echo else None, prompt_top) if k is not None]
     params["prompt_logprobs"] = max(wanted) if wanted else None
     token_ids = boolean(body, "return_tokens_as_token_ids")
+    special = boolean(body, "add_special_tokens", True)  # (vLLM's: a text prompt without BOS, say)
     prompts = [None] if kind == "chat" else prompt_batch(body)
+    if len(prompts) * n > ctx.max_rows:  # (before any prompt is tokenized: a huge batch costs nothing)
+        what = f"n={n}" if len(prompts) == 1 else f"{len(prompts)} prompts x n={n}"
+        raise bad(f"{what} is more rows than this server queues at once ({ctx.max_rows})",
+                  "n" if len(prompts) == 1 else "prompt", "unsupported_parameter")
     out = []
     for k, p in enumerate(prompts):
         named = "prompt" if len(prompts) == 1 else f"prompt[{k}]"  # (how messages name the one at fault)
-        ids = chat_ids(body, ctx.tokenizer) if kind == "chat" else prompt_ids(p, ctx.tokenizer, ctx.vocab_size, named)
+        ids = chat_ids(body, ctx.tokenizer) if kind == "chat" \
+            else prompt_ids(p, ctx.tokenizer, ctx.vocab_size, named, special)
         where = "messages" if kind == "chat" else "prompt"
         if not ids:
             raise bad(f"the {'prompt' if kind == 'chat' else named} is empty (it encodes to no tokens)", where,
@@ -461,7 +476,8 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> list[ParsedReques
                       f"has {len(ids)} and {budget} asks for {max_tokens} more", where, "context_length_exceeded")
         if min_tokens > max_tokens:
             raise bad(f"'min_tokens' ({min_tokens}) must be at most the answer's budget ({budget}: {max_tokens}"
-                      f"{'' if asked is not None else ', the default'})", "min_tokens")
+                      f"{'' if asked is not None else ', the default'}{'' if named == 'prompt' else ' for ' + named})",
+                      "min_tokens")
         shown = offsets = None
         if echo:  # the prompt as sent (text), or its tokens' text; where each token sits in it
             shown, offsets = echo_text_and_offsets(p, ids, ctx.tokenizer, ctx.token_bytes)
@@ -476,7 +492,7 @@ TOKENIZE = {"model", "prompt", "messages", "add_special_tokens", "add_generation
 
 
 def parse_tokenize(body: dict, ctx: ServeContext) -> dict:
-    """vLLM's `POST /tokenize`: a text `prompt` (with the tokenizer's special tokens unless
+    """vLLM's `POST /tokenize` (`model` optional): a text `prompt` (with the tokenizer's special tokens unless
     `add_special_tokens` is false) or chat `messages` (the ids a chat request sends the model,
     with `add_generation_prompt` and `continue_final_message` as there) as
     {"count", "max_model_len", "tokens", "token_strs"} (the tokens' vocabulary strings where
@@ -484,7 +500,8 @@ def parse_tokenize(body: dict, ctx: ServeContext) -> dict:
     for k in body:
         if k not in TOKENIZE:
             raise bad(f"unrecognized request argument supplied: {k!r}", k, "unknown_parameter")
-    resolve_model(body, ctx)
+    if body.get("model") is not None:  # (optional, as in vLLM: one tokenizer serves every profile)
+        resolve_model(body, ctx)
     if ("prompt" in body) == ("messages" in body):
         raise bad("give 'prompt' (a text) or 'messages' (a conversation), one of them", "prompt")
     if "prompt" in body:
@@ -509,7 +526,8 @@ def parse_detokenize(body: dict, ctx: ServeContext) -> dict:
     for k in body:
         if k not in ("model", "tokens"):
             raise bad(f"unrecognized request argument supplied: {k!r}", k, "unknown_parameter")
-    resolve_model(body, ctx)
+    if body.get("model") is not None:
+        resolve_model(body, ctx)
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise bad("'tokens' must be a list of token ids (integers)", "tokens")
