@@ -141,7 +141,7 @@ def test_sampling_parameters_through_the_openai_client(served):
     stopped = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0,
                                         extra_body={"stop_token_ids": [t0]})
     assert (stopped.choices[0].message.content, stopped.choices[0].finish_reason) == ("", "stop")
-    assert stopped.usage.completion_tokens == 0  # (as an EOS: no text, not counted)
+    assert stopped.usage.completion_tokens == 1  # (as an EOS: no text, counted as vLLM counts it)
     assert stopped.choices[0].model_extra["stop_reason"] == t0  # (vLLM's field: which stop ended it)
     plain = offline(served)
     cut = next(ch for ch in plain[1:] if ch.strip() and ch != "\ufffd")  # a character the answer has

@@ -96,7 +96,7 @@ def test_shaped_greedy_answers_equal_the_formulas_and_leave_their_neighbours_alo
         assert text == want, (kw, profile)
     for (_, kw), (_, reason, _, why) in zip(jobs, got, strict=True):  # a stop token names itself
         assert why is None or (reason == "stop" and why in kw.get("stop_token_ids", ())), (kw, why)
-    assert [g[1:] for g in got[6:8]] == [("stop", 0, first[0]), ("stop", 0, first[1])]  # (ended at once)
+    assert [g[1:] for g in got[6:8]] == [("stop", 1, first[0]), ("stop", 1, first[1])]  # (ended at once)
     for k, kw in enumerate(cases):  # every case really shapes at least one answer
         assert any(got[2 + 2 * k + i][0] != plain[i] for i in (0, 1)), kw
 
@@ -115,8 +115,8 @@ def test_transformers_own_processors_agree(setup):
     got = run(eng, [(ids, kw) for kw, _ in cases] + [(ids, {"logit_bias": [[eos, 100.0]]})])
     for (kw, hf), (text, _, _, _) in zip(cases, got[:3], strict=True):
         assert text == reference(path, ids, 12, **hf), kw
-    assert got[2][1:] == ("stop", 3, None)  # min_tokens held EOS back for 3 tokens (EOS: no stop_reason)
-    assert got[3] == ("", "stop", 0, None)  # and without it the answer ends at once
+    assert got[2][1:] == ("stop", 4, None)  # min_tokens held EOS back for 3 tokens (EOS: counted, no stop_reason)
+    assert got[3] == ("", "stop", 1, None)  # and without it the answer ends at once
 
 
 @pytest.mark.parametrize("k", [1, 3])

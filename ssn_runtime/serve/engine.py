@@ -191,7 +191,7 @@ class _Row:
     max_stop: int
     pos: int = 0  # position id of `last` (the prompt's last token until the first one is sampled)
     last: int = 0  # the token fed at the next decode step
-    n: int = 0  # tokens generated (EOS excluded)
+    n: int = 0  # tokens generated (an ending EOS or stop token included, as vLLM counts)
     sent: int = 0  # characters emitted
     checked: int = 0  # characters already searched for stop strings
     t_last: float = 0.0
@@ -789,15 +789,15 @@ class Engine:
                 self.metrics.observe_itl(self.name, now - row.t_last)
             row.t_last = now
             reason = None
+            row.n += 1
+            if r.logprobs is not None:  # (before the token's text: a stream carries both in one chunk)
+                # (with the token's character offset in the answer: the whole characters before it)
+                r.emit("logprob", t, *token_logprobs(logits[j], t, r.logprobs), row.detok.offset)
             if t in self.eos and not r.ignore_eos:
-                reason = "stop"
+                reason = "stop"  # (as vLLM: the token that ends the answer is counted and has its entry, no text)
             elif t in row.stop_ids:
-                reason, row.stop_reason = "stop", t  # (as an EOS: no text, not counted)
+                reason, row.stop_reason = "stop", t
             else:
-                row.n += 1
-                if r.logprobs is not None:  # (before the token's text: a stream carries both in one chunk)
-                    # (with the token's character offset in the answer: the whole characters before it)
-                    r.emit("logprob", t, *token_logprobs(logits[j], t, r.logprobs), row.detok.offset)
                 row.detok.add(t)
                 if self._check_stop(row) == "stop":
                     self._finish(row, "stop", flush=False)
