@@ -601,3 +601,29 @@ def test_every_prompt_chunking_sends_its_scores_even_a_last_chunk_of_one_token(t
     ref = offline_prompt_logprobs(path, ids)
     assert [e[0] for e in ev[1]] == ids[1:]
     assert [e[1] for e in ev[1]] == pytest.approx([float(ref[p, ids[p + 1]]) for p in range(length - 1)], abs=1e-4)
+
+
+def test_an_answer_that_ends_at_once_keeps_its_ending_tokens_entry(served):
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs 1, max_tokens 1) reads
+    `token_logprobs[ctxlen:-1]`: the last entry must be the generated token's even when it is
+    the end-of-sequence token (or a stop token) that ends the answer at once, as vLLM answers;
+    it is counted in completion_tokens and shows no text. The EOS is made the likeliest token
+    here by logit_bias; its entry reads the raw distribution."""
+    url = served["server"].url + "/v1/completions"
+    tok = load_tokenizer(served["path"])
+    eos = load_model(served["path"]).generation_config.eos_token_id
+    ids = list(tok(TEXT)["input_ids"])
+    with torch.no_grad():
+        ref = torch.log_softmax(load_model(served["path"])(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1)
+    for extra, reason in (({"logit_bias": {str(eos): 100}}, None),
+                          ({"stop_token_ids": [7], "logit_bias": {"7": 100}}, 7)):
+        out = httpx.post(url, json={"model": "tiny", "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 1,
+                                    "temperature": 0, **IDS, **extra}, timeout=60).json()
+        choice = out["choices"][0]
+        lp = choice["logprobs"]
+        ended = eos if reason is None else reason
+        assert [token_id(t) for t in lp["tokens"]] == ids + [ended]
+        assert choice["text"] == tok.decode(ids) and choice["finish_reason"] == "stop"
+        assert choice["stop_reason"] == reason and out["usage"]["completion_tokens"] == 1
+        assert lp["token_logprobs"][-1] == pytest.approx(float(ref[ended]), abs=1e-4)  # (before the bias)
+        assert lp["text_offset"][-1] == len(choice["text"])
