@@ -67,14 +67,17 @@ def evaluate(setup, model, model_args=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("profile", ["", "amp", "tuned"])
-def test_lm_eval_through_the_server_scores_as_its_own_hf_model(setup, profile):
+@pytest.mark.parametrize("profile, tokenizer", [("", "remote"), ("amp", "path"), ("tuned", "path")])
+def test_lm_eval_through_the_server_scores_as_its_own_hf_model(setup, profile, tokenizer):
+    """`tokenizer`: lm-eval reads the model's tokenizer from its folder, or asks the server
+    (tokenizer_backend=remote: /tokenizer_info, /tokenize, /detokenize)."""
     from lm_eval.models.huggingface import HFLM
 
     path = setup["path"]
+    how = {"tokenizer": str(path)} if tokenizer == "path" else {"tokenizer_backend": "remote"}
     served = evaluate(setup, "local-completions", {
         "base_url": setup["server"].url + "/v1/completions", "model": "tiny" + (f":{profile}" if profile else ""),
-        "tokenizer": str(path), "tokenized_requests": True, "batch_size": 4, "num_concurrent": 2, "max_retries": 1})
+        "tokenized_requests": True, "batch_size": 4, "num_concurrent": 2, "max_retries": 1, **how})
     model = load_model(path)
     if profile == "tuned":
         merge_patch(model, setup["patch"])

@@ -184,6 +184,10 @@ def test_tokenize_and_detokenize_name_the_ids_the_model_sees(served):
             assert got == list(want), flags
         assert http.post(url + "/detokenize", json={"model": "tiny", "tokens": chat["tokens"]}).json() == \
             {"prompt": tok.decode(chat["tokens"])}
+        info = http.get(url + "/tokenizer_info").json()  # (vLLM's: what lm-eval's remote tokenizer reads)
+        assert info == {"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                        "pad_token": tok.pad_token, "unk_token": tok.unk_token, "chat_template": tok.chat_template,
+                        "model_max_length": 8192}
         # `model` is optional (as vLLM: lm-evaluation-harness's remote tokenizer sends none)
         assert http.post(url + "/tokenize", json={"prompt": "hello world"}).json()["tokens"] == \
             tok("hello world")["input_ids"]

@@ -52,8 +52,8 @@ from .tokens import TokenBytes
 # Past a request's deadline by this much without a word from the engine, the front end answers
 # 408 itself (a stuck engine).
 STUCK_GRACE_S = 5.0
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
-             "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
+             "/health", "/metrics")
 COUNTED = ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize")  # (POSTs: requests, latency)
 
 
@@ -476,6 +476,13 @@ def create_app(cfg: ServerConfig, metrics: Metrics) -> FastAPI:
             yield "data: [DONE]\n\n"
         finally:
             cancel(reqs)  # a client that went away mid-stream stops its rows
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():  # (vLLM's: what a client-side tokenizer needs; lm-eval's tokenizer_backend=remote)
+        tok = ctx.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+                "chat_template": getattr(tok, "chat_template", None), "model_max_length": ctx.context}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):  # (vLLM's: the ids a logit_bias or stop_token_ids names)
