@@ -236,7 +236,7 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
             if ignore_eos:
                 body["ignore_eos"] = True
             if lengths_of is not None:
-                # (an answer that ended at once is asked for one token: a request needs at least one)
+                # (its usage, the ending EOS counted: as many tokens generated, none ending it)
                 body["max_tokens"], body["ignore_eos"] = max(1, lengths_of[name, prompt]), True
             k += 1
             t0 = time.perf_counter()
@@ -503,7 +503,9 @@ def compare_engines(model_path: str, prompts: list[str], n: int, max_tokens: int
             if ev[0] != "done":
                 raise RuntimeError(f"the engine failed a request: {ev}")
             texts.append("".join(parts))
-            total += ev[3]
+            # (usage counts the ending EOS, as vLLM's does; the transformers runs count the tokens
+            # before it: so does this, for the same work)
+            total += ev[3] - (ev[1] == "stop" and ev[4] is None)
         return texts, total
 
     # A persistent manager, started once (as a server holds it): generate_batch would build a

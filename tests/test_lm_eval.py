@@ -8,10 +8,9 @@ exactly as lm-eval's own in-process HF model does on the same model with the pro
 Needs the dev extra's lm_eval[api] (CI installs it)."""
 
 import json
-import os
 
 import pytest
-from serve_helpers import Server, make_profiles
+from serve_helpers import Server, make_profiles, reference
 
 import ssn_runtime
 from ssn_runtime import load_model, load_tokenizer
@@ -20,11 +19,14 @@ from ssn_runtime.training.patches import NeuronPatch, merge_patch
 pytest.importorskip("lm_eval")
 pytest.importorskip("tenacity")  # (lm_eval[api]'s)
 
+# (choices follow the question directly: "人人人" and "tete" are the tiny model's own greedy
+# continuations, so that lm-eval's greedy flag is true for some; the others are not)
 DOCS = [("The capital of France is", [" Paris", " Rome", " a city of bread"], 0),
-        ("Cats like to", [" sleep", " swim in the sea", " fly"], 0),
-        ("How do I bake bread?", [" Mix flour and water.", " I cannot help with that.", " ok"], 1),
+        ("Cats like to", [" sleep", "人人人", " fly"], 0),
+        ("How do I bake bread?", [" Mix flour and water.", "tete", " I cannot help with that."], 1),
         ("Tell me a fun fact about cats.", [" They purr.", " No."], 0),
         ("x", [" y", " z"], 1)]
+STOP = "bb"  # (inside the base model's greedy answer to "How do I bake bread?": a generation it cuts)
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +44,13 @@ def setup(tiny_ckpts, tmp_path_factory):
     source = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'docs.jsonl'}\ntest_split: test\n"
     (tasks / "mc.yaml").write_text(
         f"task: ssn_mc\n{source}output_type: multiple_choice\ndoc_to_text: '{{{{question}}}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
-    # (six stop strings with EOS's text: more than OpenAI's four, as lm-eval's humaneval sends)
+        "target_delimiter: ''\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n")
+    # (five stop strings and lm-eval adds EOS's text: more than OpenAI's four, as its humaneval sends)
     (tasks / "gen.yaml").write_text(
         f"task: ssn_gen\n{source}output_type: generate_until\ndoc_to_text: '{{{{question}}}}'\n"
-        "doc_to_target: '{{choices[answer]}}'\ngeneration_kwargs:\n  until: ['\\n\\n', 'Q:', '###', '</s>', "
-        "'zzz']\n  max_gen_toks: 8\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
+        f'doc_to_target: "{{{{choices[answer]}}}}"\ngeneration_kwargs:\n  until: ["\\n\\n", "Q:", "###", '
+        f'"{STOP}", "zzz"]\n  max_gen_toks: 8\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n')
     server = Server(["--model", str(path), "--served-name", "tiny", "--profile", f"amp={root / 'amp'}",
                      "--profile", f"tuned={root / 'tuned'}", "--gather-ms", "10", "--small-batch-gemm", "off"])
     yield {"path": path, "server": server, "tasks": tasks, "mask": mask, "patch": NeuronPatch.load(root / "tuned")}
@@ -55,7 +58,6 @@ def setup(tiny_ckpts, tmp_path_factory):
 
 
 def evaluate(setup, model, model_args=None):
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -68,11 +70,12 @@ def evaluate(setup, model, model_args=None):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("profile, tokenizer", [("", "remote"), ("amp", "path"), ("tuned", "path")])
-def test_lm_eval_through_the_server_scores_as_its_own_hf_model(setup, profile, tokenizer):
+def test_lm_eval_through_the_server_scores_as_its_own_hf_model(setup, profile, tokenizer, monkeypatch):
     """`tokenizer`: lm-eval reads the model's tokenizer from its folder, or asks the server
     (tokenizer_backend=remote: /tokenizer_info, /tokenize, /detokenize)."""
     from lm_eval.models.huggingface import HFLM
 
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # (the task's data is a local file)
     path = setup["path"]
     how = {"tokenizer": str(path)} if tokenizer == "path" else {"tokenizer_backend": "remote"}
     served = evaluate(setup, "local-completions", {
@@ -89,3 +92,8 @@ def test_lm_eval_through_the_server_scores_as_its_own_hf_model(setup, profile, t
         assert [g for _, g in got] == [w for _, w in want]
         assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], rel=1e-5, abs=1e-4)
     assert gen == gen_ref and any(gen)
+    if profile == "":  # (the base model's own continuations are greedy; its answer to doc 2 is cut at STOP)
+        assert [any(g for _, g in r) for r in mc] == [False, True, True, False, False]
+        tok = load_tokenizer(path)
+        uncut = reference(path, tok(DOCS[2][0])["input_ids"], 8)
+        assert STOP in uncut and gen[2] == uncut[:uncut.index(STOP)]

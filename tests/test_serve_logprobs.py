@@ -607,23 +607,29 @@ def test_an_answer_that_ends_at_once_keeps_its_ending_tokens_entry(served):
     """lm-evaluation-harness's loglikelihood request (echo, logprobs 1, max_tokens 1) reads
     `token_logprobs[ctxlen:-1]`: the last entry must be the generated token's even when it is
     the end-of-sequence token (or a stop token) that ends the answer at once, as vLLM answers;
-    it is counted in completion_tokens and shows no text. The EOS is made the likeliest token
-    here by logit_bias; its entry reads the raw distribution."""
+    it is counted in completion_tokens and shows no text. As vLLM, the budget is checked first:
+    a last allowed token is an ordinary one (finish "length", no stop_reason, a stop token's
+    text shown). The token is made the likeliest by logit_bias; its entry reads the raw
+    distribution."""
     url = served["server"].url + "/v1/completions"
     tok = load_tokenizer(served["path"])
     eos = load_model(served["path"]).generation_config.eos_token_id
     ids = list(tok(TEXT)["input_ids"])
     with torch.no_grad():
         ref = torch.log_softmax(load_model(served["path"])(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1)
-    for extra, reason in (({"logit_bias": {str(eos): 100}}, None),
-                          ({"stop_token_ids": [7], "logit_bias": {"7": 100}}, 7)):
-        out = httpx.post(url, json={"model": "tiny", "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 1,
-                                    "temperature": 0, **IDS, **extra}, timeout=60).json()
-        choice = out["choices"][0]
-        lp = choice["logprobs"]
-        ended = eos if reason is None else reason
-        assert [token_id(t) for t in lp["tokens"]] == ids + [ended]
-        assert choice["text"] == tok.decode(ids) and choice["finish_reason"] == "stop"
-        assert choice["stop_reason"] == reason and out["usage"]["completion_tokens"] == 1
-        assert lp["token_logprobs"][-1] == pytest.approx(float(ref[ended]), abs=1e-4)  # (before the bias)
-        assert lp["text_offset"][-1] == len(choice["text"])
+    for extra, ended, why in (({"logit_bias": {str(eos): 100}}, eos, None),
+                              ({"stop_token_ids": [7], "logit_bias": {"7": 100}}, 7, 7)):
+        for budget in (1, 3):
+            out = httpx.post(url, json={"model": "tiny", "prompt": ids, "echo": True, "logprobs": 1,
+                                        "max_tokens": budget, "temperature": 0, **IDS, **extra}, timeout=60).json()
+            choice, echo = out["choices"][0], tok.decode(ids)
+            lp = choice["logprobs"]
+            assert [token_id(t) for t in lp["tokens"]] == ids + [ended], (extra, budget)
+            assert out["usage"]["completion_tokens"] == 1
+            assert lp["token_logprobs"][-1] == pytest.approx(float(ref[ended]), abs=1e-4)  # (before the bias)
+            assert lp["text_offset"][-1] == len(echo)
+            if budget == 1:  # (its last allowed token: an ordinary one)
+                assert (choice["finish_reason"], choice["stop_reason"]) == ("length", None)
+                assert choice["text"] == echo + ("" if ended == eos else tok.decode([ended]))
+            else:
+                assert (choice["finish_reason"], choice["stop_reason"], choice["text"]) == ("stop", why, echo)

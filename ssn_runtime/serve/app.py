@@ -1,18 +1,20 @@
 """OpenAI-compatible HTTP API over the engine (FastAPI).
 
-    GET  /v1/models             the base model and every profile, as "<base>:<profile>"
+    GET  /v1/models             the base model and every profile, as "<base>:<profile>" (/v1/models/{id}: one)
     POST /v1/chat/completions   OpenAI chat completions (stream: server-sent events)
-    POST /v1/completions        OpenAI text completions
+    POST /v1/completions        OpenAI text completions (a prompt, or a batch of them)
+    POST /tokenize, /detokenize vLLM's: a text's or conversation's token ids, and ids' text
+    GET  /tokenizer_info        vLLM's: special tokens, chat template, context (lm-eval's remote tokenizer)
     GET  /health                {"status": "ok"} (503 {"status": "draining"} while shutting down, 503
                                 {"status": "down", "reason": ...} once the engine cannot serve); nothing else
     GET  /metrics               Prometheus text (behind the API key unless public_metrics)
 
 A profile is chosen by the model field ("<base>:<profile>") or an extra body field "profile".
 Extra body fields as in vLLM: "ignore_eos" generates exactly max_tokens; "return_tokens_as_token_ids"
-names log-probability tokens "token_id:N". `n` choices run as one row each (their events reach
-the loop tagged with the choice's index); `logprobs` entries ride on the chunks that carry their
-tokens' text. Bodies are validated
-whole (protocol.py) before anything is queued. Every error, unknown paths and wrong methods
+names log-probability tokens "token_id:N"; sampling extensions (sampling.py). `n` choices run as
+one row each (their events reach the loop tagged with the choice's index); `logprobs` entries
+ride on the chunks that carry their tokens' text. Bodies are validated whole (protocol.py)
+before anything is queued. Every error, unknown paths and wrong methods
 included, uses OpenAI's shape {"error": {"message", "type", "param", "code"}}, and none stops
 the server.
 """

@@ -793,9 +793,13 @@ class Engine:
             if r.logprobs is not None:  # (before the token's text: a stream carries both in one chunk)
                 # (with the token's character offset in the answer: the whole characters before it)
                 r.emit("logprob", t, *token_logprobs(logits[j], t, r.logprobs), row.detok.offset)
-            if t in self.eos and not r.ignore_eos:
-                reason = "stop"  # (as vLLM: the token that ends the answer is counted and has its entry, no text)
-            elif t in row.stop_ids:
+            # (the context is full: admission keeps prompt + max_tokens within it)
+            full = row.n >= r.max_tokens or row.pos + 1 >= self.context
+            # As vLLM: the token that ends the answer is counted and has its entry, and no text; the
+            # budget is checked first, so a last allowed token is an ordinary one, whatever it is.
+            if not full and t in self.eos and not r.ignore_eos:
+                reason = "stop"
+            elif not full and t in row.stop_ids:
                 reason, row.stop_reason = "stop", t
             else:
                 row.detok.add(t)
@@ -803,8 +807,8 @@ class Engine:
                     self._finish(row, "stop", flush=False)
                     done.add(i)
                     continue
-                if row.n >= r.max_tokens or row.pos + 1 >= self.context:
-                    reason = "length"  # (the context is full; admission keeps prompt + max_tokens within it)
+                if full:
+                    reason = "length"
             if reason is not None:
                 self._finish(row, reason)
                 done.add(i)
