@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serve_helpers import Server
 
+from ssn_runtime.serve.protocol import prompt_batch
+
 PROMPT = "How do I bake bread at home?"
 GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 5, "temperature": 0}
@@ -64,6 +66,7 @@ FIELD_VALUES = {
     "min_tokens": st.sampled_from([0, 2, 9, -1]),
     "logit_bias": st.sampled_from([{}, {"5": 3}, {"05": 1}, {"400": 1}, {"5": 200}, {"2": -100}]),
     "stop_token_ids": st.sampled_from([[], [5], [5, 5], [400], [2]]),
+    "add_special_tokens": st.sampled_from([True, False, "no", None]),
     "messages": st.one_of(
         st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]),
                                         "content": st.one_of(st.text(max_size=30), SURROGATES, st.none(),
@@ -101,7 +104,8 @@ def check_answer(server, chat, body, r):
     """A 200 must be a well-formed answer within its budget, with `n` choices; greedy and
     unconstrained, choice 0 must be exactly the answer this prompt gets alone with the same budget."""
     stream = body.get("stream") is True
-    n = body.get("n") if isinstance(body.get("n"), int) else 1
+    # choices: n per prompt (a completion's prompt may be a batch)
+    n = (body.get("n") if isinstance(body.get("n"), int) else 1) * (1 if chat else len(prompt_batch(body)))
     if stream:
         lines = [x for x in r.text.splitlines() if x.startswith("data:")]
         assert lines[-1] == "data: [DONE]", r.text[-300:]
@@ -124,9 +128,12 @@ def check_answer(server, chat, body, r):
         budget = body.get("max_tokens")
         assert usage["completion_tokens"] <= n * (budget if isinstance(budget, int) else 8)
         if body.get("prompt_logprobs") is not None:  # (vLLM's places: the chat answer's, each completion choice's)
-            for items in [out["prompt_logprobs"]] if chat else [c["prompt_logprobs"] for c in out["choices"]]:
-                assert len(items) == usage["prompt_tokens"] and items[0] is None
+            every = [out["prompt_logprobs"]] if chat else [c["prompt_logprobs"] for c in out["choices"]]
+            for items in every:
+                assert items[0] is None
                 assert all(len(d) in (body["prompt_logprobs"], body["prompt_logprobs"] + 1) for d in items[1:])
+            per_prompt = every[::n // (1 if chat else len(prompt_batch(body)))]  # (each prompt's first choice)
+            assert sum(len(items) for items in per_prompt) == usage["prompt_tokens"]  # (each prompt once)
     assert isinstance(content, str)
     if body.get("max_tokens") == 0:  # (a prompt scored only: nothing answered)
         assert content == "" or not chat
