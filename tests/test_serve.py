@@ -202,6 +202,7 @@ def test_tokenize_and_detokenize_name_the_ids_the_model_sees(served):
                  "add_special_tokens"),
                 ("/tokenize", {"model": "tiny", "prompt": "x", "add_special_tokens": 1}, 400, "add_special_tokens"),
                 ("/tokenize", {"model": "tiny", "prompt": "x", "bogus": 1}, 400, "bogus"),
+                ("/tokenize", {"prompt": "x", "return_token_strs": "yes"}, 400, "return_token_strs"),
                 ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
                 ("/tokenize", {"model": "tiny", "messages": [{"role": "x", "content": "y"}]}, 400,
                  "messages[0].role"),

@@ -310,6 +310,14 @@ def logit_bias(body: dict, vocab_size: int) -> list[list]:
     return out
 
 
+def in_vocabulary(ids: list[int], vocab_size: int, where: str, param: str | None = None) -> list[int]:
+    """`ids` (integers) as a new list, each checked to be a token id of the vocabulary."""
+    for t in ids:
+        if not 0 <= t < vocab_size:
+            raise bad(f"'{where}' token id {t} is outside the vocabulary (0..{vocab_size - 1})", param or where)
+    return list(ids)
+
+
 def stop_token_ids(body: dict, vocab_size: int) -> list[int]:
     """vLLM's `stop_token_ids`: distinct token ids of the vocabulary that end the answer."""
     v = body.get("stop_token_ids")
@@ -319,9 +327,7 @@ def stop_token_ids(body: dict, vocab_size: int) -> list[int]:
         raise bad("'stop_token_ids' must be a list of token ids (integers)", "stop_token_ids")
     if len(v) > MAX_STOP_TOKEN_IDS:
         raise bad(f"'stop_token_ids' takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(v)}", "stop_token_ids")
-    for t in v:
-        if not 0 <= t < vocab_size:
-            raise bad(f"'stop_token_ids' id {t} is outside the vocabulary (0..{vocab_size - 1})", "stop_token_ids")
+    in_vocabulary(v, vocab_size, "stop_token_ids")
     if len(set(v)) != len(v):
         raise bad("'stop_token_ids' names a token twice", "stop_token_ids")
     return list(v)
@@ -405,10 +411,7 @@ def prompt_ids(prompt, tokenizer, vocab_size: int, where: str = "prompt", specia
     if prompt == []:
         raise bad(f"'{where}' is empty (no token ids)", "prompt", "empty_prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        for t in prompt:
-            if not 0 <= t < vocab_size:
-                raise bad(f"'{where}' token id {t} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
-        return list(prompt)
+        return in_vocabulary(prompt, vocab_size, where, "prompt")
     if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
         raise bad("a batch of prompts is a list of texts or a list of token-id lists, not both", "prompt")
     raise bad(f"'{where}' must be a string or a list of token ids (integers), or 'prompt' a list of them", "prompt")
@@ -464,16 +467,16 @@ def parse_request(body: dict, kind: str, ctx: ServeContext) -> list[ParsedReques
         ids = chat_ids(body, ctx.tokenizer) if kind == "chat" \
             else prompt_ids(p, ctx.tokenizer, ctx.vocab_size, named, special)
         where = "messages" if kind == "chat" else "prompt"
+        shown_as = "prompt" if kind == "chat" else named
         if not ids:
-            raise bad(f"the {'prompt' if kind == 'chat' else named} is empty (it encodes to no tokens)", where,
-                      "empty_prompt")
+            raise bad(f"the {shown_as} is empty (it encodes to no tokens)", where, "empty_prompt")
         room = ctx.context - len(ids)
         max_tokens = asked
         if max_tokens is None:  # as OpenAI: by default, up to what the context allows (and at least one)
             max_tokens = max(1, min(ctx.default_max_tokens, room))
         if max_tokens > room or (room < 1 and max_tokens > 0):  # (scoring alone, max_tokens 0, fits a full context)
-            raise bad(f"this model's context is {ctx.context} tokens; the {'prompt' if kind == 'chat' else named} "
-                      f"has {len(ids)} and {budget} asks for {max_tokens} more", where, "context_length_exceeded")
+            raise bad(f"this model's context is {ctx.context} tokens; the {shown_as} has {len(ids)} and {budget} "
+                      f"asks for {max_tokens} more", where, "context_length_exceeded")
         if min_tokens > max_tokens:
             raise bad(f"'min_tokens' ({min_tokens}) must be at most the answer's budget ({budget}: {max_tokens}"
                       f"{'' if asked is not None else ', the default'}{'' if named == 'prompt' else ' for ' + named})",
@@ -531,10 +534,7 @@ def parse_detokenize(body: dict, ctx: ServeContext) -> dict:
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise bad("'tokens' must be a list of token ids (integers)", "tokens")
-    for t in tokens:
-        if not 0 <= t < ctx.vocab_size:
-            raise bad(f"'tokens' id {t} is outside the vocabulary (0..{ctx.vocab_size - 1})", "tokens")
-    return {"prompt": ctx.tokenizer.decode(tokens)}
+    return {"prompt": ctx.tokenizer.decode(in_vocabulary(tokens, ctx.vocab_size, "tokens"))}
 
 
 def choice_seed(seed: int | None, i: int) -> int | None:
