@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+from ..core import affinity
 from ..errors import SSNError
 from .app import ServerConfig, create_app
 from .config import ServeConfig, parse_profile_args
@@ -114,6 +115,20 @@ def small_batch_summary(engine) -> str:
     return ("; ".join(parts) or "F.linear") + (f" (time over F.linear's: {timed})" if timed else "")
 
 
+def place_front_end(engine) -> str:
+    """Keep this process (the front end) off the cores the engine process was pinned to, and
+    say where each runs (--engine-cores; core/affinity.py). Called by `ssn serve` only: a
+    program that builds a server inside its own process keeps its cores."""
+    cores = getattr(engine, "cores", None)
+    if cores is None:
+        return "cores left to the scheduler (--engine-cores off, or no core to spare)"
+    rest = [c for c in affinity.allowed() if c not in cores]
+    if rest:
+        affinity.pin_process(rest)
+    return (f"on cores {affinity.format_cpu_list(cores)}; front end on "
+            f"{affinity.format_cpu_list(rest) if rest else 'the same cores (none left)'}")
+
+
 def threads_summary(engine) -> str:
     """The worker's intra-op threads and, where timed ("auto"), each count's forward time over the
     fastest's (core/threads.py)."""
@@ -137,8 +152,8 @@ def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="a
     print(f"small-batch linear layers: {small_batch_summary(engine)} (--small-batch-gemm {config.small_batch_gemm}); "
           f"KV layout: {engine.layout}", flush=True)
     print(f"decode worker threads: {threads_summary(engine)} (--threads {config.threads})"
-          + (f"; engine in a process of its own (pid {engine.pid})" if config.engine_process
-             else "; engine in the front end's process"), flush=True)
+          + (f"; engine in a process of its own (pid {engine.pid}), {place_front_end(engine)}"
+             if config.engine_process else "; engine in the front end's process"), flush=True)
     # Everything loaded so far (the model, tokenizer, tables: hundreds of thousands of objects)
     # lives as long as the server: out of the collector's sight, a full collection scans only
     # what requests create, instead of stalling every stream at once while it walks them all.

@@ -7,6 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..core import affinity
 from ..core.threads import available_cores
 from ..errors import SSNError
 from ..options import option
@@ -50,6 +51,11 @@ class ServeConfig:
                                   "core): the HTTP front end (parsing, chat templates, tokenization, streaming) "
                                   "and the engine's steps then share no interpreter lock; --no-engine-process "
                                   "keeps the engine as a thread of the server's process")
+    engine_cores: str = option("auto", "the cores the engine process runs on (Linux; the front end takes the "
+                               "others): a CPU list such as 1 or 2-5, off (the scheduler's choice), or auto "
+                               "(on CPU, when the decode worker's threads leave cores free: the last that many "
+                               "cores for the engine, so the front end and local clients stop preempting its "
+                               "steps)")
     shutdown_grace: float = option(30.0, "on SIGTERM: seconds in-flight rows may run on before they are cut (503)")
     public_metrics: bool = option(False, "serve /metrics without the API key")
 
@@ -65,6 +71,7 @@ class ServeConfig:
         if self.layout not in ("auto", "packed", "padded"):
             raise SSNError(f"{WHERE}: layout must be auto, packed or padded, got {self.layout!r}")
         self.threads = thread_setting(self.threads)
+        self.engine_cores = cores_setting(self.engine_cores, self.threads, self.engine_process)
         if self.api_key is not None and not (self.api_key and self.api_key.isprintable()):
             raise SSNError(f"{WHERE}: api_key must be a non-empty printable string")
 
@@ -84,6 +91,29 @@ def thread_setting(value) -> int | str:
     if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= cores):
         raise SSNError(f"{WHERE}: threads must be auto or an integer in [1, {cores}] (the cores this process may "
                        f"use), got {value!r}")
+    return value
+
+
+def cores_setting(value, threads, engine_process: bool) -> str:
+    """`engine_cores` checked: "auto", "off", or a CPU list of cores this process may use (as
+    many as an explicit thread count at least), for an engine in a process of its own."""
+    if value in ("auto", "off"):
+        return value
+    try:
+        cores = affinity.parse_cpu_list(value)
+    except ValueError as exc:
+        raise SSNError(f"{WHERE}: engine_cores must be auto, off or a CPU list: {exc}") from None
+    if not affinity.supported():
+        raise SSNError(f"{WHERE}: engine_cores {value!r}: this platform cannot pin a process to cores")
+    if not engine_process:
+        raise SSNError(f"{WHERE}: engine_cores {value!r} needs the engine in a process of its own "
+                       "(drop --no-engine-process)")
+    outside = sorted(set(cores) - set(affinity.allowed()))
+    if outside:
+        raise SSNError(f"{WHERE}: engine_cores {value!r} names core {outside[0]}, not among the cores this process "
+                       f"may use ({affinity.format_cpu_list(affinity.allowed())})")
+    if isinstance(threads, int) and threads > len(cores):
+        raise SSNError(f"{WHERE}: threads {threads} exceeds the {len(cores)} core(s) of engine_cores {value!r}")
     return value
 
 

@@ -36,6 +36,7 @@ import signal
 import threading
 from dataclasses import fields
 
+from ..core import affinity
 from ..errors import SSNError
 from . import sampling
 from .config import ServeConfig
@@ -44,7 +45,7 @@ from .metrics import Metrics
 
 # the ServeConfig fields the engine takes (the rest are the front end's)
 ENGINE_SETTINGS = ("max_batch", "queue_size", "gather_ms", "max_prefill_tokens", "prefill_steps", "prefix_cache_mb",
-                   "small_batch_gemm", "layout", "threads")
+                   "small_batch_gemm", "layout", "threads", "engine_cores")
 REQUEST_FIELDS = ("prompt_ids", "profile", "max_tokens", "temperature", "top_p", "top_k", "min_p", "min_tokens",
                   "logit_bias", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop",
                   "stop_token_ids", "seed", "ignore_eos", "logprobs", "prompt_logprobs", "deadline", "created")
@@ -102,6 +103,7 @@ class EngineProcess:
         self.small_batch_rows = facts["small_batch_rows"]
         self.small_batch_ratios = {(form, rows): r for form, rows, r in facts["small_batch_ratios"]}
         self.thread_times = {int(n): t for n, t in facts["thread_times"]}
+        self.cores = None if facts["cores"] is None else tuple(facts["cores"])  # (None: not pinned)
         self.max_batch = config.max_batch
         self._receiver = threading.Thread(target=self._receive, name="ssn-engine-receiver", daemon=True)
         self._receiver.start()
@@ -250,6 +252,20 @@ class EngineProcess:
         run_step_hooks(self._step_hooks, self._lock)
 
 
+def engine_placement(setting: str, threads: int, device_type: str) -> tuple[int, ...] | None:
+    """The cores the engine process runs on, or None to leave it to the scheduler. "auto": on
+    CPU, when the worker's `threads` leave some of this process's cores free, the last `threads`
+    of them (the front end keeps the rest); a CPU list: its cores."""
+    if setting == "off" or not affinity.supported():
+        return None
+    if setting != "auto":
+        return affinity.parse_cpu_list(setting)
+    cores = affinity.allowed()
+    if device_type != "cpu" or threads >= len(cores):
+        return None
+    return cores[len(cores) - threads:]
+
+
 def _resolve(fut: asyncio.Future, value) -> None:
     if not fut.done():
         fut.set_result(value)
@@ -288,7 +304,12 @@ def _child_main(conn, model_path: str, profiles: dict, settings: dict, dtype, de
 
     try:
         config = ServeConfig(**{f.name: settings[f.name] for f in fields(ServeConfig) if f.name in settings})
+        if config.engine_cores not in ("auto", "off"):  # (first: "auto" threads are timed on these cores)
+            affinity.pin_process(affinity.parse_cpu_list(config.engine_cores))
         engine = load_engine(model_path, profiles, config, dtype, device, Metrics())
+        cores = engine_placement(config.engine_cores, engine.threads, engine.device.type)
+        if cores is not None:
+            affinity.pin_process(cores)
     except BaseException as exc:  # noqa: BLE001 - reported to the front end, which raises it
         send(["failed", isinstance(exc, SSNError), str(exc) if isinstance(exc, SSNError)
               else f"{type(exc).__name__}: {exc}"])
@@ -331,7 +352,8 @@ def _child_main(conn, model_path: str, profiles: dict, settings: dict, dtype, de
         send(["ready", {"profiles": engine.profiles, "context": engine.context, "vocab_size": engine.vocab_size,
                         "layout": engine.layout, "threads": engine.threads, "native_rows": engine.native_rows,
                         "small_batch_rows": engine.small_batch_rows, "small_batch_ratios": ratios,
-                        "thread_times": [[n, t] for n, t in engine.thread_times.items()]}])
+                        "thread_times": [[n, t] for n, t in engine.thread_times.items()],
+                        "cores": None if cores is None else list(cores)}])
     except OSError:  # the front end went away while the model loaded
         engine.stop()
         return
