@@ -133,9 +133,14 @@ def _serve(d: dict) -> str:
     # ssn's tokens/s over each anchor server's, at the most clients, per length (bench/serve.py summarize)
     vs = [f"ssn / {k.removeprefix('ssn_over_').rsplit('_', 1)[0]} at {k.rsplit('_', 1)[1]} clients {_x(v)}"
           for s in d["summary"].values() for k, v in s.items() if k.startswith("ssn_over_")]
-    # a second ssn server with further flags (bench/serve.py --variant-arg), base only, natural lengths
-    variant = [f"{k.partition(':')[0]}: {k.partition(': ')[2].replace('_over_', ' / ')} {_x(v)}"
-               for s in d["summary"].values() for k, v in s.items() if k.startswith("variant ")]
+    # a second ssn server with further flags (bench/serve.py --variant-arg), base only, per length
+    variant: dict[str, list[str]] = {}
+    for length, s in d["summary"].items():
+        for k, v in s.items():
+            if k.startswith("variant "):
+                flags, _, key = k.removeprefix("variant ").partition(": ")
+                variant.setdefault(flags, []).append(f"{length}: {key.replace('_over_', ' / ')} {_x(v)}")
+    variant = [f"variant {flags} (base only) {', '.join(entries)}" for flags, entries in variant.items()]
     anchors = ("no anchor servers" if not d.get("anchors") else
                f"anchor servers {', '.join(d['anchors'])}" + (f": {', '.join(vs)}" if vs else ""))
     # since the steady-state window: rates and latencies counted after a warm-up, before the drain

@@ -7,7 +7,7 @@ and after each parallel region it spins waiting for the next one (OpenMP's wait 
 core stays busy whether or not the work needed it. On the built-in organism (hidden size 96: too
 small to split) a second thread makes a 16-row forward no faster, and served on 2 cores it costs
 tokens/s and inter-token latency (the `variant` of
-bench/results/serve-organism-AMD_EPYC_x2_threads.json, the README's serve-organism row). On
+bench/results/serve-diagnostics/2026-12-01-organism-variant-threads-2.json). On
 SmolLM2-135M one thread makes the same forward far slower (the start-up line's times): there the
 threads pay.
 
