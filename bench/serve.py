@@ -670,8 +670,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variant-arg", action="append", default=[], metavar="FLAG",
                     help="also measure base-only at the fewest clients and 16, for each --lengths, on a second ssn "
                          "server with the same profiles and these further flags (e.g. --variant-arg=--prefill-steps=3; "
-                         "repeatable), after the main server in the same run: its tokens/s, p95 inter-token latency "
-                         "and median time to first token over the main server's go in the summary")
+                         "repeatable), each run right beside the main server's base run of the same setting and round "
+                         "(in turn after and before it): its tokens/s, p95 inter-token latency and median time to "
+                         "first token over the main server's go in the summary")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                     help="the weights' dtype in every server and engine (auto: the checkpoint's); a run in another "
                          "dtype than auto is written as serve-<model>-<dtype>")
@@ -725,6 +726,29 @@ def main(argv=None) -> int:
     res["ssn_server_startup"] = startup_lines(srv)
     print("\n".join(res["ssn_server_startup"]))
     res["resident_memory_all_profiles"] = memory_bytes(srv.proc.pid)
+    var, var_name, var_clients = None, "ssn " + " ".join(args.variant_arg), set()
+    if args.variant_arg:
+        # the same base-only load on a server with the further flags, each of its runs right
+        # beside the main server's base run of the same setting and round (in turn before and
+        # after it): machine drift over the run cancels out of their ratio. Started now, with
+        # the same profiles loaded; idle while the other is measured.
+        res["variant"] = {"server": var_name, "server_args": args.variant_arg}
+        var_clients = {min(clients), 16 if 16 in clients else max(clients)}
+        try:
+            var = ssn_server(model, profiles, args.max_batch, args.server_arg + args.variant_arg, args.dtype)
+        except BaseException:
+            srv.stop()
+            raise
+        res["variant"]["startup"] = startup_lines(var)
+        warm(var.url, "m", prompts)
+        load(var.url, max(var_clients), ["m"], prompts, args.seconds, args.max_tokens, False, warmup=0.0,
+             pid=var.proc.pid)  # (discarded, as the main server's first run: a cold server runs slower)
+
+    def run_variant(length: str, c: int, r: int) -> None:
+        run = load(var.url, c, ["m"], prompts, args.seconds, args.max_tokens, length == "ignore_eos",
+                   warmup=args.warmup, pid=var.proc.pid)
+        res["runs"].append({"server": var_name, "mix": "base", "lengths": length, "round": r, **run})
+        show(var_name, "base", length, run)
 
     try:  # srv: the server with every profile
         # "control" sends exactly what "base" sends: an A/A run that costs nothing extra, so the
@@ -752,6 +776,9 @@ def main(argv=None) -> int:
             for c in clients:
                 for r in range(args.rounds):
                     for mix in order[r % len(order):] + order[:r % len(order)]:  # each mix leads a round in turn
+                        beside = var is not None and mix == "base" and c in var_clients
+                        if beside and r % 2:
+                            run_variant(length, c, r)
                         replay = mix == "base_mixed_lengths"
                         before = engine_counts(srv.url)
                         run = load(srv.url, c, mixes["mixed" if replay else mix], prompts, args.seconds,
@@ -760,26 +787,12 @@ def main(argv=None) -> int:
                         run.update(step_stats(before, engine_counts(srv.url)))
                         res["runs"].append({"server": "ssn", "mix": mix, "lengths": length, "round": r, **run})
                         show("ssn", mix, length, run)
+                        if beside and not r % 2:
+                            run_variant(length, c, r)
     finally:
         srv.stop()
-
-    if args.variant_arg:  # the same base-only load on a server with the further flags, same rounds
-        name = "ssn " + " ".join(args.variant_arg)
-        res["variant"] = {"server": name, "server_args": args.variant_arg}
-        # with the same profiles loaded: the base runs it is compared with ran on a server holding them
-        srv = ssn_server(model, profiles, args.max_batch, args.server_arg + args.variant_arg, args.dtype)
-        try:
-            res["variant"]["startup"] = startup_lines(srv)
-            warm(srv.url, "m", prompts)
-            for length in lengths:
-                for c in sorted({min(clients), 16 if 16 in clients else max(clients)}):
-                    for r in range(args.rounds):
-                        run = load(srv.url, c, ["m"], prompts, args.seconds, args.max_tokens, length == "ignore_eos",
-                                   warmup=args.warmup, pid=srv.proc.pid)
-                        res["runs"].append({"server": name, "mix": "base", "lengths": length, "round": r, **run})
-                        show(name, "base", length, run)
-        finally:
-            srv.stop()
+        if var is not None:
+            var.stop()
 
     anchors = []
     if not args.no_anchors:

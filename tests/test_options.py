@@ -110,6 +110,10 @@ BAD_OPTIONS = [
     (["serve", "--model", "none", "--max-batch", "0"], "max_batch: 0 is out of range"),
     (["serve", "--model", "none", "--prefix-cache-mb", "-1"], "prefix_cache_mb: -1.0 is out of range"),
     (["serve", "--model", "none", "--shutdown-grace", "inf"], "shutdown_grace: must be finite"),
+    (["serve", "--model", "none", "--engine-cores", "0-99999"], "engine_cores"),
+    (["serve", "--model", "none", "--engine-cores", "0-99999,0-99999"], "core 0 is named twice"),
+    (["serve", "--model", "none", "--engine-cores", "0", "--no-engine-process"],
+     "needs the engine in a process of its own"),
     (["profile", "--model", "none", "--data", "none.jsonl", "--out", "o", "--positions", "all"],
      "invalid choice: 'all'"),  # argparse's own errors are one line too
     (["serve", "--port", "80"], "the following arguments are required: --model"),

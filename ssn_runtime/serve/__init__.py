@@ -116,17 +116,21 @@ def small_batch_summary(engine) -> str:
 
 
 def place_front_end(engine) -> str:
-    """Keep this process (the front end) off the cores the engine process was pinned to, and
-    say where each runs (--engine-cores; core/affinity.py). Called by `ssn serve` only: a
-    program that builds a server inside its own process keeps its cores."""
-    cores = getattr(engine, "cores", None)
-    if cores is None:
-        return "cores left to the scheduler (--engine-cores off, or no core to spare)"
-    rest = [c for c in affinity.allowed() if c not in cores]
-    if rest:
-        affinity.pin_process(rest)
-    return (f"on cores {affinity.format_cpu_list(cores)}; front end on "
-            f"{affinity.format_cpu_list(rest) if rest else 'the same cores (none left)'}")
+    """Keep this process (the front end) on the cores the engine process left it (--engine-cores;
+    core/affinity.py), and say where each runs. Called by `ssn serve` only: a program that
+    builds a server inside its own process keeps its cores."""
+    placement = getattr(engine, "placement", None) or {"cores": None, "why": "the engine is a thread of this process"}
+    if placement["cores"] is None:
+        return f"engine and front end on the scheduler's cores ({placement['why']})"
+    where = f"engine on cores {affinity.format_cpu_list(placement['cores'])}; front end on "
+    if not placement["front"]:
+        return where + "the same cores (the list leaves none)"
+    front = affinity.format_cpu_list(placement["front"])
+    try:
+        affinity.pin_process(placement["front"])
+    except OSError as exc:
+        return where + f"the scheduler's cores (the kernel refused {front}: {exc})"
+    return where + front
 
 
 def threads_summary(engine) -> str:
@@ -152,7 +156,7 @@ def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="a
     print(f"small-batch linear layers: {small_batch_summary(engine)} (--small-batch-gemm {config.small_batch_gemm}); "
           f"KV layout: {engine.layout}", flush=True)
     print(f"decode worker threads: {threads_summary(engine)} (--threads {config.threads})"
-          + (f"; engine in a process of its own (pid {engine.pid}), {place_front_end(engine)}"
+          + (f"; engine in a process of its own (pid {engine.pid}); {place_front_end(engine)}"
              if config.engine_process else "; engine in the front end's process"), flush=True)
     # Everything loaded so far (the model, tokenizer, tables: hundreds of thousands of objects)
     # lives as long as the server: out of the collector's sight, a full collection scans only

@@ -51,13 +51,13 @@ class ServeConfig:
                                   "core): the HTTP front end (parsing, chat templates, tokenization, streaming) "
                                   "and the engine's steps then share no interpreter lock; --no-engine-process "
                                   "keeps the engine as a thread of the server's process")
-    engine_cores: str = option("auto", "the cores the engine process runs on (Linux; the front end takes the "
-                               "others): a CPU list such as 1 or 2-5, off (the scheduler's choice), or auto "
-                               "(on CPU, when the decode worker's threads leave cores free: the last that many "
-                               "cores for the engine, so the front end and local clients stop preempting its "
-                               "steps)")
     shutdown_grace: float = option(30.0, "on SIGTERM: seconds in-flight rows may run on before they are cut (503)")
     public_metrics: bool = option(False, "serve /metrics without the API key")
+    engine_cores: str = option("auto", "the cores the engine process runs on (Linux), the front end taking the "
+                               "others: a CPU list such as 1 or 2-5, off (the scheduler places both), or auto "
+                               "(on CPU, where the decode threads leave whole cores of equal speed free: the last "
+                               "that many physical cores, so the front end stops preempting the engine's steps; "
+                               "every server on a host picks the same ones: give each its own list)")
 
     def __post_init__(self):
         for key in ("max_batch", "queue_size", "default_max_tokens", "max_prefill_tokens", "prefill_steps"):
@@ -103,11 +103,11 @@ def cores_setting(value, threads, engine_process: bool) -> str:
         cores = affinity.parse_cpu_list(value)
     except ValueError as exc:
         raise SSNError(f"{WHERE}: engine_cores must be auto, off or a CPU list: {exc}") from None
-    if not affinity.supported():
-        raise SSNError(f"{WHERE}: engine_cores {value!r}: this platform cannot pin a process to cores")
     if not engine_process:
         raise SSNError(f"{WHERE}: engine_cores {value!r} needs the engine in a process of its own "
                        "(drop --no-engine-process)")
+    if not affinity.supported():
+        raise SSNError(f"{WHERE}: engine_cores {value!r}: this platform cannot pin a process to cores")
     outside = sorted(set(cores) - set(affinity.allowed()))
     if outside:
         raise SSNError(f"{WHERE}: engine_cores {value!r} names core {outside[0]}, not among the cores this process "

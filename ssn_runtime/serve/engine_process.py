@@ -30,6 +30,7 @@ engine process dies, every open request gets a 500 and the server refuses new on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import signal
@@ -103,7 +104,7 @@ class EngineProcess:
         self.small_batch_rows = facts["small_batch_rows"]
         self.small_batch_ratios = {(form, rows): r for form, rows, r in facts["small_batch_ratios"]}
         self.thread_times = {int(n): t for n, t in facts["thread_times"]}
-        self.cores = None if facts["cores"] is None else tuple(facts["cores"])  # (None: not pinned)
+        self.placement = facts["placement"]  # {"cores": the engine's or None, "front": the front end's, "why"}
         self.max_batch = config.max_batch
         self._receiver = threading.Thread(target=self._receive, name="ssn-engine-receiver", daemon=True)
         self._receiver.start()
@@ -252,18 +253,40 @@ class EngineProcess:
         run_step_hooks(self._step_hooks, self._lock)
 
 
-def engine_placement(setting: str, threads: int, device_type: str) -> tuple[int, ...] | None:
-    """The cores the engine process runs on, or None to leave it to the scheduler. "auto": on
-    CPU, when the worker's `threads` leave some of this process's cores free, the last `threads`
-    of them (the front end keeps the rest); a CPU list: its cores."""
-    if setting == "off" or not affinity.supported():
-        return None
+def engine_placement(setting: str, threads: int, device_type: str, cpus) -> tuple[tuple[int, ...] | None, str]:
+    """(the cores the engine process runs on, or None to leave it to the scheduler; why not, when
+    None), out of `cpus` (the process's cores before any pin). A CPU list: its cores. "auto": on
+    CPU, the last `threads` whole physical cores where that leaves cores to the front end
+    (core/affinity.py: `auto_cores`)."""
+    if setting == "off":
+        return None, "--engine-cores off"
+    if not affinity.supported():
+        return None, "this platform cannot pin threads to cores"
     if setting != "auto":
-        return affinity.parse_cpu_list(setting)
-    cores = affinity.allowed()
-    if device_type != "cpu" or threads >= len(cores):
-        return None
-    return cores[len(cores) - threads:]
+        return affinity.parse_cpu_list(setting), ""
+    if device_type != "cpu":
+        return None, f"the engine computes on {device_type}"
+    return affinity.auto_cores(threads, cpus)
+
+
+def _place(config: ServeConfig, engine, cpus: tuple[int, ...]) -> dict:
+    """Pin the engine process where `engine_placement` says (an explicit list was pinned before
+    the model loaded, so that "auto" threads were timed on it), then move this thread, the pipe's
+    reader, to the front end's cores: a message decoded never preempts a step. What the front
+    end needs to know: {"cores", "front", "why"}."""
+    cores, why = engine_placement(config.engine_cores, engine.threads, engine.device.type, cpus)
+    if cores is not None and config.engine_cores == "auto":
+        try:
+            affinity.pin_process(cores)
+        except OSError as exc:  # (a default must not keep a server from starting)
+            cores, why = None, f"the kernel refused the cores ({exc})"
+            with contextlib.suppress(OSError):
+                affinity.pin_process(cpus)
+    front = [c for c in cpus if cores is not None and c not in cores]
+    if front:
+        with contextlib.suppress(OSError):  # (only a thread that reads the pipe)
+            affinity.pin_thread(threading.get_native_id(), front)
+    return {"cores": None if cores is None else list(cores), "front": front, "why": why}
 
 
 def _resolve(fut: asyncio.Future, value) -> None:
@@ -304,12 +327,15 @@ def _child_main(conn, model_path: str, profiles: dict, settings: dict, dtype, de
 
     try:
         config = ServeConfig(**{f.name: settings[f.name] for f in fields(ServeConfig) if f.name in settings})
+        cpus = affinity.allowed()  # (before any pin: the cores the engine and the front end share out)
         if config.engine_cores not in ("auto", "off"):  # (first: "auto" threads are timed on these cores)
-            affinity.pin_process(affinity.parse_cpu_list(config.engine_cores))
+            try:
+                affinity.pin_process(affinity.parse_cpu_list(config.engine_cores))
+            except OSError as exc:
+                raise SSNError(f"serve config: engine_cores {config.engine_cores!r}: the kernel refused the "
+                               f"cores ({exc})") from None
         engine = load_engine(model_path, profiles, config, dtype, device, Metrics())
-        cores = engine_placement(config.engine_cores, engine.threads, engine.device.type)
-        if cores is not None:
-            affinity.pin_process(cores)
+        placement = _place(config, engine, cpus)
     except BaseException as exc:  # noqa: BLE001 - reported to the front end, which raises it
         send(["failed", isinstance(exc, SSNError), str(exc) if isinstance(exc, SSNError)
               else f"{type(exc).__name__}: {exc}"])
@@ -353,7 +379,7 @@ def _child_main(conn, model_path: str, profiles: dict, settings: dict, dtype, de
                         "layout": engine.layout, "threads": engine.threads, "native_rows": engine.native_rows,
                         "small_batch_rows": engine.small_batch_rows, "small_batch_ratios": ratios,
                         "thread_times": [[n, t] for n, t in engine.thread_times.items()],
-                        "cores": None if cores is None else list(cores)}])
+                        "placement": placement}])
     except OSError:  # the front end went away while the model loaded
         engine.stop()
         return
