@@ -7,8 +7,9 @@ on, and each preemption lands in some row's inter-token gap. An engine whose thr
 (core/threads.py) leave cores free gets cores of its own, and the front end the others. Clients
 on the same machine are not placed: they can still run on the engine's cores. Measured on the
 organism on 2 cores (bench/results/serve-organism-AMD_EPYC_x2_threads.json, whose variant is the
-same server with `--engine-cores off`): natural-length answers at 16 clients ran faster pinned,
-with a lower p95 inter-token latency; 64-token answers (ignore_eos) about the same.
+same server with `--engine-cores off`, each run beside the pinned one's): natural-length answers
+at 16 clients ran a little faster pinned, with a lower p95 inter-token latency; 64-token answers
+(ignore_eos) about the same.
 
 `auto_cores` picks cores only where that is safe to do without asking: whole physical cores (a
 hyperthread's sibling goes with it, so a compute thread never shares a core with the front end),
