@@ -96,6 +96,45 @@ def test_auto_runs_the_worker_at_the_calibrated_pick_and_restores_the_count(tiny
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.skipif(available_cores() < 2, reason="a count to go down to needs two cores")
+def test_auto_times_threads_through_the_small_batch_forms_and_chooses_them_again_at_the_count_taken(
+        tiny_ckpts, monkeypatch):
+    """The thread counts are timed with the small-batch forms in place (the C++ product gains from
+    threads where F.linear may not: timed without it, SmolLM2 took one thread and served far
+    slower), and the forms, first timed at every core, are timed again at the count taken."""
+    from ssn_runtime.core import small_batch_linear as sbl
+    from ssn_runtime.serve import engine as engine_mod
+
+    seen = {"forms_at": [], "threads_timed_through": None}
+
+    def time_threads(model, rows):
+        seen["threads_timed_through"] = (sbl._native_rows.get(), sbl._max_rows.get())
+        return {n: 1.0 for n in thread_ladder(available_cores())}  # (all alike: the fewest, one)
+
+    def time_form(model, rows, form, repeats):
+        seen["forms_at"].append(torch.get_num_threads())
+        return 0.5  # (faster than F.linear at every rung: taken)
+
+    monkeypatch.setattr(engine_mod, "calibrate_threads", time_threads)
+    monkeypatch.setattr(engine_mod, "calibrate_small_batch", time_form)
+    path = tiny_ckpts["llama"]
+    model, tok = load_model(path).eval(), load_tokenizer(path)
+    before = torch.get_num_threads()
+    torch.set_num_threads(available_cores())
+    eng = Engine(model, tok, max_batch=4, gather_ms=0, threads="auto", small_batch_gemm="auto").start()
+    try:
+        assert eng.threads == 1
+        assert seen["threads_timed_through"] != (0, 0) and (eng.native_rows or eng.small_batch_rows)
+        first = seen["forms_at"].index(1)  # (timed at every core, then again at one)
+        assert first > 0 and set(seen["forms_at"][:first]) == {available_cores()}
+        assert set(seen["forms_at"][first:]) == {1}
+        ids = encode(tok, PROMPTS[0])
+        assert eng.generate(ids, max_tokens=4, temperature=0)[0] == reference(path, ids, 4)
+    finally:
+        eng.stop()
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("value", ["0", "1.5", "x", str(available_cores() + 1)])
 def test_serve_rejects_a_bad_thread_count_in_one_error_line(tiny_ckpts, capsys, value):
     from ssn_runtime.cli import main

@@ -8,8 +8,8 @@ core stays busy whether or not the work needed it. On the built-in organism (hid
 small to split) a second thread makes a 16-row forward no faster, and served on 2 cores it costs
 tokens/s and inter-token latency (the `variant` of
 bench/results/serve-diagnostics/2026-12-01-organism-variant-threads-2.json). On
-SmolLM2-135M one thread makes the same forward far slower (the start-up line's times): there the
-threads pay.
+SmolLM2-135M the choice follows the dtype, the CPU and the small-batch product taken (the
+start-up line prints the times): where one thread is well outside the margin, the threads pay.
 
 `calibrate_threads` times a whole forward at a decode step's row count for each count on a
 ladder (every core, then halving to one), the counts interleaved in each repeat, and

@@ -409,34 +409,48 @@ class Engine:
             upto = top
         return upto
 
+    def _choose_forms(self, stack: contextlib.ExitStack) -> None:
+        """Decide the small-batch linear forms (`small_batch_gemm`), timed at the current thread
+        count, and enter them into `stack` on this (the worker's) thread."""
+        self.native_rows = self.small_batch_rows = 0
+        self.small_batch_ratios = {}
+        if self.small_batch_gemm == "on":
+            native = small_batch_native(self.model)
+            self.native_rows = (SMALL_BATCH_ROWS if native == "rows" else 1) if native else 0
+            self.small_batch_rows = 0 if native == "rows" else SMALL_BATCH_ROWS
+        elif self.small_batch_gemm == "auto":
+            if native := small_batch_native(self.model):
+                ladder = ((1, 1, ONE_ROW_GAIN[native]), *NATIVE_CALIBRATION)
+                self.native_rows = self._calibrated("native", ladder, 0)
+            self.small_batch_rows = self._calibrated("tall", CALIBRATION, self.native_rows)
+        if self.small_batch_rows or self.native_rows:
+            stack.enter_context(small_batch_linear(self.model, self.small_batch_rows, self.native_rows))
+
     # ----- worker -----
     def _run(self) -> None:
         # Interventions and the small-batch GEMM form are bound to the thread that enters them:
         # this one, for its whole life.
         scope = contextlib.ExitStack()
         try:
-            # (first: the small-batch forms below are timed at the count the steps will run at)
             scope.callback(torch.set_num_threads, torch.get_num_threads())  # the count it found, back at stop
-            if self.threads_setting == "auto" and self.device.type == "cpu":
-                self.thread_times = calibrate_threads(self.model, rows=min(THREAD_ROWS, self.max_batch))
-                if self.thread_times:
-                    torch.set_num_threads(fewest_threads(self.thread_times))
-            elif isinstance(self.threads_setting, int):
+            if isinstance(self.threads_setting, int):
                 torch.set_num_threads(self.threads_setting)
-            self.threads = torch.get_num_threads()
             if self.variants:
                 scope.enter_context(self.handle.intervene(variants=self.variants))
-            if self.small_batch_gemm == "on":
-                native = small_batch_native(self.model)
-                self.native_rows = (SMALL_BATCH_ROWS if native == "rows" else 1) if native else 0
-                self.small_batch_rows = 0 if native == "rows" else SMALL_BATCH_ROWS
-            elif self.small_batch_gemm == "auto":
-                if native := small_batch_native(self.model):
-                    ladder = ((1, 1, ONE_ROW_GAIN[native]), *NATIVE_CALIBRATION)
-                    self.native_rows = self._calibrated("native", ladder, 0)
-                self.small_batch_rows = self._calibrated("tall", CALIBRATION, self.native_rows)
-            if self.small_batch_rows or self.native_rows:
-                scope.enter_context(small_batch_linear(self.model, self.small_batch_rows, self.native_rows))
+            forms = contextlib.ExitStack()  # the small-batch forms: timed at the thread count they run at
+            scope.callback(forms.close)
+            self._choose_forms(forms)
+            if self.threads_setting == "auto" and self.device.type == "cpu":
+                # Timed as the steps run, the small-batch forms in place: the C++ product gains from a
+                # second thread where F.linear's small products may not (SmolLM2 in float32 on an AMD
+                # EPYC: one thread timed within the margin through F.linear and was then served far
+                # slower through the product).
+                self.thread_times = calibrate_threads(self.model, rows=min(THREAD_ROWS, self.max_batch))
+                if self.thread_times and (n := fewest_threads(self.thread_times)) != torch.get_num_threads():
+                    torch.set_num_threads(n)
+                    forms.close()  # (and chosen again at the count taken)
+                    self._choose_forms(forms)
+            self.threads = torch.get_num_threads()
             if self.layout == "packed":
                 scope.enter_context(packed.packed_attention(self.model))
         except Exception as exc:  # noqa: BLE001 - handed to start()
