@@ -20,12 +20,13 @@ serves; the engine sets it while its worker runs and restores the count it found
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
 import torch
 from torch import nn
+
+from . import affinity
 
 # Fewer threads are taken while a forward stays within this factor of the fastest count's time:
 # a core given back is worth more to the front end and the clients than the last quarter of a
@@ -34,11 +35,8 @@ MARGIN = 1.25
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its affinity), else the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    """How many cores this process may run on (its affinity), else the machine's."""
+    return len(affinity.allowed())
 
 
 def thread_ladder(cores: int) -> list[int]:
