@@ -171,3 +171,15 @@ def test_a_request_the_engine_cannot_run_fails_alone_and_the_process_lives(tiny_
         assert ev[0] == "done" and ep.down is None, ev
     finally:
         ep.stop()
+
+
+@pytest.mark.parametrize("flags,rows", [(["--engine-process", "--step-tokens", "5"], 5),
+                                        (["--no-engine-process", "--max-batch", "4"], 6)])
+def test_the_start_up_line_says_how_many_token_rows_a_step_computes(tiny_ckpts, flags, rows):
+    """--step-tokens reaches the engine in either arrangement (auto: 1.5 x --max-batch on CPU)."""
+    server = Server(["--model", str(tiny_ckpts["llama"]), "--threads", "1", *flags])
+    try:
+        line = next(ln for ln in server.proc.stdout if "KV layout" in ln)
+    finally:
+        server.stop()
+    assert f"KV layout: packed; a step computes at most {rows} token rows while rows decode" in line, line

@@ -286,6 +286,64 @@ def test_prefill_steps_spread_a_joining_prompt_while_others_decode(tiny_ckpts):
     assert got_b[0] == reference(path, second, 6)
 
 
+def test_step_tokens_bound_a_step_while_rows_decode(tiny_ckpts):
+    """`step_tokens` 4: while one row decodes, a joining prompt is computed 3 tokens a step (the
+    decoding row's token and 3 prompt tokens: every step 4 rows) and answers as it would alone;
+    a prompt that arrives to an idle engine is computed in one step, whatever its length."""
+    from serve_helpers import PROMPTS, Collector, encode, reference
+
+    from ssn_runtime import load_model, load_tokenizer
+
+    path = tiny_ckpts["llama"]
+    model, tok = load_model(path), load_tokenizer(path)
+    widths = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kw: widths.append(kw["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    first, second = encode(tok, PROMPTS[0]), encode(tok, PROMPTS[1])
+    eng = Engine(model, tok, max_batch=3, gather_ms=0, prefix_cache_mb=0, step_tokens=4, layout="packed",
+                 small_batch_gemm="off").start()
+    b = Collector()
+
+    class JoinAtFirstToken(Collector):  # the second prompt arrives while the first row decodes
+        def __call__(self, ev):
+            if ev[0] == "delta" and self.deltas == 0:
+                eng.submit(GenRequest(second, max_tokens=6, temperature=0, sink=b))
+            super().__call__(ev)
+
+    a = JoinAtFirstToken()
+    try:
+        eng.submit(GenRequest(first, max_tokens=40, temperature=0, ignore_eos=True, sink=a))
+        got_a, got_b = a.result(), b.result()
+    finally:
+        eng.stop()
+        hook.remove()
+    assert len(first) > 4 and widths[0] == len(first)  # alone: the whole prompt in one step
+    steps = -(-len(second) // 3)
+    assert len(second) >= 7 and widths[1:steps] == [4] * (steps - 1), widths
+    assert widths[steps] == 1 + len(second) - 3 * (steps - 1), widths
+    assert set(widths[steps + 1:]) <= {1, 2}  # then both decode
+    assert got_a[0] == reference(path, first, 40) or got_a[1] == "length"
+    assert got_b[0] == reference(path, second, 6)
+
+
+def test_step_tokens_auto_is_one_and_a_half_batches_on_cpu_and_unbounded_elsewhere(tiny_ckpts):
+    from ssn_runtime import load_model, load_tokenizer
+    from ssn_runtime.serve.engine import step_tokens_for
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert step_tokens_for("auto", 16, cpu) == 24 and step_tokens_for("auto", 3, cpu) == 4
+    assert step_tokens_for("auto", 1, cpu) == 2  # room for a prompt token beside the decoding row
+    assert step_tokens_for("auto", 16, gpu) is None and step_tokens_for(None, 16, cpu) is None
+    assert step_tokens_for(7, 16, gpu) == 7
+    path = tiny_ckpts["llama"]
+    model, tok = load_model(path), load_tokenizer(path)
+    assert Engine(model, tok, max_batch=8, step_tokens="auto").step_tokens == 12
+    assert Engine(model, tok).step_tokens is None  # the library's default: unchanged steps
+    for bad in (0, -1, 2.0, True, "24", "max"):
+        with pytest.raises(ValueError, match="step_tokens must be"):
+            Engine(model, tok, step_tokens=bad)
+
+
 @torch.inference_mode()
 def test_the_cache_grows_in_slots_and_columns_as_rows_join_and_lengthen():
     model = tiny_model("llama")

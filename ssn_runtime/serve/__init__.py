@@ -80,7 +80,7 @@ def load_engine(model_path: str, profiles: dict[str, str], config: ServeConfig, 
     variants = load_variants(profiles, model)
     return Engine(model, tok, attach(model), variants, max_batch=config.max_batch, queue_size=config.queue_size,
                   gather_ms=config.gather_ms, max_prefill_tokens=config.max_prefill_tokens,
-                  prefill_steps=config.prefill_steps, metrics=metrics or Metrics(),
+                  prefill_steps=config.prefill_steps, step_tokens=config.step_tokens, metrics=metrics or Metrics(),
                   name="base", prefix_cache_mb=config.prefix_cache_mb,
                   small_batch_gemm=config.small_batch_gemm, layout=config.layout,
                   threads=config.threads).start()
@@ -113,6 +113,15 @@ def small_batch_summary(engine) -> str:
         + ([f"(W @ x^T)^T for {max(n + 1, 2)}-{t} rows"] if t > n else [])
     timed = ", ".join(f"{form} at {rows}: {r:.2f}x" for (form, rows), r in engine.small_batch_ratios.items())
     return ("; ".join(parts) or "F.linear") + (f" (time over F.linear's: {timed})" if timed else "")
+
+
+def step_summary(engine) -> str:
+    """How many token rows a step computes while rows decode (Engine's step_tokens)."""
+    if engine.layout != "packed":
+        return "joins prefill in steps of their own (padded layout)"
+    if engine.step_tokens is None:
+        return "a step's prompt tokens bounded by --max-prefill-tokens alone"
+    return f"a step computes at most {engine.step_tokens} token rows while rows decode"
 
 
 def place_front_end(engine) -> str:
@@ -154,7 +163,7 @@ def run(model_path: str, profile_specs: list[str], config: ServeConfig, dtype="a
     print(f"serving {config.served_name or model_path} ({names}) on http://{config.host}:{config.port}/v1"
           + (" (API key required)" if config.key() else "") + f"; HTTP: {http_stack()}", flush=True)
     print(f"small-batch linear layers: {small_batch_summary(engine)} (--small-batch-gemm {config.small_batch_gemm}); "
-          f"KV layout: {engine.layout}", flush=True)
+          f"KV layout: {engine.layout}; {step_summary(engine)} (--step-tokens {config.step_tokens})", flush=True)
     print(f"decode worker threads: {threads_summary(engine)} (--threads {config.threads})"
           + (f"; engine in a process of its own (pid {engine.pid}); {place_front_end(engine)}"
              if config.engine_process else "; engine in the front end's process"), flush=True)

@@ -75,8 +75,14 @@ _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # packed forwards: a "pre
 # in-process load ran 104-109 tok/s with it up to 64 rows against 92 with it up to 8; at 64 rows
 # it timed 0.85-1.07x. (Timing each weight shape alone, as this did before, read 0.77-1.01x at
 # 16 rows, so a server sometimes stopped at 8 rows.)
+# Beyond a full batch (16 rows by default) a rung is timed inside the rows it decides, not at its
+# top: steps of 17-32 rows are decode steps carrying prompt chunks (up to step_tokens, 24 at the
+# default max_batch), and a whole forward of SmolLM2 on an Intel Xeon (2 threads) took 0.72-0.89x
+# F.linear's time through the product at 17-28 rows but 0.96-0.97x at 32, where MKL's time
+# catches up: timed at 32, the rung left every 17-31-row step to F.linear (those steps ran
+# 10-20% slower).
 # "on": the C++ product up to SMALL_BATCH_ROWS where it is built, else the tall form.
-NATIVE_CALIBRATION = ((4, 8, 0.9), (16, 16, 0.95), (32, 32, 0.95), (64, 64, 0.95))  # (rows timed, up to, to beat)
+NATIVE_CALIBRATION = ((4, 8, 0.9), (16, 16, 0.95), (24, 32, 0.95), (48, 64, 0.95))  # (rows timed, up to, to beat)
 CALIBRATION = ((4, 8, 0.85), (16, 16, 0.95), (64, 64, 0.95))  # the tall form's
 # One row (a lone request's decode steps) by the C++ product: in bfloat16 (its only row count)
 # where a forward times clearly faster; in float32 where it is not clearly slower, because then a
@@ -90,6 +96,26 @@ SMALL_BATCH_ROWS = 64
 CALIBRATION_REPEATS = 9
 # The rows a thread count is timed at (threads "auto"): a loaded server's decode step (16 clients).
 THREAD_ROWS = 16
+
+
+# "auto" step tokens on CPU, per row of max_batch. A CPU step's time grows with its token rows
+# (SmolLM2, float32, 2 threads, Intel Xeon: a forward of 16 rows 46 ms, 24 rows 56, 32 rows 74,
+# 64 rows 127), and a step that computes prompt tokens beside the decoding rows is one every
+# running row waits for: with 16 clients and no bound, such steps carried 5-73 prompt tokens and
+# took 59-133 ms where a decode step took 51, and they set the rows' p95 inter-token latency. At
+# 1.5 x max_batch (24 rows at 16) a joining prompt's tokens still ride along with the decode
+# steps (no step of its own), a step stays within about 1.2x a full decode step's time, and
+# prompts of more than a few tokens take more steps to their first token (`--step-tokens`
+# trades the two; bench/serve.py --variant-arg=--step-tokens=N measures it). On a GPU a step of
+# a few hundred tokens costs about what a decode step costs: no bound there.
+STEP_TOKENS_PER_ROW = 1.5
+
+
+def step_tokens_for(setting: int | str | None, max_batch: int, device: torch.device) -> int | None:
+    """The token rows of a step while rows decode: the count given, "auto"'s on this device, or None."""
+    if setting == "auto":
+        return max(max_batch + 1, int(STEP_TOKENS_PER_ROW * max_batch)) if device.type == "cpu" else None
+    return setting
 
 
 class QueueFull(Exception):
@@ -244,6 +270,9 @@ class Engine:
     joining row's prompt, serve/packed.py), "padded" (a padded batch: joins prefill in a forward
     of their own) or "auto" (packed where the model's family and attention implementation allow
     it).
+    `step_tokens` (packed): while rows decode, a step computes at most this many token rows, their
+    next tokens and then prompt chunks (at least one prompt token per step); None: no bound beyond
+    `max_prefill_tokens`; "auto": STEP_TOKENS_PER_ROW x `max_batch` on CPU, None elsewhere.
     `threads`: intra-op threads while the engine runs: None (torch's setting, unchanged), a
     count, or "auto" (on CPU: the fewest on a ladder whose 16-row forward times within
     core/threads.py's margin of the fastest, timed when the worker starts; elsewhere unchanged).
@@ -254,7 +283,7 @@ class Engine:
                  queue_size: int = 64, gather_ms: float = 5.0, max_prefill_tokens: int = 512,
                  metrics: Metrics | None = None, name: str = "base", prefix_cache_mb: float = 256.0,
                  small_batch_gemm: str = "auto", layout: str = "auto", prefill_steps: int = 1,
-                 threads: int | str | None = None):
+                 threads: int | str | None = None, step_tokens: int | str | None = None):
         if (max_batch < 1 or queue_size < 1 or gather_ms < 0 or max_prefill_tokens < 1 or prefix_cache_mb < 0
                 or prefill_steps < 1):
             raise ValueError("max_batch, queue_size, max_prefill_tokens and prefill_steps must be >= 1, gather_ms "
@@ -266,6 +295,9 @@ class Engine:
         if not (threads is None or threads == "auto"
                 or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1)):
             raise ValueError(f"threads must be None, 'auto' or an integer >= 1, got {threads!r}")
+        if not (step_tokens is None or step_tokens == "auto"
+                or (isinstance(step_tokens, int) and not isinstance(step_tokens, bool) and step_tokens >= 1)):
+            raise ValueError(f"step_tokens must be None, 'auto' or an integer >= 1, got {step_tokens!r}")
         why = packed.supported(model)
         if layout == "packed" and why is not None:
             raise SSNError(f"layout 'packed' is not available for this model: {why}")  # (a user's choice: one line)
@@ -297,6 +329,8 @@ class Engine:
         self.native_rows = 0  # the C++ product for 1..this many rows (0: off); decided when the worker starts
         self.small_batch_rows = 0  # the tall form for the rest of 2..this many rows (0: off); decided then too
         self.threads_setting = threads
+        # token rows of a packed step while rows decode (None: max_prefill_tokens alone bounds it)
+        self.step_tokens = step_tokens_for(step_tokens, max_batch, self.device)
         self.threads: int | None = None  # the worker's intra-op threads, read when it starts
         self.thread_times: dict[int, float] = {}  # calibrate_threads()'s seconds per count ("auto" on CPU)
         # waiting requests: a deque under a condition (queue.Queue cannot peek at the next prompt's length)
@@ -605,6 +639,8 @@ class Engine:
         positions = [self._rows[i].pos for i in decode]
         variants = [self._rows[i].variant for i in decode]
         joins, budget = [], self.max_prefill_tokens
+        if decode and self.step_tokens is not None:  # prompt chunks ride along up to the step's rows
+            budget = min(budget, max(1, self.step_tokens - len(decode)))
         for i in sorted((i for i, row in enumerate(self._rows) if row.filled < len(row.req.prompt_ids)),
                         key=lambda i: self._rows[i].seq):
             if budget <= 0:

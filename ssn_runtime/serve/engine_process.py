@@ -45,8 +45,8 @@ from .engine import Draining, GenRequest, QueueFull, run_step_hooks
 from .metrics import Metrics
 
 # the ServeConfig fields the engine takes (the rest are the front end's)
-ENGINE_SETTINGS = ("max_batch", "queue_size", "gather_ms", "max_prefill_tokens", "prefill_steps", "prefix_cache_mb",
-                   "small_batch_gemm", "layout", "threads", "engine_cores")
+ENGINE_SETTINGS = ("max_batch", "queue_size", "gather_ms", "max_prefill_tokens", "prefill_steps", "step_tokens",
+                   "prefix_cache_mb", "small_batch_gemm", "layout", "threads", "engine_cores")
 REQUEST_FIELDS = ("prompt_ids", "profile", "max_tokens", "temperature", "top_p", "top_k", "min_p", "min_tokens",
                   "logit_bias", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop",
                   "stop_token_ids", "seed", "ignore_eos", "logprobs", "prompt_logprobs", "deadline", "created")
@@ -100,6 +100,7 @@ class EngineProcess:
         self.profiles = facts["profiles"]
         self.index = {p: i for i, p in enumerate(self.profiles)}
         self.context, self.vocab_size, self.layout = facts["context"], facts["vocab_size"], facts["layout"]
+        self.step_tokens = facts["step_tokens"]
         self.threads, self.native_rows = facts["threads"], facts["native_rows"]
         self.small_batch_rows = facts["small_batch_rows"]
         self.small_batch_ratios = {(form, rows): r for form, rows, r in facts["small_batch_ratios"]}
@@ -376,7 +377,8 @@ def _child_main(conn, model_path: str, profiles: dict, settings: dict, dtype, de
     ratios = [[form, rows, r] for (form, rows), r in engine.small_batch_ratios.items()]
     try:
         send(["ready", {"profiles": engine.profiles, "context": engine.context, "vocab_size": engine.vocab_size,
-                        "layout": engine.layout, "threads": engine.threads, "native_rows": engine.native_rows,
+                        "layout": engine.layout, "step_tokens": engine.step_tokens, "threads": engine.threads,
+                        "native_rows": engine.native_rows,
                         "small_batch_rows": engine.small_batch_rows, "small_batch_ratios": ratios,
                         "thread_times": [[n, t] for n, t in engine.thread_times.items()],
                         "placement": placement}])
