@@ -163,6 +163,14 @@ def test_bad_arguments_are_refused_before_the_kernel():
         Cols(index, N, w, down, starts, ends + 1)  # a run past the last column
     with pytest.raises(ValueError, match="run"):
         Cols(index, N, w, down, ends, starts)  # a run that ends before it starts
+    twice = index.clone()
+    twice[2] = twice[0]  # a neuron twice in variant 1's run (threads split a run's columns)
+    with pytest.raises(ValueError, match="twice in one variant's run"):
+        Cols(twice, N, w, down, starts, ends)
+    with pytest.raises(ValueError, match="increasing"):
+        Rows(sel.flip(0), M, vid, V)
+    with pytest.raises(ValueError, match="increasing"):
+        Rows(torch.tensor([0, 3, 3]), M, vid[:3], V)  # a row twice
     rows, cols = Rows(sel, M, vid, V), Cols(index, N, w, down, starts, ends)
     out = torch.zeros(M, N)
     with pytest.raises(ValueError, match="variants"):  # halves checked apart must still agree
@@ -181,6 +189,41 @@ def test_bad_arguments_are_refused_before_the_kernel():
         cpp_ops.row_patch_inputs(rows, cols, hidden, [out])  # two kinds, one output
     with pytest.raises(ValueError, match="act"):
         cpp_ops.row_patch_down(rows, cols, torch.zeros(M, N), torch.zeros(M, H).t().contiguous().t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_give_the_same_bits_on_any_thread_count(dtype):
+    """Past the size where the work is split over threads (each thread a part of every run's
+    columns, or of the hidden units), every element is the same sum in the same order as on one
+    thread: torch.equal, at an odd hidden size and runs of odd lengths."""
+    g = torch.Generator().manual_seed(7)
+    M2, H2, N2, S1, S2 = 13, 577, 401, 23, 17
+    index = torch.cat([torch.randperm(N2, generator=g)[:S1], torch.randperm(N2, generator=g)[:S2]])
+    starts, ends = torch.tensor([0, 0, S1]), torch.tensor([0, S1, S1 + S2])
+    sel = torch.tensor([0, 2, 3, 5, 8, 9, 12])
+    vid = torch.tensor([1, 2, 1, 2, 2, 1, 1])
+    w = torch.randn(2 * (S1 + S2), H2, generator=g)
+    down = torch.randn(S1 + S2, H2, generator=g)
+    rows, cols = cpp_ops.RowPatchRows(sel, M2, vid, 3), cpp_ops.RowPatchColumns(index, N2, w, down, starts, ends)
+    hidden = torch.randn(M2, H2, generator=g).to(dtype)
+    act = torch.randn(M2, N2, generator=g).to(dtype)
+    base = [torch.randn(M2, N2, generator=g).to(dtype) for _ in range(2)] + [torch.randn(M2, H2, generator=g).to(dtype)]
+    run_columns = int((ends - starts)[vid].sum())
+    assert run_columns * H2 >= 1 << 16  # (past the kernels' threshold: the threads split both kernels)
+    got = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            o = [t.clone() for t in base]
+            cpp_ops.row_patch_inputs(rows, cols, hidden, o[:2])
+            cpp_ops.row_patch_down(rows, cols, act, o[2])
+            got.append(o)
+    finally:
+        torch.set_num_threads(before)
+    for o in got[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(o, got[0], strict=True))
+    assert not torch.equal(got[0][2], base[2])  # (the deltas were added)
 
 
 def _mask_tables(seed: int = 2):

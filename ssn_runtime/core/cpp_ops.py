@@ -131,8 +131,8 @@ class RowPatchColumns:
     patches' neurons do not change with the batch): neuron columns `index` [S] below
     `index_hi`, gate/up rows `w` [kinds * S, H] and down columns as rows `down` [S, H] (either
     may be None), and each of the `V` variants' run of columns, [starts[v], ends[v]) (empty for
-    a variant with no patch here); contiguous float32 (ids int64) CPU tensors. Raises
-    ValueError otherwise."""
+    a variant with no patch here; no neuron twice in a run); contiguous float32 (ids int64) CPU
+    tensors. Raises ValueError otherwise."""
 
     def __init__(self, index, index_hi: int, w, down, starts, ends):
         _ids(index, "index")
@@ -154,6 +154,11 @@ class RowPatchColumns:
         _ids(ends, "ends", starts.numel())
         if starts.numel() and not bool(((starts >= 0) & (starts <= ends) & (ends <= S)).all()):
             raise ValueError(f"row_patch: each variant's run must satisfy 0 <= start <= end <= {S}")
+        # the kernels split a run's columns over threads: a neuron twice in one run would be two
+        # threads adding to one element
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            if b - a > 1 and torch.unique(index[a:b]).numel() != b - a:
+                raise ValueError("row_patch: a neuron appears twice in one variant's run")
         self.S, self.index_hi, self.V = S, index_hi, starts.numel()
         self._keep = (index, w, down, starts, ends)  # the pointers below stay valid while this lives
         self.index, self.starts, self.ends = index.data_ptr(), starts.data_ptr(), ends.data_ptr()
@@ -163,8 +168,8 @@ class RowPatchColumns:
 
 class RowPatchRows:
     """One batch's half, checked once per batch (shared by every layer): the token rows that use
-    a patch, `sel` [R] below `sel_hi`, and each one's variant, `vid` [R] below `V`; contiguous
-    int64 CPU tensors. Raises ValueError otherwise."""
+    a patch, `sel` [R] below `sel_hi` and increasing, and each one's variant, `vid` [R] below `V`;
+    contiguous int64 CPU tensors. Raises ValueError otherwise."""
 
     def __init__(self, sel, sel_hi: int, vid, V: int):
         _ids(sel, "sel")
@@ -174,6 +179,8 @@ class RowPatchRows:
             lo, hi = torch.aminmax(sel)
             if int(lo) < 0 or int(hi) >= sel_hi:
                 raise ValueError("row_patch: a row id is outside [0, sel_hi)")
+            if R > 1 and not bool((sel[1:] > sel[:-1]).all()):  # (threads split each row's work, never rows)
+                raise ValueError("row_patch: the rows must be increasing, each once")
             lo, hi = torch.aminmax(vid)
             if int(lo) < 0 or int(hi) >= V:
                 raise ValueError(f"row_patch: a variant id is outside [0, {V})")
