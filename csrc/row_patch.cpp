@@ -152,7 +152,8 @@ void over_parts(int64_t work, int num_threads, Fn fn) {
   fn(omp_get_thread_num(), omp_get_num_threads());
 }
 
-// Part t of n of [0, size), at multiples of 16 floats (a cache line: no two threads write one).
+// Part t of n of [0, size), at multiples of 16 elements (whole vectors; a float32 row's parts
+// share no cache line where the row starts on one).
 inline void unit_part(int64_t size, int t, int n, int64_t* j0, int64_t* j1) {
   const int64_t lines = (size + 15) / 16;
   *j0 = std::min(size, lines * t / n * 16);

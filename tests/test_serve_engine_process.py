@@ -173,13 +173,15 @@ def test_a_request_the_engine_cannot_run_fails_alone_and_the_process_lives(tiny_
         ep.stop()
 
 
-@pytest.mark.parametrize("flags,rows", [(["--engine-process", "--step-tokens", "5"], 5),
-                                        (["--no-engine-process", "--max-batch", "4"], 6)])
-def test_the_start_up_line_says_how_many_token_rows_a_step_computes(tiny_ckpts, flags, rows):
+@pytest.mark.parametrize("flags,says", [
+    (["--engine-process", "--max-batch", "4", "--step-tokens", "5"], "a step computes at most 5 token rows"),
+    (["--no-engine-process", "--max-batch", "4"], "a step computes at most 6 token rows"),
+    (["--engine-process", "--step-tokens", "off"], "a step's prompt tokens bounded by --max-prefill-tokens alone")])
+def test_the_start_up_line_says_how_many_token_rows_a_step_computes(tiny_ckpts, flags, says):
     """--step-tokens reaches the engine in either arrangement (auto: 1.5 x --max-batch on CPU)."""
     server = Server(["--model", str(tiny_ckpts["llama"]), "--threads", "1", *flags])
     try:
         line = next(ln for ln in server.proc.stdout if "KV layout" in ln)
     finally:
         server.stop()
-    assert f"KV layout: packed; a step computes at most {rows} token rows while rows decode" in line, line
+    assert f"KV layout: packed; {says}" in line, line

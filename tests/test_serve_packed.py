@@ -302,6 +302,7 @@ def test_step_tokens_bound_a_step_while_rows_decode(tiny_ckpts):
     first, second = encode(tok, PROMPTS[0]), encode(tok, PROMPTS[1])
     eng = Engine(model, tok, max_batch=3, gather_ms=0, prefix_cache_mb=0, step_tokens=4, layout="packed",
                  small_batch_gemm="off").start()
+    assert eng.step_tokens == 4
     b = Collector()
 
     class JoinAtFirstToken(Collector):  # the second prompt arrives while the first row decodes
@@ -326,6 +327,62 @@ def test_step_tokens_bound_a_step_while_rows_decode(tiny_ckpts):
     assert got_b[0] == reference(path, second, 6)
 
 
+def test_a_short_prompt_does_not_wait_behind_a_long_one(long_ckpt):
+    """While a row decodes with a step of 8 token rows, a 300-token prompt and then a short one
+    join: the short one goes first (fewest tokens left) and answers before the long one's first
+    token, the long one advancing every step meanwhile (the oldest always gets a token); every
+    step stays within 8 rows; both answer as they would alone."""
+    from serve_helpers import PROMPTS, Collector, encode, reference
+
+    from ssn_runtime import load_model, load_tokenizer
+
+    model, tok = load_model(long_ckpt), load_tokenizer(long_ckpt)
+    long_ids, short_ids = [5 + i % 50 for i in range(300)], encode(tok, PROMPTS[1])
+    steps = []  # each forward's token rows and how far the long prompt had come
+    eng = Engine(model, tok, max_batch=4, gather_ms=0, prefix_cache_mb=0, step_tokens=8, layout="packed",
+                 small_batch_gemm="off").start()
+    order = []
+
+    def filled_long():
+        return next((r.filled for r in eng._rows if r.req.prompt_ids is long_ids), None)
+
+    hook = model.register_forward_pre_hook(
+        lambda mod, args, kw: steps.append((kw["input_ids"].shape[1], filled_long())), with_kwargs=True)
+
+    class Tagged(Collector):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag = tag
+
+        def __call__(self, ev):
+            if ev[0] == "delta" and self.deltas == 0:
+                order.append(self.tag)
+            super().__call__(ev)
+
+    long_c, short_c = Tagged("long"), Tagged("short")
+
+    class JoinAtFirstToken(Collector):
+        def __call__(self, ev):
+            if ev[0] == "delta" and self.deltas == 0:
+                eng.submit(GenRequest(long_ids, max_tokens=3, temperature=0, sink=long_c),
+                           GenRequest(short_ids, max_tokens=3, temperature=0, sink=short_c))
+            super().__call__(ev)
+
+    a = JoinAtFirstToken()
+    try:
+        eng.submit(GenRequest(encode(tok, PROMPTS[0]), max_tokens=400, temperature=0, ignore_eos=True, sink=a))
+        got_long, got_short = long_c.result(), short_c.result()
+        a.result()
+    finally:
+        eng.stop()
+        hook.remove()
+    assert order == ["short", "long"]
+    assert max(w for w, _ in steps[1:]) <= 8, steps
+    progress = [f for _, f in steps if f is not None and f < len(long_ids)]
+    assert len(progress) > 300 // 8 and all(b > a for a, b in zip(progress[:-1], progress[1:], strict=True)), progress
+    assert got_short[0] == reference(long_ckpt, short_ids, 3) and got_long[0] == reference(long_ckpt, long_ids, 3)
+
+
 def test_step_tokens_auto_is_one_and_a_half_batches_on_cpu_and_unbounded_elsewhere(tiny_ckpts):
     from ssn_runtime import load_model, load_tokenizer
     from ssn_runtime.serve.engine import step_tokens_for
@@ -334,14 +391,15 @@ def test_step_tokens_auto_is_one_and_a_half_batches_on_cpu_and_unbounded_elsewhe
     assert step_tokens_for("auto", 16, cpu) == 24 and step_tokens_for("auto", 3, cpu) == 4
     assert step_tokens_for("auto", 1, cpu) == 2  # room for a prompt token beside the decoding row
     assert step_tokens_for("auto", 16, gpu) is None and step_tokens_for(None, 16, cpu) is None
-    assert step_tokens_for(7, 16, gpu) == 7
+    assert step_tokens_for(17, 16, gpu) == 17 and step_tokens_for("off", 16, cpu) is None
     path = tiny_ckpts["llama"]
     model, tok = load_model(path), load_tokenizer(path)
     assert Engine(model, tok, max_batch=8, step_tokens="auto").step_tokens == 12
+    assert Engine(model, tok, max_batch=8, step_tokens=8).step_tokens == 8
     assert Engine(model, tok).step_tokens is None  # the library's default: unchanged steps
-    for bad in (0, -1, 2.0, True, "24", "max"):
+    for bad in (0, -1, 7, 2.0, True, "24", "max"):  # (7: below max_batch, no room for a prompt token)
         with pytest.raises(ValueError, match="step_tokens must be"):
-            Engine(model, tok, step_tokens=bad)
+            Engine(model, tok, max_batch=8, step_tokens=bad)
 
 
 @torch.inference_mode()

@@ -30,15 +30,15 @@ class ServeConfig:
     max_prefill_tokens: int = option(512, "prompt tokens computed per step, bounding how long joins stall running "
                                      "rows (packed layout: a longer prompt is computed in chunks over several "
                                      "steps; padded: requests admitted per step, at least one)")
-    prefill_steps: int = option(1, "while rows decode, a joining prompt is computed over this many steps (packed "
-                                "layout), so running rows keep their pace instead of stalling behind a whole "
-                                "prompt: a smoother stream for them, a later first token for the joiner")
+    prefill_steps: int = option(1, "while rows decode, a joining prompt is computed over at least this many steps "
+                                "(packed layout), so running rows keep their pace instead of stalling behind a "
+                                "whole prompt: a smoother stream for them, a later first token for the joiner")
     step_tokens: str = option("auto", "while rows decode, the token rows a packed step computes: their next tokens, "
-                              "then prompt chunks up to this many (at least one prompt token a step), so a step "
-                              "that admits a prompt is not much longer than a decode step: a count, or auto (on "
-                              "CPU, where a step's time grows with its rows, 1.5 x max-batch; on a GPU no bound "
-                              "beyond max-prefill-tokens). Higher: earlier first tokens for joining prompts, "
-                              "longer pauses for the running rows")
+                              "then prompt chunks up to this many, the prompts with the fewest tokens left first, "
+                              "so a step that admits prompts is not much longer than a decode step: a count (at "
+                              "least max-batch), off (no bound beyond max-prefill-tokens), or auto (on CPU, where "
+                              "a step's time grows with its rows, 1.5 x max-batch; on a GPU off). Higher: earlier "
+                              "first tokens for joining prompts, longer pauses for the running rows")
     prefix_cache_mb: float = option(256.0, "memory for the keys and values of prompt prefixes, reused by later "
                                     "prompts that start with the same tokens under the same profile (0: off)")
     small_batch_gemm: str = option("auto", "linear layers of one to 64 rows (decode steps) by a threaded C++ "
@@ -77,7 +77,7 @@ class ServeConfig:
         if self.layout not in ("auto", "packed", "padded"):
             raise SSNError(f"{WHERE}: layout must be auto, packed or padded, got {self.layout!r}")
         self.threads = thread_setting(self.threads)
-        self.step_tokens = step_tokens_setting(self.step_tokens)
+        self.step_tokens = step_tokens_setting(self.step_tokens, self.max_batch)
         self.engine_cores = cores_setting(self.engine_cores, self.threads, self.engine_process)
         if self.api_key is not None and not (self.api_key and self.api_key.isprintable()):
             raise SSNError(f"{WHERE}: api_key must be a non-empty printable string")
@@ -101,15 +101,17 @@ def thread_setting(value) -> int | str:
     return value
 
 
-def step_tokens_setting(value) -> int | str:
-    """`step_tokens` as the engine takes it: "auto", or a count >= 1 (an int, or its decimal
-    digits as the command line gives them; nothing coerced)."""
-    if value == "auto":
-        return "auto"
+def step_tokens_setting(value, max_batch: int) -> int | str:
+    """`step_tokens` as the engine takes it: "auto", "off", or a count in [max_batch, 999999]
+    (an int, or its decimal digits as the command line gives them; nothing coerced). Below
+    max_batch a step could not hold a prompt token beside the other rows' next tokens."""
+    if value in ("auto", "off"):
+        return value
     if isinstance(value, str) and re.fullmatch(r"[1-9][0-9]{0,5}", value):
         value = int(value)
-    if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 999_999):
-        raise SSNError(f"{WHERE}: step_tokens must be auto or an integer in [1, 999999], got {value!r}")
+    if not (isinstance(value, int) and not isinstance(value, bool) and max_batch <= value <= 999_999):
+        raise SSNError(f"{WHERE}: step_tokens must be auto, off or an integer in [{max_batch} (max_batch), 999999], "
+                       f"got {value!r}")
     return value
 
 

@@ -6,9 +6,11 @@ step the worker
 1. drops the rows whose client went away or whose deadline passed (each gets its own answer);
 2. admits waiting requests while there is room (`max_batch` rows) and computes at most
    `max_prefill_tokens` prompt tokens per step, so a burst of long prompts cannot stall running
-   rows for long (packed: a longer prompt is computed in chunks over several steps, and with
-   `prefill_steps` N a prompt that joins while rows decode in N chunks, one per step; padded:
-   the requests admitted per step are bounded, at least one). Only the prompt tokens past the
+   rows for long (packed: a longer prompt is computed in chunks over several steps; while rows
+   decode a step computes at most `step_tokens` token rows, theirs first, and with
+   `prefill_steps` N a joining prompt takes at least N chunks, one per step; the fewest tokens
+   left go first, the oldest prompt always advancing; padded: the requests admitted per step are
+   bounded, at least one). Only the prompt tokens past the
    longest prefix the prefix cache holds for the row's variant are computed (prefix_cache.py; a
    chat template's system prompt is computed once), and logits for the last position only;
 3. decodes one token for every running row and samples the first token of each new one.
@@ -112,10 +114,11 @@ STEP_TOKENS_PER_ROW = 1.5
 
 
 def step_tokens_for(setting: int | str | None, max_batch: int, device: torch.device) -> int | None:
-    """The token rows of a step while rows decode: the count given, "auto"'s on this device, or None."""
+    """The token rows of a step while rows decode: the count given, "auto"'s on this device, or
+    None (no bound: None, "off"; "auto" off the CPU)."""
     if setting == "auto":
         return max(max_batch + 1, int(STEP_TOKENS_PER_ROW * max_batch)) if device.type == "cpu" else None
-    return setting
+    return None if setting == "off" else setting
 
 
 class QueueFull(Exception):
@@ -270,9 +273,10 @@ class Engine:
     joining row's prompt, serve/packed.py), "padded" (a padded batch: joins prefill in a forward
     of their own) or "auto" (packed where the model's family and attention implementation allow
     it).
-    `step_tokens` (packed): while rows decode, a step computes at most this many token rows, their
-    next tokens and then prompt chunks (at least one prompt token per step); None: no bound beyond
-    `max_prefill_tokens`; "auto": STEP_TOKENS_PER_ROW x `max_batch` on CPU, None elsewhere.
+    `step_tokens` (packed): while rows decode, a step computes at most this many token rows
+    (at least `max_batch`: a prompt token always fits beside the others), their next tokens and
+    then prompt chunks; None or "off": no bound beyond `max_prefill_tokens`; "auto":
+    STEP_TOKENS_PER_ROW x `max_batch` on CPU, None elsewhere.
     `threads`: intra-op threads while the engine runs: None (torch's setting, unchanged), a
     count, or "auto" (on CPU: the fewest on a ladder whose 16-row forward times within
     core/threads.py's margin of the fastest, timed when the worker starts; elsewhere unchanged).
@@ -295,9 +299,10 @@ class Engine:
         if not (threads is None or threads == "auto"
                 or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1)):
             raise ValueError(f"threads must be None, 'auto' or an integer >= 1, got {threads!r}")
-        if not (step_tokens is None or step_tokens == "auto"
-                or (isinstance(step_tokens, int) and not isinstance(step_tokens, bool) and step_tokens >= 1)):
-            raise ValueError(f"step_tokens must be None, 'auto' or an integer >= 1, got {step_tokens!r}")
+        if not (step_tokens is None or step_tokens in ("auto", "off")
+                or (isinstance(step_tokens, int) and not isinstance(step_tokens, bool) and step_tokens >= max_batch)):
+            raise ValueError(f"step_tokens must be None, 'auto', 'off' or an integer >= max_batch ({max_batch}: "
+                             f"room for a prompt token beside every other row), got {step_tokens!r}")
         why = packed.supported(model)
         if layout == "packed" and why is not None:
             raise SSNError(f"layout 'packed' is not available for this model: {why}")  # (a user's choice: one line)
@@ -622,9 +627,10 @@ class Engine:
 
     def _packed_step(self, reqs: list[GenRequest]) -> None:
         """One forward: the next token of every decoding row (token rows 0..n-1), then up to
-        `max_prefill_tokens` prompt tokens of the rows still prefilling, oldest first (a long
-        prompt is computed in chunks over several steps while the others decode); sample a token
-        for every decoding row and every row whose prompt is complete."""
+        `max_prefill_tokens` prompt tokens of the rows still prefilling (while rows decode, up to
+        `step_tokens` token rows in all; shared out by _allot), so a long prompt is computed in
+        chunks over several steps while the others decode; sample a token for every decoding row
+        and every row whose prompt is complete."""
         for r in reqs:
             row = self._new_row(r)
             if self.prefix_cache is not None and r.prompt_logprobs is None:
@@ -641,16 +647,15 @@ class Engine:
         joins, budget = [], self.max_prefill_tokens
         if decode and self.step_tokens is not None:  # prompt chunks ride along up to the step's rows
             budget = min(budget, max(1, self.step_tokens - len(decode)))
-        for i in sorted((i for i, row in enumerate(self._rows) if row.filled < len(row.req.prompt_ids)),
-                        key=lambda i: self._rows[i].seq):
-            if budget <= 0:
-                break
+        pending = sorted((i for i, row in enumerate(self._rows) if row.filled < len(row.req.prompt_ids)),
+                         key=lambda i: self._rows[i].seq)
+        allotted = self._allot(pending, budget, bool(decode)) if pending else {}
+        for i in pending:  # laid out oldest first
             row = self._rows[i]
             ids = row.req.prompt_ids
-            # while others decode, a prompt is spread over `prefill_steps` steps: their tokens
-            # keep coming at the pace of an ordinary step instead of stalling behind a whole prompt
-            new = min(len(ids) - row.filled, budget, row.chunk if decode else budget)
-            budget -= new
+            new = allotted[i]
+            if not new:
+                continue
             joins.append(packed.Join(i, row.filled, new, len(tokens), row.prefix))
             tokens += ids[row.filled:row.filled + new]
             positions += range(row.filled, row.filled + new)
@@ -709,6 +714,30 @@ class Engine:
                 row = self._rows[j.slot]
                 self.prefix_cache.insert(row.variant, row.req.prompt_ids, row.cached, layers, j.slot, 0)
         self._advance(logits[:sampled].float(), decode + [j.slot for j in done])
+
+    def _allot(self, pending: list[int], budget: int, decoding: bool) -> dict[int, int]:
+        """The prompt tokens each prefilling row (slot) computes this step, `budget` in all: one
+        for the oldest (every prompt advances), then the rest to the rows with the fewest tokens
+        left first, so a short prompt never waits behind a long one (with a step of a couple of
+        dozen rows, a 3,000-token prompt held a 3-token one back for over a hundred steps) and a
+        step completes as many prompts as it can. While rows decode, a row takes at most its
+        `prefill_steps` chunk: their tokens keep the pace of an ordinary step instead of
+        stalling behind a whole prompt."""
+        rows = self._rows
+        want = {i: len(rows[i].req.prompt_ids) - rows[i].filled for i in pending}
+        if decoding:
+            want = {i: min(w, rows[i].chunk) for i, w in want.items()}
+        got = dict.fromkeys(pending, 0)
+        oldest = min(pending, key=lambda i: rows[i].seq)
+        got[oldest] = min(1, budget)
+        budget -= got[oldest]
+        for i in sorted(pending, key=lambda i: (want[i], rows[i].seq)):
+            if budget <= 0:
+                break
+            more = min(want[i] - got[i], budget)
+            got[i] += more
+            budget -= more
+        return got
 
     def _score_prompts(self, logits: torch.Tensor, scored: list[tuple[_Row, int]], complete: list[_Row]) -> None:
         """Prompt log-probabilities: logits[k] (at position p of a row, scored[k]) predicts prompt
