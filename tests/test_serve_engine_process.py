@@ -175,10 +175,12 @@ def test_a_request_the_engine_cannot_run_fails_alone_and_the_process_lives(tiny_
 
 @pytest.mark.parametrize("flags,says", [
     (["--engine-process", "--max-batch", "4", "--step-tokens", "5"], "a step computes at most 5 token rows"),
-    (["--no-engine-process", "--max-batch", "4"], "a step computes at most 6 token rows"),
+    (["--no-engine-process", "--max-batch", "4"],
+     "a step computes at most 1.5 x its decoding rows (counted as at least 16) token rows while rows decode"),
     (["--engine-process", "--step-tokens", "off"], "a step's prompt tokens bounded by --max-prefill-tokens alone")])
 def test_the_start_up_line_says_how_many_token_rows_a_step_computes(tiny_ckpts, flags, says):
-    """--step-tokens reaches the engine in either arrangement (auto: 1.5 x --max-batch on CPU)."""
+    """--step-tokens reaches the engine in either arrangement (auto on CPU: scaled with the
+    decoding rows)."""
     server = Server(["--model", str(tiny_ckpts["llama"]), "--threads", "1", *flags])
     try:
         line = next(ln for ln in server.proc.stdout if "KV layout" in ln)

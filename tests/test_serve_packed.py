@@ -383,18 +383,20 @@ def test_a_short_prompt_does_not_wait_behind_a_long_one(long_ckpt):
     assert got_short[0] == reference(long_ckpt, short_ids, 3) and got_long[0] == reference(long_ckpt, long_ids, 3)
 
 
-def test_step_tokens_auto_is_one_and_a_half_batches_on_cpu_and_unbounded_elsewhere(tiny_ckpts):
+def test_step_tokens_auto_scales_with_the_decoding_rows_on_cpu_and_is_off_elsewhere(tiny_ckpts):
     from ssn_runtime import load_model, load_tokenizer
-    from ssn_runtime.serve.engine import step_tokens_for
+    from ssn_runtime.serve.engine import step_rows, step_tokens_for
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert step_tokens_for("auto", 16, cpu) == 24 and step_tokens_for("auto", 3, cpu) == 4
-    assert step_tokens_for("auto", 1, cpu) == 2  # room for a prompt token beside the decoding row
-    assert step_tokens_for("auto", 16, gpu) is None and step_tokens_for(None, 16, cpu) is None
-    assert step_tokens_for(17, 16, gpu) == 17 and step_tokens_for("off", 16, cpu) is None
+    assert step_tokens_for("auto", cpu) == "auto" and step_tokens_for("auto", gpu) is None
+    assert step_tokens_for(None, cpu) is None and step_tokens_for("off", cpu) is None
+    assert step_tokens_for(17, gpu) == 17
+    # 1.5 x the decoding rows, counted as at least 16 (a 64-row batch serving 15 rows: 24, not 96)
+    assert [step_rows("auto", n) for n in (1, 15, 16, 17, 63)] == [24, 24, 24, 26, 95]
+    assert step_rows(None, 5) is None and step_rows(7, 5) == 7
     path = tiny_ckpts["llama"]
     model, tok = load_model(path), load_tokenizer(path)
-    assert Engine(model, tok, max_batch=8, step_tokens="auto").step_tokens == 12
+    assert Engine(model, tok, max_batch=8, step_tokens="auto").step_tokens == "auto"
     assert Engine(model, tok, max_batch=8, step_tokens=8).step_tokens == 8
     assert Engine(model, tok).step_tokens is None  # the library's default: unchanged steps
     for bad in (0, -1, 7, 2.0, True, "24", "max"):  # (7: below max_batch, no room for a prompt token)

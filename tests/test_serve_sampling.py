@@ -210,3 +210,25 @@ def test_a_shaped_logit_at_float32s_limit_stays_the_largest_and_a_ban_nothing_es
     assert banned.tolist() == [0.5, float("-inf"), float("-inf")]
     assert Shaper(req(min_tokens=2, stop_token_ids=[1]), eos={2}).apply(torch.tensor([0.5, 3.0, 9.0]), 2).tolist() \
         == [0.5, 3.0, 9.0]  # (min_tokens reached)
+
+
+def test_a_generation_config_end_of_turn_id_names_itself_as_vllm_reports_it(tiny_ckpts):
+    """A model whose generation config ends answers on two ids (a chat model's end of turn
+    beside the tokenizer's end of text): either ends the answer (counted, no text); vLLM adds
+    the one that is not the tokenizer's to the request's stop_token_ids, so its stop_reason is
+    that id, while the tokenizer's own reads null; ignore_eos ignores both."""
+    path = tiny_ckpts["llama"]
+    model, tok = load_model(path), load_tokenizer(path)
+    eos, turn = tok.eos_token_id, 9
+    assert eos is not None and eos != turn
+    model.generation_config.eos_token_id = [eos, turn]
+    engine = Engine(model, tok, max_batch=4, gather_ms=30).start()
+    try:
+        ids = encode(tok, PROMPTS[0])
+        got = run(engine, [(ids, {"logit_bias": [[turn, 100.0]]}), (ids, {"logit_bias": [[eos, 100.0]]}),
+                           (ids, {"logit_bias": [[turn, 100.0]], "ignore_eos": True, "max_tokens": 3})])
+    finally:
+        engine.stop()
+    assert got[0] == ("", "stop", 1, turn)
+    assert got[1] == ("", "stop", 1, None)
+    assert got[2][1:] == ("length", 3, None)

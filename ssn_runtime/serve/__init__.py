@@ -17,7 +17,7 @@ from ..core import affinity
 from ..errors import SSNError
 from .app import ServerConfig, create_app
 from .config import ServeConfig, parse_profile_args
-from .engine import THREAD_ROWS, Draining, Engine, GenRequest, QueueFull
+from .engine import STEP_ROWS_FLOOR, STEP_ROWS_PER_ROW, THREAD_ROWS, Draining, Engine, GenRequest, QueueFull
 from .metrics import Metrics
 
 __all__ = ["Draining", "Engine", "GenRequest", "Metrics", "QueueFull", "ServeConfig", "ServerConfig",
@@ -121,6 +121,9 @@ def step_summary(engine) -> str:
         return "joins prefill in steps of their own (padded layout)"
     if engine.step_tokens is None:
         return "a step's prompt tokens bounded by --max-prefill-tokens alone"
+    if engine.step_tokens == "auto":
+        return f"a step computes at most {STEP_ROWS_PER_ROW:g} x its decoding rows (counted as at least " \
+            f"{STEP_ROWS_FLOOR}) token rows while rows decode"
     return f"a step computes at most {engine.step_tokens} token rows while rows decode"
 
 

@@ -37,8 +37,9 @@ class ServeConfig:
                               "then prompt chunks up to this many, the prompts with the fewest tokens left first, "
                               "so a step that admits prompts is not much longer than a decode step: a count (at "
                               "least max-batch), off (no bound beyond max-prefill-tokens), or auto (on CPU, where "
-                              "a step's time grows with its rows, 1.5 x max-batch; on a GPU off). Higher: earlier "
-                              "first tokens for joining prompts, longer pauses for the running rows")
+                              "a step's time grows with its rows, 1.5 x the decoding rows, counted as at least 16; "
+                              "on a GPU off). Higher: earlier first tokens for joining prompts, longer pauses for "
+                              "the running rows")
     prefix_cache_mb: float = option(256.0, "memory for the keys and values of prompt prefixes, reused by later "
                                     "prompts that start with the same tokens under the same profile (0: off)")
     small_batch_gemm: str = option("auto", "linear layers of one to 64 rows (decode steps) by a threaded C++ "

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -78,8 +79,8 @@ _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # packed forwards: a "pre
 # it timed 0.85-1.07x. (Timing each weight shape alone, as this did before, read 0.77-1.01x at
 # 16 rows, so a server sometimes stopped at 8 rows.)
 # Beyond a full batch (16 rows by default) a rung is timed inside the rows it decides, not at its
-# top: steps of 17-32 rows are decode steps carrying prompt chunks (up to step_tokens, 24 at the
-# default max_batch), and a whole forward of SmolLM2 on an Intel Xeon (2 threads) took 0.72-0.89x
+# top: steps of 17-32 rows are decode steps carrying prompt chunks (up to 24 rows under auto
+# step_tokens with 16 decoding rows), and a whole forward of SmolLM2 on an Intel Xeon (2 threads) took 0.72-0.89x
 # F.linear's time through the product at 17-28 rows but 0.96-0.97x at 32, where MKL's time
 # catches up: timed at 32, the rung left every 17-31-row step to F.linear (those steps ran
 # 10-20% slower).
@@ -100,25 +101,39 @@ CALIBRATION_REPEATS = 9
 THREAD_ROWS = 16
 
 
-# "auto" step tokens on CPU, per row of max_batch. A CPU step's time grows with its token rows
-# (SmolLM2, float32, 2 threads, Intel Xeon: a forward of 16 rows 46 ms, 24 rows 56, 32 rows 74,
-# 64 rows 127), and a step that computes prompt tokens beside the decoding rows is one every
+# "auto" step tokens on CPU: a step computes at most STEP_ROWS_PER_ROW x its decoding rows,
+# counted as at least STEP_ROWS_FLOOR. A CPU step's time grows with its token rows (SmolLM2,
+# float32, 2 threads, Intel Xeon: a forward of 1 row 30 ms, 16 rows 46, 24 rows 56, 32 rows
+# 74, 64 rows 127), and a step that computes prompt tokens beside the decoding rows is one every
 # running row waits for: with 16 clients and no bound, such steps carried 5-73 prompt tokens and
-# took 59-133 ms where a decode step took 51, and they set the rows' p95 inter-token latency. At
-# 1.5 x max_batch (24 rows at 16) a joining prompt's tokens still ride along with the decode
-# steps (no step of its own), a step stays within about 1.2x a full decode step's time, and
-# prompts of more than a few tokens take more steps to their first token (`--step-tokens`
-# trades the two; bench/serve.py --variant-arg=--step-tokens=N measures it). On a GPU a step of
-# a few hundred tokens costs about what a decode step costs: no bound there.
-STEP_TOKENS_PER_ROW = 1.5
+# took 59-133 ms where a decode step took 51, and they set the rows' p95 inter-token latency.
+# With half as many prompt tokens as decoding rows a joining prompt's tokens still ride along
+# with the decode steps (no step of its own) and a step stays within about 1.2x a decode step's
+# time; below 16 decoding rows a step is bound by streaming the weights more than by its rows
+# (16 rows cost 1.5x one), so the floor lets a few rows' steps carry as many prompt tokens as 16
+# rows' would. Prompts longer than a step's room take more steps to their first token
+# (`--step-tokens` trades the two; bench/serve.py --variant-arg=--step-tokens=N measures it).
+# Scaled with the decoding rows, not with max_batch: the bench serves 16 clients at
+# --max-batch 64. On a GPU a step of a few hundred tokens costs about what a decode step costs:
+# no bound there.
+STEP_ROWS_PER_ROW = 1.5
+STEP_ROWS_FLOOR = 16
 
 
-def step_tokens_for(setting: int | str | None, max_batch: int, device: torch.device) -> int | None:
-    """The token rows of a step while rows decode: the count given, "auto"'s on this device, or
-    None (no bound: None, "off"; "auto" off the CPU)."""
+def step_tokens_for(setting: int | str | None, device: torch.device) -> int | str | None:
+    """The engine's bound on a step's token rows while rows decode: a fixed count, "auto"
+    (scaled with the decoding rows: step_rows) on CPU, or None (no bound: None, "off", and
+    "auto" off the CPU)."""
     if setting == "auto":
-        return max(max_batch + 1, int(STEP_TOKENS_PER_ROW * max_batch)) if device.type == "cpu" else None
+        return "auto" if device.type == "cpu" else None
     return None if setting == "off" else setting
+
+
+def step_rows(bound: int | str | None, decoding: int) -> int | None:
+    """The token rows a step with `decoding` decoding rows may compute under `bound`."""
+    if bound == "auto":
+        return math.ceil(STEP_ROWS_PER_ROW * max(decoding, STEP_ROWS_FLOOR))
+    return bound
 
 
 class QueueFull(Exception):
@@ -275,8 +290,9 @@ class Engine:
     it).
     `step_tokens` (packed): while rows decode, a step computes at most this many token rows
     (at least `max_batch`: a prompt token always fits beside the others), their next tokens and
-    then prompt chunks; None or "off": no bound beyond `max_prefill_tokens`; "auto":
-    STEP_TOKENS_PER_ROW x `max_batch` on CPU, None elsewhere.
+    then prompt chunks; None or "off": no bound beyond `max_prefill_tokens`; "auto" on CPU:
+    STEP_ROWS_PER_ROW x the decoding rows, counted as at least STEP_ROWS_FLOOR (step_rows); "auto"
+    elsewhere: None.
     `threads`: intra-op threads while the engine runs: None (torch's setting, unchanged), a
     count, or "auto" (on CPU: the fewest on a ladder whose 16-row forward times within
     core/threads.py's margin of the fastest, timed when the worker starts; elsewhere unchanged).
@@ -323,6 +339,10 @@ class Engine:
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list | tuple) else [eos]) - {None}
+        # vLLM's stop_reason: None for the tokenizer's end-of-sequence token; vLLM adds the other
+        # ids of the generation config (a chat model's end of turn beside the text's end) to a
+        # request's stop_token_ids, so they name themselves (and ignore_eos ignores them too)
+        self.primary_eos = tokenizer.eos_token_id
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.context = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 2048)
         self.vocab_size = int(getattr(cfg, "vocab_size", 0) or len(tokenizer))
@@ -335,7 +355,7 @@ class Engine:
         self.small_batch_rows = 0  # the tall form for the rest of 2..this many rows (0: off); decided then too
         self.threads_setting = threads
         # token rows of a packed step while rows decode (None: max_prefill_tokens alone bounds it)
-        self.step_tokens = step_tokens_for(step_tokens, max_batch, self.device)
+        self.step_tokens = step_tokens_for(step_tokens, self.device)
         self.threads: int | None = None  # the worker's intra-op threads, read when it starts
         self.thread_times: dict[int, float] = {}  # calibrate_threads()'s seconds per count ("auto" on CPU)
         # waiting requests: a deque under a condition (queue.Queue cannot peek at the next prompt's length)
@@ -645,8 +665,8 @@ class Engine:
         positions = [self._rows[i].pos for i in decode]
         variants = [self._rows[i].variant for i in decode]
         joins, budget = [], self.max_prefill_tokens
-        if decode and self.step_tokens is not None:  # prompt chunks ride along up to the step's rows
-            budget = min(budget, max(1, self.step_tokens - len(decode)))
+        if decode and (rows := step_rows(self.step_tokens, len(decode))) is not None:
+            budget = min(budget, max(1, rows - len(decode)))  # prompt chunks ride along up to the step's rows
         pending = sorted((i for i, row in enumerate(self._rows) if row.filled < len(row.req.prompt_ids)),
                          key=lambda i: self._rows[i].seq)
         allotted = self._allot(pending, budget, bool(decode)) if pending else {}
@@ -878,6 +898,7 @@ class Engine:
             # budget is checked first, so a last allowed token is an ordinary one, whatever it is.
             if not full and t in self.eos and not r.ignore_eos:
                 reason = "stop"
+                row.stop_reason = None if t == self.primary_eos else t
             elif not full and t in row.stop_ids:
                 reason, row.stop_reason = "stop", t
             else:
