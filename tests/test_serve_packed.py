@@ -247,22 +247,21 @@ def test_long_prompts_prefill_in_chunks_and_answer_as_alone(tiny_ckpts):
         assert answer == reference(path, encode(tok, text), 7, *profiles[profile]), profile
 
 
-def test_prefill_steps_spread_a_joining_prompt_while_others_decode(tiny_ckpts):
-    """`prefill_steps` 3: a prompt that joins while a row decodes is computed in three chunks of
-    at most a third of it, one per step beside the decoding row, and answers as it would alone;
-    a prompt that arrives to an idle engine is computed in one step."""
-    from serve_helpers import PROMPTS, Collector, encode, reference
+def _join_while_decoding(path, first_tokens: int, **engine_kw):
+    """A first prompt alone on an idle engine, decoding `first_tokens` (ignore_eos), and a second
+    prompt that arrives at its first token: each forward's token rows, both prompts, both
+    answers (text, finish reason)."""
+    from serve_helpers import PROMPTS, Collector, encode
 
     from ssn_runtime import load_model, load_tokenizer
 
-    path = tiny_ckpts["llama"]
     model, tok = load_model(path), load_tokenizer(path)
     widths = []
     hook = model.register_forward_pre_hook(lambda mod, args, kw: widths.append(kw["input_ids"].shape[1]),
                                            with_kwargs=True)
     first, second = encode(tok, PROMPTS[0]), encode(tok, PROMPTS[1])
-    eng = Engine(model, tok, max_batch=2, gather_ms=0, prefix_cache_mb=0, prefill_steps=3, layout="packed",
-                 small_batch_gemm="off").start()
+    eng = Engine(model, tok, gather_ms=0, prefix_cache_mb=0, layout="packed", small_batch_gemm="off",
+                 **engine_kw).start()
     b = Collector()
 
     class JoinAtFirstToken(Collector):  # the second prompt arrives while the first row decodes
@@ -273,11 +272,22 @@ def test_prefill_steps_spread_a_joining_prompt_while_others_decode(tiny_ckpts):
 
     a = JoinAtFirstToken()
     try:
-        eng.submit(GenRequest(first, max_tokens=12, temperature=0, ignore_eos=True, sink=a))
+        eng.submit(GenRequest(first, max_tokens=first_tokens, temperature=0, ignore_eos=True, sink=a))
         got_a, got_b = a.result(), b.result()
     finally:
         eng.stop()
         hook.remove()
+    return widths, first, second, got_a, got_b
+
+
+def test_prefill_steps_spread_a_joining_prompt_while_others_decode(tiny_ckpts):
+    """`prefill_steps` 3: a prompt that joins while a row decodes is computed in three chunks of
+    at most a third of it, one per step beside the decoding row, and answers as it would alone;
+    a prompt that arrives to an idle engine is computed in one step."""
+    from serve_helpers import reference
+
+    path = tiny_ckpts["llama"]
+    widths, first, second, got_a, got_b = _join_while_decoding(path, 12, max_batch=2, prefill_steps=3)
     assert widths[0] == len(first)  # alone: the whole prompt in one step
     chunk = -(-len(second) // 3)
     assert len(second) >= 6 and widths[1:4] == [1 + chunk, 1 + chunk, 1 + len(second) - 2 * chunk], widths
@@ -290,34 +300,10 @@ def test_step_tokens_bound_a_step_while_rows_decode(tiny_ckpts):
     """`step_tokens` 4: while one row decodes, a joining prompt is computed 3 tokens a step (the
     decoding row's token and 3 prompt tokens: every step 4 rows) and answers as it would alone;
     a prompt that arrives to an idle engine is computed in one step, whatever its length."""
-    from serve_helpers import PROMPTS, Collector, encode, reference
-
-    from ssn_runtime import load_model, load_tokenizer
+    from serve_helpers import reference
 
     path = tiny_ckpts["llama"]
-    model, tok = load_model(path), load_tokenizer(path)
-    widths = []
-    hook = model.register_forward_pre_hook(lambda mod, args, kw: widths.append(kw["input_ids"].shape[1]),
-                                           with_kwargs=True)
-    first, second = encode(tok, PROMPTS[0]), encode(tok, PROMPTS[1])
-    eng = Engine(model, tok, max_batch=3, gather_ms=0, prefix_cache_mb=0, step_tokens=4, layout="packed",
-                 small_batch_gemm="off").start()
-    assert eng.step_tokens == 4
-    b = Collector()
-
-    class JoinAtFirstToken(Collector):  # the second prompt arrives while the first row decodes
-        def __call__(self, ev):
-            if ev[0] == "delta" and self.deltas == 0:
-                eng.submit(GenRequest(second, max_tokens=6, temperature=0, sink=b))
-            super().__call__(ev)
-
-    a = JoinAtFirstToken()
-    try:
-        eng.submit(GenRequest(first, max_tokens=40, temperature=0, ignore_eos=True, sink=a))
-        got_a, got_b = a.result(), b.result()
-    finally:
-        eng.stop()
-        hook.remove()
+    widths, first, second, got_a, got_b = _join_while_decoding(path, 40, max_batch=3, step_tokens=4)
     assert len(first) > 4 and widths[0] == len(first)  # alone: the whole prompt in one step
     steps = -(-len(second) // 3)
     assert len(second) >= 7 and widths[1:steps] == [4] * (steps - 1), widths
