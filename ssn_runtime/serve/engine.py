@@ -115,8 +115,8 @@ THREAD_ROWS = 16
 # (`--step-tokens` trades the two; bench/serve.py --variant-arg=--step-tokens=N measures it).
 # Scaled with the decoding rows, not with max_batch: the bench serves 16 clients at
 # --max-batch 64, where 1.5 x max_batch bounded nothing (bench/results/serve-diagnostics/
-# 2026-12-02-smollm2-float32-step-tokens-from-max-batch.json). On a GPU a step of a few hundred tokens costs about what a decode step costs:
-# no bound there.
+# 2026-12-02-smollm2-float32-step-tokens-from-max-batch.json). On a GPU a step of a few hundred
+# tokens costs about what a decode step costs: no bound there.
 STEP_ROWS_PER_ROW = 1.5
 STEP_ROWS_FLOOR = 16
 
