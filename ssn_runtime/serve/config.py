@@ -88,14 +88,21 @@ class ServeConfig:
         return self.api_key or os.environ.get("SSN_API_KEY") or None
 
 
+def _decimal(value):
+    """A command line's count (1 to 6 ASCII digits, no leading zero) as an int; anything else as
+    given, for the caller's range check to refuse (nothing coerced: no floats, signs or spaces)."""
+    if isinstance(value, str) and re.fullmatch(r"[1-9][0-9]{0,5}", value):
+        return int(value)
+    return value
+
+
 def thread_setting(value) -> int | str:
     """`threads` as the engine takes it: "auto", or a count in [1, the cores this process may
     use] (an int, or its decimal digits as the command line gives them)."""
     cores = available_cores()
     if value == "auto":
         return "auto"
-    if isinstance(value, str) and re.fullmatch(r"[1-9][0-9]{0,5}", value):
-        value = int(value)
+    value = _decimal(value)
     if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= cores):
         raise SSNError(f"{WHERE}: threads must be auto or an integer in [1, {cores}] (the cores this process may "
                        f"use), got {value!r}")
@@ -108,8 +115,7 @@ def step_tokens_setting(value, max_batch: int) -> int | str:
     max_batch a step could not hold a prompt token beside the other rows' next tokens."""
     if value in ("auto", "off"):
         return value
-    if isinstance(value, str) and re.fullmatch(r"[1-9][0-9]{0,5}", value):
-        value = int(value)
+    value = _decimal(value)
     if not (isinstance(value, int) and not isinstance(value, bool) and max_batch <= value <= 999_999):
         raise SSNError(f"{WHERE}: step_tokens must be auto, off or an integer in [{max_batch} (max_batch), 999999], "
                        f"got {value!r}")
