@@ -146,6 +146,11 @@ def _serve(d: dict) -> str:
     # since the steady-state window: rates and latencies counted after a warm-up, before the drain
     window = (f" (counted after {d['warmup_s']} s warm-up, steady state)" if "warmup_s" in d
               else " (whole run, ramp and drain included)")
+    # where the load generator ran (bench/serve.py client_cores); older runs did not say
+    if "load_client_cores" in d:
+        cores = d["load_client_cores"]
+        window += (f", load clients on cores {','.join(map(str, cores))} (the front end's)" if cores
+                   else ", load clients on the scheduler's cores")
     return (f"{model}, {d.get('rounds')} rounds x {d.get('seconds_per_setting')} s{window}: " + "; ".join(parts)
             + f"; resident memory with two patch profiles / base {_x(mem)}"
             + (f"; in process, {engines.get('requests')} requests: {eng}" if eng else "") + f"; {anchors}"

@@ -204,9 +204,26 @@ async def _stream(conn: list, host: str, port: int, path: str, body: bytes):
                     yield line[5:].strip()
 
 
+def client_cores(server_pid: int) -> list[int] | None:
+    """The cores an ssn server left to its front end (`--engine-cores auto` pins the engine
+    process to the last cores and the front end to the rest), where that is fewer than this
+    process may use; else None.
+
+    The load generator runs there: clients of a real server are on other machines and take no
+    CPU from its engine, and on 2 cores a load client the scheduler put on the engine's core
+    preempted its steps (organism, 16 clients: p95 inter-token latency 2.23-2.35x one client's
+    with the client anywhere, 1.95-2.01x with it on the front end's core, same server)."""
+    try:
+        front, mine = os.sched_getaffinity(server_pid), os.sched_getaffinity(0)
+    except (OSError, AttributeError):  # (gone, or a platform without affinity)
+        return None
+    return sorted(front) if front and front < mine else None
+
+
 def load(url: str, clients: int, models: list[str], prompts: list[str], seconds: float, max_tokens: int,
          ignore_eos: bool, extra: dict | None = None, warmup: float = 0.0, pid: int | None = None,
-         lengths_of: dict[tuple[str, str], int] | None = None, send_as: str | None = None) -> dict:
+         lengths_of: dict[tuple[str, str], int] | None = None, send_as: str | None = None,
+         cores: list[int] | None = None) -> dict:
     """Closed loop: `clients` streaming clients each send requests back to back for `seconds`
     (one asyncio loop in this process, a kept-alive connection per client).
 
@@ -221,7 +238,8 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
 
     `lengths_of` {(model, prompt): tokens} and `send_as`: each request goes to `send_as` instead,
     asking for exactly the tokens that its model answered to its prompt (`ignore_eos`): the same
-    requests, in the same order, with the same answer lengths, on another profile."""
+    requests, in the same order, with the same answer lengths, on another profile. `cores`: the
+    clients run on these cores for the run (`client_cores`), then where they ran before."""
     host, _, port = url.removeprefix("http://").partition(":")
     ttft, itl, lat, toks, errors, capped = [], [], [], [], [], [0]
     in_window = [0.0]
@@ -291,9 +309,16 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
         start = time.perf_counter()
         await asyncio.gather(*(client(i, start + warmup, start + seconds) for i in range(clients)))
 
-    cpu0, srv0, start = time.process_time(), _cpu_seconds(pid), time.perf_counter()
-    asyncio.run(run_all())
-    wall, cpu1, srv1 = time.perf_counter() - start, time.process_time(), _cpu_seconds(pid)
+    before = os.sched_getaffinity(0) if cores else None
+    if cores:
+        os.sched_setaffinity(0, cores)  # (this thread: the clients' event loop)
+    try:
+        cpu0, srv0, start = time.process_time(), _cpu_seconds(pid), time.perf_counter()
+        asyncio.run(run_all())
+        wall, cpu1, srv1 = time.perf_counter() - start, time.process_time(), _cpu_seconds(pid)
+    finally:
+        if before:
+            os.sched_setaffinity(0, before)
     return {"clients": clients, "requests": len(lat), "errors": len(errors), "error_sample": errors[:2],
             "warmup_s": warmup, "window_s": seconds - warmup, "window_tokens": in_window[0],
             "tokens_per_s": in_window[0] / (seconds - warmup),
@@ -304,7 +329,8 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95), "ttft_p99_s": pct(ttft, 0.99),
             "itl_p50_s": pct(itl, 0.5), "itl_p95_s": pct(itl, 0.95), "itl_p99_s": pct(itl, 0.99),
             "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95),
-            "client_cpu_s": cpu1 - cpu0, "server_cpu_s": srv1 - srv0 if pid is not None else None}
+            "client_cpu_s": cpu1 - cpu0, "server_cpu_s": srv1 - srv0 if pid is not None else None,
+            "client_cores": cores}
 
 
 def answer_lengths(url: str, models: list[str], prompts: list[str], max_tokens: int) -> dict[tuple[str, str], int]:
@@ -726,6 +752,10 @@ def main(argv=None) -> int:
     res["ssn_server_startup"] = startup_lines(srv)
     print("\n".join(res["ssn_server_startup"]))
     res["resident_memory_all_profiles"] = memory_bytes(srv.proc.pid)
+    # every load of the run (anchors and variant too) from the cores this server leaves its front end
+    cores = res["load_client_cores"] = client_cores(srv.proc.pid)
+    print(f"load clients on cores {cores}" if cores else "load clients on the scheduler's cores (the server "
+          "leaves its front end no cores of its own)")
     var, var_name, var_clients = None, "ssn " + " ".join(args.variant_arg), set()
     if args.variant_arg:
         # the same base-only load on a server with the further flags, each of its runs right
@@ -742,11 +772,11 @@ def main(argv=None) -> int:
         res["variant"]["startup"] = startup_lines(var)
         warm(var.url, "m", prompts)
         load(var.url, max(var_clients), ["m"], prompts, args.seconds, args.max_tokens, False, warmup=0.0,
-             pid=var.proc.pid)  # (discarded, as the main server's first run: a cold server runs slower)
+             pid=var.proc.pid, cores=cores)  # (discarded, as the main server's first run: a cold server runs slower)
 
     def run_variant(length: str, c: int, r: int) -> None:
         run = load(var.url, c, ["m"], prompts, args.seconds, args.max_tokens, length == "ignore_eos",
-                   warmup=args.warmup, pid=var.proc.pid)
+                   warmup=args.warmup, pid=var.proc.pid, cores=cores)
         res["runs"].append({"server": var_name, "mix": "base", "lengths": length, "round": r, **run})
         show(var_name, "base", length, run)
 
@@ -769,7 +799,7 @@ def main(argv=None) -> int:
         # otherwise ran up to a third slower than its repeat (a cold server: allocator, caches,
         # the profiles' first tables), which inflated every ratio over one client.
         load(srv.url, clients[-1], mixes["mixed"], prompts, args.seconds, args.max_tokens, False, warmup=0.0,
-             pid=srv.proc.pid)
+             pid=srv.proc.pid, cores=cores)
         res["discarded_warmup_run"] = {"clients": clients[-1], "mix": "mixed", "seconds": args.seconds}
         for length in lengths:
             order = list(mixes) + (["base_mixed_lengths"] if length == "natural" else [])
@@ -783,7 +813,8 @@ def main(argv=None) -> int:
                         before = engine_counts(srv.url)
                         run = load(srv.url, c, mixes["mixed" if replay else mix], prompts, args.seconds,
                                    args.max_tokens, length == "ignore_eos", warmup=args.warmup, pid=srv.proc.pid,
-                                   lengths_of=same if replay else None, send_as="m" if replay else None)
+                                   lengths_of=same if replay else None, send_as="m" if replay else None,
+                                   cores=cores)
                         run.update(step_stats(before, engine_counts(srv.url)))
                         res["runs"].append({"server": "ssn", "mix": mix, "lengths": length, "round": r, **run})
                         show("ssn", mix, length, run)
@@ -827,7 +858,7 @@ def main(argv=None) -> int:
                 warm(srv.url, served, prompts)
                 for c in clients:
                     run = load(srv.url, c, [served], prompts, args.seconds, args.max_tokens, False,
-                               warmup=args.warmup, pid=srv.proc.pid)
+                               warmup=args.warmup, pid=srv.proc.pid, cores=cores)
                     res["runs"].append({"server": name, "mix": "base", "lengths": "natural", "round": 0, **run})
                     show(name, "base", "natural", run)
             finally:

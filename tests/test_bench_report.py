@@ -75,3 +75,14 @@ def test_results_name_their_commit_dirty_only_when_code_differs(tmp_path):
     assert git_commit(tmp_path) == head
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit(tmp_path) == head + "+dirty"
+
+
+def test_serve_row_says_where_the_load_clients_ran(tmp_path):
+    base = {"benchmark": "serve-x", "time": "2026-01-02", "device_name": "CPU", "model": "m", "rounds": 2,
+            "seconds_per_setting": 12.0, "warmup_s": 3.0, "summary": {"natural": {"scaling_16_over_1": 9.0}}}
+    for name, extra in (("a", {"load_client_cores": [0]}), ("b", {"load_client_cores": None}), ("c", {})):
+        (tmp_path / f"serve-{name}.json").write_text(json.dumps({**base, **extra, "benchmark": f"serve-{name}"}))
+    rows = {ln.split("]")[0].strip("| `["): ln for ln in report.table(tmp_path).splitlines() if "serve-" in ln}
+    assert "load clients on cores 0 (the front end's)" in rows["serve-a"]
+    assert "load clients on the scheduler's cores" in rows["serve-b"]
+    assert "load clients" not in rows["serve-c"]  # (an older run did not record it: nothing is claimed)

@@ -6,6 +6,8 @@ request goes again on a new one), and a connection the server closed before answ
 
 import asyncio
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -263,3 +265,62 @@ def test_answer_lengths_refuses_a_usage_it_cannot_replay(usage, monkeypatch):
         serve.answer_lengths("http://127.0.0.1:1", ["m"], ["p"], 8)
     monkeypatch.setattr(Answer, "json", lambda self: {"usage": {"completion_tokens": 8}})
     assert serve.answer_lengths("http://127.0.0.1:1", ["m", "m:a"], ["p"], 8) == {("m", "p"): 8, ("m:a", "p"): 8}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs thread affinity and 2 cores")
+def test_the_load_clients_run_on_the_cores_a_server_left_its_front_end(monkeypatch):
+    """client_cores reads the cores a pinned server process runs on (None for one that may run
+    anywhere this process may), and load(cores=...) runs its clients there, then puts this
+    thread back where it was."""
+    mine = sorted(os.sched_getaffinity(0))
+    pinned = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                              preexec_fn=lambda: os.sched_setaffinity(0, mine[:1]))
+    free = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert serve.client_cores(pinned.pid) == mine[:1]
+        assert serve.client_cores(free.pid) is None
+    finally:
+        for p in (pinned, free):
+            p.kill()
+            p.wait()
+    assert serve.client_cores(pinned.pid) is None  # (gone)
+
+    seen = []
+
+    async def handler(reader, writer):
+        while await reader.readline():
+            headers = {}
+            while (h := await reader.readline()) not in (b"\r\n", b""):
+                k, _, v = h.decode().partition(":")
+                headers[k.lower()] = v.strip()
+            await reader.readexactly(int(headers["content-length"]))
+            seen.append(True)
+            text = b"data: " + json.dumps(EVENTS[0]).encode() + b"\n\ndata: [DONE]\n\n"
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(text) + text)
+            await writer.drain()
+
+    async def start():
+        srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+        return srv, srv.sockets[0].getsockname()[1]
+
+    import threading
+    loop = asyncio.new_event_loop()
+    srv, port = loop.run_until_complete(start())
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    where = []
+    real_run = asyncio.run
+
+    def run_and_look(coro):  # (the clients' loop: where does it run?)
+        where.append(sorted(os.sched_getaffinity(0)))
+        return real_run(coro)
+
+    monkeypatch.setattr(serve.asyncio, "run", run_and_look)
+    try:
+        run = serve.load(f"http://127.0.0.1:{port}", 1, ["m"], ["p"], 0.2, 4, False, cores=mine[-1:])
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+    assert where == [mine[-1:]] and run["client_cores"] == mine[-1:] and seen
+    assert sorted(os.sched_getaffinity(0)) == mine
