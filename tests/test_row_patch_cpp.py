@@ -191,6 +191,35 @@ def test_bad_arguments_are_refused_before_the_kernel():
         cpp_ops.row_patch_down(rows, cols, torch.zeros(M, N), torch.zeros(M, H).t().contiguous().t())
 
 
+def test_the_list_constructors_check_as_the_tensor_ones_and_give_the_same_kernel_input():
+    """RowPatchRows.of and RowVariants.of (a serving step's plan, built from Python lists):
+    the same refusals as the tensor constructors, and the same ids behind the pointers."""
+    sel, vid, index, (starts, ends), member, hidden, w, down = _case(2)
+    Rows = cpp_ops.RowPatchRows
+    s, v = sel.tolist(), vid.tolist()
+    a, b = Rows(sel, M, vid, V), Rows.of(s, M, v, V)
+    assert (a.R, a.sel_hi, a.V) == (b.R, b.sel_hi, b.V)
+    assert torch.equal(b.sel_ids, sel) and torch.equal(b.vid_ids, vid) and b.sel == b.sel_ids.data_ptr()
+    cols = cpp_ops.RowPatchColumns(index, N, w, down, starts, ends)
+    outs = [[torch.zeros(M, N), torch.zeros(M, N)] for _ in range(2)]
+    for rows, out in zip((a, b), outs, strict=True):
+        cpp_ops.row_patch_inputs(rows, cols, hidden, out)
+    assert all(torch.equal(x, y) for x, y in zip(*outs, strict=True))
+    for bad, match in (((s, max(s), v, V), "outside"), (([-1] + s[1:], M, v, V), "outside"),
+                       ((s, M, [V] + v[1:], V), "variant id"), ((s, M, v[:-1], V), "one length"),
+                       ((s[::-1], M, v, V), "increasing"), (([0, 3, 3], M, v[:3], V), "increasing"),
+                       (([float(x) for x in s], M, v, V), "ints"), ((s, M, [True] * len(v), V), "ints")):
+        with pytest.raises(ValueError, match=match):
+            Rows.of(*bad)
+    assert Rows.of([], M, [], V).R == 0
+    ids = [0, 1, 2, 1]
+    rv = cpp_ops.RowVariants.of(ids, V)
+    assert rv.M == 4 and rv.V == V and torch.equal(rv._keep, torch.tensor(ids, dtype=torch.int32))
+    for bad in ([0, V], [-1], [0.0], [False]):
+        with pytest.raises(ValueError, match="row variants"):
+            cpp_ops.RowVariants.of(bad, V)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_kernels_give_the_same_bits_on_any_thread_count(dtype):
     """Past the size where the work is split over threads (each thread a part of every run's

@@ -184,8 +184,29 @@ class RowPatchRows:
             lo, hi = torch.aminmax(vid)
             if int(lo) < 0 or int(hi) >= V:
                 raise ValueError(f"row_patch: a variant id is outside [0, {V})")
-        self.R, self.sel_hi, self.V = R, sel_hi, V
-        self._keep = (sel, vid)
+        self._set(sel, sel_hi, vid, V)
+
+    @classmethod
+    def of(cls, sel: list[int], sel_hi: int, vid: list[int], V: int) -> RowPatchRows:
+        """The same from lists of ints, checked in Python (a serving step's few dozen rows: each
+        tensor op of the checks above costs more than the whole list) into one tensor."""
+        R = len(sel)
+        if not (len(vid) == R and all(type(v) is int for v in (*sel, *vid))):
+            raise ValueError("row_patch: sel and vid must be lists of ints of one length")
+        if R and (sel[0] < 0 or sel[-1] >= sel_hi):
+            raise ValueError("row_patch: a row id is outside [0, sel_hi)")
+        if any(a >= b for a, b in zip(sel, sel[1:], strict=False)):
+            raise ValueError("row_patch: the rows must be increasing, each once")
+        if any(not 0 <= v < V for v in vid):
+            raise ValueError(f"row_patch: a variant id is outside [0, {V})")
+        both = torch.tensor(sel + vid, dtype=torch.int64)
+        self = cls.__new__(cls)
+        self._set(both[:R], sel_hi, both[R:], V)
+        return self
+
+    def _set(self, sel, sel_hi: int, vid, V: int) -> None:
+        self.R, self.sel_hi, self.V = sel.numel(), sel_hi, V
+        self.sel_ids, self.vid_ids = sel, vid  # (held: the pointers below stay valid while this lives)
         self.sel, self.vid = sel.data_ptr(), vid.data_ptr()
 
 
@@ -205,6 +226,17 @@ class RowVariants:
         self.M, self.V = ids.numel(), V
         self._keep = ids
         self.ptr = ids.data_ptr()
+
+    @classmethod
+    def of(cls, ids: list[int], V: int) -> RowVariants:
+        """The same from a list of ints, checked in Python (see RowPatchRows.of)."""
+        if not all(type(v) is int and 0 <= v < V for v in ids):
+            raise ValueError(f"row variants must be ints in [0, {V})")
+        self = cls.__new__(cls)
+        self.M, self.V = len(ids), V
+        self._keep = torch.tensor(ids, dtype=torch.int32)
+        self.ptr = self._keep.data_ptr()
+        return self
 
 
 def _row_view(t: torch.Tensor, dtype: torch.dtype, rows: int, cols: int) -> bool:

@@ -94,6 +94,7 @@ class _Variants:
         # deltas may live in the stacked per-layer tables (_stack_patches) instead of a copy
         self.owned = owned or [False] * len(patches)
         self.patched = [v for v, p in enumerate(patches) if p is not None]  # variants with a patch
+        self.patched_set = frozenset(self.patched)
         self.frozen = all(self.owned[v] for v in self.patched)  # no patch can change in place
         self.cpp_layers: dict[int, tuple] = {}  # layer -> its tables on the C++ path (_cpp_layer)
         self.index = {n: i for i, n in enumerate(names)}
@@ -143,6 +144,7 @@ class Intervention:
     collector: object = None  # a StatsCollector while profiling
     variants: _Variants | None = None
     rows: torch.Tensor | None = None  # int64 variant id per batch row (or per token row), CPU
+    row_list: tuple | None = None  # the same ids as Python ints: a step's plan is built from them
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -156,13 +158,27 @@ class Intervention:
         key = ("rows", token_rows, device)
         ids = self.cache.get(key)
         if ids is None:
-            B = self.rows.numel()
-            if B == 0 or token_rows % B:
-                raise SSNError(f"per-row variants were given for {B} rows, but the batch has {token_rows} token "
-                               "rows; give one variant per batch row (or per token row)")
-            ids = to_device(self.rows.repeat_interleave(token_rows // B), device)
+            ids = to_device(self.rows.repeat_interleave(self._per_row(token_rows)), device)
             self.cache[key] = ids
         return ids
+
+    def token_row_list(self, token_rows: int) -> list[int]:
+        """`row_ids` as a list of ints (cached per scope): a step's per-row plan is built from it
+        in Python, where each torch call on a few dozen ids costs more than the work."""
+        key = ("row_list", token_rows)
+        ids = self.cache.get(key)
+        if ids is None:
+            k = self._per_row(token_rows)
+            ids = list(self.row_list) if k == 1 else [v for v in self.row_list for _ in range(k)]
+            self.cache[key] = ids
+        return ids
+
+    def _per_row(self, token_rows: int) -> int:
+        B = len(self.row_list)
+        if B == 0 or token_rows % B:
+            raise SSNError(f"per-row variants were given for {B} rows, but the batch has {token_rows} token "
+                           "rows; give one variant per batch row (or per token row)")
+        return token_rows // B
 
     def rows_of(self, variant: int, token_rows: int, device) -> torch.Tensor:
         """Token-row indices (int64) whose variant is `variant`."""
@@ -317,15 +333,16 @@ class RuntimeHandle:
                 kw["rows"] = None  # rows refer to a variant list: new variants need new rows
         vs = kw.get("variants", outer.variants)
         if rows is not _UNSET:
-            kw["rows"] = self._rows(rows, vs) if rows is not None else None
+            kw["row_list"] = self._rows(rows, vs) if rows is not None else None
+            kw["rows"] = torch.tensor(kw["row_list"], dtype=torch.int64) if rows is not None else None
         # A rows-only scope directly inside the same scope as this thread's last one, with the
         # same rows, is that one again, caches included: a server opens one per decode step,
         # and a step's rows often equal the last step's. (Its tables depend on nothing else;
         # those built from tensors that may change in place carry stamps, _row_patch_stack.)
-        only_rows = list(kw) == ["rows"] and kw["rows"] is not None
+        only_rows = sorted(kw) == ["row_list", "rows"] and kw["rows"] is not None
         if only_rows:
             last = getattr(self._last_rows, "scope", None)
-            if last is not None and last[0] is outer and torch.equal(last[1], kw["rows"]):
+            if last is not None and last[0] is outer and last[1] == kw["row_list"]:
                 return last[2]
         new = replace(outer, **kw, cache={})
         if new.mask is not None and new.variants is not None and any(m is not None for m in new.variants.masks):
@@ -333,7 +350,7 @@ class RuntimeHandle:
         if new.patch is not None or (new.variants is not None and any(p is not None for p in new.variants.patches)):
             self._ensure_attention_hooks(new)
         if only_rows:
-            self._last_rows.scope = (outer, kw["rows"], new)
+            self._last_rows.scope = (outer, kw["row_list"], new)
         return new
 
     def _patch_state(self, patch):
@@ -394,8 +411,11 @@ class RuntimeHandle:
             patches.append(state.requires_grad_(False) if owned[-1] else state)
         return _Variants(names, masks, patches, owned)
 
-    def _rows(self, rows, vs: _Variants | None) -> torch.Tensor:
+    def _rows(self, rows, vs: _Variants | None) -> tuple[int, ...]:
         names = vs.names if vs is not None else ["base"]
+        n = len(names)
+        if isinstance(rows, (list, tuple)) and all(type(r) is int and 0 <= r < n for r in rows):
+            return tuple(rows)  # (a server's steps: indices, checked in one pass)
         ids = []
         for r in rows:
             if isinstance(r, str):
@@ -409,7 +429,7 @@ class RuntimeHandle:
                 ids.append(r)
             else:
                 raise SSNError(f"variant {r!r} is neither a registered name nor an index below {len(names)}")
-        return torch.tensor(ids, dtype=torch.int64)
+        return tuple(ids)
 
     def _ensure_attention_hooks(self, state: Intervention) -> None:
         """Install (once) the hooks that add attention-neuron deltas; they read the state per call."""
@@ -700,10 +720,10 @@ def _rows_use_patches(state: Intervention, token_rows: int, device) -> bool:
     vs = state.variants
     if vs is None or not vs.patched or state.rows is None:
         return False
-    key = ("rows_use_patches", token_rows, device)
+    key = ("rows_use_patches", token_rows)
     if key not in state.cache:
-        ids = state.row_ids(token_rows, device)
-        state.cache[key] = bool(torch.isin(ids, torch.tensor(vs.patched, device=device)).any())
+        state._per_row(token_rows)  # (refuses a batch the rows do not fit)
+        state.cache[key] = not vs.patched_set.isdisjoint(state.row_list)
     return state.cache[key]
 
 
@@ -745,14 +765,18 @@ def _row_patch_batch(state: Intervention, token_rows: int, device) -> _RowPatchB
     key = ("row_patch_batch", token_rows, device)
     if key not in state.cache:
         vs = state.variants
-        ids = state.row_ids(token_rows, device)
-        sel = torch.isin(ids, torch.tensor(vs.patched, device=device)).nonzero().flatten()
-        vid = ids.index_select(0, sel)
+        ids = state.token_row_list(token_rows)
+        patched = vs.patched_set
+        sel = [t for t, v in enumerate(ids) if v in patched]
         batch = None
-        if sel.numel():
-            native = cpp_ops.RowPatchRows(sel, token_rows, vid, len(vs.names)) \
-                if _ROW_PATCH_CPP and device.type == "cpu" else None
-            batch = _RowPatchBatch(sel, vid, native)
+        if sel:
+            vid = [ids[t] for t in sel]
+            if _ROW_PATCH_CPP and device.type == "cpu":
+                native = cpp_ops.RowPatchRows.of(sel, token_rows, vid, len(vs.names))
+                batch = _RowPatchBatch(native.sel_ids, native.vid_ids, native)
+            else:
+                both = torch.tensor(sel + vid, dtype=torch.int64)
+                batch = _RowPatchBatch(to_device(both[:len(sel)], device), to_device(both[len(sel):], device), None)
         state.cache[key] = batch
     return state.cache[key]
 
@@ -779,10 +803,9 @@ def _cpp_rows(handle, site: NeuronSite, state: Intervention, x: torch.Tensor, to
         if _ROW_PATCH_CPP and x.device.type == "cpu" and vs is not None and vs.frozen and state.mask is None \
                 and state.patch is None and state.collector is None \
                 and handle.backend_for(x, site) == "cpp":
-            ids = state.row_ids(token_rows, x.device).to(torch.int32).contiguous()
             batch = _row_patch_batch(state, token_rows, x.device) if vs.patched else None
             if batch is None or batch.native is not None:
-                plan = _CppRows(cpp_ops.RowVariants(ids, len(vs.names)), batch)
+                plan = _CppRows(cpp_ops.RowVariants.of(state.token_row_list(token_rows), len(vs.names)), batch)
         state.cache[key] = plan
     return plan or None
 
