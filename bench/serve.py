@@ -211,8 +211,7 @@ def client_cores(server_pid: int) -> list[int] | None:
 
     The load generator runs there: clients of a real server are on other machines and take no
     CPU from its engine, and on 2 cores a load client the scheduler put on the engine's core
-    preempted its steps (organism, 16 clients: p95 inter-token latency 2.23-2.35x one client's
-    with the client anywhere, 1.95-2.01x with it on the front end's core, same server)."""
+    preempted its steps (one server measured both ways: bench/serve_client_placement.py)."""
     try:
         front, mine = os.sched_getaffinity(server_pid), os.sched_getaffinity(0)
     except (OSError, AttributeError):  # (gone, or a platform without affinity)
