@@ -751,7 +751,8 @@ def main(argv=None) -> int:
     res["ssn_server_startup"] = startup_lines(srv)
     print("\n".join(res["ssn_server_startup"]))
     res["resident_memory_all_profiles"] = memory_bytes(srv.proc.pid)
-    # every load of the run (anchors and variant too) from the cores this server leaves its front end
+    # every load of the run (anchors too) from the cores this server leaves its front end; a
+    # variant server's from the cores it leaves its own (its flags may place its engine elsewhere)
     cores = res["load_client_cores"] = client_cores(srv.proc.pid)
     print(f"load clients on cores {cores}" if cores else "load clients on the scheduler's cores (the server "
           "leaves its front end no cores of its own)")
@@ -769,13 +770,15 @@ def main(argv=None) -> int:
             srv.stop()
             raise
         res["variant"]["startup"] = startup_lines(var)
+        var_cores = res["variant"]["load_client_cores"] = client_cores(var.proc.pid)
         warm(var.url, "m", prompts)
+        # (discarded, as the main server's first run: a cold server runs slower)
         load(var.url, max(var_clients), ["m"], prompts, args.seconds, args.max_tokens, False, warmup=0.0,
-             pid=var.proc.pid, cores=cores)  # (discarded, as the main server's first run: a cold server runs slower)
+             pid=var.proc.pid, cores=var_cores)
 
     def run_variant(length: str, c: int, r: int) -> None:
         run = load(var.url, c, ["m"], prompts, args.seconds, args.max_tokens, length == "ignore_eos",
-                   warmup=args.warmup, pid=var.proc.pid, cores=cores)
+                   warmup=args.warmup, pid=var.proc.pid, cores=var_cores)
         res["runs"].append({"server": var_name, "mix": "base", "lengths": length, "round": r, **run})
         show(var_name, "base", length, run)
 

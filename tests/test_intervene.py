@@ -182,6 +182,32 @@ def test_a_rows_scope_like_the_last_one_is_reused_per_thread():
             assert torch.equal(model(input_ids=ids, attention_mask=am).logits, want)
 
 
+def test_rows_given_as_names_indices_or_int_enums_are_one_and_the_same():
+    """Per-row variants as names, plain indices (a server's steps: checked in one pass) or an
+    IntEnum's members give the same ids, as ints and as a tensor, and the same logits; new
+    variants without rows drop the old rows in both forms."""
+    import enum
+
+    model = tiny_model("llama")
+    variants = {"m": rich_mask(model, 3), "p": Variant(patch=trained_patch(model, 1))}
+    ids, am = batch("left")
+    V = enum.IntEnum("V", {"base": 0, "m": 1, "p": 2})
+    with torch.no_grad(), ssn_runtime.attach(model) as h, h.intervene(variants=variants):
+        got = []
+        for rows in (["p", "base", "m"], [2, 0, 1], (2, 0, 1), [V.p, V.base, V.m]):
+            with h.intervene(rows=rows) as st:
+                assert st.row_list == (2, 0, 1) and all(type(v) is int for v in st.row_list)
+                assert torch.equal(st.rows, torch.tensor([2, 0, 1]))
+                got.append(model(input_ids=ids, attention_mask=am).logits)
+        assert all(torch.equal(g, got[0]) for g in got[1:])
+        for bad in ([0, 3, 1], [0, -1, 1], [True, 0, 1], [0.0, 0, 1], ["x", 0, 1]):
+            with pytest.raises(SSNError):
+                with h.intervene(rows=bad):
+                    pass
+        with h.intervene(rows=[2, 0, 1]), h.intervene(variants=variants) as fresh:
+            assert fresh.rows is None and fresh.row_list is None
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_per_row_patches_equal_merged_models(arch, backend):

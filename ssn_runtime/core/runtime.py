@@ -330,20 +330,21 @@ class RuntimeHandle:
         if variants is not _UNSET:
             kw["variants"] = self._variants(variants) if variants is not None else None
             if rows is _UNSET:
-                kw["rows"] = None  # rows refer to a variant list: new variants need new rows
+                kw["row_list"] = None  # rows refer to a variant list: new variants need new rows
         vs = kw.get("variants", outer.variants)
         if rows is not _UNSET:
             kw["row_list"] = self._rows(rows, vs) if rows is not None else None
-            kw["rows"] = torch.tensor(kw["row_list"], dtype=torch.int64) if rows is not None else None
         # A rows-only scope directly inside the same scope as this thread's last one, with the
         # same rows, is that one again, caches included: a server opens one per decode step,
         # and a step's rows often equal the last step's. (Its tables depend on nothing else;
         # those built from tensors that may change in place carry stamps, _row_patch_stack.)
-        only_rows = sorted(kw) == ["row_list", "rows"] and kw["rows"] is not None
+        only_rows = list(kw) == ["row_list"] and kw["row_list"] is not None
         if only_rows:
             last = getattr(self._last_rows, "scope", None)
             if last is not None and last[0] is outer and last[1] == kw["row_list"]:
                 return last[2]
+        if "row_list" in kw:  # (the tensor beside the ints: the kernels' and general path's view)
+            kw["rows"] = torch.tensor(kw["row_list"], dtype=torch.int64) if kw["row_list"] is not None else None
         new = replace(outer, **kw, cache={})
         if new.mask is not None and new.variants is not None and any(m is not None for m in new.variants.masks):
             raise SSNError("give one mask for every row or per-row variants with masks, not both")
@@ -426,7 +427,7 @@ class RuntimeHandle:
                     raise SSNError(f"unknown variant {r!r}; registered: {', '.join(names)}")
                 ids.append(vs.index[r])
             elif isinstance(r, int) and not isinstance(r, bool) and 0 <= r < len(names):
-                ids.append(r)
+                ids.append(int(r))  # (an IntEnum's value: the kernels' lists take plain ints)
             else:
                 raise SSNError(f"variant {r!r} is neither a registered name nor an index below {len(names)}")
         return tuple(ids)
