@@ -5,10 +5,12 @@ ends anywhere, sized error answers (raised, the connection kept), a body that ru
 request goes again on a new one), and a connection the server closed before answering (an error)."""
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,32 @@ serve = pytest.importorskip("serve")  # bench/serve.py (httpx: a dev dependency)
 
 EVENTS = [{"choices": [{"delta": {"content": f"t{i}"}}]} for i in range(5)] + [
     {"choices": [], "usage": {"completion_tokens": 5}}]
+
+
+async def _read_body(reader) -> bytes | None:
+    """One request's body (None: the client closed)."""
+    if not await reader.readline():
+        return None
+    headers = {}
+    while (h := await reader.readline()) not in (b"\r\n", b""):
+        k, _, v = h.decode().partition(":")
+        headers[k.lower()] = v.strip()
+    return await reader.readexactly(int(headers["content-length"]))
+
+
+@contextlib.contextmanager
+def _serving(handler):
+    """`handler` answering on a local port (yielded) from an event loop in a thread, for
+    serve.load, which runs its own loop in this one."""
+    loop = asyncio.new_event_loop()
+    srv = loop.run_until_complete(asyncio.start_server(handler, "127.0.0.1", 0))
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        yield srv.sockets[0].getsockname()[1]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
 
 
 async def _handler(reader, writer):
@@ -135,12 +163,8 @@ def test_the_same_lengths_replay_sends_the_mixed_requests_to_base_at_their_lengt
     bodies = []
 
     async def handler(reader, writer):
-        while await reader.readline():
-            headers = {}
-            while (h := await reader.readline()) not in (b"\r\n", b""):
-                k, _, v = h.decode().partition(":")
-                headers[k.lower()] = v.strip()
-            body = json.loads(await reader.readexactly(int(headers["content-length"])))
+        while (raw := await _read_body(reader)) is not None:
+            body = json.loads(raw)
             bodies.append(body)
             events = [{"choices": [{"delta": {"content": "x"}, "finish_reason": None}]}] * 2 + [
                 {"choices": [{"delta": {}, "finish_reason": "length" if body["model"] == "m" else "stop"}]},
@@ -149,25 +173,13 @@ def test_the_same_lengths_replay_sends_the_mixed_requests_to_base_at_their_lengt
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(text) + text)
             await writer.drain()
 
-    async def start():
-        srv = await asyncio.start_server(handler, "127.0.0.1", 0)
-        return srv, srv.sockets[0].getsockname()[1]
-
-    import threading
-    loop = asyncio.new_event_loop()
-    srv, port = loop.run_until_complete(start())
-    t = threading.Thread(target=loop.run_forever, daemon=True)
-    t.start()
-    try:
+    with _serving(handler) as port:
         models, prompts = ["m", "m:a"], ["p0", "p1", "p2"]
         lengths = {(m, p): 3 + i for i, (m, p) in enumerate((m, p) for m in models for p in prompts)}
         run = serve.load(f"http://127.0.0.1:{port}", 2, models, prompts, 0.3, 9, False, lengths_of=lengths,
                          send_as="m")
         replayed = list(bodies)
         plain = serve.load(f"http://127.0.0.1:{port}", 2, models, prompts, 0.3, 9, False)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
     assert run["requests"] > 2 and run["errors"] == 0 and run["capped_fraction"] == 1.0
     assert {b["model"] for b in replayed} == {"m"} and all(b["ignore_eos"] is True for b in replayed)
     # every request asked for its own model's length for its prompt (the table's values are distinct)
@@ -289,26 +301,12 @@ def test_the_load_clients_run_on_the_cores_a_server_left_its_front_end(monkeypat
     seen = []
 
     async def handler(reader, writer):
-        while await reader.readline():
-            headers = {}
-            while (h := await reader.readline()) not in (b"\r\n", b""):
-                k, _, v = h.decode().partition(":")
-                headers[k.lower()] = v.strip()
-            await reader.readexactly(int(headers["content-length"]))
+        while await _read_body(reader) is not None:
             seen.append(True)
             text = b"data: " + json.dumps(EVENTS[0]).encode() + b"\n\ndata: [DONE]\n\n"
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(text) + text)
             await writer.drain()
 
-    async def start():
-        srv = await asyncio.start_server(handler, "127.0.0.1", 0)
-        return srv, srv.sockets[0].getsockname()[1]
-
-    import threading
-    loop = asyncio.new_event_loop()
-    srv, port = loop.run_until_complete(start())
-    t = threading.Thread(target=loop.run_forever, daemon=True)
-    t.start()
     where = []
     real_run = asyncio.run
 
@@ -317,10 +315,7 @@ def test_the_load_clients_run_on_the_cores_a_server_left_its_front_end(monkeypat
         return real_run(coro)
 
     monkeypatch.setattr(serve.asyncio, "run", run_and_look)
-    try:
+    with _serving(handler) as port:
         run = serve.load(f"http://127.0.0.1:{port}", 1, ["m"], ["p"], 0.2, 4, False, cores=mine[-1:])
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
     assert where == [mine[-1:]] and run["client_cores"] == mine[-1:] and seen
     assert sorted(os.sched_getaffinity(0)) == mine
