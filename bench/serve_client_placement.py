@@ -33,6 +33,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--out", help="JSON file or folder (default bench/results/serve-diagnostics/)")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    if not args.max_tokens >= 1:
+        ap.error(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if not 0 <= args.warmup < args.seconds:
         ap.error(f"--warmup must be in [0, --seconds), got {args.warmup}")
     model, _, prompts, label = resolve_model(args.model, None)

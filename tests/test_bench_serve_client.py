@@ -319,3 +319,12 @@ def test_the_load_clients_run_on_the_cores_a_server_left_its_front_end(monkeypat
         run = serve.load(f"http://127.0.0.1:{port}", 1, ["m"], ["p"], 0.2, 4, False, cores=mine[-1:])
     assert where == [mine[-1:]] and run["client_cores"] == mine[-1:] and seen
     assert sorted(os.sched_getaffinity(0)) == mine
+
+
+@pytest.mark.parametrize("bad", [["--rounds", "0"], ["--max-tokens", "0"], ["--warmup", "12"],
+                                 ["--seconds", "nan"], ["--rounds", "1.5"]])
+def test_the_placement_check_refuses_bad_settings_before_any_server_starts(bad, capsys):
+    placement = pytest.importorskip("serve_client_placement")
+    with pytest.raises(SystemExit) as exc:
+        placement.main(bad)
+    assert exc.value.code == 2 and "error:" in capsys.readouterr().err
