@@ -58,6 +58,34 @@ def device_name(device: str) -> str:
     return f"{model} x{torch.get_num_threads()} threads"
 
 
+# The instruction-set flags that pick our kernels' code paths (csrc/: AVX2, AVX-512, AVX512_BF16,
+# AMX): two CPUs sold under one model name (a cloud VM's "AMD EPYC" covers Zen 2 to Zen 5) differ here.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_record(cpuinfo: str | None = None) -> dict:
+    """This machine's CPU as /proc/cpuinfo names it (vendor, family, model, stepping: the model name
+    alone does not tell generations apart), the flags in CPU_FLAGS it has, and the ATen kernels
+    torch picked. Stored with every CPU result, so that a table row says which CPU it ran on."""
+    rec: dict = {"aten_capability": torch.backends.cpu.get_cpu_capability()}
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return rec
+    first = cpuinfo.split("\n\n", 1)[0]  # the first processor's block
+    fields = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in first.splitlines()) if _)
+    for key, name in (("vendor_id", "vendor"), ("model name", "model_name")):
+        if key in fields:
+            rec[name] = fields[key]
+    for key, name in (("cpu family", "family"), ("model", "model"), ("stepping", "stepping")):
+        if fields.get(key, "").isdigit():
+            rec[name] = int(fields[key])
+    flags = set(fields.get("flags", "").split())
+    rec["flags"] = [f for f in CPU_FLAGS if f in flags]
+    return rec
+
+
 def timeit(fn, device: str, *, warmup: int = 3, reps: int = 10, min_seconds: float = 0.2) -> float:
     """Median seconds per call of `fn`."""
     for _ in range(warmup):
@@ -205,5 +233,7 @@ def write_results(name: str, payload: dict, out: str | None) -> Path:
                "torch": torch.__version__, "git_commit": git_commit(),
                "env": {k: v for k, v in os.environ.items() if k.startswith("SSN_")},
                **payload}
+    if payload.get("device") == "cpu" and "cpu" not in payload:
+        payload["cpu"] = cpu_record()
     atomic_write_text(path, json.dumps(payload, indent=2, default=str))
     return path

@@ -224,9 +224,25 @@ SUMMARIES = {"mlp": _mlp, "profile": _profile, "intervene": _intervene, "train":
              "small_batch_linear": _small_batch_linear, "gemv": _gemv, "kernels": _kernels}
 
 
+def cpu_label(rec: dict) -> str:
+    """A result's CPU record (bench/common.py cpu_record) in a few words: 'family 26 model 2,
+    ATen AVX512, avx512_bf16'."""
+    parts = []
+    if "family" in rec and "model" in rec:
+        parts.append(f"family {rec['family']} model {rec['model']}")
+    parts.append(f"ATen {rec.get('aten_capability', '?')}")
+    parts += [f for f in rec.get("flags", []) if f in ("avx512_bf16", "amx_bf16")]
+    return ", ".join(parts)
+
+
 def environment(d: dict) -> str:
+    """Where a result ran. A CPU result names its CPU's family and model where it recorded them:
+    one model name (a cloud VM's "AMD EPYC") covers several generations."""
     commit = d.get("git_commit")
-    return (f"{d.get('device_name', '?')}, torch {d.get('torch', '?')}, {d.get('time', '?')[:10]}"
+    name = d.get("device_name", "?")
+    if d.get("device") == "cpu" and "device_name" in d:
+        name += f" ({cpu_label(d['cpu'])})" if isinstance(d.get("cpu"), dict) else " (CPU family not recorded)"
+    return (f"{name}, torch {d.get('torch', '?')}, {d.get('time', '?')[:10]}"
             + (f", commit {commit[:8]}" if commit else ", commit not recorded"))
 
 

@@ -30,6 +30,53 @@ def test_table_reads_each_result_and_names_its_environment(tmp_path):
     assert "mask_over_plain 1.25x" in t and "commit not recorded" in t
 
 
+ZEN5 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+stepping\t: 1
+flags\t\t: fpu avx2 fma avx512f avx512bw avx512_bf16 sse4_2
+
+processor\t: 1
+vendor_id\t: SomeoneElse
+cpu family\t: 99
+"""
+
+
+def test_cpu_record_names_the_generation_behind_a_shared_model_name():
+    """Two cloud VMs both called "AMD EPYC" (a Zen 4 and a Zen 5) must not share a table row's
+    label: a CPU result records family, model and the kernels' instruction-set flags."""
+    from common import cpu_record
+
+    rec = cpu_record(ZEN5)
+    assert {k: rec[k] for k in ("vendor", "model_name", "family", "model", "stepping")} == {
+        "vendor": "AuthenticAMD", "model_name": "AMD EPYC", "family": 26, "model": 2, "stepping": 1}
+    assert rec["flags"] == ["avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"]  # CPU_FLAGS' order, known ones
+    assert isinstance(rec["aten_capability"], str)
+    assert "family" not in cpu_record("model name\t: X\ncpu family\t: 2x\n")  # not a count: left out
+
+
+def test_environment_names_a_cpu_results_family_or_says_it_is_unknown():
+    base = {"benchmark": "new", "time": "2026-01-02", "torch": "9.9", "device": "cpu",
+            "device_name": "AMD EPYC x2 threads", "x_over_y": 1.0}
+    rec = {"aten_capability": "AVX512", "family": 26, "model": 2, "flags": ["avx2", "avx512f", "avx512_bf16"]}
+    assert report.environment({**base, "cpu": rec}).startswith(
+        "AMD EPYC x2 threads (family 26 model 2, ATen AVX512, avx512_bf16), torch 9.9, 2026-01-02")
+    assert report.environment(base).startswith("AMD EPYC x2 threads (CPU family not recorded), torch 9.9")
+    gpu = {**base, "device": "cuda", "device_name": "H200"}
+    assert report.environment(gpu).startswith("H200, torch 9.9")
+
+
+def test_write_results_records_the_cpu_of_a_cpu_run_only(tmp_path):
+    from common import write_results
+
+    cpu = json.loads(write_results("x", {"device": "cpu", "device_name": "C"}, str(tmp_path / "a.json")).read_text())
+    assert cpu["cpu"]["aten_capability"]
+    gpu = json.loads(write_results("x", {"device": "cuda", "device_name": "G"}, str(tmp_path / "b.json")).read_text())
+    assert "cpu" not in gpu
+
+
 def test_replace_table_needs_exactly_one_pair_of_markers():
     import pytest
 
