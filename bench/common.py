@@ -221,8 +221,16 @@ def git_commit(root: Path | None = None) -> str | None:
 
 
 def write_results(name: str, payload: dict, out: str | None) -> Path:
-    """Write JSON to `out` (a file or folder), default bench/results/<name>-<device>.json."""
-    device = payload.get("device_name", "unknown").replace(" ", "_").replace("/", "_")
+    """Write JSON to `out` (a file or folder), default bench/results/<name>-<device>.json. A CPU
+    result records its CPU (cpu_record) and its <device> names the CPU's family and model, so
+    two CPUs of one model name (a Zen 4 and a Zen 5 "AMD EPYC") keep a result each."""
+    if payload.get("device") == "cpu" and "cpu" not in payload:
+        payload = {**payload, "cpu": cpu_record()}
+    device = payload.get("device_name", "unknown")
+    cpu = payload.get("cpu") if payload.get("device") == "cpu" else None
+    if isinstance(cpu, dict) and "family" in cpu and "model" in cpu:
+        device += f" family{cpu['family']} model{cpu['model']}"
+    device = device.replace(" ", "_").replace("/", "_")
     if out is None:
         path = Path(__file__).parent / "results" / f"{name}-{device}.json"
     else:
@@ -233,7 +241,5 @@ def write_results(name: str, payload: dict, out: str | None) -> Path:
                "torch": torch.__version__, "git_commit": git_commit(),
                "env": {k: v for k, v in os.environ.items() if k.startswith("SSN_")},
                **payload}
-    if payload.get("device") == "cpu" and "cpu" not in payload:
-        payload["cpu"] = cpu_record()
     atomic_write_text(path, json.dumps(payload, indent=2, default=str))
     return path

@@ -75,6 +75,12 @@ def test_write_results_records_the_cpu_of_a_cpu_run_only(tmp_path):
     assert cpu["cpu"]["aten_capability"]
     gpu = json.loads(write_results("x", {"device": "cuda", "device_name": "G"}, str(tmp_path / "b.json")).read_text())
     assert "cpu" not in gpu
+    # a folder: the file is named after the CPU's family and model, not only its model name
+    rec = {"aten_capability": "AVX512", "family": 26, "model": 2, "flags": []}
+    path = write_results("x", {"device": "cpu", "device_name": "AMD EPYC x2 threads", "cpu": rec}, str(tmp_path))
+    assert path.name == "x-AMD_EPYC_x2_threads_family26_model2.json"
+    assert json.loads(path.read_text())["cpu"] == rec
+    assert write_results("x", {"device": "cuda", "device_name": "H200"}, str(tmp_path)).name == "x-H200.json"
 
 
 def test_replace_table_needs_exactly_one_pair_of_markers():
