@@ -45,7 +45,7 @@ DATASHEET_BW = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
 def device_name(device: str) -> str:
-    if device == "cuda":
+    if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
     model = platform.processor() or platform.machine()
     try:
@@ -81,7 +81,11 @@ def cpu_record(cpuinfo: str | None = None) -> dict:
     for key, name in (("cpu family", "family"), ("model", "model"), ("stepping", "stepping")):
         if fields.get(key, "").isdigit():
             rec[name] = int(fields[key])
-    flags = set(fields.get("flags", "").split())
+    # Arm names its cores by implementer and part (hex), not by family and model
+    for key, name in (("CPU implementer", "implementer"), ("CPU part", "part"), ("CPU variant", "variant")):
+        if key in fields:
+            rec[name] = fields[key]
+    flags = set(fields.get("flags", fields.get("Features", "")).split())
     rec["flags"] = [f for f in CPU_FLAGS if f in flags]
     return rec
 
@@ -226,13 +230,20 @@ def write_results(name: str, payload: dict, out: str | None) -> Path:
     two CPUs of one model name (a Zen 4 and a Zen 5 "AMD EPYC") keep a result each."""
     if payload.get("device") == "cpu" and "cpu" not in payload:
         payload = {**payload, "cpu": cpu_record()}
-    device = payload.get("device_name", "unknown")
+    plain = device = payload.get("device_name", "unknown")
     cpu = payload.get("cpu") if payload.get("device") == "cpu" else None
-    if isinstance(cpu, dict) and "family" in cpu and "model" in cpu:
-        device += f" family{cpu['family']} model{cpu['model']}"
-    device = device.replace(" ", "_").replace("/", "_")
+    if isinstance(cpu, dict):
+        if "family" in cpu and "model" in cpu:
+            device += f" family{cpu['family']} model{cpu['model']}"
+        elif "implementer" in cpu and "part" in cpu:
+            device += f" implementer{cpu['implementer']} part{cpu['part']}"
+    device, plain = (d.replace(" ", "_").replace("/", "_") for d in (device, plain))
     if out is None:
         path = Path(__file__).parent / "results" / f"{name}-{device}.json"
+        older = path.with_name(f"{name}-{plain}.json")
+        if older != path and older.exists():  # written before files named their CPU: never replaced
+            print(f"note: {older} is an earlier result on a CPU of the same model name whose family it does not "
+                  f"record; delete it if it ran on this CPU ({path.name} now holds this run)", file=sys.stderr)
     else:
         path = Path(out)
         if path.suffix != ".json":

@@ -230,6 +230,10 @@ def cpu_label(rec: dict) -> str:
     parts = []
     if "family" in rec and "model" in rec:
         parts.append(f"family {rec['family']} model {rec['model']}")
+    elif "implementer" in rec and "part" in rec:
+        parts.append(f"implementer {rec['implementer']} part {rec['part']}")
+    else:
+        parts.append("CPU family not recorded")
     parts.append(f"ATen {rec.get('aten_capability', '?')}")
     parts += [f for f in rec.get("flags", []) if f in ("avx512_bf16", "amx_bf16")]
     return ", ".join(parts)

@@ -55,6 +55,10 @@ def test_cpu_record_names_the_generation_behind_a_shared_model_name():
     assert rec["flags"] == ["avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"]  # CPU_FLAGS' order, known ones
     assert isinstance(rec["aten_capability"], str)
     assert "family" not in cpu_record("model name\t: X\ncpu family\t: 2x\n")  # not a count: left out
+    arm = cpu_record("processor\t: 0\nFeatures\t: fp asimd sve\nCPU implementer\t: 0x41\nCPU part\t: 0xd40\n")
+    assert (arm["implementer"], arm["part"], arm["flags"]) == ("0x41", "0xd40", [])
+    assert report.cpu_label(arm).startswith("implementer 0x41 part 0xd40")
+    assert report.cpu_label({"aten_capability": "DEFAULT"}).startswith("CPU family not recorded")
 
 
 def test_environment_names_a_cpu_results_family_or_says_it_is_unknown():
@@ -81,6 +85,9 @@ def test_write_results_records_the_cpu_of_a_cpu_run_only(tmp_path):
     assert path.name == "x-AMD_EPYC_x2_threads_family26_model2.json"
     assert json.loads(path.read_text())["cpu"] == rec
     assert write_results("x", {"device": "cuda", "device_name": "H200"}, str(tmp_path)).name == "x-H200.json"
+    arm = {"aten_capability": "DEFAULT", "implementer": "0x41", "part": "0xd40", "flags": []}
+    assert write_results("x", {"device": "cpu", "device_name": "aarch64 x2 threads", "cpu": arm},
+                         str(tmp_path)).name == "x-aarch64_x2_threads_implementer0x41_part0xd40.json"
 
 
 def test_replace_table_needs_exactly_one_pair_of_markers():
