@@ -74,6 +74,17 @@ def _intervene(d: dict) -> str:
             + "; ".join(out))
 
 
+def _row_variants(d: dict) -> str:
+    r = d.get("ratio_per_round", {})
+    us = d.get("step_us", {})
+    cells = ", ".join(f"{k} {_x(v['median'])} [{v['p25']:.3f}-{v['p75']:.3f}]" for k, v in r.items() if k != "base")
+    base = us.get("base")
+    return (f"{d.get('model', '?')}, one token for each of {d.get('rows', '?')} rows, {d.get('threads', '?')} "
+            f"thread(s), served profiles {', '.join(d.get('profiles', []))}: step time / base-only "
+            f"({base:.0f} us), median [interquartile range] over interleaved rounds: "
+            if isinstance(base, int | float) else "step time / base-only: ") + cells
+
+
 def _train(d: dict) -> str:
     out = []
     for case, c in d.items():
@@ -221,7 +232,8 @@ def _generic(d: dict) -> str:
 
 
 SUMMARIES = {"mlp": _mlp, "profile": _profile, "intervene": _intervene, "train": _train, "serve": _serve, "moe": _moe,
-             "small_batch_linear": _small_batch_linear, "gemv": _gemv, "kernels": _kernels}
+             "small_batch_linear": _small_batch_linear, "row_variants": _row_variants, "gemv": _gemv,
+             "kernels": _kernels}
 
 
 def cpu_label(rec: dict) -> str:
