@@ -79,8 +79,10 @@ def _row_variants(d: dict) -> str:
     us = d.get("step_us", {})
     cells = ", ".join(f"{k} {_x(v['median'])} [{v['p25']:.3f}-{v['p75']:.3f}]" for k, v in r.items() if k != "base")
     base = us.get("base")
+    # (files written before the option ran every linear layer through F.linear)
+    forms = "small-batch forms" if d.get("small_batch", "off") == "on" else "F.linear"
     return (f"{d.get('model', '?')}, one token for each of {d.get('rows', '?')} rows, {d.get('threads', '?')} "
-            f"thread(s), served profiles {', '.join(d.get('profiles', []))}: step time / base-only "
+            f"thread(s), {forms}, served profiles {', '.join(d.get('profiles', []))}: step time / base-only "
             f"({base:.0f} us), median [interquartile range] over interleaved rounds: "
             if isinstance(base, int | float) else "step time / base-only: ") + cells
 

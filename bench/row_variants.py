@@ -14,8 +14,12 @@ interquartile range:
   masks    rows round robin over base and the two masks
   patches  rows round robin over base and the two patches
   mixed    rows round robin over base, both masks and both patches (bench/serve.py's mixed load)
-No KV cache and no small-batch product: the figure isolates the profiles' own cost, which
-bench/serve.py's mixed-over-base ratio contains beside the answers' different lengths.
+The linear layers run in the small-batch forms `ssn serve` takes where they are built (the
+C++ product, or the tall form: `--small-batch on`, as `--small-batch-gemm on` chooses them;
+`off`: F.linear). Without them a base step took twice as long on SmolLM2 and the profiles'
+ratio read half of what a served step pays. No KV cache: the figure isolates the profiles'
+own cost, which bench/serve.py's mixed-over-base ratio contains beside the answers'
+different lengths.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="checkpoint folder or 'smollm2' (default: the built-in organism, seed 0)")
     ap.add_argument("--rows", type=positive, default=16, help="token rows of the step (default 16)")
     ap.add_argument("--rounds", type=positive, default=400, help="steps of each contender (default 400)")
+    ap.add_argument("--small-batch", choices=("on", "off"), default="on",
+                    help="the linear layers' small-batch forms, as `ssn serve --small-batch-gemm on` takes them "
+                         "(default on), or F.linear (off)")
     ap.add_argument("--threads", type=positive,
                     help="torch threads (default: 1 for the organism, as `ssn serve` picks there; else torch's)")
     ap.add_argument("--out", help="JSON file or folder (default bench/results/)")
@@ -63,7 +70,9 @@ def main(argv=None) -> int:
 
     from ssn_runtime.core.loading import load_model
     from ssn_runtime.core.runtime import attach
+    from ssn_runtime.core.small_batch_linear import small_batch_linear
     from ssn_runtime.serve import load_variants
+    from ssn_runtime.serve.engine import small_batch_forms
 
     path, _, _, label = resolve_model(args.model, None)
     threads = args.threads or (1 if args.model is None else torch.get_num_threads())
@@ -82,18 +91,21 @@ def main(argv=None) -> int:
         return go
 
     samples = {}
-    with torch.inference_mode(), handle.intervene(variants=variants):
+    forms = small_batch_forms(model) if args.small_batch == "on" else (0, 0)
+    with torch.inference_mode(), handle.intervene(variants=variants), small_batch_linear(model, *forms):
         t = compare({m: step(mixes[m]) for m in MIXES}, "cpu", rounds=args.rounds, warmup=20,
                     min_round_seconds=0.0, samples_out=samples)
     per_round = {m: [a / b for a, b in zip(v, samples["base"], strict=True)] for m, v in samples.items()}
     res = {"device": "cpu", "device_name": device_name("cpu"), "model": label, "checkpoint": path,
-           "rows": args.rows, "threads": threads, "rounds": args.rounds, "profiles": list(variants),
+           "rows": args.rows, "threads": threads, "small_batch": args.small_batch,
+           "small_batch_rows": {"tall": forms[0], "native": forms[1]}, "rounds": args.rounds,
+           "profiles": list(variants),
            "step_us": {m: v * 1e6 for m, v in t.items()},
            "ratio_vs_base": {m: v / t["base"] for m, v in t.items()},
            "ratio_per_round": {m: dict(zip(("p25", "median", "p75"), statistics.quantiles(v, n=4), strict=True))
                                for m, v in per_round.items()}}
-    print(f"device: {res['device_name']}; {label}, {args.rows} rows of one token, {threads} thread(s), "
-          f"{args.rounds} interleaved rounds; time / base: median [interquartile range over rounds]")
+    print(f"device: {res['device_name']}; {label}, {args.rows} rows of one token, {threads} thread(s), small-batch "
+          f"forms {args.small_batch}, {args.rounds} interleaved rounds; time / base: median [interquartile range over rounds]")
     for m in MIXES:
         r = res["ratio_per_round"][m]
         print(f"  {m:<8} {res['step_us'][m]:9.1f} us  {r['median']:.3f} [{r['p25']:.3f}-{r['p75']:.3f}]")

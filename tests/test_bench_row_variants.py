@@ -13,6 +13,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import report  # noqa: E402
 import row_variants  # noqa: E402
 
+from ssn_runtime.core.loading import load_model  # noqa: E402
+from ssn_runtime.serve.engine import small_batch_forms  # noqa: E402
+
 
 def test_each_mix_names_a_profile_per_row_as_the_served_loads_do():
     mixes = row_variants.row_variants(["off", "amp", "tuned_a", "tuned_b"], 7)
@@ -35,9 +38,14 @@ def test_runs_on_a_tiny_checkpoint_and_the_table_reads_it(tiny_ckpts, tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in d["step_us"].values())
     assert d["ratio_per_round"]["base"]["median"] == 1.0
     assert "cpu" in d  # names the CPU it ran on
+    # the linear layers as `ssn serve --small-batch-gemm on` runs them
+    forms = small_batch_forms(load_model(str(tiny_ckpts["llama"])))
+    assert d["small_batch"] == "on" and d["small_batch_rows"] == {"tall": forms[0], "native": forms[1]}
+    assert forms != (0, 0)
     line = report._row_variants(d)
-    assert line.startswith("llama, one token for each of 5 rows, 1 thread(s), served profiles off, amp, tuned_a, "
-                           "tuned_b: step time / base-only (") and "mixed " in line
+    assert line.startswith("llama, one token for each of 5 rows, 1 thread(s), small-batch forms, served profiles off, "
+                           "amp, tuned_a, tuned_b: step time / base-only (") and "mixed " in line
+    assert "F.linear, served" in report._row_variants({k: v for k, v in d.items() if k != "small_batch"})
 
 
 def test_refuses_counts_that_are_not_positive_integers():

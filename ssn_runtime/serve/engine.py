@@ -137,6 +137,15 @@ def step_rows(bound: int | str | None, decoding: int) -> int | None:
     return bound
 
 
+def small_batch_forms(model) -> tuple[int, int]:
+    """(tall rows, native rows): the small-batch forms `small_batch_gemm="on"` takes for `model`,
+    untimed: the C++ product for every row count where it takes them, else for one row with the
+    tall form beyond."""
+    native = small_batch_native(model)
+    native_rows = (SMALL_BATCH_ROWS if native == "rows" else 1) if native else 0
+    return (0 if native == "rows" else SMALL_BATCH_ROWS), native_rows
+
+
 class QueueFull(Exception):
     pass
 
@@ -475,9 +484,7 @@ class Engine:
         self.native_rows = self.small_batch_rows = 0
         self.small_batch_ratios = {}
         if self.small_batch_gemm == "on":
-            native = small_batch_native(self.model)
-            self.native_rows = (SMALL_BATCH_ROWS if native == "rows" else 1) if native else 0
-            self.small_batch_rows = 0 if native == "rows" else SMALL_BATCH_ROWS
+            self.small_batch_rows, self.native_rows = small_batch_forms(self.model)
         elif self.small_batch_gemm == "auto":
             if native := small_batch_native(self.model):
                 ladder = ((1, 1, ONE_ROW_GAIN[native]), *NATIVE_CALIBRATION)
