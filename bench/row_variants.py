@@ -105,7 +105,8 @@ def main(argv=None) -> int:
            "ratio_per_round": {m: dict(zip(("p25", "median", "p75"), statistics.quantiles(v, n=4), strict=True))
                                for m, v in per_round.items()}}
     print(f"device: {res['device_name']}; {label}, {args.rows} rows of one token, {threads} thread(s), small-batch "
-          f"forms {args.small_batch}, {args.rounds} interleaved rounds; time / base: median [interquartile range over rounds]")
+          f"forms {args.small_batch}, {args.rounds} interleaved rounds; time / base: median [interquartile range "
+          "over rounds]")
     for m in MIXES:
         r = res["ratio_per_round"][m]
         print(f"  {m:<8} {res['step_us'][m]:9.1f} us  {r['median']:.3f} [{r['p25']:.3f}-{r['p75']:.3f}]")
