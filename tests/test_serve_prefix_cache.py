@@ -1,7 +1,8 @@
 """Automatic prefix caching (serve/prefix_cache.py): the blocks a lookup returns are exactly
-the keys and values stored for those tokens under that variant; a block is named by every token
-before it; the byte budget holds; and in the engine, rows that reuse a cached prefix (mixed in
-one prefill with rows that do not) answer exactly what they answer alone on a fresh model, per
+the keys and values stored for those tokens under that variant, whole blocks and then the
+leading tokens of the next; a block is named by every token before it; the byte budget holds
+(evicted blocks leave the token index); and in the engine, rows that reuse a cached prefix
+(mixed in one prefill with rows that do not) answer exactly what they answer alone on a fresh model, per
 profile and on a sliding-window model too, while profiles never share blocks."""
 
 import pytest
@@ -29,18 +30,58 @@ def test_lookup_returns_exactly_the_stored_blocks_and_leaves_a_token_to_compute(
     ids = list(range(100, 119))  # 19 tokens: 4 whole blocks
     layers = fake_cache(rows=2, columns=25, seed=0)
     pc.insert(0, ids, 0, layers, row=1, column=6)  # token t at column 6 + t of row 1
-    assert len(pc) == 4
+    assert len(pc) == 5  # 4 whole blocks and the 3-token tail
     P, kv = pc.lookup(0, ids + [7])
-    assert P == 16
+    assert P == 19  # the whole prompt: its tail included
     for (k, v), (K, V) in zip(kv, layers, strict=True):
-        assert torch.equal(k, K[1:2, :, 6:22]) and torch.equal(v, V[1:2, :, 6:22])
+        assert torch.equal(k, K[1:2, :, 6:25]) and torch.equal(v, V[1:2, :, 6:25])
     # blocks stored by one insert lie side by side in one copy: a lookup is a view of it, not a copy
     held = {t.untyped_storage().data_ptr() for b in pc._blocks.values() for pair in b.kv for t in pair}
     assert all(t.untyped_storage().data_ptr() in held for pair in kv for t in pair)
-    assert pc.lookup(0, ids[:17])[0] == 16  # 16 cached tokens, one left to compute
-    assert pc.lookup(0, ids[:16])[0] == 12  # the last token is always computed
-    assert pc.lookup(0, ids[:4]) == (0, None)
+    assert pc.lookup(0, ids)[0] == 18  # the last token is always computed
+    assert pc.lookup(0, ids[:17])[0] == 16
+    assert pc.lookup(0, ids[:16])[0] == 15  # 3 whole blocks and 3 tokens of the fourth
+    assert pc.lookup(0, ids[:4])[0] == 3  # a prompt shorter than a block: 3 tokens of the first
+    assert pc.lookup(0, ids[:1]) == (0, None)  # nothing left to compute would be cached
     assert pc.lookup(1, ids) == (0, None)  # another variant shares nothing
+
+
+def test_a_prompt_that_leaves_a_block_midway_takes_its_leading_tokens():
+    pc = PrefixCache(max_bytes=2**20, block=4)
+    ids = list(range(100, 112))  # 3 whole blocks
+    layers = fake_cache(rows=1, columns=12, seed=7)
+    pc.insert(0, ids, 0, layers, row=0, column=0)
+    other = ids[:6] + [1, 2, 3, 4, 5]  # the same first 6 tokens: block 1 whole, 2 tokens of block 2
+    P, kv = pc.lookup(0, other)
+    assert P == 6
+    for (k, v), (K, V) in zip(kv, layers, strict=True):
+        assert torch.equal(k, K[:, :, :6]) and torch.equal(v, V[:, :, :6])
+    assert pc.lookup(0, [100, 101, 9, 9])[0] == 2  # within the first block
+    assert pc.lookup(0, [9] + ids[1:])[0] == 0  # a different first token: nothing
+    # a block is matched after the same prefix only: block 2's tokens after another block 1
+    assert pc.lookup(0, [1, 2, 3, 4] + ids[4:8] + [0])[0] == 0
+    # the new prompt's blocks go in from the block that its hit ended in
+    new = fake_cache(rows=1, columns=11, seed=8)
+    pc.insert(0, other, P, new, row=0, column=0)
+    P2, kv2 = pc.lookup(0, other + [0])
+    assert P2 == 11
+    for (k, v), (K, V) in zip(kv2, new, strict=True):  # block 2 onwards from the new prefill
+        assert torch.equal(k[:, :, 4:], K[:, :, 4:11]) and torch.equal(v[:, :, 4:], V[:, :, 4:11])
+    for (k, v), (K, V) in zip(kv2, layers, strict=True):  # block 1 from the first prefill
+        assert torch.equal(k[:, :, :4], K[:, :, :4]) and torch.equal(v[:, :, :4], V[:, :, :4])
+
+
+def test_evicted_blocks_leave_the_token_index():
+    block_bytes = 2 * LAYERS * HEADS * 4 * DIM * 4
+    pc = PrefixCache(max_bytes=3 * block_bytes, block=4)
+    for k in range(4):
+        pc.insert(0, [50 + k] * 10, 0, fake_cache(1, 10, 20 + k), row=0, column=0)  # 2 blocks and a tail each
+        assert pc.nbytes <= 3 * block_bytes
+    indexed = {key for keys in pc._runs.values() for key in keys}
+    assert indexed == set(pc._blocks)  # every block held is indexed, and nothing else
+    assert len(pc._runs) == sum(len(b.tokens) for b in pc._blocks.values())
+    assert pc.lookup(0, [50] * 10)[0] == 0  # the oldest prompt's blocks are gone
+    assert pc.lookup(0, [53] * 10)[0] == 9
 
 
 def test_a_block_is_named_by_every_token_before_it():
@@ -49,8 +90,8 @@ def test_a_block_is_named_by_every_token_before_it():
     pc.insert(0, ids, 0, fake_cache(1, 12, 1), row=0, column=0)
     changed = [99] + ids[1:]  # same later blocks after a different first token: no hit at all
     assert pc.lookup(0, changed + [5]) == (0, None)
-    middle = ids[:5] + [99] + ids[6:]  # a change in block 2 ends the hit after block 1
-    assert pc.lookup(0, middle + [5])[0] == 4
+    middle = ids[:5] + [99] + ids[6:]  # a change in block 2 ends the hit at it (block 3 is not reused)
+    assert pc.lookup(0, middle + [5])[0] == 5  # block 1 and block 2's first token
     names = list(pc.names(ids, 3))
     assert len(set(names)) == 3 and names[0] != next(pc.names(ids[4:], 1))
 
@@ -127,6 +168,7 @@ def test_rows_reusing_a_prefix_answer_as_they_do_alone_and_profiles_share_no_blo
     block = eng.prefix_cache.block
     shared = (common // block) * block
     assert shared >= 2 * block and len(short) < min(len(p) for p in prompts) - shared  # the prompts share whole blocks
+    assert common > shared  # ... and the leading tokens of the next one, which they reuse too
     cached = lambda: eng.metrics.cached_tokens.get("base", 0)  # noqa: E731 - (the engine is named "base")
     before = cached()
     first = _run(eng, [(prompts[0], "base"), (prompts[0], "amp")])
@@ -138,11 +180,11 @@ def test_rows_reusing_a_prefix_answer_as_they_do_alone_and_profiles_share_no_blo
     jobs = [(prompts[1], "base"), (prompts[2], "amp"), (prompts[2], "base"), (short, "both")]
     got = _run(eng, jobs)
     if eng.layout == "packed":
-        assert cached() - before == 3 * shared
+        assert cached() - before == 3 * common
     else:
-        new = max(len(prompts[1]), len(prompts[2])) - shared
+        new = max(len(prompts[1]), len(prompts[2])) - common
         assert cached() - before == (len(prompts[1]) - new) + 2 * (len(prompts[2]) - new)
-        assert len(prompts[1]) - new == shared or len(prompts[2]) - new == shared
+        assert len(prompts[1]) - new == common or len(prompts[2]) - new == common
     middle = cached()
     again = _run(eng, [(prompts[1], "tuned")])  # no profile shares another's blocks
     assert cached() == middle

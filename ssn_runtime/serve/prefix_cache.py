@@ -10,6 +10,14 @@ patched profile changes the MLP outputs and so every later layer's keys and valu
 shares blocks with another profile. A lookup walks a prompt's blocks while they are cached and
 stops before its last token, which is always computed (its logits give the first answer token).
 
+Where the whole blocks end, the match goes on token by token, as SGLang's radix cache matches:
+a position's keys and values depend on the tokens up to it only, so the first j tokens of any
+cached block that follows the same prefix serve a prompt whose next j tokens are those. A
+prompt's last, partial block is stored too (a "tail"), so a prompt seen before computes one
+token, not up to a block's worth (on SmolLM2's chat prompts of 36-39 tokens with blocks of 8,
+one token instead of four to seven). Each block is indexed under its parent's name by each of
+its leading runs of tokens, so this costs at most `block` dictionary lookups.
+
 Blocks are kept in least-recently-used order within `max_bytes`; the blocks one prefill adds
 for a row share one copy until one of them is evicted. A block evicted from the middle of a
 chain ends later lookups there. The stored keys are those the model cached (after
@@ -42,11 +50,12 @@ class _Segment:
 
 @dataclass
 class _Block:
-    tokens: tuple[int, ...]
+    tokens: tuple[int, ...]  # `block` of them, or fewer for a prompt's tail
     kv: KV  # views into the segment
     segment: _Segment
     nbytes: int
-    base: KV  # the tensors `kv` views, per layer; the block sits at columns at..at + block of them
+    base: KV  # the tensors `kv` views, per layer; the block sits at columns at..at + len(tokens)
+    parent: tuple[int, bytes]  # (variant, name of the prefix before it; b"" at the start)
     at: int = 0
 
 
@@ -56,6 +65,9 @@ class PrefixCache:
             raise ValueError("max_bytes must be >= 0 and block >= 1")
         self.max_bytes, self.block = int(max_bytes), int(block)
         self._blocks: OrderedDict[tuple[int, bytes], _Block] = OrderedDict()
+        # (parent, a block's first j tokens) -> the keys of the blocks under that parent that start
+        # so (an ordered set: the newest last), for j = 1..len(tokens)
+        self._runs: dict[tuple, dict[tuple[int, bytes], None]] = {}
         self.nbytes = 0
         self.evictions = 0
 
@@ -72,41 +84,54 @@ class PrefixCache:
 
     def lookup(self, variant: int, ids: list[int]) -> tuple[int, KV | None]:
         """(P, keys and values of ids[:P] per layer, [1, heads, P, head_dim]) for the longest
-        cached run of whole blocks that leaves at least one token of `ids` to compute; (0, None)
-        when the first block is not cached."""
-        usable = (len(ids) - 1) // self.block
-        if usable < 1 or self.max_bytes == 0:
+        cached prefix that leaves at least one token of `ids` to compute: whole blocks, then the
+        leading tokens of a cached block that follows them; (0, None) when not even the first
+        token is cached."""
+        if len(ids) < 2 or self.max_bytes == 0:
             return 0, None
-        found: list[_Block] = []
+        usable = (len(ids) - 1) // self.block
+        found: list[tuple[_Block, int]] = []  # (block, how many of its tokens)
+        parent = (variant, b"")
         for k, name in enumerate(self.names(ids, usable)):
             b = self._blocks.get((variant, name))
             if b is None or b.tokens != tuple(ids[k * self.block:(k + 1) * self.block]):
                 break
-            found.append(b)
+            found.append((b, self.block))
             self._blocks.move_to_end((variant, name))
+            parent = (variant, name)
+        P = len(found) * self.block
+        for j in range(min(self.block, len(ids) - 1 - P), 0, -1):  # the longest run of a block that follows
+            keys = self._runs.get((parent, tuple(ids[P:P + j])))
+            if keys:
+                key = next(reversed(keys))
+                found.append((self._blocks[key], j))
+                self._blocks.move_to_end(key)
+                P += j
+                break
         if not found:
             return 0, None
-        P = len(found) * self.block
-        base, at = found[0].base, found[0].at
-        if all(b.base is base and b.at == at + i * self.block for i, b in enumerate(found)):
+        first = found[0][0]
+        base, at = first.base, first.at
+        if all(b.base is base and b.at == at + i * self.block for i, (b, _) in enumerate(found)):
             # the blocks of one prefill lie side by side in one copy: a view of it, no copy
             # (a caller only reads it; the cache never writes into a copy it holds)
             return P, [(k[:, :, at:at + P], v[:, :, at:at + P]) for k, v in base]
-        kv = [(torch.cat([b.kv[i][0] for b in found], dim=2), torch.cat([b.kv[i][1] for b in found], dim=2))
-              for i in range(len(found[0].kv))]
+        kv = [tuple(torch.cat([b.kv[i][t][:, :, :j] for b, j in found], dim=2) for t in (0, 1))
+              for i in range(len(first.kv))]
         return P, kv
 
     def insert(self, variant: int, ids: list[int], start: int, layers: KV, row: int, column: int) -> None:
-        """Store the whole blocks of `ids` from token `start` (a block boundary) on that are not
-        cached yet. Token t of `ids` sits at `column + t` of batch row `row` in `layers` (the
-        cache after a prefill)."""
-        if self.max_bytes == 0:
+        """Store the blocks of `ids` (its whole blocks and its tail) from the block that holds
+        token `start` (the prefix a lookup gave it) on that are not cached yet. Token t of `ids`
+        sits at `column + t` of batch row `row` in `layers` (the cache after a prefill)."""
+        if self.max_bytes == 0 or not ids:
             return
-        new = [(k, name) for k, name in enumerate(self.names(ids, len(ids) // self.block))
-               if k * self.block >= start and (variant, name) not in self._blocks]
+        n_blocks = -(-len(ids) // self.block)  # (the last one a tail when the length is not a multiple)
+        names = list(self.names(ids, n_blocks))
+        new = [k for k in range(start // self.block, n_blocks) if (variant, names[k]) not in self._blocks]
         if not new:
             return
-        lo, hi = new[0][0] * self.block, (new[-1][0] + 1) * self.block
+        lo, hi = new[0] * self.block, min(len(ids), (new[-1] + 1) * self.block)
         cols = slice(column + lo, column + hi)
         # a clone: a view would keep the whole batch's cache alive
         kv = [(key[row:row + 1, :, cols].clone(), value[row:row + 1, :, cols].clone()) for key, value in layers]
@@ -114,13 +139,15 @@ class PrefixCache:
         if segment.nbytes > self.max_bytes:
             return
         self.nbytes += segment.nbytes
-        per_block = segment.nbytes // ((hi - lo) // self.block)
-        for k, name in new:
-            a = k * self.block - lo
-            views = [(key[:, :, a:a + self.block], value[:, :, a:a + self.block]) for key, value in kv]
-            self._blocks[(variant, name)] = _Block(tuple(ids[k * self.block:(k + 1) * self.block]), views, segment,
-                                                   per_block, kv, a)
-            segment.blocks.add((variant, name))
+        per_token = segment.nbytes // (hi - lo)
+        for k in new:
+            a, tokens = k * self.block - lo, tuple(ids[k * self.block:(k + 1) * self.block])
+            views = [(key[:, :, a:a + len(tokens)], value[:, :, a:a + len(tokens)]) for key, value in kv]
+            key, parent = (variant, names[k]), (variant, names[k - 1] if k else b"")
+            self._blocks[key] = _Block(tokens, views, segment, per_token * len(tokens), kv, parent, a)
+            segment.blocks.add(key)
+            for j in range(1, len(tokens) + 1):
+                self._runs.setdefault((parent, tokens[:j]), {})[key] = None
         while self.nbytes > self.max_bytes and self._blocks:
             self._evict_oldest()
 
@@ -130,6 +157,12 @@ class PrefixCache:
         the cold blocks copied with it, nor evicted for them)."""
         key, old = self._blocks.popitem(last=False)
         self.evictions += 1
+        for j in range(1, len(old.tokens) + 1):
+            run = (old.parent, old.tokens[:j])
+            keys = self._runs[run]
+            del keys[key]
+            if not keys:
+                del self._runs[run]
         seg = old.segment
         seg.blocks.discard(key)
         for other in seg.blocks:
