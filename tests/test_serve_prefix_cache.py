@@ -71,6 +71,33 @@ def test_a_prompt_that_leaves_a_block_midway_takes_its_leading_tokens():
         assert torch.equal(k[:, :, :4], K[:, :, :4]) and torch.equal(v[:, :, :4], V[:, :, :4])
 
 
+def test_a_tail_and_a_later_whole_block_share_a_run_and_a_hit_stays_a_view():
+    pc = PrefixCache(max_bytes=2**20, block=4)
+    short = list(range(100, 106))  # block 1 and a 2-token tail
+    first = fake_cache(rows=1, columns=6, seed=3)
+    pc.insert(0, short, 0, first, row=0, column=0)
+    longer = short + [7, 8, 9, 10]  # the same 6 tokens, then more: block 2 whole under the same parent
+    P, _ = pc.lookup(0, longer)
+    assert P == 6
+    second = fake_cache(rows=1, columns=10, seed=4)
+    pc.insert(0, longer, P, second, row=0, column=0)
+    assert len(pc) == 4  # block 1, the tail, the longer prompt's block 2 and its tail
+    # both the tail and the newer whole block start with tokens 104, 105 after block 1: the
+    # one in block 1's copy is taken, so the hit is a view (no copy) of the first prefill
+    P, kv = pc.lookup(0, short[:6] + [55])
+    assert P == 6
+    for (k, v), (K, V) in zip(kv, first, strict=True):
+        assert torch.equal(k, K[:, :, :6]) and torch.equal(v, V[:, :, :6])
+    held = next(b for b in pc._blocks.values() if b.tokens == tuple(short[:4])).base  # block 1's copy
+    assert all(k.untyped_storage().data_ptr() == K.untyped_storage().data_ptr()
+               for (k, _), (K, _) in zip(kv, held, strict=True))
+    # a prompt that goes on as the longer one did takes its whole block 2 (from the second prefill)
+    P, kv = pc.lookup(0, longer + [1])
+    assert P == 10
+    for (k, v), (K, V) in zip(kv, second, strict=True):
+        assert torch.equal(k[:, :, 6:], K[:, :, 6:10]) and torch.equal(v[:, :, 6:], V[:, :, 6:10])
+
+
 def test_evicted_blocks_leave_the_token_index():
     block_bytes = 2 * LAYERS * HEADS * 4 * DIM * 4
     pc = PrefixCache(max_bytes=3 * block_bytes, block=4)

@@ -16,7 +16,10 @@ cached block that follows the same prefix serve a prompt whose next j tokens are
 prompt's last, partial block is stored too (a "tail"), so a prompt seen before computes one
 token, not up to a block's worth (on SmolLM2's chat prompts of 36-39 tokens with blocks of 8,
 one token instead of four to seven). Each block is indexed under its parent's name by each of
-its leading runs of tokens, so this costs at most `block` dictionary lookups.
+its leading runs of tokens, so this costs at most `block` dictionary lookups. (That index is
+not counted in `nbytes`, which counts keys and values: an entry per token, about a kilobyte per
+block, against tens of kilobytes to megabytes of tensors.) Of several cached blocks that start with the same run, the
+one stored beside the blocks already matched is taken, so the hit stays a view of one copy.
 
 Blocks are kept in least-recently-used order within `max_bytes`; the blocks one prefill adds
 for a row share one copy until one of them is evicted. A block evicted from the middle of a
@@ -103,7 +106,7 @@ class PrefixCache:
         for j in range(min(self.block, len(ids) - 1 - P), 0, -1):  # the longest run of a block that follows
             keys = self._runs.get((parent, tuple(ids[P:P + j])))
             if keys:
-                key = next(reversed(keys))
+                key = self._continuing(keys, found)
                 found.append((self._blocks[key], j))
                 self._blocks.move_to_end(key)
                 P += j
@@ -119,6 +122,17 @@ class PrefixCache:
         kv = [tuple(torch.cat([b.kv[i][t][:, :, :j] for b, j in found], dim=2) for t in (0, 1))
               for i in range(len(first.kv))]
         return P, kv
+
+    def _continuing(self, keys: dict, found: list[tuple[_Block, int]]) -> tuple[int, bytes]:
+        """Of the blocks that hold the same leading tokens, the one lying right after the found
+        blocks in their copy (the lookup stays a view, no copy), else the newest."""
+        if found:
+            last = found[-1][0]
+            for key in keys:
+                b = self._blocks[key]
+                if b.base is last.base and b.at == last.at + self.block:
+                    return key
+        return next(reversed(keys))
 
     def insert(self, variant: int, ids: list[int], start: int, layers: KV, row: int, column: int) -> None:
         """Store the blocks of `ids` (its whole blocks and its tail) from the block that holds
