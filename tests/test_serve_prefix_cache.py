@@ -111,6 +111,19 @@ def test_evicted_blocks_leave_the_token_index():
     assert pc.lookup(0, [53] * 10)[0] == 9
 
 
+def test_eviction_takes_a_chains_last_blocks_first():
+    block_bytes = 2 * LAYERS * HEADS * 4 * DIM * 4
+    pc = PrefixCache(max_bytes=3 * block_bytes, block=4)
+    first = list(range(100, 112))  # 3 whole blocks: the budget
+    pc.insert(0, first, 0, fake_cache(1, 12, 30), row=0, column=0)
+    assert pc.lookup(0, first + [0])[0] == 12
+    pc.insert(0, [7, 7, 7, 7], 0, fake_cache(1, 4, 31), row=0, column=0)  # one block more than the budget
+    assert pc.evictions == 1 and pc.nbytes <= 3 * block_bytes
+    # the first prompt lost its last block, not its first: its head is still found
+    assert pc.lookup(0, first + [0])[0] == 8
+    assert pc.lookup(0, [7, 7, 7, 7, 0])[0] == 4
+
+
 def test_a_block_is_named_by_every_token_before_it():
     pc = PrefixCache(max_bytes=2**20, block=4)
     ids = list(range(12))

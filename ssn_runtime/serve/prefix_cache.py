@@ -22,8 +22,10 @@ block, against tens of kilobytes to megabytes of tensors.) Of several cached blo
 one stored beside the blocks already matched is taken, so the hit stays a view of one copy.
 
 Blocks are kept in least-recently-used order within `max_bytes`; the blocks one prefill adds
-for a row share one copy until one of them is evicted. A block evicted from the middle of a
-chain ends later lookups there. The stored keys are those the model cached (after
+for a row share one copy until one of them is evicted. A use touches a chain from its leaf to
+its root, so eviction takes the last blocks of the least recently used chain first, as
+radix caches evict leaves: a shared head (a system prompt) outlives the answers' tails, and
+a chain stays reachable up to where it was cut. The stored keys are those the model cached (after
 rotary embeddings, at positions 0..P-1), so a prompt that reuses P tokens continues at
 position P and computes what it would compute from scratch, up to the rounding of a different
 batch composition (as joining a running batch already does).
@@ -59,6 +61,7 @@ class _Block:
     nbytes: int
     base: KV  # the tensors `kv` views, per layer; the block sits at columns at..at + len(tokens)
     parent: tuple[int, bytes]  # (variant, name of the prefix before it; b"" at the start)
+    key: tuple[int, bytes]  # (variant, its own name)
     at: int = 0
 
 
@@ -100,7 +103,6 @@ class PrefixCache:
             if b is None or b.tokens != tuple(ids[k * self.block:(k + 1) * self.block]):
                 break
             found.append((b, self.block))
-            self._blocks.move_to_end((variant, name))
             parent = (variant, name)
         P = len(found) * self.block
         for j in range(min(self.block, len(ids) - 1 - P), 0, -1):  # the longest run of a block that follows
@@ -108,11 +110,11 @@ class PrefixCache:
             if keys:
                 key = self._continuing(keys, found)
                 found.append((self._blocks[key], j))
-                self._blocks.move_to_end(key)
                 P += j
                 break
         if not found:
             return 0, None
+        self._touch([b.key for b, _ in found])
         first = found[0][0]
         base, at = first.base, first.at
         if all(b.base is base and b.at == at + i * self.block for i, (b, _) in enumerate(found)):
@@ -158,12 +160,20 @@ class PrefixCache:
             a, tokens = k * self.block - lo, tuple(ids[k * self.block:(k + 1) * self.block])
             views = [(key[:, :, a:a + len(tokens)], value[:, :, a:a + len(tokens)]) for key, value in kv]
             key, parent = (variant, names[k]), (variant, names[k - 1] if k else b"")
-            self._blocks[key] = _Block(tokens, views, segment, per_token * len(tokens), kv, parent, a)
+            self._blocks[key] = _Block(tokens, views, segment, per_token * len(tokens), kv, parent, key, a)
             segment.blocks.add(key)
             for j in range(1, len(tokens) + 1):
                 self._runs.setdefault((parent, tokens[:j]), {})[key] = None
+        self._touch([(variant, name) for name in names if (variant, name) in self._blocks])
         while self.nbytes > self.max_bytes and self._blocks:
             self._evict_oldest()
+
+    def _touch(self, chain: list[tuple[int, bytes]]) -> None:
+        """Mark a chain of blocks (root first) used now, its leaf least recently of them: eviction
+        then takes a chain's last blocks first, and the shorter prefix stays reachable (a
+        lookup walks from the root, so a chain without its root is found no more)."""
+        for key in reversed(chain):
+            self._blocks.move_to_end(key)
 
     def _evict_oldest(self) -> None:
         """Drop the least recently used block. The other blocks of its copy get copies of their
