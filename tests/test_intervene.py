@@ -250,7 +250,7 @@ def test_stacked_per_row_patches_with_partial_modules_and_shared_neurons(arch, b
     from ssn_runtime.core import cpp_ops
 
     calls = []
-    for name in ("fused_act_rows", "row_patch_down"):
+    for name in ("fused_act_rows", "row_patch_down_rows"):
         real = getattr(cpp_ops, name)
         monkeypatch.setattr(cpp_ops, name, lambda *a, _real=real, _n=name: (calls.append(_n), _real(*a))[1])
     model = tiny_model(arch, dtype=dtype)
@@ -274,7 +274,7 @@ def test_stacked_per_row_patches_with_partial_modules_and_shared_neurons(arch, b
         plain = model(input_ids=ids, attention_mask=am).logits
         with h.intervene(variants=patches, rows=rows):
             mixed = model(input_ids=ids, attention_mask=am).logits
-        assert set(calls) == ({"fused_act_rows", "row_patch_down"} if backend == "cpp" else set())
+        assert set(calls) == ({"fused_act_rows", "row_patch_down_rows"} if backend == "cpp" else set())
         for i, name in enumerate(rows):
             if name == "base":
                 assert torch.equal(mixed[i], plain[i])

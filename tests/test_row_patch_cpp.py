@@ -191,6 +191,28 @@ def test_bad_arguments_are_refused_before_the_kernel():
         cpp_ops.row_patch_down(rows, cols, torch.zeros(M, N), torch.zeros(M, H).t().contiguous().t())
 
 
+def test_row_patch_down_rows_adds_as_row_patch_down_and_refuses_what_does_not_fit():
+    """The serving path's down call (on fused_act_rows' fresh output): the same bits as
+    row_patch_down, and its few checks refuse another shape, dtype, layout or a half that does
+    not match."""
+    sel, vid, index, (starts, ends), member, hidden, w, down = _case(1, seed=3)
+    rows, cols = cpp_ops.RowPatchRows(sel, M, vid, V), cpp_ops.RowPatchColumns(index, N, w, down, starts, ends)
+    g = torch.Generator().manual_seed(4)
+    act, out = torch.randn(M, N, generator=g), torch.randn(M, H, generator=g)
+    want, got = out.clone(), out.clone()
+    cpp_ops.row_patch_down(rows, cols, act, want)
+    cpp_ops.row_patch_down_rows(rows, cols, act, got)
+    assert torch.equal(got, want) and not torch.equal(got, out)
+    bad = [(rows, cols, act[: M - 1], out), (rows, cols, act[:, : int(index.max())], out),  # too few rows, columns
+           (rows, cols, act.double(), out), (rows, cols, act, out.bfloat16()), (rows, cols, act, out[:, : H - 1]),
+           (rows, cols, act, torch.zeros(H, M).t()), (rows, cols, torch.zeros(N, M).t(), out),  # not contiguous
+           (cpp_ops.RowPatchRows(sel, M, vid, V + 1), cols, act, out), (cols, rows, act, out),
+           (rows, cpp_ops.RowPatchColumns(index, N, w, None, starts, ends), act, out)]  # no down columns
+    for args in bad:
+        with pytest.raises(ValueError, match="row_patch_down_rows"):
+            cpp_ops.row_patch_down_rows(*args)
+
+
 def test_the_list_constructors_check_as_the_tensor_ones_and_give_the_same_kernel_input():
     """RowPatchRows.of and RowVariants.of (a serving step's plan, built from Python lists):
     the same refusals as the tensor constructors, and the same ids behind the pointers."""

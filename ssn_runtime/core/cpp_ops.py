@@ -332,9 +332,30 @@ def row_patch_down(rows: RowPatchRows, cols: RowPatchColumns, act: torch.Tensor,
             or not _rows_ok(out, rows.sel_hi, t.H, dtype) or out.shape[1] != t.H:
         raise ValueError("row_patch_down: act must be [>= sel_hi, >= index_hi] and out [>= sel_hi, H], float32 or "
                          "bfloat16 (one dtype) CPU with contiguous columns")
-    if rows.R and t.S:
-        _ext.row_patch_down(DTYPES[dtype], act.data_ptr(), act.stride(0), rows.sel, rows.vid, rows.R, t.index,
-                            t.starts, t.ends, t.S, t.down, t.H, out.data_ptr(), out.stride(0), torch.get_num_threads())
+    _patch_down(rows, cols, act, out)
+
+
+def row_patch_down_rows(rows: RowPatchRows, cols: RowPatchColumns, h: torch.Tensor, out: torch.Tensor) -> None:
+    """row_patch_down on the `h` that fused_act_rows just returned for the same rows (the serving
+    path: a fresh contiguous [sel_hi, N] tensor of a kernel dtype), with the checks that `h` does
+    not settle already: a few attributes instead of row_patch_down's general ones, which cost
+    more than the kernel on every layer of a served step."""
+    M = rows.sel_hi if type(rows) is RowPatchRows else -1
+    if M < 0 or type(cols) is not RowPatchColumns or rows.V != cols.V or not cols.down \
+            or h.dtype not in DTYPES or h.dim() != 2 or h.shape[0] != M or h.shape[1] < cols.index_hi \
+            or not h.is_contiguous() or not h.is_cpu or out.dtype != h.dtype or out.shape != (M, cols.H) \
+            or not out.is_contiguous() or not out.is_cpu:
+        raise ValueError("row_patch_down_rows: needs fused_act_rows' output for these rows and out [sel_hi, H] of "
+                         "its dtype, contiguous CPU")
+    _patch_down(rows, cols, h, out)
+
+
+def _patch_down(rows: RowPatchRows, cols: RowPatchColumns, act: torch.Tensor, out: torch.Tensor) -> None:
+    """The kernel call of row_patch_down and row_patch_down_rows, once they have checked it all."""
+    if rows.R and cols.S:
+        _ext.row_patch_down(DTYPES[act.dtype], act.data_ptr(), act.stride(0), rows.sel, rows.vid, rows.R,
+                            cols.index, cols.starts, cols.ends, cols.S, cols.down, cols.H, out.data_ptr(),
+                            out.stride(0), torch.get_num_threads())
 
 
 def transpose(src: torch.Tensor) -> torch.Tensor:

@@ -143,17 +143,27 @@ class Intervention:
     patch: object = None  # one PatchState for every row (trainable: sparse exact gradients)
     collector: object = None  # a StatsCollector while profiling
     variants: _Variants | None = None
-    rows: torch.Tensor | None = None  # int64 variant id per batch row (or per token row), CPU
-    row_list: tuple | None = None  # the same ids as Python ints: a step's plan is built from them
+    row_list: tuple | None = None  # variant id per batch row (or per token row), ints: a step's plan comes from them
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def empty(self) -> bool:
-        return self.mask is None and self.patch is None and self.collector is None and self.rows is None
+        return self.mask is None and self.patch is None and self.collector is None and self.row_list is None
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """`row_list` as an int64 CPU tensor, built on first use (the C++ serving path reads the
+        ints only, and a server opens a scope per decode step)."""
+        if self.row_list is None:
+            return None
+        t = self.cache.get("rows")
+        if t is None:
+            t = self.cache["rows"] = torch.tensor(self.row_list, dtype=torch.int64)
+        return t
 
     def row_ids(self, token_rows: int, device) -> torch.Tensor | None:
         """The variant id of each token row of a layer input, on `device` (None: no per-row state)."""
-        if self.rows is None:
+        if self.row_list is None:
             return None
         key = ("rows", token_rows, device)
         ids = self.cache.get(key)
@@ -203,7 +213,7 @@ class Intervention:
                     d = (d[0][:n], d[1][:n]) if bool((d[0][:n] != 1).any() or (d[1][:n] != 0).any()) else None
                 self.cache[key] = MaskArgs(d[0].contiguous(), d[1].contiguous()) if d is not None else None
             return self.cache[key]
-        if self.rows is None or self.variants is None:
+        if self.row_list is None or self.variants is None:
             return None
         table = self.variants.table(layer, size or n, device)
         if table is not None and table[0].shape[-1] != n:
@@ -343,8 +353,6 @@ class RuntimeHandle:
             last = getattr(self._last_rows, "scope", None)
             if last is not None and last[0] is outer and last[1] == kw["row_list"]:
                 return last[2]
-        if "row_list" in kw:  # (the tensor beside the ints: the kernels' and general path's view)
-            kw["rows"] = torch.tensor(kw["row_list"], dtype=torch.int64) if kw["row_list"] is not None else None
         new = replace(outer, **kw, cache={})
         if new.mask is not None and new.variants is not None and any(m is not None for m in new.variants.masks):
             raise SSNError("give one mask for every row or per-row variants with masks, not both")
@@ -563,7 +571,7 @@ def _mlp_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _mlp_forward_intervened(mod, handle, site, state: Intervention, hidden, x, up):
     st = site.style
-    if state.rows is not None:
+    if state.row_list is not None:
         out = _cpp_rows_forward(mod, handle, site, state, hidden, x, up)
         if out is not None:
             return out
@@ -572,7 +580,7 @@ def _mlp_forward_intervened(mod, handle, site, state: Intervention, hidden, x, u
         x, up = _patch_inputs(site, hidden, x, up, delta, handle.backend)
     n = x.shape[-1]
     token_rows = x.numel() // n
-    stack = _row_patch_stack(state, site, token_rows, x.device) if state.rows is not None else None
+    stack = _row_patch_stack(state, site, token_rows, x.device) if state.row_list is not None else None
     row_patches = _row_patches(state, site, token_rows, x.device) if stack is None else []
     backend = handle.backend_for(x, site)
     if stack is not None:
@@ -719,7 +727,7 @@ def _put(out: torch.Tensor, where: tuple, delta: torch.Tensor) -> torch.Tensor:
 def _rows_use_patches(state: Intervention, token_rows: int, device) -> bool:
     """Whether some row of this batch has a variant with a patch (once per scope, not per layer)."""
     vs = state.variants
-    if vs is None or not vs.patched or state.rows is None:
+    if vs is None or not vs.patched or state.row_list is None:
         return False
     key = ("rows_use_patches", token_rows)
     if key not in state.cache:
@@ -859,7 +867,7 @@ def _cpp_rows_forward(mod, handle, site: NeuronSite, state: Intervention, hidden
     out = getattr(mod, site.style.down)(h.view(x.shape))
     if lay is not None and lay.down is not None:
         out = out.contiguous()  # (a Linear's output already is: no copy)
-        cpp_ops.row_patch_down(plan.batch.native, lay.native, h, out.view(-1, out.shape[-1]))
+        cpp_ops.row_patch_down_rows(plan.batch.native, lay.native, h, out.view(-1, out.shape[-1]))
     return out
 
 
@@ -1011,7 +1019,7 @@ def _attn_o_hook(mod, args, out):
 
 
 def _row_attention(state: Intervention, layer: int, out: torch.Tensor) -> list:
-    if state.variants is None or state.rows is None:
+    if state.variants is None or state.row_list is None:
         return []
     token_rows = out.numel() // out.shape[-1]
     res = []
