@@ -74,15 +74,28 @@ def _intervene(d: dict) -> str:
             + "; ".join(out))
 
 
+def row_variants_forms(d: dict) -> str:
+    """The linear layers' forms a row_variants run took: 'F.linear', 'small-batch forms' (on,
+    untimed) or what auto picked (files written before the option ran F.linear)."""
+    setting, rows = d.get("small_batch", "off"), d.get("small_batch_rows") or {}
+    if setting == "on":
+        return "small-batch forms"
+    if setting != "auto":
+        return "F.linear"
+    picked = [f"{name} to {rows[key]} rows" for key, name in (("native", "C++ product"), ("tall", "tall form"))
+              if rows.get(key)]
+    return "linear forms as ssn serve picks them: " + (", ".join(picked) + ", F.linear beyond" if picked
+                                                       else "F.linear")
+
+
 def _row_variants(d: dict) -> str:
     r = d.get("ratio_per_round", {})
     us = d.get("step_us", {})
     cells = ", ".join(f"{k} {_x(v['median'])} [{v['p25']:.3f}-{v['p75']:.3f}]" for k, v in r.items() if k != "base")
     base = us.get("base")
-    # (files written before the option ran every linear layer through F.linear)
-    forms = "small-batch forms" if d.get("small_batch", "off") == "on" else "F.linear"
     return (f"{d.get('model', '?')}, one token for each of {d.get('rows', '?')} rows, {d.get('threads', '?')} "
-            f"thread(s), {forms}, served profiles {', '.join(d.get('profiles', []))}: step time / base-only "
+            f"thread(s), {row_variants_forms(d)}, served profiles {', '.join(d.get('profiles', []))}: step time / "
+            "base-only "
             f"({base:.0f} us), median [interquartile range] over interleaved rounds: "
             if isinstance(base, int | float) else "step time / base-only: ") + cells
 

@@ -14,10 +14,12 @@ interquartile range:
   masks    rows round robin over base and the two masks
   patches  rows round robin over base and the two patches
   mixed    rows round robin over base, both masks and both patches (bench/serve.py's mixed load)
-The linear layers run in the small-batch forms `ssn serve` takes where they are built (the
-C++ product, or the tall form: `--small-batch on`, as `--small-batch-gemm on` chooses them;
-`off`: F.linear). Without them a base step took twice as long on SmolLM2 and the profiles'
-ratio read half of what a served step pays. No KV cache: the figure isolates the profiles'
+The linear layers run in the small-batch forms `ssn serve` picks at start-up (`--small-batch
+auto`, the default: each form timed against F.linear at the bench's thread count, as
+`--small-batch-gemm auto` times them; `on`: the forms `--small-batch-gemm on` takes untimed;
+`off`: F.linear). In F.linear a SmolLM2 base step took twice as long as in the forms its
+server picks, and the profiles' ratio read half of what a served step pays; on the organism
+the server keeps F.linear where the forms time slower. No KV cache: the figure isolates the profiles'
 own cost, which bench/serve.py's mixed-over-base ratio contains beside the answers'
 different lengths.
 """
@@ -30,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from report import row_variants_forms
 
 from common import compare, device_name, write_results
 
@@ -58,9 +61,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="checkpoint folder or 'smollm2' (default: the built-in organism, seed 0)")
     ap.add_argument("--rows", type=positive, default=16, help="token rows of the step (default 16)")
     ap.add_argument("--rounds", type=positive, default=400, help="steps of each contender (default 400)")
-    ap.add_argument("--small-batch", choices=("on", "off"), default="on",
-                    help="the linear layers' small-batch forms, as `ssn serve --small-batch-gemm on` takes them "
-                         "(default on), or F.linear (off)")
+    ap.add_argument("--small-batch", choices=("auto", "on", "off"), default="auto",
+                    help="the linear layers' small-batch forms as `ssn serve --small-batch-gemm` takes them: timed "
+                         "at start-up (auto, the default), untimed (on), or F.linear (off)")
     ap.add_argument("--threads", type=positive,
                     help="torch threads (default: 1 for the organism, as `ssn serve` picks there; else torch's)")
     ap.add_argument("--out", help="JSON file or folder (default bench/results/)")
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
     from ssn_runtime.core.runtime import attach
     from ssn_runtime.core.small_batch_linear import small_batch_linear
     from ssn_runtime.serve import load_variants
-    from ssn_runtime.serve.engine import small_batch_forms
+    from ssn_runtime.serve.engine import choose_small_batch_forms
 
     path, _, _, label = resolve_model(args.model, None)
     threads = args.threads or (1 if args.model is None else torch.get_num_threads())
@@ -91,21 +94,22 @@ def main(argv=None) -> int:
         return go
 
     samples = {}
-    forms = small_batch_forms(model) if args.small_batch == "on" else (0, 0)
-    with torch.inference_mode(), handle.intervene(variants=variants), small_batch_linear(model, *forms):
+    tall, native, timed = choose_small_batch_forms(model, args.small_batch)
+    with torch.inference_mode(), handle.intervene(variants=variants), small_batch_linear(model, tall, native):
         t = compare({m: step(mixes[m]) for m in MIXES}, "cpu", rounds=args.rounds, warmup=20,
                     min_round_seconds=0.0, samples_out=samples)
     per_round = {m: [a / b for a, b in zip(v, samples["base"], strict=True)] for m, v in samples.items()}
     res = {"device": "cpu", "device_name": device_name("cpu"), "model": label, "checkpoint": path,
            "rows": args.rows, "threads": threads, "small_batch": args.small_batch,
-           "small_batch_rows": {"tall": forms[0], "native": forms[1]}, "rounds": args.rounds,
+           "small_batch_rows": {"tall": tall, "native": native},
+           "small_batch_timed": [[form, rows, r] for (form, rows), r in timed.items()], "rounds": args.rounds,
            "profiles": list(variants),
            "step_us": {m: v * 1e6 for m, v in t.items()},
            "ratio_vs_base": {m: v / t["base"] for m, v in t.items()},
            "ratio_per_round": {m: dict(zip(("p25", "median", "p75"), statistics.quantiles(v, n=4), strict=True))
                                for m, v in per_round.items()}}
-    print(f"device: {res['device_name']}; {label}, {args.rows} rows of one token, {threads} thread(s), small-batch "
-          f"forms {args.small_batch}, {args.rounds} interleaved rounds; time / base: median [interquartile range "
+    print(f"device: {res['device_name']}; {label}, {args.rows} rows of one token, {threads} thread(s), "
+          f"{row_variants_forms(res)}, {args.rounds} interleaved rounds; time / base: median [interquartile range "
           "over rounds]")
     for m in MIXES:
         r = res["ratio_per_round"][m]

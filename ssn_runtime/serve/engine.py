@@ -146,6 +146,36 @@ def small_batch_forms(model) -> tuple[int, int]:
     return (0 if native == "rows" else SMALL_BATCH_ROWS), native_rows
 
 
+def choose_small_batch_forms(model, setting: str) -> tuple[int, int, dict[tuple[str, int], float]]:
+    """(tall rows, native rows, {(form, rows timed): time over F.linear's}) for `small_batch_gemm`
+    `setting`: "on" as small_batch_forms, "off" none, "auto" each form up to the rows where it
+    times clearly faster than F.linear in a forward of `model` at the current thread count (the
+    C++ product first, then the tall form beyond it)."""
+    ratios: dict[tuple[str, int], float] = {}
+
+    def calibrated(form: str, ladder, start: int) -> int:
+        # up to each rung's count while it times faster than that rung's margin (rungs at or below
+        # `start` rows are another form's and skipped); 0: none
+        upto = 0
+        for rows, top, gain in ladder:
+            if rows <= start:
+                continue
+            ratios[form, rows] = calibrate_small_batch(model, rows=rows, form=form, repeats=CALIBRATION_REPEATS)
+            if ratios[form, rows] >= gain:
+                break
+            upto = top
+        return upto
+
+    if setting == "on":
+        return (*small_batch_forms(model), ratios)
+    if setting != "auto":
+        return 0, 0, ratios
+    native_rows = 0
+    if native := small_batch_native(model):
+        native_rows = calibrated("native", ((1, 1, ONE_ROW_GAIN[native]), *NATIVE_CALIBRATION), 0)
+    return calibrated("tall", CALIBRATION, native_rows), native_rows, ratios
+
+
 class QueueFull(Exception):
     pass
 
@@ -464,32 +494,11 @@ class Engine:
             else:
                 raise RuntimeError(f"{ev[1]} {ev[2]}: {ev[3]}")
 
-    def _calibrated(self, form: str, ladder, start: int) -> int:
-        """How many rows `form` takes: up to each rung's count while it times faster than that
-        rung's margin (rungs at or below `start` rows are another form's and skipped); 0: none."""
-        upto = 0
-        for rows, top, gain in ladder:
-            if rows <= start:
-                continue
-            self.small_batch_ratios[form, rows] = calibrate_small_batch(self.model, rows=rows, form=form,
-                                                                        repeats=CALIBRATION_REPEATS)
-            if self.small_batch_ratios[form, rows] >= gain:
-                break
-            upto = top
-        return upto
-
     def _choose_forms(self, stack: contextlib.ExitStack) -> None:
         """Decide the small-batch linear forms (`small_batch_gemm`), timed at the current thread
         count, and enter them into `stack` on this (the worker's) thread."""
-        self.native_rows = self.small_batch_rows = 0
-        self.small_batch_ratios = {}
-        if self.small_batch_gemm == "on":
-            self.small_batch_rows, self.native_rows = small_batch_forms(self.model)
-        elif self.small_batch_gemm == "auto":
-            if native := small_batch_native(self.model):
-                ladder = ((1, 1, ONE_ROW_GAIN[native]), *NATIVE_CALIBRATION)
-                self.native_rows = self._calibrated("native", ladder, 0)
-            self.small_batch_rows = self._calibrated("tall", CALIBRATION, self.native_rows)
+        self.small_batch_rows, self.native_rows, self.small_batch_ratios = \
+            choose_small_batch_forms(self.model, self.small_batch_gemm)
         if self.small_batch_rows or self.native_rows:
             stack.enter_context(small_batch_linear(self.model, self.small_batch_rows, self.native_rows))
 
