@@ -63,6 +63,7 @@ class _Block:
     parent: tuple[int, bytes]  # (variant, name of the prefix before it; b"" at the start)
     key: tuple[int, bytes]  # (variant, its own name)
     at: int = 0
+    follower: tuple[int, bytes] | None = None  # the block stored right after it in the same copy
 
 
 class PrefixCache:
@@ -128,12 +129,11 @@ class PrefixCache:
     def _continuing(self, keys: dict, found: list[tuple[_Block, int]]) -> tuple[int, bytes]:
         """Of the blocks that hold the same leading tokens, the one lying right after the found
         blocks in their copy (the lookup stays a view, no copy), else the newest."""
-        if found:
+        if found:  # (one check, not a walk over `keys`: a common run may start thousands of blocks)
             last = found[-1][0]
-            for key in keys:
-                b = self._blocks[key]
-                if b.base is last.base and b.at == last.at + self.block:
-                    return key
+            f = last.follower
+            if f in keys and self._blocks[f].base is last.base:
+                return f
         return next(reversed(keys))
 
     def insert(self, variant: int, ids: list[int], start: int, layers: KV, row: int, column: int) -> None:
@@ -161,6 +161,8 @@ class PrefixCache:
             views = [(key[:, :, a:a + len(tokens)], value[:, :, a:a + len(tokens)]) for key, value in kv]
             key, parent = (variant, names[k]), (variant, names[k - 1] if k else b"")
             self._blocks[key] = _Block(tokens, views, segment, per_token * len(tokens), kv, parent, key, a)
+            if k and parent in segment.blocks:
+                self._blocks[parent].follower = key
             segment.blocks.add(key)
             for j in range(1, len(tokens) + 1):
                 self._runs.setdefault((parent, tokens[:j]), {})[key] = None
