@@ -71,3 +71,6 @@ def test_refuses_counts_that_are_not_positive_integers():
         r = subprocess.run([sys.executable, str(ROOT / "bench" / "row_variants.py"), *bad],
                            capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert r.returncode == 2 and "must be a positive integer" in r.stderr, (bad, r.stderr[-500:])
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "row_variants.py"), "--small-batch", "maybe"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "invalid choice: 'maybe'" in r.stderr, r.stderr[-500:]
