@@ -187,3 +187,53 @@ def test_the_start_up_line_says_how_many_token_rows_a_step_computes(tiny_ckpts, 
     finally:
         server.stop()
     assert f"KV layout: packed; {says}" in line, line
+
+
+def test_the_pipe_is_read_on_the_event_loop_that_binds_it_and_by_a_thread_while_none_does(tiny_ckpts):
+    """With a loop bound (the app binds the one that serves), the engine's events reach their
+    sinks on that loop's thread, and the thread that read the pipe before stays out of it; once
+    that loop has closed, a thread reads again (a program that goes on without a loop), and a
+    new loop takes over in turn (a test client opens several)."""
+    import asyncio
+    import queue
+
+    from ssn_runtime.serve.config import ServeConfig
+    from ssn_runtime.serve.engine import GenRequest
+    from ssn_runtime.serve.engine_process import EngineProcess
+
+    def blocking(ep) -> tuple:
+        events, threads = queue.Queue(), set()
+
+        def sink(ev):
+            threads.add(threading.get_ident())
+            events.put(ev)
+        ep.submit(GenRequest([1, 2, 3], max_tokens=3, temperature=0, sink=sink))
+        while (ev := events.get(timeout=60))[0] not in ("done", "error"):
+            pass
+        return ev, threads
+
+    async def on_loop(ep) -> tuple:
+        ep.bind_loop(asyncio.get_running_loop())
+        events, threads = asyncio.Queue(), set()
+
+        def sink(ev):
+            threads.add(threading.get_ident())
+            events.put_nowait(ev)
+        ep.submit(GenRequest([1, 2, 3], max_tokens=3, temperature=0, sink=sink))
+        while (ev := await asyncio.wait_for(events.get(), 60))[0] not in ("done", "error"):
+            pass
+        return ev, threads
+
+    ep = EngineProcess(str(tiny_ckpts["llama"]), {}, ServeConfig(small_batch_gemm="off", threads="1", gather_ms=0))
+    try:
+        me = threading.get_ident()
+        ev, threads = blocking(ep)  # no loop yet: the thread reads
+        assert ev[0] == "done" and me not in threads, (ev, threads)
+        for _ in range(2):  # a loop, then another after the first has closed
+            ev, threads = asyncio.run(on_loop(ep))
+            assert ev[0] == "done" and threads == {me}, (ev, threads)  # (asyncio.run's loop runs on this thread)
+        ev, threads = blocking(ep)  # that loop closed: the thread reads again
+        assert ev[0] == "done" and me not in threads, (ev, threads)
+    finally:
+        ep.stop()
+    assert ep.down is None
