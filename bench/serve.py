@@ -359,25 +359,47 @@ def engine_counts(url: str) -> dict[str, float]:
     return parse_counts(httpx.get(url + "/metrics", timeout=30).text)
 
 
+DELAY = "ssn_engine_message_delay_seconds"  # (an engine in a process of its own: its messages' way to the front end)
+
+
 def parse_counts(text: str) -> dict[str, float]:
+    """The decode-step and join counters, summed over the engines; and the engine messages' delay
+    histogram where the server has one (`<DELAY>_sum`, `_count`, `_le_<bound>`: cumulative)."""
     wanted = ("ssn_batch_size_sum", "ssn_batch_size_count", "ssn_prefill_rows_sum", "ssn_prefill_rows_count")
     out = dict.fromkeys(wanted, 0.0)
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
+        value = line.rsplit(" ", 1)[-1]
         if name in out:
-            out[name] += float(line.rsplit(" ", 1)[1])
+            out[name] += float(value)
+        elif name in (f"{DELAY}_sum", f"{DELAY}_count"):
+            out[name] = float(value)
+        elif name == f"{DELAY}_bucket":
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            out[f"{DELAY}_le_{bound}"] = float(value)
     return out
 
 
 def step_stats(before: dict, after: dict) -> dict:
     """What the engine did during one load: rows per decode step, rows joining per step that
     had joins (answers ending on the same step rejoin together: a base-only load whose answers
-    all reach max_tokens does so far more than a mixed one), and join steps per decode step."""
-    d = {k: after[k] - before[k] for k in after}
+    all reach max_tokens does so far more than a mixed one), and join steps per decode step;
+    where the server reports it, how long its engine's step messages took to reach the front
+    end: the mean, and the histogram bucket bounds that hold the median and the 95th
+    percentile (None past the last finite bound)."""
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
     steps, join_steps = d["ssn_batch_size_count"], d["ssn_prefill_rows_count"]
-    return {"decode_rows_per_step": d["ssn_batch_size_sum"] / steps if steps else None,
-            "rows_per_join_step": d["ssn_prefill_rows_sum"] / join_steps if join_steps else None,
-            "join_steps_per_decode_step": join_steps / steps if steps else None}
+    out = {"decode_rows_per_step": d["ssn_batch_size_sum"] / steps if steps else None,
+           "rows_per_join_step": d["ssn_prefill_rows_sum"] / join_steps if join_steps else None,
+           "join_steps_per_decode_step": join_steps / steps if steps else None}
+    n = d.get(f"{DELAY}_count", 0.0)
+    if n > 0:
+        bounds = sorted((float(k.rsplit("_le_", 1)[1]), c) for k, c in d.items() if k.startswith(f"{DELAY}_le_"))
+        out["engine_message_delay_mean_s"] = d[f"{DELAY}_sum"] / n
+        for q in (50, 95):
+            b = next((b for b, c in bounds if c >= q / 100 * n), None)
+            out[f"engine_message_delay_p{q}_at_most_s"] = b if b is not None and b != float("inf") else None
+    return out
 
 
 def _cpu_seconds(pid: int | None) -> float:

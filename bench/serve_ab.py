@@ -1,7 +1,9 @@
 """A serving change measured against the commit before it: two ssn servers, one run from a
 checkout of `--base` (a commit) and one from this working tree, the same base-profile load
 (natural lengths) at each client count, in interleaved rounds (each server leads a round in
-turn, so the machine's drift over the run falls out of their ratio). Writes
+turn, so the machine's drift over the run falls out of their ratio), with each run's engine
+step counts from /metrics (and how long the engine's messages took to reach the front end,
+where the server reports it: bench/serve.py's step_stats). Writes
 bench/results/serve-diagnostics/<date>-<model>-ab-<base>.json: every run, and per client count
 the median over rounds of this tree's tokens/s and inter-token latencies over the base's.
 
@@ -27,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve import Proc, client_cores, free_port, load, resolve_model, startup_lines, warm  # noqa: E402
+from serve import Proc, client_cores, engine_counts, free_port, load, resolve_model, startup_lines, step_stats, warm  # noqa: E402
 
 from common import device_name, write_results  # noqa: E402
 
@@ -109,8 +111,10 @@ def main(argv=None) -> int:
                 for c in clients:
                     for name in (["base", "tree"] if r % 2 == 0 else ["tree", "base"]):
                         srv = servers[name]
+                        before = engine_counts(srv.url)
                         run = load(srv.url, c, ["m"], prompts, args.seconds, args.max_tokens, False,
                                    warmup=args.warmup, pid=srv.proc.pid, cores=client_cores(srv.proc.pid))
+                        run.update(step_stats(before, engine_counts(srv.url)))
                         runs.append({"server": name, "round": r, **run})
                         print(f"round {r} {name:<4} {c:>3} clients: {run['tokens_per_s']:8.1f} tok/s, itl p50/p95 "
                               f"{run['itl_p50_s'] * 1e3:.2f}/{run['itl_p95_s'] * 1e3:.2f} ms", flush=True)

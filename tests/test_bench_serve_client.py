@@ -201,6 +201,27 @@ def test_the_step_counters_read_the_servers_metrics():
     assert s == {"decode_rows_per_step": 7.5, "rows_per_join_step": 4.0, "join_steps_per_decode_step": 0.5}
 
 
+def test_the_engine_message_delay_is_read_from_the_front_ends_histogram():
+    """The delay histogram (an engine in a process of its own) as /metrics renders it: the
+    mean and the bucket bounds that hold the median and the 95th percentile, over one load."""
+    from ssn_runtime.serve.metrics import Metrics
+
+    m = Metrics()
+    m.observe_engine_delay(5.0)  # (before the load: not counted)
+    before = serve.parse_counts(m.render())
+    for v in (0.0002, 0.0003, 0.0004, 0.002, 0.02):
+        m.observe_engine_delay(v)
+    text = m.render()
+    assert "ssn_engine_message_delay_seconds_count 6" in text.splitlines()  # (no labels: no braces)
+    s = serve.step_stats(before, serve.parse_counts(text))
+    assert s["engine_message_delay_mean_s"] == pytest.approx(0.0229 / 5, abs=1e-6)
+    assert s["engine_message_delay_p50_at_most_s"] == 0.0005 and s["engine_message_delay_p95_at_most_s"] == 0.025
+    m.observe_engine_delay(7.0)  # past the last finite bound
+    s = serve.step_stats(serve.parse_counts(text), serve.parse_counts(m.render()))
+    assert s["engine_message_delay_p95_at_most_s"] is None and s["engine_message_delay_mean_s"] == pytest.approx(7.0)
+    assert "engine_message_delay_mean_s" not in serve.step_stats(before, before)  # (no messages in the load)
+
+
 def test_the_summary_compares_mixed_with_base_at_the_mixed_lengths():
     runs = []
     for mix, tps, capped, joins in (("base", 300.0, 0.9, 5.0), ("mixed", 270.0, 0.4, 1.5),

@@ -47,7 +47,8 @@ def served(long_ckpt, tmp_path_factory, request):
                      "--profile", f"tuned={root / 'tuned'}", "--profile", f"both={root / 'amp'},{root / 'tuned'}",
                      "--profile", f"boom={root / 'boom'}", "--request-timeout", "30", "--gather-ms", "20",
                      MODES[request.param]])
-    yield {"server": server, "path": path, "mask": mask, "patch": NeuronPatch.load(root / "tuned"), "root": root}
+    yield {"server": server, "path": path, "mask": mask, "patch": NeuronPatch.load(root / "tuned"), "root": root,
+           "mode": request.param}
     server.stop()
 
 
@@ -298,6 +299,12 @@ def test_patch_and_mask_rows_share_batches_and_equal_the_merged_model(served):
                  "ssn_queue_depth", "ssn_batch_size_bucket", "ssn_time_to_first_token_seconds_bucket",
                  "ssn_inter_token_latency_seconds_bucket", "ssn_running_rows", "ssn_prefill_rows_bucket"):
         assert name in text
+    # an engine in a process of its own: how long each step's message took to reach the front end
+    delays = [line for line in text.splitlines() if line.startswith("ssn_engine_message_delay_seconds_count ")]
+    if served["mode"] == "engine-process":
+        assert len(delays) == 1 and int(delays[0].split()[-1]) > 0, delays
+    else:
+        assert not delays and "ssn_engine_message_delay_seconds" not in text
 
 
 CHAT = "/v1/chat/completions"

@@ -15,17 +15,18 @@ duplex pipe in JSON frames (never pickles):
     front end -> engine   ["submit", rid, {request fields}]  ["cancel", rid]  ["drain", grace_s]
                           ["metrics", n]  ["stop"]
     engine -> front end   ["ready", facts] or ["failed", is_user_error, message]   (once)
-                          ["step", [[rid, *event], ...], [admitted rid, ...]]      (a step's news)
+                          ["step", [[rid, *event], ...], [admitted rid, ...], sent]  (a step's news)
                           ["metrics", n, tables]
 
-A step's events travel in one message, written by the engine's thread at the end of the step. The
-front end reads the pipe on its event loop (`bind_loop`: a reader callback, as vLLM's front end
-reads its engine's outputs in an asyncio task) and hands each event to its request's sink, then
-runs the step-end hooks, as the engine's thread does in one process. A thread that read the pipe
-instead waited for the interpreter lock and for a core whenever the loop was busy: on the
-organism at 16 clients (2 cores), a step's events reached the loop 0.4-0.8 ms (median) and 1.7-2.6
-ms (p95) after the engine sent them; read on the loop, 0.16-0.2 and 1.3-1.6 ms, and in four
-interleaved rounds the server ran 1.12x the tokens/s at 16 clients and 1.07x at one. The queue bound is kept by the
+A step's events travel in one message, written by the engine's thread at the end of the step
+(`sent`: its time.monotonic(), one clock for every process of the machine; the front end's
+/metrics histogram `ssn_engine_message_delay_seconds` is how long messages took to be read).
+The front end reads the pipe on its event loop (`bind_loop`: a reader callback, as vLLM's front
+end reads its engine's outputs in an asyncio task) and hands each event to its request's sink,
+then runs the step-end hooks, as the engine's thread does in one process. A thread that read
+the pipe instead waited for the interpreter lock and for a core whenever the loop was busy, and
+then woke the loop (bench/serve_ab.py measured the change against the commit before it:
+bench/results/serve-diagnostics/2026-12-03-organism-ab-aaa092f.json). The queue bound is kept by the
 front end: it counts the requests it sent that the engine has not yet admitted (each step names
 the requests it admitted; an answer that ends in the queue ends its count), never fewer than the
 engine's own queue holds, so the engine never refuses what the front end accepted. If the
@@ -276,6 +277,7 @@ class EngineProcess:
 
     def _handle(self, msg: list) -> None:
         if msg[0] == "step":
+            self.metrics.observe_engine_delay(time.monotonic() - msg[3])
             self._step(msg[1], msg[2])
         elif msg[0] == "metrics":
             with self._lock:
@@ -434,7 +436,7 @@ def _child_main(conn, model_path: str, profiles: dict, settings: dict, dtype, de
         with lock:
             if not news and not admitted:
                 return True
-            msg = ["step", news[:], admitted[:]]
+            msg = ["step", news[:], admitted[:], time.monotonic()]
             news.clear()
             admitted.clear()
         try:

@@ -7,6 +7,9 @@ import threading
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)  # per-token latency
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# an engine process's step message on its way to the front end: a fraction of a millisecond when
+# the front end keeps up, a few when its core is busy
+DELAY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1)
 
 
 class _Histogram:
@@ -22,9 +25,10 @@ class _Histogram:
 
     def lines(self, name: str, labels: str) -> list[str]:
         sep = "," if labels else ""
+        own = f"{{{labels}}}" if labels else ""  # (no labels: no braces)
         out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts, strict=True)]
-        out += [f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}', f"{name}_sum{{{labels}}} {self.sum:.6f}",
-                f"{name}_count{{{labels}}} {self.n}"]
+        out += [f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}', f"{name}_sum{own} {self.sum:.6f}",
+                f"{name}_count{own} {self.n}"]
         return out
 
 
@@ -58,6 +62,7 @@ class Metrics:
         self.prefill_tokens: dict[str, int] = {}
         self.cached_tokens: dict[str, int] = {}
         self.row_failures: dict[tuple[str, str, str], int] = {}
+        self.engine_delay: _Histogram | None = None  # (the front end's: an engine in a process of its own)
 
     def count_request(self, endpoint: str, model: str, status: int) -> None:
         with self._lock:
@@ -67,6 +72,13 @@ class Metrics:
     def observe_latency(self, endpoint: str, seconds: float) -> None:
         with self._lock:
             _hist(self.latency, endpoint, LATENCY_BUCKETS).observe(seconds)
+
+    def observe_engine_delay(self, seconds: float) -> None:
+        """From an engine process's end of a step to the front end reading that step's events."""
+        with self._lock:
+            if self.engine_delay is None:
+                self.engine_delay = _Histogram(DELAY_BUCKETS)
+            self.engine_delay.observe(seconds)
 
     def observe_batch(self, engine: str, size: int) -> None:
         with self._lock:
@@ -161,6 +173,11 @@ class Metrics:
                 out += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
                 for e, h in sorted(table.items()):
                     out += h.lines(name, f'engine="{e}"')
+            if self.engine_delay is not None:
+                name = "ssn_engine_message_delay_seconds"
+                out += [f"# HELP {name} From the engine process's end of a step to the front end reading that "
+                        "step's events (time each token waits between the two processes).",
+                        f"# TYPE {name} histogram", *self.engine_delay.lines(name, "")]
             out += ["# HELP ssn_prefill_tokens_total Prompt tokens prefilled.",
                     "# TYPE ssn_prefill_tokens_total counter"]
             out += [f'ssn_prefill_tokens_total{{engine="{e}"}} {v}' for e, v in sorted(self.prefill_tokens.items())]
