@@ -40,6 +40,11 @@ def git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def server(checkout: Path, model: str, max_batch: int) -> Proc:
     """`ssn serve` from `checkout` (its own package first on the path)."""
     port = free_port()
@@ -54,18 +59,27 @@ def server(checkout: Path, model: str, max_batch: int) -> Proc:
         os.chdir(cwd)
 
 
-def base_checkout(rev: str, into: Path) -> tuple[str, Path]:
-    """(full commit, a detached worktree of it with this tree's built kernels)."""
-    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+def resolve_base(rev: str) -> str:
+    """The full commit `rev` names; refused (exit 2) where it is none, or where this tree's built
+    kernels would not fit it."""
+    try:
+        commit = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except subprocess.CalledProcessError:
+        fail(f"--base {rev!r} is not a commit of this repository")
     # (the editable install maps ssn_kernels to this tree's kernels/ for both servers)
     if git("diff", "--name-only", commit, "--", "csrc", "setup.py", "kernels"):
-        raise SystemExit(f"error: --base {rev}: its csrc/, kernels/ or setup.py differs from this tree's; the base "
-                         "would need its own build")
+        fail(f"--base {rev}: its csrc/, kernels/ or setup.py differs from this tree's; the base would need its own "
+             "build")
+    return commit
+
+
+def base_checkout(commit: str, into: Path) -> Path:
+    """A detached worktree of `commit` with this tree's built kernels."""
     path = into / "base"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(path), commit], check=True)
     for so in (ROOT / "ssn_runtime").glob("_cpu_kernels*"):
         shutil.copy2(so, path / "ssn_runtime" / so.name)
-    return commit, path
+    return path
 
 
 def main(argv=None) -> int:
@@ -92,11 +106,12 @@ def main(argv=None) -> int:
         ap.error("--max-tokens and --max-batch must be at least 1")
     if not 0 <= args.warmup < args.seconds:
         ap.error(f"--warmup must be in [0, --seconds), got {args.warmup}")
+    commit = resolve_base(args.base)
     model, _, prompts, label = resolve_model(args.model, None)
     tree = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     runs, startup = [], {}
     with tempfile.TemporaryDirectory(prefix="serve-ab-") as tmp:
-        commit, checkout = base_checkout(args.base, Path(tmp))
+        checkout = base_checkout(commit, Path(tmp))
         servers = {}
         try:
             for name, where in (("base", checkout), ("tree", ROOT)):
