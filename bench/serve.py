@@ -24,7 +24,8 @@ so each llama.cpp server also runs a GGUF of exactly those weights in ssn's prec
 anchors' names carry their GGUF type, and `anchor_models` in the JSON names each file. Each
 server runs alone; ssn's mixed, base-only and control mixes (the control sends
 exactly what base-only sends: its ratio to base-only is the measurement's noise floor) take turns
-leading each round, with natural lengths beside a fourth, `base_mixed_lengths`: the mixed
+leading each round (a round runs every client count, the fewest and 16 first and side by side, in
+turn), with natural lengths beside a fourth, `base_mixed_lengths`: the mixed
 load's requests sent to the base profile, each for exactly as many tokens as its own profile
 answers (the same work and timing as mixed: mixed over it is the profiles' own cost).
 
@@ -827,23 +828,21 @@ def main(argv=None) -> int:
         res["discarded_warmup_run"] = {"clients": clients[-1], "mix": "mixed", "seconds": args.seconds}
         for length in lengths:
             order = list(mixes) + (["base_mixed_lengths"] if length == "natural" else [])
-            for c in clients:
-                for r in range(args.rounds):
-                    for mix in order[r % len(order):] + order[:r % len(order)]:  # each mix leads a round in turn
-                        beside = var is not None and mix == "base" and c in var_clients
-                        if beside and r % 2:
-                            run_variant(length, c, r)
-                        replay = mix == "base_mixed_lengths"
-                        before = engine_counts(srv.url)
-                        run = load(srv.url, c, mixes["mixed" if replay else mix], prompts, args.seconds,
-                                   args.max_tokens, length == "ignore_eos", warmup=args.warmup, pid=srv.proc.pid,
-                                   lengths_of=same if replay else None, send_as="m" if replay else None,
-                                   cores=cores)
-                        run.update(step_stats(before, engine_counts(srv.url)))
-                        res["runs"].append({"server": "ssn", "mix": mix, "lengths": length, "round": r, **run})
-                        show("ssn", mix, length, run)
-                        if beside and not r % 2:
-                            run_variant(length, c, r)
+            for r, c, mix in run_order(clients, args.rounds, order):
+                beside = var is not None and mix == "base" and c in var_clients
+                if beside and r % 2:
+                    run_variant(length, c, r)
+                replay = mix == "base_mixed_lengths"
+                before = engine_counts(srv.url)
+                run = load(srv.url, c, mixes["mixed" if replay else mix], prompts, args.seconds,
+                           args.max_tokens, length == "ignore_eos", warmup=args.warmup, pid=srv.proc.pid,
+                           lengths_of=same if replay else None, send_as="m" if replay else None,
+                           cores=cores)
+                run.update(step_stats(before, engine_counts(srv.url)))
+                res["runs"].append({"server": "ssn", "mix": mix, "lengths": length, "round": r, **run})
+                show("ssn", mix, length, run)
+                if beside and not r % 2:
+                    run_variant(length, c, r)
     finally:
         srv.stop()
         if var is not None:
@@ -901,6 +900,21 @@ def main(argv=None) -> int:
     path = write_results(f"serve-{label}" + (f"-{args.dtype}" if args.dtype != "auto" else ""), res, args.out)
     print(f"wrote {path}")
     return 0
+
+
+def run_order(clients: list[int], rounds: int, mixes: list[str]) -> list[tuple[int, int, str]]:
+    """(round, clients, mix) in the order they run. A round runs every client count, the two the
+    targets compare (the fewest and 16) side by side and first, in turn, and each mix leads a
+    round in turn: a ratio of 16 clients over one compares runs a few settings apart, not blocks
+    of every round minutes apart (a 2-core VM's speed drifts over minutes, and a drift between
+    two blocks went into the ratio whole)."""
+    lo, hi = min(clients), (16 if 16 in clients else max(clients))
+    out = []
+    for r in range(rounds):
+        pair = ([lo, hi] if r % 2 == 0 else [hi, lo])[:len({lo, hi})]
+        for c in pair + [c for c in clients if c not in (lo, hi)]:
+            out += [(r, c, mix) for mix in mixes[r % len(mixes):] + mixes[:r % len(mixes)]]
+    return out
 
 
 def show(server, mix, length, r):

@@ -349,3 +349,22 @@ def test_the_placement_check_refuses_bad_settings_before_any_server_starts(bad, 
     with pytest.raises(SystemExit) as exc:
         placement.main(bad)
     assert exc.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_each_round_runs_one_client_and_16_side_by_side_before_the_other_counts():
+    mixes = ["base", "mixed", "control", "base_mixed_lengths"]
+    plan = serve.run_order([1, 4, 16, 64], 3, mixes)
+    assert len(plan) == len(set(plan)) == 3 * 4 * len(mixes)  # every setting once per round
+    for r in range(3):
+        counts = [c for rr, c, _ in plan if rr == r]
+        blocks = [counts[i] for i in range(0, len(counts), len(mixes))]
+        assert blocks == ([1, 16] if r % 2 == 0 else [16, 1]) + [4, 64]  # in turn first
+        assert all(len(set(counts[i:i + len(mixes)])) == 1 for i in range(0, len(counts), len(mixes)))
+        # each mix leads a round in turn, in the same place for every client count of the round
+        assert [m for rr, c, m in plan if rr == r and c == 1] == mixes[r:] + mixes[:r]
+        assert [m for rr, c, m in plan if rr == r and c == 16] == mixes[r:] + mixes[:r]
+    # the base runs of one client and 16 in a round are never more than one block of mixes apart
+    pos = {(r, c): i for i, (r, c, m) in enumerate(plan) if m == "base"}
+    assert all(abs(pos[r, 16] - pos[r, 1]) == len(mixes) for r in range(3))
+    assert serve.run_order([1], 2, ["base"]) == [(0, 1, "base"), (1, 1, "base")]
+    assert serve.run_order([2, 8], 1, ["base"]) == [(0, 2, "base"), (0, 8, "base")]  # no 16: the most
