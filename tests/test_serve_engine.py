@@ -146,6 +146,26 @@ def test_drain_refuses_new_requests_and_cuts_rows_after_the_grace_period(long_ck
         eng.stop()
 
 
+def test_the_engine_says_when_it_waits_for_work(long_ckpt):
+    # (an engine process reads its pipe on its main thread only then: engine_process.py)
+    model = load_model(long_ckpt)
+    tok = load_tokenizer(long_ckpt)
+    eng = Engine(model, tok, max_batch=2, gather_ms=0).start()
+    try:
+        assert eng.wait_listening(10)  # idle
+        ids = encode(tok, PROMPTS[0])
+        c = Collector()
+        req = GenRequest(ids, max_tokens=4000, temperature=0, ignore_eos=True, sink=c)
+        eng.submit(req)
+        assert c.first.wait(60)
+        assert not eng.wait_listening(0.2)  # a row decodes: the worker steps, it does not wait
+        req.cancelled.set()
+        assert c.result()[1] == "cancelled"
+        assert eng.wait_idle(10) and eng.wait_listening(10)
+    finally:
+        eng.stop()
+
+
 def test_cancel_and_deadline_end_rows_at_the_next_step(long_ckpt):
     path = long_ckpt
     model = load_model(path)

@@ -411,6 +411,7 @@ class Engine:
         self._cut_at = float("inf")  # time.time() after which every row still running is cut (shutdown)
         self._idle = threading.Event()
         self._idle.set()
+        self._listening = threading.Event()  # the worker waits in admission (for work, or company)
         self._ready, self._failed = threading.Event(), None
         self._step_hooks: list[Callable[[], bool | None]] = []
         self._admit_hooks: list[Callable[[list[GenRequest]], None]] = []
@@ -470,6 +471,12 @@ class Engine:
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
+
+    def wait_listening(self, timeout: float | None = None) -> bool:
+        """Whether the worker waits for work now (idle, or giving a first request a moment for
+        company), within `timeout`: a request submitted while it does is admitted at once, not
+        at the end of a step (an engine process reads its pipe on another thread only then)."""
+        return self._listening.wait(timeout)
 
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -610,16 +617,20 @@ class Engine:
     def _admit(self) -> list[GenRequest]:
         with self._cv:
             if not self._rows and not self._waiting:
-                self._cv.wait(timeout=0.05)
-                if not self._waiting:
-                    return []
-                if self.gather_s > 0:  # idle: give the first request a moment for company
-                    end = time.perf_counter() + self.gather_s
-                    while len(self._waiting) < self.max_batch and not self._stop.is_set():
-                        left = end - time.perf_counter()
-                        if left <= 0:
-                            break
-                        self._cv.wait(timeout=left)
+                self._listening.set()
+                try:
+                    self._cv.wait(timeout=0.05)
+                    if not self._waiting:
+                        return []
+                    if self.gather_s > 0:  # idle: give the first request a moment for company
+                        end = time.perf_counter() + self.gather_s
+                        while len(self._waiting) < self.max_batch and not self._stop.is_set():
+                            left = end - time.perf_counter()
+                            if left <= 0:
+                                break
+                            self._cv.wait(timeout=left)
+                finally:
+                    self._listening.clear()
             out, tokens, now = [], 0, time.time()
             while self._waiting and len(self._rows) + len(out) < self.max_batch:
                 r = self._waiting[0]

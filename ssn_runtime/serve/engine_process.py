@@ -23,7 +23,10 @@ A step's events travel in one message, written by the engine's thread at the end
 /metrics histogram `ssn_engine_message_delay_seconds` is how long messages took to be read).
 The front end reads the pipe on its event loop (`bind_loop`: a reader callback, as vLLM's front
 end reads its engine's outputs in an asyncio task) and hands each event to its request's sink,
-then runs the step-end hooks, as the engine's thread does in one process. A thread that read
+then runs the step-end hooks, as the engine's thread does in one process. In the engine's
+process the engine's own thread reads the pipe at the end of each step while it has work, and
+the process's main thread only while the engine waits for work (a reader thread woken by every
+message took the interpreter lock from the steps). A thread that read
 the pipe instead waited for the interpreter lock and for a core whenever the loop was busy, and
 then woke the loop (bench/serve_ab.py measured the change against the commit before it:
 bench/results/serve-diagnostics/2026-12-03-organism-ab-aaa092f.json). The queue bound is kept by the
@@ -460,36 +463,64 @@ def _child_main(conn, model_path: str, profiles: dict, settings: dict, dtype, de
         return
     gc.collect()
     gc.freeze()  # (as the server does: what loading made lives as long as the process)
-    try:
-        while True:
+    done = threading.Event()  # "stop" read, or the front end gone
+    read_lock = threading.Lock()  # (one reader at a time: a message is read in two system calls)
+
+    def handle(msg: list) -> None:
+        kind = msg[0]
+        if kind == "submit":
+            rid, f = msg[1], msg[2]
+            req = GenRequest(**{k: f[k] for k in REQUEST_FIELDS}, sink=sink_for(rid))
+            req.rid = rid  # (for on_admit: a GenRequest is not hashable)
+            open_reqs[rid] = req
             try:
-                msg = json.loads(conn.recv_bytes())
-            except (EOFError, OSError):
-                break
-            kind = msg[0]
-            if kind == "submit":
-                rid, f = msg[1], msg[2]
-                req = GenRequest(**{k: f[k] for k in REQUEST_FIELDS}, sink=sink_for(rid))
-                req.rid = rid  # (for on_admit: a GenRequest is not hashable)
-                open_reqs[rid] = req
-                try:
-                    engine.submit(req)
-                except (QueueFull, Draining):  # (the front end counted and refused first; a race at shutdown)
-                    req.emit("error", 503, "shutting_down", "the server is shutting down")
-                    end_of_step()
-                except ValueError as exc:  # (the front end checked first): this request fails, not the process
-                    req.emit("error", 400, None, str(exc))
-                    end_of_step()
-            elif kind == "cancel":
-                req = open_reqs.get(msg[1])
-                if req is not None:
-                    req.cancelled.set()
-            elif kind == "drain":
-                engine.drain(msg[1])
-            elif kind == "metrics":
-                send(["metrics", msg[1], engine.metrics.export()])
-            elif kind == "stop":
-                break
+                engine.submit(req)
+            except (QueueFull, Draining):  # (the front end counted and refused first; a race at shutdown)
+                req.emit("error", 503, "shutting_down", "the server is shutting down")
+                end_of_step()
+            except ValueError as exc:  # (the front end checked first): this request fails, not the process
+                req.emit("error", 400, None, str(exc))
+                end_of_step()
+        elif kind == "cancel":
+            req = open_reqs.get(msg[1])
+            if req is not None:
+                req.cancelled.set()
+        elif kind == "drain":
+            engine.drain(msg[1])
+        elif kind == "metrics":
+            send(["metrics", msg[1], engine.metrics.export()])
+        elif kind == "stop":
+            done.set()
+
+    def take(wait_s: float) -> None:
+        """Read and handle what the pipe holds (waiting up to `wait_s` for the first message)."""
+        try:
+            while not done.is_set() and conn.poll(wait_s):
+                handle(json.loads(conn.recv_bytes()))
+                wait_s = 0
+        except (EOFError, OSError):  # the front end is gone
+            done.set()
+
+    def pump() -> None:
+        # The engine's thread reads the pipe between its steps while it has work: a submit that
+        # arrives mid-step waits for the next step's admission either way, and a reader thread
+        # woken by it took the interpreter lock from the step (in this process, one lock for
+        # both) once per message.
+        if read_lock.acquire(blocking=False):  # (else the process's main thread reads: the engine waits)
+            try:
+                take(0)
+            finally:
+                read_lock.release()
+
+    engine.on_step_end(pump)
+    try:
+        # This thread reads only while the engine waits for work (idle, or gathering company for
+        # a first request): what arrives then is admitted at once (the engine's step-end hooks
+        # run only every 50 ms while it waits).
+        while not done.is_set():
+            if engine.wait_listening(0.05):
+                with read_lock:
+                    take(0.05)
     finally:
         engine.stop()  # open rows end (503) and their events go out with the last step
         end_of_step()
