@@ -23,13 +23,14 @@ A step's events travel in one message, written by the engine's thread at the end
 /metrics histogram `ssn_engine_message_delay_seconds` is how long messages took to be read).
 The front end reads the pipe on its event loop (`bind_loop`: a reader callback, as vLLM's front
 end reads its engine's outputs in an asyncio task) and hands each event to its request's sink,
-then runs the step-end hooks, as the engine's thread does in one process. In the engine's
-process the engine's own thread reads the pipe at the end of each step while it has work, and
-the process's main thread only while the engine waits for work (a reader thread woken by every
-message took the interpreter lock from the steps). A thread that read
+then runs the step-end hooks, as the engine's thread does in one process. A thread that read
 the pipe instead waited for the interpreter lock and for a core whenever the loop was busy, and
 then woke the loop (bench/serve_ab.py measured the change against the commit before it:
-bench/results/serve-diagnostics/2026-12-03-organism-ab-aaa092f.json). The queue bound is kept by the
+bench/results/serve-diagnostics/2026-12-03-organism-ab-aaa092f.json). In the engine's process
+the engine's own thread reads the pipe at the end of each step while it has work, and the
+process's main thread only while the engine waits for work (a reader thread woken by every
+message took the interpreter lock from the steps:
+bench/results/serve-diagnostics/2026-12-03-organism-ab-858e861.json). The queue bound is kept by the
 front end: it counts the requests it sent that the engine has not yet admitted (each step names
 the requests it admitted; an answer that ends in the queue ends its count), never fewer than the
 engine's own queue holds, so the engine never refuses what the front end accepted. If the
