@@ -151,7 +151,10 @@ def _serve(d: dict) -> str:
                      + (f", median inter-token latency 16 / 1 {_x(s['itl_p50_16_over_1'])}"
                         if s.get("itl_p50_16_over_1") else "")
                      + (f", the load generator's own CPU at 16 clients {s['load_client_cores_16']:.2f} cores"
-                        if s.get("load_client_cores_16") is not None else ""))
+                        if s.get("load_client_cores_16") is not None else "")
+                     + (f", the server's front end / engine process {s['front_end_cores_16']:.2f} / "
+                        f"{s['engine_cores_16']:.2f} cores"
+                        if s.get("front_end_cores_16") is not None and s.get("engine_cores_16") else ""))
     mem = d.get("resident_memory", {}).get("two_patches_over_base")
     engines = d.get("engines") or {}
     eng = ", ".join(f"{k} {v['tokens_per_s']:.0f} tok/s" for k, v in engines.items() if isinstance(v, dict)

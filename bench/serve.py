@@ -329,7 +329,10 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95), "ttft_p99_s": pct(ttft, 0.99),
             "itl_p50_s": pct(itl, 0.5), "itl_p95_s": pct(itl, 0.95), "itl_p99_s": pct(itl, 0.99),
             "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95),
-            "client_cpu_s": cpu1 - cpu0, "server_cpu_s": srv1 - srv0 if pid is not None else None,
+            "client_cpu_s": cpu1 - cpu0, "server_cpu_s": sum(srv1) - sum(srv0) if pid is not None else None,
+            # (ssn serve: its front end, and its engine process; one-process servers: all and 0)
+            "server_main_cpu_s": srv1[0] - srv0[0] if pid is not None else None,
+            "server_children_cpu_s": srv1[1] - srv0[1] if pid is not None else None,
             "client_cores": cores}
 
 
@@ -403,18 +406,25 @@ def step_stats(before: dict, after: dict) -> dict:
     return out
 
 
-def _cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds so far of process `pid` and its descendants (0 without one)."""
+def _cpu_seconds(pid: int | None) -> tuple[float, float]:
+    """User + system CPU seconds so far of process `pid` itself and of its descendants ((0, 0)
+    without one). For `ssn serve` with its engine in a process of its own, the front end and the
+    engine: where a request's cost goes, which their sum hides."""
     if pid is None:
-        return 0.0
-    total = 0
+        return 0.0, 0.0
+    own = rest = 0
     for p in process_tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        ticks = int(fields[11]) + int(fields[12])
+        if p == pid:
+            own = ticks
+        else:
+            rest += ticks
+    tick = os.sysconf("SC_CLK_TCK")
+    return own / tick, rest / tick
 
 
 # ----- profiles -----
@@ -972,6 +982,12 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
         cores = [r["client_cpu_s"] / r["wall_s"] for r in runs if r.get("client_cpu_s") is not None
                  and (r["server"], r["mix"], r["lengths"], r["clients"]) == ("ssn", "base", length, hi)]
         s[f"load_client_cores_{hi}"] = statistics.median(cores) if cores else None  # the load's own CPU
+        # the server's CPU split between its front end and its engine process: where the load's
+        # cost goes (runs from before the split have only the sum)
+        for key, field in (("front_end", "server_main_cpu_s"), ("engine", "server_children_cpu_s")):
+            cores = [r[field] / r["wall_s"] for r in runs if r.get(field) is not None
+                     and (r["server"], r["mix"], r["lengths"], r["clients"]) == ("ssn", "base", length, hi)]
+            s[f"{key}_cores_{hi}"] = statistics.median(cores) if cores else None
         itl_lo, itl_hi = med("ssn", "base", length, lo, "itl_p95_s"), med("ssn", "base", length, hi, "itl_p95_s")
         s[f"itl_p95_{hi}_over_{lo}"] = itl_hi / itl_lo if itl_lo and itl_hi else None
         # the median step's ratio: where it is near 2 already, a 2x p95 target leaves no room for joins

@@ -148,6 +148,34 @@ def test_the_summary_sets_a_variant_server_and_anchors_beside_ssn():
     assert s["ssn_over_llama_server_F32_1"] == pytest.approx(2.0)
 
 
+def test_the_servers_cpu_is_split_between_its_own_process_and_its_children():
+    """A server whose engine runs in a child process: the child's CPU is read apart from the
+    parent's (while both live: a reaped child's time would move to the parent's children fields),
+    and the summary gives each, at 16 clients, in cores."""
+    burn = ("import time; t = time.process_time()\n"
+            "while time.process_time() - t < 0.4: pass\n"
+            "print('burnt', flush=True); time.sleep(60)")
+    parent = ("import subprocess, sys, time\n"
+              f"c = subprocess.Popen([sys.executable, '-c', {burn!r}], stdout=subprocess.PIPE)\n"
+              "c.stdout.readline(); print('ready', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        own, children = serve._cpu_seconds(p.pid)
+        assert children >= 0.35 and own < children  # (the parent only started a child and slept)
+    finally:
+        for q in serve.process_tree(p.pid)[::-1]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(q, 9)
+        p.wait(10)
+    assert serve._cpu_seconds(None) == (0.0, 0.0)
+    runs = [{"server": "ssn", "mix": "base", "lengths": "natural", "clients": c, "tokens_per_s": 10.0 * c,
+             "itl_p95_s": 0.01, "wall_s": 20.0, "requests": 10, "client_cpu_s": 1.0,
+             "server_main_cpu_s": 4.0 * (c == 16), "server_children_cpu_s": 18.0} for c in (1, 16)]
+    s = serve.summarize(runs, [1, 16])["natural"]
+    assert s["front_end_cores_16"] == pytest.approx(0.2) and s["engine_cores_16"] == pytest.approx(0.9)
+
+
 @pytest.mark.parametrize("flag,value", [("--llama-server", "/nonexistent/llama-server"),
                                         ("--llamacpp-python", "/nonexistent/python"), ("--gguf", "/nonexistent.gguf")])
 def test_the_anchor_flags_refuse_a_missing_file_before_anything_runs(flag, value, capsys):
