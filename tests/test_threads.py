@@ -2,13 +2,16 @@
 calibrated pick behind `--threads auto` (core/threads.py)."""
 
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from serve_helpers import PROMPTS, encode, reference
+from torch import nn
 
 from ssn_runtime import load_model, load_tokenizer
-from ssn_runtime.core.threads import MARGIN, calibrate_threads, fewest_threads, thread_ladder
+from ssn_runtime.core.threads import MARGIN, MAX_REPEATS, MIN_SECONDS, calibrate_threads, fewest_threads, thread_ladder
 from ssn_runtime.errors import SSNError
 from ssn_runtime.serve.config import ServeConfig, available_cores
 from ssn_runtime.serve.engine import Engine
@@ -76,6 +79,36 @@ def test_calibration_times_every_count_on_the_ladder_and_restores_the_callers(ti
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError):
         calibrate_threads(model, rows=0)
+
+
+class _Timed(nn.Module):
+    """A model whose forwards sleep `seconds`, except the `slow`-th call (counted from 1)."""
+
+    def __init__(self, seconds: float, slow: int = 0):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(vocab_size=10)
+        self.seconds, self.slow, self.calls = seconds, slow, 0
+
+    def forward(self, input_ids, use_cache):
+        self.calls += 1
+        time.sleep(0.05 if self.calls == self.slow else self.seconds)
+
+
+def test_calibration_times_a_fast_forward_many_times_and_keeps_each_counts_fastest():
+    """A forward of a millisecond is timed until the counts have had MIN_SECONDS (a few forwards'
+    median flipped a server's pick on noise), and one slow forward (the machine busy elsewhere)
+    does not set its count's time; a slow forward is timed the `repeats` asked, no more."""
+    fast = _Timed(0.001, slow=4)  # (call 4: a timed one, after the warm-up round's 2)
+    t0 = time.perf_counter()
+    times = calibrate_threads(fast, rows=2, repeats=2, cores=2)
+    took = time.perf_counter() - t0
+    assert set(times) == {2, 1} and max(times.values()) < 0.02
+    timed = fast.calls - 2
+    assert 2 * 2 < timed <= 2 * MAX_REPEATS and (took >= MIN_SECONDS or timed == 2 * MAX_REPEATS)
+    slow = _Timed(0.06)
+    calibrate_threads(slow, rows=2, repeats=2, cores=2)
+    assert slow.calls == 2 * (2 + 1)
 
 
 def test_auto_runs_the_worker_at_the_calibrated_pick_and_restores_the_count(tiny_ckpts):

@@ -13,14 +13,17 @@ start-up line prints the times): where one thread is well outside the margin, th
 
 `calibrate_threads` times a whole forward at a decode step's row count for each count on a
 ladder (every core, then halving to one), the counts interleaved in each repeat, and
-`fewest_threads` picks the fewest within `MARGIN` of the fastest. torch's count is process-wide
+`fewest_threads` picks the fewest within `MARGIN` of the fastest. Each count's time is its
+fastest forward, over repeats that last at least `MIN_SECONDS`: on a shared machine noise only
+adds time, and a median of five forwards of a millisecond flipped the organism's pick (one
+thread read 1.26x two's at one server start on the Zen 4; timed quietly it is 0.91-0.99x) and
+with it the server's placement and every serving figure of that run. torch's count is process-wide
 (every C++ kernel here is passed `torch.get_num_threads()`), so the choice is for a process that
 serves; the engine sets it while its worker runs and restores the count it found when it stops.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -32,6 +35,10 @@ from . import affinity
 # a core given back is worth more to the front end and the clients than the last quarter of a
 # step's speed (the organism above, well inside; SmolLM2, well outside).
 MARGIN = 1.25
+# Repeats go on until every count has had at least this long in all (a forward of a millisecond
+# is timed dozens of times, one of tens of ms the `repeats` asked), up to MAX_REPEATS.
+MIN_SECONDS = 0.2
+MAX_REPEATS = 100
 
 
 def available_cores() -> int:
@@ -61,10 +68,12 @@ def fewest_threads(times: dict[int, float], margin: float = MARGIN) -> int:
 
 def calibrate_threads(model: nn.Module, rows: int = 16, repeats: int = 5,
                       cores: int | None = None) -> dict[int, float]:
-    """{threads: median seconds of one forward of `model` on `rows` token rows (one sequence)}
+    """{threads: seconds of the fastest forward of `model` on `rows` token rows (one sequence)}
     for every count on `thread_ladder(cores)` (default: `available_cores()`), the counts
-    interleaved in turn within each repeat after a warm-up round. The calling thread's count is
-    restored after. Empty when the model has no CPU parameters (nothing here to time)."""
+    interleaved in turn within each repeat after a warm-up round; at least `repeats` repeats,
+    more while the counts' forwards have not yet taken `MIN_SECONDS` in all (at most
+    `MAX_REPEATS`). The calling thread's count is restored after. Empty when the model has no CPU
+    parameters (nothing here to time)."""
     if not (isinstance(rows, int) and rows >= 1 and isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"rows and repeats must be integers >= 1, got {rows!r}, {repeats!r}")
     param = next(model.parameters(), None)
@@ -77,14 +86,17 @@ def calibrate_threads(model: nn.Module, rows: int = 16, repeats: int = 5,
     samples: dict[int, list[float]] = {n: [] for n in ladder}
     try:
         with torch.inference_mode():
-            for i in range(repeats + 1):  # the first round warms each count's thread pool
+            i = spent = 0
+            while i <= repeats or (spent < MIN_SECONDS and i <= MAX_REPEATS):
                 order = ladder[i % len(ladder):] + ladder[:i % len(ladder)]
                 for n in order:
                     torch.set_num_threads(n)
                     t0 = time.perf_counter()
                     model(input_ids=ids, use_cache=False)
-                    if i:
+                    if i:  # (the first round warms each count's thread pool)
                         samples[n].append(time.perf_counter() - t0)
+                        spent += samples[n][-1]
+                i += 1
     finally:
         torch.set_num_threads(before)
-    return {n: statistics.median(v) for n, v in samples.items()}
+    return {n: min(v) for n, v in samples.items()}
