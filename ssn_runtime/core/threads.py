@@ -15,9 +15,11 @@ start-up line prints the times): where one thread is well outside the margin, th
 ladder (every core, then halving to one), the counts interleaved in each repeat, and
 `fewest_threads` picks the fewest within `MARGIN` of the fastest. Each count's time is its
 fastest forward, over repeats that last at least `MIN_SECONDS`: on a shared machine noise only
-adds time, and a median of five forwards of a millisecond flipped the organism's pick (one
-thread read 1.26x two's at one server start on the Zen 4; timed quietly it is 0.91-0.99x) and
-with it the server's placement and every serving figure of that run. torch's count is process-wide
+adds time, and a median of five forwards of a millisecond flipped the organism's pick at one
+server start, and with it the server's placement and every serving figure of that run (its
+start-up line in bench/results/serve-diagnostics/2026-12-04-organism-threads-auto-flip-0737cfc.json;
+bench/results/serve-diagnostics/2026-12-04-organism-after-threads-fix-9794473.json is the same
+run after this change). torch's count is process-wide
 (every C++ kernel here is passed `torch.get_num_threads()`), so the choice is for a process that
 serves; the engine sets it while its worker runs and restores the count it found when it stops.
 """
