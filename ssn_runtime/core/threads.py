@@ -18,8 +18,8 @@ fastest forward, over repeats that last at least `MIN_SECONDS`: on a shared mach
 adds time, and a median of five forwards of a millisecond flipped the organism's pick at one
 server start, and with it the server's placement and every serving figure of that run (its
 start-up line in bench/results/serve-diagnostics/2026-12-04-organism-threads-auto-flip-0737cfc.json;
-bench/results/serve-diagnostics/2026-12-04-organism-after-threads-fix-9794473.json is the same
-run after this change). torch's count is process-wide
+bench/results/serve-diagnostics/2026-12-04-organism-after-threads-fix-9794473.json is a load
+like it after this change). torch's count is process-wide
 (every C++ kernel here is passed `torch.get_num_threads()`), so the choice is for a process that
 serves; the engine sets it while its worker runs and restores the count it found when it stops.
 """
