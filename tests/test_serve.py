@@ -802,3 +802,76 @@ def test_a_chunk_template_falls_back_to_rendering_where_the_marker_is_not_unique
         return json.dumps({"model": "\x00ssn-text\x00", "text": t}, ensure_ascii=False)
 
     assert delta_template(render) is render
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_a_stream_writes_what_arrives_together_in_one_body_message(tiny_ckpts, kind):
+    """Every body message is a socket write that wakes the client: a streamed answer is written
+    at most once per token. The opening chunk (the role; a completion's echo) goes out with the
+    first token, the last token's chunk with its finish, the usage and [DONE], and that message
+    ends the body. The events themselves are those of one chunk per token, in order."""
+    import asyncio
+
+    from ssn_runtime.serve import Engine, Metrics, ServerConfig, create_app
+
+    model, tok = load_model(tiny_ckpts["llama"]), load_tokenizer(tiny_ckpts["llama"])
+    metrics = Metrics()
+    engine = Engine(model, tok, metrics=metrics).start()
+    tokens = 5
+    body = {"model": "tiny", "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True},
+            **({"messages": [{"role": "user", "content": PROMPT}]} if kind == "chat"
+               else {"prompt": PROMPT, "echo": True})}
+    raw = json.dumps(body).encode()
+    path = CHAT if kind == "chat" else "/v1/completions"
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                           (b"content-length", str(len(raw)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
+    sent = []
+
+    async def main():
+        app = create_app(ServerConfig("tiny", engine), metrics)
+        given = [False]
+
+        async def receive():
+            if not given[0]:
+                given[0] = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            await asyncio.Event().wait()  # (the client stays)
+
+        async def send(message):
+            sent.append(message)
+
+        await asyncio.wait_for(app(scope, receive, send), 60)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.stop()
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    bodies = [m for m in sent[1:] if m["type"] == "http.response.body"]
+    assert 1 <= len(bodies) <= tokens
+    assert [m["more_body"] for m in bodies] == [True] * (len(bodies) - 1) + [False]
+    events = [[e.removeprefix("data: ") for e in m["body"].decode().split("\n\n") if e] for m in bodies]
+    assert all(events), "no empty body message"
+    flat = [e for es in events for e in es]
+    assert flat[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in flat[:-1]]
+    usage = chunks.pop()
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == tokens
+    finish = chunks.pop()
+    assert finish["choices"][0]["finish_reason"] == "length"
+    opening, answer = chunks[0], chunks[1:]
+    if kind == "chat":
+        assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert all(c["choices"][0]["delta"].get("content") for c in answer)
+    else:
+        assert opening["choices"][0]["text"] == PROMPT
+        assert all(c["choices"][0]["text"] for c in answer)
+    # (a token whose text is held back, a partial character, rides with a later one)
+    assert 1 <= len(answer) <= tokens
+    assert len(events[0]) >= 2  # the opening chunk with the first token's
+    # the finish, the usage and [DONE] in the message that ends the body
+    assert events[-1][-1] == "[DONE]" and [json.loads(e) for e in events[-1][-3:-1]] == [finish, usage]
