@@ -130,8 +130,26 @@ def _serve(d: dict) -> str:
             v = s.get(key + "_rounds")
             return f" [rounds {v[0]:.2f}-{v[1]:.2f}]" if v else ""
 
-        parts.append(f"{length} lengths: tokens/s 16 clients / 1 {_x(s.get('scaling_16_over_1'))}{more}, mixed "
-                     f"profiles (2 masks + 2 patches) / base {_x(s.get('mixed_over_base_16'))}"
+        def ci(key, s=s):  # an interleaved load's ratio with its 95% interval over blocks (bench/serve.py)
+            v = s[key]
+            return f"{_x(v['ratio'])} [95% {v['ci95'][0]:.2f}-{v['ci95'][1]:.2f}]"
+
+        inter = ""
+        if s.get("interleaved_mixed_over_base_16"):
+            run = (d.get("interleaved") or {}).get(length) or {}
+            inter = (f"mixed profiles (2 masks + 2 patches) / base interleaved at 16 clients "
+                     f"({s['interleaved_mixed_over_base_16']['blocks']} blocks of {run.get('slice_s', '?')} s turns) "
+                     f"{ci('interleaved_mixed_over_base_16')} (zero-cost control "
+                     + (ci("interleaved_control_over_base_16") if s.get("interleaved_control_over_base_16") else "-")
+                     + (f"; mixed / base at the mixed answers' lengths "
+                        f"{ci('interleaved_mixed_over_base_mixed_lengths_16')}"
+                        if s.get("interleaved_mixed_over_base_mixed_lengths_16") else "") + "), ")
+        if s.get("scaling_16_over_1") is None:  # (an interleaved load alone: no runs of separate settings)
+            parts.append(f"{length} lengths: {inter.removesuffix(', ')}")
+            continue
+        parts.append(f"{length} lengths: {inter}tokens/s 16 clients / 1 {_x(s.get('scaling_16_over_1'))}{more}, mixed "
+                     f"profiles (2 masks + 2 patches) / base {'in separate runs ' if inter else ''}"
+                     f"{_x(s.get('mixed_over_base_16'))}"
                      f"{r('mixed_over_base_16')} (zero-cost control "
                      f"{_x(s.get('control_over_base_16'))}{r('control_over_base_16')}), p95 inter-token latency "
                      f"16 / 1 {_x(s.get('itl_p95_16_over_1'))}{r('itl_p95_16_over_1')}"

@@ -29,6 +29,13 @@ turn), with natural lengths beside a fourth, `base_mixed_lengths`: the mixed
 load's requests sent to the base profile, each for exactly as many tokens as its own profile
 answers (the same work and timing as mixed: mixed over it is the profiles' own cost).
 
+Mixed / base is read from one more load (`load_interleaved`): natural lengths, 16 clients,
+switching between those four mixes every half second in blocks of one turn each (a seeded
+random order per block), each slice counting only its own requests after a short guard. Runs of
+separate settings saw this VM's speed move by tens of percent between them (the control read
+0.83x and 1.15x base in two table runs); a drift slower than a block (2 s) hits every mix alike
+here, and the 95% interval comes from resampling blocks.
+
 Targets (issue 15): 16 clients >= 6x the tokens/s of 1 client; mixed >= 0.95x base-only with
 natural lengths; p95 inter-token latency at 16 clients <= 2x the 1-client figure; resident memory
 with two patch profiles <= 1.05x base-only.
@@ -38,8 +45,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import math
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -220,6 +230,53 @@ def client_cores(server_pid: int) -> list[int] | None:
     return sorted(front) if front and front < mine else None
 
 
+def request_body(name: str, prompt: str, max_tokens: int, ignore_eos: bool, extra: dict | None = None,
+                 lengths_of: dict[tuple[str, str], int] | None = None, send_as: str | None = None) -> dict:
+    """One streamed chat request of the load: `name`'s greedy answer to `prompt`. With
+    `lengths_of` {(model, prompt): tokens}, sent to `send_as` instead for exactly the tokens
+    that `name` answered (`ignore_eos`): the same request on another profile, at its length."""
+    body = {"model": send_as or name, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": prompt}], **(extra or {})}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    if lengths_of is not None:
+        # (its usage, the ending EOS counted: as many tokens generated, none ending it)
+        body["max_tokens"], body["ignore_eos"] = max(1, lengths_of[name, prompt]), True
+    return body
+
+
+async def _request(conn: list, host: str, port: int, body: dict) -> dict:
+    """Send one streamed chat request and read its answer to the end: {"t0": sent, "times": each
+    content chunk's arrival, "tokens": its usage (else the chunks), "reason": the finish reason,
+    "done": the end, "error": None or what went wrong}. An error answer is read to its end (the
+    connection is reused); a broken connection is dropped (the next request opens another)."""
+    t0 = time.perf_counter()
+    times, usage, err, reason = [], None, None, None
+    try:
+        async with asyncio.timeout(300):
+            async for data in _stream(conn, host, port, "/v1/chat/completions", json.dumps(body).encode()):
+                if data == b"[DONE]":
+                    continue
+                ev = json.loads(data)
+                if "error" in ev:
+                    err = str(ev["error"])[:200]
+                    continue  # read to the end of the answer: the connection is reused
+                if ev.get("usage"):
+                    usage = ev["usage"]["completion_tokens"]
+                for ch in ev.get("choices") or []:
+                    reason = ch.get("finish_reason") or reason
+                    if (ch.get("delta") or {}).get("content"):
+                        times.append(time.perf_counter())
+    except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        err = f"{type(exc).__name__}: {exc}"
+        if conn:
+            conn[1].close()
+            conn.clear()
+    return {"t0": t0, "times": times, "tokens": usage if usage is not None else len(times), "reason": reason,
+            "done": time.perf_counter(), "error": err}
+
+
 def load(url: str, clients: int, models: list[str], prompts: list[str], seconds: float, max_tokens: int,
          ignore_eos: bool, extra: dict | None = None, warmup: float = 0.0, pid: int | None = None,
          lengths_of: dict[tuple[str, str], int] | None = None, send_as: str | None = None,
@@ -248,60 +305,22 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
         k, conn = 0, []
         while time.perf_counter() < stop_at:
             name, prompt = models[(i + k) % len(models)], prompts[(i * 7 + k) % len(prompts)]
-            body = {"model": send_as or name, "max_tokens": max_tokens, "temperature": 0,
-                    "stream": True, "stream_options": {"include_usage": True},
-                    "messages": [{"role": "user", "content": prompt}], **(extra or {})}
-            if ignore_eos:
-                body["ignore_eos"] = True
-            if lengths_of is not None:
-                # (its usage, the ending EOS counted: as many tokens generated, none ending it)
-                body["max_tokens"], body["ignore_eos"] = max(1, lengths_of[name, prompt]), True
             k += 1
-            t0 = time.perf_counter()
-            first, last, gaps, chunks, usage, err, reason = None, None, [], 0, None, None, None
-            inside = 0  # content chunks streamed inside the window
-            try:
-                async with asyncio.timeout(300):
-                    async for data in _stream(conn, host, int(port), "/v1/chat/completions",
-                                              json.dumps(body).encode()):
-                        if data == b"[DONE]":
-                            continue
-                        ev = json.loads(data)
-                        if "error" in ev:
-                            err = str(ev["error"])[:200]
-                            continue  # read to the end of the answer: the connection is reused
-                        if ev.get("usage"):
-                            usage = ev["usage"]["completion_tokens"]
-                        for ch in ev.get("choices") or []:
-                            reason = ch.get("finish_reason") or reason
-                            if (ch.get("delta") or {}).get("content"):
-                                now = time.perf_counter()
-                                counted = open_at <= now <= stop_at
-                                if first is None:
-                                    first = now
-                                elif counted:
-                                    gaps.append(now - last)
-                                last = now
-                                chunks += 1
-                                inside += counted
-            except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as exc:
-                err = f"{type(exc).__name__}: {exc}"
-                if conn:
-                    conn[1].close()
-                    conn.clear()
-            done = time.perf_counter()
-            if err is not None:
-                errors.append(err)
+            req = await _request(conn, host, int(port), request_body(
+                name, prompt, max_tokens, ignore_eos, extra, lengths_of, send_as))
+            if req["error"] is not None:
+                errors.append(req["error"])
                 continue
-            lat.append(done - t0)
-            capped[0] += reason == "length"
-            n = usage if usage is not None else chunks
+            times, n = req["times"], req["tokens"]
+            lat.append(req["done"] - req["t0"])
+            capped[0] += req["reason"] == "length"
             toks.append(n)
-            if chunks:  # a chunk may carry more than one token: the usage is shared out
-                in_window[0] += n * inside / chunks
-            if first is not None and open_at <= t0 <= stop_at:
-                ttft.append(first - t0)
-            itl.extend(gaps)
+            inside = sum(open_at <= t <= stop_at for t in times)  # content chunks streamed inside the window
+            if times:  # a chunk may carry more than one token: the usage is shared out
+                in_window[0] += n * inside / len(times)
+                if open_at <= req["t0"] <= stop_at:
+                    ttft.append(times[0] - req["t0"])
+            itl.extend(b - a for a, b in itertools.pairwise(times) if open_at <= b <= stop_at)
         if conn:
             conn[1].close()
 
@@ -309,6 +328,22 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
         start = time.perf_counter()
         await asyncio.gather(*(client(i, start + warmup, start + seconds) for i in range(clients)))
 
+    wall, cpu = _drive(run_all, pid, cores)
+    return {"clients": clients, "requests": len(lat), "errors": len(errors), "error_sample": errors[:2],
+            "warmup_s": warmup, "window_s": seconds - warmup, "window_tokens": in_window[0],
+            "tokens_per_s": in_window[0] / (seconds - warmup),
+            "tokens": sum(toks), "wall_s": wall, "tokens_per_s_whole_run": sum(toks) / wall,
+            "mean_answer_tokens": statistics.mean(toks) if toks else None,
+            # answers cut by max_tokens: where most are, "natural" lengths are mostly the cap
+            "capped_fraction": capped[0] / len(lat) if lat else None,
+            "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95), "ttft_p99_s": pct(ttft, 0.99),
+            "itl_p50_s": pct(itl, 0.5), "itl_p95_s": pct(itl, 0.95), "itl_p99_s": pct(itl, 0.99),
+            "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95), **cpu, "client_cores": cores}
+
+
+def _drive(run_all, pid: int | None, cores: list[int] | None) -> tuple[float, dict]:
+    """Run the load's event loop (`run_all`: a coroutine function) on `cores` (then back where
+    it ran); (wall seconds, the CPU seconds this client and the server with `pid` used)."""
     before = os.sched_getaffinity(0) if cores else None
     if cores:
         os.sched_setaffinity(0, cores)  # (this thread: the clients' event loop)
@@ -319,21 +354,127 @@ def load(url: str, clients: int, models: list[str], prompts: list[str], seconds:
     finally:
         if before:
             os.sched_setaffinity(0, before)
-    return {"clients": clients, "requests": len(lat), "errors": len(errors), "error_sample": errors[:2],
-            "warmup_s": warmup, "window_s": seconds - warmup, "window_tokens": in_window[0],
-            "tokens_per_s": in_window[0] / (seconds - warmup),
-            "tokens": sum(toks), "wall_s": wall, "tokens_per_s_whole_run": sum(toks) / wall,
-            "mean_answer_tokens": statistics.mean(toks) if toks else None,
-            # answers cut by max_tokens: where most are, "natural" lengths are mostly the cap
-            "capped_fraction": capped[0] / len(lat) if lat else None,
-            "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95), "ttft_p99_s": pct(ttft, 0.99),
-            "itl_p50_s": pct(itl, 0.5), "itl_p95_s": pct(itl, 0.95), "itl_p99_s": pct(itl, 0.99),
-            "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95),
-            "client_cpu_s": cpu1 - cpu0, "server_cpu_s": sum(srv1) - sum(srv0) if pid is not None else None,
-            # (ssn serve: its front end, and its engine process; one-process servers: all and 0)
-            "server_main_cpu_s": srv1[0] - srv0[0] if pid is not None else None,
-            "server_children_cpu_s": srv1[1] - srv0[1] if pid is not None else None,
-            "client_cores": cores}
+    return wall, {"client_cpu_s": cpu1 - cpu0, "server_cpu_s": sum(srv1) - sum(srv0) if pid is not None else None,
+                  # (ssn serve: its front end, and its engine process; one-process servers: all and 0)
+                  "server_main_cpu_s": srv1[0] - srv0[0] if pid is not None else None,
+                  "server_children_cpu_s": srv1[1] - srv0[1] if pid is not None else None}
+
+
+def interleave_plan(mixes: list[str], blocks: int, seed: int = 0) -> list[str]:
+    """The mix of each slice of an interleaved load: `blocks` blocks, each every mix once, in an
+    order drawn afresh per block (seeded: the same plan on every machine), so that no mix always
+    follows the same one and each block holds one slice of every mix, a few seconds apart."""
+    rng = random.Random(seed)
+    return [m for _ in range(blocks) for m in rng.sample(mixes, len(mixes))]
+
+
+def load_interleaved(url: str, clients: int, mixes: dict[str, dict], plan: list[str], prompts: list[str],
+                     slice_s: float, guard_s: float, lead_s: float, max_tokens: int, ignore_eos: bool,
+                     pid: int | None = None, cores: list[int] | None = None) -> dict:
+    """One closed-loop load of `clients` streaming clients that changes what it sends every
+    `slice_s` seconds, slice by slice as `plan` names the mixes: a 2-core VM's speed drifts by
+    tens of percent within a minute (a control run, the same load as base, read 0.83x and
+    1.15x base in two table runs of separate 20 s settings), and a drift slower than one block
+    of slices hits every mix alike here, so their ratio keeps it out.
+
+    `mixes` {name: {"models": [...], "lengths_of": ..., "send_as": ...}} (as `load` takes
+    them). A request is the mix of the slice it is sent in; the first `lead_s` seconds (the
+    ramp: every client's first prefill at once) send the first slice's mix and count nothing.
+    A slice counts from `guard_s` after it starts to its end: the answers of the slice before
+    it still running in its first moments are not its own. Inside that window a slice counts
+    the tokens of its own mix's requests (a chunk carrying several tokens shares out its
+    request's usage), its inter-token gaps (by the later token) and times to first token (by
+    the send); tokens of another mix's requests that arrive there are counted apart
+    (`foreign_tokens`: what the guard did not keep out). After the last slice no request is
+    sent, and the drain counts nothing."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    reqs: list[tuple[str, dict]] = []
+    window = slice_s - guard_s
+
+    async def client(i: int, start: float, stop_at: float) -> None:
+        k, conn = dict.fromkeys(mixes, 0), []
+        while (now := time.perf_counter()) < stop_at:
+            name = plan[max(0, min(len(plan) - 1, int((now - start) // slice_s)))]
+            mix, n = mixes[name], k[name]
+            k[name] += 1  # each mix's requests run through its models and prompts as a load of it alone
+            models = mix["models"]
+            model, prompt = models[(i + n) % len(models)], prompts[(i * 7 + n) % len(prompts)]
+            reqs.append((name, await _request(conn, host, int(port), request_body(
+                model, prompt, max_tokens, ignore_eos, None, mix.get("lengths_of"), mix.get("send_as")))))
+        if conn:
+            conn[1].close()
+
+    t = {}
+
+    async def run_all() -> None:
+        t["start"] = time.perf_counter() + lead_s  # the first slice's start
+        await asyncio.gather(*(client(i, t["start"], t["start"] + slice_s * len(plan)) for i in range(clients)))
+
+    wall, cpu = _drive(run_all, pid, cores)
+
+    def counted(at: float) -> int | None:
+        """The slice whose counted window holds the time `at`, else None."""
+        j, into = divmod(at - t["start"], slice_s)
+        return int(j) if 0 <= j < len(plan) and into >= guard_s else None
+
+    own, foreign = [0.0] * len(plan), [0.0] * len(plan)
+    per = {m: {"ttft": [], "itl": [], "tokens": [], "errors": [], "capped": 0} for m in mixes}
+    for name, r in reqs:
+        p = per[name]
+        if r["error"] is not None:
+            p["errors"].append(r["error"])
+            continue
+        times, n = r["times"], r["tokens"]
+        p["tokens"].append(n)
+        p["capped"] += r["reason"] == "length"
+        for a, b in zip([None] + times, times, strict=False):  # (a: the token before b)
+            if (j := counted(b)) is None:
+                continue
+            if plan[j] != name:
+                foreign[j] += n / len(times)
+                continue
+            own[j] += n / len(times)
+            if a is not None:
+                p["itl"].append(b - a)
+        if times and (j := counted(r["t0"])) is not None and plan[j] == name:
+            p["ttft"].append(times[0] - r["t0"])
+    out = {}
+    for m, p in per.items():
+        slices = [own[j] / window for j in range(len(plan)) if plan[j] == m]
+        done = len(p["tokens"])
+        out[m] = {"tokens_per_s": sum(slices) / len(slices) if slices else None,
+                  "requests": done, "errors": len(p["errors"]), "error_sample": p["errors"][:2],
+                  "mean_answer_tokens": statistics.mean(p["tokens"]) if done else None,
+                  "capped_fraction": p["capped"] / done if done else None,
+                  "ttft_p50_s": pct(p["ttft"], 0.5), "ttft_p95_s": pct(p["ttft"], 0.95),
+                  "itl_p50_s": pct(p["itl"], 0.5), "itl_p95_s": pct(p["itl"], 0.95),
+                  "itl_p99_s": pct(p["itl"], 0.99)}
+    total = sum(own) + sum(foreign)
+    return {"clients": clients, "plan": plan, "slice_s": slice_s, "guard_s": guard_s, "lead_s": lead_s,
+            "slice_tokens_per_s": [v / window for v in own], "mixes": out,
+            "foreign_token_fraction": sum(foreign) / total if total else None,
+            "wall_s": wall, **cpu, "client_cores": cores}
+
+
+def interleaved_ratio(res: dict, num: str, den: str, resamples: int = 2000, seed: int = 0) -> dict | None:
+    """`num`'s tokens/s over `den`'s in an interleaved load (`load_interleaved`): the ratio of
+    their totals, with a 95% interval from resampling whole blocks (a block holds one slice of
+    each mix, seconds apart, so it carries the drift they share), and the lowest, median and
+    highest single block's ratio. None where either mix counted nothing."""
+    plan, rate, n = res["plan"], res["slice_tokens_per_s"], len(res["mixes"])
+    blocks = []
+    for b in range(0, len(plan) - n + 1, n):
+        at = {plan[j]: rate[j] for j in range(b, b + n)}
+        blocks.append((at[num], at[den]))
+    if not blocks or not sum(d for _, d in blocks) or not all(d for _, d in blocks):
+        return None
+    ratio = lambda bs: sum(a for a, _ in bs) / sum(d for _, d in bs)  # noqa: E731
+    rng = random.Random(seed)
+    boot = sorted(ratio(rng.choices(blocks, k=len(blocks))) for _ in range(resamples))
+    single = sorted(a / d for a, d in blocks)
+    return {"ratio": ratio(blocks), "ci95": [boot[int(0.025 * (resamples - 1))], boot[int(0.975 * (resamples - 1))]],
+            "blocks": len(blocks), "block_min": single[0], "block_median": statistics.median(single),
+            "block_max": single[-1]}
 
 
 def answer_lengths(url: str, models: list[str], prompts: list[str], max_tokens: int) -> dict[tuple[str, str], int]:
@@ -716,6 +857,17 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=5.0,
                     help="seconds of each setting before counting starts (the ramp is not steady state)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of base-only, mixed and control, interleaved")
+    ap.add_argument("--interleave-blocks", type=int, default=120, metavar="N",
+                    help="then, with natural lengths, one continuous load at 16 clients that switches between "
+                         "base-only, mixed, control and base at the mixed lengths every --slice-seconds: N blocks "
+                         "of one slice each, in a seeded random order; mixed / base with the machine's drift kept "
+                         "out, and a 95%% interval over blocks (0: skip)")
+    ap.add_argument("--slice-seconds", type=float, default=0.5,
+                    help="one mix's turn in the interleaved load (this VM's speed moves most over seconds and "
+                         "slower, so short turns keep more of it out)")
+    ap.add_argument("--slice-guard", type=float, default=0.15, metavar="SECONDS",
+                    help="the first seconds of each slice count nothing: the answers sent in the slice before it "
+                         "(the JSON's foreign_token_fraction says what got past)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--lengths", default="natural,ignore_eos")
@@ -739,8 +891,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.clients, args.seconds, args.warmup, args.rounds, args.max_tokens = "1,4", 2.0, 0.5, 1, 8
+        args.interleave_blocks, args.slice_seconds, args.slice_guard = 2, 1.0, 0.25
     if not 0 <= args.warmup < args.seconds:
         ap.error(f"--warmup must be in [0, --seconds), got {args.warmup}")
+    if args.interleave_blocks < 0:
+        ap.error(f"--interleave-blocks must be >= 0, got {args.interleave_blocks}")
+    if not (math.isfinite(args.slice_seconds) and math.isfinite(args.slice_guard)
+            and 0 <= args.slice_guard < args.slice_seconds):
+        ap.error(f"--slice-guard must be in [0, --slice-seconds), got {args.slice_guard} and {args.slice_seconds}")
     for flag, path in (("--llamacpp-python", args.llamacpp_python), ("--llama-server", args.llama_server)):
         if path and not (Path(path).is_file() and os.access(path, os.X_OK)):  # (before any server starts)
             ap.error(f"{flag} must name an executable file, got {path!r}")
@@ -853,6 +1011,23 @@ def main(argv=None) -> int:
                 show("ssn", mix, length, run)
                 if beside and not r % 2:
                     run_variant(length, c, r)
+        # Natural lengths only (the target's): an ignore_eos answer runs longer than a slice.
+        if args.interleave_blocks and "natural" in lengths:
+            hi, length = 16 if 16 in clients else max(clients), "natural"
+            inter = {m: {"models": mixes[m]} for m in mixes}
+            inter["base_mixed_lengths"] = {"models": mixes["mixed"], "lengths_of": same, "send_as": "m"}
+            plan = interleave_plan(list(inter), args.interleave_blocks)
+            run = load_interleaved(srv.url, hi, inter, plan, prompts, args.slice_seconds, args.slice_guard,
+                                   args.warmup, args.max_tokens, False, pid=srv.proc.pid, cores=cores)
+            run["ratios"] = {f"{x}_over_{y}": interleaved_ratio(run, x, y) for x, y in INTERLEAVED_RATIOS}
+            res["interleaved"] = {length: run}
+            for m, v in run["mixes"].items():
+                show("ssn interleaved", m, length, {"clients": hi, **v})
+            for k, v in run["ratios"].items():
+                if v:
+                    print(f"interleaved {k}: {v['ratio']:.3f} [95% {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f}] over "
+                          f"{v['blocks']} blocks; tokens of the slice before's answers past the guard: "
+                          f"{run['foreign_token_fraction'] or 0:.2%}", flush=True)
     finally:
         srv.stop()
         if var is not None:
@@ -905,11 +1080,16 @@ def main(argv=None) -> int:
             if isinstance(v, dict) and "tokens_per_s" in v:
                 print(f"in process, {n} requests at once: {k:<30} {v['tokens_per_s']:8.1f} tok/s, agrees with solo "
                       f"greedy on {v['agree_with_solo_greedy']}/{v['of']}")
-    res["summary"] = summarize(res["runs"], clients)
+    res["summary"] = summarize(res["runs"], clients, res.get("interleaved"))
     print(json.dumps(res["summary"], indent=1))
     path = write_results(f"serve-{label}" + (f"-{args.dtype}" if args.dtype != "auto" else ""), res, args.out)
     print(f"wrote {path}")
     return 0
+
+
+# (num, den) mixes whose tokens/s ratio an interleaved load reports (summarize: the headline)
+INTERLEAVED_RATIOS = (("mixed", "base"), ("control", "base"), ("mixed", "base_mixed_lengths"),
+                      ("base_mixed_lengths", "base"))
 
 
 def run_order(clients: list[int], rounds: int, mixes: list[str]) -> list[tuple[int, int, str]]:
@@ -935,8 +1115,10 @@ def show(server, mix, length, r):
           flush=True)
 
 
-def summarize(runs: list[dict], clients: list[int]) -> dict:
-    """The issue's target ratios, from the medians over rounds."""
+def summarize(runs: list[dict], clients: list[int], interleaved: dict | None = None) -> dict:
+    """The issue's target ratios, from the medians over rounds; and, where an interleaved load
+    ran at 16 clients (`interleaved` {length: load_interleaved's result with its "ratios"}),
+    its ratios as `interleaved_<num>_over_<den>_16` {ratio, ci95, blocks, block_min, ...}."""
     def med(server, mix, length, c, key="tokens_per_s"):
         v = [r[key] for r in runs if (r["server"], r["mix"], r["lengths"], r["clients"]) == (server, mix, length, c)
              and r.get(key) is not None]
@@ -955,8 +1137,12 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
     out = {}
     lo, hi = min(clients), (16 if 16 in clients else max(clients))
     for length in ("natural", "ignore_eos"):
+        inter = {f"interleaved_{k}_{hi}": v for k, v in
+                 ((interleaved or {}).get(length) or {}).get("ratios", {}).items() if v}
         base_lo, base_hi = med("ssn", "base", length, lo), med("ssn", "base", length, hi)
         if base_lo is None:
+            if inter:
+                out[length] = inter
             continue
         s = {f"scaling_{hi}_over_{lo}": base_hi / base_lo if base_hi else None,
              f"mixed_over_base_{hi}": (med("ssn", "mixed", length, hi) or 0) / base_hi if base_hi else None,
@@ -1015,7 +1201,7 @@ def summarize(runs: list[dict], clients: list[int]) -> dict:
                 a, ours = med(anchor, "base", length, c), med("ssn", "base", length, c)
                 if a and ours:
                     s[f"ssn_over_{anchor}_{c}"] = ours / a
-        out[length] = s
+        out[length] = s | inter
     return out
 
 

@@ -146,3 +146,23 @@ def test_serve_row_says_where_the_load_clients_ran(tmp_path):
     assert "load clients on cores 0 (the front end's)" in rows["serve-a"]
     assert "load clients on the scheduler's cores" in rows["serve-b"]
     assert "load clients" not in rows["serve-c"]  # (an older run did not record it: nothing is claimed)
+
+
+def test_serve_row_leads_with_the_interleaved_mixed_over_base_and_its_interval(tmp_path):
+    ratio = lambda v, lo, hi: {"ratio": v, "ci95": [lo, hi], "blocks": 120}  # noqa: E731
+    inter = {"interleaved_mixed_over_base_16": ratio(0.97, 0.95, 0.99),
+             "interleaved_control_over_base_16": ratio(1.01, 0.99, 1.03),
+             "interleaved_mixed_over_base_mixed_lengths_16": ratio(0.96, 0.94, 0.98)}
+    base = {"time": "2026-01-02", "device_name": "CPU", "model": "m", "rounds": 2, "seconds_per_setting": 12.0,
+            "warmup_s": 3.0, "interleaved": {"natural": {"slice_s": 0.5}}}
+    for name, summary in (("a", {"scaling_16_over_1": 9.0, "mixed_over_base_16": 0.8, **inter}), ("b", inter),
+                          ("c", {"scaling_16_over_1": 9.0, "mixed_over_base_16": 0.8})):
+        (tmp_path / f"serve-{name}.json").write_text(json.dumps({**base, "benchmark": f"serve-{name}",
+                                                                 "summary": {"natural": summary}}))
+    rows = {ln.split("]")[0].strip("| `["): ln for ln in report.table(tmp_path).splitlines() if "serve-" in ln}
+    head = ("mixed profiles (2 masks + 2 patches) / base interleaved at 16 clients (120 blocks of 0.5 s turns) "
+            "0.97x [95% 0.95-0.99] (zero-cost control 1.01x [95% 0.99-1.03]; mixed / base at the mixed answers' "
+            "lengths 0.96x [95% 0.94-0.98])")
+    assert head in rows["serve-a"] and "base in separate runs 0.80x" in rows["serve-a"]
+    assert head in rows["serve-b"] and "16 clients / 1" not in rows["serve-b"]  # (no runs of separate settings)
+    assert "interleaved" not in rows["serve-c"] and "base 0.80x" in rows["serve-c"]

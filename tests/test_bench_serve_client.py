@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -396,3 +397,105 @@ def test_each_round_runs_one_client_and_16_side_by_side_before_the_other_counts(
     assert all(abs(pos[r, 16] - pos[r, 1]) == len(mixes) for r in range(3))
     assert serve.run_order([1], 2, ["base"]) == [(0, 1, "base"), (1, 1, "base")]
     assert serve.run_order([2, 8], 1, ["base"]) == [(0, 2, "base"), (0, 8, "base")]  # no 16: the most
+
+
+def test_each_block_of_the_interleaved_plan_holds_every_mix_once_in_an_order_of_its_own():
+    mixes = ["base", "mixed", "control", "base_mixed_lengths"]
+    plan = serve.interleave_plan(mixes, 30)
+    blocks = [plan[i:i + 4] for i in range(0, len(plan), 4)]
+    assert len(blocks) == 30 and all(sorted(b) == sorted(mixes) for b in blocks)
+    assert len({tuple(b) for b in blocks}) > 5  # drawn afresh per block, not one order repeated
+    assert serve.interleave_plan(mixes, 30) == plan  # seeded: the same plan on every machine
+
+
+def _paced_handler(pace: dict, seen: list):
+    """A server that streams 4 one-token chunks per request, `pace[model]` seconds apart, and
+    records (arrival, model) of each request."""
+    async def handler(reader, writer):
+        while (raw := await _read_body(reader)) is not None:
+            model = json.loads(raw)["model"]
+            seen.append((time.perf_counter(), model))
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            events = [{"choices": [{"delta": {"content": "x"}}]}] * 4 + [
+                {"choices": [{"delta": {}, "finish_reason": "stop"}]},
+                {"choices": [], "usage": {"completion_tokens": 4}}]
+            for i, e in enumerate(events):
+                if i and i < 4:
+                    await asyncio.sleep(pace[model])
+                part = b"data: " + json.dumps(e).encode() + b"\n\n"
+                writer.write(b"%x\r\n" % len(part) + part + b"\r\n")
+                await writer.drain()
+            writer.write(b"%x\r\n" % len(b"data: [DONE]\n\n") + b"data: [DONE]\n\n\r\n0\r\n\r\n")
+            await writer.drain()
+    return handler
+
+
+def test_the_interleaved_load_sends_each_slices_mix_and_counts_each_mix_apart():
+    """`load_interleaved`: a request goes to the mix of the slice it is sent in (the lead-in sends
+    the first slice's); each slice counts its own mix's tokens and gaps after the guard. A mix
+    whose tokens come 3x slower reads about a third of the other's tokens/s; with no guard, the
+    answers of the slice before are counted apart, as foreign tokens."""
+    seen = []
+    with _serving(_paced_handler({"ma": 0.01, "mb": 0.03}, seen)) as port:
+        url, mixes = f"http://127.0.0.1:{port}", {"a": {"models": ["ma"]}, "b": {"models": ["mb"]}}
+        run = serve.load_interleaved(url, 2, mixes, ["a", "b", "b", "a"], ["p"], 0.4, 0.15, 0.1, 8, False)
+        arrivals = [m for _, m in seen]
+        seen.clear()
+        unguarded = serve.load_interleaved(url, 2, mixes, ["a", "b"], ["p"], 0.3, 0.0, 0.05, 8, False)
+    runs = [m for i, m in enumerate(arrivals) if i == 0 or arrivals[i - 1] != m]
+    assert runs == ["ma", "mb", "ma"]  # (lead-in and first slice, the two b slices, the last)
+    a, b = run["mixes"]["a"], run["mixes"]["b"]
+    assert a["errors"] == b["errors"] == 0 and a["requests"] > 4 and b["requests"] > 2
+    assert a["mean_answer_tokens"] == b["mean_answer_tokens"] == 4
+    assert 0.15 < b["tokens_per_s"] / a["tokens_per_s"] < 0.6  # (3x the pace, plus each request's own cost)
+    assert b["itl_p50_s"] > 2 * a["itl_p50_s"] and a["itl_p50_s"] >= 0.009
+    assert a["ttft_p50_s"] is not None and len(run["slice_tokens_per_s"]) == 4
+    assert run["foreign_token_fraction"] < 0.25
+    r = serve.interleaved_ratio(run, "b", "a")
+    assert r["blocks"] == 2 and r["ratio"] == pytest.approx(b["tokens_per_s"] / a["tokens_per_s"])
+    assert unguarded["foreign_token_fraction"] > 0  # a's answers still streaming as b's slice starts
+
+
+def test_the_interleaved_ratio_keeps_out_a_drift_its_blocks_share():
+    """Speed that moves between blocks (here 0.4x to 2x) but not within one leaves the ratio of
+    totals, every block's ratio and the interval exact; noise within blocks widens the interval,
+    which still holds the ratio; a mix that counted nothing in a slice gives no ratio."""
+    import random
+
+    mixes = ["base", "mixed", "control"]
+    plan = serve.interleave_plan(mixes, 40)
+    rng = random.Random(1)
+    speed = [rng.uniform(0.4, 2.0) for _ in range(40)]
+    factor = {"base": 1.0, "mixed": 0.9, "control": 1.0}
+    res = {"plan": plan, "mixes": dict.fromkeys(mixes, {}),
+           "slice_tokens_per_s": [1000 * speed[j // 3] * factor[m] for j, m in enumerate(plan)]}
+    r = serve.interleaved_ratio(res, "mixed", "base")
+    assert r["ratio"] == pytest.approx(0.9) and r["ci95"] == pytest.approx([0.9, 0.9])
+    assert r["block_min"] == pytest.approx(0.9) == r["block_max"] and r["blocks"] == 40
+    res["slice_tokens_per_s"] = [v * rng.uniform(0.9, 1.1) for v in res["slice_tokens_per_s"]]
+    noisy = serve.interleaved_ratio(res, "control", "base")
+    assert noisy["ci95"][0] < noisy["ratio"] < noisy["ci95"][1] and noisy["ci95"][1] - noisy["ci95"][0] < 0.1
+    assert noisy["block_min"] < noisy["block_median"] < noisy["block_max"]
+    res["slice_tokens_per_s"][plan.index("base")] = 0.0
+    assert serve.interleaved_ratio(res, "mixed", "base") is None
+
+
+def test_the_summary_takes_the_interleaved_ratios_with_or_without_rounds():
+    ratio = {"ratio": 0.97, "ci95": [0.95, 0.99], "blocks": 120, "block_min": 0.6, "block_median": 0.97,
+             "block_max": 1.3}
+    inter = {"natural": {"ratios": {"mixed_over_base": ratio, "control_over_base": None}}}
+    assert serve.summarize([], [1, 16], inter) == {"natural": {"interleaved_mixed_over_base_16": ratio}}
+    runs = [{"server": "ssn", "mix": "base", "lengths": "natural", "clients": c, "tokens_per_s": 10.0 * c,
+             "itl_p95_s": 0.01} for c in (1, 16)]
+    s = serve.summarize(runs, [1, 16], inter)["natural"]
+    assert s["interleaved_mixed_over_base_16"] == ratio and s["scaling_16_over_1"] == 16
+    assert "interleaved_control_over_base_16" not in s  # (it counted nothing)
+
+
+@pytest.mark.parametrize("bad", [["--interleave-blocks", "-1"], ["--slice-guard", "0.5", "--slice-seconds", "0.5"],
+                                 ["--slice-guard", "-0.1"], ["--slice-seconds", "nan"]])
+def test_the_interleave_flags_are_checked_before_anything_runs(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        serve.main(bad)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and ("--interleave-blocks" in err or "--slice-guard" in err)
