@@ -499,3 +499,16 @@ def test_the_interleave_flags_are_checked_before_anything_runs(bad, capsys):
         serve.main(bad)
     err = capsys.readouterr().err
     assert e.value.code == 2 and ("--interleave-blocks" in err or "--slice-guard" in err)
+
+
+def test_the_drift_table_tells_fast_noise_from_slow():
+    """bench/serve_drift.py: speed that flips every window is all in D at one window and gone at
+    two; a steady speed has none; the table stops where fewer than 4 windows remain."""
+    drift = pytest.importorskip("serve_drift")
+    flip = drift.drift_table([1.0, 3.0] * 8, 0.25)
+    assert [r["window_s"] for r in flip] == [0.25, 0.5, 1.0] and [r["windows"] for r in flip] == [16, 8, 4]
+    assert flip[0]["D"] == pytest.approx(1.0) and flip[0]["lag1"] == pytest.approx(-1.0)
+    assert flip[0]["cv"] == pytest.approx(0.5) and flip[0]["D_x_window"] == pytest.approx(0.25)
+    assert flip[1]["D"] == pytest.approx(0.0) and flip[1]["cv"] == pytest.approx(0.0)
+    steady = drift.drift_table([5.0] * 8, 1.0)
+    assert len(steady) == 2 and steady[0]["D"] == 0 and steady[0]["lag1"] is None
