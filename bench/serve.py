@@ -30,11 +30,12 @@ load's requests sent to the base profile, each for exactly as many tokens as its
 answers (the same work and timing as mixed: mixed over it is the profiles' own cost).
 
 Mixed / base is read from one more load (`load_interleaved`): natural lengths, 16 clients,
-switching between those four mixes every half second in blocks of one turn each (a seeded
-random order per block), each slice counting only its own requests after a short guard. Runs of
+switching between those four mixes turn by turn in blocks of one turn each (a seeded random
+order per block), each turn counting only its own requests after a guard that outlasts the
+answers of the turn before (`interleave_turns`: half-second turns for the organism). Runs of
 separate settings saw this VM's speed move by tens of percent between them (the control read
-0.83x and 1.15x base in two table runs); a drift slower than a block (2 s) hits every mix alike
-here, and the 95% interval comes from resampling blocks.
+0.83x and 1.15x base in two table runs); a drift slower than a block hits every mix alike here,
+and the 95% interval comes from resampling blocks.
 
 Targets (issue 15): 16 clients >= 6x the tokens/s of 1 client; mixed >= 0.95x base-only with
 natural lengths; p95 inter-token latency at 16 clients <= 2x the 1-client figure; resident memory
@@ -358,6 +359,26 @@ def _drive(run_all, pid: int | None, cores: list[int] | None) -> tuple[float, di
                   # (ssn serve: its front end, and its engine process; one-process servers: all and 0)
                   "server_main_cpu_s": srv1[0] - srv0[0] if pid is not None else None,
                   "server_children_cpu_s": srv1[1] - srv0[1] if pid is not None else None}
+
+
+def interleave_turns(latency_s: float, total_s: float, mixes: int, slice_s: float | None = None,
+                     guard_s: float | None = None) -> tuple[float, float, int]:
+    """(turn seconds, guard seconds, blocks) of an interleaved load of `mixes` mixes lasting about
+    `total_s`, for answers whose p95 latency is `latency_s`; a given turn or guard is kept.
+
+    The guard outlasts 1.2x that latency (at least 0.15 s), so that the answers sent in the turn
+    before have ended when counting starts; a turn is at least 0.5 s and counts at least 70% of
+    itself. Shorter turns keep more of the machine's drift out (bench/serve_drift.py), so the
+    turn is the shortest these allow: the organism's answers (p95 under 0.1 s at 16 clients)
+    get half-second turns, SmolLM2's capped ones (about 5 s) turns of 20 s and a few blocks. At
+    least 2 blocks, so there is an interval."""
+    if guard_s is None:
+        guard_s = round(max(0.15, 1.2 * latency_s), 2)
+        if slice_s is not None and guard_s >= slice_s:  # (a given turn shorter than the answers: half of it)
+            guard_s = slice_s / 2
+    if slice_s is None:
+        slice_s = round(max(0.5, guard_s / 0.3), 2)
+    return slice_s, guard_s, max(2, round(total_s / (mixes * slice_s)))
 
 
 def interleave_plan(mixes: list[str], blocks: int, seed: int = 0) -> list[str]:
@@ -857,17 +878,18 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=5.0,
                     help="seconds of each setting before counting starts (the ramp is not steady state)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of base-only, mixed and control, interleaved")
-    ap.add_argument("--interleave-blocks", type=int, default=120, metavar="N",
-                    help="then, with natural lengths, one continuous load at 16 clients that switches between "
-                         "base-only, mixed, control and base at the mixed lengths every --slice-seconds: N blocks "
-                         "of one slice each, in a seeded random order; mixed / base with the machine's drift kept "
-                         "out, and a 95%% interval over blocks (0: skip)")
-    ap.add_argument("--slice-seconds", type=float, default=0.5,
-                    help="one mix's turn in the interleaved load (this VM's speed moves most over seconds and "
-                         "slower, so short turns keep more of it out)")
-    ap.add_argument("--slice-guard", type=float, default=0.15, metavar="SECONDS",
-                    help="the first seconds of each slice count nothing: the answers sent in the slice before it "
-                         "(the JSON's foreign_token_fraction says what got past)")
+    ap.add_argument("--interleave-seconds", type=float, default=240.0, metavar="SECONDS",
+                    help="then, with natural lengths, one continuous load at 16 clients for about this long that "
+                         "switches between base-only, mixed, control and base at the mixed lengths every "
+                         "--slice-seconds, in blocks of one turn each in a seeded random order: mixed / base with "
+                         "the machine's drift kept out, and a 95%% interval over blocks (0: skip)")
+    ap.add_argument("--slice-seconds", type=float, default=None,
+                    help="one mix's turn in the interleaved load (default: from the answers' latency, see "
+                         "interleave_turns; this VM's speed moves over seconds and slower, so the shortest turns "
+                         "that hold their answers keep the most of it out)")
+    ap.add_argument("--slice-guard", type=float, default=None, metavar="SECONDS",
+                    help="the first seconds of each turn count nothing: the answers sent in the turn before it "
+                         "(default: from the answers' latency; the JSON's foreign_token_fraction says what got past)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--lengths", default="natural,ignore_eos")
@@ -891,14 +913,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.clients, args.seconds, args.warmup, args.rounds, args.max_tokens = "1,4", 2.0, 0.5, 1, 8
-        args.interleave_blocks, args.slice_seconds, args.slice_guard = 2, 1.0, 0.25
+        args.interleave_seconds = 8.0
     if not 0 <= args.warmup < args.seconds:
         ap.error(f"--warmup must be in [0, --seconds), got {args.warmup}")
-    if args.interleave_blocks < 0:
-        ap.error(f"--interleave-blocks must be >= 0, got {args.interleave_blocks}")
-    if not (math.isfinite(args.slice_seconds) and math.isfinite(args.slice_guard)
-            and 0 <= args.slice_guard < args.slice_seconds):
-        ap.error(f"--slice-guard must be in [0, --slice-seconds), got {args.slice_guard} and {args.slice_seconds}")
+    if not (math.isfinite(args.interleave_seconds) and args.interleave_seconds >= 0):
+        ap.error(f"--interleave-seconds must be a number >= 0, got {args.interleave_seconds}")
+    for flag, v in (("--slice-seconds", args.slice_seconds), ("--slice-guard", args.slice_guard)):
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            ap.error(f"{flag} must be a number of seconds >= 0, got {v}")
+    if args.slice_seconds is not None and not args.slice_seconds > (args.slice_guard or 0.0):
+        ap.error(f"--slice-seconds must be more than --slice-guard, got {args.slice_seconds} and {args.slice_guard}")
     for flag, path in (("--llamacpp-python", args.llamacpp_python), ("--llama-server", args.llama_server)):
         if path and not (Path(path).is_file() and os.access(path, os.X_OK)):  # (before any server starts)
             ap.error(f"{flag} must name an executable file, got {path!r}")
@@ -1012,12 +1036,23 @@ def main(argv=None) -> int:
                 if beside and not r % 2:
                     run_variant(length, c, r)
         # Natural lengths only (the target's): an ignore_eos answer runs longer than a slice.
-        if args.interleave_blocks and "natural" in lengths:
+        if args.interleave_seconds and "natural" in lengths:
             hi, length = 16 if 16 in clients else max(clients), "natural"
             inter = {m: {"models": mixes[m]} for m in mixes}
             inter["base_mixed_lengths"] = {"models": mixes["mixed"], "lengths_of": same, "send_as": "m"}
-            plan = interleave_plan(list(inter), args.interleave_blocks)
-            run = load_interleaved(srv.url, hi, inter, plan, prompts, args.slice_seconds, args.slice_guard,
+            # how long an answer runs at these clients: the rounds' runs of every mix, else a probe
+            lat = [r["latency_p95_s"] for r in res["runs"] if r["server"] == "ssn" and r["clients"] == hi
+                   and r["lengths"] == length and r.get("latency_p95_s")]
+            if not lat:
+                probe = load(srv.url, hi, mixes["mixed"], prompts, 8.0, args.max_tokens, False, warmup=3.0,
+                             pid=srv.proc.pid, cores=cores)
+                lat = [probe["latency_p95_s"] or 0.0]
+            slice_s, guard_s, blocks = interleave_turns(max(lat), args.interleave_seconds, len(inter),
+                                                        args.slice_seconds, args.slice_guard)
+            print(f"interleaved load: {blocks} blocks of {len(inter)} turns of {slice_s} s, {guard_s} s guard "
+                  f"(answers' p95 latency at {hi} clients {max(lat):.3f} s)", flush=True)
+            plan = interleave_plan(list(inter), blocks)
+            run = load_interleaved(srv.url, hi, inter, plan, prompts, slice_s, guard_s,
                                    args.warmup, args.max_tokens, False, pid=srv.proc.pid, cores=cores)
             run["ratios"] = {f"{x}_over_{y}": interleaved_ratio(run, x, y) for x, y in INTERLEAVED_RATIOS}
             res["interleaved"] = {length: run}

@@ -492,13 +492,25 @@ def test_the_summary_takes_the_interleaved_ratios_with_or_without_rounds():
     assert "interleaved_control_over_base_16" not in s  # (it counted nothing)
 
 
-@pytest.mark.parametrize("bad", [["--interleave-blocks", "-1"], ["--slice-guard", "0.5", "--slice-seconds", "0.5"],
-                                 ["--slice-guard", "-0.1"], ["--slice-seconds", "nan"]])
+@pytest.mark.parametrize("bad", [["--interleave-seconds", "-1"], ["--interleave-seconds", "inf"],
+                                 ["--slice-guard", "0.5", "--slice-seconds", "0.5"], ["--slice-guard", "-0.1"],
+                                 ["--slice-seconds", "nan"]])
 def test_the_interleave_flags_are_checked_before_anything_runs(bad, capsys):
     with pytest.raises(SystemExit) as e:
         serve.main(bad)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and ("--interleave-blocks" in err or "--slice-guard" in err)
+    assert e.value.code == 2 and any(f in err for f in ("--interleave-seconds", "--slice-guard", "--slice-seconds"))
+
+
+def test_the_interleaved_turns_hold_the_answers_and_are_as_short_as_that_allows():
+    """The guard outlasts the answers' p95 latency (x1.2, at least 0.15 s), a turn counts at least
+    70% of itself (at least 0.5 s), and the blocks fill the time asked for (at least 2)."""
+    assert serve.interleave_turns(0.07, 240, 4) == (0.5, 0.15, 120)  # the organism at 16 clients
+    assert serve.interleave_turns(5.0, 240, 4) == (20.0, 6.0, 3)  # SmolLM2's capped answers
+    assert serve.interleave_turns(5.0, 10, 4) == (20.0, 6.0, 2)  # (never fewer than 2 blocks)
+    assert serve.interleave_turns(0.07, 240, 4, slice_s=2.0) == (2.0, 0.15, 30)
+    assert serve.interleave_turns(0.07, 240, 4, guard_s=0.3) == (1.0, 0.3, 60)
+    assert serve.interleave_turns(5.0, 240, 4, slice_s=2.0) == (2.0, 1.0, 30)  # a turn shorter than the answers
 
 
 def test_the_drift_table_tells_fast_noise_from_slow():
