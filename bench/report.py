@@ -144,6 +144,13 @@ def _serve(d: dict) -> str:
                      + (f"; mixed / base at the mixed answers' lengths "
                         f"{ci('interleaved_mixed_over_base_mixed_lengths_16')}"
                         if s.get("interleaved_mixed_over_base_mixed_lengths_16") else "") + "), ")
+        if s.get("interleaved_itl_p95_16_over_1"):
+            inter += (f"p95 inter-token latency 16 / 1 interleaved {ci('interleaved_itl_p95_16_over_1')} (zero-cost "
+                      f"control 16 / 16 "
+                      + (ci("interleaved_itl_p95_control_over_16") if s.get("interleaved_itl_p95_control_over_16")
+                         else "-")
+                      + (f"; tokens/s 16 / 1 {ci('interleaved_scaling_16_over_1')}"
+                         if s.get("interleaved_scaling_16_over_1") else "") + "), ")
         if s.get("scaling_16_over_1") is None:  # (an interleaved load alone: no runs of separate settings)
             parts.append(f"{length} lengths: {inter.removesuffix(', ')}")
             continue

@@ -35,7 +35,9 @@ order per block), each turn counting only its own requests after a guard that ou
 answers of the turn before (`interleave_turns`: half-second turns for the organism). Runs of
 separate settings saw this VM's speed move by tens of percent between them (the control read
 0.83x and 1.15x base in two table runs); a drift slower than a block hits every mix alike here,
-and the 95% interval comes from resampling blocks.
+and the 95% interval comes from resampling blocks. A second such load turns between one client
+and 16 (base only, and 16 again as the control) for p95 inter-token latency 16 / 1 and tokens/s
+16 / 1 the same way.
 
 Targets (issue 15): 16 clients >= 6x the tokens/s of 1 client; mixed >= 0.95x base-only with
 natural lengths; p95 inter-token latency at 16 clients <= 2x the 1-client figure; resident memory
@@ -398,8 +400,9 @@ def load_interleaved(url: str, clients: int, mixes: dict[str, dict], plan: list[
     1.15x base in two table runs of separate 20 s settings), and a drift slower than one block
     of slices hits every mix alike here, so their ratio keeps it out.
 
-    `mixes` {name: {"models": [...], "lengths_of": ..., "send_as": ...}} (as `load` takes
-    them). A request is the mix of the slice it is sent in; the first `lead_s` seconds (the
+    `mixes` {name: {"models": [...], "lengths_of": ..., "send_as": ..., "clients": n}} (as
+    `load` takes them; in a turn of a mix with fewer `clients`, only that many send and the
+    others wait the turn out). A request is the mix of the slice it is sent in; the first `lead_s` seconds (the
     ramp: every client's first prefill at once) send the first slice's mix and count nothing.
     A slice counts from `guard_s` after it starts to its end: the answers of the slice before
     it still running in its first moments are not its own. Inside that window a slice counts
@@ -415,8 +418,12 @@ def load_interleaved(url: str, clients: int, mixes: dict[str, dict], plan: list[
     async def client(i: int, start: float, stop_at: float) -> None:
         k, conn = dict.fromkeys(mixes, 0), []
         while (now := time.perf_counter()) < stop_at:
-            name = plan[max(0, min(len(plan) - 1, int((now - start) // slice_s)))]
+            j = int((now - start) // slice_s)
+            name = plan[max(0, min(len(plan) - 1, j))]
             mix, n = mixes[name], k[name]
+            if i >= mix.get("clients", clients):  # (a turn of fewer clients: this one waits it out)
+                await asyncio.sleep(max(0.0, start + (max(j, -1) + 1) * slice_s - now) + 1e-4)
+                continue
             k[name] += 1  # each mix's requests run through its models and prompts as a load of it alone
             models = mix["models"]
             model, prompt = models[(i + n) % len(models)], prompts[(i * 7 + n) % len(prompts)]
@@ -438,7 +445,7 @@ def load_interleaved(url: str, clients: int, mixes: dict[str, dict], plan: list[
         j, into = divmod(at - t["start"], slice_s)
         return int(j) if 0 <= j < len(plan) and into >= guard_s else None
 
-    own, foreign = [0.0] * len(plan), [0.0] * len(plan)
+    own, foreign, gaps = [0.0] * len(plan), [0.0] * len(plan), [[] for _ in plan]
     per = {m: {"ttft": [], "itl": [], "tokens": [], "errors": [], "capped": 0} for m in mixes}
     for name, r in reqs:
         p = per[name]
@@ -457,6 +464,7 @@ def load_interleaved(url: str, clients: int, mixes: dict[str, dict], plan: list[
             own[j] += n / len(times)
             if a is not None:
                 p["itl"].append(b - a)
+                gaps[j].append(b - a)
         if times and (j := counted(r["t0"])) is not None and plan[j] == name:
             p["ttft"].append(times[0] - r["t0"])
     out = {}
@@ -472,27 +480,44 @@ def load_interleaved(url: str, clients: int, mixes: dict[str, dict], plan: list[
                   "itl_p99_s": pct(p["itl"], 0.99)}
     total = sum(own) + sum(foreign)
     return {"clients": clients, "plan": plan, "slice_s": slice_s, "guard_s": guard_s, "lead_s": lead_s,
-            "slice_tokens_per_s": [v / window for v in own], "mixes": out,
+            "slice_tokens_per_s": [v / window for v in own], "slice_itl_p95_s": [pct(g, 0.95) for g in gaps],
+            # every turn's inter-token gaps, for interleaved_ratio's p95 (not written: main drops it)
+            "slice_itl_s": gaps, "mixes": out,
             "foreign_token_fraction": sum(foreign) / total if total else None,
             "wall_s": wall, **cpu, "client_cores": cores}
 
 
-def interleaved_ratio(res: dict, num: str, den: str, resamples: int = 2000, seed: int = 0) -> dict | None:
-    """`num`'s tokens/s over `den`'s in an interleaved load (`load_interleaved`): the ratio of
-    their totals, with a 95% interval from resampling whole blocks (a block holds one slice of
+def interleaved_ratio(res: dict, num: str, den: str, stat: str = "tokens_per_s", resamples: int = 2000,
+                      seed: int = 0) -> dict | None:
+    """`num`'s `stat` over `den`'s in an interleaved load (`load_interleaved`): "tokens_per_s"
+    (the ratio of their totals) or "itl_p95" (of their pooled inter-token gaps' 95th
+    percentiles), with a 95% interval from resampling whole blocks (a block holds one turn of
     each mix, seconds apart, so it carries the drift they share), and the lowest, median and
-    highest single block's ratio. None where either mix counted nothing."""
-    plan, rate, n = res["plan"], res["slice_tokens_per_s"], len(res["mixes"])
+    highest single block's ratio. None where either mix counted nothing in some turn."""
+    plan, n = res["plan"], len(res["mixes"])
+    per_turn = res["slice_tokens_per_s"] if stat == "tokens_per_s" else res["slice_itl_s"]
     blocks = []
     for b in range(0, len(plan) - n + 1, n):
-        at = {plan[j]: rate[j] for j in range(b, b + n)}
+        at = {plan[j]: per_turn[j] for j in range(b, b + n)}
         blocks.append((at[num], at[den]))
-    if not blocks or not sum(d for _, d in blocks) or not all(d for _, d in blocks):
+    # (a turn of no tokens is a rate of 0, but one of no gaps has no percentile)
+    if not blocks or not all(d for _, d in blocks) or (stat != "tokens_per_s" and not all(a for a, _ in blocks)):
         return None
-    ratio = lambda bs: sum(a for a, _ in bs) / sum(d for _, d in bs)  # noqa: E731
+    if stat == "tokens_per_s":
+        ratio = lambda bs: sum(a for a, _ in bs) / sum(d for _, d in bs)  # noqa: E731
+    else:
+        import numpy as np
+
+        def p95(xs):  # (as pct: the sorted values' element at round(0.95 (n - 1)))
+            x = np.concatenate(xs)
+            k = int(round(0.95 * (len(x) - 1)))
+            return float(np.partition(x, k)[k])
+
+        ratio = lambda bs: p95([a for a, _ in bs]) / p95([d for _, d in bs])  # noqa: E731
+        blocks = [(np.asarray(a), np.asarray(d)) for a, d in blocks]
     rng = random.Random(seed)
     boot = sorted(ratio(rng.choices(blocks, k=len(blocks))) for _ in range(resamples))
-    single = sorted(a / d for a, d in blocks)
+    single = sorted(ratio([b]) for b in blocks)
     return {"ratio": ratio(blocks), "ci95": [boot[int(0.025 * (resamples - 1))], boot[int(0.975 * (resamples - 1))]],
             "blocks": len(blocks), "block_min": single[0], "block_median": statistics.median(single),
             "block_max": single[-1]}
@@ -1055,6 +1080,7 @@ def main(argv=None) -> int:
             run = load_interleaved(srv.url, hi, inter, plan, prompts, slice_s, guard_s,
                                    args.warmup, args.max_tokens, False, pid=srv.proc.pid, cores=cores)
             run["ratios"] = {f"{x}_over_{y}": interleaved_ratio(run, x, y) for x, y in INTERLEAVED_RATIOS}
+            del run["slice_itl_s"]
             res["interleaved"] = {length: run}
             for m, v in run["mixes"].items():
                 show("ssn interleaved", m, length, {"clients": hi, **v})
@@ -1063,6 +1089,27 @@ def main(argv=None) -> int:
                     print(f"interleaved {k}: {v['ratio']:.3f} [95% {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f}] over "
                           f"{v['blocks']} blocks; tokens of the slice before's answers past the guard: "
                           f"{run['foreign_token_fraction'] or 0:.2%}", flush=True)
+            # The same for the latency target: one load whose turns run the base profile with the
+            # fewest clients (the others wait the turn out) or with 16, and 16 again as the control.
+            lo = min(clients)
+            if lo < hi:
+                one, many, ctl = f"base_{lo}_clients", f"base_{hi}_clients", f"base_{hi}_clients_control"
+                plan = interleave_plan([one, many, ctl], blocks, seed=1)
+                run = load_interleaved(srv.url, hi, {one: {"models": ["m"], "clients": lo}, many: {"models": ["m"]},
+                                                     ctl: {"models": ["m"]}}, plan, prompts, slice_s, guard_s,
+                                       args.warmup, args.max_tokens, False, pid=srv.proc.pid, cores=cores)
+                run["ratios"] = {f"itl_p95_{hi}_over_{lo}": interleaved_ratio(run, many, one, "itl_p95"),
+                                 f"itl_p95_control_over_{hi}": interleaved_ratio(run, ctl, many, "itl_p95"),
+                                 f"scaling_{hi}_over_{lo}": interleaved_ratio(run, many, one),
+                                 f"tokens_per_s_control_over_{hi}": interleaved_ratio(run, ctl, many)}
+                del run["slice_itl_s"]
+                res["interleaved"][f"{length}_clients"] = run
+                for m, v in run["mixes"].items():
+                    show("ssn interleaved", m, length, {"clients": lo if m == one else hi, **v})
+                for k, v in run["ratios"].items():
+                    if v:
+                        print(f"interleaved {k}: {v['ratio']:.3f} [95% {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f}] "
+                              f"over {v['blocks']} blocks", flush=True)
     finally:
         srv.stop()
         if var is not None:
@@ -1151,9 +1198,11 @@ def show(server, mix, length, r):
 
 
 def summarize(runs: list[dict], clients: list[int], interleaved: dict | None = None) -> dict:
-    """The issue's target ratios, from the medians over rounds; and, where an interleaved load
-    ran at 16 clients (`interleaved` {length: load_interleaved's result with its "ratios"}),
-    its ratios as `interleaved_<num>_over_<den>_16` {ratio, ci95, blocks, block_min, ...}."""
+    """The issue's target ratios, from the medians over rounds; and, where interleaved loads ran
+    (`interleaved` {length: the profiles' load_interleaved result with its "ratios", and
+    "<length>_clients": the client counts' one}), their ratios as
+    `interleaved_<num>_over_<den>_16` and `interleaved_itl_p95_16_over_1` (...) {ratio, ci95,
+    blocks, block_min, ...}."""
     def med(server, mix, length, c, key="tokens_per_s"):
         v = [r[key] for r in runs if (r["server"], r["mix"], r["lengths"], r["clients"]) == (server, mix, length, c)
              and r.get(key) is not None]
@@ -1174,6 +1223,9 @@ def summarize(runs: list[dict], clients: list[int], interleaved: dict | None = N
     for length in ("natural", "ignore_eos"):
         inter = {f"interleaved_{k}_{hi}": v for k, v in
                  ((interleaved or {}).get(length) or {}).get("ratios", {}).items() if v}
+        # (the clients load's keys name their client counts already)
+        inter |= {f"interleaved_{k}": v for k, v in
+                  ((interleaved or {}).get(f"{length}_clients") or {}).get("ratios", {}).items() if v}
         base_lo, base_hi = med("ssn", "base", length, lo), med("ssn", "base", length, hi)
         if base_lo is None:
             if inter:

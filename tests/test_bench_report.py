@@ -152,7 +152,10 @@ def test_serve_row_leads_with_the_interleaved_mixed_over_base_and_its_interval(t
     ratio = lambda v, lo, hi: {"ratio": v, "ci95": [lo, hi], "blocks": 120}  # noqa: E731
     inter = {"interleaved_mixed_over_base_16": ratio(0.97, 0.95, 0.99),
              "interleaved_control_over_base_16": ratio(1.01, 0.99, 1.03),
-             "interleaved_mixed_over_base_mixed_lengths_16": ratio(0.96, 0.94, 0.98)}
+             "interleaved_mixed_over_base_mixed_lengths_16": ratio(0.96, 0.94, 0.98),
+             "interleaved_itl_p95_16_over_1": ratio(1.8, 1.7, 1.9),
+             "interleaved_itl_p95_control_over_16": ratio(1.0, 0.97, 1.04),
+             "interleaved_scaling_16_over_1": ratio(11.0, 10.5, 11.4)}
     base = {"time": "2026-01-02", "device_name": "CPU", "model": "m", "rounds": 2, "seconds_per_setting": 12.0,
             "warmup_s": 3.0, "interleaved": {"natural": {"slice_s": 0.5}}}
     for name, summary in (("a", {"scaling_16_over_1": 9.0, "mixed_over_base_16": 0.8, **inter}), ("b", inter),
@@ -162,7 +165,8 @@ def test_serve_row_leads_with_the_interleaved_mixed_over_base_and_its_interval(t
     rows = {ln.split("]")[0].strip("| `["): ln for ln in report.table(tmp_path).splitlines() if "serve-" in ln}
     head = ("mixed profiles (2 masks + 2 patches) / base interleaved at 16 clients (120 blocks of 0.5 s turns) "
             "0.97x [95% 0.95-0.99] (zero-cost control 1.01x [95% 0.99-1.03]; mixed / base at the mixed answers' "
-            "lengths 0.96x [95% 0.94-0.98])")
+            "lengths 0.96x [95% 0.94-0.98]), p95 inter-token latency 16 / 1 interleaved 1.80x [95% 1.70-1.90] "
+            "(zero-cost control 16 / 16 1.00x [95% 0.97-1.04]; tokens/s 16 / 1 11.00x [95% 10.50-11.40])")
     assert head in rows["serve-a"] and "base in separate runs 0.80x" in rows["serve-a"]
     assert head in rows["serve-b"] and "16 clients / 1" not in rows["serve-b"]  # (no runs of separate settings)
     assert "interleaved" not in rows["serve-c"] and "base 0.80x" in rows["serve-c"]

@@ -483,8 +483,10 @@ def test_the_interleaved_ratio_keeps_out_a_drift_its_blocks_share():
 def test_the_summary_takes_the_interleaved_ratios_with_or_without_rounds():
     ratio = {"ratio": 0.97, "ci95": [0.95, 0.99], "blocks": 120, "block_min": 0.6, "block_median": 0.97,
              "block_max": 1.3}
-    inter = {"natural": {"ratios": {"mixed_over_base": ratio, "control_over_base": None}}}
-    assert serve.summarize([], [1, 16], inter) == {"natural": {"interleaved_mixed_over_base_16": ratio}}
+    inter = {"natural": {"ratios": {"mixed_over_base": ratio, "control_over_base": None}},
+             "natural_clients": {"ratios": {"itl_p95_16_over_1": ratio}}}
+    assert serve.summarize([], [1, 16], inter) == {"natural": {"interleaved_mixed_over_base_16": ratio,
+                                                               "interleaved_itl_p95_16_over_1": ratio}}
     runs = [{"server": "ssn", "mix": "base", "lengths": "natural", "clients": c, "tokens_per_s": 10.0 * c,
              "itl_p95_s": 0.01} for c in (1, 16)]
     s = serve.summarize(runs, [1, 16], inter)["natural"]
@@ -524,3 +526,53 @@ def test_the_drift_table_tells_fast_noise_from_slow():
     assert flip[1]["D"] == pytest.approx(0.0) and flip[1]["cv"] == pytest.approx(0.0)
     steady = drift.drift_table([5.0] * 8, 1.0)
     assert len(steady) == 2 and steady[0]["D"] == 0 and steady[0]["lag1"] is None
+
+
+def test_a_turn_of_fewer_clients_sends_from_that_many_and_the_others_wait_it_out():
+    """A mix with `clients`: 1 sends one request at a time in its turns (the server never sees
+    two of it at once), the full count in the others; the p95 ratio of their gaps has its interval."""
+    live, most = {}, {}
+
+    async def counting(reader, writer):  # 4 tokens 10 ms apart; counts each model's requests in flight
+        while (raw := await _read_body(reader)) is not None:
+            model = json.loads(raw)["model"]
+            live[model] = live.get(model, 0) + 1
+            most[model] = max(most.get(model, 0), live[model])
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for i in range(5):
+                await asyncio.sleep(0.01)
+                part = b"data: " + json.dumps({"choices": [{"delta": {"content": "x"}}]} if i < 4 else
+                                              {"choices": [], "usage": {"completion_tokens": 4}}).encode() + b"\n\n"
+                writer.write(b"%x\r\n" % len(part) + part + b"\r\n")
+                await writer.drain()
+            live[model] -= 1
+            writer.write(b"%x\r\n" % len(b"data: [DONE]\n\n") + b"data: [DONE]\n\n\r\n0\r\n\r\n")
+            await writer.drain()
+
+    with _serving(counting) as port:
+        mixes = {"one": {"models": ["one"], "clients": 1}, "all": {"models": ["all"]}}
+        run = serve.load_interleaved(f"http://127.0.0.1:{port}", 4, mixes, ["all", "one", "one", "all"], ["p"],
+                                     0.4, 0.15, 0.1, 8, False)
+    assert most == {"one": 1, "all": 4}
+    one, many = run["mixes"]["one"], run["mixes"]["all"]
+    assert 2.5 < many["tokens_per_s"] / one["tokens_per_s"] < 4.5  # 4 clients at the same pace as 1
+    r = serve.interleaved_ratio(run, "all", "one", "itl_p95")
+    assert r["blocks"] == 2 and r["ci95"][0] <= r["ratio"] <= r["ci95"][1]
+    assert r["ratio"] == pytest.approx(many["itl_p95_s"] / one["itl_p95_s"])
+    assert len(run["slice_itl_s"]) == 4 and run["slice_itl_p95_s"][1] is not None
+
+
+def test_the_p95_ratio_pools_the_gaps_of_the_blocks_it_draws():
+    """interleaved_ratio(stat="itl_p95"): the pooled gaps' 95th percentile (as pct takes it) over
+    the other mix's; a turn with no gaps gives no ratio."""
+    plan = ["a", "b"] * 3
+    gaps = [[0.01 * (k + 1)] * 20 if m == "a" else [0.005 * (k + 1)] * 20 for k, m in enumerate(plan)]
+    res = {"plan": plan, "mixes": {"a": {}, "b": {}}, "slice_tokens_per_s": [1.0] * 6, "slice_itl_s": gaps}
+    r = serve.interleaved_ratio(res, "a", "b", "itl_p95")
+    a = [g for k, gs in enumerate(gaps) if plan[k] == "a" for g in gs]
+    b = [g for k, gs in enumerate(gaps) if plan[k] == "b" for g in gs]
+    assert r["ratio"] == pytest.approx(serve.pct(a, 0.95) / serve.pct(b, 0.95))
+    assert r["blocks"] == 3 and r["block_min"] == pytest.approx(0.01 / 0.01)  # block 0: 0.01 over 0.01
+    res["slice_itl_s"][3] = []
+    assert serve.interleaved_ratio(res, "a", "b", "itl_p95") is None
+    assert serve.interleaved_ratio(res, "a", "b") is not None  # (tokens/s: every turn counted some)
