@@ -151,7 +151,7 @@ def _serve(d: dict) -> str:
                          else "-")
                       + (f"; tokens/s 16 / 1 {ci('interleaved_scaling_16_over_1')}"
                          if s.get("interleaved_scaling_16_over_1") else "") + "), ")
-        if s.get("scaling_16_over_1") is None:  # (an interleaved load alone: no runs of separate settings)
+        if not any(k.startswith("scaling_") for k in s):  # (interleaved loads alone: no separate runs)
             parts.append(f"{length} lengths: {inter.removesuffix(', ')}")
             continue
         parts.append(f"{length} lengths: {inter}tokens/s 16 clients / 1 {_x(s.get('scaling_16_over_1'))}{more}, mixed "
