@@ -159,7 +159,8 @@ def _serve(d: dict) -> str:
                      f"{_x(s.get('mixed_over_base_16'))}"
                      f"{r('mixed_over_base_16')} (zero-cost control "
                      f"{_x(s.get('control_over_base_16'))}{r('control_over_base_16')}), p95 inter-token latency "
-                     f"16 / 1 {_x(s.get('itl_p95_16_over_1'))}{r('itl_p95_16_over_1')}"
+                     f"16 / 1 {'in separate runs ' if inter else ''}{_x(s.get('itl_p95_16_over_1'))}"
+                     f"{r('itl_p95_16_over_1')}"
                      + (f", mixed answers' length / base {_x(s['mixed_over_base_answer_tokens_16'])}"
                         if s.get("mixed_over_base_answer_tokens_16") else "")
                      + (f", mixed requests/s / base {_x(s['mixed_over_base_requests_16'])}"

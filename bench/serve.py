@@ -402,15 +402,15 @@ def load_interleaved(url: str, clients: int, mixes: dict[str, dict], plan: list[
 
     `mixes` {name: {"models": [...], "lengths_of": ..., "send_as": ..., "clients": n}} (as
     `load` takes them; in a turn of a mix with fewer `clients`, only that many send and the
-    others wait the turn out). A request is the mix of the slice it is sent in; the first `lead_s` seconds (the
-    ramp: every client's first prefill at once) send the first slice's mix and count nothing.
-    A slice counts from `guard_s` after it starts to its end: the answers of the slice before
-    it still running in its first moments are not its own. Inside that window a slice counts
-    the tokens of its own mix's requests (a chunk carrying several tokens shares out its
-    request's usage), its inter-token gaps (by the later token) and times to first token (by
-    the send); tokens of another mix's requests that arrive there are counted apart
-    (`foreign_tokens`: what the guard did not keep out). After the last slice no request is
-    sent, and the drain counts nothing."""
+    others wait the turn out). A request is the mix of the slice it is sent in; the first
+    `lead_s` seconds (the ramp: every client's first prefill at once) send the first slice's
+    mix and count nothing. A slice counts from `guard_s` after it starts to its end: the
+    answers of the slice before it still running in its first moments are not its own. Inside
+    that window a slice counts the tokens of its own mix's requests (a chunk carrying several
+    tokens shares out its request's usage), its inter-token gaps (by the later token) and times
+    to first token (by the send); tokens of another mix's requests that arrive there are counted
+    apart (`foreign_token_fraction`: what the guard did not keep out). After the last slice no
+    request is sent, and the drain counts nothing."""
     host, _, port = url.removeprefix("http://").partition(":")
     reqs: list[tuple[str, dict]] = []
     window = slice_s - guard_s
@@ -904,10 +904,11 @@ def main(argv=None) -> int:
                     help="seconds of each setting before counting starts (the ramp is not steady state)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of base-only, mixed and control, interleaved")
     ap.add_argument("--interleave-seconds", type=float, default=240.0, metavar="SECONDS",
-                    help="then, with natural lengths, one continuous load at 16 clients for about this long that "
-                         "switches between base-only, mixed, control and base at the mixed lengths every "
-                         "--slice-seconds, in blocks of one turn each in a seeded random order: mixed / base with "
-                         "the machine's drift kept out, and a 95%% interval over blocks (0: skip)")
+                    help="then, with natural lengths, two continuous loads of about this long each, in blocks of "
+                         "one turn of each mix in a seeded random order: at 16 clients, base-only, mixed, control "
+                         "and base at the mixed lengths (mixed / base); and base-only at 1 client, 16 and 16 again "
+                         "(p95 inter-token latency and tokens/s 16 / 1). The machine's drift is kept out of their "
+                         "ratios, each with a 95%% interval over blocks (0: skip)")
     ap.add_argument("--slice-seconds", type=float, default=None,
                     help="one mix's turn in the interleaved load (default: from the answers' latency, see "
                          "interleave_turns; this VM's speed moves over seconds and slower, so the shortest turns "

@@ -168,5 +168,6 @@ def test_serve_row_leads_with_the_interleaved_mixed_over_base_and_its_interval(t
             "lengths 0.96x [95% 0.94-0.98]), p95 inter-token latency 16 / 1 interleaved 1.80x [95% 1.70-1.90] "
             "(zero-cost control 16 / 16 1.00x [95% 0.97-1.04]; tokens/s 16 / 1 11.00x [95% 10.50-11.40])")
     assert head in rows["serve-a"] and "base in separate runs 0.80x" in rows["serve-a"]
+    assert "p95 inter-token latency 16 / 1 in separate runs n/a" in rows["serve-a"]
     assert head in rows["serve-b"] and "16 clients / 1" not in rows["serve-b"]  # (no runs of separate settings)
     assert "interleaved" not in rows["serve-c"] and "base 0.80x" in rows["serve-c"]
