@@ -1061,7 +1061,7 @@ def main(argv=None) -> int:
                 show("ssn", mix, length, run)
                 if beside and not r % 2:
                     run_variant(length, c, r)
-        # Natural lengths only (the target's): an ignore_eos answer runs longer than a slice.
+        # Natural lengths only: the targets'.
         if args.interleave_seconds and "natural" in lengths:
             hi, length = 16 if 16 in clients else max(clients), "natural"
             inter = {m: {"models": mixes[m]} for m in mixes}
@@ -1083,13 +1083,7 @@ def main(argv=None) -> int:
             run["ratios"] = {f"{x}_over_{y}": interleaved_ratio(run, x, y) for x, y in INTERLEAVED_RATIOS}
             del run["slice_itl_s"]
             res["interleaved"] = {length: run}
-            for m, v in run["mixes"].items():
-                show("ssn interleaved", m, length, {"clients": hi, **v})
-            for k, v in run["ratios"].items():
-                if v:
-                    print(f"interleaved {k}: {v['ratio']:.3f} [95% {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f}] over "
-                          f"{v['blocks']} blocks; tokens of the slice before's answers past the guard: "
-                          f"{run['foreign_token_fraction'] or 0:.2%}", flush=True)
+            show_interleaved(run, length, lambda m: hi)
             # The same for the latency target: one load whose turns run the base profile with the
             # fewest clients (the others wait the turn out) or with 16, and 16 again as the control.
             lo = min(clients)
@@ -1105,12 +1099,7 @@ def main(argv=None) -> int:
                                  f"tokens_per_s_control_over_{hi}": interleaved_ratio(run, ctl, many)}
                 del run["slice_itl_s"]
                 res["interleaved"][f"{length}_clients"] = run
-                for m, v in run["mixes"].items():
-                    show("ssn interleaved", m, length, {"clients": lo if m == one else hi, **v})
-                for k, v in run["ratios"].items():
-                    if v:
-                        print(f"interleaved {k}: {v['ratio']:.3f} [95% {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f}] "
-                              f"over {v['blocks']} blocks", flush=True)
+                show_interleaved(run, length, lambda m: lo if m == one else hi)
     finally:
         srv.stop()
         if var is not None:
@@ -1196,6 +1185,18 @@ def show(server, mix, length, r):
           f"ttft p50/p95 {f(r['ttft_p50_s'])}/{f(r['ttft_p95_s'])} ms  itl p50/p95 {f(r['itl_p50_s'])}/"
           f"{f(r['itl_p95_s'])} ms  mean answer {r['mean_answer_tokens'] or 0:.1f} tok  errors {r['errors']}",
           flush=True)
+
+
+def show_interleaved(run: dict, length: str, clients_of) -> None:
+    """Print an interleaved load's mixes (`clients_of(mix)`: its client count) and ratios."""
+    for m, v in run["mixes"].items():
+        show("ssn interleaved", m, length, {"clients": clients_of(m), **v})
+    for k, v in run["ratios"].items():
+        if v:
+            print(f"interleaved {k}: {v['ratio']:.3f} [95% {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f}] over "
+                  f"{v['blocks']} blocks", flush=True)
+    print(f"a turn's answers' tokens past the next turn's guard (counted apart): "
+          f"{run['foreign_token_fraction'] or 0:.2%}")
 
 
 def summarize(runs: list[dict], clients: list[int], interleaved: dict | None = None) -> dict:

@@ -576,3 +576,12 @@ def test_the_p95_ratio_pools_the_gaps_of_the_blocks_it_draws():
     res["slice_itl_s"][3] = []
     assert serve.interleaved_ratio(res, "a", "b", "itl_p95") is None
     assert serve.interleaved_ratio(res, "a", "b") is not None  # (tokens/s: every turn counted some)
+
+
+@pytest.mark.parametrize("bad", [["--seconds", "0"], ["--window", "nan"], ["--seconds", "1", "--window", "0.25"],
+                                 ["--clients", "0"], ["--max-tokens", "0"]])
+def test_the_drift_scripts_flags_are_checked_before_anything_runs(bad, capsys):
+    drift = pytest.importorskip("serve_drift")
+    with pytest.raises(SystemExit) as e:
+        drift.main(bad)
+    assert e.value.code == 2 and bad[0] in capsys.readouterr().err
